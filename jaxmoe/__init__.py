@@ -1,0 +1,1 @@
+"""jaxmoe: DeepSeek-V3-family MoE inference on JAX/XLA."""

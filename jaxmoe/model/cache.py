@@ -1,0 +1,54 @@
+"""MLA's compressed latent KV cache: per layer, per sequence slot, per position only
+`c_kv` (the kv_a_layernorm'd latent, kv_lora_rank wide) and `k_pe` (the rotated shared rope
+key, qk_rope_head_dim wide) -- 576 numbers per token per layer for DeepSeek-V3, instead of
+the 128 heads x (192 + 128) an expanded cache would hold.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxmoe.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    c_kv: jax.Array  # [L, B, S, kv_lora_rank]
+    k_pe: jax.Array  # [L, B, S, qk_rope_head_dim]
+
+    @property
+    def max_len(self) -> int:
+        return int(self.c_kv.shape[2])
+
+    @property
+    def batch(self) -> int:
+        return int(self.c_kv.shape[1])
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` positions."""
+    if max_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"cache max_len {max_len} exceeds the model's max_position_embeddings "
+            f"{cfg.max_position_embeddings}"
+        )
+    L = cfg.num_hidden_layers
+    return KVCache(
+        c_kv=jnp.zeros((L, batch, max_len, cfg.kv_lora_rank), dtype),
+        k_pe=jnp.zeros((L, batch, max_len, cfg.qk_rope_head_dim), dtype),
+    )
+
+
+def write_layer(cache: KVCache, layer: int, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array) -> KVCache:
+    """Store the latents of new tokens [B, T, .] at `positions` [B, T] of one layer.
+
+    Positions >= max_len are dropped: that is how padded tokens are kept out of the cache
+    (give them position `max_len`; negative positions would wrap like numpy indices).
+    """
+    b = jnp.arange(positions.shape[0])[:, None]
+    return KVCache(
+        c_kv=cache.c_kv.at[layer, b, positions].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
+        k_pe=cache.k_pe.at[layer, b, positions].set(k_pe.astype(cache.k_pe.dtype), mode="drop"),
+    )
