@@ -1,0 +1,53 @@
+"""The whole model as two pure functions of (weights, cache, tokens, positions).
+
+`prefill` and `decode` differ only in how MLA attends (expanded vs absorbed; see mla.py);
+both read and write the same latent cache and give the same logits. `cfg` is static:
+jit them with `jax.jit(prefill, static_argnums=0)`. Activations take the embedding's dtype.
+
+tokens, positions: int32 [B, T]. A position >= cache.max_len marks a padding token: it is
+computed but neither stored in the cache nor seen by other tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.cache import KVCache
+from jaxmoe.model.mla import mla_decode, mla_prefill
+from jaxmoe.model.moe import mlp, moe
+from jaxmoe.model.norm import rms_norm
+from jaxmoe.model.rope import rope_cos_sin
+from jaxmoe.model.weights import LayerWeights, MoEWeights, Weights
+from jaxmoe.quant import linear
+
+
+def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer: int, positions, cos, sin, *, absorb: bool):
+    attend = mla_decode if absorb else mla_prefill
+    h, cache = attend(cfg, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer, positions, cos, sin)
+    x = x + h
+    h = rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps)
+    h = moe(cfg, lw.mlp, h) if isinstance(lw.mlp, MoEWeights) else mlp(lw.mlp, h)
+    return x + h, cache
+
+
+def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, absorb: bool):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    x = weights.embed_tokens[tokens]
+    cos, sin = rope_cos_sin(cfg, positions)
+    for i, lw in enumerate(weights.layers):
+        x, cache = decoder_layer(cfg, lw, x, cache, i, positions, cos, sin, absorb=absorb)
+    x = rms_norm(x, weights.norm, cfg.rms_norm_eps)
+    return linear(x, weights.lm_head).astype(jnp.float32), cache
+
+
+def prefill(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions) -> tuple[jax.Array, KVCache]:
+    """Logits [B, T, V] (float32) for a chunk of tokens, attending with expanded K/V."""
+    return _forward(cfg, weights, cache, tokens, positions, absorb=False)
+
+
+def decode(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions) -> tuple[jax.Array, KVCache]:
+    """Logits [B, T, V] (float32), attending in latent space (absorbed up-projections)."""
+    return _forward(cfg, weights, cache, tokens, positions, absorb=True)

@@ -1,0 +1,82 @@
+"""Multi-head Latent Attention over the compressed latent cache.
+
+Per token, the cache keeps only c_kv (kv_a_layernorm'd, kv_lora_rank wide) and the rotated
+shared rope key k_pe. Two ways to attend, mathematically equal:
+
+- `mla_prefill` expands the cached latents through kv_b_proj into per-head keys and values
+  (cheaper when many queries share the expansion: prompts);
+- `mla_decode` absorbs kv_b_proj into the query (q_nope @ W_UK) and the output
+  (o_latent @ W_UV) and attends in latent space (cheaper per token: decode), as DeepSeek's
+  own inference does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.cache import KVCache, write_layer
+from jaxmoe.model.norm import rms_norm
+from jaxmoe.model.rope import apply_rope
+from jaxmoe.model.weights import MLAWeights
+from jaxmoe.quant import dequantize, linear
+
+
+def _queries(cfg: ModelConfig, w: MLAWeights, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, H] -> (q_nope [B, T, h, nope], q_pe [B, T, h, rope] rotated)."""
+    if w.q_proj is not None:
+        q = linear(x, w.q_proj)
+    else:
+        q = linear(rms_norm(linear(x, w.q_a_proj), w.q_a_layernorm, cfg.rms_norm_eps), w.q_b_proj)
+    q = q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
+    q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
+    return q_nope, apply_rope(q_pe, cos, sin)
+
+
+def _write_latents(cfg, w, x, cache, layer, positions, cos, sin) -> KVCache:
+    kv = linear(x, w.kv_a_proj_with_mqa)
+    c_kv = rms_norm(kv[..., : cfg.kv_lora_rank], w.kv_a_layernorm, cfg.rms_norm_eps)
+    k_pe = apply_rope(kv[..., cfg.kv_lora_rank :], cos, sin)
+    return write_layer(cache, layer, positions, c_kv, k_pe)
+
+
+def _softmax(cfg: ModelConfig, scores: jax.Array, positions: jax.Array) -> jax.Array:
+    """Causal softmax over cache slots: key slot s is visible to a query at position p iff s <= p.
+
+    scores [B, T, h, S] (already scaled); positions [B, T].
+    """
+    s = scores.shape[-1]
+    visible = jnp.arange(s)[None, None, None, :] <= positions[:, :, None, None]
+    scores = jnp.where(visible, scores.astype(jnp.float32), -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin):
+    """Attention with expanded keys/values. Returns (out [B, T, H], cache with the new latents)."""
+    q_nope, q_pe = _queries(cfg, w, x, cos, sin)
+    cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)
+    c_kv = cache.c_kv[layer].astype(x.dtype)  # [B, S, r]
+    k_pe = cache.k_pe[layer].astype(x.dtype)  # [B, S, rope]
+    kv = linear(c_kv, w.kv_b_proj).reshape(*c_kv.shape[:2], cfg.num_attention_heads, -1)
+    k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
+    scores = jnp.einsum("bthd,bshd->bths", q_nope, k_nope) + jnp.einsum("bthd,bsd->bths", q_pe, k_pe)
+    p = _softmax(cfg, scores * cfg.softmax_scale, positions).astype(x.dtype)
+    out = jnp.einsum("bths,bshd->bthd", p, v)
+    return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache
+
+
+def mla_decode(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin):
+    """Attention in latent space with kv_b_proj absorbed. Same contract as `mla_prefill`."""
+    q_nope, q_pe = _queries(cfg, w, x, cos, sin)
+    cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)
+    c_kv = cache.c_kv[layer].astype(x.dtype)
+    k_pe = cache.k_pe[layer].astype(x.dtype)
+    w_kv = dequantize(w.kv_b_proj, x.dtype).reshape(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
+    w_uk, w_uv = w_kv[:, : cfg.qk_nope_head_dim], w_kv[:, cfg.qk_nope_head_dim :]
+    q_latent = jnp.einsum("bthd,hdr->bthr", q_nope, w_uk)
+    scores = jnp.einsum("bthr,bsr->bths", q_latent, c_kv) + jnp.einsum("bthd,bsd->bths", q_pe, k_pe)
+    p = _softmax(cfg, scores * cfg.softmax_scale, positions).astype(x.dtype)
+    o_latent = jnp.einsum("bths,bsr->bthr", p, c_kv)
+    out = jnp.einsum("bthr,hvr->bthv", o_latent, w_uv)
+    return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache

@@ -1,0 +1,64 @@
+"""The MLP blocks: dense SwiGLU MLP, shared experts, and the routed experts.
+
+`routed_experts` dispatches on the type of the experts' weights: the JAX reference below
+serves stacked `ExpertsWeights` (any quant format); host-resident expert stores register
+their own implementation (cpu_ext) with `routed_experts.register`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.router import route
+from jaxmoe.model.weights import ExpertsWeights, MLPWeights, MoEWeights
+from jaxmoe.quant import dequantize, linear
+
+
+def mlp(w: MLPWeights, x: jax.Array) -> jax.Array:
+    """down(silu(gate(x)) * up(x)) -- dense layers and shared experts."""
+    return linear(jax.nn.silu(linear(x, w.gate_proj)) * linear(x, w.up_proj), w.down_proj)
+
+
+@functools.singledispatch
+def routed_experts(experts: Any, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+    raise TypeError(f"no routed-experts implementation for {type(experts).__name__}")
+
+
+@routed_experts.register
+def _(experts: ExpertsWeights, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+    """Reference: out[n] = sum_j weights[n, j] * expert_{ids[n, j]}(x[n]).
+
+    The (token, expert) pairs are sorted by expert and run as grouped matmuls
+    (`lax.ragged_dot`), so every expert's weights are used once for all its tokens.
+    """
+    n, k = ids.shape
+    n_experts = experts.gate_proj.shape[0]
+    flat_ids = ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    token = order // k
+    group_sizes = jnp.bincount(flat_ids, length=n_experts).astype(jnp.int32)
+    xs = x[token]
+
+    def grouped(a: jax.Array, w: Any) -> jax.Array:  # a [m, in] @ w[e]^T per group
+        wt = jnp.swapaxes(dequantize(w, a.dtype), -1, -2)  # [E, in, out]
+        return jax.lax.ragged_dot(a, wt, group_sizes, preferred_element_type=jnp.float32).astype(a.dtype)
+
+    h = jax.nn.silu(grouped(xs, experts.gate_proj)) * grouped(xs, experts.up_proj)
+    y = grouped(h, experts.down_proj) * weights.reshape(-1)[order][:, None].astype(x.dtype)
+    return jnp.zeros_like(x).at[token].add(y)
+
+
+def moe(cfg: ModelConfig, w: MoEWeights, x: jax.Array) -> jax.Array:
+    """Routed experts (top-k of n_routed_experts) plus the shared experts, x [..., H]."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    ids, weights = route(cfg, w.gate, flat)
+    out = routed_experts(w.experts, flat, ids, weights)
+    if w.shared_experts is not None:
+        out = out + mlp(w.shared_experts, flat)
+    return out.reshape(shape)
