@@ -6,6 +6,7 @@ jit them with `jax.jit(prefill, static_argnums=0)`. Activations take the embeddi
 
 tokens, positions: int32 [B, T]. A position >= cache.max_len marks a padding token: it is
 computed but neither stored in the cache nor seen by other tokens.
+`logit_index` [B] (optional): return logits [B, 1, V] at that index of each row only.
 """
 
 from __future__ import annotations
@@ -32,22 +33,24 @@ def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer: 
     return x + h, cache
 
 
-def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, absorb: bool):
+def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, absorb: bool, logit_index=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     x = weights.embed_tokens[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
     for i, lw in enumerate(weights.layers):
         x, cache = decoder_layer(cfg, lw, x, cache, i, positions, cos, sin, absorb=absorb)
+    if logit_index is not None:  # only the rows' chosen positions go through lm_head
+        x = x[jnp.arange(x.shape[0]), jnp.asarray(logit_index, jnp.int32)][:, None]
     x = rms_norm(x, weights.norm, cfg.rms_norm_eps)
     return linear(x, weights.lm_head).astype(jnp.float32), cache
 
 
-def prefill(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions) -> tuple[jax.Array, KVCache]:
+def prefill(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32) for a chunk of tokens, attending with expanded K/V."""
-    return _forward(cfg, weights, cache, tokens, positions, absorb=False)
+    return _forward(cfg, weights, cache, tokens, positions, absorb=False, logit_index=logit_index)
 
 
-def decode(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions) -> tuple[jax.Array, KVCache]:
+def decode(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32), attending in latent space (absorbed up-projections)."""
-    return _forward(cfg, weights, cache, tokens, positions, absorb=True)
+    return _forward(cfg, weights, cache, tokens, positions, absorb=True, logit_index=logit_index)

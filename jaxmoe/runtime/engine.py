@@ -1,0 +1,173 @@
+"""The serving engine: requests in, tokens out, one jitted step at a time.
+
+Each step is schedule -> execute -> update:
+- schedule: `Scheduler.plan()` picks, per cache slot, the tokens to run (decode tokens and
+  chunks of prompts, mixed in one step);
+- execute: one jitted program runs the model over [n_slots, width] tokens (width 1 for pure
+  decode, `chunk_size` otherwise -- two shapes, compiled once each), gathers each row's
+  last logit and samples it with that request's own parameters and key;
+- update: tokens are handed to their requests, stop conditions checked, slots freed.
+
+The latent KV cache is slotted: [layers, n_slots, max_len, .], sized from `max_len` or
+from a memory budget. Concurrent callers `submit()` from any thread; a background thread
+drives the steps while there is work (or call `step()` / `run_until_idle()` yourself).
+All steps attend in latent space (absorbed MLA), so a request's tokens do not depend on
+which other requests share its steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.cache import init_cache
+from jaxmoe.model.forward import decode
+from jaxmoe.runtime.request import Request, RequestRefused
+from jaxmoe.runtime.sampling import SamplingParams, sample, step_key
+from jaxmoe.runtime.scheduler import Scheduler, StepPlan
+
+
+def cache_bytes_per_position(cfg: ModelConfig, dtype=jnp.float32) -> int:
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+
+
+def _step_program(cfg: ModelConfig, weights, cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p):
+    logits, cache = decode(cfg, weights, cache, tokens, positions, logit_index=last_index)
+    keys = jax.vmap(step_key)(seeds, steps)
+    next_tokens = jax.vmap(sample)(logits[:, 0], keys, temperature, top_k, top_p)
+    return next_tokens, cache
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Any,
+        *,
+        n_slots: int = 4,
+        max_len: int | None = None,
+        chunk_size: int = 64,
+        cache_dtype=None,
+        memory_budget_bytes: int | None = None,
+    ):
+        cache_dtype = cache_dtype or weights.embed_tokens.dtype
+        if max_len is None:
+            if memory_budget_bytes is not None:
+                max_len = memory_budget_bytes // (n_slots * cache_bytes_per_position(cfg, cache_dtype))
+            else:
+                max_len = min(cfg.max_position_embeddings, 4096)
+        max_len = min(int(max_len), cfg.max_position_embeddings)
+        if max_len < 2:
+            raise ValueError(f"cache of {max_len} positions per slot is too small (memory budget too low?)")
+        self.cfg = cfg
+        self.weights = weights
+        self.max_len = max_len
+        self.n_slots = n_slots
+        self.chunk_size = min(chunk_size, max_len)
+        self.cache = init_cache(cfg, n_slots, max_len, cache_dtype)
+        self.scheduler = Scheduler(n_slots, max_len, self.chunk_size)
+        self._program = jax.jit(_step_program, static_argnums=0, donate_argnums=2)
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self.steps_run = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        *,
+        eos_token_ids: Sequence[int] = (),
+        stop_token_ids: Sequence[Sequence[int]] = (),
+        background: bool = True,
+    ) -> Request:
+        """Queue a request; its tokens arrive through `request.events()`.
+
+        Raises RequestRefused when it could never fit in a cache slot. With `background`
+        (the default) a thread drives the engine until every request is done.
+        """
+        ids = [int(t) for t in prompt_ids]
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RequestRefused(f"token ids out of the vocabulary [0, {self.cfg.vocab_size}): {bad[:8]}")
+        if max_new_tokens < 1:
+            raise RequestRefused(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        req = Request(
+            ids, int(max_new_tokens), sampling, tuple(eos_token_ids), tuple(tuple(s) for s in stop_token_ids)
+        )
+        with self._lock:
+            self.scheduler.add(req)
+            if background:
+                self._ensure_thread()
+            self._wake.notify_all()
+        return req
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._drive, name="jaxmoe-engine", daemon=True)
+            self._thread.start()
+
+    def _drive(self) -> None:
+        while True:
+            with self._lock:
+                if not self.scheduler.has_work():
+                    self._thread = None
+                    return
+            self.step()
+
+    # ---- one step -------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Run one scheduled step. Returns False when there was nothing to do."""
+        with self._lock:
+            plan = self.scheduler.plan()
+            if plan is None:
+                return False
+            try:
+                sampled = self._execute(plan)
+            except BaseException as e:  # a failed step fails the requests in it, not the engine
+                for row in plan.rows.values():
+                    self.scheduler.running.pop(row.request.slot, None)
+                    row.request.fail(e)
+                raise
+            self.scheduler.update(plan, sampled)
+            self.steps_run += 1
+            return True
+
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
+
+    def _execute(self, plan: StepPlan) -> dict[int, int]:
+        b, w = self.n_slots, plan.width
+        tokens = np.zeros((b, w), np.int32)
+        positions = np.full((b, w), self.max_len, np.int32)  # padding: dropped by the cache
+        last = np.zeros(b, np.int32)
+        seeds = np.zeros(b, np.uint32)
+        steps = np.zeros(b, np.int32)
+        temperature = np.zeros(b, np.float32)
+        top_k = np.zeros(b, np.int32)
+        top_p = np.ones(b, np.float32)
+        for slot, row in plan.rows.items():
+            n = len(row.tokens)
+            tokens[slot, :n] = row.tokens
+            positions[slot, :n] = np.arange(row.start, row.start + n)
+            last[slot] = n - 1
+            s = row.request.sampling
+            seeds[slot], steps[slot] = s.seed, len(row.request.output_ids)
+            temperature[slot], top_k[slot], top_p[slot] = s.temperature, s.top_k, s.top_p
+        next_tokens, self.cache = self._program(
+            self.cfg, self.weights, self.cache, tokens, positions, last, seeds, steps, temperature, top_k, top_p
+        )
+        next_tokens = np.asarray(next_tokens)  # the only sync point of a step
+        return {slot: int(next_tokens[slot]) for slot, row in plan.rows.items() if row.samples}
+
+    def compiled_programs(self) -> int:
+        """How many distinct step programs have been compiled (for recompilation checks)."""
+        return self._program._cache_size()

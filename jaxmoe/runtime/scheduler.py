@@ -1,0 +1,131 @@
+"""Continuous batching over cache slots: which request runs which tokens in the next step.
+
+Pure bookkeeping, no arrays and no clock: the engine asks for a `StepPlan`, runs it, and
+reports the sampled tokens back. Policy:
+
+- requests wait in FIFO order and take a free slot as soon as one exists; a request that
+  can never fit (prompt + max_new_tokens > cache length) is refused when it is added;
+- every decoding request advances one token per step;
+- prefilling requests get the rest of the step's token budget in chunks of at most
+  `chunk_size` tokens (chunked prefill), so a long prompt never stalls the decoders;
+- a step with any prefill work is `chunk_size` wide, a pure decode step is 1 wide: two
+  shapes, compiled once each.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from jaxmoe.runtime.request import Request, RequestRefused, Status
+
+
+@dataclasses.dataclass
+class RowPlan:
+    request: Request
+    tokens: list[int]
+    start: int  # position of tokens[0]
+    samples: bool  # does the last token's logit produce the request's next token?
+
+
+@dataclasses.dataclass
+class StepPlan:
+    width: int
+    rows: dict[int, RowPlan]  # slot -> work
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.rows.values())
+
+
+class Scheduler:
+    def __init__(self, n_slots: int, max_len: int, chunk_size: int, token_budget: int | None = None):
+        if n_slots < 1 or chunk_size < 1:
+            raise ValueError("n_slots and chunk_size must be >= 1")
+        self.n_slots = n_slots
+        self.max_len = max_len
+        self.chunk_size = chunk_size
+        self.token_budget = token_budget or max(chunk_size, n_slots)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: dict[int, Request] = {}
+
+    # ---- admission ------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        if not req.prompt_ids:
+            raise RequestRefused("empty prompt: a request needs at least one token")
+        if req.total_len > self.max_len:
+            raise RequestRefused(
+                f"request needs {len(req.prompt_ids)} prompt + {req.max_new_tokens} new = "
+                f"{req.total_len} positions but the engine's cache holds {self.max_len} per sequence"
+            )
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _admit(self) -> None:
+        free = [s for s in range(self.n_slots) if s not in self.running]
+        while free and self.waiting:
+            req = self.waiting.popleft()
+            if req.cancelled:
+                req.finish("cancelled")
+                continue
+            req.slot, req.status = free.pop(0), Status.PREFILL
+            self.running[req.slot] = req
+
+    def drop_cancelled(self) -> list[Request]:
+        gone = [r for r in self.running.values() if r.cancelled]
+        for r in gone:
+            self.release(r, "cancelled")
+        kept = collections.deque()
+        for r in self.waiting:
+            if r.cancelled:
+                r.finish("cancelled")
+                gone.append(r)
+            else:
+                kept.append(r)
+        self.waiting = kept
+        return gone
+
+    def release(self, req: Request, reason: str) -> None:
+        self.running.pop(req.slot, None)
+        req.finish(reason)
+
+    # ---- planning -------------------------------------------------------------------------
+    def plan(self) -> StepPlan | None:
+        self.drop_cancelled()
+        self._admit()
+        if not self.running:
+            return None
+        rows: dict[int, RowPlan] = {}
+        budget = self.token_budget
+        for slot, req in sorted(self.running.items()):
+            if req.status is Status.DECODE:
+                rows[slot] = RowPlan(req, [req.output_ids[-1]], req.next_position - 1, True)
+                budget -= 1
+        for slot, req in sorted(self.running.items(), key=lambda kv: kv[1].id):
+            if req.status is not Status.PREFILL or budget <= 0:
+                continue
+            n = min(self.chunk_size, len(req.prompt_ids) - req.n_prefilled, budget)
+            toks = req.prompt_ids[req.n_prefilled : req.n_prefilled + n]
+            rows[slot] = RowPlan(req, toks, req.n_prefilled, req.n_prefilled + n == len(req.prompt_ids))
+            budget -= n
+        width = 1 if all(len(r.tokens) == 1 and r.request.status is Status.DECODE for r in rows.values()) else self.chunk_size
+        return StepPlan(width, rows)
+
+    def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[Request]:
+        """Apply a step's outcome (slot -> sampled token for rows that sample). Returns finished requests."""
+        done = []
+        for slot, row in plan.rows.items():
+            req = row.request
+            if req.status is Status.PREFILL:
+                req.n_prefilled += len(row.tokens)
+            if not row.samples:
+                continue
+            req.status = Status.DECODE
+            req.emit(sampled[slot])
+            reason = req.check_stop()
+            if reason is not None:
+                self.release(req, reason)
+                done.append(req)
+        return done
