@@ -1,0 +1,171 @@
+"""The checkpoint's tokenizer: tokenizer.json (Hugging Face `tokenizers`) plus
+tokenizer_config.json (BOS/EOS tokens, whether to add BOS, the jinja2 chat template).
+
+`IncrementalDetokenizer` turns a growing list of token ids into text deltas for streaming,
+emitting only complete UTF-8 text (a multi-byte character split over several byte-level
+tokens comes out once its last byte arrives).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import jinja2
+import jinja2.sandbox
+import tokenizers
+
+Message = dict[str, Any]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that is missing or unusable, or a chat template that cannot be rendered."""
+
+
+def _token_content(tok: Any) -> str | None:
+    """tokenizer_config.json writes special tokens as plain strings or AddedToken dicts."""
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+def _raise_exception(message: str) -> None:
+    raise TokenizerError(f"chat template error: {message}")
+
+
+def _chat_template(config: dict[str, Any]) -> str | None:
+    t = config.get("chat_template")
+    if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict[str, Any] | None = None):
+        self._tok = tokenizer
+        self.config = dict(config or {})
+        self.bos_token = _token_content(self.config.get("bos_token"))
+        self.eos_token = _token_content(self.config.get("eos_token"))
+        self.bos_token_id = self._id_of(self.bos_token)
+        self.eos_token_id = self._id_of(self.eos_token)
+        self.add_bos_token = bool(self.config.get("add_bos_token", self.bos_token_id is not None))
+        self.chat_template = _chat_template(self.config)
+        self._template: jinja2.Template | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise TokenizerError(f"no tokenizer: {tj} does not exist (pass token ids instead of text)")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(tj))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise TokenizerError(f"cannot read {tj}: {e}") from e
+        config: dict[str, Any] = {}
+        tc = path / "tokenizer_config.json"
+        if tc.is_file():
+            try:
+                config = json.loads(tc.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise TokenizerError(f"cannot read {tc}: {e}") from e
+        return cls(tok, config)
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with add_special_tokens, BOS first when the config asks for it."""
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            if not ids or ids[0] != self.bos_token_id:
+                ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ---- chat template ----------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's template."""
+        if self.chat_template is None:
+            raise TokenizerError("this tokenizer has no chat_template in tokenizer_config.json; pass a prompt")
+        if isinstance(messages, (str, bytes)) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
+        if self._template is None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            try:
+                self._template = env.from_string(self.chat_template)
+            except jinja2.TemplateError as e:
+                raise TokenizerError(f"invalid chat template: {e}") from e
+        try:
+            return self._template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"cannot render chat template: {e}") from e
+
+    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat (the template writes BOS itself if it wants one)."""
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self)
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a stream of token ids.
+
+    Decodes a short window of the recent tokens twice -- with and without the new ones --
+    and emits the difference once it no longer ends in an incomplete character (U+FFFD).
+    Decoding a window rather than everything keeps each step O(1) in the sequence length;
+    both decodes start at the same token, so context-dependent decoders (a leading space
+    dropped at the start of a text) agree on the shared prefix.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # tokens before this one have been emitted
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; return the newly completed text (possibly empty)."""
+        self._ids.append(int(token_id))
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
+        if full_text.endswith("\ufffd") or len(full_text) <= len(prefix_text):
+            return ""  # an incomplete character (or nothing visible yet): wait for more
+        delta = full_text[len(prefix_text) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        return delta
+
+    def flush(self) -> str:
+        """The text still held back at the end of the stream (an incomplete character)."""
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return full_text[len(prefix_text) :]
