@@ -1,0 +1,90 @@
+"""The continuous-batching scheduler's bookkeeping, without a model."""
+
+import pytest
+
+from jaxmoe.runtime.request import Request, RequestRefused, Status
+from jaxmoe.runtime.scheduler import Scheduler
+
+
+def req(n_prompt, max_new=4, **kw):
+    return Request(list(range(1, n_prompt + 1)), max_new, **kw)
+
+
+def run_step(s: Scheduler, token=7):
+    plan = s.plan()
+    assert plan is not None
+    sampled = {slot: token for slot, row in plan.rows.items() if row.samples}
+    return plan, s.update(plan, sampled)
+
+
+def test_refuses_what_can_never_fit():
+    s = Scheduler(n_slots=2, max_len=16, chunk_size=4)
+    with pytest.raises(RequestRefused, match="13 prompt \\+ 4 new = 17 positions.*holds 16"):
+        s.add(req(13))
+    with pytest.raises(RequestRefused, match="empty prompt"):
+        s.add(Request([], 3))
+    s.add(req(12))  # exactly fits
+
+
+def test_chunked_prefill_then_one_token_per_step():
+    s = Scheduler(n_slots=1, max_len=64, chunk_size=4)
+    r = req(10, max_new=3)
+    s.add(r)
+    widths, starts = [], []
+    while s.has_work():
+        plan, _ = run_step(s)
+        widths.append(plan.width)
+        starts.append(plan.rows[0].start)
+    # 10 prompt tokens in chunks 4+4+2 (the last one samples), then 2 decode steps
+    assert starts == [0, 4, 8, 10, 11]
+    assert widths == [4, 4, 4, 1, 1]
+    assert r.output_ids == [7, 7, 7] and r.finish_reason == "length"
+
+
+def test_waits_for_a_free_slot_and_mixes_prefill_with_decode():
+    s = Scheduler(n_slots=1, max_len=64, chunk_size=8)
+    a, b = req(3, max_new=2), req(5, max_new=2)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    assert a.status is Status.DECODE and b.status is Status.WAITING
+    run_step(s)  # a finishes (2 tokens), b still waiting until the slot frees
+    assert a.finish_reason == "length" and b.status is Status.WAITING
+    s2 = Scheduler(n_slots=2, max_len=64, chunk_size=8)
+    c, d = req(3, max_new=5), req(20, max_new=2)
+    s2.add(c)
+    run_step(s2)  # c prefilled
+    s2.add(d)
+    plan, _ = run_step(s2)
+    kinds = sorted((len(r.tokens), r.samples) for r in plan.rows.values())
+    assert kinds == [(1, True), (7, False)]  # c decodes while d's first chunk fills the budget
+    assert plan.width == 8
+
+
+def test_eos_and_stop_sequences_end_requests():
+    s = Scheduler(n_slots=2, max_len=64, chunk_size=8)
+    a = req(3, max_new=10, eos_token_ids=(7,))
+    b = req(3, max_new=10, stop_token_ids=((5, 6),))
+    s.add(a)
+    s.add(b)
+    plan, done = run_step(s, token=7)
+    assert a.finish_reason == "eos" and a in done and b.finish_reason is None
+    for t in (5, 6):
+        plan = s.plan()
+        s.update(plan, {slot: t for slot in plan.rows})
+    assert b.finish_reason == "stop" and b.output_ids == [7, 5, 6]
+    assert not s.has_work()
+
+
+def test_cancellation_frees_the_slot_and_ends_the_stream():
+    s = Scheduler(n_slots=1, max_len=64, chunk_size=8)
+    a, b = req(3, max_new=10), req(3, max_new=1)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    a.cancel()
+    plan, _ = run_step(s)
+    assert a.finish_reason == "cancelled"
+    assert list(plan.rows.values())[0].request is b
+    events = list(a.events(timeout=1))
+    assert events[-1].finish_reason == "cancelled" and [e.token for e in events[:-1]] == [7]
