@@ -24,13 +24,26 @@ from jaxmoe.model.weights import LayerWeights, MoEWeights, Weights
 from jaxmoe.quant import linear
 
 
-def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer: int, positions, cos, sin, *, absorb: bool):
+def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool):
+    """x + MLA(input_layernorm(x)) -> (x, post_attention_layernorm'd x for the MLP, cache)."""
     attend = mla_decode if absorb else mla_prefill
     h, cache = attend(cfg, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer, positions, cos, sin)
     x = x + h
-    h = rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps)
+    return x, rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps), cache
+
+
+def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool):
+    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=absorb)
     h = moe(cfg, lw.mlp, h) if isinstance(lw.mlp, MoEWeights) else mlp(lw.mlp, h)
     return x + h, cache
+
+
+def final_logits(cfg: ModelConfig, weights: Weights, x, logit_index=None) -> jax.Array:
+    """Final norm and lm_head (only at `logit_index` [B] of each row when given) -> float32 logits."""
+    if logit_index is not None:
+        x = x[jnp.arange(x.shape[0]), jnp.asarray(logit_index, jnp.int32)][:, None]
+    x = rms_norm(x, weights.norm, cfg.rms_norm_eps)
+    return linear(x, weights.lm_head).astype(jnp.float32)
 
 
 def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, absorb: bool, logit_index=None):
@@ -40,10 +53,7 @@ def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positio
     cos, sin = rope_cos_sin(cfg, positions)
     for i, lw in enumerate(weights.layers):
         x, cache = decoder_layer(cfg, lw, x, cache, i, positions, cos, sin, absorb=absorb)
-    if logit_index is not None:  # only the rows' chosen positions go through lm_head
-        x = x[jnp.arange(x.shape[0]), jnp.asarray(logit_index, jnp.int32)][:, None]
-    x = rms_norm(x, weights.norm, cfg.rms_norm_eps)
-    return linear(x, weights.lm_head).astype(jnp.float32), cache
+    return final_logits(cfg, weights, x, logit_index), cache
 
 
 def prefill(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None) -> tuple[jax.Array, KVCache]:

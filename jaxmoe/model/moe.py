@@ -53,12 +53,15 @@ def _(experts: ExpertsWeights, x: jax.Array, ids: jax.Array, weights: jax.Array)
     return jnp.zeros_like(x).at[token].add(y)
 
 
+def moe_prologue(cfg: ModelConfig, w: MoEWeights, x: jax.Array):
+    """What runs beside attention: x [N, H] -> (topk ids, topk weights, shared experts' output)."""
+    ids, weights = route(cfg, w.gate, x)
+    shared = mlp(w.shared_experts, x) if w.shared_experts is not None else jnp.zeros_like(x)
+    return ids, weights, shared
+
+
 def moe(cfg: ModelConfig, w: MoEWeights, x: jax.Array) -> jax.Array:
     """Routed experts (top-k of n_routed_experts) plus the shared experts, x [..., H]."""
-    shape = x.shape
-    flat = x.reshape(-1, shape[-1])
-    ids, weights = route(cfg, w.gate, flat)
-    out = routed_experts(w.experts, flat, ids, weights)
-    if w.shared_experts is not None:
-        out = out + mlp(w.shared_experts, flat)
-    return out.reshape(shape)
+    flat = x.reshape(-1, x.shape[-1])
+    ids, weights, shared = moe_prologue(cfg, w, flat)
+    return (routed_experts(w.experts, flat, ids, weights) + shared).reshape(x.shape)

@@ -3,9 +3,10 @@
 Each step is schedule -> execute -> update:
 - schedule: `Scheduler.plan()` picks, per cache slot, the tokens to run (decode tokens and
   chunks of prompts, mixed in one step);
-- execute: one jitted program runs the model over [n_slots, width] tokens (width 1 for pure
-  decode, `chunk_size` otherwise -- two shapes, compiled once each), gathers each row's
-  last logit and samples it with that request's own parameters and key;
+- execute: the executor (runtime/programs.py: fused, or staged with dual-batch overlap)
+  runs the model over [n_slots, width] tokens (width 1 for pure decode, `chunk_size`
+  otherwise -- two shapes, compiled once each), takes each row's last logit and samples
+  it with that request's own parameters and key;
 - update: tokens are handed to their requests, stop conditions checked, slots freed.
 
 The latent KV cache is slotted: [layers, n_slots, max_len, .], sized from `max_len` or
@@ -17,18 +18,18 @@ which other requests share its steps.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.cache import init_cache
-from jaxmoe.model.forward import decode
+from jaxmoe.runtime.placement import RuntimeConfig, resolve_devices
+from jaxmoe.runtime.programs import make_executor
 from jaxmoe.runtime.request import Request, RequestRefused
-from jaxmoe.runtime.sampling import SamplingParams, sample, step_key
+from jaxmoe.runtime.sampling import SamplingParams
 from jaxmoe.runtime.scheduler import Scheduler, StepPlan
 
 
@@ -36,44 +37,34 @@ def cache_bytes_per_position(cfg: ModelConfig, dtype=jnp.float32) -> int:
     return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
 
 
-def _step_program(cfg: ModelConfig, weights, cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p):
-    logits, cache = decode(cfg, weights, cache, tokens, positions, logit_index=last_index)
-    keys = jax.vmap(step_key)(seeds, steps)
-    next_tokens = jax.vmap(sample)(logits[:, 0], keys, temperature, top_k, top_p)
-    return next_tokens, cache
-
-
 class Engine:
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        weights: Any,
-        *,
-        n_slots: int = 4,
-        max_len: int | None = None,
-        chunk_size: int = 64,
-        cache_dtype=None,
-        memory_budget_bytes: int | None = None,
-    ):
+    """Serve requests on one model. `runtime` is a RuntimeConfig or a preset name
+    (configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
+    memory_budget_bytes, overlap, ...)."""
+
+    def __init__(self, cfg: ModelConfig, weights: Any, runtime: RuntimeConfig | str = "cpu-only", *, cache_dtype=None, **overrides):
+        rc = runtime if isinstance(runtime, RuntimeConfig) else RuntimeConfig.load(runtime, **overrides)
+        if isinstance(runtime, RuntimeConfig) and overrides:
+            rc = dataclasses.replace(rc, **overrides)
         cache_dtype = cache_dtype or weights.embed_tokens.dtype
+        max_len = rc.max_len
         if max_len is None:
-            if memory_budget_bytes is not None:
-                max_len = memory_budget_bytes // (n_slots * cache_bytes_per_position(cfg, cache_dtype))
+            if rc.memory_budget_bytes is not None:
+                max_len = rc.memory_budget_bytes // (rc.n_slots * cache_bytes_per_position(cfg, cache_dtype))
             else:
                 max_len = min(cfg.max_position_embeddings, 4096)
         max_len = min(int(max_len), cfg.max_position_embeddings)
         if max_len < 2:
             raise ValueError(f"cache of {max_len} positions per slot is too small (memory budget too low?)")
         self.cfg = cfg
-        self.weights = weights
+        self.runtime = rc
         self.max_len = max_len
-        self.n_slots = n_slots
-        self.chunk_size = min(chunk_size, max_len)
-        self.cache = init_cache(cfg, n_slots, max_len, cache_dtype)
-        self.scheduler = Scheduler(n_slots, max_len, self.chunk_size)
-        self._program = jax.jit(_step_program, static_argnums=0, donate_argnums=2)
+        self.n_slots = rc.n_slots
+        self.chunk_size = min(rc.chunk_size, max_len)
+        self.devices = resolve_devices(rc)
+        self.executor = make_executor(cfg, weights, rc, self.devices, max_len, cache_dtype)
+        self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size)
         self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self.steps_run = 0
 
@@ -106,7 +97,6 @@ class Engine:
             self.scheduler.add(req)
             if background:
                 self._ensure_thread()
-            self._wake.notify_all()
         return req
 
     def _ensure_thread(self) -> None:
@@ -162,12 +152,6 @@ class Engine:
             s = row.request.sampling
             seeds[slot], steps[slot] = s.seed, len(row.request.output_ids)
             temperature[slot], top_k[slot], top_p[slot] = s.temperature, s.top_k, s.top_p
-        next_tokens, self.cache = self._program(
-            self.cfg, self.weights, self.cache, tokens, positions, last, seeds, steps, temperature, top_k, top_p
-        )
-        next_tokens = np.asarray(next_tokens)  # the only sync point of a step
+        next_tokens = self.executor(tokens, positions, last, seeds, steps, temperature, top_k, top_p)
         return {slot: int(next_tokens[slot]) for slot, row in plan.rows.items() if row.samples}
 
-    def compiled_programs(self) -> int:
-        """How many distinct step programs have been compiled (for recompilation checks)."""
-        return self._program._cache_size()

@@ -1,0 +1,115 @@
+"""Where each part of the model lives: runtime presets, devices, and weight placement.
+
+A `RuntimeConfig` comes from a preset in configs/runtime/ (`cpu-only`, `gpu+cpu-experts`,
+`2gpu+cpu-experts`), overridable by keyword. Accelerators hold embeddings, MLA, dense
+layers, router, shared experts and lm_head; routed experts stay in host memory
+(`routed_experts="host"`) or, for a model that fits, on the accelerator too.
+
+Without a GPU, `simulate_accelerators=True` lets CPU devices stand in for accelerators
+(tests run every preset that way with `jax_num_cpu_devices`): accelerators are CPU devices
+0..n-1 and the host is CPU device n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxmoe.config import CONFIGS_DIR
+from jaxmoe.model.weights import MoEWeights, Weights
+
+PRESETS_DIR = CONFIGS_DIR / "runtime"
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    preset: str = "cpu-only"
+    accelerators: int = 0
+    routed_experts: str = "host"  # "host" | "accelerator"
+    overlap: bool = False
+    n_slots: int = 4
+    chunk_size: int = 64
+    max_len: int | None = None
+    memory_budget_bytes: int | None = None
+    simulate_accelerators: bool = False
+
+    def __post_init__(self):
+        if self.routed_experts not in ("host", "accelerator"):
+            raise ValueError(f"routed_experts must be 'host' or 'accelerator', got {self.routed_experts!r}")
+        if self.accelerators not in (0, 1, 2):
+            raise ValueError(f"accelerators must be 0, 1 or 2, got {self.accelerators}")
+        if self.n_slots < 1 or (self.staged and self.n_slots < 2):
+            raise ValueError(f"n_slots={self.n_slots} too small (staged execution needs >= 2: one per micro-batch)")
+
+    @property
+    def staged(self) -> bool:
+        """Routed experts on the host while the rest runs on accelerators: stage programs."""
+        return self.accelerators > 0 and self.routed_experts == "host"
+
+    @classmethod
+    def load(cls, preset: str | Path = "cpu-only", **overrides: Any) -> RuntimeConfig:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESETS_DIR / f"{preset}.json"
+        if not path.exists():
+            known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+            raise ValueError(f"unknown runtime preset {str(preset)!r}; known: {known}")
+        d = json.loads(path.read_text())
+        d.pop("description", None)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields) + sorted(k for k in overrides if k not in fields)
+        if unknown:
+            raise ValueError(f"unknown runtime option(s) {unknown}; known: {sorted(fields)}")
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(preset=path.stem, **d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+    accelerators: tuple[jax.Device, ...]  # empty for cpu-only
+    host: jax.Device
+
+    @property
+    def main(self) -> jax.Device:
+        return self.accelerators[0] if self.accelerators else self.host
+
+
+def resolve_devices(rc: RuntimeConfig) -> Devices:
+    cpus = jax.devices("cpu")
+    n = rc.accelerators
+    if n == 0:
+        return Devices((), cpus[0])
+    if rc.simulate_accelerators:
+        if len(cpus) < n + 1:
+            raise RuntimeError(
+                f"simulating {n} accelerator(s) needs {n + 1} CPU devices, found {len(cpus)}: "
+                f"set jax.config.update('jax_num_cpu_devices', {n + 1}) before using JAX"
+            )
+        return Devices(tuple(cpus[:n]), cpus[n])
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if len(gpus) < n:
+        raise RuntimeError(
+            f"runtime preset {rc.preset!r} needs {n} GPU(s), found {len(gpus)}; "
+            f"use preset 'cpu-only' (or simulate_accelerators=True for testing)"
+        )
+    return Devices(tuple(gpus[:n]), cpus[0])
+
+
+def split_experts(weights: Weights) -> tuple[Weights, tuple[Any, ...]]:
+    """(weights without routed experts, per-layer routed experts (None for dense layers))."""
+    experts, layers = [], []
+    for lw in weights.layers:
+        if isinstance(lw.mlp, MoEWeights):
+            experts.append(lw.mlp.experts)
+            lw = lw.replace(mlp=lw.mlp.replace(experts=None))
+        else:
+            experts.append(None)
+        layers.append(lw)
+    return weights.replace(layers=tuple(layers)), tuple(experts)

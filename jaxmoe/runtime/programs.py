@@ -1,0 +1,150 @@
+"""Step executors: the jitted programs that run one engine step over [n_slots, width] tokens.
+
+- `FusedStep` (cpu-only, or everything on one accelerator): one jitted program over all
+  layers, custom calls inside; no per-layer Python in the hot loop.
+- `StagedStep` (routed experts on the host): per layer, an accelerator program (attention,
+  router, shared experts, and the previous layer's combine), a host program (routed
+  experts), and a final program (lm_head + sampling). The slots form two micro-batches,
+  each with its own latent cache on its own accelerator (one GPU: both on it). With
+  `overlap`, the dispatch order is attention(A, l), experts(A, l), attention(B, l),
+  experts(B, l), attention(A, l+1), ...: JAX's asynchronous dispatch then runs B's attention
+  on the accelerator while the CPU runs A's experts. Only the sampled token ids are awaited.
+  Without overlap, A runs through all layers, then B. Same programs, same values either way.
+
+Every executor: `__call__(tokens, positions, last_index, seeds, steps, temperature, top_k,
+top_p)` (numpy [n_slots, ...]) -> next token ids, numpy [n_slots].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.cache import init_cache
+from jaxmoe.model.forward import attention_block, decode, final_logits
+from jaxmoe.model.moe import mlp, moe_prologue, routed_experts
+from jaxmoe.model.rope import rope_cos_sin
+from jaxmoe.model.weights import Weights
+from jaxmoe.runtime.placement import Devices, split_experts
+from jaxmoe.runtime.sampling import sample, step_key
+
+
+def _sample_rows(logits, seeds, steps, temperature, top_k, top_p):
+    keys = jax.vmap(step_key)(seeds, steps)
+    return jax.vmap(sample)(logits[:, 0], keys, temperature, top_k, top_p)
+
+
+def _fused_program(cfg, weights, cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p):
+    logits, cache = decode(cfg, weights, cache, tokens, positions, logit_index=last_index)
+    return _sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
+
+
+class FusedStep:
+    def __init__(self, cfg: ModelConfig, weights: Weights, device: jax.Device, n_slots: int, max_len: int, cache_dtype):
+        self.cfg = cfg
+        self.weights = jax.device_put(weights, device)
+        self.cache = jax.device_put(init_cache(cfg, n_slots, max_len, cache_dtype), device)
+        self._program = jax.jit(_fused_program, static_argnums=0, donate_argnums=2)
+
+    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
+        out, self.cache = self._program(
+            self.cfg, self.weights, self.cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p
+        )
+        return np.asarray(out)
+
+
+# ---- staged execution ---------------------------------------------------------------------
+
+
+def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, dense: bool):
+    """Accelerator side of one layer: add the previous layer's routed output, attention, then
+    the dense MLP (dense layers) or router + shared experts (MoE layers)."""
+    if routed is not None:
+        x = x + routed.reshape(x.shape).astype(x.dtype)
+    cos, sin = rope_cos_sin(cfg, positions)
+    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=True)
+    if dense:
+        return x + mlp(lw.mlp, h), None, cache
+    flat = h.reshape(-1, h.shape[-1])
+    ids, weights, shared = moe_prologue(cfg, lw.mlp, flat)
+    return x + shared.reshape(x.shape), (flat, ids, weights), cache
+
+
+def _final_program(cfg, weights, x, routed, last_index, seeds, steps, temperature, top_k, top_p):
+    if routed is not None:
+        x = x + routed.reshape(x.shape).astype(x.dtype)
+    logits = final_logits(cfg, weights, x, last_index)
+    return _sample_rows(logits, seeds, steps, temperature, top_k, top_p)
+
+
+class StagedStep:
+    def __init__(self, cfg: ModelConfig, weights: Weights, devices: Devices, n_slots: int, max_len: int, cache_dtype, *, overlap: bool):
+        self.cfg, self.devices, self.overlap = cfg, devices, overlap
+        dense, experts = split_experts(weights)
+        accs = devices.accelerators
+        self.mb_slots = [(0, n_slots // 2), (n_slots // 2, n_slots)]
+        self.mb_device = [accs[0], accs[-1]]
+        # non-expert weights on each micro-batch's accelerator (one copy per distinct device)
+        per_device = {d: jax.device_put(dense, d) for d in set(self.mb_device)}
+        self.weights = [per_device[d] for d in self.mb_device]
+        self.experts = [None if e is None else jax.device_put(e, devices.host) for e in experts]
+        self.caches = [
+            jax.device_put(init_cache(cfg, hi - lo, max_len, cache_dtype), d)
+            for (lo, hi), d in zip(self.mb_slots, self.mb_device)
+        ]
+        self._layer = jax.jit(_layer_program, static_argnums=0, static_argnames="dense", donate_argnums=4)
+        self._experts = jax.jit(lambda e, flat, ids, w: routed_experts(e, flat, ids, w))
+        self._final = jax.jit(_final_program, static_argnums=0)
+        self.dispatch_log: list[tuple[str, int, int]] = []  # (stage, micro-batch, layer), for tests
+
+    def _start(self, mb: int, tokens, positions):
+        lo, hi = self.mb_slots[mb]
+        dev = self.mb_device[mb]
+        tok = jax.device_put(tokens[lo:hi], dev)
+        pos = jax.device_put(positions[lo:hi], dev)
+        return {"x": self.weights[mb].embed_tokens[tok], "routed": None, "positions": pos}
+
+    def _layer_step(self, mb: int, layer: int, st: dict) -> None:
+        w = self.weights[mb].layers[layer]
+        dense = self.experts[layer] is None
+        self.dispatch_log.append(("attention", mb, layer))
+        st["x"], moe_in, self.caches[mb] = self._layer(
+            self.cfg, w, st["x"], st["routed"], self.caches[mb], np.int32(layer), st["positions"], dense=dense
+        )
+        st["routed"] = None
+        if not dense:
+            self.dispatch_log.append(("experts", mb, layer))
+            host_in = jax.device_put(moe_in, self.devices.host)
+            routed = self._experts(self.experts[layer], *host_in)
+            st["routed"] = jax.device_put(routed, self.mb_device[mb])
+
+    def _finish(self, mb: int, st: dict, last_index, seeds, steps, temperature, top_k, top_p):
+        lo, hi = self.mb_slots[mb]
+        rows = [jax.device_put(a[lo:hi], self.mb_device[mb]) for a in (last_index, seeds, steps, temperature, top_k, top_p)]
+        self.dispatch_log.append(("final", mb, -1))
+        return self._final(self.cfg, self.weights[mb], st["x"], st["routed"], *rows)
+
+    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
+        self.dispatch_log.clear()
+        n_layers = self.cfg.num_hidden_layers
+        states = [self._start(mb, tokens, positions) for mb in (0, 1)]
+        if self.overlap:
+            for layer in range(n_layers):
+                for mb in (0, 1):
+                    self._layer_step(mb, layer, states[mb])
+        else:
+            for mb in (0, 1):
+                for layer in range(n_layers):
+                    self._layer_step(mb, layer, states[mb])
+        outs = [self._finish(mb, states[mb], last_index, seeds, steps, temperature, top_k, top_p) for mb in (0, 1)]
+        return np.concatenate([np.asarray(o) for o in outs])  # the only sync point
+
+
+def make_executor(cfg: ModelConfig, weights: Weights, rc: Any, devices: Devices, max_len: int, cache_dtype) -> Any:
+    if rc.staged:
+        return StagedStep(cfg, weights, devices, rc.n_slots, max_len, cache_dtype, overlap=rc.overlap)
+    return FusedStep(cfg, weights, devices.main, rc.n_slots, max_len, cache_dtype)
