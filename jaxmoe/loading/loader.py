@@ -1,0 +1,211 @@
+"""Load a Hugging Face DeepSeek-V3-family checkpoint into the `Weights` pytree.
+
+    cfg, weights = load_checkpoint("path/to/checkpoint")
+
+Strict accounting: before any tensor is read, every name in the checkpoint is matched
+against `hf_map.expected_tensors(cfg)`; a missing, unexpected, duplicated, wrongly shaped or
+wrongly typed tensor (or FP8 scale), a truncated file, a corrupt header or a missing config
+raises `CheckpointError` naming the tensor and the file, with every problem of each kind
+(the first few shown). Nothing half-loaded survives a failure: no object is returned and the
+files are unmapped. MTP-module layers are skipped (logged once).
+
+Formats: an e4m3 Linear becomes `Fp8Weight` (values as stored, fp32 block scales), any
+other Linear a `DenseWeight` in its stored dtype; norms, embeddings and the router weight
+are cast to `dtype`; `e_score_correction_bias` is float32; routed experts are stacked on a
+leading expert axis. `Checkpoint` is the lower-level handle the CPU expert store uses:
+`Checkpoint.expert_arrays(layer)` gives zero-copy numpy views of one layer's experts.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.loading import hf_map
+from jaxmoe.loading.progress import Progress
+from jaxmoe.loading.safetensors_index import CheckpointError, SafetensorsCheckpoint, raise_if
+from jaxmoe.quant import DenseWeight, Fp8Weight
+
+log = logging.getLogger("jaxmoe.loading")
+
+
+class Checkpoint:
+    """An opened, fully accounted checkpoint: its config and zero-copy views of its tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.cfg = ModelConfig.from_file(self.path)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from e
+        self.specs = hf_map.expected_tensors(self.cfg)
+        self.block = hf_map.quant_block(self.cfg)
+        self.store = SafetensorsCheckpoint(self.path)
+        try:
+            self.skipped = self._account()
+        except BaseException:
+            self.close()
+            raise
+        if self.skipped:
+            layers = sorted({hf_map.mtp_layer(n, self.cfg) for n in self.skipped})
+            log.info("%s: skipping %d tensors of the MTP module (layers %s)", self.path, len(self.skipped), layers)
+
+    def _account(self) -> list[str]:
+        """Match every checkpoint tensor to a spec; raise CheckpointError listing all problems."""
+        st, cfg = self.store, self.cfg
+        p: dict[str, list[str]] = {k: [] for k in (
+            "missing", "unexpected", "wrong shape", "wrong dtype", "missing weight_scale_inv",
+            "weight_scale_inv on a non-FP8 weight", "wrong weight_scale_inv", "inconsistent expert formats")}
+        skipped = []
+        for name, t in st.tensors.items():
+            spec = self.specs.get(name)
+            if spec is None:
+                owner = self.specs.get(name[: -len("_scale_inv")])
+                if name.endswith(hf_map.SCALE_SUFFIX) and owner is not None and owner.kind == "linear":
+                    pass  # checked with its weight below
+                elif hf_map.mtp_layer(name, cfg) is not None:
+                    skipped.append(name)
+                else:
+                    p["unexpected"].append(f"{name!r} in {t.file}")
+                continue
+            if t.shape != spec.shape:
+                p["wrong shape"].append(f"{name!r} in {t.file}: {list(t.shape)}, expected {list(spec.shape)}")
+            if t.dtype not in spec.dtypes:
+                p["wrong dtype"].append(f"{name!r} in {t.file}: {t.dtype}, expected one of {sorted(spec.dtypes)}")
+        where = f"not in any file of {self.path}"
+        p["missing"] = [f"{n!r} ({where})" for n, s in self.specs.items() if n not in st and not s.optional]
+        expert_dtypes: dict[str, set] = defaultdict(set)
+        for name, spec in self.specs.items():
+            t = st.tensors.get(name)
+            if spec.kind != "linear" or t is None:
+                continue
+            if spec.expert is not None:
+                expert_dtypes[spec.target].add(t.dtype)
+            sname = spec.scale_name
+            s = st.tensors.get(sname)
+            if t.dtype != hf_map.FP8:
+                if s is not None:
+                    p["weight_scale_inv on a non-FP8 weight"].append(f"{sname!r} in {s.file} ({name} is {t.dtype})")
+                continue
+            if s is None:
+                p["missing weight_scale_inv"].append(f"{sname!r} for FP8 {name!r} in {t.file}")
+                continue
+            want = spec.scale_shape(self.block)
+            if s.shape != want or s.dtype not in hf_map.SCALE_DTYPES:
+                p["wrong weight_scale_inv"].append(
+                    f"{sname!r} in {s.file}: {s.dtype} {list(s.shape)}, expected F32 {list(want)} "
+                    f"(weight {list(t.shape)}, block {list(self.block)})"
+                )
+        p["inconsistent expert formats"] = [
+            f"{tg}: experts stored as {sorted(d)} in {self.path}" for tg, d in expert_dtypes.items() if len(d) > 1
+        ]
+        raise_if(f"checkpoint {self.path}", p)
+        return skipped
+
+    # ---- access -----------------------------------------------------------------------------
+    def array(self, name: str) -> np.ndarray:
+        """Read-only zero-copy numpy view of a tensor."""
+        return self.store.array(name)
+
+    def is_fp8(self, name: str) -> bool:
+        return self.store.info(name).dtype == hf_map.FP8
+
+    def expert_arrays(self, layer: int) -> dict[str, list[np.ndarray]]:
+        """Zero-copy views of one MoE layer's routed experts (no copy of the FP8 data).
+
+        {"gate_proj": [E views [I, H]], "up_proj": [...], "down_proj": [E views [H, I]]}, and for
+        FP8 checkpoints "gate_proj_scale_inv", ... with the fp32 block scales (block `self.block`).
+        `safetensors_index.stacked_view` turns a list into one [E, ...] view when the file
+        layout allows it.
+        """
+        out: dict[str, list[np.ndarray]] = {}
+        for proj, specs in hf_map.expert_tensors(self.cfg, layer).items():
+            out[proj] = [self.array(s.name) for s in specs]
+            if self.is_fp8(specs[0].name):
+                out[f"{proj}_scale_inv"] = [self.array(s.scale_name) for s in specs]
+        return out
+
+    def close(self) -> None:
+        if hasattr(self, "store"):
+            self.store.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open and account a checkpoint without loading it (raises CheckpointError)."""
+    return Checkpoint(path)
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    dtype: Any = jnp.float32,
+    progress: bool | None = None,
+    device: jax.Device | None = None,
+    load_experts: bool = True,
+) -> tuple[ModelConfig, Any]:
+    """Read config.json and every tensor of a checkpoint into `(ModelConfig, Weights)`.
+
+    dtype: for norms, embeddings and the router weight (Linears keep their stored format).
+    progress: a bar on stderr; None = only on a terminal and only once a load passes ~1 s.
+    device: where the arrays go (default: JAX's default device).
+    load_experts: False leaves `MoEWeights.experts = None` (a host expert store fills them in).
+    """
+    ck = Checkpoint(path)
+    try:
+        weights = _build(ck, np.dtype(dtype), device, progress, load_experts)
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)  # drop views held by the failed frames, so unmapping works
+        ck.close()
+        raise
+    ck.close()
+    return ck.cfg, weights
+
+
+def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | None, load_experts: bool):
+    specs = [s for s in ck.specs.values() if s.name in ck.store and (load_experts or s.expert is None)]
+    nbytes = sum(ck.store.info(s.name).nbytes for s in specs)
+    bar = Progress(len(specs), nbytes, enabled=progress, label=f"loading {ck.path.name}")
+    put = lambda a: jax.device_put(a, device)  # noqa: E731
+    leaves: dict[str, Any] = {}
+    pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = defaultdict(list)
+    n_experts = ck.cfg.n_routed_experts
+    try:
+        for s in specs:
+            w = ck.array(s.name)
+            fp8 = s.kind == "linear" and ck.is_fp8(s.name)
+            scale = ck.array(s.scale_name).astype(np.float32) if fp8 else None
+            if s.expert is not None:
+                pending[s.target].append((w, scale))
+                if len(pending[s.target]) == n_experts:
+                    ws, ss = zip(*pending.pop(s.target))
+                    leaves[s.target] = _linear(np.stack(ws), None if ss[0] is None else np.stack(ss), ck.block, put)
+            elif s.kind == "linear":
+                leaves[s.target] = _linear(w, scale, ck.block, put)
+            else:
+                leaves[s.target] = put(np.asarray(w, np.float32 if s.kind == "bias" else dtype))
+            bar.update(1, ck.store.info(s.name).nbytes)
+    finally:
+        bar.close()
+    if "lm_head" not in leaves:  # tied embeddings
+        leaves["lm_head"] = DenseWeight(leaves["embed_tokens"])
+    return hf_map.assemble(ck.cfg, leaves)
+
+
+def _linear(w: np.ndarray, scale: np.ndarray | None, block: tuple[int, int], put) -> Any:
+    if scale is None:
+        return DenseWeight(put(w))
+    return Fp8Weight(put(w), put(scale), block=block)
