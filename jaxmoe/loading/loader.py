@@ -179,7 +179,11 @@ def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | None, load_
     specs = [s for s in ck.specs.values() if s.name in ck.store and (load_experts or s.expert is None)]
     nbytes = sum(ck.store.info(s.name).nbytes for s in specs)
     bar = Progress(len(specs), nbytes, enabled=progress, label=f"loading {ck.path.name}")
-    put = lambda a: jax.device_put(a, device)  # noqa: E731
+
+    def put(a: np.ndarray) -> jax.Array:
+        # A copy of mmap'd views: JAX on CPU would alias read-only arrays and pin the file mapping.
+        return jax.device_put(a if a.flags.owndata else np.array(a), device)
+
     leaves: dict[str, Any] = {}
     pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = defaultdict(list)
     n_experts = ck.cfg.n_routed_experts

@@ -256,16 +256,18 @@ class SafetensorsCheckpoint:
             raise CheckpointError.collect(f"checkpoint {self.path}", {"corrupt or truncated file": probs})
         problems: dict[str, list[str]] = {"duplicate": [], "listed in index but not in its shard": [],
                                           "in a shard but not listed in index": []}
+        dups = set()
         for f in self.files.values():
             for name, t in f.tensors.items():
                 if name in self.tensors:
                     problems["duplicate"].append(f"{name!r} in both {self.tensors[name].file} and {t.file}")
+                    dups.add(name)
                 else:
                     self.tensors[name] = t
         if weight_map is not None:
             for name, fname in weight_map.items():
                 t = self.tensors.get(name)
-                if t is None or t.file != self.path / fname:
+                if name not in dups and (t is None or t.file != self.path / fname):
                     problems["listed in index but not in its shard"].append(f"{name!r} -> {self.path / fname}")
             for name, t in self.tensors.items():
                 if name not in weight_map:
@@ -327,7 +329,7 @@ def stacked_view(views: list[np.ndarray]) -> np.ndarray | None:
     if any(v.shape != v0.shape or v.dtype != v0.dtype or not v.flags.c_contiguous for v in views):
         return None
     root = _root(v0)
-    if root is None or any(_root(v) is not root for v in views):
+    if any(_root(v) is not root for v in views):
         return None
     addrs = [v.__array_interface__["data"][0] for v in views]
     step = addrs[1] - addrs[0] if len(addrs) > 1 else v0.nbytes
@@ -336,8 +338,8 @@ def stacked_view(views: list[np.ndarray]) -> np.ndarray | None:
     return np.lib.stride_tricks.as_strided(v0, (len(views), *v0.shape), (step, *v0.strides), writeable=False)
 
 
-def _root(a: np.ndarray) -> object | None:
+def _root(a: np.ndarray) -> object:
     """The buffer (e.g. the mmap) an array's memory ultimately belongs to."""
-    while isinstance(a, np.ndarray):
+    while isinstance(a.base, np.ndarray):
         a = a.base
-    return a
+    return a if a.base is None else a.base
