@@ -1,9 +1,9 @@
 """Stop strings over streamed text.
 
 `StopMatcher.feed(delta)` returns the text that is safe to emit: it holds back the longest
-tail that could still grow into a stop string, and on a match it returns the text before the
-stop string and reports the stop. The stop string itself is never emitted, so the joined
-stream equals the final text exactly.
+tail that could still grow into a stop string, and on a match it returns the text before
+the stop string that completes first and reports the stop. The stop string itself is never
+emitted, so the joined stream equals the final text exactly.
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ class StopMatcher:
         if not self.stops:
             self._held = ""
             return text
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        # The stop string that completes first wins, as if the text came one character at a
+        # time (so the result does not depend on how the text was chunked).
+        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
             self.stopped = True
             self._held = ""
-            return text[: min(hits)]
+            return text[: min(hits)[1]]
         keep = max((self._partial(text, s) for s in self.stops), default=0)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]

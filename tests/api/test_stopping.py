@@ -18,8 +18,12 @@ def run(chunks, stops):
 
 
 def expected(text, stops):
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    """Feed one character at a time; stop at the first stop string to complete."""
+    for end in range(len(text) + 1):
+        done = [s for s in stops if text[:end].endswith(s)]
+        if done:
+            return text[: end - max(map(len, done))], True
+    return text, False
 
 
 alphabet = st.sampled_from("ab\n é")
@@ -45,8 +49,9 @@ def test_holds_back_a_possible_stop_prefix_then_releases_it():
     assert m.stopped and m.feed("more") == "" and m.flush() == ""
 
 
-def test_earliest_stop_wins():
+def test_first_completed_stop_wins():
     assert run(["xx STOP yy END"], ["END", "STOP"]) == ("xx ", True)
+    assert run(["abcd"], ["bc", "abcd"]) == ("a", True)  # "bc" completes before "abcd"
 
 
 def test_normalize_stop():

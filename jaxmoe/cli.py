@@ -1,0 +1,223 @@
+"""Command line: `jaxmoe generate`, `jaxmoe demo`, `jaxmoe synth`.
+
+User errors (a bad path, a prompt too long, an invalid sampling parameter) print one line
+`jaxmoe: error: ...` on stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+DEMO_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
+
+
+class UserError(Exception):
+    """An error caused by the command's input; reported without a traceback."""
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of non-quantized weights and the KV cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxmoe", description="DeepSeek-V3-family MoE inference on JAX/XLA")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a checkpoint")
+    g.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--chat", metavar="TEXT", help="a user message, rendered with the chat template")
+    src.add_argument("--prompt-ids", metavar="IDS", help="comma-separated prompt token ids")
+    _add_sampling(g, 64)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--max-seq-len", type=int, default=None, help="cap the context length")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    d = sub.add_parser("demo", help="write a synthetic checkpoint (once, cached) and generate from it")
+    d.add_argument("--config", default="demo", help="a config of configs/models (default: demo)")
+    d.add_argument("--fmt", choices=["fp8", "bf16", "f32"], default="fp8", help="weight format on disk")
+    d.add_argument("--prompt", default=DEMO_PROMPT)
+    d.add_argument("--cache-dir", default=None, help="where the checkpoint is kept (default $JAXMOE_CACHE_DIR or .cache)")
+    _add_sampling(d, 32)
+
+    s = sub.add_parser("synth", help="write a synthetic random-weight checkpoint")
+    s.add_argument("--config", required=True, help="a config name of configs/models, or a config.json path")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--fmt", choices=["fp8", "bf16", "f32"], default="fp8")
+    s.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _config(name: str):
+    from jaxmoe.config import ModelConfig
+
+    p = Path(name)
+    return ModelConfig.from_file(p) if p.suffix == ".json" or p.is_dir() else ModelConfig.named(name)
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+
+
+def _load(path: Path, a: argparse.Namespace, max_seq_len: int | None = None):
+    import jaxmoe
+
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory {path} does not exist")
+    return jaxmoe.load(path, dtype=_dtype(a.dtype), max_seq_len=max_seq_len)
+
+
+def _print_timings(t, out=None) -> None:
+    print(
+        f"prompt tokens {t.prompt_tokens}, generated tokens {t.generated_tokens}\n"
+        f"time to first token  {t.ttft_s * 1000:9.1f} ms\n"
+        f"prefill              {t.prefill_tok_s:9.1f} tok/s\n"
+        f"decode               {t.decode_tok_s:9.1f} tok/s",
+        file=out or sys.stdout,
+    )
+
+
+def _write_synthetic(out: Path, cfg, fmt: str, seed: int = 0) -> None:
+    """The writer goes through a temporary sibling directory and renames it into place, so
+    an interrupted write never leaves a half-written checkpoint behind."""
+    from jaxmoe.loading.synthetic import write_synthetic_checkpoint
+
+    write_synthetic_checkpoint(out, cfg, fmt=fmt, seed=seed, with_tokenizer=True)
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def cmd_generate(a: argparse.Namespace) -> int:
+    import jaxmoe
+
+    model = _load(Path(a.model), a, a.max_seq_len)
+    kwargs = _sampling_kwargs(a) | {"stop": a.stop}
+    if a.chat is not None:
+        kwargs["messages"] = [{"role": "user", "content": a.chat}]
+        prompt = None
+    elif a.prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in a.prompt_ids.replace(" ", "").split(",") if t]
+        except ValueError:
+            raise UserError(f"--prompt-ids must be comma-separated integers, got {a.prompt_ids!r}") from None
+    else:
+        prompt = a.prompt
+    if a.stream:
+        last = None
+        for last in jaxmoe.stream_generate(model, prompt, **kwargs):
+            print(last.text, end="", flush=True)
+        print()
+        print(f"[finish: {last.finish_reason}]", file=sys.stderr)
+        _print_timings(last.timings, sys.stderr)
+        return 0
+    r = jaxmoe.generate(model, prompt, **kwargs)
+    if a.json:
+        print(json.dumps({
+            "text": r.text, "token_ids": r.token_ids, "prompt_token_ids": r.prompt_token_ids,
+            "finish_reason": r.finish_reason, "timings": vars(r.timings),
+        }))
+    else:
+        print(r.text)
+        print(f"[finish: {r.finish_reason}]", file=sys.stderr)
+        _print_timings(r.timings, sys.stderr)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    import jaxmoe
+
+    cfg = _config(a.config)
+    digest = hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(a.cache_dir or os.environ.get("JAXMOE_CACHE_DIR") or ".cache")
+    ckpt = root / f"demo-{a.config}-{a.fmt}-{digest}"
+    print(f"jaxmoe {jaxmoe.__version__} demo: config {a.config!r} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}), {a.fmt} weights")
+    if not (ckpt / "config.json").is_file():
+        print(f"writing synthetic checkpoint to {ckpt} ...", flush=True)
+        t0 = time.perf_counter()
+        _write_synthetic(ckpt, cfg, a.fmt)
+        print(f"  written in {time.perf_counter() - t0:.1f} s")
+    else:
+        print(f"using cached synthetic checkpoint {ckpt}")
+    t0 = time.perf_counter()
+    model = _load(ckpt, a)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s on {model_device()}")
+    kwargs = _sampling_kwargs(a)
+    n_prompt = len(model.encode_prompt(a.prompt))
+    model.check_fits(n_prompt, a.max_new_tokens)
+    print(f"compiled in {model.compile(n_prompt, a.max_new_tokens):.1f} s (once per length bucket)")
+    print(f"\nprompt: {a.prompt!r}\n--- generated (random weights: expect gibberish) ---")
+    last = None
+    for last in jaxmoe.stream_generate(model, a.prompt, **kwargs):
+        print(last.text, end="", flush=True)
+    print(f"\n--- finish: {last.finish_reason} ---")
+    _print_timings(last.timings)
+    return 0
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    cfg = _config(a.config)
+    out = Path(a.out)
+    if out.exists():
+        raise UserError(f"output directory {out} already exists")
+    t0 = time.perf_counter()
+    _write_synthetic(out, cfg, a.fmt, a.seed)
+    print(f"wrote {a.fmt} checkpoint of {a.config!r} to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def model_device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform} ({d.device_kind})"
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "synth": cmd_synth}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.version:
+        from jaxmoe import __version__
+
+        print(f"jaxmoe {__version__}")
+        return 0
+    if a.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return COMMANDS[a.command](a)
+    except (UserError, ValueError, OSError) as e:  # ConfigError, TokenizerError, loader errors are ValueErrors
+        print(f"jaxmoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxmoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

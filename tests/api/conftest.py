@@ -1,0 +1,33 @@
+"""Session fixtures for the API tests: one tiny synthetic FP8 checkpoint (with tokenizer),
+loaded once."""
+
+from __future__ import annotations
+
+import pytest
+
+import jaxmoe
+from jaxmoe.config import ModelConfig
+from jaxmoe.loading.synthetic import write_synthetic_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> ModelConfig:
+    return ModelConfig.named("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_cfg):
+    path = tmp_path_factory.mktemp("api") / "tiny-fp8"
+    write_synthetic_checkpoint(path, tiny_cfg, fmt="fp8", seed=0, with_tokenizer=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model(tiny_ckpt) -> jaxmoe.Model:
+    return jaxmoe.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model) -> jaxmoe.Tokenizer:
+    assert model.tokenizer is not None
+    return model.tokenizer
