@@ -1,0 +1,165 @@
+"""Builds cpu_ext into one shared library (C kernels + the C++17 XLA FFI bindings).
+
+Each ISA file gets its own -m flags (`*_avx2.c`: AVX2/FMA/F16C, `*_avx512.c`: AVX-512
+F/BW/VL/BF16) and everything else is plain x86-64, so the library builds and loads on any
+x86-64 machine; the path is chosen at run time (src/dispatch.c). No jax at build time is
+needed for the C part; `ffi.cc` is compiled when the XLA FFI headers are found
+(`jax.ffi.include_dir()`), else the library is built without the XLA handlers.
+
+Variants:
+  native  the library jaxmoe loads.
+  emu512  tests only: the AVX-512 file compiled against SIMDe's portable AVX-512 (Debian
+          `libsimde-dev` or PyPI `simde-py`), so that path's layout and algebra are checked
+          on machines without AVX-512.
+
+    python cpu_ext/build.py [--out DIR] [--variant native|emu512] [--sanitize] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SRC = ROOT / "src"
+INCLUDE = ROOT / "include"
+DEFAULT_OUT = ROOT.parent / "jaxmoe" / "cpu" / "_native"
+LIB_NAMES = {"native": "libjaxmoe_cpu.so", "emu512": "libjaxmoe_cpu_emu512.so"}
+
+CC = os.environ.get("CC", "gcc")
+CXX = os.environ.get("CXX", "g++")
+BASE = ["-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter", f"-I{INCLUDE}", f"-I{SRC}"]
+CFLAGS = ["-std=gnu11", "-pthread"]
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+}
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+
+
+def sources() -> list[Path]:
+    return sorted(p for p in SRC.iterdir() if p.suffix in (".c", ".cc", ".h")) + [INCLUDE / "jaxmoe_cpu.h", Path(__file__)]
+
+
+def ffi_include_dir() -> str | None:
+    try:
+        import jax.ffi  # noqa: PLC0415
+
+        inc = jax.ffi.include_dir()
+    except Exception:  # jax missing or too old: build without the XLA handlers
+        return None
+    return inc if (Path(inc) / "xla" / "ffi" / "api" / "ffi.h").exists() else None
+
+
+def simde_include_dir() -> str | None:
+    for cand in ("/usr/include", "/usr/local/include"):
+        if (Path(cand) / "simde" / "x86" / "avx512.h").exists():
+            return cand
+    try:
+        import simde  # noqa: PLC0415  (PyPI simde-py)
+
+        inc = Path(simde.__file__).resolve().parent / "include"
+        if (inc / "simde" / "x86" / "avx512.h").exists():
+            return str(inc)
+    except Exception:
+        pass
+    return None
+
+
+def compile_commands(obj_dir: Path, variant: str, ffi_inc: str | None, sanitize: bool) -> list[list[str]]:
+    extra = SANITIZE if sanitize else []
+    cmds = []
+    for src in sorted(SRC.iterdir()):
+        obj = str(obj_dir / (src.name + ".o"))
+        if src.suffix == ".cc":
+            if ffi_inc is None:
+                continue
+            cmds.append([CXX, "-std=c++17", *BASE, *extra, f"-I{ffi_inc}", "-c", str(src), "-o", obj])
+        elif src.suffix == ".c":
+            flags = [*BASE, *CFLAGS, *extra]
+            isa = src.stem.rsplit("_", 1)[-1]
+            if isa in ISA_FLAGS:
+                if variant == "emu512" and isa == "avx512":
+                    inc = simde_include_dir()
+                    if inc is None:
+                        raise RuntimeError("emu512 build needs SIMDe headers (apt libsimde-dev or pip simde-py)")
+                    flags += [*ISA_FLAGS["avx2"], "-DJM_SIMDE", f"-isystem{inc}", "-Wno-unused-function"]
+                else:
+                    flags += ISA_FLAGS[isa]
+            if variant == "emu512" and src.stem == "dispatch":
+                flags.append("-DJM_AVX512_EMULATED")
+            cmds.append([CC, *flags, "-c", str(src), "-o", obj])
+    return cmds
+
+
+def build(out_dir: Path | str = DEFAULT_OUT, variant: str = "native", sanitize: bool = False, verbose: bool = False) -> Path:
+    """Compiles and links; the library appears atomically at out_dir/<name> with a manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ffi_inc = ffi_include_dir()
+    with tempfile.TemporaryDirectory(prefix="jaxmoe_build_", dir=out_dir) as tmp:
+        tmp = Path(tmp)
+        cmds = compile_commands(tmp, variant, ffi_inc, sanitize)
+        with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
+            results = list(ex.map(lambda c: subprocess.run(c, capture_output=True, text=True), cmds))
+        for cmd, res in zip(cmds, results):
+            if verbose or res.returncode:
+                sys.stderr.write(" ".join(cmd) + "\n" + res.stdout + res.stderr)
+            if res.returncode:
+                raise RuntimeError(f"cpu_ext build failed compiling {cmd[-3]}:\n{res.stderr}")
+        objs = [c[-1] for c in cmds]
+        lib = tmp / LIB_NAMES[variant]
+        link = [CXX, "-shared", "-pthread", *(SANITIZE if sanitize else []), "-o", str(lib), *objs]
+        res = subprocess.run(link, capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"cpu_ext link failed:\n{res.stderr}")
+        manifest = {"variant": variant, "ffi": ffi_inc is not None, "sanitize": sanitize}
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        os.replace(lib, out_dir / lib.name)
+        shutil.copyfile(tmp / "manifest.json", out_dir / (lib.name + ".json"))
+    return out_dir / LIB_NAMES[variant]
+
+
+def is_stale(lib: Path) -> bool:
+    """True if the library is missing or older than any source, header or this builder."""
+    if not lib.exists():
+        return True
+    if not SRC.exists():  # installed without sources: use what is there
+        return False
+    t = lib.stat().st_mtime
+    return any(p.stat().st_mtime > t for p in sources())
+
+
+def manifest(lib: Path) -> dict:
+    try:
+        return json.loads(Path(str(lib) + ".json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--variant", choices=sorted(LIB_NAMES), default="native")
+    ap.add_argument("--sanitize", action="store_true")
+    ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    lib = Path(args.out) / LIB_NAMES[args.variant]
+    if args.force or args.sanitize or is_stale(lib):
+        lib = build(args.out, args.variant, args.sanitize, args.verbose)
+        print(f"built {lib} ({manifest(lib)})")
+    else:
+        print(f"{lib} is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

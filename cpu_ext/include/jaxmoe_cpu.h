@@ -1,0 +1,97 @@
+/* jaxmoe_cpu.h -- the one public C ABI of jaxmoe's CPU expert engine.
+ *
+ * cffi parses this file (preprocessor lines stripped), so declarations here use only plain C
+ * types, enums with explicit values and opaque structs.
+ *
+ * Weights are repacked once, at load time, into a jm_matrix: a sequential stream of 4-row
+ * tiles (64-byte row segments interleaved, K zero-padded to a multiple of 128) that the
+ * kernels read front to back with software prefetch. FP8 matrices keep their 128x128 block
+ * scales (weight_scale_inv) beside the stream; the kernels fold them into the activations.
+ *
+ * FP8 e4m3 decode contract (all ISA paths): code b means
+ *   sign(b) * 2^(e-7) * (1 + m/8)   for e = (b>>3)&15 > 0,
+ *   sign(b) * 2^-6 * (m/8)          for e == 0 (subnormal),
+ * i.e. the exact e4m3fn value for the 254 non-NaN codes; the two NaN codes 0x7f/0xff decode
+ * as +-480 (the shift decode ((b&0x7f)<<4)|((b&0x80)<<8) gives bf16 bits of value*2^-120).
+ * Checkpoints never contain NaN codes. The AVX-512 BF16 path flushes the 14 subnormal codes
+ * to zero (vdpbf16ps treats bf16 denormals as zero) and rounds activations to bf16.
+ *
+ * Errors: functions return JM_OK (0) or a JM_E* code and leave a message for
+ * jm_last_error() (thread-local); functions returning pointers return NULL on error.
+ * Nothing aborts the process.
+ */
+#ifndef JAXMOE_CPU_H
+#define JAXMOE_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum jm_isa { JM_ISA_AUTO = -1, JM_ISA_SCALAR = 0, JM_ISA_AVX2 = 1, JM_ISA_AVX512 = 2 };
+enum jm_format { JM_FMT_FP8 = 1, JM_FMT_BF16 = 2 };
+enum jm_dtype { JM_DT_F32 = 0, JM_DT_BF16 = 1 };
+enum jm_status { JM_OK = 0, JM_EINVAL = 1, JM_ENOMEM = 2, JM_EUNSUPPORTED = 3, JM_EHANDLE = 4 };
+
+typedef struct jm_matrix jm_matrix; /* a repacked Linear weight [n, k] (out, in) */
+typedef struct jm_store jm_store;   /* host expert store: per layer, per expert gate/up/down */
+
+/* ---- library state --------------------------------------------------------------------- */
+const char *jm_last_error(void);
+const char *jm_version(void);
+int jm_isa_supported(int isa);      /* 1 if this CPU (and OS) can run the path */
+int jm_isa_selected(void);          /* the path in use */
+int jm_set_isa(int isa);            /* JM_ISA_AUTO: best supported; env JAXMOE_CPU_ISA at load */
+const char *jm_isa_name(int isa);
+int jm_num_threads(void);
+int jm_set_num_threads(int n);      /* n <= 0: all cores (env JAXMOE_CPU_THREADS at load) */
+int jm_numa_nodes(void);            /* NUMA nodes the pool places threads and weights on */
+
+/* ---- matrices ---------------------------------------------------------------------------- */
+/* w: e4m3 bytes, row r at w + r*ldw; scale: f32 [ceil(n/128), ceil(k/128)], row j at
+ * scale + j*lds. node: NUMA node for the repacked copy, -1 = any. The input is copied. */
+jm_matrix *jm_matrix_create_fp8(const uint8_t *w, int64_t ldw, const float *scale, int64_t lds,
+                                int32_t n, int32_t k, int32_t node);
+/* w: bf16 bits, row r at w + r*ldw (in elements). */
+jm_matrix *jm_matrix_create_bf16(const uint16_t *w, int64_t ldw, int32_t n, int32_t k,
+                                 int32_t node);
+void jm_matrix_free(jm_matrix *m);
+int jm_matrix_info(const jm_matrix *m, int32_t *format, int32_t *n, int32_t *k, int64_t *bytes);
+/* validates a handle (an address from Python or an XLA attribute); NULL + error if not live */
+jm_matrix *jm_matrix_from_handle(int64_t handle);
+
+/* y[m, n] = x[m, k] @ W^T. x, y contiguous row-major; dtypes JM_DT_F32 / JM_DT_BF16. */
+int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, void *y,
+              int32_t y_dtype);
+
+/* ---- host expert store ------------------------------------------------------------------ */
+jm_store *jm_store_create(int32_t n_layers);
+void jm_store_free(jm_store *s);
+jm_store *jm_store_from_handle(int64_t handle);
+/* declares layer `layer` as MoE with n_experts experts of shape gate/up [inter, hidden],
+ * down [hidden, inter] */
+int jm_store_init_layer(jm_store *s, int32_t layer, int32_t n_experts, int32_t hidden,
+                        int32_t inter);
+/* hands the three matrices of one expert to the store (it frees them; on error too) */
+int jm_store_set_expert(jm_store *s, int32_t layer, int32_t expert, jm_matrix *gate,
+                        jm_matrix *up, jm_matrix *down);
+int jm_store_layer_info(const jm_store *s, int32_t layer, int32_t *n_experts, int32_t *hidden,
+                        int32_t *inter, int32_t *complete);
+int64_t jm_store_bytes(const jm_store *s);
+
+/* Fused routed MoE of one layer:
+ * out[t, :] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j].
+ * x [t, hidden], ids/weights [t, top_k], out [t, hidden]; ids < 0 are skipped (padding). */
+int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int64_t t,
+           const int32_t *ids, const float *weights, int32_t top_k, void *out,
+           int32_t out_dtype);
+
+/* ---- XLA FFI handlers (defined in ffi.cc): "linear", "moe"; NULL for other names -------- */
+void *jm_ffi_handler(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* JAXMOE_CPU_H */

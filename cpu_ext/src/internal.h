@@ -1,0 +1,105 @@
+/* internal.h -- shared between the C files of cpu_ext; not part of the ABI. */
+#ifndef JM_INTERNAL_H
+#define JM_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "jaxmoe_cpu.h"
+
+#define JM_TILE_ROWS 4      /* rows per tile */
+#define JM_SEG 64           /* bytes of one row per interleaved segment (one cache line) */
+#define JM_KBLOCK 128       /* FP8 scale block (both dims); K is padded to a multiple */
+#define JM_TILES_PER_TASK 8 /* 32 rows: a task never straddles a 128-row scale block */
+#define JM_MC 16            /* tokens per chunk: folded activations stay in L2 */
+#define JM_PF_DIST 4096     /* software prefetch distance in the weight stream, bytes */
+
+/* FP8 decode yields value * 2^-120; the activations carry 2^JM_FOLD_EXP instead of 2^120 so
+ * that |x * scale| up to 2^72 cannot overflow, and results are multiplied by 2^JM_UNFOLD. */
+#define JM_FOLD_EXP 56
+#define JM_UNFOLD_EXP (120 - JM_FOLD_EXP)
+
+#define JM_MATRIX_MAGIC 0x6a6d6d6174726978ull
+#define JM_STORE_MAGIC 0x6a6d73746f726521ull
+
+struct jm_matrix {
+  uint64_t magic;
+  int32_t format;  /* JM_FMT_* */
+  int32_t n, k;    /* logical shape */
+  int32_t n_tiles; /* ceil(n / 4) */
+  int32_t k_pad;   /* k rounded up to 128 */
+  int32_t n_rb;    /* row blocks of the folded activations: ceil(n/128) for FP8, 1 for BF16 */
+  int32_t kb;      /* k_pad / 128 */
+  int32_t node;
+  int64_t tile_bytes; /* 4 * k_pad * elem */
+  uint8_t *data;      /* n_tiles * tile_bytes, 64-aligned */
+  size_t data_alloc;
+  float *scale; /* FP8: [n_rb][kb] */
+};
+
+/* Per-ISA kernels. "Folded" activations: for row block rb, xf[m][k_pad] holds
+ * x * scale[rb][kb] * 2^JM_FOLD_EXP (FP8) or x (BF16) in the element type and order the
+ * ISA's tile kernel reads. */
+typedef struct {
+  int isa;
+  size_t xf_elem; /* bytes per folded element */
+  void (*fold)(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf);
+  /* y[i*ldy + r - 4*t0] for tokens i < m, rows r in tiles [t0, t1) (r < n); xf folded for
+   * the row block of these tiles; m <= JM_MC. */
+  void (*tiles)(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y,
+                int64_t ldy);
+} jm_kernels;
+
+extern const jm_kernels jm_kernels_scalar;
+extern const jm_kernels jm_kernels_avx2;
+extern const jm_kernels jm_kernels_avx512;
+const jm_kernels *jm_kernels_current(void);
+
+/* errors (dispatch.c) */
+int jm_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* helpers shared by kernels */
+static inline float jm_bf16_to_f32(uint16_t h) {
+  union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+  return v.f;
+}
+static inline uint16_t jm_f32_to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+  union { float f; uint32_t u; } v = {f};
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1)) >> 16);
+}
+static inline const uint8_t *jm_tile_ptr(const jm_matrix *w, int t) {
+  return w->data + (int64_t)t * w->tile_bytes;
+}
+static inline float jm_scale_of(const jm_matrix *w, int rb, int kb) {
+  return w->scale[(int64_t)rb * w->kb + kb];
+}
+float jm_exp2i(int e); /* exact 2^e for -126 <= e <= 127 */
+
+/* thread pool (threadpool.c). Tasks [node_start[j], node_start[j+1]) prefer threads of NUMA
+ * node j; node_start NULL = one node. The caller thread takes part. Jobs are serialized. */
+typedef void (*jm_task_fn)(void *ctx, int64_t task, int thread);
+void jm_pool_run(int64_t n_tasks, jm_task_fn fn, void *ctx, const int64_t *node_start);
+int jm_pool_threads(void);
+int jm_pool_nodes(void);
+
+/* engine lock + grow-only scratch (linear.c): one kernel call at a time uses the scratch */
+void jm_engine_lock(void);
+void jm_engine_unlock(void);
+void *jm_scratch(size_t bytes); /* valid until the next call; under the engine lock */
+
+/* NUMA-aware allocation (threadpool.c) */
+void *jm_alloc_node(size_t bytes, int node, size_t *alloc_bytes);
+void jm_free_node(void *p, size_t alloc_bytes);
+
+/* handle registry (dispatch.c) */
+int jm_registry_add(const void *p);
+int jm_registry_remove(const void *p);
+int jm_registry_has(const void *p);
+
+/* shared activation conversion (linear.c) */
+void jm_to_f32(const void *x, int32_t dtype, int64_t count, float *out);
+void jm_from_f32(const float *x, int64_t count, int32_t dtype, void *out);
+
+#endif

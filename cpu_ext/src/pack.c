@@ -1,0 +1,119 @@
+/* pack.c -- repacking a Linear weight [n, k] into the kernels' streaming layout.
+ *
+ * Tile t holds rows 4t..4t+3. Inside a tile, the rows are interleaved in 64-byte segments:
+ *   segment c of row r at  t*tile_bytes + c*256 + r*64
+ * (FP8: 64 columns per segment; BF16: 32). K is zero-padded to a multiple of 128 and the last
+ * tile is zero-padded to 4 rows, so kernels never see a tail. The stream of a task (8 tiles)
+ * is read strictly front to back. FP8 block scales are kept as [ceil(n/128)][k_pad/128].
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+static jm_matrix *matrix_alloc(int32_t format, int32_t n, int32_t k, int32_t node, int elem) {
+  if (n <= 0 || k <= 0) {
+    jm_error(JM_EINVAL, "matrix shape must be positive, got [%d, %d]", n, k);
+    return NULL;
+  }
+  jm_matrix *m = calloc(1, sizeof *m);
+  if (!m) goto oom;
+  m->magic = JM_MATRIX_MAGIC;
+  m->format = format;
+  m->n = n;
+  m->k = k;
+  m->node = node;
+  m->n_tiles = (n + JM_TILE_ROWS - 1) / JM_TILE_ROWS;
+  m->kb = (k + JM_KBLOCK - 1) / JM_KBLOCK;
+  m->k_pad = m->kb * JM_KBLOCK;
+  m->n_rb = format == JM_FMT_FP8 ? (n + JM_KBLOCK - 1) / JM_KBLOCK : 1;
+  m->tile_bytes = (int64_t)JM_TILE_ROWS * m->k_pad * elem;
+  const size_t bytes = (size_t)m->n_tiles * (size_t)m->tile_bytes;
+  m->data = jm_alloc_node(bytes, node, &m->data_alloc);
+  if (!m->data) goto oom;
+  memset(m->data, 0, bytes);
+  if (format == JM_FMT_FP8) {
+    m->scale = malloc(sizeof(float) * (size_t)m->n_rb * (size_t)m->kb);
+    if (!m->scale) goto oom;
+  }
+  if (jm_registry_add(m) != JM_OK) goto oom;
+  return m;
+oom:
+  if (m) {
+    jm_free_node(m->data, m->data_alloc);
+    free(m->scale);
+    free(m);
+  }
+  jm_error(JM_ENOMEM, "out of memory packing a [%d, %d] matrix", n, k);
+  return NULL;
+}
+
+/* copy row `row` (bytes src, row_bytes long) into its tile's interleaved segments */
+static void put_row(jm_matrix *m, int32_t row, const uint8_t *src, int64_t row_bytes) {
+  uint8_t *t = m->data + (int64_t)(row / JM_TILE_ROWS) * m->tile_bytes + (row % JM_TILE_ROWS) * JM_SEG;
+  for (int64_t off = 0, c = 0; off < row_bytes; off += JM_SEG, c++) {
+    const int64_t len = row_bytes - off < JM_SEG ? row_bytes - off : JM_SEG;
+    memcpy(t + c * JM_SEG * JM_TILE_ROWS, src + off, (size_t)len);
+  }
+}
+
+jm_matrix *jm_matrix_create_fp8(const uint8_t *w, int64_t ldw, const float *scale, int64_t lds,
+                                int32_t n, int32_t k, int32_t node) {
+  const int32_t kb = (k + JM_KBLOCK - 1) / JM_KBLOCK;
+  if (!w || !scale) {
+    jm_error(JM_EINVAL, "jm_matrix_create_fp8: NULL weight or scale");
+    return NULL;
+  }
+  if (ldw < k || lds < kb) {
+    jm_error(JM_EINVAL, "jm_matrix_create_fp8: strides too small (ldw %lld < k %d or lds %lld < %d)",
+             (long long)ldw, k, (long long)lds, kb);
+    return NULL;
+  }
+  jm_matrix *m = matrix_alloc(JM_FMT_FP8, n, k, node, 1);
+  if (!m) return NULL;
+  for (int32_t r = 0; r < n; r++) put_row(m, r, w + (int64_t)r * ldw, k);
+  for (int32_t i = 0; i < m->n_rb; i++) memcpy(m->scale + (int64_t)i * m->kb, scale + i * lds, sizeof(float) * (size_t)kb);
+  return m;
+}
+
+jm_matrix *jm_matrix_create_bf16(const uint16_t *w, int64_t ldw, int32_t n, int32_t k, int32_t node) {
+  if (!w) {
+    jm_error(JM_EINVAL, "jm_matrix_create_bf16: NULL weight");
+    return NULL;
+  }
+  if (ldw < k) {
+    jm_error(JM_EINVAL, "jm_matrix_create_bf16: ldw %lld < k %d", (long long)ldw, k);
+    return NULL;
+  }
+  jm_matrix *m = matrix_alloc(JM_FMT_BF16, n, k, node, 2);
+  if (!m) return NULL;
+  for (int32_t r = 0; r < n; r++) put_row(m, r, (const uint8_t *)(w + (int64_t)r * ldw), 2 * (int64_t)k);
+  return m;
+}
+
+void jm_matrix_free(jm_matrix *m) {
+  if (!m || !jm_registry_remove(m)) return; /* unknown or already freed: ignore */
+  m->magic = 0;
+  jm_free_node(m->data, m->data_alloc);
+  free(m->scale);
+  free(m);
+}
+
+jm_matrix *jm_matrix_from_handle(int64_t handle) {
+  jm_matrix *m = (jm_matrix *)(uintptr_t)handle;
+  if (!handle || !jm_registry_has(m) || m->magic != JM_MATRIX_MAGIC) {
+    jm_error(JM_EHANDLE, "0x%llx is not a live jaxmoe matrix handle (freed or never created)",
+             (unsigned long long)handle);
+    return NULL;
+  }
+  return m;
+}
+
+int jm_matrix_info(const jm_matrix *m, int32_t *format, int32_t *n, int32_t *k, int64_t *bytes) {
+  if (!m || !jm_registry_has(m)) return jm_error(JM_EHANDLE, "jm_matrix_info: not a live matrix");
+  if (format) *format = m->format;
+  if (n) *n = m->n;
+  if (k) *k = m->k;
+  if (bytes) *bytes = (int64_t)m->n_tiles * m->tile_bytes;
+  return JM_OK;
+}

@@ -1,0 +1,131 @@
+/* store.c -- the host expert store: per layer, per expert, the repacked gate/up/down
+ * matrices. Explicit create/free; the address is the handle XLA calls take as an attribute
+ * and is validated against the registry of live objects before use.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "store.h"
+
+jm_store *jm_store_create(int32_t n_layers) {
+  if (n_layers <= 0 || n_layers > 100000) {
+    jm_error(JM_EINVAL, "jm_store_create: bad layer count %d", n_layers);
+    return NULL;
+  }
+  jm_store *s = calloc(1, sizeof *s);
+  if (s) s->layers = calloc((size_t)n_layers, sizeof *s->layers);
+  if (!s || !s->layers || jm_registry_add(s) != JM_OK) {
+    if (s) free(s->layers);
+    free(s);
+    jm_error(JM_ENOMEM, "jm_store_create: out of memory");
+    return NULL;
+  }
+  s->magic = JM_STORE_MAGIC;
+  s->n_layers = n_layers;
+  return s;
+}
+
+static void layer_free(jm_store_layer *l) {
+  for (int32_t e = 0; e < l->n_experts; e++)
+    for (int j = 0; j < 3; j++) jm_matrix_free(l->experts[e].m[j]);
+  free(l->experts);
+  memset(l, 0, sizeof *l);
+}
+
+void jm_store_free(jm_store *s) {
+  if (!s || !jm_registry_remove(s)) return;
+  for (int32_t i = 0; i < s->n_layers; i++) layer_free(&s->layers[i]);
+  s->magic = 0;
+  free(s->layers);
+  free(s);
+}
+
+jm_store *jm_store_from_handle(int64_t handle) {
+  jm_store *s = (jm_store *)(uintptr_t)handle;
+  if (!handle || !jm_registry_has(s) || s->magic != JM_STORE_MAGIC) {
+    jm_error(JM_EHANDLE, "0x%llx is not a live jaxmoe expert store handle (freed or never created)",
+             (unsigned long long)handle);
+    return NULL;
+  }
+  return s;
+}
+
+static int check_layer(const jm_store *s, int32_t layer, const char *fn) {
+  if (!s || !jm_registry_has(s) || s->magic != JM_STORE_MAGIC)
+    return jm_error(JM_EHANDLE, "%s: not a live expert store", fn);
+  if (layer < 0 || layer >= s->n_layers)
+    return jm_error(JM_EINVAL, "%s: layer %d out of range [0, %d)", fn, layer, s->n_layers);
+  return JM_OK;
+}
+
+int jm_store_init_layer(jm_store *s, int32_t layer, int32_t n_experts, int32_t hidden, int32_t inter) {
+  int rc = check_layer(s, layer, "jm_store_init_layer");
+  if (rc) return rc;
+  if (n_experts <= 0 || hidden <= 0 || inter <= 0)
+    return jm_error(JM_EINVAL, "jm_store_init_layer: bad shape (experts %d, hidden %d, inter %d)",
+                    n_experts, hidden, inter);
+  jm_store_layer *l = &s->layers[layer];
+  layer_free(l);
+  l->experts = calloc((size_t)n_experts, sizeof *l->experts);
+  if (!l->experts) return jm_error(JM_ENOMEM, "jm_store_init_layer: out of memory");
+  l->n_experts = n_experts;
+  l->hidden = hidden;
+  l->inter = inter;
+  return JM_OK;
+}
+
+int jm_store_set_expert(jm_store *s, int32_t layer, int32_t expert, jm_matrix *gate, jm_matrix *up,
+                        jm_matrix *down) {
+  jm_matrix *ms[3] = {gate, up, down};
+  int rc = check_layer(s, layer, "jm_store_set_expert");
+  const jm_store_layer *l = rc ? NULL : &s->layers[layer];
+  if (!rc && !l->n_experts) rc = jm_error(JM_EINVAL, "jm_store_set_expert: layer %d not initialised", layer);
+  if (!rc && (expert < 0 || expert >= l->n_experts))
+    rc = jm_error(JM_EINVAL, "jm_store_set_expert: expert %d out of range [0, %d)", expert, l->n_experts);
+  for (int j = 0; j < 3 && !rc; j++) {
+    const int32_t want_n = j < 2 ? l->inter : l->hidden, want_k = j < 2 ? l->hidden : l->inter;
+    if (!ms[j] || !jm_registry_has(ms[j]))
+      rc = jm_error(JM_EHANDLE, "jm_store_set_expert: %s is not a live matrix", j == 0 ? "gate" : j == 1 ? "up" : "down");
+    else if (ms[j]->n != want_n || ms[j]->k != want_k)
+      rc = jm_error(JM_EINVAL, "jm_store_set_expert: layer %d expert %d %s is [%d, %d], expected [%d, %d]",
+                    layer, expert, j == 0 ? "gate" : j == 1 ? "up" : "down", ms[j]->n, ms[j]->k, want_n, want_k);
+  }
+  if (rc) {
+    for (int j = 0; j < 3; j++) jm_matrix_free(ms[j]);
+    return rc;
+  }
+  jm_store_expert *x = &s->layers[layer].experts[expert];
+  for (int j = 0; j < 3; j++) {
+    jm_matrix_free(x->m[j]);
+    x->m[j] = ms[j];
+  }
+  return JM_OK;
+}
+
+int jm_store_layer_info(const jm_store *s, int32_t layer, int32_t *n_experts, int32_t *hidden,
+                        int32_t *inter, int32_t *complete) {
+  int rc = check_layer(s, layer, "jm_store_layer_info");
+  if (rc) return rc;
+  const jm_store_layer *l = &s->layers[layer];
+  int32_t full = l->n_experts > 0;
+  for (int32_t e = 0; e < l->n_experts && full; e++)
+    full = l->experts[e].m[0] && l->experts[e].m[1] && l->experts[e].m[2];
+  if (n_experts) *n_experts = l->n_experts;
+  if (hidden) *hidden = l->hidden;
+  if (inter) *inter = l->inter;
+  if (complete) *complete = full;
+  return JM_OK;
+}
+
+int64_t jm_store_bytes(const jm_store *s) {
+  if (!s || !jm_registry_has(s)) return -1;
+  int64_t total = 0;
+  for (int32_t i = 0; i < s->n_layers; i++)
+    for (int32_t e = 0; e < s->layers[i].n_experts; e++)
+      for (int j = 0; j < 3; j++) {
+        const jm_matrix *m = s->layers[i].experts[e].m[j];
+        if (m) total += (int64_t)m->n_tiles * m->tile_bytes;
+      }
+  return total;
+}
