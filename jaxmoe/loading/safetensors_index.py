@@ -342,4 +342,5 @@ def _root(a: np.ndarray) -> object:
     """The buffer (e.g. the mmap) an array's memory ultimately belongs to."""
     while isinstance(a.base, np.ndarray):
         a = a.base
-    return a if a.base is None else a.base
+    root = a if a.base is None else a.base
+    return root.obj if isinstance(root, memoryview) else root
