@@ -28,9 +28,9 @@ HAVE_SANITIZE := $(shell grep -qs '^sanitize:' cpu_ext/cpu_ext.mk && echo yes)
 
 venv: $(VENV_STAMP)
 
+# torch is pinned to 2.13.0 in pyproject (a CPU wheel); any other version pulls CUDA wheels.
 $(VENV_STAMP): $(PACKAGING)
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch is pinned to 2.13.0 in pyproject (CPU wheel); any other version pulls CUDA wheels.
+	@test -x $(PY) || (echo "$(PYTHON) -m venv $(VENV)" && $(PYTHON) -m venv $(VENV))
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $@
 
