@@ -88,6 +88,10 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
            const int32_t *ids, const float *weights, int32_t top_k, void *out,
            int32_t out_dtype);
 
+/* ---- benchmark yardstick ---------------------------------------------------------------- */
+/* reads the packed bytes of n (1..64) matrices once over the pool; returns a checksum */
+uint64_t jm_read_pass(const jm_matrix *const *ms, int32_t n);
+
 /* ---- XLA FFI handlers (defined in ffi.cc): "linear", "moe"; NULL for other names -------- */
 void *jm_ffi_handler(const char *name);
 

@@ -65,8 +65,11 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const float *xf, int64
                     const int fp8, const int MR, float unfold, float *y, int64_t ldy, int rows) {
   const int NA = MR == 1 ? 2 : 1;
   __m256 acc[JM_TILE_ROWS][3][2];
+  #pragma GCC unroll 8
   for (int r = 0; r < JM_TILE_ROWS; r++)
+    #pragma GCC unroll 8
     for (int i = 0; i < MR; i++)
+      #pragma GCC unroll 8
       for (int a = 0; a < NA; a++) acc[r][i][a] = _mm256_setzero_ps();
   const int cols_per_chunk = fp8 ? JM_SEG : JM_SEG / 2;
   const int nchunks = w->k_pad / cols_per_chunk;
@@ -76,8 +79,10 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const float *xf, int64
     const uint8_t *q = p + (int64_t)c * JM_SEG * JM_TILE_ROWS;
     prefetch_chunk(q);
     const int steps = cols_per_chunk / 16;
+    #pragma GCC unroll 8
     for (int s = 0; s < steps; s++) {
       const int col = c * cols_per_chunk + s * 16;
+      #pragma GCC unroll 8
       for (int r = 0; r < JM_TILE_ROWS; r++) {
         __m256 we, wo;
         if (fp8) {
@@ -90,6 +95,7 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const float *xf, int64
           we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
           wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
         }
+        #pragma GCC unroll 8
         for (int i = 0; i < MR; i++) {
           const float *xi = xf + i * xs + col;
           acc[r][i][0] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xi), acc[r][i][0]);
@@ -98,7 +104,9 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const float *xf, int64
       }
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < rows; r++)
+    #pragma GCC unroll 8
     for (int i = 0; i < MR; i++) {
       __m256 a = NA == 2 ? _mm256_add_ps(acc[r][i][0], acc[r][i][1]) : acc[r][i][0];
       y[i * ldy + r] = hsum8(a) * unfold;

@@ -74,19 +74,25 @@ AI void tile_kernel(const uint8_t *p, int k_pad, const uint16_t *xf, int64_t xs,
                     const int MR, float unfold, float *y, int64_t ldy, int rows) {
   const int NA = MR == 1 ? 2 : 1;
   __m512 acc[JM_TILE_ROWS][6][2];
+  #pragma GCC unroll 8
   for (int r = 0; r < JM_TILE_ROWS; r++)
+    #pragma GCC unroll 8
     for (int i = 0; i < MR; i++)
+      #pragma GCC unroll 8
       for (int a = 0; a < NA; a++) acc[r][i][a] = _mm512_setzero_ps();
   const int cols_per_chunk = fp8 ? JM_SEG : JM_SEG / 2;
   const int nchunks = k_pad / cols_per_chunk;
   const __m512i mask = _mm512_set1_epi16((short)0x87F0);
   for (int c = 0; c < nchunks; c++) {
     const uint8_t *q = p + (int64_t)c * JM_SEG * JM_TILE_ROWS;
+    #pragma GCC unroll 8
     for (int l = 0; l < JM_TILE_ROWS; l++)
       _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
     const int steps = cols_per_chunk / 32;
+    #pragma GCC unroll 8
     for (int s = 0; s < steps; s++) {
       const int col = c * cols_per_chunk + s * 32;
+      #pragma GCC unroll 8
       for (int r = 0; r < JM_TILE_ROWS; r++) {
         __m512i wv;
         if (fp8) {
@@ -96,6 +102,7 @@ AI void tile_kernel(const uint8_t *p, int k_pad, const uint16_t *xf, int64_t xs,
           wv = _mm512_loadu_si512((const void *)(q + r * JM_SEG));
         }
         const __m512bh wb = as_bh(wv);
+        #pragma GCC unroll 8
         for (int i = 0; i < MR; i++) {
           const __m512bh xb = as_bh(_mm512_loadu_si512((const void *)(xf + i * xs + col)));
           const int a = NA == 2 ? (s + c) & 1 : 0;
@@ -104,7 +111,9 @@ AI void tile_kernel(const uint8_t *p, int k_pad, const uint16_t *xf, int64_t xs,
       }
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < rows; r++)
+    #pragma GCC unroll 8
     for (int i = 0; i < MR; i++) {
       const __m512 a = NA == 2 ? _mm512_add_ps(acc[r][i][0], acc[r][i][1]) : acc[r][i][0];
       y[i * ldy + r] = hsum16(a) * unfold;

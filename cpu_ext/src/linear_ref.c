@@ -32,21 +32,25 @@ static void fold_ref(const jm_matrix *w, int rb, const float *x, int64_t ldx, in
   }
 }
 
-/* element (row r, column j) of tile data p */
-static inline float tile_elem(const jm_matrix *w, const uint8_t *p, int r, int j) {
-  if (w->format == JM_FMT_FP8)
-    return fp8_shift_decode(p[(j / JM_SEG) * (JM_SEG * JM_TILE_ROWS) + r * JM_SEG + j % JM_SEG]);
-  const int per = JM_SEG / 2;
-  const uint8_t *q = p + (j / per) * (JM_SEG * JM_TILE_ROWS) + r * JM_SEG + 2 * (j % per);
-  uint16_t h;
-  memcpy(&h, q, 2);
-  return jm_bf16_to_f32(h);
+/* row r of tile p, columns [j0, j0 + per) = one 64-byte segment, decoded to f32 */
+static void decode_segment(const jm_matrix *w, const uint8_t *seg, float *out, int per) {
+  for (int j = 0; j < per; j++) {
+    if (w->format == JM_FMT_FP8) {
+      out[j] = fp8_shift_decode(seg[j]);
+    } else {
+      uint16_t h;
+      memcpy(&h, seg + 2 * j, 2);
+      out[j] = jm_bf16_to_f32(h);
+    }
+  }
 }
 
 static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf_, int m, float *y,
                       int64_t ldy) {
   const float *xf = (const float *)xf_;
   const float unfold = w->format == JM_FMT_FP8 ? jm_exp2i(JM_UNFOLD_EXP) : 1.0f;
+  const int per = w->format == JM_FMT_FP8 ? JM_SEG : JM_SEG / 2; /* columns per segment */
+  float wd[JM_SEG];
   for (int t = t0; t < t1; t++) {
     const uint8_t *p = jm_tile_ptr(w, t);
     for (int r = 0; r < JM_TILE_ROWS; r++) {
@@ -55,7 +59,10 @@ static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf_, int m
       for (int i = 0; i < m; i++) {
         const float *xi = xf + (int64_t)i * w->k_pad;
         float acc = 0.0f;
-        for (int j = 0; j < w->k_pad; j++) acc += tile_elem(w, p, r, j) * xi[j];
+        for (int c = 0; c < w->k_pad / per; c++) {
+          decode_segment(w, p + (int64_t)c * JM_SEG * JM_TILE_ROWS + r * JM_SEG, wd, per);
+          for (int j = 0; j < per; j++) acc += wd[j] * xi[c * per + j];
+        }
         y[i * ldy + row - t0 * JM_TILE_ROWS] = acc * unfold;
       }
     }

@@ -24,22 +24,28 @@
 
 #define MAX_THREADS 256
 #define MAX_NODES 8
-#define SPIN_ITERS 20000
+#define SPIN_ITERS 4096 /* ~50-100 us of polling (with yields) before sleeping */
+
+/* A job's task counters carry the job's generation in their top bits, so a worker that wakes
+ * up late cannot claim tasks of a later job with a stale view; the caller waits for all tasks
+ * to be done, not for every worker to check in (on a loaded machine a descheduled worker
+ * would otherwise stall every job by a time slice). */
+#define GEN_SHIFT 40
+#define IDX_MASK ((1ull << GEN_SHIFT) - 1)
 
 static struct {
   pthread_mutex_t job_mu, mu;
-  pthread_cond_t cv_start, cv_done;
-  int started, want_threads, n_threads, n_nodes, stop;
+  pthread_cond_t cv_start;
+  int started, want_threads, n_threads, n_nodes, stop, sleepers;
   int node_of[MAX_THREADS];
   pthread_t th[MAX_THREADS];
   _Atomic uint64_t gen;
-  _Atomic int pending; /* workers not yet done with the current job */
+  _Atomic int64_t done; /* tasks finished in the current job */
   jm_task_fn fn;
   void *ctx;
-  _Atomic int64_t next[MAX_NODES];
+  _Atomic uint64_t next[MAX_NODES]; /* gen << GEN_SHIFT | next task index */
   int64_t end[MAX_NODES];
-} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER,
-       PTHREAD_COND_INITIALIZER};
+} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 static int parse_cpulist(const char *path, cpu_set_t *set) {
   FILE *f = fopen(path, "r");
@@ -88,14 +94,20 @@ static int cores(void) {
   return n > 0 ? (int)n : 1;
 }
 
-static void run_tasks(int tid) {
+/* claims and runs tasks of job `gen` until none is left (or the job is over) */
+static void run_tasks(int tid, uint64_t gen) {
   const int home = P.node_of[tid];
   for (int k = 0; k < P.n_nodes; k++) {
     const int j = (home + k) % P.n_nodes;
+    uint64_t v = atomic_load(&P.next[j]);
     for (;;) {
-      const int64_t t = atomic_fetch_add(&P.next[j], 1);
+      if ((v >> GEN_SHIFT) != (gen & ((1ull << (64 - GEN_SHIFT)) - 1))) return; /* a later job */
+      const int64_t t = (int64_t)(v & IDX_MASK);
       if (t >= P.end[j]) break;
+      if (!atomic_compare_exchange_weak(&P.next[j], &v, v + 1)) continue;
       P.fn(P.ctx, t, tid);
+      atomic_fetch_add(&P.done, 1);
+      v = atomic_load(&P.next[j]);
     }
   }
 }
@@ -109,21 +121,18 @@ static void *worker(void *arg) {
     int spins = 0;
     while ((g = atomic_load(&P.gen)) == seen && spins < SPIN_ITERS) {
       _mm_pause();
-      spins++;
+      if (++spins % 256 == 0) sched_yield();
     }
     if (g == seen) {
       pthread_mutex_lock(&P.mu);
+      P.sleepers++;
       while ((g = atomic_load(&P.gen)) == seen && !P.stop) pthread_cond_wait(&P.cv_start, &P.mu);
+      P.sleepers--;
       pthread_mutex_unlock(&P.mu);
     }
     if (P.stop) return NULL;
     seen = g;
-    run_tasks(tid);
-    if (atomic_fetch_sub(&P.pending, 1) == 1) {
-      pthread_mutex_lock(&P.mu);
-      pthread_cond_signal(&P.cv_done);
-      pthread_mutex_unlock(&P.mu);
-    }
+    run_tasks(tid, g);
   }
 }
 
@@ -163,7 +172,7 @@ static void after_fork_child(void) { /* threads do not survive fork: start afres
   pthread_mutex_init(&P.job_mu, NULL);
   pthread_mutex_init(&P.mu, NULL);
   pthread_cond_init(&P.cv_start, NULL);
-  pthread_cond_init(&P.cv_done, NULL);
+  P.sleepers = 0;
   P.started = 0;
   P.stop = 0;
 }
@@ -201,31 +210,27 @@ void jm_pool_run(int64_t n_tasks, jm_task_fn fn, void *ctx, const int64_t *node_
   if (!P.started) start_workers();
   const unsigned csr = _mm_getcsr();
   _mm_setcsr(0x1F80);
+  const uint64_t gen = atomic_load(&P.gen) + 1, tag = (gen & ((1ull << (64 - GEN_SHIFT)) - 1)) << GEN_SHIFT;
   P.fn = fn;
   P.ctx = ctx;
+  atomic_store(&P.done, 0);
   for (int j = 0; j < P.n_nodes; j++) {
     int64_t b = 0, e = n_tasks; /* node_start has jm_pool_nodes()+1 entries */
     if (node_start) b = node_start[j], e = node_start[j + 1];
     else if (j > 0) b = e;
-    atomic_store(&P.next[j], b);
     P.end[j] = e;
+    atomic_store(&P.next[j], tag | (uint64_t)b);
   }
+  atomic_store(&P.gen, gen);
   if (P.n_threads > 1 && n_tasks > 1) {
-    atomic_store(&P.pending, P.n_threads - 1);
     pthread_mutex_lock(&P.mu);
-    atomic_fetch_add(&P.gen, 1);
-    pthread_cond_broadcast(&P.cv_start);
+    if (P.sleepers) pthread_cond_broadcast(&P.cv_start);
     pthread_mutex_unlock(&P.mu);
-    run_tasks(0);
-    int spins = 0;
-    while (atomic_load(&P.pending) > 0 && spins++ < SPIN_ITERS) _mm_pause();
-    if (atomic_load(&P.pending) > 0) {
-      pthread_mutex_lock(&P.mu);
-      while (atomic_load(&P.pending) > 0) pthread_cond_wait(&P.cv_done, &P.mu);
-      pthread_mutex_unlock(&P.mu);
-    }
-  } else {
-    run_tasks(0);
+  }
+  run_tasks(0, gen);
+  for (int spins = 0; atomic_load(&P.done) < n_tasks; spins++) { /* tasks other threads hold */
+    _mm_pause();
+    if (spins % 256 == 255) sched_yield();
   }
   _mm_setcsr(csr);
   pthread_mutex_unlock(&P.job_mu);

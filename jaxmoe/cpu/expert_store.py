@@ -1,0 +1,262 @@
+"""Host-resident weights for the CPU kernels: repacked matrices and the expert store.
+
+Lifetime is explicit: `HostMatrix.create_*` / `ExpertStore(...)` allocate native memory,
+`.free()` releases it (also `with ExpertStore(...) as s:`). Until freed, the owner objects are
+kept alive by a module registry, so dropping the Python reference never invalidates a handle
+that a jitted program still holds. A freed handle passed to a kernel is an error (the library
+validates every handle against its registry of live objects), never a crash.
+
+The pytree types `HostLinear` and `HostExperts` carry only the integer handle and shapes as
+static (non-leaf) data, so they pass through `jax.jit` and `jax.tree_util` unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import ml_dtypes
+import numpy as np
+from flax import struct
+
+from jaxmoe.cpu._lib import CpuExtError, load
+
+FMT_FP8, FMT_BF16 = 1, 2
+_live: dict[int, object] = {}
+_live_lock = threading.Lock()
+
+
+def _as_codes(q) -> np.ndarray:
+    """e4m3 values (ml_dtypes / jax) or raw uint8 codes -> a C-contiguous-rows uint8 view."""
+    a = np.asarray(q)
+    if a.dtype != np.uint8:
+        if a.dtype != ml_dtypes.float8_e4m3fn:
+            raise TypeError(f"FP8 weights must be float8_e4m3fn or uint8 codes, got {a.dtype}")
+        a = a.view(np.uint8)
+    if a.ndim != 2 or a.strides[1] != 1:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def _as_bf16_bits(w) -> np.ndarray:
+    a = np.asarray(w)
+    if a.dtype != np.uint16:
+        a = a.astype(ml_dtypes.bfloat16).view(np.uint16)
+    if a.ndim != 2 or a.strides[1] != 2:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+class HostMatrix:
+    """Owner of one repacked Linear weight [n, k] in host memory."""
+
+    def __init__(self, ptr, n: int, k: int, fmt: int):
+        self._ptr, self.n, self.k, self.format = ptr, n, k, fmt
+        nat = load()
+        self.handle = int(nat.ffi.cast("intptr_t", ptr))
+        with _live_lock:
+            _live[self.handle] = self
+
+    @classmethod
+    def fp8(cls, q, scale, node: int = -1) -> HostMatrix:
+        nat = load()
+        q = _as_codes(q)
+        s = np.ascontiguousarray(np.asarray(scale, np.float32))
+        n, k = q.shape
+        if s.shape != (-(-n // 128), -(-k // 128)):
+            raise ValueError(f"scale shape {s.shape} does not match weight [{n}, {k}] with 128x128 blocks")
+        ptr = nat.lib.jm_matrix_create_fp8(
+            nat.ffi.cast("uint8_t *", q.ctypes.data), q.strides[0], nat.ffi.cast("float *", s.ctypes.data), s.shape[1], n, k, node)
+        if ptr == nat.ffi.NULL:
+            raise CpuExtError(nat.error())
+        return cls(ptr, n, k, FMT_FP8)
+
+    @classmethod
+    def bf16(cls, w, node: int = -1) -> HostMatrix:
+        nat = load()
+        a = _as_bf16_bits(w)
+        n, k = a.shape
+        ptr = nat.lib.jm_matrix_create_bf16(nat.ffi.cast("uint16_t *", a.ctypes.data), a.strides[0] // 2, n, k, node)
+        if ptr == nat.ffi.NULL:
+            raise CpuExtError(nat.error())
+        return cls(ptr, n, k, FMT_BF16)
+
+    @classmethod
+    def from_weight(cls, w, node: int = -1) -> HostMatrix:
+        """From a jaxmoe.quant weight (Fp8Weight, DenseWeight) of shape [n, k]."""
+        from jaxmoe import quant  # noqa: PLC0415
+
+        if isinstance(w, quant.Fp8Weight):
+            if tuple(w.block) != (128, 128):
+                raise ValueError(f"cpu kernels need 128x128 FP8 blocks, got {w.block}")
+            return cls.fp8(w.weight, w.weight_scale_inv, node)
+        if isinstance(w, quant.DenseWeight):
+            return cls.bf16(w.weight, node)
+        raise TypeError(f"cannot place a {type(w).__name__} in host memory")
+
+    @property
+    def nbytes(self) -> int:
+        nat = load()
+        out = nat.ffi.new("int64_t *")
+        nat.check(nat.lib.jm_matrix_info(self._ptr, nat.ffi.NULL, nat.ffi.NULL, nat.ffi.NULL, out))
+        return int(out[0])
+
+    def linear(self, x: np.ndarray, out_dtype=np.float32) -> np.ndarray:
+        """Direct numpy call (no XLA): x [..., k] f32/bf16 -> [..., n]."""
+        nat = load()
+        x = np.ascontiguousarray(x)
+        xdt = _dtype_code(x.dtype)
+        y = np.empty(x.shape[:-1] + (self.n,), out_dtype)
+        if x.shape[-1] != self.k:
+            raise ValueError(f"x has {x.shape[-1]} features, matrix expects {self.k}")
+        nat.check(nat.lib.jm_linear(self._ptr, nat.ffi.cast("void *", x.ctypes.data), xdt, x.size // self.k,
+                                    nat.ffi.cast("void *", y.ctypes.data), _dtype_code(y.dtype)))
+        return y
+
+    def free(self) -> None:
+        if self._ptr is not None:
+            load().lib.jm_matrix_free(self._ptr)
+            with _live_lock:
+                _live.pop(self.handle, None)
+            self._ptr = None
+
+    def release(self):
+        """Hands the native matrix to a new owner (the store); this object becomes empty."""
+        ptr, self._ptr = self._ptr, None
+        with _live_lock:
+            _live.pop(self.handle, None)
+        return ptr
+
+    def pytree(self) -> HostLinear:
+        return HostLinear(handle=self.handle, n=self.n, k=self.k)
+
+
+def _dtype_code(dt) -> int:
+    dt = np.dtype(dt)
+    if dt == np.float32:
+        return 0
+    if dt == ml_dtypes.bfloat16:
+        return 1
+    raise TypeError(f"cpu kernels take float32 or bfloat16, got {dt}")
+
+
+class ExpertStore:
+    """The routed experts of every MoE layer, repacked in host memory; `handle` is what the XLA
+    call takes."""
+
+    def __init__(self, n_layers: int):
+        nat = load()
+        self._ptr = nat.lib.jm_store_create(n_layers)
+        if self._ptr == nat.ffi.NULL:
+            raise CpuExtError(nat.error())
+        self.n_layers = n_layers
+        self.handle = int(nat.ffi.cast("intptr_t", self._ptr))
+        with _live_lock:
+            _live[self.handle] = self
+
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
+    def init_layer(self, layer: int, n_experts: int, hidden: int, inter: int) -> None:
+        nat = load()
+        nat.check(nat.lib.jm_store_init_layer(self._live_ptr(), layer, n_experts, hidden, inter))
+
+    def set_expert(self, layer: int, expert: int, gate: HostMatrix, up: HostMatrix, down: HostMatrix) -> None:
+        """Moves three HostMatrix objects into the store (they are emptied, even on error)."""
+        nat = load()
+        nat.check(nat.lib.jm_store_set_expert(self._live_ptr(), layer, expert, gate.release(), up.release(), down.release()))
+
+    def add_layer(self, layer: int, gate, up, down, node_of=lambda e: -1) -> HostExperts:
+        """Packs one layer from stacked weights: jaxmoe.quant Fp8Weight / DenseWeight with a
+        leading expert axis (gate/up [E, I, H], down [E, H, I]), e.g. ExpertsWeights fields."""
+        n_experts, inter, hidden = gate.shape
+        self.init_layer(layer, n_experts, hidden, inter)
+        for e in range(n_experts):
+            mats = [HostMatrix.from_weight(_expert_slice(w, e), node_of(e)) for w in (gate, up, down)]
+            self.set_expert(layer, e, *mats)
+        return self.layer(layer)
+
+    def layer(self, layer: int) -> HostExperts:
+        nat = load()
+        vals = [nat.ffi.new("int32_t *") for _ in range(4)]
+        nat.check(nat.lib.jm_store_layer_info(self._live_ptr(), layer, *vals))
+        n_experts, hidden, inter, complete = (int(v[0]) for v in vals)
+        if not complete:
+            raise CpuExtError(f"layer {layer} of the expert store is not fully loaded")
+        return HostExperts(store=self.handle, layer=layer, n_experts=n_experts, hidden=hidden, inter=inter)
+
+    @property
+    def nbytes(self) -> int:
+        return int(load().lib.jm_store_bytes(self._live_ptr()))
+
+    def moe(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, out_dtype=None) -> np.ndarray:
+        """Direct numpy call of the fused MoE layer (no XLA)."""
+        nat = load()
+        x = np.ascontiguousarray(x)
+        ids = np.ascontiguousarray(ids, np.int32)
+        w = np.ascontiguousarray(weights, np.float32)
+        if ids.shape != w.shape or ids.ndim != 2 or x.ndim != 2 or ids.shape[0] != x.shape[0]:
+            raise ValueError(f"x [T, H], ids and weights [T, k] expected; got {x.shape}, {ids.shape}, {w.shape}")
+        out = np.empty(x.shape, out_dtype or x.dtype)
+        c = nat.ffi.cast
+        nat.check(nat.lib.jm_moe(self._live_ptr(), layer, c("void *", x.ctypes.data), _dtype_code(x.dtype), x.shape[0],
+                                 c("int32_t *", ids.ctypes.data), c("float *", w.ctypes.data), ids.shape[1],
+                                 c("void *", out.ctypes.data), _dtype_code(out.dtype)))
+        return out
+
+    def _live_ptr(self):
+        if self._ptr is None:
+            raise CpuExtError("expert store already freed")
+        return self._ptr
+
+    def free(self) -> None:
+        if self._ptr is not None:
+            load().lib.jm_store_free(self._ptr)
+            with _live_lock:
+                _live.pop(self.handle, None)
+            self._ptr = None
+
+
+def _expert_slice(w, e: int):
+    from jaxmoe import quant  # noqa: PLC0415
+
+    if isinstance(w, quant.Fp8Weight):
+        return quant.Fp8Weight(weight=np.asarray(w.weight)[e], weight_scale_inv=np.asarray(w.weight_scale_inv)[e], block=w.block)
+    if isinstance(w, quant.DenseWeight):
+        return quant.DenseWeight(weight=np.asarray(w.weight)[e])
+    raise TypeError(f"cannot place a {type(w).__name__} in host memory")
+
+
+def free_all() -> None:
+    """Frees every live host matrix and store (end of a process, tests)."""
+    with _live_lock:
+        owners = list(_live.values())
+    for o in owners:
+        o.free()
+
+
+@struct.dataclass
+class HostLinear:
+    """A Linear weight [n, k] resident in host memory, run by cpu_ext (pytree without leaves)."""
+
+    handle: int = struct.field(pytree_node=False)
+    n: int = struct.field(pytree_node=False)
+    k: int = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+
+@struct.dataclass
+class HostExperts:
+    """One layer's routed experts in an ExpertStore (pytree without leaves)."""
+
+    store: int = struct.field(pytree_node=False)
+    layer: int = struct.field(pytree_node=False)
+    n_experts: int = struct.field(pytree_node=False)
+    hidden: int = struct.field(pytree_node=False)
+    inter: int = struct.field(pytree_node=False)
+
