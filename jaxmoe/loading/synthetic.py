@@ -73,6 +73,7 @@ def write_checkpoint(
 
     cfg: a ModelConfig (written as `hf_config(cfg)`) or a dict written verbatim.
     """
+    tensors = {n: np.asarray(a) for n, a in tensors.items()}
     groups = [_Group([(n, a.dtype, tuple(a.shape))], (lambda n=n, a=a: {n: a})) for n, a in tensors.items()]
     config = cfg if isinstance(cfg, dict) else hf_config(cfg, fp8=any(a.dtype == E4M3 for a in tensors.values()))
     return _write(Path(path), config, groups, max_shard_bytes, overwrite)

@@ -4,7 +4,6 @@ the tokenizer, config spellings, and the loader's lower-level API."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -261,7 +260,7 @@ def test_progress_bar(tiny_fp8_dir, capsys):
     load_checkpoint(tiny_fp8_dir, progress=True)
     n = len(hf_map.expected_tensors(ModelConfig.from_file(tiny_fp8_dir)))
     err = capsys.readouterr().err
-    assert f"loading ckpt [" in err and f"{n}/{n} tensors" in err and err.endswith("\n")
+    assert "loading ckpt [" in err and f"{n}/{n} tensors" in err and err.endswith("\n")
 
 
 def test_named_configs_parse():
