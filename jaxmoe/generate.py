@@ -67,16 +67,19 @@ class GenerationResult:
 # ---- the loaded model -------------------------------------------------------------------------
 @dataclass(eq=False)
 class Model:
-    cfg: ModelConfig
-    weights: Any
-    tokenizer: Tokenizer | None = None
+    """A loaded checkpoint: config, weights pytree, tokenizer (None without tokenizer.json)."""
+
+    cfg: ModelConfig = field(repr=False)
+    weights: Any = field(repr=False)
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
     max_seq_len: int | None = None  # a cap on the context below max_position_embeddings
     path: Path | None = None
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
 
     @property
     def dtype(self) -> jnp.dtype:
-        return jnp.asarray(self.weights.embed_tokens).dtype
+        """Activation and KV-cache dtype (that of the embeddings)."""
+        return self.weights.embed_tokens.dtype
 
     @property
     def context_len(self) -> int:
