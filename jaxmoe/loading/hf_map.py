@@ -19,6 +19,8 @@ import dataclasses
 import re
 from typing import Any
 
+import jax
+
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.weights import (
     ExpertsWeights,
@@ -174,3 +176,13 @@ def assemble(cfg: ModelConfig, leaves: dict[str, Any]) -> Weights:
             ffn = mlp(f"{t}.mlp")
         layers.append(LayerWeights(leaves[f"{t}.input_layernorm"], attn, leaves[f"{t}.post_attention_layernorm"], ffn))
     return Weights(leaves["embed_tokens"], tuple(layers), leaves["norm"], leaves["lm_head"])
+
+
+def lookup(weights: Weights, spec: TensorSpec) -> Any:
+    """The leaf of `weights` a checkpoint tensor went to (for a routed expert, its slice)."""
+    node: Any = weights
+    for key in spec.target.split("."):
+        node = node[int(key)] if key.isdigit() else getattr(node, key)
+    if spec.expert is not None:
+        node = jax.tree.map(lambda a: a[spec.expert], node)
+    return node

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import jinja2
 import ml_dtypes
@@ -24,20 +23,10 @@ from jaxmoe.quant import DenseWeight, Fp8Weight, dequantize, dequantize_fp8_bloc
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
-def leaf(weights, spec: hf_map.TensorSpec):
-    """The pytree leaf a checkpoint tensor landed in (one expert's slice for routed experts)."""
-    node = weights
-    for key in spec.target.split("."):
-        node = node[int(key)] if key.isdigit() else getattr(node, key)
-    if spec.expert is not None:
-        node = jax.tree.map(lambda a: a[spec.expert], node)
-    return node
-
-
 def assert_loaded_equals(cfg, weights, tensors: dict[str, np.ndarray], dtype=np.float32):
     """Every tensor of `tensors` is in `weights`, bit for bit (floats after the cast to `dtype`)."""
     for name, spec in hf_map.expected_tensors(cfg).items():
-        got, want = leaf(weights, spec), tensors[name]
+        got, want = hf_map.lookup(weights, spec), tensors[name]
         if spec.kind == "linear" and want.dtype == E4M3:
             assert isinstance(got, Fp8Weight), name
             np.testing.assert_array_equal(np.asarray(got.weight).view(np.uint8), want.view(np.uint8), err_msg=name)
