@@ -22,7 +22,7 @@
 #include "internal.h"
 #include "store.h"
 
-#define FOLD_BUDGET (64u << 20)
+#define FOLD_BUDGET_DEFAULT (64u << 20) /* env JAXMOE_CPU_MOE_BUDGET overrides (tests) */
 #define COMBINE_COLS 256
 
 typedef struct {
@@ -184,6 +184,8 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
   }
   const jm_kernels *K = jm_kernels_current();
   const int nodes = jm_pool_nodes();
+  const char *env = getenv("JAXMOE_CPU_MOE_BUDGET");
+  const size_t budget = env && atoll(env) > 0 ? (size_t)atoll(env) : FOLD_BUDGET_DEFAULT;
   /* counting sort of the assignments by (node, expert) */
   const int64_t n_all = t * top_k;
   int32_t *cnt = calloc((size_t)E + 1, sizeof *cnt), *order = malloc(sizeof *order * (size_t)E);
@@ -216,7 +218,7 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
   for (int i = 0; i < n_items; i++) {
     const jm_store_expert *e = &L->experts[items[i].expert];
     const size_t f = fold_bytes(K, e->m[0], items[i].mc) + fold_bytes(K, e->m[1], items[i].mc) + fold_bytes(K, e->m[2], items[i].mc);
-    if (fold && fold + f > FOLD_BUDGET) fold = 0, rows = 0;
+    if (fold && fold + f > budget) fold = 0, rows = 0;
     fold += f, rows += (size_t)items[i].mc;
     if (fold > max_fold) max_fold = fold;
     if (rows > max_rows) max_rows = rows;
@@ -240,7 +242,7 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
       const jm_store_expert *e = &L->experts[items[i1].expert];
       const int mc = items[i1].mc;
       const size_t f = fold_bytes(K, e->m[0], mc) + fold_bytes(K, e->m[1], mc) + fold_bytes(K, e->m[2], mc);
-      if (i1 > i0 && off + f > FOLD_BUDGET) break;
+      if (i1 > i0 && off + f > budget) break;
       items[i1].xf_g = off, items[i1].xf_u = off + fold_bytes(K, e->m[0], mc);
       items[i1].xf_d = items[i1].xf_u + fold_bytes(K, e->m[1], mc);
       off += f;

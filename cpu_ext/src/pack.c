@@ -12,10 +12,6 @@
 #include "internal.h"
 
 static jm_matrix *matrix_alloc(int32_t format, int32_t n, int32_t k, int32_t node, int elem) {
-  if (n <= 0 || k <= 0) {
-    jm_error(JM_EINVAL, "matrix shape must be positive, got [%d, %d]", n, k);
-    return NULL;
-  }
   jm_matrix *m = calloc(1, sizeof *m);
   if (!m) goto oom;
   m->magic = JM_MATRIX_MAGIC;
@@ -60,8 +56,8 @@ static void put_row(jm_matrix *m, int32_t row, const uint8_t *src, int64_t row_b
 jm_matrix *jm_matrix_create_fp8(const uint8_t *w, int64_t ldw, const float *scale, int64_t lds,
                                 int32_t n, int32_t k, int32_t node) {
   const int32_t kb = (k + JM_KBLOCK - 1) / JM_KBLOCK;
-  if (!w || !scale) {
-    jm_error(JM_EINVAL, "jm_matrix_create_fp8: NULL weight or scale");
+  if (n <= 0 || k <= 0 || !w || !scale) {
+    jm_error(JM_EINVAL, "jm_matrix_create_fp8: shape must be positive, got [%d, %d], and buffers non-NULL", n, k);
     return NULL;
   }
   if (ldw < k || lds < kb) {
@@ -77,8 +73,8 @@ jm_matrix *jm_matrix_create_fp8(const uint8_t *w, int64_t ldw, const float *scal
 }
 
 jm_matrix *jm_matrix_create_bf16(const uint16_t *w, int64_t ldw, int32_t n, int32_t k, int32_t node) {
-  if (!w) {
-    jm_error(JM_EINVAL, "jm_matrix_create_bf16: NULL weight");
+  if (n <= 0 || k <= 0 || !w) {
+    jm_error(JM_EINVAL, "jm_matrix_create_bf16: shape must be positive, got [%d, %d], and buffer non-NULL", n, k);
     return NULL;
   }
   if (ldw < k) {

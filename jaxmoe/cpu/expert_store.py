@@ -49,16 +49,18 @@ def _as_bf16_bits(w) -> np.ndarray:
 class HostMatrix:
     """Owner of one repacked Linear weight [n, k] in host memory."""
 
-    def __init__(self, ptr, n: int, k: int, fmt: int):
+    def __init__(self, ptr, n: int, k: int, fmt: int, native=None):
         self._ptr, self.n, self.k, self.format = ptr, n, k, fmt
-        nat = load()
+        self._nat = nat = native or load()
         self.handle = int(nat.ffi.cast("intptr_t", ptr))
         with _live_lock:
             _live[self.handle] = self
 
     @classmethod
-    def fp8(cls, q, scale, node: int = -1) -> HostMatrix:
-        nat = load()
+    def fp8(cls, q, scale, node: int = -1, native=None) -> HostMatrix:
+        """From e4m3 values [n, k] and fp32 block scales [ceil(n/128), ceil(k/128)].
+        `native`: a library variant other than the default (tests)."""
+        nat = native or load()
         q = _as_codes(q)
         s = np.ascontiguousarray(np.asarray(scale, np.float32))
         n, k = q.shape
@@ -68,41 +70,41 @@ class HostMatrix:
             nat.ffi.cast("uint8_t *", q.ctypes.data), q.strides[0], nat.ffi.cast("float *", s.ctypes.data), s.shape[1], n, k, node)
         if ptr == nat.ffi.NULL:
             raise CpuExtError(nat.error())
-        return cls(ptr, n, k, FMT_FP8)
+        return cls(ptr, n, k, FMT_FP8, nat)
 
     @classmethod
-    def bf16(cls, w, node: int = -1) -> HostMatrix:
-        nat = load()
+    def bf16(cls, w, node: int = -1, native=None) -> HostMatrix:
+        nat = native or load()
         a = _as_bf16_bits(w)
         n, k = a.shape
         ptr = nat.lib.jm_matrix_create_bf16(nat.ffi.cast("uint16_t *", a.ctypes.data), a.strides[0] // 2, n, k, node)
         if ptr == nat.ffi.NULL:
             raise CpuExtError(nat.error())
-        return cls(ptr, n, k, FMT_BF16)
+        return cls(ptr, n, k, FMT_BF16, nat)
 
     @classmethod
-    def from_weight(cls, w, node: int = -1) -> HostMatrix:
+    def from_weight(cls, w, node: int = -1, native=None) -> HostMatrix:
         """From a jaxmoe.quant weight (Fp8Weight, DenseWeight) of shape [n, k]."""
         from jaxmoe import quant  # noqa: PLC0415
 
         if isinstance(w, quant.Fp8Weight):
             if tuple(w.block) != (128, 128):
                 raise ValueError(f"cpu kernels need 128x128 FP8 blocks, got {w.block}")
-            return cls.fp8(w.weight, w.weight_scale_inv, node)
+            return cls.fp8(w.weight, w.weight_scale_inv, node, native)
         if isinstance(w, quant.DenseWeight):
-            return cls.bf16(w.weight, node)
+            return cls.bf16(w.weight, node, native)
         raise TypeError(f"cannot place a {type(w).__name__} in host memory")
 
     @property
     def nbytes(self) -> int:
-        nat = load()
+        nat = self._nat
         out = nat.ffi.new("int64_t *")
         nat.check(nat.lib.jm_matrix_info(self._ptr, nat.ffi.NULL, nat.ffi.NULL, nat.ffi.NULL, out))
         return int(out[0])
 
     def linear(self, x: np.ndarray, out_dtype=np.float32) -> np.ndarray:
         """Direct numpy call (no XLA): x [..., k] f32/bf16 -> [..., n]."""
-        nat = load()
+        nat = self._nat
         x = np.ascontiguousarray(x)
         xdt = _dtype_code(x.dtype)
         y = np.empty(x.shape[:-1] + (self.n,), out_dtype)
@@ -114,7 +116,7 @@ class HostMatrix:
 
     def free(self) -> None:
         if self._ptr is not None:
-            load().lib.jm_matrix_free(self._ptr)
+            self._nat.lib.jm_matrix_free(self._ptr)
             with _live_lock:
                 _live.pop(self.handle, None)
             self._ptr = None
@@ -143,8 +145,8 @@ class ExpertStore:
     """The routed experts of every MoE layer, repacked in host memory; `handle` is what the XLA
     call takes."""
 
-    def __init__(self, n_layers: int):
-        nat = load()
+    def __init__(self, n_layers: int, native=None):
+        self._nat = nat = native or load()
         self._ptr = nat.lib.jm_store_create(n_layers)
         if self._ptr == nat.ffi.NULL:
             raise CpuExtError(nat.error())
@@ -160,12 +162,12 @@ class ExpertStore:
         self.free()
 
     def init_layer(self, layer: int, n_experts: int, hidden: int, inter: int) -> None:
-        nat = load()
+        nat = self._nat
         nat.check(nat.lib.jm_store_init_layer(self._live_ptr(), layer, n_experts, hidden, inter))
 
     def set_expert(self, layer: int, expert: int, gate: HostMatrix, up: HostMatrix, down: HostMatrix) -> None:
         """Moves three HostMatrix objects into the store (they are emptied, even on error)."""
-        nat = load()
+        nat = self._nat
         nat.check(nat.lib.jm_store_set_expert(self._live_ptr(), layer, expert, gate.release(), up.release(), down.release()))
 
     def add_layer(self, layer: int, gate, up, down, node_of=lambda e: -1) -> HostExperts:
@@ -174,12 +176,12 @@ class ExpertStore:
         n_experts, inter, hidden = gate.shape
         self.init_layer(layer, n_experts, hidden, inter)
         for e in range(n_experts):
-            mats = [HostMatrix.from_weight(_expert_slice(w, e), node_of(e)) for w in (gate, up, down)]
+            mats = [HostMatrix.from_weight(_expert_slice(w, e), node_of(e), self._nat) for w in (gate, up, down)]
             self.set_expert(layer, e, *mats)
         return self.layer(layer)
 
     def layer(self, layer: int) -> HostExperts:
-        nat = load()
+        nat = self._nat
         vals = [nat.ffi.new("int32_t *") for _ in range(4)]
         nat.check(nat.lib.jm_store_layer_info(self._live_ptr(), layer, *vals))
         n_experts, hidden, inter, complete = (int(v[0]) for v in vals)
@@ -189,11 +191,11 @@ class ExpertStore:
 
     @property
     def nbytes(self) -> int:
-        return int(load().lib.jm_store_bytes(self._live_ptr()))
+        return int(self._nat.lib.jm_store_bytes(self._live_ptr()))
 
     def moe(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray, out_dtype=None) -> np.ndarray:
         """Direct numpy call of the fused MoE layer (no XLA)."""
-        nat = load()
+        nat = self._nat
         x = np.ascontiguousarray(x)
         ids = np.ascontiguousarray(ids, np.int32)
         w = np.ascontiguousarray(weights, np.float32)
@@ -213,7 +215,7 @@ class ExpertStore:
 
     def free(self) -> None:
         if self._ptr is not None:
-            load().lib.jm_store_free(self._ptr)
+            self._nat.lib.jm_store_free(self._ptr)
             with _live_lock:
                 _live.pop(self.handle, None)
             self._ptr = None

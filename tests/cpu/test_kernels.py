@@ -1,0 +1,182 @@
+"""cpu_ext linear kernels vs the float64 numpy reference, on every ISA path.
+
+Tolerances are the rigorous bounds of jaxmoe.cpu.reference (module docstring there): f32 paths
+(K + 2) 2^-24 sum|w x|; the AVX-512 BF16 path adds 2^-8 sum|w x| for rounding the activations
+to bf16 and the mass of the flushed subnormal FP8 codes. A bf16 output adds its own rounding,
+2^-9 |y|.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jaxmoe.cpu import _lib
+from jaxmoe.cpu import reference as R
+from jaxmoe.cpu._lib import CpuExtError
+from jaxmoe.cpu.expert_store import HostMatrix
+
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def random_fp8(rng, n, k, nan_codes=True):
+    q = rng.integers(0, 256, size=(n, k), dtype=np.uint8)
+    if not nan_codes:
+        q[(q & 0x7F) == 0x7F] = 0x7E
+    scale = np.exp2(rng.uniform(-10, 2, size=(-(-n // 128), -(-k // 128)))).astype(np.float32)
+    return q, scale
+
+
+def check_close(y, ref, bound, what):
+    err = np.abs(y.astype(np.float64) - ref)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), f"{what}: |err| {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+
+
+def test_all_256_codes_decode(isa_lib):
+    """Row 0 holds every code once; one-hot activations read each back: exact on the f32
+    paths (0x7f/0xff = +-480 by contract), subnormals flushed on AVX-512."""
+    isa, nat = isa_lib
+    q = np.zeros((3, 256), np.uint8)
+    q[0] = np.arange(256, dtype=np.uint8)
+    m = HostMatrix.fp8(q, np.ones((1, 2), np.float32), native=nat)
+    try:
+        y = m.linear(np.eye(256, dtype=np.float32))[:, 0]
+    finally:
+        m.free()
+    want = R.fp8_decode(np.arange(256, dtype=np.uint8))
+    assert want[0x7F] == 480 and want[0xFF] == -480
+    sub = R.is_subnormal(np.arange(256, dtype=np.uint8))
+    if isa == "avx512":  # vdpbf16ps flushes them (SIMDe's emulation may not): 0 or exact
+        assert np.all((y[sub] == 0) | (y[sub] == want[sub]))
+        y, want = y[~sub], want[~sub]
+    np.testing.assert_array_equal(y, want)
+
+
+@SETTINGS
+@given(m=st.integers(1, 64), n=st.integers(1, 300), k=st.integers(1, 400), seed=st.integers(0, 2**31),
+       bf16_io=st.booleans())
+def test_fp8_linear_matches_reference(isa_lib, m, n, k, seed, bf16_io):
+    isa, nat = isa_lib
+    rng = np.random.default_rng(seed)
+    q, scale = random_fp8(rng, n, k)
+    x = (rng.standard_normal((m, k)) * np.exp2(rng.uniform(-4, 4))).astype(np.float32)
+    x[rng.random(m) < 0.2] = 0.0  # zero rows
+    q[rng.random(n) < 0.1] = 0  # zero weight rows
+    if bf16_io:
+        x = x.astype(ml_dtypes.bfloat16)
+    w = HostMatrix.fp8(q, scale, native=nat)
+    try:
+        y = w.linear(x, out_dtype=ml_dtypes.bfloat16 if bf16_io else np.float32)
+    finally:
+        w.free()
+    w64 = R.fp8_dequant(q, scale)
+    ref = R.linear(x, w64)
+    bound = R.linear_bound(x, w64, isa, R.is_subnormal(q))
+    if bf16_io:
+        bound = bound + 2.0**-8 * np.abs(ref)  # output rounding, with the bound's own slack
+    check_close(y, ref, bound, f"{isa} fp8 m={m} n={n} k={k}")
+    assert np.all(y[np.all(x == 0, axis=1)] == 0) and np.all(y[:, np.all(q == 0, axis=1)] == 0)
+
+
+@SETTINGS
+@given(m=st.integers(1, 40), n=st.integers(1, 200), k=st.integers(1, 300), seed=st.integers(0, 2**31))
+def test_bf16_linear_matches_reference(isa_lib, m, n, k, seed):
+    isa, nat = isa_lib
+    rng = np.random.default_rng(seed)
+    wb = rng.standard_normal((n, k)).astype(ml_dtypes.bfloat16)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = HostMatrix.bf16(wb, native=nat)
+    try:
+        y = w.linear(x)
+    finally:
+        w.free()
+    w64 = R.bf16_values(wb)
+    check_close(y, R.linear(x, w64), R.linear_bound(x, w64, isa), f"{isa} bf16 m={m} n={n} k={k}")
+
+
+def test_long_k_and_many_tokens(isa_lib):
+    """K = 7168 (DeepSeek's hidden size), M = 37 (three token chunks), N not a multiple of 4."""
+    isa, nat = isa_lib
+    rng = np.random.default_rng(7)
+    n, k, m = 130, 7168, 37 if isa != "scalar" else 5
+    q, scale = random_fp8(rng, n, k, nan_codes=False)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = HostMatrix.fp8(q, scale, native=nat)
+    try:
+        y = w.linear(x)
+    finally:
+        w.free()
+    w64 = R.fp8_dequant(q, scale)
+    check_close(y, R.linear(x, w64), R.linear_bound(x, w64, isa, R.is_subnormal(q)), isa)
+
+
+def test_result_independent_of_thread_count(isa_lib):
+    isa, nat = isa_lib
+    rng = np.random.default_rng(3)
+    q, scale = random_fp8(rng, 515, 300)
+    x = rng.standard_normal((9, 300)).astype(np.float32)
+    w = HostMatrix.fp8(q, scale, native=nat)
+    try:
+        with nat.use_threads(1):
+            y1 = w.linear(x)
+        with nat.use_threads(3):
+            y3 = w.linear(x)
+    finally:
+        w.free()
+    np.testing.assert_array_equal(y1, y3)
+
+
+def test_errors_are_exceptions():
+    rng = np.random.default_rng(0)
+    q, scale = random_fp8(rng, 10, 20)
+    with pytest.raises(ValueError, match="scale shape"):
+        HostMatrix.fp8(q, np.ones((2, 2), np.float32))
+    w = HostMatrix.fp8(q, scale)
+    with pytest.raises(ValueError, match="features"):
+        w.linear(np.ones((2, 21), np.float32))
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        w.linear(np.ones((2, 20), np.float64))
+    ptr = w._ptr
+    w.free()
+    nat = w._nat
+    with pytest.raises(CpuExtError, match="not a live matrix"):
+        nat.check(nat.lib.jm_linear(ptr, nat.ffi.NULL, 0, 1, nat.ffi.NULL, 0))
+    assert nat.lib.jm_matrix_from_handle(12345) == nat.ffi.NULL
+    assert "not a live jaxmoe matrix handle" in nat.error()
+    with pytest.raises(CpuExtError, match="shape must be positive"):
+        HostMatrix.bf16(np.zeros((0, 5), ml_dtypes.bfloat16))
+
+
+def test_isa_forcing():
+    nat = _lib.load()
+    assert "scalar" in nat.supported_isas()
+    for isa in nat.supported_isas():
+        with nat.use_isa(isa):
+            assert nat.selected_isa() == isa
+    if "avx512" not in nat.supported_isas():
+        with pytest.raises(CpuExtError, match="cannot run the avx512 path"):
+            with nat.use_isa("avx512"):
+                pass
+
+
+@pytest.mark.parametrize("env,want", [("scalar", "scalar"), ("bogus", None)])
+def test_isa_env_var(env, want):
+    """JAXMOE_CPU_ISA picks the path at load time; an unknown or unsupported value warns and
+    falls back to the best path."""
+    nat = _lib.load()
+    if want and want not in nat.supported_isas():
+        pytest.skip(f"no {want} here")
+    code = "from jaxmoe.cpu import _lib; print(_lib.load().selected_isa())"
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAXMOE_CPU_ISA": env},
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == (want or nat.supported_isas()[-1])
+    if want is None:
+        assert "ignoring JAXMOE_CPU_ISA=bogus" in res.stderr
