@@ -25,6 +25,9 @@ help:
 # Native CPU kernels (targets `native`, `sanitize`), when that part of the tree exists.
 -include cpu_ext/cpu_ext.mk
 HAVE_SANITIZE := $(shell grep -qs '^sanitize:' cpu_ext/cpu_ext.mk && echo yes)
+ifeq ($(HAVE_SANITIZE),yes)
+sanitize: $(VENV_STAMP)
+endif
 
 venv: $(VENV_STAMP)
 
