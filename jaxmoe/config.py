@@ -72,6 +72,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    rope_interleave: bool = True
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -273,6 +274,7 @@ def _parse(d: dict[str, Any], source: str) -> ModelConfig:
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=rope_scaling,
+        rope_interleave=bool(d.get("rope_interleave", True)),
         max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"),
@@ -302,6 +304,8 @@ def _validate(c: ModelConfig, source: str) -> None:
         bad("group-limited routing needs at least 2 experts per group")
     if c.topk_group * per_group < c.num_experts_per_tok:
         bad("topk_group groups hold fewer experts than num_experts_per_tok")
+    if c.bos_token_id is not None and not isinstance(c.bos_token_id, int):
+        bad(f"bos_token_id must be an integer, got {c.bos_token_id!r}")
     if c.qk_rope_head_dim % 2:
         bad(f"qk_rope_head_dim {c.qk_rope_head_dim} must be even")
     if c.first_k_dense_replace > 0 and c.intermediate_size <= 0:

@@ -31,13 +31,13 @@ def _queries(cfg: ModelConfig, w: MLAWeights, x: jax.Array, cos, sin) -> tuple[j
         q = linear(rms_norm(linear(x, w.q_a_proj), w.q_a_layernorm, cfg.rms_norm_eps), w.q_b_proj)
     q = q.reshape(*x.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
     q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
-    return q_nope, apply_rope(q_pe, cos, sin)
+    return q_nope, apply_rope(q_pe, cos, sin, cfg.rope_interleave)
 
 
 def _write_latents(cfg, w, x, cache, layer, positions, cos, sin) -> KVCache:
     kv = linear(x, w.kv_a_proj_with_mqa)
     c_kv = rms_norm(kv[..., : cfg.kv_lora_rank], w.kv_a_layernorm, cfg.rms_norm_eps)
-    k_pe = apply_rope(kv[..., cfg.kv_lora_rank :], cos, sin)
+    k_pe = apply_rope(kv[..., cfg.kv_lora_rank :], cos, sin, cfg.rope_interleave)
     return write_layer(cache, layer, positions, c_kv, k_pe)
 
 

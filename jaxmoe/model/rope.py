@@ -1,9 +1,10 @@
 """Rotary position embedding for MLA's decoupled rope dims, with YaRN as the config asks.
 
 DeepSeek lays the rope dims out as interleaved pairs (x0, x1), (x2, x3), ... each rotated by
-one frequency. `apply_rope` rotates those pairs and returns them de-interleaved
-([rotated evens | rotated odds]); queries and keys go through the same permutation, so their
-dot products -- all attention ever uses -- are those of the interleaved layout.
+one frequency (`rope_interleave`, the default). `apply_rope` rotates those pairs and returns
+them de-interleaved ([rotated evens | rotated odds]); queries and keys go through the same
+permutation, so their dot products -- all attention ever uses -- are those of the
+interleaved layout. With `rope_interleave: false` the pairs are (x_i, x_{i+d/2}).
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax
     return jnp.cos(freqs) * attention_factor, jnp.sin(freqs) * attention_factor
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate interleaved pairs of x [B, T, ..., rope_dim]; cos/sin are [B, T, rope_dim/2]."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleave: bool = True) -> jax.Array:
+    """Rotate the pairs of x [B, T, ..., rope_dim]; cos/sin are [B, T, rope_dim/2]."""
     extra = x.ndim - cos.ndim
     cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:]).astype(x.dtype)
     sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:]).astype(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    half = x.shape[-1] // 2
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else (x[..., :half], x[..., half:])
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
