@@ -1,0 +1,121 @@
+"""Placing a loaded model on the CPU kernels: every large matmul goes through cpu_ext.
+
+`to_cpu_placement(weights)` returns a Weights pytree in which
+- attention projections (q_a/q_b/q, kv_a_proj_with_mqa, o_proj), dense MLPs, shared experts
+  and lm_head are `HostLinear` handles (repacked FP8 or BF16 in host memory),
+- each MoE layer's routed experts are one `HostExperts` layer of an `ExpertStore`,
+- norms, embeddings, the router and `kv_b_proj` stay as they are (`kv_b_proj` is dequantized
+  by the absorbed-attention decode path and is small).
+`release(weights)` frees the native memory those handles refer to.
+
+Dispatch: `routed_experts` (jaxmoe.model.moe) is registered for `HostExperts` here.
+`jaxmoe.quant.linear` dispatches on the type of its *first* argument (x), so a weight type
+cannot register on it; `linear` below is the weight-type dispatch the model needs (the hook
+asked of quant.py: dispatch `linear(x, w)` on `type(w)`), and `install_linear()` patches it
+into the model modules meanwhile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import jax
+
+from jaxmoe import quant
+from jaxmoe.cpu import ops
+from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, HostLinear, HostMatrix, _live
+
+MODEL_MODULES = ("jaxmoe.model.moe", "jaxmoe.model.mla", "jaxmoe.model.forward")
+_quant_linear = quant.linear
+
+
+def linear(x: jax.Array, w: Any) -> jax.Array:
+    """quant.linear that also runs host-resident weights (HostLinear) through cpu_ext."""
+    if isinstance(w, HostLinear):
+        return ops.linear(x, w)
+    return _quant_linear(x, w)
+
+
+@quant.dequantize.register
+def _(w: HostLinear, dtype=None):
+    raise TypeError("a HostLinear lives in host memory for the cpu kernels and cannot be dequantized "
+                    "into an array; keep this weight (e.g. kv_b_proj) in its device format")
+
+
+def _register_routed_experts() -> None:
+    try:
+        moe = importlib.import_module("jaxmoe.model.moe")
+    except ImportError:  # model package not there yet
+        return
+
+    @moe.routed_experts.register
+    def _(experts: HostExperts, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+        return ops.moe_experts(x, ids, weights, experts)
+
+
+_register_routed_experts()
+
+
+def install_linear() -> None:
+    """Points the model modules' `linear` at the host-aware dispatch (idempotent). Not needed
+    once jaxmoe.quant.linear dispatches on the weight type."""
+    for name in MODEL_MODULES:
+        mod = importlib.import_module(name)
+        if getattr(mod, "linear", None) is _quant_linear:
+            mod.linear = linear
+
+
+def _host(w: Any, min_elements: int) -> Any:
+    if w is None or isinstance(w, HostLinear):
+        return w
+    if isinstance(w, (quant.Fp8Weight, quant.DenseWeight)) and len(w.shape) == 2:
+        n, k = w.shape
+        if n * k >= min_elements:
+            return HostMatrix.from_weight(w).pytree()
+    return w
+
+
+def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | None = None):
+    """A Weights pytree whose large matmuls run on cpu_ext (see module docstring).
+
+    min_elements: Linears smaller than this stay as they are. store: the ExpertStore to fill
+    (default: a new one with one slot per layer)."""
+    from jaxmoe.model.weights import MLAWeights, MLPWeights, MoEWeights
+
+    store = store or ExpertStore(len(weights.layers))
+    h = lambda w: _host(w, min_elements)  # noqa: E731
+
+    def mlp(m: MLPWeights) -> MLPWeights:
+        return MLPWeights(gate_proj=h(m.gate_proj), up_proj=h(m.up_proj), down_proj=h(m.down_proj))
+
+    layers = []
+    for i, lw in enumerate(weights.layers):
+        a: MLAWeights = lw.self_attn
+        attn = dataclasses.replace(a, q_a_proj=h(a.q_a_proj), q_b_proj=h(a.q_b_proj), q_proj=h(a.q_proj),
+                                   kv_a_proj_with_mqa=h(a.kv_a_proj_with_mqa), o_proj=h(a.o_proj))
+        if isinstance(lw.mlp, MoEWeights):
+            ex = lw.mlp.experts
+            if ex is not None and not isinstance(ex, HostExperts):
+                ex = store.add_layer(i, ex.gate_proj, ex.up_proj, ex.down_proj)
+            shared = mlp(lw.mlp.shared_experts) if lw.mlp.shared_experts is not None else None
+            ffn = dataclasses.replace(lw.mlp, experts=ex, shared_experts=shared)
+        else:
+            ffn = mlp(lw.mlp)
+        layers.append(dataclasses.replace(lw, self_attn=attn, mlp=ffn))
+    return dataclasses.replace(weights, layers=tuple(layers), lm_head=h(weights.lm_head))
+
+
+def release(weights) -> None:
+    """Frees the host matrices and expert stores that a placed Weights pytree refers to."""
+    handles = set()
+    for leaf in jax.tree_util.tree_leaves(weights, is_leaf=lambda x: isinstance(x, (HostLinear, HostExperts))):
+        if isinstance(leaf, HostLinear):
+            handles.add(leaf.handle)
+        elif isinstance(leaf, HostExperts):
+            handles.add(leaf.store)
+    for hd in handles:
+        owner = _live.get(hd)
+        if owner is not None:
+            owner.free()
