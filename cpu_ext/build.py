@@ -12,7 +12,8 @@ Variants:
           `libsimde-dev` or PyPI `simde-py`), so that path's layout and algebra are checked
           on machines without AVX-512.
 
-    python cpu_ext/build.py [--out DIR] [--variant native|emu512] [--sanitize] [--force]
+    python cpu_ext/build.py [--out DIR] [--variant native|emu512] [--force]
+    python cpu_ext/build.py --harness EXE [--variant ...] [--sanitize]   # C test harness
 """
 
 from __future__ import annotations
@@ -73,10 +74,11 @@ def simde_include_dir() -> str | None:
     return None
 
 
-def compile_commands(obj_dir: Path, variant: str, ffi_inc: str | None, sanitize: bool) -> list[list[str]]:
+def compile_commands(obj_dir: Path, variant: str, ffi_inc: str | None, sanitize: bool, extra_sources=()) -> list[list[str]]:
+    """One compiler command per source; ffi.cc only when ffi_inc is given."""
     extra = SANITIZE if sanitize else []
     cmds = []
-    for src in sorted(SRC.iterdir()):
+    for src in [*sorted(SRC.iterdir()), *extra_sources]:
         obj = str(obj_dir / (src.name + ".o"))
         if src.suffix == ".cc":
             if ffi_inc is None:
@@ -99,32 +101,49 @@ def compile_commands(obj_dir: Path, variant: str, ffi_inc: str | None, sanitize:
     return cmds
 
 
-def build(out_dir: Path | str = DEFAULT_OUT, variant: str = "native", sanitize: bool = False, verbose: bool = False) -> Path:
+def _compile_all(cmds: list[list[str]], verbose: bool) -> None:
+    with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
+        results = list(ex.map(lambda c: subprocess.run(c, capture_output=True, text=True), cmds))
+    for cmd, res in zip(cmds, results):
+        if verbose or res.returncode:
+            sys.stderr.write(" ".join(cmd) + "\n" + res.stdout + res.stderr)
+        if res.returncode:
+            raise RuntimeError(f"cpu_ext build failed compiling {cmd[-3]}:\n{res.stderr}")
+
+
+def _link(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"cpu_ext link failed:\n{res.stderr}")
+
+
+def build(out_dir: Path | str = DEFAULT_OUT, variant: str = "native", verbose: bool = False) -> Path:
     """Compiles and links; the library appears atomically at out_dir/<name> with a manifest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ffi_inc = ffi_include_dir()
     with tempfile.TemporaryDirectory(prefix="jaxmoe_build_", dir=out_dir) as tmp:
         tmp = Path(tmp)
-        cmds = compile_commands(tmp, variant, ffi_inc, sanitize)
-        with cf.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
-            results = list(ex.map(lambda c: subprocess.run(c, capture_output=True, text=True), cmds))
-        for cmd, res in zip(cmds, results):
-            if verbose or res.returncode:
-                sys.stderr.write(" ".join(cmd) + "\n" + res.stdout + res.stderr)
-            if res.returncode:
-                raise RuntimeError(f"cpu_ext build failed compiling {cmd[-3]}:\n{res.stderr}")
-        objs = [c[-1] for c in cmds]
+        cmds = compile_commands(tmp, variant, ffi_inc, sanitize=False)
+        _compile_all(cmds, verbose)
         lib = tmp / LIB_NAMES[variant]
-        link = [CXX, "-shared", "-pthread", *(SANITIZE if sanitize else []), "-o", str(lib), *objs]
-        res = subprocess.run(link, capture_output=True, text=True)
-        if res.returncode:
-            raise RuntimeError(f"cpu_ext link failed:\n{res.stderr}")
-        manifest = {"variant": variant, "ffi": ffi_inc is not None, "sanitize": sanitize}
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        _link([CXX, "-shared", "-pthread", "-o", str(lib), *(c[-1] for c in cmds)])
+        (tmp / "manifest.json").write_text(json.dumps({"variant": variant, "ffi": ffi_inc is not None}))
         os.replace(lib, out_dir / lib.name)
         shutil.copyfile(tmp / "manifest.json", out_dir / (lib.name + ".json"))
     return out_dir / LIB_NAMES[variant]
+
+
+def harness(exe: Path | str, variant: str = "native", sanitize: bool = True, verbose: bool = False) -> Path:
+    """The C test harness (cpu_ext/tests/*.c + every C source, no XLA bindings) as one
+    executable, by default under AddressSanitizer + UndefinedBehaviorSanitizer."""
+    exe = Path(exe)
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="jaxmoe_harness_") as tmp:
+        cmds = compile_commands(Path(tmp), variant, None, sanitize, sorted((ROOT / "tests").glob("*.c")))
+        _compile_all(cmds, verbose)
+        _link([CC, "-pthread", *(SANITIZE if sanitize else []), "-o", str(exe), *(c[-1] for c in cmds), "-lm"])
+    return exe
 
 
 def is_stale(lib: Path) -> bool:
@@ -148,13 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--variant", choices=sorted(LIB_NAMES), default="native")
-    ap.add_argument("--sanitize", action="store_true")
+    ap.add_argument("--harness", metavar="EXE", help="build the C test harness executable instead")
+    ap.add_argument("--sanitize", action="store_true", help="harness under ASan + UBSan")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if args.harness:
+        print(f"built {harness(args.harness, args.variant, args.sanitize, args.verbose)}")
+        return 0
     lib = Path(args.out) / LIB_NAMES[args.variant]
-    if args.force or args.sanitize or is_stale(lib):
-        lib = build(args.out, args.variant, args.sanitize, args.verbose)
+    if args.force or is_stale(lib):
+        lib = build(args.out, args.variant, args.verbose)
         print(f"built {lib} ({manifest(lib)})")
     else:
         print(f"{lib} is up to date")
