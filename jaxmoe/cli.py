@@ -29,7 +29,9 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype of non-quantized weights and the KV cache")
+                   help="dtype of norms, embeddings, activations and the KV cache")
+    p.add_argument("--cpu-kernels", choices=["auto", "on", "off"], default="auto",
+                   help="run large matmuls and routed experts on jaxmoe's CPU kernels (auto: when JAX runs on the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +89,13 @@ def _load(path: Path, a: argparse.Namespace, max_seq_len: int | None = None):
 
     if not path.is_dir():
         raise UserError(f"checkpoint directory {path} does not exist")
-    return jaxmoe.load(path, dtype=_dtype(a.dtype), max_seq_len=max_seq_len)
+    kernels = {"auto": None, "on": True, "off": False}[a.cpu_kernels]
+    try:
+        return jaxmoe.load(path, dtype=_dtype(a.dtype), max_seq_len=max_seq_len, cpu_kernels=kernels)
+    except RuntimeError as e:
+        if kernels:  # --cpu-kernels on, where they cannot be built or loaded
+            raise UserError(str(e)) from None
+        raise
 
 
 def _print_timings(t, out=None) -> None:
@@ -163,7 +171,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(f"using cached synthetic checkpoint {ckpt}")
     t0 = time.perf_counter()
     model = _load(ckpt, a)
-    print(f"loaded in {time.perf_counter() - t0:.1f} s on {model_device()}")
+    where = "large matmuls and routed experts on jaxmoe's CPU kernels" if model.cpu_kernels else "pure JAX path"
+    print(f"loaded in {time.perf_counter() - t0:.1f} s; running on {model_device()}, {where}")
     kwargs = _sampling_kwargs(a)
     n_prompt = len(model.encode_prompt(a.prompt))
     model.check_fits(n_prompt, a.max_new_tokens)
@@ -211,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[a.command](a)
-    except (UserError, ValueError, OSError) as e:  # ConfigError, TokenizerError, loader errors are ValueErrors
+    except (UserError, ValueError, OSError) as e:  # ConfigError, TokenizerError, CheckpointError are ValueErrors
         print(f"jaxmoe: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

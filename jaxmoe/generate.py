@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import numbers
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -75,6 +76,15 @@ class Model:
     max_seq_len: int | None = None  # a cap on the context below max_position_embeddings
     path: Path | None = None
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    cpu_kernels: bool = False  # large matmuls and routed experts run on cpu_ext
+
+    def close(self) -> None:
+        """Free the native memory of CPU-kernel weights now (rather than at exit)."""
+        if self.cpu_kernels:
+            from jaxmoe.cpu.placement import release
+
+            release(self.weights)
+            self.cpu_kernels, self.weights = False, None
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -142,24 +152,52 @@ class Model:
             )
 
 
-def load(path: str | Path, *, dtype: Any = jnp.float32, max_seq_len: int | None = None, progress: Any = None) -> Model:
+def load(
+    path: str | Path,
+    *,
+    dtype: Any = jnp.float32,
+    max_seq_len: int | None = None,
+    cpu_kernels: bool | None = None,
+    progress: Any = None,
+) -> Model:
     """Load a checkpoint directory (config.json, safetensors, optional tokenizer files).
 
-    dtype: the compute/weight dtype of non-quantized tensors and of the KV cache.
+    dtype: the dtype of norms, embeddings, activations and the KV cache (Linears keep their
+      stored format: FP8 stays FP8).
     max_seq_len: cap the context (prompt + generated tokens) below max_position_embeddings.
+    cpu_kernels: run the large matmuls and the routed experts through jaxmoe's native CPU
+      kernels (cpu_ext). None (default) = when JAX runs on the CPU and the kernels load;
+      True = required; False = the pure JAX path.
+    progress: show a progress bar (None = only for slow loads on a terminal).
     """
     from jaxmoe.loading.loader import load_checkpoint
 
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     path = Path(path)
-    kwargs = {} if progress is None else {"progress": progress}
-    cfg, weights = load_checkpoint(path, dtype=dtype, **kwargs)
+    cfg, weights = load_checkpoint(path, dtype=dtype, progress=progress)
+    weights, on_kernels = _place(weights, cpu_kernels)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     eos = set(cfg.eos_token_id)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    return Model(cfg, weights, tokenizer, max_seq_len, path, frozenset(eos))
+    return Model(cfg, weights, tokenizer, max_seq_len, path, frozenset(eos), on_kernels)
+
+
+def _place(weights: Any, cpu_kernels: bool | None) -> tuple[Any, bool]:
+    """(weights, whether they run on the CPU kernels)."""
+    if cpu_kernels is False or (cpu_kernels is None and jax.default_backend() != "cpu"):
+        return weights, False
+    try:
+        from jaxmoe.cpu import placement
+
+        placement.install_linear()
+        return placement.to_cpu_placement(weights), True
+    except (ImportError, OSError, RuntimeError) as e:  # the native library cannot be built or loaded here
+        if cpu_kernels:
+            raise RuntimeError(f"cpu_kernels=True, but jaxmoe's CPU kernels are unavailable: {e}") from e
+        warnings.warn(f"jaxmoe's CPU kernels are unavailable ({e}); running the pure JAX path", stacklevel=3)
+        return weights, False
 
 
 # ---- generation -------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Session fixtures for the API tests: one tiny synthetic FP8 checkpoint (with tokenizer),
-loaded once."""
+loaded once with the default placement and once on the pure JAX path."""
 
 from __future__ import annotations
 
@@ -25,6 +25,14 @@ def tiny_ckpt(tmp_path_factory, tiny_cfg):
 @pytest.fixture(scope="session")
 def model(tiny_ckpt) -> jaxmoe.Model:
     return jaxmoe.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def jax_model(tiny_ckpt) -> jaxmoe.Model:
+    """The same checkpoint on the pure JAX path (no CPU kernels). Its compiled steps are
+    shared by every model of the tiny config loaded that way, which keeps the CLI tests fast;
+    a CPU-kernel model compiles its own (its native handles are static)."""
+    return jaxmoe.load(tiny_ckpt, cpu_kernels=False)
 
 
 @pytest.fixture(scope="session")

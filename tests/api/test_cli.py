@@ -13,24 +13,26 @@ from jaxmoe.cli import main
 
 
 def run(capsys, *argv):
+    if argv[0] == "generate":  # the pure JAX path shares compiled steps across loads (see conftest)
+        argv = (*argv, "--cpu-kernels", "off")
     rc = main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
 
 
-def test_generate_json_matches_the_api(capsys, tiny_ckpt, model):
+def test_generate_json_matches_the_api(capsys, tiny_ckpt, jax_model):
     rc, out, err = run(capsys, "generate", "--model", str(tiny_ckpt), "--prompt", "Hello", "--max-new-tokens", "6",
                        "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--json")
     assert rc == 0, err
     got = json.loads(out)
-    r = jaxmoe.generate(model, "Hello", max_new_tokens=6, temperature=0.8, top_k=50, top_p=0.9, seed=3)
+    r = jaxmoe.generate(jax_model, "Hello", max_new_tokens=6, temperature=0.8, top_k=50, top_p=0.9, seed=3)
     assert got["token_ids"] == r.token_ids and got["text"] == r.text and got["finish_reason"] == r.finish_reason
     assert got["prompt_token_ids"] == r.prompt_token_ids
     assert set(got["timings"]) >= {"ttft_s", "prefill_tok_s", "decode_tok_s"}
 
 
-def test_generate_plain_and_stream_print_the_same_text(capsys, tiny_ckpt, model):
-    r = jaxmoe.generate(model, "Hello", max_new_tokens=8)
+def test_generate_plain_and_stream_print_the_same_text(capsys, tiny_ckpt, jax_model):
+    r = jaxmoe.generate(jax_model, "Hello", max_new_tokens=8)
     for extra in ((), ("--stream",)):
         rc, out, err = run(capsys, "generate", "--model", str(tiny_ckpt), "--prompt", "Hello", "--max-new-tokens", "8", *extra)
         assert rc == 0, err
@@ -38,10 +40,10 @@ def test_generate_plain_and_stream_print_the_same_text(capsys, tiny_ckpt, model)
         assert "time to first token" in err and "decode" in err and f"finish: {r.finish_reason}" in err
 
 
-def test_generate_from_chat_and_ids(capsys, tiny_ckpt, model):
+def test_generate_from_chat_and_ids(capsys, tiny_ckpt, jax_model):
     rc, out, _ = run(capsys, "generate", "--model", str(tiny_ckpt), "--chat", "Hi", "--max-new-tokens", "4", "--json")
     assert rc == 0
-    chat = jaxmoe.generate(model, messages=[{"role": "user", "content": "Hi"}], max_new_tokens=4)
+    chat = jaxmoe.generate(jax_model, messages=[{"role": "user", "content": "Hi"}], max_new_tokens=4)
     assert json.loads(out)["token_ids"] == chat.token_ids
     rc, out, _ = run(capsys, "generate", "--model", str(tiny_ckpt), "--prompt-ids", "0, 5,6", "--max-new-tokens", "4", "--json")
     assert rc == 0 and json.loads(out)["prompt_token_ids"] == [0, 5, 6]
@@ -86,8 +88,8 @@ def test_demo_writes_once_then_reuses_the_checkpoint(capsys, tmp_path):
     assert "writing synthetic checkpoint" in out
     for line in ("time to first token", "prefill", "decode", "tok/s"):
         assert line in out
-    rc, out, err = run(capsys, *args)
-    assert rc == 0 and "using cached synthetic checkpoint" in out
+    rc, out, err = run(capsys, *args, "--cpu-kernels", "off")
+    assert rc == 0 and "using cached synthetic checkpoint" in out and "pure JAX path" in out
     assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 1
 
 

@@ -178,12 +178,12 @@ def test_timings_are_consistent(model):
     assert t.ttft_s > 0 and t.prefill_tok_s > 0 and t.decode_tok_s > 0
 
 
-def test_checkpoint_without_tokenizer_takes_token_ids(tmp_path, tiny_cfg, model):
+def test_checkpoint_without_tokenizer_takes_token_ids(tmp_path, tiny_cfg, jax_model):
     path = write_synthetic_checkpoint(tmp_path / "notok", tiny_cfg, fmt="fp8", seed=0, with_tokenizer=False)
-    m = jaxmoe.load(path)
+    m = jaxmoe.load(path, cpu_kernels=False)
     assert m.tokenizer is None
     r = jaxmoe.generate(m, [0, 5, 6, 7], max_new_tokens=5, ignore_eos=True)
-    assert r.text == "" and r.token_ids == jaxmoe.generate(model, [0, 5, 6, 7], max_new_tokens=5, ignore_eos=True).token_ids
+    assert r.text == "" and r.token_ids == jaxmoe.generate(jax_model, [0, 5, 6, 7], max_new_tokens=5, ignore_eos=True).token_ids
     with pytest.raises(ValueError, match="tokenizer"):
         jaxmoe.generate(m, "text")
     with pytest.raises(ValueError, match="tokenizer"):
@@ -195,3 +195,16 @@ def test_load_options(tiny_ckpt):
         jaxmoe.load(tiny_ckpt, max_seq_len=0)
     m = jaxmoe.load(tiny_ckpt, max_seq_len=100)
     assert m.context_len == 100 and m.buckets(10, 10) == (64, 16) and m.buckets(60, 30) == (100, 64)
+
+
+def test_cpu_kernel_path_agrees_with_the_pure_jax_path(tiny_ckpt, model, jax_model):
+    ref = jax_model
+    assert not ref.cpu_kernels
+    if jax.default_backend() == "cpu":
+        assert model.cpu_kernels  # the default placement on a CPU-only box
+    for prompt in ("Hello", "def f(x): return"):
+        kw = dict(max_new_tokens=16, ignore_eos=True)
+        assert jaxmoe.generate(model, prompt, **kw).token_ids == jaxmoe.generate(ref, prompt, **kw).token_ids
+    m = jaxmoe.load(tiny_ckpt)
+    m.close()
+    assert m.weights is None and not m.cpu_kernels
