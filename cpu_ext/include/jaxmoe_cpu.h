@@ -80,6 +80,8 @@ int jm_store_set_expert(jm_store *s, int32_t layer, int32_t expert, jm_matrix *g
 int jm_store_layer_info(const jm_store *s, int32_t layer, int32_t *n_experts, int32_t *hidden,
                         int32_t *inter, int32_t *complete);
 int64_t jm_store_bytes(const jm_store *s);
+/* borrowed pointer to one matrix of the store (which: 0 gate, 1 up, 2 down); NULL on error */
+const jm_matrix *jm_store_matrix(const jm_store *s, int32_t layer, int32_t expert, int32_t which);
 
 /* Fused routed MoE of one layer:
  * out[t, :] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j].

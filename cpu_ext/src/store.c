@@ -129,3 +129,13 @@ int64_t jm_store_bytes(const jm_store *s) {
       }
   return total;
 }
+
+const jm_matrix *jm_store_matrix(const jm_store *s, int32_t layer, int32_t expert, int32_t which) {
+  if (check_layer(s, layer, "jm_store_matrix")) return NULL;
+  const jm_store_layer *l = &s->layers[layer];
+  if (expert < 0 || expert >= l->n_experts || which < 0 || which > 2 || !l->experts[expert].m[which]) {
+    jm_error(JM_EINVAL, "jm_store_matrix: no matrix %d of expert %d in layer %d", which, expert, layer);
+    return NULL;
+  }
+  return l->experts[expert].m[which];
+}

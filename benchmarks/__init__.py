@@ -1,0 +1,1 @@
+"""Benchmarks of jaxmoe: python -m benchmarks.<name> [--json PATH] [--quick]."""
