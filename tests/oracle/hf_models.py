@@ -16,7 +16,6 @@ mis-scales dimensions that are not multiples of 128.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 from pathlib import Path
@@ -105,6 +104,7 @@ NO_QLORA = dict(
 
 CONFIGS = {"qlora": QLORA, "no_qlora": NO_QLORA}
 
+
 def hf_config(kwargs: dict[str, Any]) -> DeepseekV3Config:
     cfg = DeepseekV3Config(**kwargs)
     cfg._attn_implementation = "eager"
@@ -150,6 +150,17 @@ def build_model(kwargs: dict[str, Any], seed: int) -> DeepseekV3ForCausalLM:
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(hf_config(kwargs)).to(torch.float32).eval()
     _randomize(model, seed)
+    return _checked(model)
+
+
+def _checked(model: DeepseekV3ForCausalLM) -> DeepseekV3ForCausalLM:
+    """The oracle runs the plain reference paths in fp32, never a fused or quantized kernel."""
+    cfg = model.config
+    assert cfg._attn_implementation == "eager", cfg._attn_implementation
+    assert cfg._experts_implementation == "eager", cfg._experts_implementation
+    assert getattr(cfg, "quantization_config", None) is None
+    dtypes = {t.dtype for t in model.state_dict().values()}
+    assert dtypes == {torch.float32}, dtypes
     return model
 
 
@@ -163,7 +174,7 @@ def load_model(path: Path) -> DeepseekV3ForCausalLM:
     model = DeepseekV3ForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
     )
-    return model.eval()
+    return _checked(model.eval())
 
 
 # ---- running -------------------------------------------------------------------------------
@@ -289,7 +300,3 @@ def write_fp8_pair(src_dir: Path, fp8_dir: Path, ref_dir: Path) -> Fp8Pair:
     save_file(dequantize_tensors(quantized), str(ref_dir / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(Path(src_dir) / "config.json", ref_dir / "config.json")
     return Fp8Pair(Path(fp8_dir), ref_dir, quantized)
-
-
-def config_json(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "config.json").read_text())

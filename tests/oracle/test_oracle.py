@@ -168,13 +168,11 @@ def test_blocks_match_hf(case):
     """Each block of each layer on transformers' own inputs (so errors do not compound): MLA
     (prefill form), the dense MLP / MoE block, the whole decoder layer, and the final norm +
     lm_head. The first failing block is the one to look at."""
-    from jaxmoe.model.forward import decoder_layer
+    from jaxmoe.model.forward import decoder_layer, final_logits
     from jaxmoe.model.mla import mla_prefill
     from jaxmoe.model.moe import mlp, moe
-    from jaxmoe.model.norm import rms_norm
     from jaxmoe.model.rope import rope_cos_sin
     from jaxmoe.model.weights import MoEWeights
-    from jaxmoe.quant import linear
 
     cfg, w = case.cfg, case.weights
     acts = H.capture(case.hf, case.prompt)
@@ -192,8 +190,7 @@ def test_blocks_match_hf(case):
         errs[f"layer {i} MLP"] = assert_close(out, acts[f"mlp_out.{i}"], TOL, f"layer {i}: {name} output")
         out, _ = decoder_layer(cfg, lw, jnp.asarray(acts[f"hidden.{i}"]), new_cache(cfg, 1), i, pos, cos, sin, absorb=False)
         errs[f"layer {i}"] = assert_close(out, acts[f"hidden.{i + 1}"], TOL, f"layer {i}: decoder layer output")
-    x = jnp.asarray(acts[f"hidden.{cfg.num_hidden_layers}"])
-    out = linear(rms_norm(x, w.norm, cfg.rms_norm_eps), w.lm_head)
+    out = final_logits(cfg, w, jnp.asarray(acts[f"hidden.{cfg.num_hidden_layers}"]))
     assert_close(out, H.logits(case.hf, case.prompt), TOL, "final norm + lm_head")
 
 
@@ -283,7 +280,11 @@ def test_ragged_batch_equals_each_alone(qlora):
             f"ragged batch row {row}: tokens {toks[row].tolist()} != transformers alone {hf_toks[0].tolist()}")
         assert_close(step[row], hf_step[0], TOL, f"ragged batch row {row}: step logits vs transformers alone")
     written = short + NEW_TOKENS - 1
-    assert not np.any(np.asarray(cache.c_kv[:, 1, written:])), "padding tokens were written to the cache"
+    assert not np.any(np.asarray(cache.c_kv[:, 1, written:])), "row 1: cache written past its last position"
+    pos = np.where(np.arange(PROMPT_LEN) < short, np.arange(PROMPT_LEN), MAX_LEN)
+    _, prefilled = jx_prefill(cfg, w, both, np.stack([np.arange(PROMPT_LEN), pos]))
+    for name in ("c_kv", "k_pe"):
+        assert not np.any(np.asarray(getattr(prefilled, name)[:, 1, short:])), f"padding tokens were written to {name}"
 
 
 # ==== FP8 ====================================================================================
