@@ -59,30 +59,37 @@ AI void prefetch_chunk(const uint8_t *q) {
     _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
 }
 
-/* One 4-row tile against MR tokens. NA accumulators per (row, token): 2 when MR == 1 so the
- * FMA chains are long enough to hide latency. */
-AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const float *xf, int64_t xs,
-                    const int fp8, const int MR, float unfold, float *y, int64_t ldy, int rows) {
+/* One 4-row tile against MR <= 2 tokens. The activations of a 16-column step are loaded
+ * once into registers and reused by the 4 rows (2*MR + 4*MR*NA + 2 of the 16 ymm registers);
+ * NA = 2 accumulators per (row, token) when MR == 1, so the FMA chains hide their latency. */
+AI void tile_kernel(const uint8_t *p, int k_pad, const float *xf, int64_t xs, const int fp8,
+                    const int MR, float unfold, float *y, int64_t ldy, int rows) {
   const int NA = MR == 1 ? 2 : 1;
-  __m256 acc[JM_TILE_ROWS][3][2];
-  #pragma GCC unroll 8
+  __m256 acc[JM_TILE_ROWS][2][2];
+#pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
-    #pragma GCC unroll 8
+#pragma GCC unroll 2
     for (int i = 0; i < MR; i++)
-      #pragma GCC unroll 8
+#pragma GCC unroll 2
       for (int a = 0; a < NA; a++) acc[r][i][a] = _mm256_setzero_ps();
   const int cols_per_chunk = fp8 ? JM_SEG : JM_SEG / 2;
-  const int nchunks = w->k_pad / cols_per_chunk;
+  const int nchunks = k_pad / cols_per_chunk;
   const __m256i mask = _mm256_set1_epi32((int)0x87F00000u);
   const __m256i hi16 = _mm256_set1_epi32((int)0xFFFF0000u);
   for (int c = 0; c < nchunks; c++) {
     const uint8_t *q = p + (int64_t)c * JM_SEG * JM_TILE_ROWS;
     prefetch_chunk(q);
     const int steps = cols_per_chunk / 16;
-    #pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int s = 0; s < steps; s++) {
       const int col = c * cols_per_chunk + s * 16;
-      #pragma GCC unroll 8
+      __m256 xe[2], xo[2];
+#pragma GCC unroll 2
+      for (int i = 0; i < MR; i++) {
+        xe[i] = _mm256_loadu_ps(xf + i * xs + col);
+        xo[i] = _mm256_loadu_ps(xf + i * xs + col + 8);
+      }
+#pragma GCC unroll 4
       for (int r = 0; r < JM_TILE_ROWS; r++) {
         __m256 we, wo;
         if (fp8) {
@@ -95,20 +102,19 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const float *xf, int64
           we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
           wo = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
         }
-        #pragma GCC unroll 8
+#pragma GCC unroll 2
         for (int i = 0; i < MR; i++) {
-          const float *xi = xf + i * xs + col;
-          acc[r][i][0] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xi), acc[r][i][0]);
-          acc[r][i][NA - 1] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xi + 8), acc[r][i][NA - 1]);
+          acc[r][i][0] = _mm256_fmadd_ps(we, xe[i], acc[r][i][0]);
+          acc[r][i][NA - 1] = _mm256_fmadd_ps(wo, xo[i], acc[r][i][NA - 1]);
         }
       }
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 4
   for (int r = 0; r < rows; r++)
-    #pragma GCC unroll 8
+#pragma GCC unroll 2
     for (int i = 0; i < MR; i++) {
-      __m256 a = NA == 2 ? _mm256_add_ps(acc[r][i][0], acc[r][i][1]) : acc[r][i][0];
+      const __m256 a = NA == 2 ? _mm256_add_ps(acc[r][i][0], acc[r][i][1]) : acc[r][i][0];
       y[i * ldy + r] = hsum8(a) * unfold;
     }
 }
@@ -122,15 +128,14 @@ static void tiles_avx2(const jm_matrix *w, int t0, int t1, const void *xf_, int 
     int rows = w->n - t * JM_TILE_ROWS;
     rows = rows > JM_TILE_ROWS ? JM_TILE_ROWS : rows;
     float *yt = y + (t - t0) * JM_TILE_ROWS;
-    for (int i0 = 0; i0 < m; i0 += 3) {
+    for (int i0 = 0; i0 < m; i0 += 2) {
       const float *x0 = xf + (int64_t)i0 * w->k_pad;
       float *y0 = yt + i0 * ldy;
-#define K_(F, R) tile_kernel(w, p, x0, w->k_pad, F, R, unfold, y0, ldy, rows)
-      const int mr = m - i0 >= 3 ? 3 : m - i0;
+#define K_(F, R) tile_kernel(p, w->k_pad, x0, w->k_pad, F, R, unfold, y0, ldy, rows)
       if (w->format == JM_FMT_FP8) {
-        if (mr == 1) K_(1, 1); else if (mr == 2) K_(1, 2); else K_(1, 3);
+        if (m - i0 == 1) K_(1, 1); else K_(1, 2);
       } else {
-        if (mr == 1) K_(0, 1); else if (mr == 2) K_(0, 2); else K_(0, 3);
+        if (m - i0 == 1) K_(0, 1); else K_(0, 2);
       }
 #undef K_
     }

@@ -69,30 +69,36 @@ static void fold_avx512(const jm_matrix *w, int rb, const float *x, int64_t ldx,
   }
 }
 
-/* One 4-row tile against MR tokens; NA accumulators per (row, token). */
+/* One 4-row tile against MR <= 4 tokens. A 32-column step loads the MR activation vectors
+ * once and reuses them for the 4 rows (MR + 4*MR*NA + 2 of the 32 zmm registers); NA = 2
+ * accumulators per (row, token) when MR == 1 to hide the vdpbf16ps latency. */
 AI void tile_kernel(const uint8_t *p, int k_pad, const uint16_t *xf, int64_t xs, const int fp8,
                     const int MR, float unfold, float *y, int64_t ldy, int rows) {
   const int NA = MR == 1 ? 2 : 1;
-  __m512 acc[JM_TILE_ROWS][6][2];
-  #pragma GCC unroll 8
+  __m512 acc[JM_TILE_ROWS][4][2];
+#pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
-    #pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int i = 0; i < MR; i++)
-      #pragma GCC unroll 8
+#pragma GCC unroll 2
       for (int a = 0; a < NA; a++) acc[r][i][a] = _mm512_setzero_ps();
   const int cols_per_chunk = fp8 ? JM_SEG : JM_SEG / 2;
   const int nchunks = k_pad / cols_per_chunk;
   const __m512i mask = _mm512_set1_epi16((short)0x87F0);
   for (int c = 0; c < nchunks; c++) {
     const uint8_t *q = p + (int64_t)c * JM_SEG * JM_TILE_ROWS;
-    #pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int l = 0; l < JM_TILE_ROWS; l++)
       _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
     const int steps = cols_per_chunk / 32;
-    #pragma GCC unroll 8
+#pragma GCC unroll 2
     for (int s = 0; s < steps; s++) {
       const int col = c * cols_per_chunk + s * 32;
-      #pragma GCC unroll 8
+      const int a = NA == 2 ? s : 0; /* fp8: two steps per chunk alternate accumulators */
+      __m512bh xb[4];
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; i++) xb[i] = as_bh(_mm512_loadu_si512((const void *)(xf + i * xs + col)));
+#pragma GCC unroll 4
       for (int r = 0; r < JM_TILE_ROWS; r++) {
         __m512i wv;
         if (fp8) {
@@ -102,21 +108,17 @@ AI void tile_kernel(const uint8_t *p, int k_pad, const uint16_t *xf, int64_t xs,
           wv = _mm512_loadu_si512((const void *)(q + r * JM_SEG));
         }
         const __m512bh wb = as_bh(wv);
-        #pragma GCC unroll 8
-        for (int i = 0; i < MR; i++) {
-          const __m512bh xb = as_bh(_mm512_loadu_si512((const void *)(xf + i * xs + col)));
-          const int a = NA == 2 ? (s + c) & 1 : 0;
-          acc[r][i][a] = _mm512_dpbf16_ps(acc[r][i][a], wb, xb);
-        }
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i++) acc[r][i][a] = _mm512_dpbf16_ps(acc[r][i][a], wb, xb[i]);
       }
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 4
   for (int r = 0; r < rows; r++)
-    #pragma GCC unroll 8
+#pragma GCC unroll 4
     for (int i = 0; i < MR; i++) {
-      const __m512 a = NA == 2 ? _mm512_add_ps(acc[r][i][0], acc[r][i][1]) : acc[r][i][0];
-      y[i * ldy + r] = hsum16(a) * unfold;
+      const __m512 v = NA == 2 ? _mm512_add_ps(acc[r][i][0], acc[r][i][1]) : acc[r][i][0];
+      y[i * ldy + r] = hsum16(v) * unfold;
     }
 }
 
@@ -129,19 +131,17 @@ static void tiles_avx512(const jm_matrix *w, int t0, int t1, const void *xf_, in
     int rows = w->n - t * JM_TILE_ROWS;
     rows = rows > JM_TILE_ROWS ? JM_TILE_ROWS : rows;
     float *yt = y + (t - t0) * JM_TILE_ROWS;
-    for (int i0 = 0; i0 < m; i0 += 6) {
+    for (int i0 = 0; i0 < m; i0 += 4) {
       const uint16_t *x0 = xf + (int64_t)i0 * w->k_pad;
       float *y0 = yt + i0 * ldy;
-      const int mr = m - i0 >= 6 ? 6 : m - i0;
+      const int mr = m - i0 >= 4 ? 4 : m - i0;
 #define K_(F, R) tile_kernel(p, w->k_pad, x0, w->k_pad, F, R, unfold, y0, ldy, rows)
-#define BY_MR(F)                          \
-  switch (mr) {                           \
-    case 1: K_(F, 1); break;              \
-    case 2: K_(F, 2); break;              \
-    case 3: K_(F, 3); break;              \
-    case 4: K_(F, 4); break;              \
-    case 5: K_(F, 5); break;              \
-    default: K_(F, 6); break;             \
+#define BY_MR(F)             \
+  switch (mr) {              \
+    case 1: K_(F, 1); break; \
+    case 2: K_(F, 2); break; \
+    case 3: K_(F, 3); break; \
+    default: K_(F, 4); break; \
   }
       if (w->format == JM_FMT_FP8) {
         BY_MR(1)
