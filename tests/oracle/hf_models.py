@@ -83,10 +83,12 @@ QLORA = dict(
 )
 
 # V2-Lite-like: no q_lora (q_proj straight from the hidden state), two shared experts,
-# un-normalised top-k weights, a different YaRN setting.
+# un-normalised top-k weights, a different YaRN setting, and the rope dims laid out in halves
+# (x_i, x_{i+d/2}) instead of DeepSeek's interleaved pairs.
 NO_QLORA = dict(
     _COMMON,
     q_lora_rank=None,
+    rope_interleave=False,
     n_shared_experts=2,
     norm_topk_prob=False,
     routed_scaling_factor=1.5,

@@ -1,7 +1,8 @@
 """jaxmoe's DeepSeek-V3 model against Hugging Face transformers (the oracle), in fp32.
 
 Tiny random DeepseekV3ForCausalLM models (3 layers, first_k_dense_replace 1, n_group 4 /
-topk_group 2, YaRN, kv_lora; with and without q_lora) are built and saved by transformers and
+topk_group 2, YaRN, kv_lora; with q_lora and interleaved rope, and without q_lora with the rope
+dims in halves) are built and saved by transformers and
 loaded by jaxmoe's checkpoint loader; the FP8 case is the q_lora model block-quantized to e4m3
 with partial 128x128 edge blocks, read as FP8 by jaxmoe and as our own dequantized copy by
 transformers. Block-level tests come first, so a disagreement names the block that causes it.
@@ -96,29 +97,35 @@ def test_rope_yarn_parameters_match_hf(hf_case):
 
 
 def test_rope_rotation_matches_hf(hf_case):
-    """cos/sin at positions and the rotation of interleaved pairs, against transformers'
-    rotary embedding and apply_rotary_pos_emb_interleave (DeepSeek checkpoints are interleaved)."""
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+    """cos/sin at positions and the rotation of q_pe/k_pe against transformers' rotary embedding
+    and its apply function for the checkpoint's layout: interleaved pairs (DeepSeek's, the
+    qlora case) or halves (rope_interleave false, the no_qlora case)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        apply_rotary_pos_emb,
+        apply_rotary_pos_emb_interleave,
+    )
 
     from jaxmoe.config import ModelConfig
     from jaxmoe.model.rope import apply_rope, rope_cos_sin
 
-    assert hf_case.hf.config.rope_interleave
+    interleave = hf_case.hf.config.rope_interleave
+    assert interleave == H.CONFIGS[hf_case.name].get("rope_interleave", True)
     cfg = ModelConfig.from_file(hf_case.jx_dir)
     t, h, d = PROMPT_LEN + NEW_TOKENS, cfg.num_attention_heads, cfg.qk_rope_head_dim
     rng = np.random.default_rng(1)
     q = rng.standard_normal((1, t, h, d)).astype(np.float32)
     k = rng.standard_normal((1, t, 1, d)).astype(np.float32)
     pos = np.arange(t)[None]
+    hf_apply = apply_rotary_pos_emb_interleave if interleave else apply_rotary_pos_emb
     with torch.no_grad():
         cos_t, sin_t = hf_case.hf.model.rotary_emb(torch.zeros(1), torch.from_numpy(pos))
-        hq, hk = apply_rotary_pos_emb_interleave(
-            torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2), cos_t, sin_t)
+        hq, hk = hf_apply(torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2), cos_t, sin_t)
     cos, sin = rope_cos_sin(cfg, jnp.asarray(pos, jnp.int32))
     assert_close(cos, cos_t[..., : d // 2].numpy(), 1e-5, "rope cos (with attention factor)")
     assert_close(sin, sin_t[..., : d // 2].numpy(), 1e-5, "rope sin (with attention factor)")
-    assert_close(apply_rope(jnp.asarray(q), cos, sin), hq.transpose(1, 2).numpy(), 1e-5, "rotated q_pe")
-    assert_close(apply_rope(jnp.asarray(k), cos, sin), hk.transpose(1, 2).numpy(), 1e-5, "rotated k_pe")
+    layout = "interleaved" if interleave else "halves"
+    assert_close(apply_rope(jnp.asarray(q), cos, sin, interleave), hq.transpose(1, 2).numpy(), 1e-5, f"rotated q_pe ({layout})")
+    assert_close(apply_rope(jnp.asarray(k), cos, sin, interleave), hk.transpose(1, 2).numpy(), 1e-5, f"rotated k_pe ({layout})")
 
 
 def test_router_matches_hf(hf_case):
