@@ -36,7 +36,8 @@ LIB_NAMES = {"native": "libjaxmoe_cpu.so", "emu512": "libjaxmoe_cpu_emu512.so"}
 
 CC = os.environ.get("CC", "gcc")
 CXX = os.environ.get("CXX", "g++")
-BASE = ["-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter", f"-I{INCLUDE}", f"-I{SRC}"]
+BASE = ["-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter", f"-I{INCLUDE}", f"-I{SRC}",
+        *os.environ.get("JAXMOE_CPU_CFLAGS", "").split()]  # extra flags, e.g. -DJM_PF_DIST=8192
 CFLAGS = ["-std=gnu11", "-pthread"]
 ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],

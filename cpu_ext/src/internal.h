@@ -13,7 +13,9 @@
 #define JM_KBLOCK 128       /* FP8 scale block (both dims); K is padded to a multiple */
 #define JM_TILES_PER_TASK 8 /* 32 rows: a task never straddles a 128-row scale block */
 #define JM_MC 16            /* tokens per chunk: folded activations stay in L2 */
-#define JM_PF_DIST 4096     /* software prefetch distance in the weight stream, bytes */
+#ifndef JM_PF_DIST
+#define JM_PF_DIST 4096 /* software prefetch distance in the weight stream, bytes */
+#endif
 
 /* FP8 decode yields value * 2^-120; the activations carry 2^JM_FOLD_EXP instead of 2^120 so
  * that |x * scale| up to 2^72 cannot overflow, and results are multiplied by 2^JM_UNFOLD. */
