@@ -94,7 +94,8 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
 /* reads the packed bytes of n (1..64) matrices once over the pool; returns a checksum */
 uint64_t jm_read_pass(const jm_matrix *const *ms, int32_t n);
 
-/* ---- XLA FFI handlers (defined in ffi.cc): "linear", "moe"; NULL for other names -------- */
+/* ---- XLA FFI handlers (defined in ffi.cc): "linear", "moe" (layer attribute), "moe_dyn"
+ * (layer as a scalar int32 operand, e.g. inside a scan over layers); NULL for other names */
 void *jm_ffi_handler(const char *name);
 
 #ifdef __cplusplus

@@ -51,8 +51,8 @@ ffi::Error LinearImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t m
   return ffi::Error::Success();
 }
 
-ffi::Error MoeImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> weights,
-                   ffi::Result<ffi::AnyBuffer> out, int64_t store, int32_t layer) {
+ffi::Error Moe(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> weights,
+               ffi::Result<ffi::AnyBuffer> out, int64_t store, int32_t layer) {
   jm_store* s = jm_store_from_handle(store);
   if (!s) return fail("moe");
   int32_t n_experts, hidden, inter, complete;
@@ -77,6 +77,20 @@ ffi::Error MoeImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
+// layer as an attribute (static): the usual form
+ffi::Error MoeImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> weights,
+                   ffi::Result<ffi::AnyBuffer> out, int64_t store, int32_t layer) {
+  return Moe(x, ids, weights, out, store, layer);
+}
+
+// layer as a 0-d int32 operand: for a scan over layers, where the index is traced
+ffi::Error MoeDynImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> weights,
+                      ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out, int64_t store) {
+  if (layer.element_count() != 1)
+    return ffi::Error::InvalidArgument("jaxmoe_cpu moe: the layer operand must be a scalar");
+  return Moe(x, ids, weights, out, store, layer.typed_data()[0]);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jm_ffi_linear, LinearImpl,
@@ -94,9 +108,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jm_ffi_moe, MoeImpl,
                                   .Attr<int64_t>("store")
                                   .Attr<int32_t>("layer"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jm_ffi_moe_dyn, MoeDynImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("store"));
+
 extern "C" void* jm_ffi_handler(const char* name) {
   if (!name) return nullptr;
   if (!std::strcmp(name, "linear")) return reinterpret_cast<void*>(&jm_ffi_linear);
   if (!std::strcmp(name, "moe")) return reinterpret_cast<void*>(&jm_ffi_moe);
+  if (!std::strcmp(name, "moe_dyn")) return reinterpret_cast<void*>(&jm_ffi_moe_dyn);
   return nullptr;
 }

@@ -25,7 +25,7 @@ _CPU_EXT = _REPO / "cpu_ext"
 _HEADER_CANDIDATES = (_CPU_EXT / "include" / "jaxmoe_cpu.h", _NATIVE / "jaxmoe_cpu.h")
 
 ISA_NAMES = ("scalar", "avx2", "avx512")
-DT_F32, DT_BF16 = 0, 1
+DT_F32, DT_BF16 = 0, 1  # enum jm_dtype of the header
 
 
 class CpuExtError(RuntimeError):
@@ -74,16 +74,15 @@ def _out_dir() -> Path:
 
 def library_path(variant: str = "native") -> Path:
     """Path of an up-to-date library, building it first when needed (under a file lock)."""
-    name = {"native": "libjaxmoe_cpu.so", "emu512": "libjaxmoe_cpu_emu512.so"}[variant]
     if not (_CPU_EXT / "build.py").exists():  # installed without sources
-        lib = _NATIVE / name
+        lib = _NATIVE / "libjaxmoe_cpu.so"
         if not lib.exists():
             raise CpuExtError(f"{lib} is missing and cpu_ext sources are not available to build it")
         return lib
     b = _builder()
     out = _out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    lib = out / name
+    lib = out / b.LIB_NAMES[variant]
     want_ffi = b.ffi_include_dir() is not None
     if b.is_stale(lib) or (want_ffi and not b.manifest(lib).get("ffi")):
         with open(out / ".build.lock", "w") as lk:

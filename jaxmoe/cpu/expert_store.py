@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 from flax import struct
 
-from jaxmoe.cpu._lib import CpuExtError, load
+from jaxmoe.cpu._lib import DT_BF16, DT_F32, CpuExtError, load
 
 FMT_FP8, FMT_BF16 = 1, 2
 _live: dict[int, object] = {}
@@ -135,9 +135,9 @@ class HostMatrix:
 def _dtype_code(dt) -> int:
     dt = np.dtype(dt)
     if dt == np.float32:
-        return 0
+        return DT_F32
     if dt == ml_dtypes.bfloat16:
-        return 1
+        return DT_BF16
     raise TypeError(f"cpu kernels take float32 or bfloat16, got {dt}")
 
 

@@ -20,6 +20,7 @@ from jaxmoe.cpu.expert_store import HostExperts, HostLinear
 
 LINEAR_TARGET = "jaxmoe_cpu_linear"
 MOE_TARGET = "jaxmoe_cpu_moe"
+MOE_DYN_TARGET = "jaxmoe_cpu_moe_dyn"
 _registered = False
 _lock = threading.Lock()
 
@@ -33,7 +34,7 @@ def register() -> None:
         nat = load()
         if not hasattr(nat.lib, "jm_ffi_handler"):
             raise CpuExtError("the cpu_ext library was built without the XLA FFI handlers (jax headers missing at build time)")
-        for target, name in ((LINEAR_TARGET, b"linear"), (MOE_TARGET, b"moe")):
+        for target, name in ((LINEAR_TARGET, b"linear"), (MOE_TARGET, b"moe"), (MOE_DYN_TARGET, b"moe_dyn")):
             ptr = nat.lib.jm_ffi_handler(name)
             addr = int(nat.ffi.cast("uintptr_t", ptr))
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(addr), platform="cpu")
@@ -55,10 +56,12 @@ def linear(x: jax.Array, w: HostLinear) -> jax.Array:
     return y.astype(x.dtype) if y.dtype != x.dtype else y
 
 
-def moe_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, layer: HostExperts) -> jax.Array:
+def moe_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, layer: HostExperts, layer_index=None) -> jax.Array:
     """Fused routed experts of one layer: out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]).
 
-    x [T, hidden] (f32 or bf16), ids [T, k] (int, < 0 = skip), weights [T, k]."""
+    x [T, hidden] (f32 or bf16), ids [T, k] (int, < 0 = skip), weights [T, k].
+    layer_index: a traced int32 scalar overriding `layer.layer` (a scan over the layers of one
+    store, all of the same shape); else the layer is a static attribute of the call."""
     register()
     x_in = _act(jnp.asarray(x))
     if x_in.ndim != 2 or x_in.shape[1] != layer.hidden:
@@ -68,5 +71,9 @@ def moe_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, layer: HostExp
     if ids.shape != (x_in.shape[0], ids.shape[-1]) or weights.shape != ids.shape:
         raise ValueError(f"moe_experts: ids and weights must be [{x_in.shape[0]}, k], got {ids.shape}, {weights.shape}")
     out = jax.ShapeDtypeStruct(x_in.shape, x_in.dtype)
-    y = jax.ffi.ffi_call(MOE_TARGET, out)(x_in, ids, weights, store=np.int64(layer.store), layer=np.int32(layer.layer))
+    if layer_index is None:
+        y = jax.ffi.ffi_call(MOE_TARGET, out)(x_in, ids, weights, store=np.int64(layer.store), layer=np.int32(layer.layer))
+    else:
+        li = jnp.asarray(layer_index, jnp.int32).reshape(())
+        y = jax.ffi.ffi_call(MOE_DYN_TARGET, out)(x_in, ids, weights, li, store=np.int64(layer.store))
     return y.astype(x.dtype) if y.dtype != x.dtype else y

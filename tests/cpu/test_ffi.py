@@ -90,3 +90,32 @@ def test_freed_matrix_is_an_error():
     m.free()
     with pytest.raises(Exception, match="not a live jaxmoe matrix handle"):
         jax.jit(ops.linear)(np.ones((1, 8), np.float32), w).block_until_ready()
+
+
+def test_moe_layer_as_traced_operand_in_scan():
+    """moe_dyn: the layer index is an operand, so a lax.scan over layers can carry it."""
+    rng = np.random.default_rng(4)
+    e, h, i, t, n_layers = 3, 64, 40, 5, 3
+
+    def stacked(n, k):
+        qs = [quant.quantize_fp8_blocks(rng.standard_normal((n, k)).astype(np.float32) * 0.1) for _ in range(e)]
+        return quant.Fp8Weight(weight=np.stack([a for a, _ in qs]), weight_scale_inv=np.stack([b for _, b in qs]))
+
+    with ExpertStore(n_layers) as store:
+        layers = [store.add_layer(li, stacked(i, h), stacked(i, h), stacked(h, i)) for li in range(n_layers)]
+        x = rng.standard_normal((t, h)).astype(np.float32)
+        ids = np.stack([rng.permutation(e)[:2] for _ in range(t)]).astype(np.int32)
+        w = rng.random((t, 2)).astype(np.float32)
+
+        @jax.jit
+        def all_layers(x):
+            def body(x, li):
+                return ops.moe_experts(x, ids, w, layers[0], layer_index=li), None
+            return jax.lax.scan(body, x, jnp.arange(n_layers, dtype=jnp.int32))[0]
+
+        want = x
+        for li in range(n_layers):
+            want = store.moe(li, want, ids, w)
+        np.testing.assert_array_equal(np.asarray(all_layers(x)), want)
+        with pytest.raises(Exception, match="layer 7 out of range"):
+            jax.jit(lambda x: ops.moe_experts(x, ids, w, layers[0], layer_index=7))(x).block_until_ready()
