@@ -1,0 +1,254 @@
+"""Stream-loading prefill (SLP) and its SmallEP form over two devices (DSLP).
+
+A long prompt is compute-bound, so its routed experts run on the accelerator although they
+live in host memory: per MoE layer the experts' weights, as stored (FP8 + fp32 block scales),
+are `jax.device_put` from the single host copy (zero-copy views of the checkpoint's mmap,
+see `CheckpointExperts`) to the accelerator(s), and the model's own grouped matmul
+(`moe.routed_experts`: tokens sorted by expert, `lax.ragged_dot` on weights dequantized on
+the device) runs there. Everything else (embeddings, MLA, dense MLPs, router, shared experts,
+lm_head) is resident and replicated on every device of the mesh.
+
+Pipeline (per chunk; the weights are streamed once per chunk), over stream units u = (MoE
+layer, part) in layer order:
+
+    issue T(0)                                   # before the first layer's attention
+    per layer: dispatch attention (+ dense MLP, or router + shared experts)
+        per unit u of an MoE layer:
+            dispatch C(u)                        # grouped matmul on the streamed weights
+            await C(u-1), drop its weights       # so at most two units are resident
+            issue T(u+1)                         # overlaps C(u) and the next attention
+    await the last unit; final norm + lm_head
+
+T(u+1) is issued before C(u) is awaited (the prefetch overlaps), and at most two units'
+weights are resident on a device. The order does not depend on whether `device_put` returns
+at once or blocks until the copy is done (C(u) is already queued either way). Every step is
+recorded in `log` as ("transfer" | "compute" | "await", layer, part) for the tests.
+
+Strategies: "slp" streams all experts to one device; "dslp" streams each device only its
+windows of each layer (runtime/expert_parallel.py) and sums with one psum.
+Engine hook: `slp_prefill_chunk` (one chunk, the engine's shape); `slp_prefill` loops chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.loading.loader import Checkpoint
+from jaxmoe.loading.safetensors_index import stacked_view
+from jaxmoe.model.cache import KVCache
+from jaxmoe.model.forward import attention_block, final_logits
+from jaxmoe.model.moe import mlp, moe_prologue
+from jaxmoe.model.rope import rope_cos_sin
+from jaxmoe.model.weights import ExpertsWeights, MoEWeights, Weights
+from jaxmoe.quant import DenseWeight, Fp8Weight
+from jaxmoe.runtime.expert_parallel import ExpertMesh, expert_mesh
+from jaxmoe.runtime.placement import split_experts
+
+STRATEGY_DEVICES = {"slp": 1, "dslp": 2}
+Event = tuple[str, int, int]  # (kind, layer, part)
+ExpertSource = Callable[[int], Any] | Sequence[Any]
+
+
+# ---- where the experts come from ----------------------------------------------------------
+
+
+class CheckpointExperts:
+    """Expert source over an open checkpoint: layer -> `ExpertsWeights` of zero-copy numpy
+    views of the mmap ([E, ...] per projection; FP8 values and fp32 block scales as stored).
+    This is the same host copy the CPU decode path reads; nothing is duplicated."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+
+    def __call__(self, layer: int) -> ExpertsWeights:
+        arrays = self.checkpoint.expert_arrays(layer)
+
+        def stack(views):
+            v = stacked_view(views)
+            return np.stack(views) if v is None else v  # a copy only if the file layout forbids a view
+
+        def lin(proj):
+            w = stack(arrays[proj])
+            scales = arrays.get(f"{proj}_scale_inv")
+            if scales is None:
+                return DenseWeight(w)
+            return Fp8Weight(w, stack(scales).astype(np.float32, copy=False), block=self.checkpoint.block)
+
+        return ExpertsWeights(lin("gate_proj"), lin("up_proj"), lin("down_proj"))
+
+
+def layer_experts(source: ExpertSource, layer: int) -> Any:
+    """One layer's routed experts from a source: a callable or a per-layer sequence (e.g.
+    the second result of `placement.split_experts`)."""
+    experts = source(layer) if callable(source) else source[layer]
+    if experts is None:
+        raise ValueError(f"expert source has no routed experts for MoE layer {layer}")
+    return experts
+
+
+# ---- the device programs ------------------------------------------------------------------
+
+
+def _embed(weights: Weights, tokens):
+    x = weights.embed_tokens[tokens]
+    return x, jnp.zeros_like(x)  # (x, an empty MoE output: one layer program for every layer kind)
+
+
+def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, dense: bool):
+    """One layer minus its routed experts: add the previous layer's MoE output (shared +
+    routed), attention (expanded, as in prefill), then the dense MLP, or the router and the
+    shared experts. -> (x, MoE output so far: zeros or the shared experts', routing, cache)."""
+    x = x + routed.reshape(x.shape).astype(x.dtype)
+    cos, sin = rope_cos_sin(cfg, positions)
+    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=False)
+    if dense:
+        return x + mlp(lw.mlp, h), jnp.zeros_like(x), None, cache
+    flat = h.reshape(-1, h.shape[-1])
+    ids, weights, shared = moe_prologue(cfg, lw.mlp, flat)
+    return x, shared, (flat, ids, weights), cache
+
+
+def _final_program(cfg, weights, x, routed, logit_index):
+    x = x + routed.reshape(x.shape).astype(x.dtype)
+    return final_logits(cfg, weights, x, logit_index)
+
+
+_embed_jit = jax.jit(_embed)
+_layer_jit = jax.jit(_layer_program, static_argnums=0, static_argnames="dense", donate_argnums=4)
+_final_jit = jax.jit(_final_program, static_argnums=0)
+
+
+# ---- the pipeline -------------------------------------------------------------------------
+
+
+class StreamingPrefill:
+    """SLP (one device) or DSLP (two: SmallEP) over an expert mesh.
+
+    parts_per_layer: stream each layer in this many sequential units (fewer bytes resident;
+    the planner picks it from the device memory). pinned: see `ExpertMesh`.
+    """
+
+    def __init__(self, cfg: ModelConfig, devices: Sequence[jax.Device], *, parts_per_layer: int = 1,
+                 pinned: bool | None = None):
+        if parts_per_layer < 1:
+            raise ValueError(f"parts_per_layer must be >= 1, got {parts_per_layer}")
+        self.cfg = cfg
+        self.parts = parts_per_layer
+        self.ep: ExpertMesh = expert_mesh(tuple(devices), pinned)
+        self.moe_layers = tuple(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+
+    def place(self, dense_weights: Weights) -> Weights:
+        """The non-expert weights replicated on the mesh (a no-op when already there)."""
+        dense, _ = split_experts(dense_weights)
+        return self.ep.replicate(dense)
+
+    def __call__(self, dense_weights: Weights, source: ExpertSource, cache: KVCache, tokens, positions, *,
+                 logit_index=None, log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
+        cfg, ep = self.cfg, self.ep
+        log = [] if log is None else log
+        weights = self.place(dense_weights)
+        for i, lw in enumerate(weights.layers):
+            if isinstance(lw.mlp, MoEWeights) != (i in self.moe_layers):
+                raise ValueError(f"layer {i}: weights and config disagree on whether it is an MoE layer")
+        tokens, positions, cache = ep.replicate((jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), cache))
+        units = [(layer, part) for layer in self.moe_layers for part in range(self.parts)]
+        loaded: dict[int, Any] = {}  # unit index -> device experts (at most two)
+        computed: dict[int, jax.Array] = {}
+
+        def issue(u: int) -> None:
+            if u < len(units):
+                layer, part = units[u]
+                loaded[u] = ep.put_part(layer_experts(source, layer), self.parts, part)
+                log.append(("transfer", layer, part))
+
+        def await_(u: int) -> None:
+            if u in computed:
+                computed.pop(u).block_until_ready()
+                loaded.pop(u, None)
+                log.append(("await", *units[u]))
+
+        issue(0)
+        x, routed = _embed_jit(weights, tokens)
+        u = 0
+        for i, lw in enumerate(weights.layers):
+            dense = i not in self.moe_layers
+            x, routed, moe_in, cache = _layer_jit(cfg, lw, x, routed, cache, np.int32(i), positions, dense=dense)
+            if dense:
+                continue
+            flat, ids, gate_w = moe_in
+            for part in range(self.parts):
+                bounds = ep.bounds(cfg.n_routed_experts, self.parts, part)
+                routed = ep.routed(routed, flat, ids, gate_w, loaded[u], bounds)
+                computed[u] = routed
+                log.append(("compute", i, part))
+                await_(u - 1)
+                issue(u + 1)
+                u += 1
+        await_(u - 1)
+        logits = _final_jit(cfg, weights, x, routed, logit_index)
+        return logits, cache
+
+
+@functools.lru_cache(maxsize=8)
+def _streamer(cfg: ModelConfig, devices: tuple[jax.Device, ...], parts: int, pinned: bool | None) -> StreamingPrefill:
+    return StreamingPrefill(cfg, devices, parts_per_layer=parts, pinned=pinned)
+
+
+def _strategy_devices(strategy: Any, devices: Sequence[jax.Device]) -> tuple[jax.Device, ...]:
+    name = getattr(strategy, "name", strategy)
+    if name not in STRATEGY_DEVICES:
+        raise ValueError(f"streaming strategy must be one of {sorted(STRATEGY_DEVICES)}, got {name!r}")
+    n = STRATEGY_DEVICES[name]
+    if len(devices) < n:
+        raise ValueError(f"strategy {name!r} needs {n} device(s), got {len(devices)}")
+    return tuple(devices[:n])
+
+
+def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
+                      tokens, positions, *, devices: Sequence[jax.Device], strategy: Any = "slp",
+                      logit_index=None, parts_per_layer: int | None = None, pinned: bool | None = None,
+                      log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
+    """One prefill chunk, tokens/positions [B, T], with the routed experts streamed.
+
+    dense_weights: the model without routed experts (`placement.split_experts(w)[0]`; experts,
+    if present, are ignored), best placed once with `place_dense`. expert_source: layer ->
+    that layer's experts on the host (numpy views, e.g. `CheckpointExperts`, or host jax arrays).
+    strategy: "slp" | "dslp" or a planner `PrefillEstimate` (its parts_per_layer is used unless
+    given). Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index`; the cache, with the
+    chunk's latents, replicated on the strategy's devices).
+    """
+    devs = _strategy_devices(strategy, devices)
+    parts = parts_per_layer or getattr(strategy, "parts_per_layer", 1)
+    run = _streamer(cfg, devs, int(parts), pinned)
+    return run(dense_weights, expert_source, cache, tokens, positions, logit_index=logit_index, log=log)
+
+
+def place_dense(dense_weights: Weights, devices: Sequence[jax.Device], strategy: Any = "slp") -> Weights:
+    """Place the non-expert weights once where `slp_prefill_chunk` wants them."""
+    devs = _strategy_devices(strategy, devices)
+    return expert_mesh(devs).replicate(split_experts(dense_weights)[0])
+
+
+def slp_prefill(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
+                tokens, positions, *, chunk_size: int, devices: Sequence[jax.Device], strategy: Any = "slp",
+                logit_index=None, **kw) -> tuple[jax.Array, KVCache]:
+    """A whole prompt [B, T] in chunks of `chunk_size` tokens (the weights streamed once per
+    chunk). Returns (logits [B, T, V], or [B, 1, V] at `logit_index`, cache)."""
+    tokens, positions = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
+    weights = place_dense(dense_weights, devices, strategy)
+    outs = []
+    for s in range(0, tokens.shape[1], chunk_size):
+        logits, cache = slp_prefill_chunk(cfg, weights, expert_source, cache, tokens[:, s : s + chunk_size],
+                                          positions[:, s : s + chunk_size], devices=devices, strategy=strategy, **kw)
+        outs.append(logits)
+    logits = jnp.concatenate(outs, axis=1)
+    if logit_index is not None:
+        logits = logits[jnp.arange(logits.shape[0]), jnp.asarray(logit_index, jnp.int32)][:, None]
+    return logits, cache
