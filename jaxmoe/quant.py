@@ -7,8 +7,8 @@ A Linear weight is `weight[..., N, K]` (out, in) as stored in the checkpoint, an
 - `Fp8Weight`: float8_e4m3fn values with fp32 `weight_scale_inv` per (bn x bk) block,
   shape [..., ceil(N/bn), ceil(K/bk)] (edge blocks partial). Real value = fp8 * scale.
 
-Other formats (host-resident handles run by cpu_ext) register themselves on `linear` and
-`dequantize` with `functools.singledispatch`.
+Other formats (host-resident handles run by cpu_ext) register themselves on the weight-type
+dispatchers `linear_for` and `dequantize` (`functools.singledispatch` on the weight).
 """
 
 from __future__ import annotations
@@ -73,9 +73,14 @@ def _(w: Fp8Weight, dtype=jnp.float32) -> jax.Array:
     return (w.weight.astype(jnp.float32) * s).astype(dtype)
 
 
-@functools.singledispatch
 def linear(x: jax.Array, w: Any) -> jax.Array:
-    """y[..., N] = x[..., K] @ W[N, K]^T, computed in x's dtype with f32 accumulation."""
+    """y[..., N] = x[..., K] @ W[N, K]^T for any weight format (dispatch on the weight's type)."""
+    return linear_for(w, x)
+
+
+@functools.singledispatch
+def linear_for(w: Any, x: jax.Array) -> jax.Array:
+    """Default: dequantize to x's dtype and matmul with f32 accumulation."""
     return jnp.einsum(
         "...k,nk->...n", x, dequantize(w, x.dtype), preferred_element_type=jnp.float32
     ).astype(x.dtype)

@@ -34,7 +34,7 @@ def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer
 
 def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool):
     x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=absorb)
-    h = moe(cfg, lw.mlp, h) if isinstance(lw.mlp, MoEWeights) else mlp(lw.mlp, h)
+    h = moe(cfg, lw.mlp, h, positions < cache.max_len) if isinstance(lw.mlp, MoEWeights) else mlp(lw.mlp, h)
     return x + h, cache
 
 

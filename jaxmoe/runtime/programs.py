@@ -70,7 +70,7 @@ def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, dense: bool):
     if dense:
         return x + mlp(lw.mlp, h), None, cache
     flat = h.reshape(-1, h.shape[-1])
-    ids, weights, shared = moe_prologue(cfg, lw.mlp, flat)
+    ids, weights, shared = moe_prologue(cfg, lw.mlp, flat, (positions < cache.max_len).reshape(-1))
     return x + shared.reshape(x.shape), (flat, ids, weights), cache
 
 
