@@ -250,15 +250,29 @@ def test_decode_equals_full_recompute(case):
     print(f"[{case.name}] decode vs full recompute: {e1:.3g} (jaxmoe), {e2:.3g} (transformers)")
 
 
-def test_absorbed_equals_expanded_over_a_chunk(qlora):
-    """`decode` (absorbed MLA) over a whole 40-token chunk at once gives prefill's logits and
-    cache: the causal mask and the W_UK/W_UV absorption hold for T > 1 too."""
+def test_chunked_prefill_matches_hf(qlora):
+    """An 80-token sequence run as two 40-token chunks over the cache -- each chunk through
+    `prefill` (expanded) and through `decode` (absorbed MLA, T > 1, as the engine's chunked
+    steps do) -- gives transformers' logits over the whole sequence: the causal mask holds
+    within a chunk and at an offset, and both paths write the same latents."""
     _, decode = jitted()
     cfg, w = qlora.cfg, qlora.weights
-    want, want_cache = jx_prefill(cfg, w, qlora.prompt)
-    got, got_cache = decode(cfg, w, new_cache(cfg, 1), jnp.asarray(qlora.prompt, jnp.int32), _positions(1, PROMPT_LEN))
-    assert_close(got, want, TOL, "decode (absorbed) vs prefill (expanded) logits over a chunk")
-    assert_close(got_cache.c_kv, want_cache.c_kv, 1e-5, "c_kv written by absorbed vs expanded path")
+    seq = np.concatenate([qlora.prompt, qlora.prompt2], 1)
+    want = H.logits(qlora.hf, seq)
+    first, second = slice(0, PROMPT_LEN), slice(PROMPT_LEN, 2 * PROMPT_LEN)
+    pos = np.arange(2 * PROMPT_LEN, dtype=np.int32)[None]
+
+    got, cache = jx_prefill(cfg, w, seq[:, first])
+    assert_close(got, want[:, first], TOL, "chunk 1 via prefill (expanded)")
+    got_abs, cache_abs = decode(cfg, w, new_cache(cfg, 1), jnp.asarray(seq[:, first], jnp.int32), jnp.asarray(pos[:, first]))
+    assert_close(got_abs, want[:, first], TOL, "chunk 1 via decode (absorbed)")
+    assert_close(cache_abs.c_kv, cache.c_kv, 1e-5, "c_kv written by the absorbed vs the expanded path")
+    assert_close(cache_abs.k_pe, cache.k_pe, 1e-5, "k_pe written by the absorbed vs the expanded path")
+
+    got, _ = jx_prefill(cfg, w, seq[:, second], pos[:, second], cache=cache)
+    assert_close(got, want[:, second], TOL, "chunk 2 via prefill (expanded) over the cached chunk 1")
+    got, _ = decode(cfg, w, cache, jnp.asarray(seq[:, second], jnp.int32), jnp.asarray(pos[:, second]))
+    assert_close(got, want[:, second], TOL, "chunk 2 via decode (absorbed) over the cached chunk 1")
 
 
 def test_batch_of_two_equals_each_alone(qlora):
