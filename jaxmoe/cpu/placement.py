@@ -4,8 +4,10 @@
 - attention projections (q_a/q_b/q, kv_a_proj_with_mqa, o_proj), dense MLPs, shared experts
   and lm_head are `HostLinear` handles (repacked FP8 or BF16 in host memory),
 - each MoE layer's routed experts are one `HostExperts` layer of an `ExpertStore`,
-- norms, embeddings, the router and `kv_b_proj` stay as they are (`kv_b_proj` is dequantized
-  by the absorbed-attention decode path and is small).
+- norms, embeddings and the router stay as they are; `kv_b_proj`, which the absorbed-attention
+  decode dequantizes at every step (XLA's own FP8->f32 conversion costs ~5 ns per element on
+  the CPU: ~90 ms per DeepSeek-V3 layer), becomes a float32 DenseWeight, dequantized once here
+  (4x its FP8 bytes: 67 MB per V3 layer).
 `release(weights)` frees the native memory those handles refer to.
 
 Dispatch: `routed_experts` (jaxmoe.model.moe) is registered for `HostExperts` here.
@@ -22,6 +24,8 @@ import importlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jaxmoe import quant
 from jaxmoe.cpu import ops
@@ -77,6 +81,14 @@ def _host(w: Any, min_elements: int) -> Any:
     return w
 
 
+def _dense_f32(w: Any) -> Any:
+    """FP8 -> float32 DenseWeight, dequantized once on the host (numpy)."""
+    if not isinstance(w, quant.Fp8Weight) or len(w.shape) != 2:
+        return w
+    q = np.asarray(w.weight)
+    return quant.DenseWeight(weight=jnp.asarray(quant.dequantize_fp8_blocks(q, np.asarray(w.weight_scale_inv), w.block)))
+
+
 def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | None = None):
     """A Weights pytree whose large matmuls run on cpu_ext (see module docstring).
 
@@ -94,7 +106,8 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
     for i, lw in enumerate(weights.layers):
         a: MLAWeights = lw.self_attn
         attn = dataclasses.replace(a, q_a_proj=h(a.q_a_proj), q_b_proj=h(a.q_b_proj), q_proj=h(a.q_proj),
-                                   kv_a_proj_with_mqa=h(a.kv_a_proj_with_mqa), o_proj=h(a.o_proj))
+                                   kv_a_proj_with_mqa=h(a.kv_a_proj_with_mqa), o_proj=h(a.o_proj),
+                                   kv_b_proj=_dense_f32(a.kv_b_proj))
         if isinstance(lw.mlp, MoEWeights):
             ex = lw.mlp.experts
             if ex is not None and not isinstance(ex, HostExperts):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jaxmoe.cpu as jcpu
+from jaxmoe import quant
 from jaxmoe.config import ModelConfig
 from jaxmoe.cpu.expert_store import HostExperts, HostLinear
 
@@ -43,7 +44,8 @@ def test_placement_covers_every_large_matmul(tiny):
     for lw in placed.layers:
         a = lw.self_attn
         assert all(isinstance(w, HostLinear) for w in (a.q_a_proj, a.q_b_proj, a.kv_a_proj_with_mqa, a.o_proj))
-        assert not isinstance(a.kv_b_proj, HostLinear)  # dequantized by the absorbed decode
+        # dequantized once (XLA's FP8 conversion per decode step is slow on the CPU)
+        assert isinstance(a.kv_b_proj, quant.DenseWeight) and a.kv_b_proj.weight.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("step", ["prefill", "decode"])
