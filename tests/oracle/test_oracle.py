@@ -2,8 +2,8 @@
 
 Tiny random DeepseekV3ForCausalLM models (3 layers, first_k_dense_replace 1, n_group 4 /
 topk_group 2, YaRN, kv_lora; with q_lora and interleaved rope, and without q_lora with the rope
-dims in halves) are built and saved by transformers and
-loaded by jaxmoe's checkpoint loader; the FP8 case is the q_lora model block-quantized to e4m3
+dims in halves) are built and saved by transformers and loaded by jaxmoe's checkpoint loader;
+the FP8 case is the q_lora model block-quantized to e4m3
 with partial 128x128 edge blocks, read as FP8 by jaxmoe and as our own dequantized copy by
 transformers. Block-level tests come first, so a disagreement names the block that causes it.
 """
