@@ -77,6 +77,15 @@ def _local_routed(acc, x, ids, weights, experts, bounds):
     return acc + jax.lax.psum(y, AXIS).astype(acc.dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def _routed_program(devices: tuple[jax.Device, ...]):
+    """(acc, x, ids, weights, experts [n*size, ...] sharded, bounds [n, 3] sharded) -> acc + routed,
+    replicated. One jitted program per device tuple."""
+    mesh = Mesh(np.array(devices), (AXIS,))
+    return jax.jit(jax.shard_map(_local_routed, mesh=mesh, in_specs=(P(), P(), P(), P(), P(AXIS), P(AXIS)),
+                                 out_specs=P()))
+
+
 class ExpertMesh:
     """A 1-D mesh over `devices` (1 = SLP, 2 = SmallEP) and the streaming of windows onto it.
 
@@ -93,14 +102,7 @@ class ExpertMesh:
         self.sharded = NamedSharding(self.mesh, P(AXIS))
         self.pinned = all(pinned_available(d) for d in self.devices) if pinned is None else bool(pinned)
         self._bounds: dict[tuple[int, int, int], jax.Array] = {}
-        self.routed = jax.jit(
-            jax.shard_map(
-                _local_routed,
-                mesh=self.mesh,
-                in_specs=(P(), P(), P(), P(), P(AXIS), P(AXIS)),
-                out_specs=P(),
-            )
-        )
+        self.routed = _routed_program(self.devices)
 
     @property
     def size(self) -> int:

@@ -20,7 +20,8 @@ layer, part) in layer order:
     await the last unit; final norm + lm_head
 
 T(u+1) is issued before C(u) is awaited (the prefetch overlaps), and at most two units'
-weights are resident on a device. The order does not depend on whether `device_put` returns
+weights are resident on a device (`buffers` > 2 issues T(u+buffers-1) instead, for small
+units: then up to `buffers` units are resident). The order does not depend on whether `device_put` returns
 at once or blocks until the copy is done (C(u) is already queued either way). Every step is
 recorded in `log` as ("transfer" | "compute" | "await", layer, part) for the tests.
 
@@ -96,9 +97,14 @@ def layer_experts(source: ExpertSource, layer: int) -> Any:
 # ---- the device programs ------------------------------------------------------------------
 
 
+def _no_moe(x):
+    """An empty MoE output [B*T, H] (as the routed program returns): one layer program per layer kind."""
+    return jnp.zeros((x.shape[0] * x.shape[1], x.shape[2]), x.dtype)
+
+
 def _embed(weights: Weights, tokens):
     x = weights.embed_tokens[tokens]
-    return x, jnp.zeros_like(x)  # (x, an empty MoE output: one layer program for every layer kind)
+    return x, _no_moe(x)
 
 
 def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, dense: bool):
@@ -109,7 +115,7 @@ def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, dense: bool):
     cos, sin = rope_cos_sin(cfg, positions)
     x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=False)
     if dense:
-        return x + mlp(lw.mlp, h), jnp.zeros_like(x), None, cache
+        return x + mlp(lw.mlp, h), _no_moe(x), None, cache
     flat = h.reshape(-1, h.shape[-1])
     ids, weights, shared = moe_prologue(cfg, lw.mlp, flat)
     return x, shared, (flat, ids, weights), cache
@@ -131,16 +137,19 @@ _final_jit = jax.jit(_final_program, static_argnums=0)
 class StreamingPrefill:
     """SLP (one device) or DSLP (two: SmallEP) over an expert mesh.
 
-    parts_per_layer: stream each layer in this many sequential units (fewer bytes resident;
-    the planner picks it from the device memory). pinned: see `ExpertMesh`.
+    parts_per_layer: stream each layer in this many sequential units (fewer bytes resident).
+    buffers: how many units may be resident at once (2: double buffering; more lets the
+    transfers run further ahead, e.g. through a long attention, when units are small).
+    The planner picks both from the device memory. pinned: see `ExpertMesh`.
     """
 
     def __init__(self, cfg: ModelConfig, devices: Sequence[jax.Device], *, parts_per_layer: int = 1,
-                 pinned: bool | None = None):
-        if parts_per_layer < 1:
-            raise ValueError(f"parts_per_layer must be >= 1, got {parts_per_layer}")
+                 buffers: int = 2, pinned: bool | None = None):
+        if parts_per_layer < 1 or buffers < 2:
+            raise ValueError(f"need parts_per_layer >= 1 and buffers >= 2, got {parts_per_layer}, {buffers}")
         self.cfg = cfg
         self.parts = parts_per_layer
+        self.buffers = buffers
         self.ep: ExpertMesh = expert_mesh(tuple(devices), pinned)
         self.moe_layers = tuple(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
 
@@ -159,7 +168,7 @@ class StreamingPrefill:
                 raise ValueError(f"layer {i}: weights and config disagree on whether it is an MoE layer")
         tokens, positions, cache = ep.replicate((jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), cache))
         units = [(layer, part) for layer in self.moe_layers for part in range(self.parts)]
-        loaded: dict[int, Any] = {}  # unit index -> device experts (at most two)
+        loaded: dict[int, Any] = {}  # unit index -> device experts (at most `buffers`)
         computed: dict[int, jax.Array] = {}
 
         def issue(u: int) -> None:
@@ -174,7 +183,8 @@ class StreamingPrefill:
                 loaded.pop(u, None)
                 log.append(("await", *units[u]))
 
-        issue(0)
+        for v in range(self.buffers - 1):
+            issue(v)
         x, routed = _embed_jit(weights, tokens)
         u = 0
         for i, lw in enumerate(weights.layers):
@@ -189,7 +199,7 @@ class StreamingPrefill:
                 computed[u] = routed
                 log.append(("compute", i, part))
                 await_(u - 1)
-                issue(u + 1)
+                issue(u + self.buffers - 1)
                 u += 1
         await_(u - 1)
         logits = _final_jit(cfg, weights, x, routed, logit_index)
@@ -197,8 +207,9 @@ class StreamingPrefill:
 
 
 @functools.lru_cache(maxsize=8)
-def _streamer(cfg: ModelConfig, devices: tuple[jax.Device, ...], parts: int, pinned: bool | None) -> StreamingPrefill:
-    return StreamingPrefill(cfg, devices, parts_per_layer=parts, pinned=pinned)
+def _streamer(cfg: ModelConfig, devices: tuple[jax.Device, ...], parts: int, buffers: int,
+              pinned: bool | None) -> StreamingPrefill:
+    return StreamingPrefill(cfg, devices, parts_per_layer=parts, buffers=buffers, pinned=pinned)
 
 
 def _strategy_devices(strategy: Any, devices: Sequence[jax.Device]) -> tuple[jax.Device, ...]:
@@ -213,20 +224,21 @@ def _strategy_devices(strategy: Any, devices: Sequence[jax.Device]) -> tuple[jax
 
 def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
                       tokens, positions, *, devices: Sequence[jax.Device], strategy: Any = "slp",
-                      logit_index=None, parts_per_layer: int | None = None, pinned: bool | None = None,
-                      log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
+                      logit_index=None, parts_per_layer: int | None = None, buffers: int | None = None,
+                      pinned: bool | None = None, log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
     """One prefill chunk, tokens/positions [B, T], with the routed experts streamed.
 
     dense_weights: the model without routed experts (`placement.split_experts(w)[0]`; experts,
     if present, are ignored), best placed once with `place_dense`. expert_source: layer ->
     that layer's experts on the host (numpy views, e.g. `CheckpointExperts`, or host jax arrays).
-    strategy: "slp" | "dslp" or a planner `PrefillEstimate` (its parts_per_layer is used unless
-    given). Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index`; the cache, with the
+    strategy: "slp" | "dslp" or a planner `PrefillEstimate` (its parts_per_layer and buffers are
+    used unless given). Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index`; the cache, with the
     chunk's latents, replicated on the strategy's devices).
     """
     devs = _strategy_devices(strategy, devices)
     parts = parts_per_layer or getattr(strategy, "parts_per_layer", 1)
-    run = _streamer(cfg, devs, int(parts), pinned)
+    buffers = buffers or getattr(strategy, "buffers", 2)
+    run = _streamer(cfg, devs, int(parts), int(buffers), pinned)
     return run(dense_weights, expert_source, cache, tokens, positions, logit_index=logit_index, log=log)
 
 

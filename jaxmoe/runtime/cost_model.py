@@ -1,0 +1,146 @@
+"""What a DeepSeek-V3-family model costs: bytes and FLOPs per token, per layer, per chunk.
+
+Pure arithmetic on a `ModelConfig` (no hardware here; runtime/planner.py turns these into
+seconds). Bytes are as stored: FP8 Linears 1 byte/weight + fp32 block scales, everything else
+bf16. FLOPs count a multiply-add as 2. Attention FLOPs assume causal skipping (a query at
+position p sees p + 1 keys), as a fused prefill kernel does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from jaxmoe.config import ModelConfig
+
+BF16 = 2
+
+
+def linear_bytes(cfg: ModelConfig, n: int, k: int) -> int:
+    """A stored [n, k] Linear: FP8 values + fp32 scales per block, or bf16."""
+    if cfg.quantization is None:
+        return n * k * BF16
+    bn, bk = cfg.quantization.weight_block_size
+    return n * k + 4 * math.ceil(n / bn) * math.ceil(k / bk)
+
+
+def _attention_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """[n, k] of the MLA projections applied per token (kv_b_proj excluded: it expands the cache)."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    q = ([(cfg.q_lora_rank, h), (heads * cfg.qk_head_dim, cfg.q_lora_rank)] if cfg.q_lora_rank
+         else [(heads * cfg.qk_head_dim, h)])
+    return q + [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h), (h, heads * cfg.v_head_dim)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCosts:
+    """Per-token FLOPs and stored bytes, by layer kind (a "dense" layer has an MLP, an "MoE"
+    layer a router, shared experts and routed experts)."""
+
+    cfg: ModelConfig
+    n_layers: int
+    moe_layers: int
+    attn_bytes: int  # MLA projections of one layer
+    dense_mlp_bytes: int
+    moe_resident_bytes: int  # router + shared experts of one MoE layer
+    expert_bytes: int  # one routed expert (gate + up + down)
+    embed_bytes: int
+    lm_head_bytes: int
+    attn_linear_flops: float  # per token per layer (kv_b_proj: see attention_flops)
+    dense_mlp_flops: float  # per token per dense layer
+    moe_resident_flops: float  # per token per MoE layer: router + shared experts
+    routed_flops_per_layer: float  # per token per MoE layer: the k routed experts
+
+    @property
+    def dense_layers(self) -> int:
+        return self.n_layers - self.moe_layers
+
+    @property
+    def layer_experts_bytes(self) -> int:
+        return self.cfg.n_routed_experts * self.expert_bytes
+
+    def layer_resident_bytes(self, moe: bool) -> int:
+        return self.attn_bytes + (self.moe_resident_bytes if moe else self.dense_mlp_bytes)
+
+    def layer_resident_flops(self, moe: bool) -> float:
+        return self.attn_linear_flops + (self.moe_resident_flops if moe else self.dense_mlp_flops)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Everything but the routed experts: embeddings, MLA, dense MLPs, routers, shared experts, lm_head."""
+        return (self.embed_bytes + self.lm_head_bytes + self.moe_layers * self.layer_resident_bytes(True)
+                + self.dense_layers * self.layer_resident_bytes(False))
+
+    @property
+    def decode_resident_bytes(self) -> int:
+        """Of those, what one decoded token reads (not the embedding table)."""
+        return self.resident_bytes - self.embed_bytes
+
+    @property
+    def routed_bytes(self) -> int:
+        return self.moe_layers * self.layer_experts_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.resident_bytes + self.routed_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Latent cache (bf16), all layers."""
+        return self.n_layers * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim) * BF16
+
+    @property
+    def flops_per_token(self) -> float:
+        """Linear layers only (no attention scores, no lm_head)."""
+        return (self.moe_layers * (self.layer_resident_flops(True) + self.routed_flops_per_layer)
+                + self.dense_layers * self.layer_resident_flops(False))
+
+    def attention_flops(self, start: int, n: int) -> float:
+        """One layer, queries at positions [start, start + n): scores + weighted values, causal,
+        plus the expansion of the start + n cached latents through kv_b_proj."""
+        c = self.cfg
+        pairs = n * start + n * (n + 1) / 2
+        per_pair = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
+        expand = 2 * (start + n) * c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)
+        return pairs * per_pair + expand
+
+    def lm_head_flops(self) -> float:
+        return 2.0 * self.cfg.vocab_size * self.cfg.hidden_size
+
+    def activation_bytes_per_token(self) -> int:
+        """Device working set per token of a prefill chunk (bf16): residual, normed input and
+        MoE output, queries and attention output, the k gathered expert inputs, the routed
+        intermediates; attention scores are assumed blocked (a fused kernel)."""
+        c = self.cfg
+        k = c.num_experts_per_tok
+        return BF16 * (6 * c.hidden_size + k * c.hidden_size
+                       + c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) + 2 * k * c.moe_intermediate_size)
+
+    def touched_experts(self, n_tokens: int) -> float:
+        """Expected number of distinct experts a layer routes n tokens to (uniform routing)."""
+        e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok
+        return e * (1.0 - (1.0 - k / e) ** n_tokens)
+
+
+def model_costs(cfg: ModelConfig) -> ModelCosts:
+    h, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    lb = lambda n, k: linear_bytes(cfg, n, k)  # noqa: E731
+    attn = _attention_linears(cfg)
+    kv_b = (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+    shared_i = i * cfg.n_shared_experts
+    inter = cfg.intermediate_size
+    return ModelCosts(
+        cfg=cfg,
+        n_layers=cfg.num_hidden_layers,
+        moe_layers=sum(cfg.is_moe_layer(j) for j in range(cfg.num_hidden_layers)),
+        attn_bytes=sum(lb(n, k) for n, k in attn + [kv_b]),
+        dense_mlp_bytes=(2 * lb(inter, h) + lb(h, inter)) if inter else 0,
+        moe_resident_bytes=((2 * lb(shared_i, h) + lb(h, shared_i)) if shared_i else 0) + e * h * BF16 + 4 * e,
+        expert_bytes=2 * lb(i, h) + lb(h, i),
+        embed_bytes=cfg.vocab_size * h * BF16,
+        lm_head_bytes=cfg.vocab_size * h * BF16,
+        attn_linear_flops=2.0 * sum(n * k for n, k in attn),
+        dense_mlp_flops=6.0 * h * inter,
+        moe_resident_flops=6.0 * h * shared_i + 2.0 * h * e,
+        routed_flops_per_layer=6.0 * h * i * cfg.num_experts_per_tok,
+    )

@@ -1,0 +1,317 @@
+"""Performance model and planner: how long a prefill takes by strategy, which one to use,
+and how fast decode goes, for a checkpoint config on a box described in configs/hardware/.
+
+Strategies of a prefill:
+- "cpu": routed experts on the CPU (our kernels), everything else on the GPU (or, with no
+  GPU, everything on the CPU); chunks of `cpu_chunk` tokens, run layer after layer.
+- "slp": stream-loading prefill on one GPU: per chunk, each MoE layer's experts go over PCIe
+  (double-buffered: the transfer of unit u+1 overlaps the compute of unit u) and run there.
+- "dslp": SLP on two GPUs with SmallEP: each streams and computes half of every layer's
+  experts; attention replicated (as implemented) or split by sequence (modelled only).
+- "resident": the whole model, experts included, fits on one GPU.
+
+Time per chunk comes from a small event simulation of the SLP pipeline (copy engine and
+compute stream, at most two units resident: the order runtime/streaming.py issues).
+Compute = FLOPs / (peak x efficiency), memory-bound floors from bytes / bandwidth. The
+chunk size and the stream granularity (parts per layer) follow from the GPU memory left
+beside the resident weights, the latent cache and the activations.
+
+Hardware profiles and their calibration: runtime/hardware.py.
+
+    hw = load_hardware("reference-box")
+    plan = plan_prefill(cfg, hw, n_tokens)           # -> Plan; plan.choice: PrefillEstimate
+    plan = plan_prefill(cfg, hw, n_tokens, force="slp")   # or JAXMOE_PREFILL_STRATEGY=slp
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.runtime.cost_model import BF16, ModelCosts, model_costs
+from jaxmoe.runtime.hardware import Hardware, load_hardware
+
+__all__ = ["STRATEGIES", "Hardware", "load_hardware", "PrefillEstimate", "Plan", "estimate_prefill", "plan_prefill",
+           "prefill_threshold", "DecodeEstimate", "estimate_decode"]
+STRATEGIES = ("cpu", "slp", "dslp", "resident")
+FORCE_ENV = "JAXMOE_PREFILL_STRATEGY"
+PARTS = (1, 2, 4, 8, 16)
+BUFFERS = (2, 4, 8, 16, 32)
+MIN_CHUNK = 128
+
+
+# ---- rates ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rates:
+    gemm: float  # FLOP/s
+    attn: float
+    mem: float  # B/s
+    pcie: float
+    cpu: float
+    cpu_read: float  # B/s, expert GEMV
+    overhead: float  # s per layer per chunk
+
+
+def _rates(cfg: ModelConfig, hw: Hardware) -> _Rates:
+    e, c, g = hw.efficiency, hw.cpu, hw.gpu
+    cpu = c.cores * c.ghz * 1e9 * c.flops_per_cycle * e.cpu_gemm
+    cpu_read = c.read_gbps * 1e9 * e.cpu_gemv_frac_of_read
+    if g is None:
+        return _Rates(cpu, cpu, cpu_read, math.inf, cpu, cpu_read, e.layer_overhead_us * 1e-6)
+    peak = g.fp8_tflops if (cfg.quantization is not None and e.gpu_gemm_dtype == "fp8") else g.bf16_tflops
+    return _Rates(peak * 1e12 * e.gpu_gemm, g.bf16_tflops * 1e12 * e.gpu_attention, g.mem_gbps * 1e9 * e.gpu_mem,
+                  g.pcie_gbps * 1e9, cpu, cpu_read, e.layer_overhead_us * 1e-6)
+
+
+# ---- prefill --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillEstimate:
+    strategy: str
+    n_tokens: int
+    seconds: float  # math.inf when infeasible
+    chunk_tokens: int = 0
+    parts_per_layer: int = 1
+    buffers: int = 2  # stream units resident at once
+    transfer_s: float = 0.0  # copy-engine busy time (per GPU), all chunks
+    compute_s: float = 0.0  # compute busy time (per GPU, or CPU), all chunks
+    attention: str = "replicated"  # dslp: "replicated" (implemented) or "sequence" (modelled)
+    stream_dense: bool = False  # MLA/shared weights streamed with the experts (modelled only)
+    reason: str = ""  # why infeasible
+
+    @property
+    def name(self) -> str:  # what runtime/streaming.py reads
+        return self.strategy
+
+    @property
+    def feasible(self) -> bool:
+        return math.isfinite(self.seconds)
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.n_tokens / self.seconds if self.feasible and self.seconds > 0 else 0.0
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_tokens // self.chunk_tokens) if self.chunk_tokens else 0
+
+    @property
+    def bound(self) -> str:
+        if self.strategy not in ("slp", "dslp"):
+            return "compute"
+        return "transfer" if self.transfer_s > self.compute_s else "compute"
+
+
+def _layer_s(mc: ModelCosts, r: _Rates, start: int, n: int, moe: bool) -> float:
+    """One layer's resident part (MLA, dense MLP or router + shared experts) for n tokens."""
+    lin = max(n * mc.layer_resident_flops(moe) / r.gemm, mc.layer_resident_bytes(moe) / r.mem)
+    return lin + mc.attention_flops(start, n) / r.attn + r.overhead
+
+
+def _routed_s(mc: ModelCosts, r: _Rates, n: int, fraction: float) -> float:
+    """A fraction of one layer's routed experts on the GPU for n tokens (read once from HBM)."""
+    return max(n * fraction * mc.routed_flops_per_layer / r.gemm, fraction * mc.layer_experts_bytes / r.mem)
+
+
+def _cpu_routed_s(mc: ModelCosts, r: _Rates, n: int) -> float:
+    return max(n * mc.routed_flops_per_layer / r.cpu, mc.touched_experts(n) * mc.expert_bytes / r.cpu_read)
+
+
+def _pipeline(items: list[tuple[float, float | None]], buffers: int = 2) -> tuple[float, float, float]:
+    """Simulate one chunk: items in issue order, (compute s, None) or (compute s, transfer s) for
+    a streamed unit, on one copy engine and one compute stream. T(v) starts when T(v-1) is done
+    and C(v-buffers) has finished (its buffer freed), as runtime/streaming.py issues them.
+    Returns (elapsed, copy busy, compute busy)."""
+    transfers = [t for _, t in items if t is not None]
+    tr_end: list[float] = []
+
+    def issue(v: int, after: float) -> None:
+        if v < len(transfers):
+            tr_end.append(max(tr_end[-1] if tr_end else 0.0, after) + transfers[v])
+
+    for v in range(buffers - 1):
+        issue(v, 0.0)
+    comp_end: list[float] = []
+    clock = busy = 0.0
+    for c, t in items:
+        busy += c
+        if t is None:
+            clock += c
+            continue
+        u = len(comp_end)
+        clock = max(clock, tr_end[u]) + c
+        comp_end.append(clock)
+        issue(u + buffers - 1, comp_end[u - 1] if u else 0.0)
+    return clock, sum(transfers), busy
+
+
+def _chunks(n_tokens: int, chunk: int):
+    for s in range(0, n_tokens, chunk):
+        yield s, min(chunk, n_tokens - s)
+
+
+def _stream(mc: ModelCosts, hw: Hardware, r: _Rates, n_tokens: int, n_dev: int, parts: int, buffers: int,
+            attention: str, chunk: int | None, stream_dense: bool) -> PrefillEstimate:
+    name = "slp" if n_dev == 1 else "dslp"
+    g = hw.gpu
+    e = mc.cfg.n_routed_experts
+    window = -(-e // (parts * n_dev))
+    unit_bytes = window * mc.expert_bytes
+    resident = mc.resident_bytes
+    if stream_dense:  # MoE layers' MLA + router + shared experts travel with their experts
+        resident -= mc.moe_layers * mc.layer_resident_bytes(True)
+        unit_bytes += mc.layer_resident_bytes(True) / parts
+    split = attention == "sequence" and n_dev > 1
+    act = mc.activation_bytes_per_token() / (n_dev if split else 1)
+    free = (g.memory_gb * 1e9 * hw.efficiency.gpu_usable_memory - resident - buffers * unit_bytes
+            - n_tokens * mc.kv_bytes_per_token)
+    limit = int(free // act) if free > 0 else 0
+    if limit < min(MIN_CHUNK, n_tokens):
+        return PrefillEstimate(name, n_tokens, math.inf, parts_per_layer=parts, buffers=buffers, attention=attention,
+                               reason=f"{parts} part(s)/layer x {buffers} buffers: {free / 1e9:.1f} GB left "
+                                      f"per GPU for activations")
+    chunk = min(chunk or n_tokens, limit, n_tokens)
+    # fake devices share one set of cores: their work adds up instead of running side by side
+    serial = n_dev if g.shared_compute else 1
+    share = 1.0 / n_dev if split else 1.0
+    total = copy = busy = 0.0
+    for s, n in _chunks(n_tokens, chunk):
+        comm = n * mc.cfg.hidden_size * BF16 / r.pcie if n_dev > 1 else 0.0  # psum (and all-gather) of [n, H]
+        items: list[tuple[float, float | None]] = []
+        for layer in range(mc.n_layers):
+            moe = mc.cfg.is_moe_layer(layer)
+            items.append((serial * share * _layer_s(mc, r, s, n, moe) + (comm if split else 0.0), None))
+            if moe:
+                unit = serial * _routed_s(mc, r, n, window / e) + comm
+                items += [(unit, unit_bytes / r.pcie)] * parts
+        items.append((mc.lm_head_flops() / r.gemm, None))
+        t, c, b = _pipeline(items, buffers)
+        total, copy, busy = total + t, copy + c, busy + b
+    return PrefillEstimate(name, n_tokens, total, chunk, parts, buffers, copy, busy, attention,
+                           stream_dense=stream_dense)
+
+
+def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: str, *, chunk: int | None = None,
+                     parts_per_layer: int | None = None, buffers: int | None = None, attention: str = "replicated",
+                     stream_dense: bool = False, cpu_chunk: int = 256) -> PrefillEstimate:
+    """Predicted prefill of one prompt of n_tokens by `strategy` (see the module docstring).
+
+    chunk / parts_per_layer / buffers: fixed instead of searched. attention ("dslp"):
+    "replicated" (as implemented) or "sequence" (split by tokens: modelled only). stream_dense:
+    stream the MoE layers' MLA, router and shared experts with the experts instead of keeping
+    them resident (modelled only: frees device memory for larger chunks and buffers)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown prefill strategy {strategy!r}; known: {STRATEGIES}")
+    mc, r = model_costs(cfg), _rates(cfg, hw)
+    inf = lambda why: PrefillEstimate(strategy, n_tokens, math.inf, reason=why)  # noqa: E731
+    if strategy == "cpu":
+        total = busy = 0.0
+        chunk = chunk or cpu_chunk
+        for s, n in _chunks(n_tokens, chunk):
+            for layer in range(mc.n_layers):
+                moe = cfg.is_moe_layer(layer)
+                total += _layer_s(mc, r, s, n, moe)
+                if moe:
+                    hop = 0.0 if hw.gpu is None else 2 * n * cfg.hidden_size * BF16 / r.pcie
+                    total += hop + _cpu_routed_s(mc, r, n)
+            total += mc.lm_head_flops() / r.gemm
+        return PrefillEstimate("cpu", n_tokens, total, chunk, compute_s=total)
+    need = {"slp": 1, "dslp": 2, "resident": 1}[strategy]
+    if hw.n_gpus < need:
+        return inf(f"needs {need} GPU(s), {hw.name} has {hw.n_gpus}")
+    if strategy == "resident":
+        free = (hw.gpu.memory_gb * 1e9 * hw.efficiency.gpu_usable_memory - mc.total_bytes
+                - n_tokens * mc.kv_bytes_per_token)
+        limit = int(free // mc.activation_bytes_per_token()) if free > 0 else 0
+        if limit < min(MIN_CHUNK, n_tokens):
+            return inf(f"the model ({mc.total_bytes / 1e9:.1f} GB) does not fit in {hw.gpu.memory_gb} GB")
+        chunk = min(chunk or n_tokens, limit, n_tokens)
+        total = sum(_layer_s(mc, r, s, n, cfg.is_moe_layer(j)) + (_routed_s(mc, r, n, 1.0) if cfg.is_moe_layer(j) else 0)
+                    for s, n in _chunks(n_tokens, chunk) for j in range(mc.n_layers))
+        return PrefillEstimate("resident", n_tokens, total, chunk, compute_s=total)
+    options = [(p, b) for p in ([parts_per_layer] if parts_per_layer else PARTS)
+               for b in ([buffers] if buffers else BUFFERS) if buffers or b <= 2 * p]
+    ests = [_stream(mc, hw, r, n_tokens, need, p, b, attention, chunk, stream_dense) for p, b in options]
+    return min(ests, key=lambda x: (x.seconds, x.parts_per_layer, x.buffers))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    choice: PrefillEstimate
+    estimates: dict[str, PrefillEstimate]
+    forced: bool = False
+
+
+def plan_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, *, force: str | None = None,
+                 strategies: tuple[str, ...] = STRATEGIES, **kw) -> Plan:
+    """The fastest feasible strategy for a prompt of n_tokens (ties: the earlier in `strategies`).
+
+    force: a strategy to use whatever the model says (also from the environment variable
+    JAXMOE_PREFILL_STRATEGY); raises ValueError if that strategy cannot run on `hw`.
+    """
+    force = force or os.environ.get(FORCE_ENV) or None
+    ests = {s: estimate_prefill(cfg, hw, n_tokens, s, **kw) for s in strategies}
+    if force is not None:
+        est = ests.get(force) or estimate_prefill(cfg, hw, n_tokens, force, **kw)
+        if not est.feasible:
+            raise ValueError(f"forced prefill strategy {force!r} cannot run on {hw.name}: {est.reason}")
+        return Plan(est, ests, forced=True)
+    best = min((e for e in ests.values() if e.feasible), key=lambda e: e.seconds, default=None)
+    if best is None:
+        raise ValueError(f"no prefill strategy fits {n_tokens} tokens on {hw.name}: "
+                         + "; ".join(f"{s}: {e.reason}" for s, e in ests.items()))
+    return Plan(best, ests)
+
+
+def prefill_threshold(cfg: ModelConfig, hw: Hardware, strategy: str = "slp", against: str = "cpu",
+                      max_tokens: int | None = None) -> int | None:
+    """Smallest prompt length from which `strategy` beats `against` (None: never, up to max_tokens)."""
+    top = max_tokens or cfg.max_position_embeddings
+
+    def wins(n: int) -> bool:
+        a, b = estimate_prefill(cfg, hw, n, strategy), estimate_prefill(cfg, hw, n, against)
+        return a.seconds < b.seconds
+
+    hi = 1
+    while not wins(hi):
+        hi *= 2
+        if hi > top:
+            return None
+    lo = hi // 2
+    while hi - lo > max(1, lo // 64):  # ~1.5 % resolution
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if wins(mid) else (mid, hi)
+    return hi
+
+
+# ---- decode ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeEstimate:
+    seconds: float  # per token, one request
+    expert_s: float  # CPU: the k routed experts of every MoE layer
+    resident_s: float  # GPU (or CPU): everything else, with the latent cache
+    overhead_s: float
+    bytes_per_token: float
+
+    @property
+    def tok_per_s(self) -> float:
+        return 1.0 / self.seconds
+
+
+def estimate_decode(cfg: ModelConfig, hw: Hardware, *, context: int = 4096) -> DecodeEstimate:
+    """One request decoding at `context` tokens: experts on the CPU (read-bound GEMV), the
+    rest on the GPU (weights + latent cache read once per token), one round trip per MoE layer."""
+    mc, r = model_costs(cfg), _rates(cfg, hw)
+    expert_bytes = mc.moe_layers * cfg.num_experts_per_tok * mc.expert_bytes
+    resident_bytes = mc.decode_resident_bytes + context * mc.kv_bytes_per_token
+    expert_s = expert_bytes / r.cpu_read
+    resident_s = resident_bytes / (r.cpu_read if hw.gpu is None else r.mem)
+    overhead = mc.moe_layers * hw.efficiency.decode_layer_overhead_us * 1e-6 if hw.gpu is not None else 0.0
+    return DecodeEstimate(expert_s + resident_s + overhead, expert_s, resident_s, overhead, expert_bytes + resident_bytes)
