@@ -1,0 +1,137 @@
+"""The performance model and the planner against hand-computed cases (no JAX work here)."""
+
+import json
+import math
+
+import pytest
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.runtime import hardware, planner
+from jaxmoe.runtime.cost_model import model_costs
+from jaxmoe.runtime.planner import (
+    _pipeline,
+    estimate_decode,
+    estimate_prefill,
+    load_hardware,
+    plan_prefill,
+    prefill_threshold,
+)
+
+V3 = ModelConfig.named("deepseek-v3")
+EXPERT = 3 * 2048 * 7168 + 3 * 16 * 56 * 4  # FP8 gate/up/down + fp32 scales [16, 56] / [56, 16]
+ROUTED = 58 * 256 * EXPERT  # 58 MoE layers x 256 experts
+ROUTED_FLOPS = 58 * 8 * 6 * 7168 * 2048  # per token: k=8 experts x 3 matrices x 2 FLOP
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return load_hardware("reference-box", calibrate=False)
+
+
+def test_cost_model_deepseek_v3():
+    mc = model_costs(V3)
+    assert mc.expert_bytes == EXPERT == 44_050_944
+    assert mc.routed_bytes == ROUTED
+    assert mc.moe_layers * mc.routed_flops_per_layer == ROUTED_FLOPS
+    assert mc.kv_bytes_per_token == 61 * (512 + 64) * 2
+    # one query at position 0: 128 heads x (192 + 128) x 2, plus expanding one latent through kv_b
+    assert mc.attention_flops(0, 1) == 128 * 320 * 2 + 2 * 512 * 128 * 256
+    assert 18e9 < mc.resident_bytes < 20e9  # MLA 11.4 GB + embed/lm_head 3.7 GB + dense/shared ...
+    assert mc.touched_experts(1) == pytest.approx(8) and mc.touched_experts(10**6) == pytest.approx(256)
+
+
+@pytest.mark.parametrize("items, buffers, elapsed", [
+    ([(0.5, 1.0), (0.5, 1.0)], 2, 2.5),  # T0 [0,1] C0 [1,1.5] T1 [1,2] C1 [2,2.5]
+    ([(2, 1), (2, 1), (2, 1)], 2, 7.0),  # compute-bound; T2 waits for C0 (two buffers)
+    ([(3.0, None), (0.1, 1.0), (0.1, 1.0), (0.1, 1.0)], 2, 4.2),  # a long attention: T2 waits for C0
+    ([(3.0, None), (0.1, 1.0), (0.1, 1.0), (0.1, 1.0)], 3, 3.3),  # a third buffer: T1, T2 load during it
+])
+def test_pipeline_simulation(items, buffers, elapsed):
+    t, copy, busy = _pipeline(items, buffers)
+    assert t == pytest.approx(elapsed)
+    assert copy == pytest.approx(sum(x for _, x in items if x is not None))
+    assert busy == pytest.approx(sum(c for c, _ in items))
+
+
+def test_slp_and_dslp_transfer_bound_below_the_balance_point(ref):
+    # 4K tokens fit in one chunk: every expert crosses PCIe once (50 GB/s), compute is smaller
+    slp = estimate_prefill(V3, ref.with_gpus(1), 4096, "slp")
+    assert slp.bound == "transfer" and slp.n_chunks == 1
+    assert ROUTED / 50e9 <= slp.seconds <= 1.03 * ROUTED / 50e9
+    dslp = estimate_prefill(V3, ref, 4096, "dslp")  # each GPU half
+    assert dslp.bound == "transfer"
+    assert ROUTED / 2 / 50e9 <= dslp.seconds <= 1.03 * ROUTED / 2 / 50e9
+    assert estimate_prefill(V3, ref.with_gpus(1), 4096, "dslp").reason.startswith("needs 2 GPU")
+
+
+def test_cpu_experts_compute_bound(ref):
+    per_token = ROUTED_FLOPS / (64 * 3.5e9 * 128 * 0.25)  # 5.7 ms of CPU expert GEMM per token
+    cpu = estimate_prefill(V3, ref, 4096, "cpu")
+    assert 4096 * per_token <= cpu.seconds <= 1.15 * 4096 * per_token
+    # the token threshold: SLP (~13.1 s whatever the length, up to a chunk) vs CPU (n x >= 5.7 ms)
+    n = prefill_threshold(V3, ref.with_gpus(1), "slp")
+    assert ROUTED / 50e9 / (1.15 * per_token) <= n <= ROUTED / 50e9 / per_token
+
+
+def test_planner_choices_reference_box(ref):
+    assert plan_prefill(V3, ref, 512).choice.strategy == "cpu"
+    long = plan_prefill(V3, ref, 32768)
+    assert long.choice.strategy == "dslp"
+    assert long.estimates["resident"].reason.startswith("the model (673.1 GB) does not fit")
+    assert plan_prefill(V3, ref.with_gpus(1), 32768).choice.strategy == "slp"
+    # whole layers double-buffered do not fit beside 19 GB of resident weights on a 32 GB card
+    whole = estimate_prefill(V3, ref, 32768, "slp", parts_per_layer=1, buffers=2)
+    assert not whole.feasible and "GB left per GPU" in whole.reason
+    best = estimate_prefill(V3, ref, 32768, "slp")
+    assert best.parts_per_layer > 1 and best.chunk_tokens >= 4096
+
+
+def test_planner_choices_other_profiles():
+    here = load_hardware("this-machine", calibrate=False)
+    plan = plan_prefill(V3, here, 100_000)
+    assert plan.choice.strategy == "cpu"
+    assert all(not plan.estimates[s].feasible for s in ("slp", "dslp", "resident"))
+    h100 = load_hardware("h100-box", calibrate=False)
+    mid = ModelConfig.named("bench-v3-mid")  # 3 layers, 32 experts: 4.3 GB, fits in 80 GB
+    assert plan_prefill(mid, h100, 8192).choice.strategy == "resident"
+    assert plan_prefill(V3, h100, 32768).choice.strategy == "slp"
+    fake = load_hardware("this-machine-fake-devices", calibrate=False)
+    assert estimate_prefill(ModelConfig.named("tiny"), fake, 64, "dslp").feasible
+
+
+def test_force_strategy(ref, monkeypatch):
+    here = load_hardware("this-machine", calibrate=False)
+    with pytest.raises(ValueError, match="forced prefill strategy 'slp' cannot run on this-machine: needs 1 GPU"):
+        plan_prefill(V3, here, 4096, force="slp")
+    forced = plan_prefill(V3, ref, 32768, force="cpu")
+    assert forced.forced and forced.choice.strategy == "cpu"
+    monkeypatch.setenv(planner.FORCE_ENV, "slp")
+    assert plan_prefill(V3, ref, 512).choice.strategy == "slp"
+    with pytest.raises(ValueError, match="unknown prefill strategy"):
+        estimate_prefill(V3, ref, 512, "gpu")
+
+
+def test_decode_bytes_over_bandwidth(ref):
+    d = estimate_decode(V3, ref, context=4096)
+    mc = model_costs(V3)
+    assert d.expert_s == pytest.approx(58 * 8 * EXPERT / (940e9 * 0.9))
+    assert d.resident_s == pytest.approx((mc.decode_resident_bytes + 4096 * mc.kv_bytes_per_token) / (1792e9 * 0.8))
+    assert d.overhead_s == pytest.approx(58 * 100e-6)
+    assert 0.8 * 21.5 <= d.tok_per_s <= 1.2 * 21.5  # the published FP8 figure (docs/PERFORMANCE_MODEL.md)
+
+
+def test_hardware_profiles_and_calibration(tmp_path, monkeypatch):
+    for name in ("reference-box", "h100-box", "this-machine", "this-machine-fake-devices"):
+        load_hardware(name)
+    ref = load_hardware("reference-box")
+    assert (ref.n_gpus, ref.gpu.bf16_tflops, ref.gpu.fp8_tflops, ref.gpu.pcie_gbps, ref.gpu.memory_gb) == (2, 209.5, 419, 50, 32)
+    kernels = tmp_path / "kernels.json"
+    kernels.write_text(json.dumps({"metrics": {"fp8_gemv_m1_frac_of_read": 0.8}}))
+    monkeypatch.setattr(hardware, "KERNELS_JSON", kernels)
+    here = load_hardware("this-machine")
+    assert here.efficiency.cpu_gemv_frac_of_read == 0.8 and here.calibrated_from
+    assert load_hardware("this-machine", calibrate=False).efficiency.cpu_gemv_frac_of_read == 0.9
+    assert not load_hardware("reference-box").calibrated_from  # not measured there
+    with pytest.raises(ValueError, match="unknown hardware profile"):
+        load_hardware("no-such-box")
+    assert math.isinf(estimate_prefill(V3, here, 10, "resident").seconds)
