@@ -36,6 +36,7 @@ from jaxmoe.runtime.hardware import Hardware, load_hardware
 __all__ = ["STRATEGIES", "Hardware", "load_hardware", "PrefillEstimate", "Plan", "estimate_prefill", "plan_prefill",
            "prefill_threshold", "DecodeEstimate", "estimate_decode"]
 STRATEGIES = ("cpu", "slp", "dslp", "resident")
+PREFERENCE = ("resident", "slp", "dslp", "cpu")  # on equal predicted time: fewer transfers, fewer GPUs
 FORCE_ENV = "JAXMOE_PREFILL_STRATEGY"
 PARTS = (1, 2, 4, 8, 16)
 BUFFERS = (2, 4, 8, 16, 32)
@@ -233,6 +234,7 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
         chunk = min(chunk or n_tokens, limit, n_tokens)
         total = sum(_layer_s(mc, r, s, n, cfg.is_moe_layer(j)) + (_routed_s(mc, r, n, 1.0) if cfg.is_moe_layer(j) else 0)
                     for s, n in _chunks(n_tokens, chunk) for j in range(mc.n_layers))
+        total += -(-n_tokens // chunk) * mc.lm_head_flops() / r.gemm
         return PrefillEstimate("resident", n_tokens, total, chunk, compute_s=total)
     options = [(p, b) for p in ([parts_per_layer] if parts_per_layer else PARTS)
                for b in ([buffers] if buffers else BUFFERS) if buffers or b <= 2 * p]
@@ -249,7 +251,7 @@ class Plan:
 
 def plan_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, *, force: str | None = None,
                  strategies: tuple[str, ...] = STRATEGIES, **kw) -> Plan:
-    """The fastest feasible strategy for a prompt of n_tokens (ties: the earlier in `strategies`).
+    """The fastest feasible strategy for a prompt of n_tokens (ties broken by `PREFERENCE`).
 
     force: a strategy to use whatever the model says (also from the environment variable
     JAXMOE_PREFILL_STRATEGY); raises ValueError if that strategy cannot run on `hw`.
@@ -261,7 +263,8 @@ def plan_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, *, force: str | 
         if not est.feasible:
             raise ValueError(f"forced prefill strategy {force!r} cannot run on {hw.name}: {est.reason}")
         return Plan(est, ests, forced=True)
-    best = min((e for e in ests.values() if e.feasible), key=lambda e: e.seconds, default=None)
+    best = min((e for e in ests.values() if e.feasible), key=lambda e: (float(f"{e.seconds:.6g}"), PREFERENCE.index(e.strategy)),
+               default=None)
     if best is None:
         raise ValueError(f"no prefill strategy fits {n_tokens} tokens on {hw.name}: "
                          + "; ".join(f"{s}: {e.reason}" for s, e in ests.items()))

@@ -94,6 +94,9 @@ def test_planner_choices_other_profiles():
     h100 = load_hardware("h100-box", calibrate=False)
     mid = ModelConfig.named("bench-v3-mid")  # 3 layers, 32 experts: 4.3 GB, fits in 80 GB
     assert plan_prefill(mid, h100, 8192).choice.strategy == "resident"
+    tie = plan_prefill(mid, h100, 32768)  # compute-bound: streaming hides its transfers, same time
+    assert tie.estimates["slp"].seconds == pytest.approx(tie.estimates["resident"].seconds, rel=1e-3)
+    assert tie.choice.strategy == "resident"
     assert plan_prefill(V3, h100, 32768).choice.strategy == "slp"
     fake = load_hardware("this-machine-fake-devices", calibrate=False)
     assert estimate_prefill(ModelConfig.named("tiny"), fake, 64, "dslp").feasible
