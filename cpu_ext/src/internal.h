@@ -83,6 +83,10 @@ float jm_exp2i(int e); /* exact 2^e for -126 <= e <= 127 */
  * node j; node_start NULL = one node. The caller thread takes part. Jobs are serialized. */
 typedef void (*jm_task_fn)(void *ctx, int64_t task, int thread);
 void jm_pool_run(int64_t n_tasks, jm_task_fn fn, void *ctx, const int64_t *node_start);
+/* same, but on the caller alone when `work` (elements touched) is below JM_SERIAL_WORK: a
+ * small phase costs less than the barrier that a pool job ends with */
+#define JM_SERIAL_WORK (256 << 10)
+void jm_pool_run_sized(int64_t n_tasks, jm_task_fn fn, void *ctx, int64_t work);
 int jm_pool_threads(void);
 int jm_pool_nodes(void);
 

@@ -83,7 +83,7 @@ static size_t xf_rb_bytes(const jm_kernels *K, const jm_matrix *w, int m) {
 static void linear_chunk(const jm_kernels *K, const jm_matrix *w, const float *x, int m, float *y,
                          int64_t ldy, uint8_t *xf) {
   lin_ctx c = {K, w, x, m, xf, xf_rb_bytes(K, w, m), y, ldy};
-  jm_pool_run(w->n_rb, fold_task, &c, NULL);
+  jm_pool_run_sized(w->n_rb, fold_task, &c, (int64_t)w->n_rb * m * w->k_pad);
   jm_pool_run((w->n_tiles + JM_TILES_PER_TASK - 1) / JM_TILES_PER_TASK, tile_task, &c, NULL);
 }
 

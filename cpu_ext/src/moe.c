@@ -254,12 +254,12 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
       const int64_t v = node_items[j] - i0;
       ni[j] = v < 0 ? 0 : (v > c.n_items ? c.n_items : v);
     }
-    jm_pool_run(c.a_count, gather_task, &c, NULL);
+    jm_pool_run_sized(c.a_count, gather_task, &c, (int64_t)c.a_count * H);
     phase(&c, n_fold_gu, fold_gu_task, ni);
     phase(&c, n_gate_up, gate_up_task, ni);
     phase(&c, n_fold_down, fold_down_task, ni);
     phase(&c, n_down, down_task, ni);
-    jm_pool_run((H + COMBINE_COLS - 1) / COMBINE_COLS, combine_task, &c, NULL);
+    jm_pool_run_sized((H + COMBINE_COLS - 1) / COMBINE_COLS, combine_task, &c, (int64_t)c.a_count * H);
     i0 = i1;
   }
   if (out_dtype != JM_DT_F32) jm_from_f32(c.out, t * H, out_dtype, out);

@@ -236,6 +236,17 @@ void jm_pool_run(int64_t n_tasks, jm_task_fn fn, void *ctx, const int64_t *node_
   pthread_mutex_unlock(&P.job_mu);
 }
 
+void jm_pool_run_sized(int64_t n_tasks, jm_task_fn fn, void *ctx, int64_t work) {
+  if (work > JM_SERIAL_WORK) {
+    jm_pool_run(n_tasks, fn, ctx, NULL);
+    return;
+  }
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(0x1F80);
+  for (int64_t t = 0; t < n_tasks; t++) fn(ctx, t, 0);
+  _mm_setcsr(csr);
+}
+
 /* ---- memory ------------------------------------------------------------------------------ */
 #define MPOL_BIND_ 2
 
