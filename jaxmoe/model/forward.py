@@ -7,6 +7,8 @@ jit them with `jax.jit(prefill, static_argnums=0)`. Activations take the embeddi
 tokens, positions: int32 [B, T]. A position >= cache.max_len marks a padding token: it is
 computed but neither stored in the cache nor seen by other tokens.
 `logit_index` [B] (optional): return logits [B, 1, V] at that index of each row only.
+`kv_len` (optional, static): attend over the first kv_len cache slots only -- every real
+token's position must be below it; None = the whole cache.
 """
 
 from __future__ import annotations
@@ -24,16 +26,16 @@ from jaxmoe.model.weights import LayerWeights, MoEWeights, Weights
 from jaxmoe.quant import linear
 
 
-def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool):
+def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool, kv_len=None):
     """x + MLA(input_layernorm(x)) -> (x, post_attention_layernorm'd x for the MLP, cache)."""
     attend = mla_decode if absorb else mla_prefill
-    h, cache = attend(cfg, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer, positions, cos, sin)
+    h, cache = attend(cfg, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer, positions, cos, sin, kv_len)
     x = x + h
     return x, rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps), cache
 
 
-def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool):
-    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=absorb)
+def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool, kv_len=None):
+    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=absorb, kv_len=kv_len)
     h = moe(cfg, lw.mlp, h, positions < cache.max_len) if isinstance(lw.mlp, MoEWeights) else mlp(lw.mlp, h)
     return x + h, cache
 
@@ -46,21 +48,21 @@ def final_logits(cfg: ModelConfig, weights: Weights, x, logit_index=None) -> jax
     return linear(x, weights.lm_head).astype(jnp.float32)
 
 
-def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, absorb: bool, logit_index=None):
+def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, absorb: bool, logit_index=None, kv_len=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     x = weights.embed_tokens[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
     for i, lw in enumerate(weights.layers):
-        x, cache = decoder_layer(cfg, lw, x, cache, i, positions, cos, sin, absorb=absorb)
+        x, cache = decoder_layer(cfg, lw, x, cache, i, positions, cos, sin, absorb=absorb, kv_len=kv_len)
     return final_logits(cfg, weights, x, logit_index), cache
 
 
-def prefill(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None) -> tuple[jax.Array, KVCache]:
+def prefill(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None, kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32) for a chunk of tokens, attending with expanded K/V."""
-    return _forward(cfg, weights, cache, tokens, positions, absorb=False, logit_index=logit_index)
+    return _forward(cfg, weights, cache, tokens, positions, absorb=False, logit_index=logit_index, kv_len=kv_len)
 
 
-def decode(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None) -> tuple[jax.Array, KVCache]:
+def decode(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None, kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32), attending in latent space (absorbed up-projections)."""
-    return _forward(cfg, weights, cache, tokens, positions, absorb=True, logit_index=logit_index)
+    return _forward(cfg, weights, cache, tokens, positions, absorb=True, logit_index=logit_index, kv_len=kv_len)

@@ -52,12 +52,23 @@ def _softmax(cfg: ModelConfig, scores: jax.Array, positions: jax.Array) -> jax.A
     return jax.nn.softmax(scores, axis=-1)
 
 
-def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin):
-    """Attention with expanded keys/values. Returns (out [B, T, H], cache with the new latents)."""
+def _cached(cache: KVCache, layer, kv_len: int | None, dtype):
+    """The layer's latents over the first `kv_len` slots (all when None): [B, S, r], [B, S, rope]."""
+    c_kv, k_pe = cache.c_kv[layer], cache.k_pe[layer]
+    if kv_len is not None:
+        c_kv, k_pe = c_kv[:, :kv_len], k_pe[:, :kv_len]
+    return c_kv.astype(dtype), k_pe.astype(dtype)
+
+
+def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None):
+    """Attention with expanded keys/values. Returns (out [B, T, H], cache with the new latents).
+
+    `kv_len` (static): attend over the first kv_len cache slots only (every visible position
+    must be below it); None = the whole cache.
+    """
     q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)
-    c_kv = cache.c_kv[layer].astype(x.dtype)  # [B, S, r]
-    k_pe = cache.k_pe[layer].astype(x.dtype)  # [B, S, rope]
+    c_kv, k_pe = _cached(cache, layer, kv_len, x.dtype)
     kv = linear(c_kv, w.kv_b_proj).reshape(*c_kv.shape[:2], cfg.num_attention_heads, -1)
     k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
     scores = jnp.einsum("bthd,bshd->bths", q_nope, k_nope) + jnp.einsum("bthd,bsd->bths", q_pe, k_pe)
@@ -66,12 +77,11 @@ def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, co
     return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache
 
 
-def mla_decode(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin):
+def mla_decode(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None):
     """Attention in latent space with kv_b_proj absorbed. Same contract as `mla_prefill`."""
     q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)
-    c_kv = cache.c_kv[layer].astype(x.dtype)
-    k_pe = cache.k_pe[layer].astype(x.dtype)
+    c_kv, k_pe = _cached(cache, layer, kv_len, x.dtype)
     w_kv = dequantize(w.kv_b_proj, x.dtype).reshape(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
     w_uk, w_uv = w_kv[:, : cfg.qk_nope_head_dim], w_kv[:, cfg.qk_nope_head_dim :]
     q_latent = jnp.einsum("bthd,hdr->bthr", q_nope, w_uk)

@@ -37,6 +37,15 @@ def cache_bytes_per_position(cfg: ModelConfig, dtype=jnp.float32) -> int:
     return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
 
 
+MIN_KV_WINDOW = 64
+
+
+def kv_window(end: int, max_len: int) -> int:
+    """Cache slots a step attends over: the next power of two >= end (>= MIN_KV_WINDOW, <= max_len),
+    so attention costs what the longest sequence needs and compiles once per power of two."""
+    return min(max_len, 1 << (max(end, MIN_KV_WINDOW) - 1).bit_length())
+
+
 class Engine:
     """Serve requests on one model. `runtime` is a RuntimeConfig or a preset name
     (configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
@@ -152,6 +161,9 @@ class Engine:
             s = row.request.sampling
             seeds[slot], steps[slot] = s.seed, len(row.request.output_ids)
             temperature[slot], top_k[slot], top_p[slot] = s.temperature, s.top_k, s.top_p
-        next_tokens = self.executor(tokens, positions, last, seeds, steps, temperature, top_k, top_p)
+        end = max(row.start + len(row.tokens) for row in plan.rows.values())
+        next_tokens = self.executor(
+            tokens, positions, last, seeds, steps, temperature, top_k, top_p, kv_len=kv_window(end, self.max_len)
+        )
         return {slot: int(next_tokens[slot]) for slot, row in plan.rows.items() if row.samples}
 

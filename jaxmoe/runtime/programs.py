@@ -12,7 +12,8 @@
   Without overlap, A runs through all layers, then B. Same programs, same values either way.
 
 Every executor: `__call__(tokens, positions, last_index, seeds, steps, temperature, top_k,
-top_p)` (numpy [n_slots, ...]) -> next token ids, numpy [n_slots].
+top_p, *, kv_len)` (numpy [n_slots, ...]; kv_len static: attend over that many cache slots)
+-> next token ids, numpy [n_slots].
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def _sample_rows(logits, seeds, steps, temperature, top_k, top_p):
     return jax.vmap(sample)(logits[:, 0], keys, temperature, top_k, top_p)
 
 
-def _fused_program(cfg, weights, cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p):
-    logits, cache = decode(cfg, weights, cache, tokens, positions, logit_index=last_index)
+def _fused_program(cfg, weights, cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len):
+    logits, cache = decode(cfg, weights, cache, tokens, positions, logit_index=last_index, kv_len=kv_len)
     return _sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
 
 
@@ -48,11 +49,12 @@ class FusedStep:
         self.cfg = cfg
         self.weights = jax.device_put(weights, device)
         self.cache = jax.device_put(init_cache(cfg, n_slots, max_len, cache_dtype), device)
-        self._program = jax.jit(_fused_program, static_argnums=0, donate_argnums=2)
+        self._program = jax.jit(_fused_program, static_argnums=0, static_argnames="kv_len", donate_argnums=2)
 
-    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
+    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int) -> np.ndarray:
         out, self.cache = self._program(
-            self.cfg, self.weights, self.cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p
+            self.cfg, self.weights, self.cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p,
+            kv_len=kv_len,
         )
         return np.asarray(out)
 
@@ -60,13 +62,13 @@ class FusedStep:
 # ---- staged execution ---------------------------------------------------------------------
 
 
-def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, dense: bool):
+def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, dense: bool, kv_len: int):
     """Accelerator side of one layer: add the previous layer's routed output, attention, then
     the dense MLP (dense layers) or router + shared experts (MoE layers)."""
     if routed is not None:
         x = x + routed.reshape(x.shape).astype(x.dtype)
     cos, sin = rope_cos_sin(cfg, positions)
-    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=True)
+    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=True, kv_len=kv_len)
     if dense:
         return x + mlp(lw.mlp, h), None, cache
     flat = h.reshape(-1, h.shape[-1])
@@ -96,7 +98,7 @@ class StagedStep:
             jax.device_put(init_cache(cfg, hi - lo, max_len, cache_dtype), d)
             for (lo, hi), d in zip(self.mb_slots, self.mb_device)
         ]
-        self._layer = jax.jit(_layer_program, static_argnums=0, static_argnames="dense", donate_argnums=4)
+        self._layer = jax.jit(_layer_program, static_argnums=0, static_argnames=("dense", "kv_len"), donate_argnums=4)
         self._experts = jax.jit(lambda e, flat, ids, w: routed_experts(e, flat, ids, w))
         self._final = jax.jit(_final_program, static_argnums=0)
         self.dispatch_log: list[tuple[str, int, int]] = []  # (stage, micro-batch, layer), for tests
@@ -108,12 +110,12 @@ class StagedStep:
         pos = jax.device_put(positions[lo:hi], dev)
         return {"x": self.weights[mb].embed_tokens[tok], "routed": None, "positions": pos}
 
-    def _layer_step(self, mb: int, layer: int, st: dict) -> None:
+    def _layer_step(self, mb: int, layer: int, st: dict, kv_len: int) -> None:
         w = self.weights[mb].layers[layer]
         dense = self.experts[layer] is None
         self.dispatch_log.append(("attention", mb, layer))
         st["x"], moe_in, self.caches[mb] = self._layer(
-            self.cfg, w, st["x"], st["routed"], self.caches[mb], np.int32(layer), st["positions"], dense=dense
+            self.cfg, w, st["x"], st["routed"], self.caches[mb], np.int32(layer), st["positions"], dense=dense, kv_len=kv_len
         )
         st["routed"] = None
         if not dense:
@@ -128,18 +130,18 @@ class StagedStep:
         self.dispatch_log.append(("final", mb, -1))
         return self._final(self.cfg, self.weights[mb], st["x"], st["routed"], *rows)
 
-    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p) -> np.ndarray:
+    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int) -> np.ndarray:
         self.dispatch_log.clear()
         n_layers = self.cfg.num_hidden_layers
         states = [self._start(mb, tokens, positions) for mb in (0, 1)]
         if self.overlap:
             for layer in range(n_layers):
                 for mb in (0, 1):
-                    self._layer_step(mb, layer, states[mb])
+                    self._layer_step(mb, layer, states[mb], kv_len)
         else:
             for mb in (0, 1):
                 for layer in range(n_layers):
-                    self._layer_step(mb, layer, states[mb])
+                    self._layer_step(mb, layer, states[mb], kv_len)
         outs = [self._finish(mb, states[mb], last_index, seeds, steps, temperature, top_k, top_p) for mb in (0, 1)]
         return np.concatenate([np.asarray(o) for o in outs])  # the only sync point
 

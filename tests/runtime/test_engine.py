@@ -9,7 +9,7 @@ import pytest
 
 from jaxmoe.model.cache import init_cache
 from jaxmoe.model.forward import decode, prefill
-from jaxmoe.runtime.engine import Engine, cache_bytes_per_position
+from jaxmoe.runtime.engine import Engine, cache_bytes_per_position, kv_window
 from jaxmoe.runtime.request import RequestRefused
 from jaxmoe.runtime.sampling import SamplingParams
 
@@ -116,6 +116,11 @@ def test_refusal_and_waiting(tiny_model):
     assert a.finish_reason == b.finish_reason == c.finish_reason == "length"
 
 
+def test_kv_window_follows_the_longest_sequence():
+    assert [kv_window(n, 4096) for n in (1, 64, 65, 200, 5000)] == [64, 64, 128, 256, 4096]
+    assert kv_window(100, 96) == 96
+
+
 def test_memory_budget_sizes_the_cache(tiny_model):
     cfg, w = tiny_model
     per_pos = cache_bytes_per_position(cfg)
@@ -157,7 +162,7 @@ def test_concurrent_callers_from_threads(tiny_model, prompts, reference):
 def test_no_recompilation_in_steady_state(tiny_model, prompts):
     cfg, w = tiny_model
     e = Engine(cfg, w, n_slots=2, max_len=MAX_LEN, chunk_size=16)
-    run_all(e, prompts[:2])  # warm: compiles the prefill-width and decode-width steps
+    run_all(e, prompts)  # warm: compiles the prefill- and decode-width steps for each kv window used
     compiles = []
 
     def count(event, *args, **kwargs):
@@ -166,7 +171,7 @@ def test_no_recompilation_in_steady_state(tiny_model, prompts):
 
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
-        run_all(e, prompts[2:] + prompts[:2])
+        run_all(e, prompts[::-1])  # same lengths, other order and slot mix
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert compiles == []
