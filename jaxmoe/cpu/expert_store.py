@@ -180,6 +180,39 @@ class ExpertStore:
             self.set_expert(layer, e, *mats)
         return self.layer(layer)
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint, layers=None, node_of=lambda layer, e: -1, native=None) -> ExpertStore:
+        """All (or `layers`) MoE layers' routed experts, repacked straight from the checkpoint's
+        memory-mapped tensors (jaxmoe.loading: a path or an open Checkpoint): the FP8 bytes are
+        read once, into the kernels' layout, with no intermediate copy. Pair it with
+        `load_checkpoint(..., load_experts=False)` and `to_cpu_placement(weights, store=...)`."""
+        from jaxmoe.loading.loader import Checkpoint, open_checkpoint  # noqa: PLC0415
+
+        ck = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+        try:
+            cfg = ck.cfg
+            store = cls(cfg.num_hidden_layers, native)
+            for li in layers if layers is not None else range(cfg.num_hidden_layers):
+                if not cfg.is_moe_layer(li):
+                    continue
+                arrays = ck.expert_arrays(li)
+                n_experts = len(arrays["gate_proj"])
+                inter, hidden = arrays["gate_proj"][0].shape
+                store.init_layer(li, n_experts, hidden, inter)
+                for e in range(n_experts):
+                    mats = []
+                    for proj in ("gate_proj", "up_proj", "down_proj"):
+                        scale = arrays.get(f"{proj}_scale_inv")
+                        node = node_of(li, e)
+                        mats.append(HostMatrix.fp8(arrays[proj][e], scale[e], node, store._nat) if scale is not None
+                                    else HostMatrix.bf16(arrays[proj][e], node, store._nat))
+                    store.set_expert(li, e, *mats)
+                del arrays
+        finally:
+            if ck is not checkpoint:
+                ck.close()
+        return store
+
     def layer(self, layer: int) -> HostExperts:
         nat = self._nat
         vals = [nat.ffi.new("int32_t *") for _ in range(4)]

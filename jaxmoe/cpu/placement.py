@@ -93,7 +93,8 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
     """A Weights pytree whose large matmuls run on cpu_ext (see module docstring).
 
     min_elements: Linears smaller than this stay as they are. store: the ExpertStore to fill
-    (default: a new one with one slot per layer)."""
+    (default: a new one with one slot per layer); for weights loaded with load_experts=False,
+    one built by `ExpertStore.from_checkpoint` (MoE layers without experts are taken from it)."""
     from jaxmoe.model.weights import MLAWeights, MLPWeights, MoEWeights
 
     store = store or ExpertStore(len(weights.layers))
@@ -110,7 +111,9 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
                                    kv_b_proj=_dense_f32(a.kv_b_proj))
         if isinstance(lw.mlp, MoEWeights):
             ex = lw.mlp.experts
-            if ex is not None and not isinstance(ex, HostExperts):
+            if ex is None:  # loaded with load_experts=False: the store must already hold them
+                ex = store.layer(i)
+            elif not isinstance(ex, HostExperts):
                 ex = store.add_layer(i, ex.gate_proj, ex.up_proj, ex.down_proj)
             shared = mlp(lw.mlp.shared_experts) if lw.mlp.shared_experts is not None else None
             ffn = dataclasses.replace(lw.mlp, experts=ex, shared_experts=shared)

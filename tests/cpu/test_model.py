@@ -72,3 +72,27 @@ def test_forward_on_cpu_kernels_matches_reference(tiny, step, monkeypatch):
     # the HLO really calls the kernels
     hlo = fn.lower(cfg, placed, cache, tokens, positions).as_text()
     assert "jaxmoe_cpu_moe" in hlo and "jaxmoe_cpu_linear" in hlo
+
+
+def test_store_from_checkpoint_without_loading_experts(tmp_path):
+    """ExpertStore.from_checkpoint packs the experts from the mmap'd checkpoint; with
+    load_checkpoint(load_experts=False) the placed model is the same as from full weights."""
+    from jaxmoe.cpu.expert_store import ExpertStore
+
+    cfg = ModelConfig.named("tiny")
+    path = synthetic.write_synthetic_checkpoint(tmp_path / "ckpt", cfg, fmt="fp8", seed=5)
+    cfg, full = loader.load_checkpoint(path)
+    _, lean = loader.load_checkpoint(path, load_experts=False)
+    store = ExpertStore.from_checkpoint(path)
+    a, b = jcpu.to_cpu_placement(full), jcpu.to_cpu_placement(lean, store=store)
+    try:
+        x = np.random.default_rng(1).standard_normal((3, cfg.hidden_size)).astype(np.float32)
+        ids = np.array([[0, 1], [2, 3], [7, 4]], np.int32)
+        w = np.ones((3, 2), np.float32)
+        for la, lb in zip(a.layers, b.layers):
+            if isinstance(getattr(lb.mlp, "experts", None), HostExperts):
+                sa = jcpu.expert_store._live[la.mlp.experts.store]
+                np.testing.assert_array_equal(sa.moe(la.mlp.experts.layer, x, ids, w), store.moe(lb.mlp.experts.layer, x, ids, w))
+    finally:
+        jcpu.release(a)
+        jcpu.release(b)
