@@ -32,18 +32,18 @@ def _as_codes(q) -> np.ndarray:
         if a.dtype != ml_dtypes.float8_e4m3fn:
             raise TypeError(f"FP8 weights must be float8_e4m3fn or uint8 codes, got {a.dtype}")
         a = a.view(np.uint8)
-    if a.ndim != 2 or a.strides[1] != 1:
-        a = np.ascontiguousarray(a)
-    return a
+    if a.ndim != 2:
+        raise ValueError(f"a weight matrix must be 2-D, got shape {a.shape}")
+    return a if a.strides[1] == 1 else np.ascontiguousarray(a)
 
 
 def _as_bf16_bits(w) -> np.ndarray:
     a = np.asarray(w)
     if a.dtype != np.uint16:
         a = a.astype(ml_dtypes.bfloat16).view(np.uint16)
-    if a.ndim != 2 or a.strides[1] != 2:
-        a = np.ascontiguousarray(a)
-    return a
+    if a.ndim != 2:
+        raise ValueError(f"a weight matrix must be 2-D, got shape {a.shape}")
+    return a if a.strides[1] == 2 else np.ascontiguousarray(a)
 
 
 class HostMatrix:

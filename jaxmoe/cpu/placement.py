@@ -2,8 +2,10 @@
 
 `to_cpu_placement(weights)` returns a Weights pytree in which
 - attention projections (q_a/q_b/q, kv_a_proj_with_mqa, o_proj), dense MLPs, shared experts
-  and lm_head are `HostLinear` handles (repacked FP8 or BF16 in host memory),
-- each MoE layer's routed experts are one `HostExperts` layer of an `ExpertStore`,
+  and lm_head are `HostLinear` handles (repacked FP8 or BF16 in host memory; float32 Linears
+  stay with XLA, whose f32 dot is its fast path),
+- each MoE layer's routed experts are one `HostExperts` layer of an `ExpertStore` (FP8 as
+  stored; unquantized experts are stored as bf16),
 - norms, embeddings and the router stay as they are; `kv_b_proj`, which the absorbed-attention
   decode dequantizes at every step (XLA's own FP8->f32 conversion costs ~5 ns per element on
   the CPU: ~90 ms per DeepSeek-V3 layer), becomes a float32 DenseWeight, dequantized once here
@@ -74,10 +76,11 @@ def install_linear() -> None:
 def _host(w: Any, min_elements: int) -> Any:
     if w is None or isinstance(w, HostLinear):
         return w
-    if isinstance(w, (quant.Fp8Weight, quant.DenseWeight)) and len(w.shape) == 2:
-        n, k = w.shape
-        if n * k >= min_elements:
-            return HostMatrix.from_weight(w).pytree()
+    # FP8 and bf16 go to the kernels; float32 stays with XLA (its fast path on the CPU, and
+    # the kernels would round it to bf16)
+    host_format = isinstance(w, quant.Fp8Weight) or (isinstance(w, quant.DenseWeight) and w.weight.dtype == jnp.bfloat16)
+    if host_format and len(w.shape) == 2 and w.shape[0] * w.shape[1] >= min_elements:
+        return HostMatrix.from_weight(w).pytree()
     return w
 
 
