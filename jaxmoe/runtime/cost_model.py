@@ -107,14 +107,16 @@ class ModelCosts:
     def lm_head_flops(self) -> float:
         return 2.0 * self.cfg.vocab_size * self.cfg.hidden_size
 
-    def activation_bytes_per_token(self) -> int:
+    def activation_bytes_per_token(self, scores_context: int = 0) -> int:
         """Device working set per token of a prefill chunk (bf16): residual, normed input and
         MoE output, queries and attention output, the k gathered expert inputs, the routed
-        intermediates; attention scores are assumed blocked (a fused kernel)."""
+        intermediates. Attention scores are blocked (a fused kernel) unless `scores_context`
+        is given: then each query holds f32 scores and probabilities over that many keys per
+        head, as model/mla.py's `mla_prefill` materializes them today."""
         c = self.cfg
         k = c.num_experts_per_tok
-        return BF16 * (6 * c.hidden_size + k * c.hidden_size
-                       + c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) + 2 * k * c.moe_intermediate_size)
+        return (BF16 * (6 * c.hidden_size + k * c.hidden_size + c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
+                        + 2 * k * c.moe_intermediate_size) + 8 * c.num_attention_heads * scores_context)
 
     def touched_experts(self, n_tokens: int) -> float:
         """Expected number of distinct experts a layer routes n tokens to (uniform routing)."""

@@ -10,11 +10,12 @@ Strategies of a prefill:
   experts; attention replicated (as implemented) or split by sequence (modelled only).
 - "resident": the whole model, experts included, fits on one GPU.
 
-Time per chunk comes from a small event simulation of the SLP pipeline (copy engine and
-compute stream, at most two units resident: the order runtime/streaming.py issues).
-Compute = FLOPs / (peak x efficiency), memory-bound floors from bytes / bandwidth. The
-chunk size and the stream granularity (parts per layer) follow from the GPU memory left
-beside the resident weights, the latent cache and the activations.
+Time per chunk comes from a small event simulation of the SLP pipeline (one copy engine and
+one compute stream per GPU, at most `buffers` stream units resident: the order
+runtime/streaming.py issues). Compute = FLOPs / (peak x efficiency), with memory-bound floors
+from bytes / bandwidth. The chunk size, the stream granularity (parts per layer) and the
+number of buffers are searched within the GPU memory left beside the resident weights, the
+latent cache and the activations; the fastest feasible combination is the estimate.
 
 Hardware profiles and their calibration: runtime/hardware.py.
 
@@ -103,8 +104,14 @@ class PrefillEstimate:
 
     @property
     def bound(self) -> str:
+        """"transfer" or "compute"; "buffers" when neither explains the time: device memory
+        left too few stream buffers for the transfers to run ahead (e.g. through attention)."""
+        if not self.feasible:
+            return "infeasible"
         if self.strategy not in ("slp", "dslp"):
             return "compute"
+        if self.seconds > 1.15 * max(self.transfer_s, self.compute_s):
+            return "buffers"
         return "transfer" if self.transfer_s > self.compute_s else "compute"
 
 
@@ -157,7 +164,7 @@ def _chunks(n_tokens: int, chunk: int):
 
 
 def _stream(mc: ModelCosts, hw: Hardware, r: _Rates, n_tokens: int, n_dev: int, parts: int, buffers: int,
-            attention: str, chunk: int | None, stream_dense: bool) -> PrefillEstimate:
+            attention: str, chunk: int | None, stream_dense: bool, scores: int) -> PrefillEstimate:
     name = "slp" if n_dev == 1 else "dslp"
     g = hw.gpu
     e = mc.cfg.n_routed_experts
@@ -168,7 +175,7 @@ def _stream(mc: ModelCosts, hw: Hardware, r: _Rates, n_tokens: int, n_dev: int, 
         resident -= mc.moe_layers * mc.layer_resident_bytes(True)
         unit_bytes += mc.layer_resident_bytes(True) / parts
     split = attention == "sequence" and n_dev > 1
-    act = mc.activation_bytes_per_token() / (n_dev if split else 1)
+    act = mc.activation_bytes_per_token(scores) / (n_dev if split else 1)
     free = (g.memory_gb * 1e9 * hw.efficiency.gpu_usable_memory - resident - buffers * unit_bytes
             - n_tokens * mc.kv_bytes_per_token)
     limit = int(free // act) if free > 0 else 0
@@ -199,16 +206,19 @@ def _stream(mc: ModelCosts, hw: Hardware, r: _Rates, n_tokens: int, n_dev: int, 
 
 def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: str, *, chunk: int | None = None,
                      parts_per_layer: int | None = None, buffers: int | None = None, attention: str = "replicated",
-                     stream_dense: bool = False, cpu_chunk: int = 256) -> PrefillEstimate:
+                     stream_dense: bool = False, fused_attention: bool = True, cpu_chunk: int = 256) -> PrefillEstimate:
     """Predicted prefill of one prompt of n_tokens by `strategy` (see the module docstring).
 
     chunk / parts_per_layer / buffers: fixed instead of searched. attention ("dslp"):
     "replicated" (as implemented) or "sequence" (split by tokens: modelled only). stream_dense:
     stream the MoE layers' MLA, router and shared experts with the experts instead of keeping
-    them resident (modelled only: frees device memory for larger chunks and buffers)."""
+    them resident (modelled only: frees device memory for larger chunks and buffers).
+    fused_attention=False: attention scores materialized per chunk over the whole context
+    (model/mla.py today), which caps the chunk by device memory."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown prefill strategy {strategy!r}; known: {STRATEGIES}")
     mc, r = model_costs(cfg), _rates(cfg, hw)
+    scores = 0 if fused_attention else n_tokens
     inf = lambda why: PrefillEstimate(strategy, n_tokens, math.inf, reason=why)  # noqa: E731
     if strategy == "cpu":
         total = busy = 0.0
@@ -228,7 +238,7 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
     if strategy == "resident":
         free = (hw.gpu.memory_gb * 1e9 * hw.efficiency.gpu_usable_memory - mc.total_bytes
                 - n_tokens * mc.kv_bytes_per_token)
-        limit = int(free // mc.activation_bytes_per_token()) if free > 0 else 0
+        limit = int(free // mc.activation_bytes_per_token(scores)) if free > 0 else 0
         if limit < min(MIN_CHUNK, n_tokens):
             return inf(f"the model ({mc.total_bytes / 1e9:.1f} GB) does not fit in {hw.gpu.memory_gb} GB")
         chunk = min(chunk or n_tokens, limit, n_tokens)
@@ -238,7 +248,7 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
         return PrefillEstimate("resident", n_tokens, total, chunk, compute_s=total)
     options = [(p, b) for p in ([parts_per_layer] if parts_per_layer else PARTS)
                for b in ([buffers] if buffers else BUFFERS) if buffers or b <= 2 * p]
-    ests = [_stream(mc, hw, r, n_tokens, need, p, b, attention, chunk, stream_dense) for p, b in options]
+    ests = [_stream(mc, hw, r, n_tokens, need, p, b, attention, chunk, stream_dense, scores) for p, b in options]
     return min(ests, key=lambda x: (x.seconds, x.parts_per_layer, x.buffers))
 
 

@@ -1,0 +1,194 @@
+"""Prefill benchmark: tok/s by strategy and prompt length, with the planner's prediction beside each.
+
+Strategies, all over the same synthetic FP8 checkpoint, in chunks of `--chunk` tokens:
+- resident: `forward.prefill` with every weight on one device;
+- cpu-experts: the engine's cpu-only path (`Engine(..., "cpu-only")`, one request, max_new_tokens=1);
+- slp: `streaming.slp_prefill`, experts streamed per chunk from zero-copy views of the mmap;
+- dslp: the same over two devices (SmallEP, one psum).
+On a box without a GPU the accelerators are fake CPU devices sharing the same cores and
+memory: the SLP/DSLP figures then only prove the pipeline (a "transfer" is a host memcpy,
+the two "GPUs" share 2 cores), not what a GPU would do. The predictions come from the
+planner's `this-machine` profile (resident, cpu-experts) and `this-machine-fake-devices`
+(slp, dslp); on a GPU box from `--hardware`.
+
+Also written: the planner's DeepSeek-V3 predictions on the reference box next to the
+published figures (the table of docs/PERFORMANCE_MODEL.md; `--table` prints only that).
+
+    python -m benchmarks.prefill [--quick] [--json PATH] [--model demo] [--table]
+
+Results: benchmarks/results/prefill.json (always written, unless --table) and PATH if given.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks import _harness as H
+
+PUBLISHED = {"slp_1gpu_tok_s": 1200, "dslp_2gpu_tok_s": 1800, "ttft_32k_1gpu_s": 30, "ttft_45k_2gpu_s": 30,
+             "decode_fp8_tok_s": 21.5}
+
+
+def reference_table() -> dict:
+    """The planner's DeepSeek-V3 predictions on the reference box (1 and 2 RTX 5090)."""
+    from jaxmoe.config import ModelConfig  # noqa: PLC0415
+    from jaxmoe.runtime.planner import estimate_decode, estimate_prefill, load_hardware, prefill_threshold  # noqa: PLC0415
+
+    cfg, hw = ModelConfig.named("deepseek-v3"), load_hardware("reference-box", calibrate=False)
+    one = hw.with_gpus(1)
+    variants = {  # (strategy, hardware, options)
+        "cpu-experts": ("cpu", hw, {}),
+        "slp, attention scores materialized (model/mla.py today)": ("slp", one, {"fused_attention": False}),
+        "slp (as built)": ("slp", one, {}),
+        "slp + streamed MLA": ("slp", one, {"stream_dense": True}),
+        "dslp replicated attention (as built)": ("dslp", hw, {}),
+        "dslp sequence-split attention": ("dslp", hw, {"attention": "sequence"}),
+        "dslp sequence-split + streamed MLA": ("dslp", hw, {"attention": "sequence", "stream_dense": True}),
+    }
+    rows = []
+    for n in (2048, 8192, 16384, 32768, 45056):
+        for label, (strategy, h, kw) in variants.items():
+            e = estimate_prefill(cfg, h, n, strategy, **kw)
+            rows.append({"tokens": n, "variant": label, "tok_s": round(e.tok_per_s), "seconds": round(e.seconds, 1),
+                         "chunk": e.chunk_tokens, "parts": e.parts_per_layer, "buffers": e.buffers,
+                         "transfer_s": round(e.transfer_s, 1), "compute_s": round(e.compute_s, 1), "bound": e.bound})
+    decode = {c: round(estimate_decode(cfg, hw, context=c).tok_per_s, 1) for c in (1024, 4096, 32768)}
+    thresholds = {"slp_vs_cpu_1gpu": prefill_threshold(cfg, one, "slp"), "dslp_vs_cpu_2gpu": prefill_threshold(cfg, hw, "dslp")}
+    return {"model": "deepseek-v3", "hardware": "reference-box", "published": PUBLISHED, "prefill": rows,
+            "decode_tok_s_by_context": decode, "thresholds_tokens": thresholds}
+
+
+def print_table(t: dict) -> None:
+    print("| prompt | variant | tok/s | TTFT s | chunk x parts x buffers | transfer s | compute s | bound |")
+    print("|---:|---|---:|---:|---|---:|---:|---|")
+    for r in t["prefill"]:
+        print(f"| {r['tokens']} | {r['variant']} | {r['tok_s']} | {r['seconds']} | {r['chunk']} x {r['parts']} x "
+              f"{r['buffers']} | {r['transfer_s']} | {r['compute_s']} | {r['bound']} |")
+    print(f"decode tok/s by context: {t['decode_tok_s_by_context']}; thresholds: {t['thresholds_tokens']}")
+
+
+def main(argv=None) -> dict:
+    ap = H.parser(__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="configs/models name (default: demo; tiny with --quick)")
+    ap.add_argument("--lengths", default=None, help="prompt lengths, comma-separated")
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--hardware", default=None, help="planner profile for a GPU box (default: this-machine*)")
+    ap.add_argument("--table", action="store_true", help="only print the DeepSeek-V3 reference-box predictions")
+    args = ap.parse_args(argv)
+    table = reference_table()
+    if args.table:
+        print_table(table)
+        return table
+
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_num_cpu_devices", 3)  # before JAX starts: 2 fake accelerators + the engine's host
+    from jaxmoe.config import ModelConfig  # noqa: PLC0415
+    from jaxmoe.loading.loader import load_checkpoint, open_checkpoint  # noqa: PLC0415
+    from jaxmoe.loading.synthetic import write_synthetic_checkpoint  # noqa: PLC0415
+    from jaxmoe.model.cache import init_cache  # noqa: PLC0415
+    from jaxmoe.model.forward import prefill  # noqa: PLC0415
+    from jaxmoe.runtime.engine import Engine  # noqa: PLC0415
+    from jaxmoe.runtime.planner import estimate_prefill, load_hardware  # noqa: PLC0415
+    from jaxmoe.runtime.streaming import CheckpointExperts, place_dense, slp_prefill  # noqa: PLC0415
+
+    name = args.model or ("tiny" if args.quick else "demo")
+    lengths = [int(x) for x in (args.lengths or ("64,256" if args.quick else "256,1024")).split(",")]
+    repeats = args.repeats or (1 if args.quick else 2)
+    chunk = min(args.chunk, min(lengths))
+    lengths = [-(-n // chunk) * chunk for n in lengths]  # whole chunks: one compiled shape per strategy
+    max_len = 1 << max(lengths).bit_length()  # room for the prompt + 1 new token (the engine's rule)
+    gpus = [d for d in jax.devices() if d.platform != "cpu"]
+    accel = gpus or jax.devices("cpu")[:2]
+    on_gpu = bool(gpus)
+    hw_host = load_hardware(args.hardware or "this-machine")
+    hw_accel = load_hardware(args.hardware or "this-machine-fake-devices")
+
+    tmp = tempfile.TemporaryDirectory(prefix="jaxmoe-bench-")
+    path = write_synthetic_checkpoint(f"{tmp.name}/{name}", ModelConfig.named(name), fmt="fp8", seed=0)
+    cfg, weights = load_checkpoint(path)
+    ck = open_checkpoint(path)
+    source = CheckpointExperts(ck)
+    weights0 = jax.device_put(weights, accel[0])
+    dense = {s: place_dense(weights, accel, s) for s in ("slp", "dslp")}
+    prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
+    engine = Engine(cfg, weights, "cpu-only", n_slots=1, chunk_size=chunk, max_len=max_len)
+    rng = np.random.default_rng(0)
+
+    def resident(tokens):
+        cache = jax.device_put(init_cache(cfg, 1, max_len), accel[0])
+        for s in range(0, tokens.shape[1], chunk):
+            t = tokens[:, s : s + chunk]
+            idx = np.array([t.shape[1] - 1], np.int32)
+            logits, cache = prefill_jit(cfg, weights0, cache, t, np.arange(s, s + t.shape[1], dtype=np.int32)[None],
+                                        logit_index=idx)
+        return logits
+
+    def cpu_experts(tokens):
+        req = engine.submit(tokens[0].tolist(), 1, background=False)
+        engine.run_until_idle()
+        return req.output_ids
+
+    def streamed(strategy):
+        def run(tokens):
+            pos = np.arange(tokens.shape[1], dtype=np.int32)[None]
+            cache = init_cache(cfg, 1, max_len)
+            return slp_prefill(cfg, dense[strategy], source, cache, tokens, pos, chunk_size=chunk, devices=accel,
+                               strategy=strategy, logit_index=np.array([tokens.shape[1] - 1]))[0]
+        return run
+
+    runs = {"resident": resident, "cpu-experts": cpu_experts, "slp": streamed("slp"), "dslp": streamed("dslp")}
+    planned = {"resident": ("cpu", hw_host) if not on_gpu else ("resident", hw_accel), "cpu-experts": ("cpu", hw_host),
+               "slp": ("slp", hw_accel), "dslp": ("dslp", hw_accel)}
+    results: dict = {}
+    first = {}
+    for strategy, fn in runs.items():  # compile (the chunk shape is the same for every length)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(rng.integers(0, cfg.vocab_size, (1, lengths[0]), dtype=np.int32)))
+        first[strategy] = time.perf_counter() - t0
+    for n in lengths:
+        tokens = rng.integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
+        # strategies alternate call by call, so that the load of this shared box hits them alike
+        times = H.interleaved({s: (lambda f=fn: jax.block_until_ready(f(tokens))) for s, fn in runs.items()},
+                              repeats, warmup=0)
+        for strategy, t in times.items():
+            p_name, p_hw = planned[strategy]
+            pred = estimate_prefill(cfg, p_hw, n, p_name, chunk=chunk)
+            r = results[f"{strategy}@{n}"] = {
+                "strategy": strategy, "tokens": n, "s": t["median"], "tok_s": n / t["median"],
+                "predicted_tok_s": pred.tok_per_s, "predicted_by": f"{p_hw.name}:{p_name}",
+                "measured_over_predicted": (n / t["median"]) / pred.tok_per_s if pred.feasible else None,
+                "first_call_s": first[strategy],
+            }
+            print(f"{strategy:12s} {n:6d} tokens: {r['tok_s']:9.1f} tok/s  (planner {pred.tok_per_s:9.1f}, "
+                  f"{r['predicted_by']})", flush=True)
+    mc_bytes = sum(x.nbytes for x in __import__("jax").tree.leaves(source(1)))
+    note = ("GPU run: SLP/DSLP on real accelerators." if on_gpu else
+            "No GPU here: SLP/DSLP ran on fake CPU devices sharing 2 cores; their figures prove the pipeline "
+            "(streaming, prefetch order, SmallEP psum), not GPU performance.")
+    print(note)
+    print_table(table)
+    top = max(lengths)
+    metrics = {f"{s}_tok_s": round(results[f"{s}@{top}"]["tok_s"], 1) for s in runs}
+    metrics.update({f"{s}_measured_over_predicted": _r(results[f"{s}@{top}"]["measured_over_predicted"]) for s in runs})
+    metrics["v3_ref_slp_32k_tok_s"] = next(r["tok_s"] for r in table["prefill"]
+                                           if r["tokens"] == 32768 and r["variant"] == "slp (as built)")
+    details = {"note": note, "model": name, "chunk": chunk, "lengths": lengths, "layer_expert_bytes": mc_bytes,
+               "results": results, "deepseek_v3_reference_box": table}
+    env = H.env_info(quick=args.quick, devices=[str(d) for d in accel], on_gpu=on_gpu)
+    doc = H.write(args.json, metrics, env, details)
+    H.write(H.RESULTS_DIR / "prefill.json", metrics, env, details)
+    ck.close()
+    return doc
+
+
+def _r(x):
+    return None if x is None else round(x, 3)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
