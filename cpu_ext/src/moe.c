@@ -22,7 +22,7 @@
 #include "internal.h"
 #include "store.h"
 
-#define FOLD_BUDGET_DEFAULT (64u << 20) /* env JAXMOE_CPU_MOE_BUDGET overrides (tests) */
+#define FOLD_BUDGET_DEFAULT (4u << 20) /* L3-resident between fold and use; env JAXMOE_CPU_MOE_BUDGET */
 #define COMBINE_COLS 256
 
 typedef struct {
