@@ -20,10 +20,12 @@ layer, part) in layer order:
     await the last unit; final norm + lm_head
 
 T(u+1) is issued before C(u) is awaited (the prefetch overlaps), and at most two units'
-weights are resident on a device (`buffers` > 2 issues T(u+buffers-1) instead, for small
-units: then up to `buffers` units are resident). The order does not depend on whether `device_put` returns
-at once or blocks until the copy is done (C(u) is already queued either way). Every step is
-recorded in `log` as ("transfer" | "compute" | "await", layer, part) for the tests.
+weights are resident on a device; with `buffers` > 2 it is T(u+buffers-1), up to `buffers`
+units resident (small units can then load through a long attention). The order holds whether
+`device_put` returns at once or blocks until the copy is done (C(u) is queued either way).
+Transfers are staged through the pinned-host memory kind where the device offers one (see
+`ExpertMesh`). Every step is recorded in `log` as ("transfer" | "compute" | "await", layer,
+part) for the tests.
 
 Strategies: "slp" streams all experts to one device; "dslp" streams each device only its
 windows of each layer (runtime/expert_parallel.py) and sums with one psum.
@@ -232,7 +234,8 @@ def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: E
     if present, are ignored), best placed once with `place_dense`. expert_source: layer ->
     that layer's experts on the host (numpy views, e.g. `CheckpointExperts`, or host jax arrays).
     strategy: "slp" | "dslp" or a planner `PrefillEstimate` (its parts_per_layer and buffers are
-    used unless given). Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index`; the cache, with the
+    used unless given). devices: the accelerators (the strategy takes the first 1 or 2).
+    Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index` [B]; the cache with the
     chunk's latents, replicated on the strategy's devices).
     """
     devs = _strategy_devices(strategy, devices)
@@ -252,15 +255,19 @@ def slp_prefill(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertS
                 tokens, positions, *, chunk_size: int, devices: Sequence[jax.Device], strategy: Any = "slp",
                 logit_index=None, **kw) -> tuple[jax.Array, KVCache]:
     """A whole prompt [B, T] in chunks of `chunk_size` tokens (the weights streamed once per
-    chunk). Returns (logits [B, T, V], or [B, 1, V] at `logit_index`, cache)."""
+    chunk). Returns (logits [B, T, V], or [B, 1, V] at `logit_index` [B] -- then each chunk
+    computes only one row of logits per sequence --, cache)."""
     tokens, positions = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
     weights = place_dense(dense_weights, devices, strategy)
+    index = None if logit_index is None else np.asarray(logit_index, np.int32)
     outs = []
     for s in range(0, tokens.shape[1], chunk_size):
-        logits, cache = slp_prefill_chunk(cfg, weights, expert_source, cache, tokens[:, s : s + chunk_size],
-                                          positions[:, s : s + chunk_size], devices=devices, strategy=strategy, **kw)
+        t = tokens[:, s : s + chunk_size]
+        local = None if index is None else np.clip(index - s, 0, t.shape[1] - 1).astype(np.int32)
+        logits, cache = slp_prefill_chunk(cfg, weights, expert_source, cache, t, positions[:, s : s + chunk_size],
+                                          devices=devices, strategy=strategy, logit_index=local, **kw)
         outs.append(logits)
-    logits = jnp.concatenate(outs, axis=1)
-    if logit_index is not None:
-        logits = logits[jnp.arange(logits.shape[0]), jnp.asarray(logit_index, jnp.int32)][:, None]
-    return logits, cache
+    if index is None:
+        return jnp.concatenate(outs, axis=1), cache
+    which = np.minimum(index // chunk_size, len(outs) - 1)  # the chunk holding each row's index
+    return jnp.stack(outs)[which, np.arange(len(index))], cache

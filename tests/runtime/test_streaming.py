@@ -137,6 +137,10 @@ def test_engine_hook_one_chunk_with_logit_index(tiny, slp_run):
                                       strategy="slp", parts_per_layer=2, logit_index=idx)
     assert logits.shape == (2, 1, cfg.vocab_size)
     np.testing.assert_allclose(np.asarray(logits)[:, 0], slp_run[0][[0, 1], idx], **TOL)
+    # a whole prompt with one logit row per sequence, in different chunks
+    idx = np.array([T - 1, CHUNK + 4])
+    logits, _, _ = run(tiny, CheckpointExperts(tiny["ck"]), "slp", devices=1, parts_per_layer=2, logit_index=idx)
+    np.testing.assert_allclose(logits[:, 0], slp_run[0][[0, 1], idx], **TOL)
 
 
 def test_errors(tiny, slp_run):
