@@ -176,7 +176,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     kwargs = _sampling_kwargs(a)
     n_prompt = len(model.encode_prompt(a.prompt))
     model.check_fits(n_prompt, a.max_new_tokens)
-    print(f"compiled in {model.compile(n_prompt, a.max_new_tokens):.1f} s (once per length bucket)")
+    print(f"compiled in {model.compile(n_prompt, a.max_new_tokens):.1f} s (step programs for this kv window)")
     print(f"\nprompt: {a.prompt!r}\n--- generated (random weights: expect gibberish) ---")
     last = None
     for last in jaxmoe.stream_generate(model, a.prompt, **kwargs):

@@ -1,19 +1,17 @@
 """The public generation API: `load`, `generate`, `stream_generate`.
 
-One request runs as: tokenize -> validate -> an empty latent cache of a bucketed length ->
-one jitted prefill step over the prompt padded to a bucket (padding tokens sit at position
-`cache_len`, so the model drops them) that samples the first token from the last real
-position -> one jitted decode step per further token. Sampling runs inside the jitted steps
-with traced parameters, so each (cache bucket, prompt bucket) pair compiles once and serves
-every request and every sampling setting. The next decode step is dispatched before the
-host looks at the current token (detokenize, stop strings), so host work overlaps device work.
+A request runs as: tokenize -> validate -> submit to the model's serving engine
+(runtime/engine.py: continuous batching over cache slots, chunked prefill, the runtime
+preset's placement) -> per emitted token: detokenize, stop strings, one StreamResponse.
+Concurrent calls (threads) share the engine and are batched together. Sampling runs inside
+the engine's jitted step with per-request parameters and keys, so the tokens of a request
+do not depend on what else runs beside it.
 
 `generate` is literally the join of `stream_generate`.
 """
 
 from __future__ import annotations
 
-import functools
 import numbers
 import time
 import warnings
@@ -26,14 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.cache import init_cache
-from jaxmoe.model.forward import decode, prefill
-from jaxmoe.runtime.sampling import SamplingParams, sample, step_key
+from jaxmoe.runtime.engine import Engine
+from jaxmoe.runtime.placement import RuntimeConfig
+from jaxmoe.runtime.sampling import SamplingParams
 from jaxmoe.runtime.stopping import StopMatcher, normalize_stop
 from jaxmoe.tokenizer import Message, Tokenizer
 
-MIN_CACHE_BUCKET = 64
-MIN_PROMPT_BUCKET = 16
+DEFAULT_MAX_SEQ_LEN = 4096  # context per request unless max_seq_len says otherwise (cache memory)
 
 
 # ---- results --------------------------------------------------------------------------------
@@ -76,10 +73,20 @@ class Model:
     max_seq_len: int | None = None  # a cap on the context below max_position_embeddings
     path: Path | None = None
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
-    cpu_kernels: bool = False  # large matmuls and routed experts run on cpu_ext
+    cpu_kernels: bool = False  # large matmuls and/or routed experts run on cpu_ext
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    _engine: Engine | None = field(default=None, init=False, repr=False)
+
+    @property
+    def engine(self) -> Engine:
+        """The serving engine of this model (created on first use)."""
+        if self._engine is None:
+            self._engine = Engine(self.cfg, self.weights, self.runtime, max_len=self.context_len)
+        return self._engine
 
     def close(self) -> None:
         """Free the native memory of CPU-kernel weights now (rather than at exit)."""
+        self._engine = None
         if self.cpu_kernels:
             from jaxmoe.cpu.placement import release
 
@@ -93,26 +100,18 @@ class Model:
 
     @property
     def context_len(self) -> int:
-        """Most positions one request may use (prompt + generated tokens)."""
-        limit = self.cfg.max_position_embeddings
-        return limit if self.max_seq_len is None else min(limit, self.max_seq_len)
+        """Most positions one request may use (prompt + generated tokens): max_seq_len
+        (default DEFAULT_MAX_SEQ_LEN) capped by max_position_embeddings."""
+        return min(self.cfg.max_position_embeddings, self.max_seq_len or DEFAULT_MAX_SEQ_LEN)
 
-    def buckets(self, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
-        """(cache length, padded prompt length) used for a request of these sizes."""
-        cache_len = _bucket(prompt_tokens + max_new_tokens, MIN_CACHE_BUCKET, self.context_len)
-        return cache_len, _bucket(prompt_tokens, MIN_PROMPT_BUCKET, cache_len)
-
-    def compile(self, prompt_tokens: int, max_new_tokens: int) -> float:
-        """Compile the steps a request of these sizes uses (seconds taken); later requests
-        in the same buckets start without compiling."""
+    def compile(self, prompt_tokens: int, max_new_tokens: int = 2) -> float:
+        """Warm the engine's step programs with a throwaway request of this prompt length
+        (seconds taken); requests of similar sizes then start without compiling."""
         t0 = time.perf_counter()
-        cache_len, padded = self.buckets(prompt_tokens, max_new_tokens)
-        cache = init_cache(self.cfg, 1, cache_len, self.dtype)
-        tokens, positions = _pad_prompt([0], padded, cache_len)
-        s = _sampling_args(SamplingParams())
-        tok, cache = _prefill_step(self.cfg, self.weights, cache, tokens, positions, np.int32(0), *s)
-        tok, cache = _decode_step(self.cfg, self.weights, cache, tok, np.int32(1), np.int32(1), *s)
-        jax.block_until_ready(tok)
+        self.check_fits(prompt_tokens, max_new_tokens)
+        req = self.engine.submit([0] * prompt_tokens, min(max_new_tokens, 2))
+        for _ in req.events():
+            pass
         return time.perf_counter() - t0
 
     def encode_prompt(self, prompt: str | Sequence[int] | None = None, messages: Sequence[Message] | None = None) -> list[int]:
@@ -143,12 +142,12 @@ class Model:
     def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
         total, limit = prompt_tokens + max_new_tokens, self.context_len
         if total > limit:
-            why = f"max_position_embeddings={self.cfg.max_position_embeddings}"
-            if self.max_seq_len is not None and self.max_seq_len < self.cfg.max_position_embeddings:
-                why = f"max_seq_len={self.max_seq_len}"
+            why = f"max_position_embeddings={self.cfg.max_position_embeddings})"
+            if limit < self.cfg.max_position_embeddings:
+                why = f"max_seq_len={limit}); load() with a larger max_seq_len for more"
             raise ValueError(
                 f"prompt too long: {prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} = "
-                f"{total} tokens exceeds the model's context of {limit} tokens ({why})"
+                f"{total} tokens exceeds the model's context of {limit} tokens ({why}"
             )
 
 
@@ -159,6 +158,8 @@ def load(
     max_seq_len: int | None = None,
     cpu_kernels: bool | None = None,
     progress: Any = None,
+    runtime: str | None = None,
+    **runtime_options: Any,
 ) -> Model:
     """Load a checkpoint directory (config.json, safetensors, optional tokenizer files).
 
@@ -169,32 +170,43 @@ def load(
       kernels (cpu_ext). None (default) = when JAX runs on the CPU and the kernels load;
       True = required; False = the pure JAX path.
     progress: show a progress bar (None = only for slow loads on a terminal).
+    runtime: a runtime preset of configs/runtime/ (default: "cpu-only" without a GPU,
+      "gpu+cpu-experts" with one, "2gpu+cpu-experts" with two); runtime_options override
+      its fields (n_slots, chunk_size, overlap, memory_budget_bytes, ...).
     """
     from jaxmoe.loading.loader import load_checkpoint
 
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    rc = RuntimeConfig.load(runtime or _default_preset(), **runtime_options)
     path = Path(path)
     cfg, weights = load_checkpoint(path, dtype=dtype, progress=progress)
-    weights, on_kernels = _place(weights, cpu_kernels)
+    weights, on_kernels = _place(weights, cpu_kernels, rc)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     eos = set(cfg.eos_token_id)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    return Model(cfg, weights, tokenizer, max_seq_len, path, frozenset(eos), on_kernels)
+    return Model(cfg, weights, tokenizer, max_seq_len, path, frozenset(eos), on_kernels, rc)
 
 
-def _place(weights: Any, cpu_kernels: bool | None) -> tuple[Any, bool]:
-    """(weights, whether they run on the CPU kernels)."""
-    if cpu_kernels is False or (cpu_kernels is None and jax.default_backend() != "cpu"):
+def _default_preset() -> str:
+    n_gpus = len(jax.devices()) if jax.default_backend() == "gpu" else 0
+    return {0: "cpu-only", 1: "gpu+cpu-experts"}.get(n_gpus, "2gpu+cpu-experts")
+
+
+def _place(weights: Any, cpu_kernels: bool | None, rc: RuntimeConfig) -> tuple[Any, bool]:
+    """(weights, whether cpu_ext runs some of them). cpu-only: every large matmul on the CPU
+    kernels; staged presets: only the routed experts (the rest goes to the accelerators);
+    routed experts on the accelerator: none."""
+    if cpu_kernels is False or rc.routed_experts == "accelerator":
+        return weights, False
+    if cpu_kernels is None and not rc.staged and jax.default_backend() != "cpu":
         return weights, False
     try:
         from jaxmoe.cpu import placement
 
-        install = getattr(placement, "install_linear", None)  # a shim until quant.linear dispatches on HostLinear
-        if install is not None:
-            install()
-        return placement.to_cpu_placement(weights), True
+        experts_only = {"min_elements": 1 << 62} if rc.staged else {}
+        return placement.to_cpu_placement(weights, **experts_only), True
     except (ImportError, OSError, RuntimeError) as e:  # the native library cannot be built or loaded here
         if cpu_kernels:
             raise RuntimeError(f"cpu_kernels=True, but jaxmoe's CPU kernels are unavailable: {e}") from e
@@ -278,76 +290,39 @@ def _prepare(model, prompt, messages, max_new_tokens, temperature, top_k, top_p,
 
 def _run(model: Model, req: _Request) -> Iterator[StreamResponse]:
     t0 = time.perf_counter() - req.prepare_s
-    cfg, weights, ids, max_new = model.cfg, model.weights, req.prompt_ids, req.max_new_tokens
-    n = len(ids)
-    cache_len, padded = model.buckets(n, max_new)
-    cache = init_cache(cfg, 1, cache_len, model.dtype)
-    tokens, positions = _pad_prompt(ids, padded, cache_len)
-    s = _sampling_args(req.params)
+    n, max_new = len(req.prompt_ids), req.max_new_tokens
     detok = model.tokenizer.detokenizer() if model.tokenizer is not None else None
     stopper = StopMatcher(req.stops)
-
-    t_prefill = time.perf_counter()
-    tok_dev, cache = _prefill_step(cfg, weights, cache, tokens, positions, np.int32(n - 1), *s)
-    tok = int(tok_dev)
-    t_first = time.perf_counter()
-    timings = Timings(t_first - t0, n / max(t_first - t_prefill, 1e-9), 0.0, n, 0)
-
-    for step in range(1, max_new + 1):  # `tok` is generated token number `step`
-        is_eos = tok in req.eos
-        if step < max_new and not is_eos:  # dispatch the next step before looking at this token
-            next_dev, cache = _decode_step(cfg, weights, cache, tok_dev, np.int32(n + step - 1), np.int32(step), *s)
-        finish = "eos" if is_eos else ("length" if step == max_new else None)
-        text = ""
-        if detok is not None:
-            delta = "" if is_eos else detok.add(tok)
+    t_submit = time.perf_counter()
+    handle = model.engine.submit(req.prompt_ids, max_new, req.params, eos_token_ids=sorted(req.eos))
+    timings, t_first = Timings(prompt_tokens=n), 0.0
+    try:
+        for ev in handle.events():
+            if ev.token is None:  # the engine's closing event: every token was handled below
+                return
+            step, tok = ev.index + 1, ev.token  # `tok` is generated token number `step`
+            if step == 1:
+                t_first = ev.time
+                timings = replace(timings, ttft_s=t_first - t0, prefill_tok_s=n / max(t_first - t_submit, 1e-9))
+            is_eos = tok in req.eos
+            finish = "eos" if is_eos else ("length" if step == max_new else None)
+            text = ""
+            if detok is not None:
+                delta = "" if is_eos else detok.add(tok)
+                if finish:
+                    delta += detok.flush()
+                text = stopper.feed(delta)
+                if stopper.stopped:
+                    finish = "stop"
+                elif finish:
+                    text += stopper.flush()
+            rate = (step - 1) / (time.perf_counter() - t_first) if step > 1 else 0.0
+            timings = replace(timings, decode_tok_s=rate, generated_tokens=step)
+            yield StreamResponse(tok, text, finish, timings)
             if finish:
-                delta += detok.flush()
-            text = stopper.feed(delta)
-            if stopper.stopped:
-                finish = "stop"
-            elif finish:
-                text += stopper.flush()
-        now = time.perf_counter()
-        rate = (step - 1) / (now - t_first) if step > 1 else 0.0
-        timings = replace(timings, decode_tok_s=rate, generated_tokens=step)
-        yield StreamResponse(tok, text, finish, timings)
-        if finish:
-            return
-        tok_dev = next_dev
-        tok = int(tok_dev)
-
-
-# ---- jitted steps -----------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill_step(cfg, weights, cache, tokens, positions, last, seed, temperature, top_k, top_p):
-    logits, cache = prefill(cfg, weights, cache, tokens, positions, logit_index=last.reshape(1))
-    return sample(logits[0, 0], step_key(seed, 0), temperature, top_k, top_p), cache
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode_step(cfg, weights, cache, token, position, step, seed, temperature, top_k, top_p):
-    logits, cache = decode(cfg, weights, cache, token.reshape(1, 1), position.reshape(1, 1))
-    return sample(logits[0, 0], step_key(seed, step), temperature, top_k, top_p), cache
-
-
-def _sampling_args(p: SamplingParams) -> tuple[np.ndarray, ...]:
-    return np.uint32(p.seed), np.float32(p.temperature), np.int32(p.top_k), np.float32(p.top_p)
-
-
-def _pad_prompt(ids: Sequence[int], padded: int, cache_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """tokens and positions [1, padded]; padding sits at position cache_len (dropped)."""
-    n = len(ids)
-    tokens = np.zeros((1, padded), np.int32)
-    tokens[0, :n] = ids
-    positions = np.full((1, padded), cache_len, np.int32)
-    positions[0, :n] = np.arange(n, dtype=np.int32)
-    return tokens, positions
-
-
-def _bucket(n: int, lo: int, hi: int) -> int:
-    """The next power of two >= max(n, lo), capped at hi."""
-    return min(hi, 1 << (max(n, lo) - 1).bit_length())
+                return
+    finally:
+        handle.cancel()  # frees the slot at once when the caller stops early or a stop string hit
 
 
 def _token_ids(prompt: Any) -> list[int]:

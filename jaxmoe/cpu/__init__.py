@@ -11,9 +11,9 @@
 
 from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, HostLinear, HostMatrix, free_all
 from jaxmoe.cpu.ops import linear, moe_experts
-from jaxmoe.cpu.placement import install_linear, release, to_cpu_placement
+from jaxmoe.cpu.placement import release, to_cpu_placement
 
 __all__ = [
     "ExpertStore", "HostExperts", "HostLinear", "HostMatrix", "free_all",
-    "linear", "moe_experts", "install_linear", "release", "to_cpu_placement",
+    "linear", "moe_experts", "release", "to_cpu_placement",
 ]

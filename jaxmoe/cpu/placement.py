@@ -12,17 +12,14 @@
   (4x its FP8 bytes: 67 MB per V3 layer).
 `release(weights)` frees the native memory those handles refer to.
 
-Dispatch: `routed_experts` (jaxmoe.model.moe) is registered for `HostExperts` here.
-`jaxmoe.quant.linear` dispatches on the type of its *first* argument (x), so a weight type
-cannot register on it; `linear` below is the weight-type dispatch the model needs (the hook
-asked of quant.py: dispatch `linear(x, w)` on `type(w)`), and `install_linear()` patches it
-into the model modules meanwhile.
+Dispatch: importing this module registers `HostLinear` on `jaxmoe.quant.linear_for` (the
+weight-type dispatch behind `quant.linear`) and `HostExperts` on
+`jaxmoe.model.moe.routed_experts`, so the model code runs either format unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any
 
 import jax
@@ -32,16 +29,11 @@ import numpy as np
 from jaxmoe import quant
 from jaxmoe.cpu import ops
 from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, HostLinear, HostMatrix, _live
+from jaxmoe.model import moe
 
-MODEL_MODULES = ("jaxmoe.model.moe", "jaxmoe.model.mla", "jaxmoe.model.forward")
-_quant_linear = quant.linear
-
-
-def linear(x: jax.Array, w: Any) -> jax.Array:
-    """quant.linear that also runs host-resident weights (HostLinear) through cpu_ext."""
-    if isinstance(w, HostLinear):
-        return ops.linear(x, w)
-    return _quant_linear(x, w)
+@quant.linear_for.register
+def _(w: HostLinear, x: jax.Array) -> jax.Array:
+    return ops.linear(x, w)
 
 
 @quant.dequantize.register
@@ -50,27 +42,9 @@ def _(w: HostLinear, dtype=None):
                     "into an array; keep this weight (e.g. kv_b_proj) in its device format")
 
 
-def _register_routed_experts() -> None:
-    try:
-        moe = importlib.import_module("jaxmoe.model.moe")
-    except ImportError:  # model package not there yet
-        return
-
-    @moe.routed_experts.register
-    def _(experts: HostExperts, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
-        return ops.moe_experts(x, ids, weights, experts)
-
-
-_register_routed_experts()
-
-
-def install_linear() -> None:
-    """Points the model modules' `linear` at the host-aware dispatch (idempotent). Not needed
-    once jaxmoe.quant.linear dispatches on the weight type."""
-    for name in MODEL_MODULES:
-        mod = importlib.import_module(name)
-        if getattr(mod, "linear", None) is _quant_linear:
-            mod.linear = linear
+@moe.routed_experts.register
+def _(experts: HostExperts, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
+    return ops.moe_experts(x, ids, weights, experts)
 
 
 def _host(w: Any, min_elements: int) -> Any:

@@ -49,14 +49,8 @@ def test_placement_covers_every_large_matmul(tiny):
 
 
 @pytest.mark.parametrize("step", ["prefill", "decode"])
-def test_forward_on_cpu_kernels_matches_reference(tiny, step, monkeypatch):
+def test_forward_on_cpu_kernels_matches_reference(tiny, step):
     cfg, weights, placed = tiny
-    import importlib
-
-    from jaxmoe.cpu import placement
-
-    for name in placement.MODEL_MODULES:  # what install_linear() does, undone after the test
-        monkeypatch.setattr(importlib.import_module(name), "linear", placement.linear)
     fn = jax.jit(getattr(forward, step), static_argnums=0)
     rng = np.random.default_rng(0)
     t = 40
