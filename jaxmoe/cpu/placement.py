@@ -31,6 +31,7 @@ from jaxmoe.cpu import ops
 from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, HostLinear, HostMatrix, _live
 from jaxmoe.model import moe
 
+
 @quant.linear_for.register
 def _(w: HostLinear, x: jax.Array) -> jax.Array:
     return ops.linear(x, w)
@@ -58,9 +59,11 @@ def _host(w: Any, min_elements: int) -> Any:
     return w
 
 
-def _dense_f32(w: Any) -> Any:
-    """FP8 -> float32 DenseWeight, dequantized once on the host (numpy)."""
-    if not isinstance(w, quant.Fp8Weight) or len(w.shape) != 2:
+def _dense_f32(w: Any, min_elements: int) -> Any:
+    """FP8 -> float32 DenseWeight, dequantized once on the host (numpy); only where the other
+    Linears of its size go to the CPU kernels too (not for an experts-only placement, whose
+    attention runs on an accelerator)."""
+    if not isinstance(w, quant.Fp8Weight) or len(w.shape) != 2 or w.shape[0] * w.shape[1] < min_elements:
         return w
     q = np.asarray(w.weight)
     return quant.DenseWeight(weight=jnp.asarray(quant.dequantize_fp8_blocks(q, np.asarray(w.weight_scale_inv), w.block)))
@@ -85,7 +88,7 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
         a: MLAWeights = lw.self_attn
         attn = dataclasses.replace(a, q_a_proj=h(a.q_a_proj), q_b_proj=h(a.q_b_proj), q_proj=h(a.q_proj),
                                    kv_a_proj_with_mqa=h(a.kv_a_proj_with_mqa), o_proj=h(a.o_proj),
-                                   kv_b_proj=_dense_f32(a.kv_b_proj))
+                                   kv_b_proj=_dense_f32(a.kv_b_proj, min_elements))
         if isinstance(lw.mlp, MoEWeights):
             ex = lw.mlp.experts
             if ex is None:  # loaded with load_experts=False: the store must already hold them
