@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     ck = open_checkpoint(path)
     source = CheckpointExperts(ck)
     weights0 = jax.device_put(weights, accel[0])
-    dense = {s: place_dense(weights, accel, s) for s in ("slp", "dslp")}
+    dense = {s: place_dense(weights, accel, s) for s in ("slp", "dslp")[: len(accel)]}
     prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
     engine = Engine(cfg, weights, "cpu-only", n_slots=1, chunk_size=chunk, max_len=max_len)
     rng = np.random.default_rng(0)
@@ -142,6 +142,8 @@ def main(argv=None) -> dict:
         return run
 
     runs = {"resident": resident, "cpu-experts": cpu_experts, "slp": streamed("slp"), "dslp": streamed("dslp")}
+    if len(accel) < 2:  # one GPU: no SmallEP
+        del runs["dslp"]
     planned = {"resident": ("cpu", hw_host) if not on_gpu else ("resident", hw_accel), "cpu-experts": ("cpu", hw_host),
                "slp": ("slp", hw_accel), "dslp": ("dslp", hw_accel)}
     results: dict = {}
