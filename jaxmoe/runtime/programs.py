@@ -35,8 +35,16 @@ from jaxmoe.runtime.sampling import sample, step_key
 
 
 def _sample_rows(logits, seeds, steps, temperature, top_k, top_p):
-    keys = jax.vmap(step_key)(seeds, steps)
-    return jax.vmap(sample)(logits[:, 0], keys, temperature, top_k, top_p)
+    """Each row's next token with its own parameters. Under vmap a `cond` runs both branches,
+    so the all-greedy case (no sorts, no draws) is decided here, once for the batch."""
+    logits = logits[:, 0].astype(jnp.float32)
+
+    def draw(_):
+        keys = jax.vmap(step_key)(seeds, steps)
+        return jax.vmap(sample)(logits, keys, temperature, top_k, top_p)
+
+    greedy = lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(jnp.any(temperature > 0), draw, greedy, None)
 
 
 def _fused_program(cfg, weights, cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len):
