@@ -66,6 +66,17 @@ jm_matrix *jm_matrix_from_handle(int64_t handle);
 int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, void *y,
               int32_t y_dtype);
 
+/* ---- matrix groups: g matrices of one shape, e.g. per attention head -------------------- */
+typedef struct jm_group jm_group;
+/* takes ownership of the g matrices (frees them on error too) */
+jm_group *jm_group_create(jm_matrix *const *ms, int32_t g);
+void jm_group_free(jm_group *grp);
+jm_group *jm_group_from_handle(int64_t handle);
+int jm_group_info(const jm_group *grp, int32_t *g, int32_t *n, int32_t *k);
+/* y[m, j, :] = W_j @ x[m, j, :] for every group j: x [m, g, k], y [m, g, n] contiguous */
+int jm_linear_grouped(const jm_group *grp, const void *x, int32_t x_dtype, int64_t m, void *y,
+                      int32_t y_dtype);
+
 /* ---- host expert store ------------------------------------------------------------------ */
 jm_store *jm_store_create(int32_t n_layers);
 void jm_store_free(jm_store *s);
@@ -94,8 +105,9 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
 /* reads the packed bytes of n (1..64) matrices once over the pool; returns a checksum */
 uint64_t jm_read_pass(const jm_matrix *const *ms, int32_t n);
 
-/* ---- XLA FFI handlers (defined in ffi.cc): "linear", "moe" (layer attribute), "moe_dyn"
- * (layer as a scalar int32 operand, e.g. inside a scan over layers); NULL for other names */
+/* ---- XLA FFI handlers (defined in ffi.cc): "linear", "linear_grouped", "moe" (layer
+ * attribute), "moe_dyn" (layer as a scalar int32 operand, e.g. inside a scan over layers);
+ * NULL for other names */
 void *jm_ffi_handler(const char *name);
 
 #ifdef __cplusplus

@@ -1,5 +1,5 @@
 // ffi.cc -- XLA FFI handlers (CPU platform) over the C ABI. Thin on purpose: check the
-// buffers, call jm_linear / jm_moe, turn a JM_E* code into an ffi::Error with the library's
+// buffers, call jm_linear / jm_linear_grouped / jm_moe, turn a JM_E* code into an ffi::Error with the library's
 // message. Weights never cross as buffers: the handlers take a matrix or store handle
 // (int64 attribute) and validate it against the registry of live objects.
 #include <cstdint>
@@ -51,6 +51,28 @@ ffi::Error LinearImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t m
   return ffi::Error::Success();
 }
 
+ffi::Error LinearGroupedImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, int64_t group) {
+  jm_group* grp = jm_group_from_handle(group);
+  if (!grp) return fail("linear_grouped");
+  int32_t g, n, k;
+  jm_group_info(grp, &g, &n, &k);
+  int32_t xdt, ydt;
+  if (!dtype_of(x.element_type(), &xdt) || !dtype_of(y->element_type(), &ydt))
+    return ffi::Error::InvalidArgument("jaxmoe_cpu linear_grouped: x and y must be float32 or bfloat16");
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  const size_t r = xd.size();
+  if (r < 2 || yd.size() != r || xd[r - 2] != g || xd[r - 1] != k || yd[r - 2] != g || yd[r - 1] != n)
+    return ffi::Error::InvalidArgument("jaxmoe_cpu linear_grouped: x [..., " + std::to_string(g) + ", " +
+                                       std::to_string(k) + "] -> y [..., " + std::to_string(g) + ", " +
+                                       std::to_string(n) + "] expected by the group; shapes do not match");
+  int64_t m = 1;
+  for (size_t i = 0; i + 2 < r; i++) m *= xd[i];
+  if (jm_linear_grouped(grp, x.untyped_data(), xdt, m, y->untyped_data(), ydt) != JM_OK)
+    return fail("linear_grouped");
+  return ffi::Error::Success();
+}
+
 ffi::Error Moe(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> weights,
                ffi::Result<ffi::AnyBuffer> out, int64_t store, int32_t layer) {
   jm_store* s = jm_store_from_handle(store);
@@ -99,6 +121,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jm_ffi_linear, LinearImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("matrix"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jm_ffi_linear_grouped, LinearGroupedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("group"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jm_ffi_moe, MoeImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
@@ -120,6 +148,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jm_ffi_moe_dyn, MoeDynImpl,
 extern "C" void* jm_ffi_handler(const char* name) {
   if (!name) return nullptr;
   if (!std::strcmp(name, "linear")) return reinterpret_cast<void*>(&jm_ffi_linear);
+  if (!std::strcmp(name, "linear_grouped")) return reinterpret_cast<void*>(&jm_ffi_linear_grouped);
   if (!std::strcmp(name, "moe")) return reinterpret_cast<void*>(&jm_ffi_moe);
   if (!std::strcmp(name, "moe_dyn")) return reinterpret_cast<void*>(&jm_ffi_moe_dyn);
   return nullptr;

@@ -1,4 +1,5 @@
-/* linear.c -- y = x @ W^T over the thread pool, the engine lock and the scratch arena.
+/* linear.c -- y = x @ W^T over the thread pool, the engine lock and the scratch arena; and
+ * the grouped form (g matrices of one shape, x [m][g][k] -> y [m][g][n]: per-head weights).
  *
  * Tokens are processed in chunks of JM_MC. Per chunk, phase 1 folds the activations once per
  * 128-row block (tasks: row blocks), phase 2 streams the weight tiles (tasks: 8 tiles = 32
@@ -47,31 +48,36 @@ void jm_from_f32(const float *x, int64_t count, int32_t dtype, void *out) {
   for (int64_t i = 0; i < count; i++) h[i] = jm_f32_to_bf16(x[i]);
 }
 
-/* ---- the two phases ---------------------------------------------------------------------- */
+/* ---- the two phases, over g matrices of one shape (g = 1: a plain linear) ---------------- */
 typedef struct {
   const jm_kernels *K;
-  const jm_matrix *w;
-  const float *x; /* [m][k] */
+  const jm_matrix *const *ws; /* g matrices [n, k], same shape and format */
+  int64_t g;
+  const float *x; /* token i, group j at x + i*ldx + j*k */
+  int64_t ldx;
   int m;
-  uint8_t *xf; /* [n_rb][m][k_pad] folded */
-  size_t xf_rb;
-  float *y; /* [m][ldy] */
-  int64_t ldy;
+  uint8_t *xf; /* [g][n_rb][m][k_pad] folded */
+  size_t xf_rb, xf_group;
+  float *y; /* token i, group j at y + i*ldy + j*n */
+  int64_t ldy, tile_tasks;
 } lin_ctx;
 
-static void fold_task(void *ctx_, int64_t rb, int thread) {
-  (void)thread;
+static void fold_task(void *ctx_, int64_t task, int thread) {
   lin_ctx *c = ctx_;
-  c->K->fold(c->w, (int)rb, c->x, c->w->k, c->m, c->xf + rb * c->xf_rb);
+  const jm_matrix *w = c->ws[0];
+  const int64_t j = task / w->n_rb, rb = task % w->n_rb;
+  c->K->fold(c->ws[j], (int)rb, c->x + j * w->k, c->ldx, c->m, c->xf + j * c->xf_group + rb * c->xf_rb);
 }
 
 static void tile_task(void *ctx_, int64_t task, int thread) {
-  (void)thread;
   lin_ctx *c = ctx_;
-  const int t0 = (int)task * JM_TILES_PER_TASK;
-  const int t1 = t0 + JM_TILES_PER_TASK < c->w->n_tiles ? t0 + JM_TILES_PER_TASK : c->w->n_tiles;
-  const int rb = c->w->n_rb == 1 ? 0 : t0 * JM_TILE_ROWS / JM_KBLOCK;
-  c->K->tiles(c->w, t0, t1, c->xf + rb * c->xf_rb, c->m, c->y + (int64_t)t0 * JM_TILE_ROWS, c->ldy);
+  const int64_t j = task / c->tile_tasks;
+  const jm_matrix *w = c->ws[j];
+  const int t0 = (int)(task % c->tile_tasks) * JM_TILES_PER_TASK;
+  const int t1 = t0 + JM_TILES_PER_TASK < w->n_tiles ? t0 + JM_TILES_PER_TASK : w->n_tiles;
+  const int rb = w->n_rb == 1 ? 0 : t0 * JM_TILE_ROWS / JM_KBLOCK;
+  c->K->tiles(w, t0, t1, c->xf + j * c->xf_group + rb * c->xf_rb, c->m,
+              c->y + j * w->n + (int64_t)t0 * JM_TILE_ROWS, c->ldy);
 }
 
 /* folded-activation bytes of one row block for m tokens */
@@ -79,28 +85,31 @@ static size_t xf_rb_bytes(const jm_kernels *K, const jm_matrix *w, int m) {
   return ((size_t)m * (size_t)w->k_pad * K->xf_elem + 63) & ~(size_t)63;
 }
 
-/* y[m][ldy] (f32) = x[m][k] (f32) @ W^T; m <= JM_MC; xf scratch of n_rb * xf_rb_bytes */
-static void linear_chunk(const jm_kernels *K, const jm_matrix *w, const float *x, int m, float *y,
-                         int64_t ldy, uint8_t *xf) {
-  lin_ctx c = {K, w, x, m, xf, xf_rb_bytes(K, w, m), y, ldy};
-  jm_pool_run_sized(w->n_rb, fold_task, &c, (int64_t)w->n_rb * m * w->k_pad);
-  jm_pool_run((w->n_tiles + JM_TILES_PER_TASK - 1) / JM_TILES_PER_TASK, tile_task, &c, NULL);
+/* y = x @ W_j^T for every group j, m <= JM_MC tokens; xf scratch of g * n_rb * xf_rb_bytes */
+static void linear_chunk(const jm_kernels *K, const jm_matrix *const *ws, int64_t g, const float *x, int m,
+                         float *y, uint8_t *xf) {
+  const jm_matrix *w = ws[0];
+  lin_ctx c = {K, ws, g, x, g * w->k, m, xf, xf_rb_bytes(K, w, m), w->n_rb * xf_rb_bytes(K, w, m), y, g * w->n,
+               (w->n_tiles + JM_TILES_PER_TASK - 1) / JM_TILES_PER_TASK};
+  jm_pool_run_sized(g * w->n_rb, fold_task, &c, g * w->n_rb * m * w->k_pad);
+  jm_pool_run(g * c.tile_tasks, tile_task, &c, NULL);
 }
 
-int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, void *y,
-              int32_t y_dtype) {
-  if (!w || !jm_registry_has(w) || w->magic != JM_MATRIX_MAGIC)
-    return jm_error(JM_EHANDLE, "jm_linear: not a live matrix");
+/* x [m][g][k] -> y [m][g][n] over g validated matrices of one shape */
+static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, int32_t x_dtype, int64_t m, void *y,
+                         int32_t y_dtype) {
   if ((x_dtype != JM_DT_F32 && x_dtype != JM_DT_BF16) || (y_dtype != JM_DT_F32 && y_dtype != JM_DT_BF16))
     return jm_error(JM_EINVAL, "jm_linear: dtypes must be f32 or bf16");
   if (m < 0) return jm_error(JM_EINVAL, "jm_linear: negative row count");
   if (m == 0) return JM_OK;
   if (!x || !y) return jm_error(JM_EINVAL, "jm_linear: NULL buffer");
+  const jm_matrix *w = ws[0];
   const jm_kernels *K = jm_kernels_current();
   const int mc_max = m < JM_MC ? (int)m : JM_MC;
-  const size_t xf_bytes = (size_t)w->n_rb * xf_rb_bytes(K, w, mc_max);
-  const size_t xc_bytes = x_dtype == JM_DT_F32 ? 0 : ((size_t)m * w->k * sizeof(float) + 63) & ~(size_t)63;
-  const size_t yc_bytes = y_dtype == JM_DT_F32 ? 0 : (size_t)mc_max * w->n * sizeof(float);
+  const int64_t row_in = g * w->k, row_out = g * w->n;
+  const size_t xf_bytes = (size_t)g * w->n_rb * xf_rb_bytes(K, w, mc_max);
+  const size_t xc_bytes = x_dtype == JM_DT_F32 ? 0 : ((size_t)m * row_in * sizeof(float) + 63) & ~(size_t)63;
+  const size_t yc_bytes = y_dtype == JM_DT_F32 ? 0 : (size_t)mc_max * row_out * sizeof(float);
   jm_engine_lock();
   uint8_t *s = jm_scratch(xf_bytes + xc_bytes + yc_bytes);
   if (!s) {
@@ -109,19 +118,87 @@ int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, voi
   }
   const float *xs = (const float *)x;
   if (xc_bytes) {
-    jm_to_f32(x, x_dtype, m * w->k, (float *)(s + xf_bytes));
+    jm_to_f32(x, x_dtype, m * row_in, (float *)(s + xf_bytes));
     xs = (const float *)(s + xf_bytes);
   }
   float *yc = (float *)(s + xf_bytes + xc_bytes);
   for (int64_t m0 = 0; m0 < m; m0 += JM_MC) {
     const int mc = m - m0 < JM_MC ? (int)(m - m0) : JM_MC;
     if (y_dtype == JM_DT_F32) {
-      linear_chunk(K, w, xs + m0 * w->k, mc, (float *)y + m0 * w->n, w->n, s);
+      linear_chunk(K, ws, g, xs + m0 * row_in, mc, (float *)y + m0 * row_out, s);
     } else {
-      linear_chunk(K, w, xs + m0 * w->k, mc, yc, w->n, s);
-      jm_from_f32(yc, (int64_t)mc * w->n, JM_DT_BF16, (uint16_t *)y + m0 * w->n);
+      linear_chunk(K, ws, g, xs + m0 * row_in, mc, yc, s);
+      jm_from_f32(yc, (int64_t)mc * row_out, JM_DT_BF16, (uint16_t *)y + m0 * row_out);
     }
   }
   jm_engine_unlock();
   return JM_OK;
+}
+
+int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, void *y, int32_t y_dtype) {
+  if (!w || !jm_registry_has(w) || w->magic != JM_MATRIX_MAGIC)
+    return jm_error(JM_EHANDLE, "jm_linear: not a live matrix");
+  return linear_groups(&w, 1, x, x_dtype, m, y, y_dtype);
+}
+
+/* ---- groups ------------------------------------------------------------------------------ */
+#define JM_GROUP_MAGIC 0x6a6d67726f757021ull
+
+struct jm_group {
+  uint64_t magic;
+  int32_t g;
+  jm_matrix **ms;
+};
+
+jm_group *jm_group_create(jm_matrix *const *ms, int32_t g) {
+  int ok = ms && g > 0;
+  for (int32_t j = 0; ok && j < g; j++)
+    ok = ms[j] && jm_registry_has(ms[j]) && ms[j]->n == ms[0]->n && ms[j]->k == ms[0]->k &&
+         ms[j]->format == ms[0]->format;
+  jm_group *grp = ok ? calloc(1, sizeof *grp) : NULL;
+  if (grp) grp->ms = malloc(sizeof *grp->ms * (size_t)g);
+  if (!ok || !grp || !grp->ms || jm_registry_add(grp) != JM_OK) {
+    if (grp) free(grp->ms);
+    free(grp);
+    for (int32_t j = 0; ms && j < g; j++) jm_matrix_free(ms[j]);
+    jm_error(ok ? JM_ENOMEM : JM_EINVAL, "jm_group_create: %s", ok ? "out of memory" : "need g > 0 live matrices of one shape and format");
+    return NULL;
+  }
+  grp->magic = JM_GROUP_MAGIC;
+  grp->g = g;
+  memcpy(grp->ms, ms, sizeof *grp->ms * (size_t)g);
+  return grp;
+}
+
+void jm_group_free(jm_group *grp) {
+  if (!grp || !jm_registry_remove(grp)) return;
+  for (int32_t j = 0; j < grp->g; j++) jm_matrix_free(grp->ms[j]);
+  grp->magic = 0;
+  free(grp->ms);
+  free(grp);
+}
+
+jm_group *jm_group_from_handle(int64_t handle) {
+  jm_group *grp = (jm_group *)(uintptr_t)handle;
+  if (!handle || !jm_registry_has(grp) || grp->magic != JM_GROUP_MAGIC) {
+    jm_error(JM_EHANDLE, "0x%llx is not a live jaxmoe matrix-group handle (freed or never created)",
+             (unsigned long long)handle);
+    return NULL;
+  }
+  return grp;
+}
+
+int jm_group_info(const jm_group *grp, int32_t *g, int32_t *n, int32_t *k) {
+  if (!grp || !jm_registry_has(grp) || grp->magic != JM_GROUP_MAGIC)
+    return jm_error(JM_EHANDLE, "jm_group_info: not a live matrix group");
+  if (g) *g = grp->g;
+  if (n) *n = grp->ms[0]->n;
+  if (k) *k = grp->ms[0]->k;
+  return JM_OK;
+}
+
+int jm_linear_grouped(const jm_group *grp, const void *x, int32_t x_dtype, int64_t m, void *y, int32_t y_dtype) {
+  if (!grp || !jm_registry_has(grp) || grp->magic != JM_GROUP_MAGIC)
+    return jm_error(JM_EHANDLE, "jm_linear_grouped: not a live matrix group");
+  return linear_groups((const jm_matrix *const *)grp->ms, grp->g, x, x_dtype, m, y, y_dtype);
 }

@@ -126,6 +126,32 @@ static void test_bf16_linear(int isa) {
   free(wb), free(w), free(x), free(y);
 }
 
+static void test_grouped(int isa) {
+  enum { G = 3, M = 5, N = 33, K = 129 };
+  fp8_mat w[G];
+  jm_matrix *ms[G];
+  for (int j = 0; j < G; j++) w[j] = fp8_random(N, K), ms[j] = jm_matrix_create_fp8(w[j].q, K, w[j].s, 2, N, K, -1);
+  jm_group *grp = jm_group_create(ms, G);
+  CHECK(grp != NULL, "group create");
+  float *x = malloc(sizeof(float) * M * G * K), *y = malloc(sizeof(float) * M * G * N);
+  float *xj = malloc(sizeof(float) * M * K), *yj = malloc(sizeof(float) * M * N);
+  for (int i = 0; i < M * G * K; i++) x[i] = (float)nrand();
+  CHECK(jm_linear_grouped(grp, x, JM_DT_F32, M, y, JM_DT_F32) == JM_OK, "grouped linear");
+  for (int j = 0; j < G; j++) {
+    for (int i = 0; i < M; i++) {
+      memcpy(xj + i * K, x + (i * G + j) * K, sizeof(float) * K);
+      memcpy(yj + i * N, y + (i * G + j) * N, sizeof(float) * N);
+    }
+    CHECK(check_linear(w[j].w, w[j].q, N, K, xj, M, yj, isa), "grouped isa %d group %d", isa, j);
+  }
+  jm_group_free(grp);
+  CHECK(jm_linear_grouped(grp, x, JM_DT_F32, M, y, JM_DT_F32) == JM_EHANDLE, "freed group");
+  jm_matrix *bad[2] = {jm_matrix_create_fp8(w[0].q, K, w[0].s, 2, N, K, -1), jm_matrix_create_fp8(w[1].q, K, w[1].s, 2, N - 1, K, -1)};
+  CHECK(jm_group_create(bad, 2) == NULL, "mismatched group rejected (and its matrices freed)");
+  for (int j = 0; j < G; j++) fp8_free(&w[j]);
+  free(x), free(y), free(xj), free(yj);
+}
+
 static double silu(double v) { return v / (1 + exp(-v)); }
 
 static void test_moe(int isa) {
@@ -216,6 +242,7 @@ int main(void) {
       jm_set_num_threads(threads);
       test_fp8_linear(isa);
       test_bf16_linear(isa);
+      test_grouped(isa);
       test_moe(isa);
     }
     printf("checked %s\n", jm_isa_name(isa));

@@ -132,6 +132,49 @@ class HostMatrix:
         return HostLinear(handle=self.handle, n=self.n, k=self.k)
 
 
+class HostGroup:
+    """Owner of g repacked matrices of one shape [n, k] (e.g. one per attention head), run as
+    one call: y[..., j, :] = W_j @ x[..., j, :]."""
+
+    def __init__(self, mats: list[HostMatrix]):
+        nat = mats[0]._nat
+        ptrs = nat.ffi.new("jm_matrix *[]", [m.release() for m in mats])
+        self._nat, self.g, self.n, self.k = nat, len(mats), mats[0].n, mats[0].k
+        self._ptr = nat.lib.jm_group_create(ptrs, self.g)
+        if self._ptr == nat.ffi.NULL:
+            raise CpuExtError(nat.error())
+        self.handle = int(nat.ffi.cast("intptr_t", self._ptr))
+        with _live_lock:
+            _live[self.handle] = self
+
+    @classmethod
+    def fp8(cls, q, scale, node: int = -1, native=None) -> HostGroup:
+        """From e4m3 values [g, n, k] and fp32 block scales [g, ceil(n/128), ceil(k/128)]."""
+        return cls([HostMatrix.fp8(q[j], scale[j], node, native) for j in range(len(q))])
+
+    def linear(self, x: np.ndarray, out_dtype=np.float32) -> np.ndarray:
+        """Direct numpy call (no XLA): x [..., g, k] f32/bf16 -> [..., g, n]."""
+        nat = self._nat
+        x = np.ascontiguousarray(x)
+        if x.shape[-2:] != (self.g, self.k):
+            raise ValueError(f"x must be [..., {self.g}, {self.k}], got {x.shape}")
+        y = np.empty(x.shape[:-1] + (self.n,), out_dtype)
+        nat.check(nat.lib.jm_linear_grouped(self._ptr, nat.ffi.cast("void *", x.ctypes.data), _dtype_code(x.dtype),
+                                            x.size // (self.g * self.k), nat.ffi.cast("void *", y.ctypes.data),
+                                            _dtype_code(y.dtype)))
+        return y
+
+    def free(self) -> None:
+        if self._ptr is not None:
+            self._nat.lib.jm_group_free(self._ptr)
+            with _live_lock:
+                _live.pop(self.handle, None)
+            self._ptr = None
+
+    def pytree(self) -> HostGroupedLinear:
+        return HostGroupedLinear(handle=self.handle, g=self.g, n=self.n, k=self.k)
+
+
 def _dtype_code(dt) -> int:
     dt = np.dtype(dt)
     if dt == np.float32:
@@ -295,3 +338,13 @@ class HostExperts:
     hidden: int = struct.field(pytree_node=False)
     inter: int = struct.field(pytree_node=False)
 
+
+
+@struct.dataclass
+class HostGroupedLinear:
+    """g Linear weights [n, k] of one shape in host memory (a HostGroup; pytree without leaves)."""
+
+    handle: int = struct.field(pytree_node=False)
+    g: int = struct.field(pytree_node=False)
+    n: int = struct.field(pytree_node=False)
+    k: int = struct.field(pytree_node=False)

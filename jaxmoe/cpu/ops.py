@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.cpu._lib import CpuExtError, load
-from jaxmoe.cpu.expert_store import HostExperts, HostLinear
+from jaxmoe.cpu.expert_store import HostExperts, HostGroupedLinear, HostLinear
 
 LINEAR_TARGET = "jaxmoe_cpu_linear"
+GROUPED_TARGET = "jaxmoe_cpu_linear_grouped"
 MOE_TARGET = "jaxmoe_cpu_moe"
 MOE_DYN_TARGET = "jaxmoe_cpu_moe_dyn"
 _registered = False
@@ -34,7 +35,8 @@ def register() -> None:
         nat = load()
         if not hasattr(nat.lib, "jm_ffi_handler"):
             raise CpuExtError("the cpu_ext library was built without the XLA FFI handlers (jax headers missing at build time)")
-        for target, name in ((LINEAR_TARGET, b"linear"), (MOE_TARGET, b"moe"), (MOE_DYN_TARGET, b"moe_dyn")):
+        for target, name in ((LINEAR_TARGET, b"linear"), (GROUPED_TARGET, b"linear_grouped"), (MOE_TARGET, b"moe"),
+                             (MOE_DYN_TARGET, b"moe_dyn")):
             ptr = nat.lib.jm_ffi_handler(name)
             addr = int(nat.ffi.cast("uintptr_t", ptr))
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(addr), platform="cpu")
@@ -53,6 +55,17 @@ def linear(x: jax.Array, w: HostLinear) -> jax.Array:
         raise ValueError(f"linear: x has {x_in.shape[-1]} features, the host weight is [{w.n}, {w.k}]")
     out = jax.ShapeDtypeStruct(x_in.shape[:-1] + (w.n,), x_in.dtype)
     y = jax.ffi.ffi_call(LINEAR_TARGET, out)(x_in, matrix=np.int64(w.handle))
+    return y.astype(x.dtype) if y.dtype != x.dtype else y
+
+
+def grouped_linear(x: jax.Array, w: HostGroupedLinear) -> jax.Array:
+    """y[..., j, :] = W_j @ x[..., j, :] for the g matrices of a HostGroup (e.g. per head)."""
+    register()
+    x_in = _act(jnp.asarray(x))
+    if x_in.shape[-2:] != (w.g, w.k):
+        raise ValueError(f"grouped_linear: x must be [..., {w.g}, {w.k}], got {x_in.shape}")
+    out = jax.ShapeDtypeStruct(x_in.shape[:-1] + (w.n,), x_in.dtype)
+    y = jax.ffi.ffi_call(GROUPED_TARGET, out)(x_in, group=np.int64(w.handle))
     return y.astype(x.dtype) if y.dtype != x.dtype else y
 
 

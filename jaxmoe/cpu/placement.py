@@ -6,10 +6,11 @@
   stay with XLA, whose f32 dot is its fast path),
 - each MoE layer's routed experts are one `HostExperts` layer of an `ExpertStore` (FP8 as
   stored; unquantized experts are stored as bf16),
-- norms, embeddings and the router stay as they are; `kv_b_proj`, which the absorbed-attention
-  decode dequantizes at every step (XLA's own FP8->f32 conversion costs ~5 ns per element on
-  the CPU: ~90 ms per DeepSeek-V3 layer), becomes a float32 DenseWeight, dequantized once here
-  (4x its FP8 bytes: 67 MB per V3 layer).
+- norms, embeddings and the router stay as they are; `kv_b_proj` becomes a `HostKvB` (per-head
+  kernels, attention.py) when `cfg` is given and the model has the absorption hooks, else a
+  float32 DenseWeight dequantized once here (the absorbed decode dequantizes it at every step,
+  and XLA's FP8->f32 conversion costs ~5 ns per element on the CPU: ~90 ms per V3 layer;
+  float32 is 4x the FP8 bytes, 67 MB per V3 layer).
 `release(weights)` frees the native memory those handles refer to.
 
 Dispatch: importing this module registers `HostLinear` on `jaxmoe.quant.linear_for` (the
@@ -27,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe import quant
-from jaxmoe.cpu import ops
-from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, HostLinear, HostMatrix, _live
+from jaxmoe.cpu import attention, ops
+from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, HostGroupedLinear, HostLinear, HostMatrix, _live
 from jaxmoe.model import moe
 
 
@@ -69,16 +70,26 @@ def _dense_f32(w: Any, min_elements: int) -> Any:
     return quant.DenseWeight(weight=jnp.asarray(quant.dequantize_fp8_blocks(q, np.asarray(w.weight_scale_inv), w.block)))
 
 
-def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | None = None):
+def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | None = None, cfg=None):
     """A Weights pytree whose large matmuls run on cpu_ext (see module docstring).
 
     min_elements: Linears smaller than this stay as they are. store: the ExpertStore to fill
     (default: a new one with one slot per layer); for weights loaded with load_experts=False,
-    one built by `ExpertStore.from_checkpoint` (MoE layers without experts are taken from it)."""
+    one built by `ExpertStore.from_checkpoint` (MoE layers without experts are taken from it).
+    cfg: the ModelConfig; with it, and the model's absorption hooks (see attention.py),
+    kv_b_proj becomes a HostKvB (per-head kernels for the absorbed decode)."""
     from jaxmoe.model.weights import MLAWeights, MLPWeights, MoEWeights
 
     store = store or ExpertStore(len(weights.layers))
     h = lambda w: _host(w, min_elements)  # noqa: E731
+
+    def kv_b(w):
+        """HostKvB where the model has the absorption hooks (attention.py), else float32."""
+        if cfg is not None and attention.model_hooks() and len(w.shape) == 2 and w.shape[0] * w.shape[1] >= min_elements:
+            placed = attention.host_kv_b(w, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim)
+            if placed is not None:
+                return placed[0]
+        return _dense_f32(w, min_elements)
 
     def mlp(m: MLPWeights) -> MLPWeights:
         return MLPWeights(gate_proj=h(m.gate_proj), up_proj=h(m.up_proj), down_proj=h(m.down_proj))
@@ -88,7 +99,7 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
         a: MLAWeights = lw.self_attn
         attn = dataclasses.replace(a, q_a_proj=h(a.q_a_proj), q_b_proj=h(a.q_b_proj), q_proj=h(a.q_proj),
                                    kv_a_proj_with_mqa=h(a.kv_a_proj_with_mqa), o_proj=h(a.o_proj),
-                                   kv_b_proj=_dense_f32(a.kv_b_proj, min_elements))
+                                   kv_b_proj=kv_b(a.kv_b_proj))
         if isinstance(lw.mlp, MoEWeights):
             ex = lw.mlp.experts
             if ex is None:  # loaded with load_experts=False: the store must already hold them
@@ -104,10 +115,11 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
 
 
 def release(weights) -> None:
-    """Frees the host matrices and expert stores that a placed Weights pytree refers to."""
+    """Frees the host matrices, groups and expert stores that a placed Weights pytree refers to."""
+    host = (HostLinear, HostGroupedLinear, HostExperts)
     handles = set()
-    for leaf in jax.tree_util.tree_leaves(weights, is_leaf=lambda x: isinstance(x, (HostLinear, HostExperts))):
-        if isinstance(leaf, HostLinear):
+    for leaf in jax.tree_util.tree_leaves(weights, is_leaf=lambda x: isinstance(x, host)):
+        if isinstance(leaf, (HostLinear, HostGroupedLinear)):
             handles.add(leaf.handle)
         elif isinstance(leaf, HostExperts):
             handles.add(leaf.store)

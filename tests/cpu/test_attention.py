@@ -1,0 +1,91 @@
+"""Grouped (per-head) kernels and MLA's kv_b_proj on the host (jaxmoe.cpu.attention).
+
+Tolerance: the per-matrix bound of test_kernels ((K + 2) 2^-24 sum|w x| on the f32 paths, plus
+2^-8 sum|w x| and the flushed subnormal mass on AVX-512), applied head by head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmoe import quant
+from jaxmoe.cpu import ops
+from jaxmoe.cpu import reference as R
+from jaxmoe.cpu.attention import absorb_out, absorb_q, host_kv_b
+from jaxmoe.cpu.expert_store import HostGroup, _live
+
+
+def random_group(rng, g, n, k):
+    qs = [quant.quantize_fp8_blocks(rng.standard_normal((n, k)).astype(np.float32)) for _ in range(g)]
+    return np.stack([a for a, _ in qs]).view(np.uint8), np.stack([b for _, b in qs])
+
+
+@pytest.mark.parametrize("g,n,k,m", [(1, 5, 7, 1), (4, 130, 200, 3), (3, 64, 129, 20)])
+def test_grouped_linear_matches_reference(isa_lib, g, n, k, m):
+    isa, nat = isa_lib
+    rng = np.random.default_rng(g * n + k)
+    q, s = random_group(rng, g, n, k)
+    x = rng.standard_normal((m, g, k)).astype(np.float32)
+    grp = HostGroup.fp8(q, s, native=nat)
+    try:
+        y = grp.linear(x)
+    finally:
+        grp.free()
+    for j in range(g):
+        w64 = R.fp8_dequant(q[j], s[j])
+        err = np.abs(y[:, j] - R.linear(x[:, j], w64))
+        assert np.all(err <= R.linear_bound(x[:, j], w64, isa, R.is_subnormal(q[j]))), f"group {j}"
+
+
+def test_grouped_linear_in_jit_equals_cffi():
+    rng = np.random.default_rng(1)
+    q, s = random_group(rng, 6, 40, 130)
+    grp = HostGroup.fp8(q, s)
+    try:
+        x = rng.standard_normal((2, 3, 6, 130)).astype(np.float32)
+        got = jax.jit(ops.grouped_linear)(x, grp.pytree())
+        np.testing.assert_array_equal(np.asarray(got), grp.linear(x))
+        with pytest.raises(ValueError, match=r"x must be \[\.\.\., 6, 130\]"):
+            ops.grouped_linear(x[..., :5, :], grp.pytree())
+    finally:
+        grp.free()
+
+
+@pytest.mark.parametrize("heads,nope,v,r", [(4, 16, 16, 32), (2, 128, 128, 512), (3, 64, 64, 96)])
+def test_kv_b_on_host_matches_einsum(heads, nope, v, r):
+    """absorb_q / absorb_out / linear of a HostKvB == the model's einsums on the dequantized
+    kv_b_proj (exact repacks of the same FP8 values: only f32 summation order differs)."""
+    rng = np.random.default_rng(heads)
+    wq, ws = quant.quantize_fp8_blocks(rng.standard_normal((heads * (nope + v), r)).astype(np.float32))
+    w = quant.Fp8Weight(weight=wq, weight_scale_inv=ws)
+    kvb, owners = host_kv_b(w, heads, nope, v)
+    try:
+        codes = wq.view(np.uint8).reshape(heads, nope + v, r)
+        w64 = R.fp8_dequant(wq.view(np.uint8), ws).reshape(heads, nope + v, r)
+        q_nope = rng.standard_normal((1, 2, heads, nope)).astype(np.float32)
+        o_lat = rng.standard_normal((1, 2, heads, r)).astype(np.float32)
+        got_q = np.asarray(jax.jit(absorb_q)(kvb, q_nope))
+        got_o = np.asarray(jax.jit(absorb_out)(kvb, o_lat))
+        isa = owners[0]._nat.selected_isa()
+        for h in range(heads):  # head h: W_uk^T [r, nope] and W_uv [v, r], as plain linears
+            for x, got, w_h, c_h in ((q_nope, got_q, w64[h, :nope].T, codes[h, :nope].T),
+                                     (o_lat, got_o, w64[h, nope:], codes[h, nope:])):
+                xh = x[0, :, h]
+                err = np.abs(got[0, :, h] - R.linear(xh, w_h))
+                assert np.all(err <= R.linear_bound(xh, w_h, isa, R.is_subnormal(c_h))), f"head {h}"
+        c_kv = rng.standard_normal((3, r)).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(quant.linear(jnp.asarray(c_kv), kvb)),
+                                   c_kv @ w64.reshape(-1, r).T, rtol=1e-4, atol=1e-4)
+    finally:
+        for o in owners:
+            o.free()
+    assert not any(h in _live for h in (kvb.linear.handle, kvb.uk_t.handle, kvb.uv.handle))
+
+
+def test_kv_b_not_block_aligned_stays_as_is():
+    """nope 96 + v 64: head 0's v rows straddle the 128-row scale boundary -> None."""
+    wq, ws = quant.quantize_fp8_blocks(np.ones((2 * 160, 64), np.float32))
+    assert host_kv_b(quant.Fp8Weight(weight=wq, weight_scale_inv=ws), 2, 96, 64) is None
+    assert host_kv_b(quant.DenseWeight(weight=np.ones((64, 64), np.float32)), 2, 16, 16) is None
