@@ -20,6 +20,18 @@ class ConfigError(ValueError):
     """A config.json that is missing, unreadable or describes an unsupported model."""
 
 
+def named_config_path(kind: str, name: str | Path, what: str) -> Path:
+    """configs/<kind>/<name>.json for a bare name, else `name` as a path; a clear error
+    listing the known names when it does not exist."""
+    path = Path(name)
+    if not path.suffix:
+        path = CONFIGS_DIR / kind / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.json"))
+        raise ConfigError(f"unknown {what} {str(name)!r}; known: {known}")
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """YaRN parameters (`rope_scaling` / `rope_parameters` of type "yarn")."""
@@ -124,11 +136,7 @@ class ModelConfig:
     @classmethod
     def named(cls, name: str) -> ModelConfig:
         """One of the configs shipped in configs/models/ (e.g. "tiny", "bench-v3-mid", "deepseek-v3")."""
-        path = CONFIGS_DIR / "models" / f"{name}.json"
-        if not path.exists():
-            known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.json"))
-            raise ConfigError(f"unknown model config {name!r}; known: {known}")
-        return cls.from_file(path)
+        return cls.from_file(named_config_path("models", name, "model config"))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json in the original DeepSeek-V3 spelling (what synthetic checkpoints write)."""

@@ -17,9 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jaxmoe.config import CONFIGS_DIR
+from jaxmoe.config import CONFIGS_DIR, named_config_path
 
-HARDWARE_DIR = CONFIGS_DIR / "hardware"
 KERNELS_JSON = CONFIGS_DIR.parent / "benchmarks" / "results" / "kernels.json"
 
 
@@ -82,12 +81,7 @@ class Hardware:
 
 def load_hardware(name: str | Path = "reference-box", *, calibrate: bool = True) -> Hardware:
     """A profile from configs/hardware/ (by name) or a json path."""
-    path = Path(name)
-    if not path.suffix:
-        path = HARDWARE_DIR / f"{name}.json"
-    if not path.exists():
-        known = sorted(p.stem for p in HARDWARE_DIR.glob("*.json"))
-        raise ValueError(f"unknown hardware profile {str(name)!r}; known: {known}")
+    path = named_config_path("hardware", name, "hardware profile")
     d = json.loads(path.read_text())
     eff = d.get("efficiency", {})
     calibrated: list[str] = []

@@ -19,11 +19,8 @@ from typing import Any
 
 import jax
 
-from jaxmoe.config import CONFIGS_DIR
+from jaxmoe.config import named_config_path
 from jaxmoe.model.weights import MoEWeights, Weights
-
-PRESETS_DIR = CONFIGS_DIR / "runtime"
-
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
@@ -52,12 +49,7 @@ class RuntimeConfig:
 
     @classmethod
     def load(cls, preset: str | Path = "cpu-only", **overrides: Any) -> RuntimeConfig:
-        path = Path(preset)
-        if not path.suffix:
-            path = PRESETS_DIR / f"{preset}.json"
-        if not path.exists():
-            known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
-            raise ValueError(f"unknown runtime preset {str(preset)!r}; known: {known}")
+        path = named_config_path("runtime", preset, "runtime preset")
         d = json.loads(path.read_text())
         d.pop("description", None)
         fields = {f.name for f in dataclasses.fields(cls)}
