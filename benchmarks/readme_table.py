@@ -1,0 +1,67 @@
+"""Print the README's Performance table from benchmarks/results/*.json (kernels, prefill, e2e).
+
+    python -m benchmarks.readme_table
+"""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks._harness import RESULTS_DIR
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS_DIR / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _env(d: dict) -> str:
+    e = d["env"]
+    la = e.get("loadavg") or [e.get("loadavg_1m")]
+    quick = ", --quick" if e.get("quick") else ""
+    return f"{e.get('date', '?')[:16]}, commit {e.get('commit', '?')}, loadavg {la[0]:.1f}{quick}"
+
+
+def _f(x, nd=1) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def table() -> str:
+    rows = ["| benchmark | model | figure | value | run |", "|---|---|---|---:|---|"]
+    e2e = _load("e2e")
+    if e2e:
+        m, d = e2e["metrics"], e2e["details"]
+        run = _env(e2e)
+        b1 = d["results"]["decode_b1"]
+        rows += [
+            f"| e2e (`cpu-only`) | {d['model']} FP8 | decode tok/s, batch 1 (min-max) | {_f(m['decode_tok_s_b1'], 2)} "
+            f"({_f(b1['tok_s_min'], 2)}-{_f(b1['tok_s_max'], 2)}) | {run} |",
+            f"| e2e | {d['model']} FP8 | decode, fraction of the bandwidth bound, batch 1 | "
+            f"{_f(m['decode_frac_of_read_b1'], 3)} | bound {_f(m['decode_bound_tok_s_b1'], 1)} tok/s at read pass "
+            f"{_f(m['read_gb_s'], 1)} GB/s, {m['bytes_per_token'] / 1e9:.2f} GB/token |",
+            f"| e2e | {d['model']} FP8 | decode tok/s, batch 4 (4 requests) | {_f(m['decode_tok_s_b4'], 2)} | {run} |",
+            f"| e2e | {d['model']} FP8 | prefill tok/s, 512-token prompt | {_f(m['prefill_tok_s_512'])} | {run} |",
+            f"| e2e | {d['model']} FP8 | prefill tok/s, 4096-token prompt | {_f(m.get('prefill_tok_s_4096'))} | {run} |",
+        ]
+    k = _load("kernels")
+    if k:
+        m, run = k["metrics"], _env(k)
+        rows += [
+            f"| kernels | V3 expert shapes, FP8 | GEMV M=1, fraction of the read pass | {_f(m['fp8_gemv_m1_frac_of_read'], 3)} | "
+            f"{_f(m['fp8_gemv_m1_gbps'])} GB/s vs read pass {_f(m['read_pass_gbps'])} GB/s; {run} |",
+            f"| kernels | V3 expert shapes, FP8 | MoE layer (8 experts, 1 token) ms, fraction of read | "
+            f"{_f(m['moe_layer_m1_ms'], 2)} ms, {_f(m['moe_layer_m1_frac_of_read'], 3)} | {run} |",
+        ]
+    p = _load("prefill")
+    if p:
+        m, d, run = p["metrics"], p["details"], _env(p)
+        top = max(d["lengths"])
+        for s in ("resident", "cpu-experts", "slp", "dslp"):
+            if f"{s}_tok_s" in m:
+                rows.append(f"| prefill ({s}) | {d['model']} FP8 | prefill tok/s, {top}-token prompt | "
+                            f"{_f(m[f'{s}_tok_s'])} | {run} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())
