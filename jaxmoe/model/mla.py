@@ -12,6 +12,8 @@ shared rope key k_pe. Two ways to attend, mathematically equal:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -77,16 +79,35 @@ def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, co
     return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache
 
 
+def _split_kv_b(kv_b_proj, cfg, dtype) -> tuple[jax.Array, jax.Array]:
+    """kv_b_proj [h*(nope+v), r] -> (W_UK [h, nope, r], W_UV [h, v, r])."""
+    w_kv = dequantize(kv_b_proj, dtype).reshape(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
+    return w_kv[:, : cfg.qk_nope_head_dim], w_kv[:, cfg.qk_nope_head_dim :]
+
+
+@functools.singledispatch
+def absorb_q(kv_b_proj, q_nope: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """q_nope [B, T, h, nope] -> q_latent [B, T, h, r] = q_nope @ W_UK (per head). Weight
+    formats with their own kernels (cpu_ext) register on this and on `absorb_out`."""
+    w_uk, _ = _split_kv_b(kv_b_proj, cfg, q_nope.dtype)
+    return jnp.einsum("bthd,hdr->bthr", q_nope, w_uk)
+
+
+@functools.singledispatch
+def absorb_out(kv_b_proj, o_latent: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """o_latent [B, T, h, r] -> per-head values [B, T, h, v] = o_latent @ W_UV^T."""
+    _, w_uv = _split_kv_b(kv_b_proj, cfg, o_latent.dtype)
+    return jnp.einsum("bthr,hvr->bthv", o_latent, w_uv)
+
+
 def mla_decode(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None):
     """Attention in latent space with kv_b_proj absorbed. Same contract as `mla_prefill`."""
     q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)
     c_kv, k_pe = _cached(cache, layer, kv_len, x.dtype)
-    w_kv = dequantize(w.kv_b_proj, x.dtype).reshape(cfg.num_attention_heads, -1, cfg.kv_lora_rank)
-    w_uk, w_uv = w_kv[:, : cfg.qk_nope_head_dim], w_kv[:, cfg.qk_nope_head_dim :]
-    q_latent = jnp.einsum("bthd,hdr->bthr", q_nope, w_uk)
+    q_latent = absorb_q(w.kv_b_proj, q_nope, cfg)
     scores = jnp.einsum("bthr,bsr->bths", q_latent, c_kv) + jnp.einsum("bthd,bsd->bths", q_pe, k_pe)
     p = _softmax(cfg, scores * cfg.softmax_scale, positions).astype(x.dtype)
     o_latent = jnp.einsum("bths,bsr->bthr", p, c_kv)
-    out = jnp.einsum("bthr,hvr->bthv", o_latent, w_uv)
+    out = absorb_out(w.kv_b_proj, o_latent, cfg)
     return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache
