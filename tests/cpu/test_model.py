@@ -90,3 +90,31 @@ def test_store_from_checkpoint_without_loading_experts(tmp_path):
     finally:
         jcpu.release(a)
         jcpu.release(b)
+
+
+def test_decode_with_kv_b_on_host(tiny):
+    """With cfg, kv_b_proj becomes a HostKvB (per-head kernels through the model's absorb_q /
+    absorb_out hooks); decode and prefill still match the reference."""
+    mla = pytest.importorskip("jaxmoe.model.mla")
+    if not hasattr(mla, "absorb_q"):
+        pytest.skip("the model has no absorption hooks yet")
+    from jaxmoe.cpu.attention import HostKvB
+
+    cfg, weights, _ = tiny
+    placed = jcpu.to_cpu_placement(weights, cfg=cfg)
+    try:
+        assert all(isinstance(lw.self_attn.kv_b_proj, HostKvB) for lw in placed.layers)
+        rng = np.random.default_rng(2)
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, 33)), jnp.int32)
+        positions = jnp.arange(33, dtype=jnp.int32)[None]
+        cache = cache_mod.init_cache(cfg, 1, 64)
+        for step in ("decode", "prefill"):
+            fn = jax.jit(getattr(forward, step), static_argnums=0)
+            want, _ = fn(cfg, weights, cache, tokens, positions)
+            got, _ = fn(cfg, placed, cache, tokens, positions)
+            tol = 3e-2 if jcpu.expert_store.load().selected_isa() == "avx512" else 1e-4
+            assert float(jnp.max(jnp.abs(got - want))) <= tol * float(jnp.max(jnp.abs(want))), step
+        hlo = jax.jit(forward.decode, static_argnums=0).lower(cfg, placed, cache, tokens, positions).as_text()
+        assert "jaxmoe_cpu_linear_grouped" in hlo
+    finally:
+        jcpu.release(placed)
