@@ -49,13 +49,17 @@ def _(experts: HostExperts, x: jax.Array, ids: jax.Array, weights: jax.Array) ->
     return ops.moe_experts(x, ids, weights, experts)
 
 
+def _large(w: Any, min_elements: int) -> bool:
+    return len(w.shape) == 2 and w.shape[0] * w.shape[1] >= min_elements
+
+
 def _host(w: Any, min_elements: int) -> Any:
     if w is None or isinstance(w, HostLinear):
         return w
     # FP8 and bf16 go to the kernels; float32 stays with XLA (its fast path on the CPU, and
     # the kernels would round it to bf16)
     host_format = isinstance(w, quant.Fp8Weight) or (isinstance(w, quant.DenseWeight) and w.weight.dtype == jnp.bfloat16)
-    if host_format and len(w.shape) == 2 and w.shape[0] * w.shape[1] >= min_elements:
+    if host_format and _large(w, min_elements):
         return HostMatrix.from_weight(w).pytree()
     return w
 
@@ -64,7 +68,7 @@ def _dense_f32(w: Any, min_elements: int) -> Any:
     """FP8 -> float32 DenseWeight, dequantized once on the host (numpy); only where the other
     Linears of its size go to the CPU kernels too (not for an experts-only placement, whose
     attention runs on an accelerator)."""
-    if not isinstance(w, quant.Fp8Weight) or len(w.shape) != 2 or w.shape[0] * w.shape[1] < min_elements:
+    if not isinstance(w, quant.Fp8Weight) or not _large(w, min_elements):
         return w
     q = np.asarray(w.weight)
     return quant.DenseWeight(weight=jnp.asarray(quant.dequantize_fp8_blocks(q, np.asarray(w.weight_scale_inv), w.block)))
@@ -85,7 +89,7 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
 
     def kv_b(w):
         """HostKvB where the model has the absorption hooks (attention.py), else float32."""
-        if cfg is not None and attention.model_hooks() and len(w.shape) == 2 and w.shape[0] * w.shape[1] >= min_elements:
+        if cfg is not None and isinstance(w, quant.Fp8Weight) and _large(w, min_elements) and attention.model_hooks():
             placed = attention.host_kv_b(w, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim)
             if placed is not None:
                 return placed[0]
