@@ -181,7 +181,7 @@ def load(
     rc = RuntimeConfig.load(runtime or _default_preset(), **runtime_options)
     path = Path(path)
     cfg, weights = load_checkpoint(path, dtype=dtype, progress=progress)
-    weights, on_kernels = _place(weights, cpu_kernels, rc)
+    weights, on_kernels = _place(cfg, weights, cpu_kernels, rc)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     eos = set(cfg.eos_token_id)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -194,7 +194,7 @@ def _default_preset() -> str:
     return {0: "cpu-only", 1: "gpu+cpu-experts"}.get(n_gpus, "2gpu+cpu-experts")
 
 
-def _place(weights: Any, cpu_kernels: bool | None, rc: RuntimeConfig) -> tuple[Any, bool]:
+def _place(cfg: ModelConfig, weights: Any, cpu_kernels: bool | None, rc: RuntimeConfig) -> tuple[Any, bool]:
     """(weights, whether cpu_ext runs some of them). cpu-only: every large matmul on the CPU
     kernels; staged presets: only the routed experts (the rest goes to the accelerators);
     routed experts on the accelerator: none."""
@@ -206,7 +206,7 @@ def _place(weights: Any, cpu_kernels: bool | None, rc: RuntimeConfig) -> tuple[A
         from jaxmoe.cpu import placement
 
         experts_only = {"min_elements": 1 << 62} if rc.staged else {}
-        return placement.to_cpu_placement(weights, **experts_only), True
+        return placement.to_cpu_placement(weights, cfg=cfg, **experts_only), True
     except (ImportError, OSError, RuntimeError) as e:  # the native library cannot be built or loaded here
         if cpu_kernels:
             raise RuntimeError(f"cpu_kernels=True, but jaxmoe's CPU kernels are unavailable: {e}") from e
