@@ -55,7 +55,7 @@ print(f"loaded in {time.perf_counter() - t0:.2f} s")
 print(model)
 print("layers:", model.cfg.num_hidden_layers, "| routed experts:", model.cfg.n_routed_experts,
       "| experts per token:", model.cfg.num_experts_per_tok, "| vocab:", model.cfg.vocab_size)
-print("runtime preset:", model.runtime.name if hasattr(model.runtime, "name") else model.runtime)
+print("runtime preset:", model.runtime.preset, "| cache slots:", model.runtime.n_slots)
 print("CPU kernels (cpu_ext) in use:", model.cpu_kernels, "| context:", model.context_len)""",
     """md:## 3. Generate
 
@@ -104,7 +104,8 @@ assert a.token_ids == b.token_ids""",
     """\
 # A stop string: take a piece of the greedy text above, so that it certainly occurs.
 full = jaxmoe.generate(model, "Hello, world", max_new_tokens=16, ignore_eos=True)
-stop = full.text[len(full.text) // 2:][:2] or "\\n"
+half = full.text[len(full.text) // 2:]
+stop = next((half[i:i + 2] for i in range(len(half) - 1) if half[i:i + 2].isascii() and half[i:i + 2].isprintable()), half[:2]) or "\\n"
 stopped = jaxmoe.generate(model, "Hello, world", max_new_tokens=16, ignore_eos=True, stop=[stop])
 print(f"full:    {full.text!r}")
 print(f"stop={stop!r}: {stopped.text!r} ({stopped.finish_reason})")""",
@@ -117,7 +118,7 @@ messages = [
     {"role": "user", "content": "What is a mixture of experts?"},
 ]
 chat_ids = model.tokenizer.encode_chat(messages)
-print(len(chat_ids), "prompt tokens:", model.tokenizer.decode(chat_ids)[:200])
+print(f"{len(chat_ids)} prompt tokens: {model.tokenizer.decode(chat_ids)[:200]!r}")
 reply = jaxmoe.generate(model, messages=messages, max_new_tokens=12)
 print(repr(reply.text), reply.finish_reason)""",
     """\
@@ -145,7 +146,7 @@ from jaxmoe.model.weights import MoEWeights
 MAX_LEN = 64
 model = jaxmoe.load(path, max_seq_len=MAX_LEN)
 cfg, W = model.cfg, model.weights
-print("backend:", jax.default_backend(), "| runtime:", model.runtime)
+print("backend:", jax.default_backend(), "| runtime preset:", model.runtime.preset)
 for i, lw in enumerate(W.layers):
     kind = "MoE" if isinstance(lw.mlp, MoEWeights) else "dense MLP"
     where = ""
@@ -223,7 +224,7 @@ for i, lw in enumerate(W.layers):
     stage_ms[f"L{i} attention"] = t_attn * 1e3
     if isinstance(lw.mlp, MoEWeights):
         (ids, gate_w), _, t_route = timed(route_j, cfg, lw.mlp.gate, h.reshape(-1, cfg.hidden_size))
-        routing[i] = (np.asarray(ids)[0].tolist(), np.asarray(gate_w)[0].round(3).tolist())
+        routing[i] = (np.asarray(ids)[0].tolist(), [round(float(g), 3) for g in np.asarray(gate_w)[0]])
         out, _, t_moe = timed(moe_j, cfg, lw.mlp, h)
         stage_ms[f"L{i} router"] = t_route * 1e3
         stage_ms[f"L{i} MoE (router + experts)"] = t_moe * 1e3
