@@ -16,7 +16,7 @@ published figures (the table of docs/PERFORMANCE_MODEL.md; `--table` prints only
 
     python -m benchmarks.prefill [--quick] [--json PATH] [--model demo] [--table]
 
-Results: benchmarks/results/prefill.json (always written, unless --table) and PATH if given.
+Results: benchmarks/results/prefill.json (full runs only: --quick leaves the committed summary alone) and PATH if given.
 """
 
 from __future__ import annotations
@@ -183,7 +183,8 @@ def main(argv=None) -> dict:
                "results": results, "deepseek_v3_reference_box": table}
     env = H.env_info(quick=args.quick, devices=[str(d) for d in accel], on_gpu=on_gpu)
     doc = H.write(args.json, metrics, env, details)
-    H.write(H.RESULTS_DIR / "prefill.json", metrics, env, details)
+    if not args.quick:
+        H.write(H.RESULTS_DIR / "prefill.json", metrics, env, details)
     ck.close()
     return doc
 
