@@ -1,6 +1,8 @@
-"""Print the README's Performance table from benchmarks/results/*.json (kernels, prefill, e2e).
+"""Print the README's Performance table from benchmarks/results/*.json (kernels, prefill, e2e);
+with --write-readme, replace the table in README.md's "Performance" section (between the
+`<!-- perf-table -->` markers) with it.
 
-    python -m benchmarks.readme_table
+    python -m benchmarks.readme_table [--write-readme]
 """
 
 from __future__ import annotations
@@ -63,5 +65,17 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def write_readme() -> None:
+    readme = RESULTS_DIR.parents[1] / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- perf-table -->", "<!-- /perf-table -->"
+    i, j = text.index(start) + len(start), text.index(end)
+    readme.write_text(text[:i] + "\n" + table() + "\n" + text[j:])
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--write-readme" in sys.argv[1:]:
+        write_readme()
     print(table())
