@@ -32,7 +32,9 @@ def test_e2e_quick(tmp_path):
     assert any("4096" in s for s in doc["details"]["skipped"])
 
     # bytes per token from the tiny config (hidden 64, 3 layers, 1 dense + 2 MoE, top-2 of width 32, vocab 512)
-    from benchmarks.e2e import bytes_per_token
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.e2e import bytes_per_token  # the repository's benchmarks package (no tests/benchmarks/__init__.py)
     from jaxmoe.config import ModelConfig
 
     parts = bytes_per_token(ModelConfig.named("tiny"))
