@@ -10,8 +10,8 @@ cpu_ext and run by `Engine(..., "cpu-only")` (the preset's 4 slots):
   attention projections (FP8 + block scales, kv_b_proj included), the dense MLP or the
   shared expert(s) plus num_experts_per_tok routed experts x 3 matrices; plus lm_head (bf16).
   Not counted: the embedding row, norms, the router (f32, small) and the latent KV cache
-  (short contexts here). The placed model reads somewhat more (kv_b_proj is kept as f32 for
-  XLA): `details.bytes_per_token_as_placed`;
+  (short contexts here). What the placed model holds (the kernels' packed bytes, plus any
+  Linear left to XLA in f32): `details.bytes_per_token_as_placed`;
 - the decode fraction of the bandwidth bound: (bytes_per_token / read GB/s) / step time;
 - a per-step breakdown for batch 1: the engine's Python (scheduling, host arrays), the
   executor (the jitted step: XLA + kernels), and the native kernels alone (the same
