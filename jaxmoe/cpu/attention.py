@@ -11,13 +11,12 @@ scale blocks (DeepSeek-V3: nope = v = 128; the tiny test model: 16 + 16 of 32).
 
 Model hook (jaxmoe.model.mla): `absorb_q(kv_b_proj, q_nope, cfg)` and
 `absorb_out(kv_b_proj, o_latent, cfg)` as functools.singledispatch functions on the weight
-type; when they exist, this module registers HostKvB on them and `to_cpu_placement` places
-kv_b_proj as a HostKvB.
+type; this module registers HostKvB on them and `to_cpu_placement` places kv_b_proj as a
+HostKvB.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import jax
@@ -27,6 +26,7 @@ from flax import struct
 from jaxmoe import quant
 from jaxmoe.cpu import ops
 from jaxmoe.cpu.expert_store import HostGroup, HostGroupedLinear, HostLinear, HostMatrix
+from jaxmoe.model import mla
 
 BLOCK = 128
 
@@ -90,21 +90,5 @@ def _(w: HostKvB, x: jax.Array) -> jax.Array:
     return ops.linear(x, w.linear)
 
 
-def model_hooks():
-    """jaxmoe.model.mla's (absorb_q, absorb_out) singledispatch hooks, or None if absent."""
-    try:
-        mla = importlib.import_module("jaxmoe.model.mla")
-    except ImportError:
-        return None
-    hooks = getattr(mla, "absorb_q", None), getattr(mla, "absorb_out", None)
-    return hooks if all(hasattr(f, "register") for f in hooks) else None
-
-
-def _register() -> None:
-    hooks = model_hooks()
-    if hooks:
-        hooks[0].register(HostKvB)(absorb_q)
-        hooks[1].register(HostKvB)(absorb_out)
-
-
-_register()
+mla.absorb_q.register(HostKvB)(absorb_q)
+mla.absorb_out.register(HostKvB)(absorb_out)

@@ -80,16 +80,15 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
     min_elements: Linears smaller than this stay as they are. store: the ExpertStore to fill
     (default: a new one with one slot per layer); for weights loaded with load_experts=False,
     one built by `ExpertStore.from_checkpoint` (MoE layers without experts are taken from it).
-    cfg: the ModelConfig; with it, and the model's absorption hooks (see attention.py),
-    kv_b_proj becomes a HostKvB (per-head kernels for the absorbed decode)."""
+    cfg: the ModelConfig; with it kv_b_proj becomes a HostKvB (per-head kernels for the absorbed decode)."""
     from jaxmoe.model.weights import MLAWeights, MLPWeights, MoEWeights
 
     store = store or ExpertStore(len(weights.layers))
     h = lambda w: _host(w, min_elements)  # noqa: E731
 
     def kv_b(w):
-        """HostKvB where the model has the absorption hooks (attention.py), else float32."""
-        if cfg is not None and isinstance(w, quant.Fp8Weight) and _large(w, min_elements) and attention.model_hooks():
+        """HostKvB (per-head kernels, attention.py) for an FP8 kv_b_proj given cfg, else float32."""
+        if cfg is not None and isinstance(w, quant.Fp8Weight) and _large(w, min_elements):
             placed = attention.host_kv_b(w, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim)
             if placed is not None:
                 return placed[0]

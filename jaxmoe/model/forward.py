@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache
 from jaxmoe.model.mla import mla_decode, mla_prefill
-from jaxmoe.model.moe import mlp, moe
+from jaxmoe.model.moe import mlp, moe_prologue, routed_experts
 from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.rope import rope_cos_sin
 from jaxmoe.model.weights import LayerWeights, MoEWeights, Weights
@@ -34,10 +34,28 @@ def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer
     return x, rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps), cache
 
 
-def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool, kv_len=None):
+def layer_until_experts(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool, kv_len=None):
+    """One layer up to its routed experts -- what runs beside them on the accelerator.
+
+    Dense layer: (x + attention + MLP, None, cache). MoE layer: (x + attention, (h [N, H],
+    topk ids, topk weights, shared experts' output), cache): the layer's output is then
+    x + routed_experts(h, ids, weights) + shared. Padding tokens (position >= cache length)
+    route to no expert.
+    """
     x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=absorb, kv_len=kv_len)
-    h = moe(cfg, lw.mlp, h, positions < cache.max_len) if isinstance(lw.mlp, MoEWeights) else mlp(lw.mlp, h)
-    return x + h, cache
+    if not isinstance(lw.mlp, MoEWeights):
+        return x + mlp(lw.mlp, h), None, cache
+    flat = h.reshape(-1, h.shape[-1])
+    ids, weights, shared = moe_prologue(cfg, lw.mlp, flat, (positions < cache.max_len).reshape(-1))
+    return x, (flat, ids, weights, shared), cache
+
+
+def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool, kv_len=None):
+    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, absorb=absorb, kv_len=kv_len)
+    if moe_in is None:
+        return x, cache
+    flat, ids, weights, shared = moe_in
+    return x + (routed_experts(lw.mlp.experts, flat, ids, weights) + shared).reshape(x.shape), cache
 
 
 def final_logits(cfg: ModelConfig, weights: Weights, x, logit_index=None) -> jax.Array:

@@ -26,8 +26,8 @@ import numpy as np
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import init_cache
-from jaxmoe.model.forward import attention_block, decode, final_logits
-from jaxmoe.model.moe import mlp, moe_prologue, routed_experts
+from jaxmoe.model.forward import decode, final_logits, layer_until_experts
+from jaxmoe.model.moe import routed_experts
 from jaxmoe.model.rope import rope_cos_sin
 from jaxmoe.model.weights import Weights
 from jaxmoe.runtime.placement import Devices, split_experts
@@ -70,17 +70,16 @@ class FusedStep:
 # ---- staged execution ---------------------------------------------------------------------
 
 
-def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, dense: bool, kv_len: int):
-    """Accelerator side of one layer: add the previous layer's routed output, attention, then
-    the dense MLP (dense layers) or router + shared experts (MoE layers)."""
+def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, kv_len: int):
+    """Accelerator side of one layer: add the previous layer's routed output, then
+    `layer_until_experts` (absorbed attention); the shared experts' output joins x here."""
     if routed is not None:
         x = x + routed.reshape(x.shape).astype(x.dtype)
     cos, sin = rope_cos_sin(cfg, positions)
-    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=True, kv_len=kv_len)
-    if dense:
-        return x + mlp(lw.mlp, h), None, cache
-    flat = h.reshape(-1, h.shape[-1])
-    ids, weights, shared = moe_prologue(cfg, lw.mlp, flat, (positions < cache.max_len).reshape(-1))
+    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, absorb=True, kv_len=kv_len)
+    if moe_in is None:
+        return x, None, cache
+    flat, ids, weights, shared = moe_in
     return x + shared.reshape(x.shape), (flat, ids, weights), cache
 
 
@@ -106,7 +105,7 @@ class StagedStep:
             jax.device_put(init_cache(cfg, hi - lo, max_len, cache_dtype), d)
             for (lo, hi), d in zip(self.mb_slots, self.mb_device)
         ]
-        self._layer = jax.jit(_layer_program, static_argnums=0, static_argnames=("dense", "kv_len"), donate_argnums=4)
+        self._layer = jax.jit(_layer_program, static_argnums=0, static_argnames="kv_len", donate_argnums=4)
         self._experts = jax.jit(lambda e, flat, ids, w: routed_experts(e, flat, ids, w))
         self._final = jax.jit(_final_program, static_argnums=0)
         self.dispatch_log: list[tuple[str, int, int]] = []  # (stage, micro-batch, layer), for tests
@@ -123,7 +122,7 @@ class StagedStep:
         dense = self.experts[layer] is None
         self.dispatch_log.append(("attention", mb, layer))
         st["x"], moe_in, self.caches[mb] = self._layer(
-            self.cfg, w, st["x"], st["routed"], self.caches[mb], np.int32(layer), st["positions"], dense=dense, kv_len=kv_len
+            self.cfg, w, st["x"], st["routed"], self.caches[mb], np.int32(layer), st["positions"], kv_len=kv_len
         )
         st["routed"] = None
         if not dense:

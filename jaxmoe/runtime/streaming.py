@@ -46,8 +46,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.loading.loader import Checkpoint
 from jaxmoe.loading.safetensors_index import stacked_view
 from jaxmoe.model.cache import KVCache
-from jaxmoe.model.forward import attention_block, final_logits
-from jaxmoe.model.moe import mlp, moe_prologue
+from jaxmoe.model.forward import final_logits, layer_until_experts
 from jaxmoe.model.rope import rope_cos_sin
 from jaxmoe.model.weights import ExpertsWeights, MoEWeights, Weights
 from jaxmoe.quant import DenseWeight, Fp8Weight
@@ -109,17 +108,16 @@ def _embed(weights: Weights, tokens):
     return x, _no_moe(x)
 
 
-def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, dense: bool):
+def _layer_program(cfg, lw, x, routed, cache, layer, positions):
     """One layer minus its routed experts: add the previous layer's MoE output (shared +
-    routed), attention (expanded, as in prefill), then the dense MLP, or the router and the
-    shared experts. -> (x, MoE output so far: zeros or the shared experts', routing, cache)."""
+    routed), then `layer_until_experts` (expanded attention, as in prefill).
+    -> (x, MoE output so far: zeros or the shared experts', routing or None, cache)."""
     x = x + routed.reshape(x.shape).astype(x.dtype)
     cos, sin = rope_cos_sin(cfg, positions)
-    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=False)
-    if dense:
-        return x + mlp(lw.mlp, h), _no_moe(x), None, cache
-    flat = h.reshape(-1, h.shape[-1])
-    ids, weights, shared = moe_prologue(cfg, lw.mlp, flat)
+    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, absorb=False)
+    if moe_in is None:
+        return x, _no_moe(x), None, cache
+    flat, ids, weights, shared = moe_in
     return x, shared, (flat, ids, weights), cache
 
 
@@ -129,7 +127,7 @@ def _final_program(cfg, weights, x, routed, logit_index):
 
 
 _embed_jit = jax.jit(_embed)
-_layer_jit = jax.jit(_layer_program, static_argnums=0, static_argnames="dense", donate_argnums=4)
+_layer_jit = jax.jit(_layer_program, static_argnums=0, donate_argnums=4)
 _final_jit = jax.jit(_final_program, static_argnums=0)
 
 
@@ -190,9 +188,8 @@ class StreamingPrefill:
         x, routed = _embed_jit(weights, tokens)
         u = 0
         for i, lw in enumerate(weights.layers):
-            dense = i not in self.moe_layers
-            x, routed, moe_in, cache = _layer_jit(cfg, lw, x, routed, cache, np.int32(i), positions, dense=dense)
-            if dense:
+            x, routed, moe_in, cache = _layer_jit(cfg, lw, x, routed, cache, np.int32(i), positions)
+            if moe_in is None:
                 continue
             flat, ids, gate_w = moe_in
             for part in range(self.parts):
