@@ -1,0 +1,172 @@
+"""benchmarks/peer_llamacpp.py and benchmarks/_llamacpp: llama-bench's JSON output, the command
+lines, the conversion fix-ups, and `--quick` with no llama.cpp (recorded as skipped). No
+network, no llama.cpp build, no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._llamacpp import bench as LB  # noqa: E402
+from benchmarks._llamacpp import convert as LC  # noqa: E402
+from benchmarks._llamacpp import fetch as LF  # noqa: E402
+
+
+def _record(n_prompt: int, n_gen: int, samples_ts: list[float]) -> dict:
+    avg = sum(samples_ts) / len(samples_ts)
+    return {"build_commit": "0c1e570", "build_number": 1, "cpu_info": "AMD EPYC", "gpu_info": "", "backends": "CPU",
+            "model_filename": "/c/gguf/bench-v3-mid-q8_0.gguf", "model_type": "deepseek2 ?B Q8_0",
+            "model_size": 4563402752, "model_n_params": 4293468160, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2,
+            "cpu_mask": "0x0", "cpu_strict": False, "poll": 50, "type_k": "f16", "type_v": "f16", "n_gpu_layers": 99,
+            "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": 0, "test_time": "2026-11-23T13:00:00Z",
+            "avg_ns": int(1e9 * (n_prompt or n_gen) / avg), "stddev_ns": 1000, "avg_ts": avg, "stddev_ts": 0.5,
+            "samples_ns": [int(1e9 * (n_prompt or n_gen) / s) for s in samples_ts], "samples_ts": samples_ts}
+
+
+def _printed(recs: list[dict]) -> str:
+    """The layout of llama-bench's json printer: '[', one indented object per test, ']'."""
+    body = ",\n".join("  {\n" + ",\n".join(f"    \"{k}\": {json.dumps(v)}" for k, v in r.items()) + "\n  }" for r in recs)
+    return "[\n" + body + "\n]\n"
+
+
+def test_parse_llama_bench_json():
+    text = _printed([_record(512, 0, [55.0, 57.0, 59.0]), _record(0, 32, [13.1, 13.9])])
+    res = LB.parse("build: some log line\n" + text)  # anything before the array is ignored
+    assert set(res) == {"pp512", "tg32"}
+    pp, tg = res["pp512"]["tok_s"], res["tg32"]["tok_s"]
+    assert pp["median"] == 57.0 and pp["min"] == 55.0 and pp["max"] == 59.0 and pp["n"] == 3
+    assert tg["median"] == pytest.approx(13.5) and tg["mean"] == pytest.approx(13.5) and tg["stddev"] == 0.5
+    assert res["tg32"]["n_threads"] == 2 and res["tg32"]["model_size"] == 4563402752
+
+
+def test_parse_llama_bench_combined_and_errors():
+    rec = _record(512, 64, [10.0])
+    rec.pop("samples_ts")  # older builds: avg_ts only
+    res = LB.parse(json.dumps([rec]))
+    assert list(res) == ["pp512+tg64"] and res["pp512+tg64"]["tok_s"]["median"] == 10.0
+    with pytest.raises(ValueError, match="no JSON array"):
+        LB.parse("| model | size | test | t/s |")
+    with pytest.raises(ValueError, match="avg_ts"):
+        LB.parse(json.dumps([{"n_prompt": 1, "n_gen": 0}]))
+
+
+def test_llama_bench_cmd():
+    cmd = LB.llama_bench_cmd(Path("/c/bin/llama-bench"), Path("/c/m.gguf"), threads=2, n_prompt=512, n_gen=32, reps=3)
+    assert cmd == ["/c/bin/llama-bench", "-m", "/c/m.gguf", "-t", "2", "-p", "512", "-n", "32", "-r", "3", "-o", "json"]
+    with pytest.raises(ValueError):
+        LB.llama_bench_cmd(Path("b"), Path("m"), threads=0, n_prompt=512, n_gen=32, reps=1)
+    with pytest.raises(ValueError):
+        LB.llama_bench_cmd(Path("b"), Path("m"), threads=2, n_prompt=0, n_gen=0, reps=1)
+
+
+def test_fetch_and_build_cmds(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXMOE_LLAMACPP_CACHE", str(tmp_path / "c"))
+    assert LF.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("JAXMOE_LLAMACPP_CACHE")
+    assert LF.cache_dir() == Path.home() / ".cache" / "jaxmoe" / "llamacpp"
+    dl = LF.download_cmd(tmp_path / "sdist", python="py")
+    assert dl == ["py", "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "llama-cpp-python", "-d",
+                  str(tmp_path / "sdist")]
+    conf = LF.configure_cmd(Path("/s"), Path("/b"))
+    assert conf[:5] == ["cmake", "-S", "/s", "-B", "/b"]
+    for flag in ("-DGGML_NATIVE=ON", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF"):
+        assert flag in conf
+    assert LF.build_cmd(Path("/b"), jobs=2) == ["cmake", "--build", "/b", "--target", "llama-bench", "-j", "2"]
+    # nothing cached and fetching/building off: a clear reason, no network
+    with pytest.raises(LF.PeerUnavailable, match="building is off"):
+        LF.ensure_llama_bench(tmp_path / "empty", allow_network=False, allow_build=False)
+    with pytest.raises(LF.PeerUnavailable, match="network fetching is off"):
+        LF.ensure_llama_bench(tmp_path / "empty", allow_network=False, allow_build=True)
+    fake = tmp_path / "c2" / "build" / "bin" / "llama-bench"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert LF.ensure_llama_bench(tmp_path / "c2", allow_network=False, allow_build=False) == fake
+
+
+BASE = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "num_hidden_layers": 3,
+        "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+
+
+def test_fix_config():
+    cfg, notes = LC.fix_config(BASE)
+    assert cfg["scoring_func"] == "sigmoid" and any("scoring_func" in n for n in notes)
+    assert cfg["quantization_config"] == BASE["quantization_config"]  # the converter dequantizes FP8 itself
+    assert "scoring_func" not in BASE  # not modified in place
+    same, notes = LC.fix_config({**BASE, "scoring_func": "sigmoid"})
+    assert same["scoring_func"] == "sigmoid" and notes == []
+    for n in (26, 27):
+        with pytest.raises(ValueError, match="Lite"):
+            LC.fix_config({**BASE, "num_hidden_layers": n})
+    with pytest.raises(ValueError, match="model_type"):
+        LC.fix_config({**BASE, "model_type": "mixtral"})
+    rp = {**BASE, "scoring_func": "sigmoid",
+          "rope_parameters": {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 40.0}}
+    cfg, notes = LC.fix_config(rp)
+    assert cfg["rope_theta"] == 10000.0 and cfg["rope_scaling"]["type"] == "yarn" and cfg["rope_scaling"]["factor"] == 40.0
+
+
+def test_stage_and_convert_cmd(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps(BASE))
+    (ck / "tokenizer.json").write_text("{}")
+    (ck / "model-00001-of-00001.safetensors").write_bytes(b"x")
+    (ck / "model.safetensors.index.json").write_text("{}")
+    staged, notes = LC.stage(ck, tmp_path / "staged")
+    assert json.loads((staged / "config.json").read_text())["scoring_func"] == "sigmoid"
+    assert json.loads((ck / "config.json").read_text()) == BASE  # the checkpoint is left alone
+    assert (staged / "model-00001-of-00001.safetensors").is_symlink()
+    assert (staged / "tokenizer.json").read_text() == "{}"
+    LC.stage(ck, tmp_path / "staged")  # again: replaces its links
+    (ck / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        LC.stage(ck, tmp_path / "staged2")
+
+    cmd = LC.convert_cmd(Path("/l"), staged, tmp_path / "o.gguf", "q8_0", python="py")
+    assert cmd[0] == "py" and cmd[1].endswith("_convert_entry.py") and cmd[2:4] == ["/l", str(staged)]
+    assert cmd[4:] == ["--outfile", str(tmp_path / "o.gguf"), "--outtype", "q8_0"]
+    with pytest.raises(ValueError, match="outtype"):
+        LC.convert_cmd(Path("/l"), staged, tmp_path / "o.gguf", "q4_k")
+    assert LC.convert_env(Path("/l"))["PYTHONPATH"].split(os.pathsep)[:2] == ["/l/gguf-py", "/l"]
+    assert LC.gguf_path(tmp_path, "bench-v3-mid", "bf16") == tmp_path / "gguf" / "bench-v3-mid-bf16.gguf"
+    with pytest.raises(FileNotFoundError, match="no llama.cpp source"):
+        LC.ensure_gguf(tmp_path, None, ck, "m", "q8_0")
+
+
+def test_peer_quick_without_llamacpp(tmp_path):
+    """--quick with an empty llama.cpp cache: the jaxmoe side runs on the tiny model, the peer
+    is recorded as skipped with its reason, ratios are None."""
+    out = tmp_path / "peer.json"
+    results = ROOT / "benchmarks" / "results" / "peer_llamacpp.json"
+    before = results.read_bytes() if results.exists() else None
+    env = {**os.environ, "JAXMOE_LLAMACPP_CACHE": str(tmp_path / "llamacpp"), "JAXMOE_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peer_llamacpp", "--quick", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"metrics", "env", "details"}
+    m = doc["metrics"]
+    for k in ("jaxmoe_decode_tok_s", "jaxmoe_prefill64_tok_s", "read_gb_s"):
+        assert isinstance(m[k], (int, float)) and math.isfinite(m[k]) and m[k] > 0, (k, m[k])
+    for t in ("q8_0", "bf16"):
+        for k in (f"llamacpp_{t}_decode_tok_s", f"ratio_decode_vs_{t}", f"ratio_prefill64_vs_{t}"):
+            assert k in m and m[k] is None
+    assert "building is off" in m["peer_skipped"] and m["threads"] == 2
+    d = doc["details"]
+    assert d["model"] == "tiny" and d["rounds"] == 1 and len(d["per_round"]) == 1
+    assert d["per_round"][0]["order"] == ["jaxmoe", "llama.cpp"] and "llama.cpp" not in d["per_round"][0]
+    assert d["targets"]["ratio_decode_vs_q8_0"]["met"] is None
+    assert doc["env"]["quick"] is True
+    assert not (tmp_path / "llamacpp").exists() or not any((tmp_path / "llamacpp").rglob("*.tar.gz"))
+    assert results.exists() is (before is not None) and (before is None or results.read_bytes() == before)
