@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 enum jm_isa { JM_ISA_AUTO = -1, JM_ISA_SCALAR = 0, JM_ISA_AVX2 = 1, JM_ISA_AVX512 = 2 };
-enum jm_format { JM_FMT_FP8 = 1, JM_FMT_BF16 = 2 };
+enum jm_format { JM_FMT_FP8 = 1, JM_FMT_BF16 = 2, JM_FMT_INT4 = 3 };
 enum jm_dtype { JM_DT_F32 = 0, JM_DT_BF16 = 1 };
 enum jm_status { JM_OK = 0, JM_EINVAL = 1, JM_ENOMEM = 2, JM_EUNSUPPORTED = 3, JM_EHANDLE = 4 };
 
@@ -57,6 +57,18 @@ jm_matrix *jm_matrix_create_fp8(const uint8_t *w, int64_t ldw, const float *scal
 /* w: bf16 bits, row r at w + r*ldw (in elements). */
 jm_matrix *jm_matrix_create_bf16(const uint16_t *w, int64_t ldw, int32_t n, int32_t k,
                                  int32_t node);
+/* ---- INT4 (issue 7; src/int4*.c) ----
+ * Group-wise symmetric INT4: value = scale[r][g] * (u - 8) for the nibble u of column c in
+ * group g = c / group. q: packed nibbles, row r at q + r*ldq, byte j = columns 2j (low nibble)
+ * and 2j+1 (high nibble), >= ceil(k/2) bytes per row; scale: f16 bits [n, ceil(k/group)], row
+ * r at scale + r*lds. group: a multiple of 32 in [32, 256]. Columns past k are ignored.
+ * Kernels quantize the activations to int8 per group (scale amax/127, round to nearest even)
+ * and compute y = sum_g s_w[g] * s_x[g] * dot_int(q_w, q_x). */
+jm_matrix *jm_matrix_create_int4(const uint8_t *q, int64_t ldq, const uint16_t *scale, int64_t lds,
+                                 int32_t n, int32_t k, int32_t group, int32_t node);
+/* the INT4 path jm_linear / jm_moe use for INT4 matrices under the selected ISA */
+int jm_int4_isa(void);
+/* ---- end INT4 ---- */
 void jm_matrix_free(jm_matrix *m);
 int jm_matrix_info(const jm_matrix *m, int32_t *format, int32_t *n, int32_t *k, int64_t *bytes);
 /* validates a handle (an address from Python or an XLA attribute); NULL + error if not live */

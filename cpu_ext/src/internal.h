@@ -38,6 +38,7 @@ struct jm_matrix {
   uint8_t *data;      /* n_tiles * tile_bytes, 64-aligned */
   size_t data_alloc;
   float *scale; /* FP8: [n_rb][kb] */
+  int32_t group; /* INT4 (int4.c): columns per scale group; k_pad is a multiple of 8 * group */
 };
 
 /* Per-ISA kernels. "Folded" activations: for row block rb, xf[m][k_pad] holds
@@ -57,6 +58,8 @@ extern const jm_kernels jm_kernels_scalar;
 extern const jm_kernels jm_kernels_avx2;
 extern const jm_kernels jm_kernels_avx512;
 const jm_kernels *jm_kernels_current(void);
+/* the kernels for w's format under the selected ISA (int4.c: INT4 has its own tables) */
+const jm_kernels *jm_kernels_for(const jm_matrix *w);
 
 /* errors (dispatch.c) */
 int jm_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

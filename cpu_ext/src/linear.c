@@ -104,7 +104,7 @@ static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, i
   if (m == 0) return JM_OK;
   if (!x || !y) return jm_error(JM_EINVAL, "jm_linear: NULL buffer");
   const jm_matrix *w = ws[0];
-  const jm_kernels *K = jm_kernels_current();
+  const jm_kernels *K = jm_kernels_for(w); /* INT4: its own kernels (int4.c) */
   const int mc_max = m < JM_MC ? (int)m : JM_MC;
   const int64_t row_in = g * w->k, row_out = g * w->n;
   const size_t xf_bytes = (size_t)g * w->n_rb * xf_rb_bytes(K, w, mc_max);

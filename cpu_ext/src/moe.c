@@ -182,7 +182,15 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
     if (ids[a] >= E) return jm_error(JM_EINVAL, "jm_moe: expert id %d at [%lld, %lld] out of range [0, %d)", ids[a], (long long)(a / top_k), (long long)(a % top_k), E);
     if (ids[a] >= 0 && !L->experts[ids[a]].m[2]) return jm_error(JM_EINVAL, "jm_moe: layer %d expert %d is not loaded", layer, ids[a]);
   }
-  const jm_kernels *K = jm_kernels_current();
+  /* INT4 (int4.c): the experts' format picks the kernels; one format per call */
+  const jm_matrix *f0 = NULL;
+  for (int64_t a = 0; a < t * top_k; a++)
+    for (int j = 0; j < 3 && ids[a] >= 0; j++) {
+      const jm_matrix *mj = L->experts[ids[a]].m[j];
+      if (!f0) f0 = mj;
+      if (mj->format != f0->format) return jm_error(JM_EINVAL, "jm_moe: layer %d mixes expert weight formats (%d and %d)", layer, f0->format, mj->format);
+    }
+  const jm_kernels *K = f0 ? jm_kernels_for(f0) : jm_kernels_current();
   const int nodes = jm_pool_nodes();
   const char *env = getenv("JAXMOE_CPU_MOE_BUDGET");
   const size_t budget = env && atoll(env) > 0 ? (size_t)atoll(env) : FOLD_BUDGET_DEFAULT;

@@ -12,6 +12,7 @@ static (non-leaf) data, so they pass through `jax.jit` and `jax.tree_util` uncha
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import ml_dtypes
@@ -21,6 +22,7 @@ from flax import struct
 from jaxmoe.cpu._lib import DT_BF16, DT_F32, CpuExtError, load
 
 FMT_FP8, FMT_BF16 = 1, 2
+FMT_INT4 = 3  # issue 7: group-quantized INT4 (jaxmoe.quant_int4)
 _live: dict[int, object] = {}
 _live_lock = threading.Lock()
 
@@ -83,6 +85,27 @@ class HostMatrix:
         return cls(ptr, n, k, FMT_BF16, nat)
 
     @classmethod
+    def int4(cls, qweight, scales, k: int, group: int = 32, node: int = -1, native=None) -> HostMatrix:
+        """From INT4 storage (jaxmoe.quant_int4): packed nibbles uint8 [n, >= ceil(k/2)] and
+        float16 group scales [n, ceil(k/group)]."""
+        nat = native or load()
+        q = np.asarray(qweight)
+        s = np.asarray(scales)
+        if q.dtype != np.uint8 or q.ndim != 2:
+            raise TypeError(f"INT4 qweight must be a 2-D uint8 array, got {q.dtype} {q.shape}")
+        if s.dtype != np.float16 or s.ndim != 2 or s.shape[0] != q.shape[0] or s.shape[1] != -(-k // group):
+            raise ValueError(f"INT4 scales must be float16 [{q.shape[0]}, {-(-k // group)}] for k={k}, group={group}; "
+                             f"got {s.dtype} {s.shape}")
+        q = q if q.strides[1] == 1 else np.ascontiguousarray(q)
+        s = np.ascontiguousarray(s).view(np.uint16)
+        n = q.shape[0]
+        ptr = nat.lib.jm_matrix_create_int4(nat.ffi.cast("uint8_t *", q.ctypes.data), q.strides[0],
+                                            nat.ffi.cast("uint16_t *", s.ctypes.data), s.shape[1], n, k, group, node)
+        if ptr == nat.ffi.NULL:
+            raise CpuExtError(nat.error())
+        return cls(ptr, n, k, FMT_INT4, nat)
+
+    @classmethod
     def from_weight(cls, w, node: int = -1, native=None) -> HostMatrix:
         """From a jaxmoe.quant weight (Fp8Weight, DenseWeight) of shape [n, k]."""
         from jaxmoe import quant  # noqa: PLC0415
@@ -91,6 +114,8 @@ class HostMatrix:
             if tuple(w.block) != (128, 128):
                 raise ValueError(f"cpu kernels need 128x128 FP8 blocks, got {w.block}")
             return cls.fp8(w.weight, w.weight_scale_inv, node, native)
+        if type(w).__name__ == "Int4Weight":  # jaxmoe.quant_int4
+            return cls.int4(np.asarray(w.qweight), np.asarray(w.scales), w.k, w.group, node, native)
         if isinstance(w, quant.DenseWeight):
             return cls.bf16(w.weight, node, native)
         raise TypeError(f"cannot place a {type(w).__name__} in host memory")
@@ -240,13 +265,18 @@ class ExpertStore:
                     continue
                 arrays = ck.expert_arrays(li)
                 n_experts = len(arrays["gate_proj"])
-                inter, hidden = arrays["gate_proj"][0].shape
+                inter, hidden = cfg.moe_intermediate_size, cfg.hidden_size
                 store.init_layer(li, n_experts, hidden, inter)
                 for e in range(n_experts):
                     mats = []
                     for proj in ("gate_proj", "up_proj", "down_proj"):
                         scale = arrays.get(f"{proj}_scale_inv")
                         node = node_of(li, e)
+                        if f"{proj}_scales" in arrays:  # INT4 (a converted checkpoint)
+                            k = inter if proj == "down_proj" else hidden
+                            mats.append(HostMatrix.int4(arrays[proj][e], arrays[f"{proj}_scales"][e], k,
+                                                        ck.int4_group, node, store._nat))
+                            continue
                         mats.append(HostMatrix.fp8(arrays[proj][e], scale[e], node, store._nat) if scale is not None
                                     else HostMatrix.bf16(arrays[proj][e], node, store._nat))
                     store.set_expert(li, e, *mats)
@@ -304,6 +334,8 @@ def _expert_slice(w, e: int):
         return quant.Fp8Weight(weight=np.asarray(w.weight)[e], weight_scale_inv=np.asarray(w.weight_scale_inv)[e], block=w.block)
     if isinstance(w, quant.DenseWeight):
         return quant.DenseWeight(weight=np.asarray(w.weight)[e])
+    if type(w).__name__ == "Int4Weight":  # jaxmoe.quant_int4
+        return dataclasses.replace(w, qweight=np.asarray(w.qweight)[e], scales=np.asarray(w.scales)[e])
     raise TypeError(f"cannot place a {type(w).__name__} in host memory")
 
 

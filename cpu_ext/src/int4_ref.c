@@ -1,0 +1,80 @@
+/* int4_ref.c -- scalar reference of the INT4 kernels (always compiled; the twin of the
+ * AVX2 and AVX-512 VNNI paths): same layout (int4.h), same int8 activations, exact integer
+ * group dots, then y = sum_g s_w[g] * (s_x[g] * dot_g) in f32.
+ */
+#include <string.h>
+
+#include "int4.h"
+
+static inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff;
+  union { uint32_t u; float f; } v;
+  if (e == 0) { /* zero / subnormal: m * 2^-24 */
+    const float f = (float)m * (1.0f / 16777216.0f);
+    v.f = f;
+    v.u |= sign;
+  } else if (e == 31) {
+    v.u = sign | 0x7f800000u | (m << 13);
+  } else {
+    v.u = sign | ((e + 112) << 23) | (m << 13);
+  }
+  return v.f;
+}
+
+void jm_int4_fold_ref(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf_) {
+  uint8_t *xf = (uint8_t *)xf_;
+  const int G = w->group, ng = w->k_pad / G;
+  int8_t q[256];
+  for (int i = 0; i < m; i++) {
+    const float *xi = x + i * ldx;
+    uint8_t *tok = xf + i * jm_int4_xf_stride(w);
+    float *sx = jm_int4_sx(w, tok);
+    int32_t *corr = jm_int4_corr(w, tok);
+    for (int g = 0; g < ng; g++) {
+      const int c0 = g * G;
+      const int valid = c0 >= w->k ? 0 : (w->k - c0 < G ? w->k - c0 : G);
+      int32_t s;
+      sx[g] = jm_int4_quant_group_ref(xi + c0, valid, G, q, &s);
+      corr[g] = -8 * s;
+      jm_int4_place_group(w, tok, g, q);
+    }
+  }
+}
+
+static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf_, int m, float *y, int64_t ldy) {
+  const uint8_t *xf = (const uint8_t *)xf_;
+  const int G = w->group, V = G / 8, n_sb = jm_int4_n_sb(w);
+  const int64_t sbb = jm_int4_sb_bytes(w);
+  for (int t = t0; t < t1; t++) {
+    const uint8_t *p = jm_tile_ptr(w, t);
+    for (int r = 0; r < JM_TILE_ROWS; r++) {
+      const int row = t * JM_TILE_ROWS + r;
+      if (row >= w->n) break;
+      for (int i = 0; i < m; i++) {
+        uint8_t *tok = (uint8_t *)xf + i * jm_int4_xf_stride(w);
+        const float *sx = jm_int4_sx(w, tok);
+        const int32_t *corr = jm_int4_corr(w, tok);
+        float acc = 0.0f;
+        for (int sb = 0; sb < n_sb; sb++) {
+          const uint8_t *nib = p + sb * sbb + (int64_t)r * 4 * G;
+          const uint8_t *sc = p + sb * sbb + 16 * (int64_t)G + 16 * r;
+          const int8_t *xlo = (const int8_t *)tok + (int64_t)sb * 8 * G, *xhi = xlo + 4 * G;
+          for (int l = 0; l < 8; l++) {
+            int32_t dot = corr[sb * 8 + l];
+            for (int v = 0; v < V; v++)
+              for (int j = 0; j < 4; j++) {
+                const int b = 32 * v + 4 * l + j;
+                dot += (nib[b] & 15) * xlo[b] + (nib[b] >> 4) * xhi[b];
+              }
+            uint16_t h;
+            memcpy(&h, sc + 2 * l, 2);
+            acc += f16_to_f32(h) * ((float)dot * sx[sb * 8 + l]);
+          }
+        }
+        y[i * ldy + row - t0 * JM_TILE_ROWS] = acc;
+      }
+    }
+  }
+}
+
+const jm_kernels jm_int4_kernels_scalar = {JM_ISA_SCALAR, JM_INT4_XF_ELEM, jm_int4_fold_ref, tiles_ref};
