@@ -1,0 +1,157 @@
+"""Plots and the markdown table of the SLO report (benchmarks/slo.py), from its JSON document
+alone: measuring and drawing stay apart (`python -m benchmarks.slo --render slo.json`).
+
+Files: slo_ttft.png (TTFT vs prompt length, measured and predicted), slo_decode_context.png
+(decode tok/s vs context, measured and predicted), slo_decode_batch.png (decode tok/s vs
+batch), slo_mixed.png (the decoders' time per output token before and during a long
+prefill) and slo.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FILES = ("slo_ttft.png", "slo_decode_context.png", "slo_decode_batch.png", "slo_mixed.png", "slo.md")
+
+
+def _title(doc: dict, what: str) -> str:
+    r, e = doc["details"]["results"], doc["env"]
+    return f"{what}\n{r['model']} FP8, cpu-only, {e.get('cpu', '?')} x{e.get('cores', '?')} ({e.get('date', '')[:10]})"
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _pred(d: dict) -> dict[int, float]:
+    return {int(k): v for k, v in d.items()}  # JSON turned the int keys into strings
+
+
+def plot_ttft(doc: dict, path: Path) -> Path:
+    r = doc["details"]["results"]
+    n = [x["prompt"] for x in r["ttft"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(n, [x["s"] for x in r["ttft"]], yerr=[[max(0.0, x["s"] - x["min"]) for x in r["ttft"]],
+                                                      [max(0.0, x["max"] - x["s"]) for x in r["ttft"]]],
+                marker="o", capsize=3, label="measured (median, min-max)")
+    p = _pred(r["predicted"]["ttft_s"])
+    ax.plot(sorted(p), [p[k] for k in sorted(p)], "--", marker="x", label=f"predicted ({r['predicted']['hardware']})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(_title(doc, "TTFT vs prompt length"), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_decode_context(doc: dict, path: Path) -> Path:
+    r = doc["details"]["results"]
+    c = [x["context"] for x in r["decode_context"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(c, [x["tok_s"] for x in r["decode_context"]],
+                yerr=[[max(0.0, x["tok_s"] - 1 / x["step_s"]["max"]) for x in r["decode_context"]],
+                      [max(0.0, 1 / x["step_s"]["min"] - x["tok_s"]) for x in r["decode_context"]]],
+                marker="o", capsize=3, label="measured, batch 1 (median, min-max)")
+    p = _pred(r["predicted"]["decode_tok_s"])
+    ax.plot(sorted(p), [p[k] for k in sorted(p)], "--", marker="x", label=f"predicted ({r['predicted']['hardware']})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title(_title(doc, "Decode vs context length"), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_decode_batch(doc: dict, path: Path) -> Path:
+    r = doc["details"]["results"]
+    b = [x["batch"] for x in r["decode_batch"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(b, [x["tok_s"] for x in r["decode_batch"]], marker="o", label="total tok/s")
+    ax.plot(b, [x["tok_s_per_request"] for x in r["decode_batch"]], marker="s", label="tok/s per request")
+    ax.set_xticks(b)
+    ax.set_xlabel("concurrent requests (batch)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title(_title(doc, "Decode vs batch size (no planner model for batches)"), fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_mixed(doc: dict, path: Path) -> Path:
+    m = doc["details"]["results"]["mixed"]
+    keys = ("p50", "p90", "p99")
+    before = [1e3 * (m["tpot_before_s"][k] or 0) for k in keys]
+    during = [1e3 * (m["tpot_during_s"][k] or 0) for k in keys]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(keys))
+    ax.bar([i - 0.2 for i in x], before, 0.4, label="decoders alone")
+    ax.bar([i + 0.2 for i in x], during, 0.4, label=f"while a {m['long_prompt']}-token prompt prefills")
+    ax.set_xticks(list(x), keys)
+    ax.set_ylabel("time per output token (ms)")
+    ax.set_title(_title(doc, f"Mixed load: {m['decoders']} decoders, long prompt TTFT {m['ttft_s']:.2f} s"), fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _f(x, nd=3) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(doc: dict) -> str:
+    r, e = doc["details"]["results"], doc["env"]
+    pt, pd = _pred(r["predicted"]["ttft_s"]), _pred(r["predicted"]["decode_tok_s"])
+    la = (e.get("loadavg") or [e.get("loadavg_1m", 0)])[0]
+    lines = [f"# SLO report: {r['model']} (FP8, `cpu-only`, {r['n_slots']} slots, chunk {r['chunk_size']})", "",
+             f"Machine: {e.get('cpu')} x{e.get('cores')} cores, {e.get('date')}, commit {e.get('commit')}, "
+             f"load average {la:.1f}{' (--quick)' if e.get('quick') else ''}. Generated by `python -m benchmarks.slo`; "
+             f"predicted = jaxmoe.runtime.planner on configs/hardware/{r['predicted']['hardware']}.json.", "",
+             "## Time to first token", "", "| prompt tokens | TTFT s (min-max) | predicted s | measured / predicted |",
+             "|---:|---:|---:|---:|"]
+    for x in r["ttft"]:
+        p = pt.get(x["prompt"])
+        lines.append(f"| {x['prompt']} | {_f(x['s'])} ({_f(x['min'])}-{_f(x['max'])}) | {_f(p)} | "
+                     f"{_f(x['s'] / p if p else None, 2)} |")
+    lines += ["", "## Decode vs context (batch 1)", "", "| context | tok/s | predicted tok/s | read pass GB/s |",
+              "|---:|---:|---:|---:|"]
+    for x in r["decode_context"]:
+        lines.append(f"| {x['context']} | {_f(x['tok_s'], 1)} | {_f(pd.get(x['context']), 1)} | {_f(x['read_gb_s'], 1)} |")
+    lines += ["", "## Decode vs batch (16-token prompts)", "", "| batch | total tok/s | per request tok/s | read pass GB/s |",
+              "|---:|---:|---:|---:|"]
+    for x in r["decode_batch"]:
+        lines.append(f"| {x['batch']} | {_f(x['tok_s'], 1)} | {_f(x['tok_s_per_request'], 1)} | {_f(x['read_gb_s'], 1)} |")
+    m = r["mixed"]
+    lines += ["", f"## Mixed: {m['decoders']} decoders, then a {m['long_prompt']}-token prompt arrives", "",
+              "| figure | value |", "|---|---:|",
+              f"| TTFT of the long prompt (s) | {_f(m['ttft_s'])} |"]
+    for when in ("before", "during"):
+        t = m[f"tpot_{when}_s"]
+        lines.append(f"| decoders' TPOT {when} the prefill, p50 / p90 / p99 (ms) | {_f(1e3 * t['p50'] if t['p50'] else None, 1)}"
+                     f" / {_f(1e3 * t['p90'] if t['p90'] else None, 1)} / {_f(1e3 * t['p99'] if t['p99'] else None, 1)} |")
+    lines += [f"| decoded tok/s during the prefill | {_f(m['decode_tok_s_in_window'], 1)} |",
+              f"| total tok/s (decoded + prompt) during the prefill | {_f(m['total_tok_s_in_window'], 1)} |", "",
+              "![TTFT](slo_ttft.png) ![decode vs context](slo_decode_context.png)",
+              "![decode vs batch](slo_decode_batch.png) ![mixed](slo_mixed.png)", ""]
+    return "\n".join(lines)
+
+
+def render(doc: dict, out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [plot_ttft(doc, out_dir / FILES[0]), plot_decode_context(doc, out_dir / FILES[1]),
+             plot_decode_batch(doc, out_dir / FILES[2]), plot_mixed(doc, out_dir / FILES[3])]
+    (out_dir / FILES[4]).write_text(markdown(doc))
+    return files + [out_dir / FILES[4]]

@@ -1,0 +1,97 @@
+"""benchmarks/slo.py (measuring) and benchmarks/_plots.py (drawing): `--quick` on the tiny
+model writes the JSON, the markdown table and the PNGs; the table and plots come from the
+JSON alone. No timing assertions (the machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import _plots  # noqa: E402
+from benchmarks.slo import percentiles, summary  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _doc() -> dict:
+    step = {"median": 0.01, "min": 0.009, "max": 0.012, "n": 3}
+    res = {
+        "model": "demo", "n_slots": 4, "chunk_size": 64, "max_len": 4096,
+        "ttft": [{"prompt": 64, "s": 0.5, "min": 0.4, "max": 0.6}, {"prompt": 1024, "s": 9.0, "min": 8.5, "max": 9.5}],
+        "decode_context": [{"batch": 1, "context": 64, "tok_s": 100.0, "tok_s_per_request": 100.0, "step_s": step,
+                            "read_gb_s": 30.0},
+                           {"batch": 1, "context": 2048, "tok_s": 80.0, "tok_s_per_request": 80.0, "step_s": step,
+                            "read_gb_s": 29.0}],
+        "decode_batch": [{"batch": b, "context": 16, "tok_s": 90.0 * b, "tok_s_per_request": 90.0, "step_s": step,
+                          "read_gb_s": 31.0} for b in (1, 2, 4)],
+        "mixed": {"decoders": 3, "long_prompt": 1024, "ttft_s": 12.0,
+                  "tpot_before_s": percentiles([0.01, 0.011, 0.012]), "tpot_during_s": percentiles([0.2, 0.25, 0.3]),
+                  "window_s": 12.0, "decoded_tokens_in_window": 150, "decode_tok_s_in_window": 12.5,
+                  "prompt_tok_s_in_window": 85.3, "total_tok_s_in_window": 97.8},
+        "predicted": {"hardware": "this-machine", "calibrated_from": [], "ttft_s": {"64": 0.7, "1024": 14.3},
+                      "decode_tok_s": {"64": 778.0, "2048": 700.0}},
+    }
+    return {"metrics": {}, "env": {"cpu": "AMD EPYC", "cores": 2, "date": "2026-11-23T13:00:00+00:00",
+                                   "commit": "abc", "loadavg": [3.0, 3.0, 3.0], "quick": False},
+            "details": {"results": res}}
+
+
+def test_percentiles():
+    p = percentiles([float(i) for i in range(1, 101)])
+    assert p["p50"] == pytest.approx(50.5) and p["p90"] == pytest.approx(90.1) and p["p99"] == pytest.approx(99.01)
+    assert p["n"] == 100 and p["max"] == 100.0
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None, "n": 0}
+
+
+def test_summary_and_render(tmp_path):
+    doc = _doc()
+    m = summary(doc["details"]["results"])
+    assert m["ttft_s_1024"] == 9.0 and m["ttft_shortest_prompt"] == 64 and m["decode_tok_s_b4"] == 360.0
+    assert m["mixed_tpot_p50_s"] == 0.25 and m["mixed_tpot_before_p50_s"] == 0.011
+    assert m["ttft_measured_over_predicted_longest"] == round(9.0 / 14.3, 3)
+    files = _plots.render(doc, tmp_path)
+    assert [f.name for f in files] == list(_plots.FILES)
+    for f in files[:-1]:
+        assert f.read_bytes()[:8] == PNG
+    md = (tmp_path / "slo.md").read_text()
+    assert "| 1024 | 9.000 (8.500-9.500) | 14.300 | 0.63 |" in md
+    assert "| 2048 | 80.0 | 700.0 | 29.0 |" in md
+    assert "p50 / p90 / p99 (ms) | 250.0 / 290.0 / 299.0 |" in md
+    assert "slo_mixed.png" in md
+
+
+def test_slo_quick(tmp_path):
+    out = tmp_path / "slo.json"
+    results = ROOT / "benchmarks" / "results" / "slo.json"
+    before = results.read_bytes() if results.exists() else None
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.slo", "--quick", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAXMOE_CACHE_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"metrics", "env", "details"}
+    m = doc["metrics"]
+    assert m["model"] == "tiny"
+    for k in ("ttft_s_shortest", "decode_tok_s_b1", "mixed_ttft_s", "mixed_tpot_p50_s", "mixed_total_tok_s",
+              "ttft_measured_over_predicted_longest"):
+        assert isinstance(m[k], (int, float)) and math.isfinite(m[k]) and m[k] > 0, (k, m[k])
+    r = doc["details"]["results"]
+    assert [x["prompt"] for x in r["ttft"]] == [16, 32, 48]
+    assert all(x["min"] <= x["s"] <= x["max"] for x in r["ttft"])
+    assert [x["batch"] for x in r["decode_batch"]] == [1, 2, 4]
+    assert r["mixed"]["tpot_during_s"]["n"] > 0 and r["mixed"]["tpot_before_s"]["n"] > 0
+    assert set(r["predicted"]["ttft_s"]) == {"16", "32", "48"}
+    for name in _plots.FILES:
+        assert (tmp_path / name).is_file(), name
+    assert doc["env"]["quick"] is True
+    assert results.exists() is (before is not None) and (before is None or results.read_bytes() == before)
