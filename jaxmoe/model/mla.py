@@ -8,6 +8,13 @@ shared rope key k_pe. Two ways to attend, mathematically equal:
 - `mla_decode` absorbs kv_b_proj into the query (q_nope @ W_UK) and the output
   (o_latent @ W_UV) and attends in latent space (cheaper per token: decode), as DeepSeek's
   own inference does.
+
+Both attend blocked over the keys when a step has several queries (a prompt chunk) and more
+than `block` cache slots (default `PREFILL_KEY_BLOCK`, static): an online softmax (running
+max and sum, flash-style) in float32 over key blocks with `lax.fori_loop`, so scores take
+O(T x block) per head instead of O(T x S) -- a 32K prompt fits -- and, in the expanded form,
+keys and values are expanded from the latents one block at a time. One query per row
+(decode) attends in one piece.
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ def _write_latents(cfg, w, x, cache, layer, positions, cos, sin) -> KVCache:
     return write_layer(cache, layer, positions, c_kv, k_pe)
 
 
+PREFILL_KEY_BLOCK = 512  # key slots per block of the blocked (online-softmax) attention
+
+
 def _softmax(cfg: ModelConfig, scores: jax.Array, positions: jax.Array) -> jax.Array:
     """Causal softmax over cache slots: key slot s is visible to a query at position p iff s <= p.
 
@@ -54,6 +64,54 @@ def _softmax(cfg: ModelConfig, scores: jax.Array, positions: jax.Array) -> jax.A
     return jax.nn.softmax(scores, axis=-1)
 
 
+def _use_blocks(n_queries: int, n_keys: int, block: int | None) -> int | None:
+    """The key block size to use (None: attend in one piece)."""
+    block = PREFILL_KEY_BLOCK if block is None else int(block)
+    if block < 1:
+        raise ValueError(f"attention key block must be >= 1, got {block}")
+    return block if n_queries > 1 and n_keys > block else None
+
+
+def key_blocked_attention(block_fn, positions: jax.Array, n_keys: int, block: int, acc_shape, dtype) -> jax.Array:
+    """Causal attention over `n_keys` cache slots, `block` keys at a time (online softmax).
+
+    block_fn(start, size) -> (scores [B, T, h, size] scaled, values [B, size, (h,) d],
+    contract): the block's scores and values for key slots [start, start + size) (`start`
+    may be traced, `size` is static) and `contract(p, values)` -> [B, T, h, d].
+    positions [B, T]: key slot s is visible to a query at position p iff s <= p.
+    Returns the normalized output [B, T, h, d] (acc_shape) in `dtype`; the running max, sum
+    and output are float32, probabilities are cast to the values' dtype for the product as
+    the unblocked softmax does. The last block holds n_keys % block slots: no padding copy.
+    """
+    lead = tuple(acc_shape[:3])
+    carry = (jnp.full(lead, -jnp.inf, jnp.float32), jnp.zeros(lead, jnp.float32), jnp.zeros(acc_shape, jnp.float32))
+
+    def update(carry, start, size):
+        m, l, acc = carry
+        scores, values, contract = block_fn(start, size)
+        visible = (start + jnp.arange(size))[None, None, None, :] <= positions[:, :, None, None]
+        scores = jnp.where(visible, scores.astype(jnp.float32), -jnp.inf)
+        m_new = jnp.maximum(m, scores.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no key visible yet: nothing to rescale
+        p = jnp.exp(scores - m_safe[..., None])
+        alpha = jnp.exp(m - m_safe)
+        l = alpha * l + p.sum(-1)
+        acc = alpha[..., None] * acc + contract(p.astype(values.dtype), values).astype(jnp.float32)
+        return m_new, l, acc
+
+    n_full = n_keys // block
+    if n_full:
+        carry = jax.lax.fori_loop(0, n_full, lambda i, c: update(c, i * block, block), carry)
+    if n_keys % block:
+        carry = update(carry, n_full * block, n_keys % block)
+    _, l, acc = carry
+    return (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(dtype)
+
+
+def _key_slice(a: jax.Array, start, size: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(a, start, size, axis=1)
+
+
 def _cached(cache: KVCache, layer, kv_len: int | None, dtype):
     """The layer's latents over the first `kv_len` slots (all when None): [B, S, r], [B, S, rope]."""
     c_kv, k_pe = cache.c_kv[layer], cache.k_pe[layer]
@@ -62,20 +120,39 @@ def _cached(cache: KVCache, layer, kv_len: int | None, dtype):
     return c_kv.astype(dtype), k_pe.astype(dtype)
 
 
-def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None):
+def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None,
+                block: int | None = None):
     """Attention with expanded keys/values. Returns (out [B, T, H], cache with the new latents).
 
     `kv_len` (static): attend over the first kv_len cache slots only (every visible position
-    must be below it); None = the whole cache.
+    must be below it); None = the whole cache. `block` (static): key slots per block of the
+    blocked attention (None: `PREFILL_KEY_BLOCK`); keys and values are then expanded one
+    block at a time, so neither scores nor expanded K/V are ever whole-cache sized.
     """
     q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)
     c_kv, k_pe = _cached(cache, layer, kv_len, x.dtype)
-    kv = linear(c_kv, w.kv_b_proj).reshape(*c_kv.shape[:2], cfg.num_attention_heads, -1)
-    k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
-    scores = jnp.einsum("bthd,bshd->bths", q_nope, k_nope) + jnp.einsum("bthd,bsd->bths", q_pe, k_pe)
-    p = _softmax(cfg, scores * cfg.softmax_scale, positions).astype(x.dtype)
-    out = jnp.einsum("bths,bshd->bthd", p, v)
+    h, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
+
+    def expand(c):
+        kv = linear(c, w.kv_b_proj).reshape(*c.shape[:2], h, -1)
+        return kv[..., :nope], kv[..., nope:]
+
+    def scores_of(k_nope, kp):
+        return (jnp.einsum("bthd,bshd->bths", q_nope, k_nope) + jnp.einsum("bthd,bsd->bths", q_pe, kp)) * cfg.softmax_scale
+
+    blk = _use_blocks(x.shape[1], c_kv.shape[1], block)
+    if blk is None:
+        k_nope, v = expand(c_kv)
+        p = _softmax(cfg, scores_of(k_nope, k_pe), positions).astype(x.dtype)
+        out = jnp.einsum("bths,bshd->bthd", p, v)
+    else:
+
+        def block_fn(start, size):
+            k_nope, v = expand(_key_slice(c_kv, start, size))
+            return scores_of(k_nope, _key_slice(k_pe, start, size)), v, lambda p, v: jnp.einsum("bths,bshd->bthd", p, v)
+
+        out = key_blocked_attention(block_fn, positions, c_kv.shape[1], blk, (*x.shape[:2], h, cfg.v_head_dim), x.dtype)
     return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache
 
 
@@ -100,14 +177,29 @@ def absorb_out(kv_b_proj, o_latent: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.einsum("bthr,hvr->bthv", o_latent, w_uv)
 
 
-def mla_decode(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None):
-    """Attention in latent space with kv_b_proj absorbed. Same contract as `mla_prefill`."""
+def mla_decode(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None,
+               block: int | None = None):
+    """Attention in latent space with kv_b_proj absorbed. Same contract as `mla_prefill`
+    (blocked over keys for chunks of several tokens, see the module docstring)."""
     q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)
     c_kv, k_pe = _cached(cache, layer, kv_len, x.dtype)
     q_latent = absorb_q(w.kv_b_proj, q_nope, cfg)
-    scores = jnp.einsum("bthr,bsr->bths", q_latent, c_kv) + jnp.einsum("bthd,bsd->bths", q_pe, k_pe)
-    p = _softmax(cfg, scores * cfg.softmax_scale, positions).astype(x.dtype)
-    o_latent = jnp.einsum("bths,bsr->bthr", p, c_kv)
+
+    def scores_of(c, kp):
+        return (jnp.einsum("bthr,bsr->bths", q_latent, c) + jnp.einsum("bthd,bsd->bths", q_pe, kp)) * cfg.softmax_scale
+
+    blk = _use_blocks(x.shape[1], c_kv.shape[1], block)
+    if blk is None:
+        p = _softmax(cfg, scores_of(c_kv, k_pe), positions).astype(x.dtype)
+        o_latent = jnp.einsum("bths,bsr->bthr", p, c_kv)
+    else:
+
+        def block_fn(start, size):
+            c = _key_slice(c_kv, start, size)
+            return scores_of(c, _key_slice(k_pe, start, size)), c, lambda p, c: jnp.einsum("bths,bsr->bthr", p, c)
+
+        o_latent = key_blocked_attention(block_fn, positions, c_kv.shape[1], blk,
+                                         (*x.shape[:2], cfg.num_attention_heads, cfg.kv_lora_rank), x.dtype)
     out = absorb_out(w.kv_b_proj, o_latent, cfg)
     return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache

@@ -1,0 +1,82 @@
+"""The key-blocked (online-softmax) MLA attention of model/mla.py: equal to the one-piece
+softmax on random inputs, and to transformers on a whole model run with small blocks.
+
+Blocks are made small (7, 10, 16 key slots) so that several full blocks, a partial last
+block (cache lengths not a multiple of the block), rows whose visible keys end inside a
+block and rows that see nothing in a whole block (causal masking at an offset start) all
+occur at the oracle's sizes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmoe.model import mla
+from jaxmoe.model.cache import KVCache
+from jaxmoe.model.rope import rope_cos_sin
+
+from . import hf_models as H
+from .conftest import MAX_LEN, PROMPT_LEN, new_cache
+from .test_oracle import TOL, assert_close
+
+ONE_PIECE = 1 << 30  # a block larger than any cache: the unblocked softmax
+
+
+def _random_case(cfg, seed: int):
+    """A cache of random latents (every slot filled), x [2, 13, H] and positions: row 0 a chunk
+    at offset 50, row 1 at offset 3 with its last 4 tokens padding (position MAX_LEN)."""
+    rng = np.random.default_rng(seed)
+    L = cfg.num_hidden_layers
+    cache = KVCache(
+        c_kv=jnp.asarray(rng.standard_normal((L, 2, MAX_LEN, cfg.kv_lora_rank)), jnp.float32),
+        k_pe=jnp.asarray(rng.standard_normal((L, 2, MAX_LEN, cfg.qk_rope_head_dim)), jnp.float32),
+    )
+    t = 13
+    x = jnp.asarray(rng.standard_normal((2, t, cfg.hidden_size)), jnp.float32)
+    pos = np.stack([np.arange(50, 50 + t), np.arange(3, 3 + t)]).astype(np.int32)
+    pos[1, -4:] = MAX_LEN
+    return x, cache, jnp.asarray(pos)
+
+
+@pytest.mark.parametrize("attend", [mla.mla_prefill, mla.mla_decode], ids=["expanded", "absorbed"])
+@pytest.mark.parametrize("kv_len,block", [(None, 7), (64, 10), (None, 1)])
+def test_blocked_equals_one_piece(qlora, attend, kv_len, block):
+    cfg, w = qlora.cfg, qlora.weights
+    x, cache, pos = _random_case(cfg, seed=block)
+    cos, sin = rope_cos_sin(cfg, pos)
+    run = jax.jit(lambda lw, c, b: attend(cfg, lw, x, c, 1, pos, cos, sin, kv_len, b), static_argnums=2)
+    want, want_cache = run(w.layers[1].self_attn, cache, ONE_PIECE)
+    got, got_cache = run(w.layers[1].self_attn, cache, block)
+    real = np.asarray(pos) < (kv_len or MAX_LEN)  # padding rows: no contract on their output
+    assert_close(np.asarray(got)[real], np.asarray(want)[real], 2e-5, f"{attend.__name__} block={block} kv_len={kv_len}")
+    assert_close(got_cache.c_kv, want_cache.c_kv, 0.0, "latents written")
+    assert np.isfinite(np.asarray(got)).all()
+
+
+def test_one_query_per_row_attends_in_one_piece():
+    assert mla._use_blocks(1, 10_000, 16) is None
+    assert mla._use_blocks(8, 16, 16) is None and mla._use_blocks(8, 17, 16) == 16
+    with pytest.raises(ValueError, match="key block"):
+        mla._use_blocks(8, 17, 0)
+
+
+def test_blocked_model_matches_hf(qlora, monkeypatch):
+    """An 80-token sequence in two 40-token chunks with 16-key blocks (the second chunk sees
+    96 = 6 x 16 cache slots, the first chunk's 40 visible ones end inside a block), through
+    `prefill` (expanded) and `decode` (absorbed, as the engine's chunk steps), vs transformers."""
+    from jaxmoe.model.forward import decode, prefill
+
+    monkeypatch.setattr(mla, "PREFILL_KEY_BLOCK", 16)
+    cfg, w = qlora.cfg, qlora.weights
+    seq = np.concatenate([qlora.prompt, qlora.prompt2], 1).astype(np.int32)
+    want = H.logits(qlora.hf, seq)
+    pos = np.arange(2 * PROMPT_LEN, dtype=np.int32)[None]
+    first, second = slice(0, PROMPT_LEN), slice(PROMPT_LEN, 2 * PROMPT_LEN)
+    for name, fn in (("prefill", prefill), ("decode", decode)):
+        run = jax.jit(lambda c, t, p, fn=fn: fn(cfg, w, c, t, p))  # a fresh trace reads the patched block
+        got1, cache = run(new_cache(cfg, 1), seq[:, first], pos[:, first])
+        got2, _ = run(cache, seq[:, second], pos[:, second])
+        assert_close(np.concatenate([got1, got2], 1), want, TOL, f"{name} with 16-key blocks vs transformers")
