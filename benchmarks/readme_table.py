@@ -1,4 +1,5 @@
-"""Print the README's Performance table from benchmarks/results/*.json (kernels, prefill, e2e);
+"""Print the README's Performance table from benchmarks/results/*.json (e2e, peer_llamacpp,
+slo, kernels, prefill);
 with --write-readme, replace the table in README.md's "Performance" section (between the
 `<!-- perf-table -->` markers) with it.
 
@@ -45,6 +46,7 @@ def table() -> str:
             f"| e2e | {d['model']} FP8 | prefill tok/s, 512-token prompt | {_f(m['prefill_tok_s_512'])} | {run} |",
             f"| e2e | {d['model']} FP8 | prefill tok/s, 4096-token prompt | {_f(m.get('prefill_tok_s_4096'))} | {run} |",
         ]
+    rows += _peer_rows() + _slo_rows()
     k = _load("kernels")
     if k:
         m, run = k["metrics"], _env(k)
@@ -63,6 +65,51 @@ def table() -> str:
                 rows.append(f"| prefill ({s}) | {d['model']} FP8 | prefill tok/s, {top}-token prompt | "
                             f"{_f(m[f'{s}_tok_s'])} | {run} |")
     return "\n".join(rows)
+
+
+def _peer_rows() -> list[str]:
+    """jaxmoe vs llama.cpp on the same model, threads and run (benchmarks/peer_llamacpp.py)."""
+    d = _load("peer_llamacpp")
+    if not d:
+        return []
+    m, det, run = d["metrics"], d["details"], _env(d)
+    n = det["n_prompt"]
+    what = f"{det['model']}, {m['threads']} threads, {det['rounds']} alternating rounds"
+    rows = [f"| peer | {what} | jaxmoe (FP8) decode / prefill {n} tok/s | {_f(m['jaxmoe_decode_tok_s'], 2)} / "
+            f"{_f(m[f'jaxmoe_prefill{n}_tok_s'], 1)} | {run} |"]
+    if m.get("peer_skipped"):
+        return rows + [f"| peer | {what} | llama.cpp | skipped | {m['peer_skipped']} |"]
+    for t in ("q8_0", "bf16"):
+        if m.get(f"llamacpp_{t}_decode_tok_s") is None:
+            continue
+        rows += [f"| peer | {what} | llama.cpp {t} decode / prefill {n} tok/s | {_f(m[f'llamacpp_{t}_decode_tok_s'], 2)} / "
+                 f"{_f(m[f'llamacpp_{t}_prefill{n}_tok_s'], 1)} | llama-bench tg{det['llama_bench']['n_gen']} / pp{n}; {run} |",
+                 f"| peer | {what} | ratio jaxmoe / llama.cpp {t}: decode, prefill {n} | "
+                 f"{_f(m[f'ratio_decode_vs_{t}'], 2)}, {_f(m[f'ratio_prefill{n}_vs_{t}'], 2)} | "
+                 + ("target vs q8_0: decode >= 1.3, prefill >= 1.0 | " if t == "q8_0" else "| ")]
+    return rows
+
+
+def _slo_rows() -> list[str]:
+    """Headline figures of the SLO report (benchmarks/slo.py; plots in results/slo.md)."""
+    d = _load("slo")
+    if not d:
+        return []
+    m, run = d["metrics"], _env(d)
+    longest = max(int(k.rsplit("_", 1)[1]) for k in m if k.startswith("ttft_s_") and k != "ttft_s_shortest")
+    ctx = max(int(k.rsplit("ctx", 1)[1]) for k in m if k.startswith("decode_tok_s_ctx"))
+    bmax = max(int(k.rsplit("_b", 1)[1]) for k in m if k.startswith("decode_tok_s_b"))
+    model = f"{m['model']} FP8"
+    return [
+        f"| SLO (`cpu-only`) | {model} | TTFT s, {m['ttft_shortest_prompt']} / {longest}-token prompt (measured / "
+        f"predicted at {longest}) | {_f(m['ttft_s_shortest'], 3)} / {_f(m[f'ttft_s_{longest}'], 2)} "
+        f"({_f(m['ttft_measured_over_predicted_longest'], 2)}) | [slo.md](benchmarks/results/slo.md); {run} |",
+        f"| SLO | {model} | decode tok/s: batch 1 / batch {bmax} / batch 1 at context {ctx} | "
+        f"{_f(m['decode_tok_s_b1'], 1)} / {_f(m[f'decode_tok_s_b{bmax}'], 1)} / {_f(m[f'decode_tok_s_ctx{ctx}'], 1)} | {run} |",
+        f"| SLO | {model} | mixed: {m['mixed_decoders']} decoders + a {m['mixed_long_prompt']}-token prompt: its TTFT s; "
+        f"decoders' TPOT p50 / p99 ms (p50 alone) | {_f(m['mixed_ttft_s'], 2)}; {_f(1e3 * m['mixed_tpot_p50_s'], 1)} / "
+        f"{_f(1e3 * m['mixed_tpot_p99_s'], 1)} ({_f(1e3 * m['mixed_tpot_before_p50_s'], 1)}) | {run} |",
+    ]
 
 
 def write_readme() -> None:

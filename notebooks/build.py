@@ -303,7 +303,7 @@ import jaxmoe
 ROOT = Path(os.environ.get("JAXMOE_REPO") or Path(jaxmoe.__file__).resolve().parents[1])
 assert (ROOT / "benchmarks" / "_harness.py").is_file(), f"no benchmarks/ under {ROOT}; set JAXMOE_REPO"
 out_dir = Path(tempfile.mkdtemp(prefix="jaxmoe-bench-nb-"))
-BENCHES = ["kernels", "prefill"] + (["e2e"] if (ROOT / "benchmarks" / "e2e.py").is_file() else [])
+BENCHES = ["kernels", "prefill"] + [n for n in ("e2e", "slo") if (ROOT / "benchmarks" / f"{n}.py").is_file()]
 
 def run_bench(name, *extra):
     out = out_dir / f"{name}.json"
@@ -397,6 +397,27 @@ if "e2e" in results:
     show_table([{"metric": k, "value": v} for k, v in e2e["metrics"].items()], ["metric", "value"])
 else:
     print("no e2e results: benchmarks/e2e.py is not in this checkout, or it did not run and none is committed")""",
+    """md:## SLO report (`benchmarks/slo.py`)
+
+Time to first token against prompt length, decode tok/s against context and batch, and a long
+prompt arriving while requests decode, beside the performance model's predictions for this
+machine. The plots come from this run's `--quick` (tiny model) when it ran live, else from the
+committed full run (`benchmarks/results/slo.md`).""",
+    """\
+if "slo" in results:
+    slo_dir = out_dir if source["slo"].startswith("this run") else ROOT / "benchmarks" / "results"
+    show_table([{"metric": k, "value": v} for k, v in results["slo"]["metrics"].items()], ["metric", "value"])
+    pngs = sorted(slo_dir.glob("slo_*.png"))
+    try:
+        from IPython.display import Image, display
+    except ImportError:
+        display = None
+    for f in pngs:
+        print(f.name)
+        if display is not None:
+            display(Image(filename=str(f)))
+else:
+    print("no SLO results: benchmarks/slo.py is not in this checkout, or it did not run and none is committed")""",
 ]
 
 NOTEBOOKS = {
