@@ -55,7 +55,7 @@ def setup_peer(checkpoint: Path, model: str, types: list[str], *, allow_fetch: b
         src = LF.source_dir(cache)
         ggufs, notes = {}, []
         for t in types:
-            if not LC.gguf_path(cache, model, t).is_file() and src is None:
+            if not LC.gguf_path(cache, model, t, checkpoint).is_file() and src is None:
                 src = LF.fetch_source(cache, allow_network=allow_fetch)
             t0 = time.perf_counter()
             ggufs[t], n = LC.ensure_gguf(cache, src, checkpoint, model, t)

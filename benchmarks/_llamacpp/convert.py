@@ -16,6 +16,7 @@ never modified in place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -95,14 +96,26 @@ def convert_env(llama_dir: Path) -> dict:
     return env
 
 
-def gguf_path(cache: Path, model: str, outtype: str) -> Path:
-    return cache / "gguf" / f"{model}-{outtype}.gguf"
+def fingerprint(checkpoint: Path) -> str:
+    """A short digest of the checkpoint (config.json, and the names and sizes of its files):
+    a GGUF converted from other weights under the same model name is never reused."""
+    checkpoint = Path(checkpoint)
+    h = hashlib.sha256((checkpoint / "config.json").read_bytes())
+    for f in sorted(checkpoint.iterdir()):
+        if f.suffix in (".safetensors", ".json"):
+            h.update(f"{f.name}:{f.stat().st_size};".encode())
+    return h.hexdigest()[:10]
+
+
+def gguf_path(cache: Path, model: str, outtype: str, checkpoint: Path | None = None) -> Path:
+    tag = f"-{fingerprint(checkpoint)}" if checkpoint is not None else ""
+    return cache / "gguf" / f"{model}{tag}-{outtype}.gguf"
 
 
 def ensure_gguf(cache: Path, llama_dir: Path | None, checkpoint: Path, model: str, outtype: str) -> tuple[Path, list[str]]:
     """The GGUF of `checkpoint` in `outtype`, converted once (written to a temporary name
     first, so an interrupted conversion is never taken for a finished one)."""
-    out = gguf_path(cache, model, outtype)
+    out = gguf_path(cache, model, outtype, checkpoint)
     if out.is_file():
         return out, [f"reused {out}"]
     if llama_dir is None:

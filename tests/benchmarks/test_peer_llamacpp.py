@@ -140,6 +140,10 @@ def test_stage_and_convert_cmd(tmp_path):
         LC.convert_cmd(Path("/l"), staged, tmp_path / "o.gguf", "q4_k")
     assert LC.convert_env(Path("/l"))["PYTHONPATH"].split(os.pathsep)[:2] == ["/l/gguf-py", "/l"]
     assert LC.gguf_path(tmp_path, "bench-v3-mid", "bf16") == tmp_path / "gguf" / "bench-v3-mid-bf16.gguf"
+    fp = LC.fingerprint(ck)
+    assert LC.gguf_path(tmp_path, "m", "q8_0", ck) == tmp_path / "gguf" / f"m-{fp}-q8_0.gguf"
+    (ck / "model-00001-of-00001.safetensors").write_bytes(b"xy")  # other weights: another GGUF
+    assert LC.fingerprint(ck) != fp
     with pytest.raises(FileNotFoundError, match="no llama.cpp source"):
         LC.ensure_gguf(tmp_path, None, ck, "m", "q8_0")
 
