@@ -1,4 +1,4 @@
-"""Command line: `jaxmoe generate`, `jaxmoe demo`, `jaxmoe synth`.
+"""Command line: `jaxmoe generate`, `jaxmoe demo`, `jaxmoe synth`, `jaxmoe convert`.
 
 User errors (a bad path, a prompt too long, an invalid sampling parameter) print one line
 `jaxmoe: error: ...` on stderr and exit with status 2; no traceback.
@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--fmt", choices=["fp8", "bf16", "f32"], default="fp8")
     s.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("convert", help="convert a checkpoint's routed experts (e.g. to INT4)")
+    c.add_argument("--to", required=True, choices=["int4"], help="target format of the routed experts")
+    c.add_argument("src", help="source checkpoint directory (FP8 or bf16)")
+    c.add_argument("dst", help="output directory (written atomically)")
+    c.add_argument("--group", type=int, default=32, help="INT4 group size along K (multiple of 32, <= 256)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return parser
 
 
@@ -197,6 +204,19 @@ def cmd_synth(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(a: argparse.Namespace) -> int:
+    from jaxmoe.loading.convert import convert_int4
+
+    src = Path(a.src)
+    if not src.is_dir():
+        raise UserError(f"checkpoint directory {src} does not exist")
+    t0 = time.perf_counter()
+    out = convert_int4(src, a.dst, group=a.group, overwrite=a.overwrite, progress=True)
+    print(f"wrote {out}: routed experts INT4 (group {a.group}), other weights as in {src}, "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def model_device() -> str:
     import jax
 
@@ -204,7 +224,7 @@ def model_device() -> str:
     return f"{d.platform} ({d.device_kind})"
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "synth": cmd_synth}
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "synth": cmd_synth, "convert": cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

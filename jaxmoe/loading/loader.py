@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.loading import hf_map
+from jaxmoe.loading import convert, hf_map
 from jaxmoe.loading.progress import Progress
 from jaxmoe.loading.safetensors_index import CheckpointError, SafetensorsCheckpoint, raise_if
 from jaxmoe.quant import DenseWeight, Fp8Weight
@@ -47,6 +47,9 @@ class Checkpoint:
         except ConfigError as e:
             raise CheckpointError(str(e)) from e
         self.specs = hf_map.expected_tensors(self.cfg)
+        self.int4_group = convert.read_marker(self.path)  # INT4 routed experts (convert.py)
+        if self.int4_group is not None:
+            self.specs = convert.int4_specs(self.specs, self.int4_group)
         self.block = hf_map.quant_block(self.cfg)
         self.store = SafetensorsCheckpoint(self.path)
         try:
@@ -126,6 +129,8 @@ class Checkpoint:
         `safetensors_index.stacked_view` turns a list into one [E, ...] view when the file
         layout allows it.
         """
+        if self.int4_group is not None:  # {"gate_proj": qweights, "gate_proj_scales": ...} (convert.py)
+            return convert.int4_expert_arrays(self, layer)
         out: dict[str, list[np.ndarray]] = {}
         for proj, specs in hf_map.expert_tensors(self.cfg, layer).items():
             out[proj] = [self.array(s.name) for s in specs]
@@ -192,7 +197,9 @@ def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | None, load_
             w = ck.array(s.name)
             fp8 = s.kind == "linear" and ck.is_fp8(s.name)
             scale = ck.array(s.scale_name).astype(np.float32) if fp8 else None
-            if s.expert is not None:
+            if s.kind in convert.INT4_KINDS:  # INT4 routed experts -> Int4Weight (convert.py)
+                convert.collect_int4(leaves, pending, s, w, n_experts, put)
+            elif s.expert is not None:
                 pending[s.target].append((w, scale))
                 if len(pending[s.target]) == n_experts:
                     ws, ss = zip(*pending.pop(s.target))
