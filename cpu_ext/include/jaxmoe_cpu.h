@@ -78,6 +78,18 @@ jm_matrix *jm_matrix_from_handle(int64_t handle);
 int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, void *y,
               int32_t y_dtype);
 
+/* GEMM path: from this many token rows on, jm_linear / jm_linear_grouped (m) and jm_moe (mean
+ * rows per active expert) decode each weight panel once per call and run an f32 register-
+ * blocked GEMM (FP8 / BF16; exact decode, f32 sums) instead of GEMV passes over token chunks.
+ * Default 6 (env JAXMOE_CPU_GEMM_MIN at load); m = 0 restores it, m < 0 disables the path.
+ * Returns the previous value (-1: disabled). */
+int jm_set_gemm_min_rows(int32_t m);
+/* native timing per entry point when env JAXMOE_CPU_PROFILE is set ("print": to stderr at
+ * exit): out[3i..3i+2] = ns, calls, token rows of entry i < n_max (names: jm_profile_name);
+ * reset zeroes the counters. Returns the number of entries. */
+int jm_profile_read(int64_t *out, int32_t n_max, int32_t reset);
+const char *jm_profile_name(int32_t i);
+
 /* ---- matrix groups: g matrices of one shape, e.g. per attention head -------------------- */
 typedef struct jm_group jm_group;
 /* takes ownership of the g matrices (frees them on error too) */

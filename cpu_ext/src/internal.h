@@ -54,6 +54,45 @@ typedef struct {
                 int64_t ldy);
 } jm_kernels;
 
+/* GEMM path (gemm.c) for many tokens per weight: a weight panel of up to JM_GEMM_NP rows x
+ * one 128-column K block is decoded once (FP8 value x block scale, exact f32 products of one
+ * rounding) into panel[s][k][16] (16-row sub-panels, k-major), then a register-blocked
+ * micro-kernel runs every token against it. Panels lie inside one 128-row scale block. */
+#define JM_GEMM_NP 64 /* rows per panel: divides 128 */
+#define JM_GEMM_MR 6  /* tokens per micro-kernel call */
+#define JM_GEMM_NR 16 /* rows per sub-panel */
+#define JM_GEMM_MIN_DEFAULT 6 /* token rows from which jm_linear / jm_moe use the GEMM path */
+typedef struct {
+  int isa;
+  /* rows [n0, n0+np) of w (np <= JM_GEMM_NP, inside one 128-row block; rows >= n read as 0),
+   * columns [128 kb, 128 kb + 128): panel[(r/16)*128*16 + k*16 + r%16] = value * scale */
+  void (*panel)(const jm_matrix *w, int n0, int np, int kb, float *panel);
+  /* c[i*ldc + j] = (accumulate ? c[i*ldc + j] : 0) + sum_{k<kk} xr[i][k] * sub[k*16 + j] for
+   * i < mr (1..JM_GEMM_MR), j < nc (1..16) */
+  void (*micro)(const float *const *xr, int mr, int kk, const float *sub, float *c, int64_t ldc,
+                int nc, int accumulate);
+} jm_gemm_kernels;
+extern const jm_gemm_kernels jm_gemm_scalar;
+extern const jm_gemm_kernels jm_gemm_avx2;
+const jm_gemm_kernels *jm_gemm_current(void); /* AVX2 when the selected path is not scalar */
+int jm_gemm_min_rows(void);
+/* output (i, n0 + j) at c[i*ldc + j] for token rows [m0, m1), panel rows [n0, n0 + np) of w,
+ * over all K blocks; x_i = x + (rows ? rows[i] : i) * ldx; pbuf: JM_GEMM_NP * 128 f32 */
+void jm_gemm_block(const jm_gemm_kernels *G, const jm_matrix *w, const float *x, int64_t ldx,
+                   const int32_t *rows, int m0, int m1, int n0, int np, float *c, int64_t ldc,
+                   float *pbuf);
+#define JM_GEMM_PBUF (JM_GEMM_NP * JM_KBLOCK) /* floats of one panel buffer */
+/* y[i*ldy + j*n + r] = x[i*ldx + j*k + :] . W_j[r] for g matrices of one shape, m tokens,
+ * over the pool (tasks: matrix x 64-row panel x token range); pbufs: one JM_GEMM_PBUF per
+ * pool thread, caller's scratch under the engine lock */
+void jm_gemm_groups(const jm_gemm_kernels *G, const jm_matrix *const *ws, int64_t g, const float *x,
+                    int64_t ldx, int m, float *y, int64_t ldy, float *pbufs);
+
+/* cheap per-entry-point timing, on when JAXMOE_CPU_PROFILE is set (profile.c) */
+enum { JM_PROF_LINEAR, JM_PROF_LINEAR_GEMM, JM_PROF_GROUPED, JM_PROF_GROUPED_GEMM, JM_PROF_MOE, JM_PROF_MOE_GEMM, JM_PROF_N };
+int64_t jm_prof_start(void); /* 0 when profiling is off */
+void jm_prof_stop(int which, int64_t t0, int64_t rows);
+
 extern const jm_kernels jm_kernels_scalar;
 extern const jm_kernels jm_kernels_avx2;
 extern const jm_kernels jm_kernels_avx512;

@@ -95,15 +95,56 @@ static void linear_chunk(const jm_kernels *K, const jm_matrix *const *ws, int64_
   jm_pool_run(g * c.tile_tasks, tile_task, &c, NULL);
 }
 
+/* the GEMM path: x converted to f32 once, y written in place (f32) or through f32 chunks of
+ * GEMM_YCHUNK tokens (bf16) */
+#define GEMM_YCHUNK 256
+static int linear_groups_gemm(const jm_matrix *const *ws, int64_t g, const void *x, int32_t x_dtype, int64_t m,
+                              void *y, int32_t y_dtype) {
+  const jm_matrix *w = ws[0];
+  const jm_gemm_kernels *G = jm_gemm_current();
+  const int64_t row_in = g * w->k, row_out = g * w->n;
+  const int64_t mc_max = y_dtype == JM_DT_F32 ? m : (m < GEMM_YCHUNK ? m : GEMM_YCHUNK);
+  const size_t pb_bytes = (size_t)jm_pool_threads() * JM_GEMM_PBUF * sizeof(float);
+  const size_t xc_bytes = x_dtype == JM_DT_F32 ? 0 : ((size_t)m * row_in * sizeof(float) + 63) & ~(size_t)63;
+  const size_t yc_bytes = y_dtype == JM_DT_F32 ? 0 : (size_t)mc_max * row_out * sizeof(float);
+  jm_engine_lock();
+  uint8_t *s = jm_scratch(pb_bytes + xc_bytes + yc_bytes);
+  if (!s) {
+    jm_engine_unlock();
+    return jm_error(JM_ENOMEM, "jm_linear: out of memory for %zu bytes of scratch", pb_bytes + xc_bytes + yc_bytes);
+  }
+  const float *xs = (const float *)x;
+  if (xc_bytes) {
+    jm_to_f32(x, x_dtype, m * row_in, (float *)(s + pb_bytes));
+    xs = (const float *)(s + pb_bytes);
+  }
+  float *yc = (float *)(s + pb_bytes + xc_bytes);
+  for (int64_t m0 = 0; m0 < m; m0 += mc_max) {
+    const int mc = (int)(m - m0 < mc_max ? m - m0 : mc_max);
+    float *yo = y_dtype == JM_DT_F32 ? (float *)y + m0 * row_out : yc;
+    jm_gemm_groups(G, ws, g, xs + m0 * row_in, row_in, mc, yo, row_out, (float *)s);
+    if (y_dtype != JM_DT_F32) jm_from_f32(yc, (int64_t)mc * row_out, y_dtype, (uint16_t *)y + m0 * row_out);
+  }
+  jm_engine_unlock();
+  return JM_OK;
+}
+
 /* x [m][g][k] -> y [m][g][n] over g validated matrices of one shape */
 static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, int32_t x_dtype, int64_t m, void *y,
-                         int32_t y_dtype) {
+                         int32_t y_dtype, int grouped_call) {
   if ((x_dtype != JM_DT_F32 && x_dtype != JM_DT_BF16) || (y_dtype != JM_DT_F32 && y_dtype != JM_DT_BF16))
     return jm_error(JM_EINVAL, "jm_linear: dtypes must be f32 or bf16");
   if (m < 0) return jm_error(JM_EINVAL, "jm_linear: negative row count");
   if (m == 0) return JM_OK;
   if (!x || !y) return jm_error(JM_EINVAL, "jm_linear: NULL buffer");
   const jm_matrix *w = ws[0];
+  if (m >= jm_gemm_min_rows() && (w->format == JM_FMT_FP8 || w->format == JM_FMT_BF16)) {
+    const int64_t t0 = jm_prof_start();
+    const int rc = linear_groups_gemm(ws, g, x, x_dtype, m, y, y_dtype);
+    jm_prof_stop(grouped_call ? JM_PROF_GROUPED_GEMM : JM_PROF_LINEAR_GEMM, t0, m);
+    return rc;
+  }
+  const int64_t prof_t0 = jm_prof_start();
   const jm_kernels *K = jm_kernels_for(w); /* INT4: its own kernels (int4.c) */
   const int mc_max = m < JM_MC ? (int)m : JM_MC;
   const int64_t row_in = g * w->k, row_out = g * w->n;
@@ -132,13 +173,14 @@ static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, i
     }
   }
   jm_engine_unlock();
+  jm_prof_stop(grouped_call ? JM_PROF_GROUPED : JM_PROF_LINEAR, prof_t0, m);
   return JM_OK;
 }
 
 int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, void *y, int32_t y_dtype) {
   if (!w || !jm_registry_has(w) || w->magic != JM_MATRIX_MAGIC)
     return jm_error(JM_EHANDLE, "jm_linear: not a live matrix");
-  return linear_groups(&w, 1, x, x_dtype, m, y, y_dtype);
+  return linear_groups(&w, 1, x, x_dtype, m, y, y_dtype, 0);
 }
 
 /* ---- groups ------------------------------------------------------------------------------ */
@@ -200,5 +242,5 @@ int jm_group_info(const jm_group *grp, int32_t *g, int32_t *n, int32_t *k) {
 int jm_linear_grouped(const jm_group *grp, const void *x, int32_t x_dtype, int64_t m, void *y, int32_t y_dtype) {
   if (!grp || !jm_registry_has(grp) || grp->magic != JM_GROUP_MAGIC)
     return jm_error(JM_EHANDLE, "jm_linear_grouped: not a live matrix group");
-  return linear_groups((const jm_matrix *const *)grp->ms, grp->g, x, x_dtype, m, y, y_dtype);
+  return linear_groups((const jm_matrix *const *)grp->ms, grp->g, x, x_dtype, m, y, y_dtype, 1);
 }

@@ -1,7 +1,8 @@
 /* test_native.c -- C-level harness for cpu_ext, meant to run under AddressSanitizer and
  * UndefinedBehaviorSanitizer (make sanitize). Every ISA path this build can run is checked
  * against a double-precision reference with the bounds of jaxmoe/cpu/reference.py, on odd
- * shapes (K, N not multiples of 128, M across token chunks), the fused MoE against a scalar
+ * shapes (K, N not multiples of 128, M across token chunks), with the GEMM path off and forced
+ * on (jm_set_gemm_min_rows), the fused MoE against a scalar
  * double reference, and every error path (NULL, freed handles, bad ids, bad shapes).
  * Prints "N passed, N failed" and exits non-zero on any failure.
  */
@@ -84,7 +85,7 @@ static int check_linear(const double *w, const uint8_t *codes, int n, int k, con
 }
 
 static void test_fp8_linear(int isa) {
-  static const int shapes[][3] = {{1, 1, 1}, {3, 5, 70}, {17, 130, 257}, {1, 300, 200}, {40, 33, 129}, {2, 4, 640}};
+  static const int shapes[][3] = {{1, 1, 1}, {3, 5, 70}, {17, 130, 257}, {1, 300, 200}, {40, 33, 129}, {2, 4, 640}, {13, 200, 300}};
   for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
     const int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
     fp8_mat w = fp8_random(n, k);
@@ -238,13 +239,16 @@ int main(void) {
       continue;
     }
     jm_set_isa(isa);
-    for (int threads = 1; threads <= 3; threads += 2) {
-      jm_set_num_threads(threads);
-      test_fp8_linear(isa);
-      test_bf16_linear(isa);
-      test_grouped(isa);
-      test_moe(isa);
-    }
+    for (int threads = 1; threads <= 3; threads += 2)
+      for (int gemm = -1; gemm <= 1; gemm += 2) { /* GEMV chunks only / GEMM path from 1 row */
+        jm_set_num_threads(threads);
+        jm_set_gemm_min_rows(gemm);
+        test_fp8_linear(isa);
+        test_bf16_linear(isa);
+        test_grouped(isa);
+        test_moe(isa);
+      }
+    jm_set_gemm_min_rows(0);
     printf("checked %s\n", jm_isa_name(isa));
   }
   test_errors();

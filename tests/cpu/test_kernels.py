@@ -8,6 +8,7 @@ to bf16 and the mass of the flushed subnormal FP8 codes. A bf16 output adds its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -34,6 +35,16 @@ def random_fp8(rng, n, k, nan_codes=True):
     return q, scale
 
 
+@contextlib.contextmanager
+def gemm_rows(nat, m):
+    """jm_linear / jm_moe take the GEMM path from m token rows on (-1: never) inside the block."""
+    prev = nat.lib.jm_set_gemm_min_rows(m)
+    try:
+        yield
+    finally:
+        nat.lib.jm_set_gemm_min_rows(prev)
+
+
 def check_close(y, ref, bound, what):
     err = np.abs(y.astype(np.float64) - ref)
     worst = np.unravel_index(np.argmax(err - bound), err.shape)
@@ -49,21 +60,26 @@ def test_all_256_codes_decode(isa_lib):
     m = HostMatrix.fp8(q, np.ones((1, 2), np.float32), native=nat)
     try:
         y = m.linear(np.eye(256, dtype=np.float32))[:, 0]
+        with gemm_rows(nat, -1):  # the GEMV chunks too (256 rows take the GEMM path)
+            y_gemv = m.linear(np.eye(256, dtype=np.float32))[:, 0]
     finally:
         m.free()
     want = R.fp8_decode(np.arange(256, dtype=np.uint8))
     assert want[0x7F] == 480 and want[0xFF] == -480
     sub = R.is_subnormal(np.arange(256, dtype=np.uint8))
+    np.testing.assert_array_equal(y, want)  # GEMM path: exact on every ISA (f32 panels)
     if isa == "avx512":  # vdpbf16ps flushes them (SIMDe's emulation may not): 0 or exact
-        assert np.all((y[sub] == 0) | (y[sub] == want[sub]))
-        y, want = y[~sub], want[~sub]
-    np.testing.assert_array_equal(y, want)
+        assert np.all((y_gemv[sub] == 0) | (y_gemv[sub] == want[sub]))
+        y_gemv, want = y_gemv[~sub], want[~sub]
+    np.testing.assert_array_equal(y_gemv, want)
 
 
 @SETTINGS
 @given(m=st.integers(1, 64), n=st.integers(1, 300), k=st.integers(1, 400), seed=st.integers(0, 2**31),
-       bf16_io=st.booleans())
-def test_fp8_linear_matches_reference(isa_lib, m, n, k, seed, bf16_io):
+       bf16_io=st.booleans(), gemm=st.booleans())
+def test_fp8_linear_matches_reference(isa_lib, m, n, k, seed, bf16_io, gemm):
+    """Both multi-token paths: GEMV passes over token chunks and the GEMM path (forced from
+    one row on, so every micro-kernel row count 1..6 and row tail is exercised)."""
     isa, nat = isa_lib
     rng = np.random.default_rng(seed)
     q, scale = random_fp8(rng, n, k)
@@ -74,7 +90,8 @@ def test_fp8_linear_matches_reference(isa_lib, m, n, k, seed, bf16_io):
         x = x.astype(ml_dtypes.bfloat16)
     w = HostMatrix.fp8(q, scale, native=nat)
     try:
-        y = w.linear(x, out_dtype=ml_dtypes.bfloat16 if bf16_io else np.float32)
+        with gemm_rows(nat, 1 if gemm else -1):
+            y = w.linear(x, out_dtype=ml_dtypes.bfloat16 if bf16_io else np.float32)
     finally:
         w.free()
     w64 = R.fp8_dequant(q, scale)
@@ -87,15 +104,17 @@ def test_fp8_linear_matches_reference(isa_lib, m, n, k, seed, bf16_io):
 
 
 @SETTINGS
-@given(m=st.integers(1, 40), n=st.integers(1, 200), k=st.integers(1, 300), seed=st.integers(0, 2**31))
-def test_bf16_linear_matches_reference(isa_lib, m, n, k, seed):
+@given(m=st.integers(1, 40), n=st.integers(1, 200), k=st.integers(1, 300), seed=st.integers(0, 2**31),
+       gemm=st.booleans())
+def test_bf16_linear_matches_reference(isa_lib, m, n, k, seed, gemm):
     isa, nat = isa_lib
     rng = np.random.default_rng(seed)
     wb = rng.standard_normal((n, k)).astype(ml_dtypes.bfloat16)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = HostMatrix.bf16(wb, native=nat)
     try:
-        y = w.linear(x)
+        with gemm_rows(nat, 1 if gemm else -1):
+            y = w.linear(x)
     finally:
         w.free()
     w64 = R.bf16_values(wb)
@@ -118,20 +137,43 @@ def test_long_k_and_many_tokens(isa_lib):
     check_close(y, R.linear(x, w64), R.linear_bound(x, w64, isa, R.is_subnormal(q)), isa)
 
 
-def test_result_independent_of_thread_count(isa_lib):
+@pytest.mark.parametrize("gemm", [False, True])
+def test_result_independent_of_thread_count(isa_lib, gemm):
+    """Fixed tiles and summation order: the GEMM path also splits tokens across tasks when
+    there are few panels (n = 70: 2 panels), which must not change a bit either."""
     isa, nat = isa_lib
     rng = np.random.default_rng(3)
-    q, scale = random_fp8(rng, 515, 300)
-    x = rng.standard_normal((9, 300)).astype(np.float32)
+    for n, m in ((515, 9), (70, 50)):
+        q, scale = random_fp8(rng, n, 300)
+        x = rng.standard_normal((m, 300)).astype(np.float32)
+        w = HostMatrix.fp8(q, scale, native=nat)
+        try:
+            with gemm_rows(nat, 1 if gemm else -1):
+                with nat.use_threads(1):
+                    y1 = w.linear(x)
+                with nat.use_threads(3):
+                    y3 = w.linear(x)
+        finally:
+            w.free()
+        np.testing.assert_array_equal(y1, y3)
+
+
+def test_gemm_long_k_many_tokens(isa_lib):
+    """The GEMM path at DeepSeek's K = 7168 with 130 tokens (22 micro-kernel row groups, a
+    tail of 4) and n = 200 (a partial 16-row sub-panel and a partial 64-row panel)."""
+    isa, nat = isa_lib
+    rng = np.random.default_rng(11)
+    n, k, m = (200, 7168, 130) if isa != "scalar" else (40, 1000, 13)
+    q, scale = random_fp8(rng, n, k, nan_codes=False)
+    x = rng.standard_normal((m, k)).astype(np.float32)
     w = HostMatrix.fp8(q, scale, native=nat)
     try:
-        with nat.use_threads(1):
-            y1 = w.linear(x)
-        with nat.use_threads(3):
-            y3 = w.linear(x)
+        with gemm_rows(nat, 1):
+            y = w.linear(x)
     finally:
         w.free()
-    np.testing.assert_array_equal(y1, y3)
+    w64 = R.fp8_dequant(q, scale)
+    check_close(y, R.linear(x, w64), R.linear_bound(x, w64, isa, R.is_subnormal(q)), f"{isa} gemm")
 
 
 def test_errors_are_exceptions():
