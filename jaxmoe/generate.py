@@ -41,6 +41,7 @@ class Timings:
     decode_tok_s: float = 0.0  # tokens after the first / time since the first
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    prefill_strategy: str = ""  # how the engine prefilled the prompt: "cpu" | "resident" | "slp" | "dslp"
 
 
 @dataclass(frozen=True)
@@ -76,17 +77,33 @@ class Model:
     cpu_kernels: bool = False  # large matmuls and/or routed experts run on cpu_ext
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     _engine: Engine | None = field(default=None, init=False, repr=False)
+    _checkpoint: Any = field(default=None, init=False, repr=False)
 
     @property
     def engine(self) -> Engine:
-        """The serving engine of this model (created on first use)."""
+        """The serving engine of this model (created on first use). With accelerators, its
+        stream-loading prefill reads the routed experts from the checkpoint's mmap."""
         if self._engine is None:
-            self._engine = Engine(self.cfg, self.weights, self.runtime, max_len=self.context_len)
+            self._engine = Engine(self.cfg, self.weights, self.runtime, max_len=self.context_len,
+                                  expert_source=self._expert_source())
         return self._engine
+
+    def _expert_source(self) -> Any:
+        if self.path is None or not self.runtime.accelerators or self.runtime.prefill_strategy == "cpu":
+            return None
+        from jaxmoe.loading.loader import open_checkpoint
+        from jaxmoe.runtime.streaming import CheckpointExperts
+
+        if self._checkpoint is None:
+            self._checkpoint = open_checkpoint(self.path)
+        return CheckpointExperts(self._checkpoint)
 
     def close(self) -> None:
         """Free the native memory of CPU-kernel weights now (rather than at exit)."""
         self._engine = None
+        if self._checkpoint is not None:
+            self._checkpoint.close()
+            self._checkpoint = None
         if self.cpu_kernels:
             from jaxmoe.cpu.placement import release
 
@@ -172,7 +189,8 @@ def load(
     progress: show a progress bar (None = only for slow loads on a terminal).
     runtime: a runtime preset of configs/runtime/ (default: "cpu-only" without a GPU,
       "gpu+cpu-experts" with one, "2gpu+cpu-experts" with two); runtime_options override
-      its fields (n_slots, chunk_size, overlap, memory_budget_bytes, ...).
+      its fields (n_slots, chunk_size, overlap, memory_budget_bytes, prefill_strategy
+      ("auto" | "cpu" | "slp" | "dslp"), hardware, ...).
     """
     from jaxmoe.loading.loader import load_checkpoint
 
@@ -295,7 +313,7 @@ def _run(model: Model, req: _Request) -> Iterator[StreamResponse]:
     stopper = StopMatcher(req.stops)
     t_submit = time.perf_counter()
     handle = model.engine.submit(req.prompt_ids, max_new, req.params, eos_token_ids=sorted(req.eos))
-    timings, t_first = Timings(prompt_tokens=n), 0.0
+    timings, t_first = Timings(prompt_tokens=n, prefill_strategy=handle.prefill_strategy or ""), 0.0
     try:
         for ev in handle.events():
             if ev.token is None:  # the engine's closing event: every token was handled below

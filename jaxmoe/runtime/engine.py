@@ -14,6 +14,12 @@ from a memory budget. Concurrent callers `submit()` from any thread; a backgroun
 drives the steps while there is work (or call `step()` / `run_until_idle()` yourself).
 All steps attend in latent space (absorbed MLA), so a request's tokens do not depend on
 which other requests share its steps.
+
+Prefill strategy per request (runtime/prefill_strategy.py): at `submit` the planner (or the
+user: `prefill_strategy=`, JAXMOE_PREFILL_STRATEGY) decides whether the prompt runs through
+the steps ("cpu") or is stream-loaded ("slp" / "dslp": routed experts streamed from host
+memory to the accelerators, one chunk per step, written into the request's cache slot while
+the other slots keep decoding). `Request.prefill_strategy` records the choice.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.runtime.placement import RuntimeConfig, resolve_devices
+from jaxmoe.runtime.prefill_strategy import StreamedPrefill
 from jaxmoe.runtime.programs import make_executor
 from jaxmoe.runtime.request import Request, RequestRefused
 from jaxmoe.runtime.sampling import SamplingParams
@@ -49,9 +56,12 @@ def kv_window(end: int, max_len: int) -> int:
 class Engine:
     """Serve requests on one model. `runtime` is a RuntimeConfig or a preset name
     (configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
-    memory_budget_bytes, overlap, ...)."""
+    memory_budget_bytes, overlap, prefill_strategy, hardware, ...). `expert_source`: where
+    stream-loaded prefill reads the routed experts (layer -> host arrays, e.g.
+    `streaming.CheckpointExperts`); default: the weights' own experts when they are arrays."""
 
-    def __init__(self, cfg: ModelConfig, weights: Any, runtime: RuntimeConfig | str = "cpu-only", *, cache_dtype=None, **overrides):
+    def __init__(self, cfg: ModelConfig, weights: Any, runtime: RuntimeConfig | str = "cpu-only", *, cache_dtype=None,
+                 expert_source: Any = None, **overrides):
         rc = runtime if isinstance(runtime, RuntimeConfig) else RuntimeConfig.load(runtime, **overrides)
         if isinstance(runtime, RuntimeConfig) and overrides:
             rc = dataclasses.replace(rc, **overrides)
@@ -72,6 +82,8 @@ class Engine:
         self.chunk_size = min(rc.chunk_size, max_len)
         self.devices = resolve_devices(rc)
         self.executor = make_executor(cfg, weights, rc, self.devices, max_len, cache_dtype)
+        self.prefill = StreamedPrefill(cfg, rc, self.devices, self.executor, weights, expert_source, self.chunk_size,
+                                       max_len, cache_dtype)
         self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size)
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -87,8 +99,12 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         stop_token_ids: Sequence[Sequence[int]] = (),
         background: bool = True,
+        prefill_strategy: str | None = None,
     ) -> Request:
         """Queue a request; its tokens arrive through `request.events()`.
+
+        prefill_strategy: force one for this request ("auto" | "cpu" | "slp" | "dslp"; None:
+        the engine's); ValueError if this engine cannot run it.
 
         Raises RequestRefused when it could never fit in a cache slot. With `background`
         (the default) a thread drives the engine until every request is done.
@@ -102,6 +118,7 @@ class Engine:
         req = Request(
             ids, int(max_new_tokens), sampling, tuple(eos_token_ids), tuple(tuple(s) for s in stop_token_ids)
         )
+        req.prefill_strategy, req.prefill_plan = self.prefill.choose(len(ids), prefill_strategy)
         with self._lock:
             self.scheduler.add(req)
             if background:
@@ -131,8 +148,9 @@ class Engine:
             try:
                 sampled = self._execute(plan)
             except BaseException as e:  # a failed step fails the requests in it, not the engine
-                for row in plan.rows.values():
+                for row in [*plan.streamed.values(), *plan.rows.values()]:
                     self.scheduler.running.pop(row.request.slot, None)
+                    self.prefill.drop(row.request)
                     row.request.fail(e)
                 raise
             self.scheduler.update(plan, sampled)
@@ -144,6 +162,16 @@ class Engine:
             pass
 
     def _execute(self, plan: StepPlan) -> dict[int, int]:
+        sampled = {}
+        for slot, row in plan.streamed.items():  # stream-loaded chunks first, then the other slots' step
+            token = self.prefill.run_chunk(row)
+            if token is not None:
+                sampled[slot] = token
+        if plan.rows:
+            sampled.update(self._execute_step(plan))
+        return sampled
+
+    def _execute_step(self, plan: StepPlan) -> dict[int, int]:
         b, w = self.n_slots, plan.width
         tokens = np.zeros((b, w), np.int32)
         positions = np.full((b, w), self.max_len, np.int32)  # padding: dropped by the cache

@@ -22,6 +22,9 @@ import jax
 from jaxmoe.config import named_config_path
 from jaxmoe.model.weights import MoEWeights, Weights
 
+PREFILL_STRATEGIES = ("auto", "cpu", "slp", "dslp")
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     preset: str = "cpu-only"
@@ -33,8 +36,14 @@ class RuntimeConfig:
     max_len: int | None = None
     memory_budget_bytes: int | None = None
     simulate_accelerators: bool = False
+    # prefill strategy per request: "auto" (the planner's choice on `hardware`; the environment
+    # variable JAXMOE_PREFILL_STRATEGY forces one) | "cpu" (the step path) | "slp" | "dslp"
+    prefill_strategy: str = "auto"
+    hardware: str | None = None  # configs/hardware profile for the planner (None: from the devices)
 
     def __post_init__(self):
+        if self.prefill_strategy not in PREFILL_STRATEGIES:
+            raise ValueError(f"prefill_strategy must be one of {PREFILL_STRATEGIES}, got {self.prefill_strategy!r}")
         if self.routed_experts not in ("host", "accelerator"):
             raise ValueError(f"routed_experts must be 'host' or 'accelerator', got {self.routed_experts!r}")
         if self.accelerators not in (0, 1, 2):

@@ -264,9 +264,12 @@ def plan_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, *, force: str | 
     """The fastest feasible strategy for a prompt of n_tokens (ties broken by `PREFERENCE`).
 
     force: a strategy to use whatever the model says (also from the environment variable
-    JAXMOE_PREFILL_STRATEGY); raises ValueError if that strategy cannot run on `hw`.
+    JAXMOE_PREFILL_STRATEGY; "auto" there means no force); raises ValueError if that strategy
+    cannot run on `hw`.
     """
     force = force or os.environ.get(FORCE_ENV) or None
+    if force == "auto":
+        force = None
     ests = {s: estimate_prefill(cfg, hw, n_tokens, s, **kw) for s in strategies}
     if force is not None:
         est = ests.get(force) or estimate_prefill(cfg, hw, n_tokens, force, **kw)

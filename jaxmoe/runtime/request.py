@@ -8,7 +8,7 @@ import itertools
 import queue
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 from jaxmoe.runtime.sampling import SamplingParams
 
@@ -46,6 +46,8 @@ class Request:
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
 
     # engine-owned state
+    prefill_strategy: str | None = None  # "cpu" | "resident" | "slp" | "dslp", set at submit
+    prefill_plan: Any = None  # the planner's PrefillEstimate behind it (None when forced without one)
     status: Status = Status.WAITING
     slot: int | None = None
     n_prefilled: int = 0
@@ -61,6 +63,11 @@ class Request:
     def total_len(self) -> int:
         """Positions the request occupies at most: prompt + generated tokens."""
         return len(self.prompt_ids) + self.max_new_tokens
+
+    @property
+    def streamed(self) -> bool:
+        """Is the prompt prefilled by stream-loading (SLP/DSLP) instead of the engine's steps?"""
+        return self.prefill_strategy in ("slp", "dslp")
 
     @property
     def next_position(self) -> int:

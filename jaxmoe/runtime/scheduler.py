@@ -9,7 +9,10 @@ reports the sampled tokens back. Policy:
 - prefilling requests get the rest of the step's token budget in chunks of at most
   `chunk_size` tokens (chunked prefill), so a long prompt never stalls the decoders;
 - a step with any prefill work is `chunk_size` wide, a pure decode step is 1 wide: two
-  shapes, compiled once each.
+  shapes, compiled once each;
+- a request whose prompt is stream-loaded (`Request.streamed`: SLP/DSLP) is kept out of the
+  steps' rows while it prefills: each step carries one chunk of the oldest such prompt in
+  `StepPlan.streamed`, run by the engine beside (before) the step of the other slots.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class RowPlan:
 class StepPlan:
     width: int
     rows: dict[int, RowPlan]  # slot -> work
+    streamed: dict[int, RowPlan] = dataclasses.field(default_factory=dict)  # slot -> a stream-loaded chunk
 
     @property
     def n_tokens(self) -> int:
@@ -103,20 +107,29 @@ class Scheduler:
             if req.status is Status.DECODE:
                 rows[slot] = RowPlan(req, [req.output_ids[-1]], req.next_position - 1, True)
                 budget -= 1
+        streamed: dict[int, RowPlan] = {}
         for slot, req in sorted(self.running.items(), key=lambda kv: kv[1].id):
+            if req.status is Status.PREFILL and req.streamed:
+                if not streamed:  # one streamed chunk per step, oldest prompt first
+                    streamed[slot] = self._chunk(req, self.chunk_size)
+                continue
             if req.status is not Status.PREFILL or budget <= 0:
                 continue
-            n = min(self.chunk_size, len(req.prompt_ids) - req.n_prefilled, budget)
-            toks = req.prompt_ids[req.n_prefilled : req.n_prefilled + n]
-            rows[slot] = RowPlan(req, toks, req.n_prefilled, req.n_prefilled + n == len(req.prompt_ids))
-            budget -= n
+            rows[slot] = self._chunk(req, min(self.chunk_size, budget))
+            budget -= len(rows[slot].tokens)
         width = 1 if all(len(r.tokens) == 1 and r.request.status is Status.DECODE for r in rows.values()) else self.chunk_size
-        return StepPlan(width, rows)
+        return StepPlan(width, rows, streamed)
+
+    @staticmethod
+    def _chunk(req: Request, limit: int) -> RowPlan:
+        n = min(limit, len(req.prompt_ids) - req.n_prefilled)
+        toks = req.prompt_ids[req.n_prefilled : req.n_prefilled + n]
+        return RowPlan(req, toks, req.n_prefilled, req.n_prefilled + n == len(req.prompt_ids))
 
     def update(self, plan: StepPlan, sampled: dict[int, int]) -> list[Request]:
         """Apply a step's outcome (slot -> sampled token for rows that sample). Returns finished requests."""
         done = []
-        for slot, row in plan.rows.items():
+        for slot, row in [*plan.streamed.items(), *plan.rows.items()]:
             req = row.request
             if req.status is Status.PREFILL:
                 req.n_prefilled += len(row.tokens)

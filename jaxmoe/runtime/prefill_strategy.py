@@ -1,0 +1,252 @@
+"""Per-request prefill strategy in the engine: the planner's choice (or the user's), and the
+streamed (SLP / DSLP) prompt chunks that write into the engine's slotted latent cache.
+
+Strategies (`RuntimeConfig.prefill_strategy`, overridable by keyword and, while it is "auto",
+by the environment variable JAXMOE_PREFILL_STRATEGY):
+- "cpu": the engine's step path (routed experts where the preset puts them: on the host's
+  kernels, or resident on the accelerator -- then recorded as "resident");
+- "slp" / "dslp": the prompt's chunks go through `streaming.slp_prefill_chunk`, the routed
+  experts streamed from the single host copy (the one the decode steps' host programs read,
+  or an open checkpoint's mmap) to one / two accelerators;
+- "auto": per request, `planner.plan_prefill` on the hardware profile (`RuntimeConfig.hardware`,
+  default from the devices: this-machine-fake-devices for CPU devices standing in for
+  accelerators, this-machine without any, h100-box / reference-box on GPUs) among the
+  strategies this engine can run.
+An impossible forced choice (dslp on one accelerator, slp without an accelerator or without
+a host expert source) raises ValueError naming `prefill_strategy` when the engine is built.
+
+Execution (`StreamedPrefill.run_chunk`): a streaming request owns a batch-1 latent cache on
+the strategy's devices for its prompt (a power-of-two window >= the prompt, so attention
+costs what the prompt needs); each chunk -- the engine's chunk shape, padded -- runs through
+the streaming pipeline, and its latents are then written into the request's slot of the
+engine's cache. Between two streamed chunks the engine runs a normal step for the other
+slots (their decode continues); the request joins the normal steps once its first token is
+sampled from the last chunk's logits (same sampling program and key as a normal step).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.cache import KVCache, init_cache
+from jaxmoe.model.weights import ExpertsWeights
+from jaxmoe.runtime.placement import PREFILL_STRATEGIES, Devices, RuntimeConfig, split_experts
+from jaxmoe.runtime.planner import FORCE_ENV, estimate_prefill, load_hardware, plan_prefill
+from jaxmoe.runtime.programs import _sample_rows
+from jaxmoe.runtime.streaming import STRATEGY_DEVICES, slp_prefill_chunk
+
+STREAMED = tuple(STRATEGY_DEVICES)  # ("slp", "dslp")
+
+
+def requested_strategy(rc: RuntimeConfig) -> tuple[str, str]:
+    """(strategy, where it came from): the runtime field, or the environment while it is "auto"."""
+    if rc.prefill_strategy == "auto" and os.environ.get(FORCE_ENV):
+        name = os.environ[FORCE_ENV]
+        if name not in PREFILL_STRATEGIES:
+            raise ValueError(f"environment variable {FORCE_ENV} must be one of {PREFILL_STRATEGIES}, got {name!r}")
+        return name, f"{FORCE_ENV}={name}"
+    return rc.prefill_strategy, f"prefill_strategy={rc.prefill_strategy!r}"
+
+
+def default_hardware(rc: RuntimeConfig, devices: Devices) -> str:
+    """The configs/hardware profile matching the devices in use."""
+    if rc.hardware:
+        return rc.hardware
+    accs = devices.accelerators
+    if not accs:
+        return "this-machine"
+    if all(d.platform == "cpu" for d in accs):
+        return "this-machine-fake-devices"
+    return "h100-box" if "H100" in getattr(accs[0], "device_kind", "") else "reference-box"
+
+
+def host_expert_source(experts: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The per-layer routed experts as a streaming source when they are plain arrays (numpy or
+    jax, FP8 + scales or dense); None when some are native handles (cpu_ext) or missing."""
+    moe = [e for e in experts if e is not None]
+    if not moe:
+        return None
+    for e in moe:
+        if not isinstance(e, ExpertsWeights):
+            return None
+        if not all(isinstance(a, (jax.Array, np.ndarray)) for a in jax.tree.leaves(e)):
+            return None
+    return experts
+
+
+def _replicated(per_device: dict[jax.Device, Any], devices: tuple[jax.Device, ...], fallback: Any) -> Any:
+    """A pytree replicated over `devices` built from copies already on them (no copy), or
+    `fallback` put there."""
+    sharding = NamedSharding(Mesh(np.array(devices), ("expert",)), P())
+    if not all(d in per_device for d in devices):
+        return jax.device_put(fallback, sharding)
+    trees = [per_device[d] for d in devices]
+    return jax.tree.map(lambda *a: jax.make_array_from_single_device_arrays(a[0].shape, sharding, list(a)), *trees)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _chunk_latents(cache: KVCache, positions, width: int):
+    """Row 0's latents at `positions` [T] (clipped into the cache: padding reads garbage that
+    the write drops) -> ([L, T, r], [L, T, rope])."""
+    idx = jnp.minimum(positions, width - 1)
+    return cache.c_kv[:, 0, idx], cache.k_pe[:, 0, idx]
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_slot(cache: KVCache, c_kv, k_pe, slot, positions) -> KVCache:
+    """Latents [L, T, .] into one slot at positions [T]; positions >= max_len are dropped."""
+    return KVCache(
+        c_kv=cache.c_kv.at[:, slot, positions].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
+        k_pe=cache.k_pe.at[:, slot, positions].set(k_pe.astype(cache.k_pe.dtype), mode="drop"),
+    )
+
+
+_sample_jit = jax.jit(_sample_rows)
+
+
+class StreamedPrefill:
+    """The strategy choice and the streamed chunks of one engine (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, rc: RuntimeConfig, devices: Devices, executor: Any, weights: Any,
+                 expert_source: Any, chunk_size: int, max_len: int, cache_dtype):
+        self.cfg, self.executor, self.devices = cfg, executor, devices
+        self.chunk_size, self.max_len, self.cache_dtype = chunk_size, max_len, cache_dtype
+        self.step_path = "cpu" if rc.routed_experts == "host" else "resident"
+        self.mode, origin = requested_strategy(rc)
+        dense, experts = split_experts(weights)
+        self._dense_fallback = dense
+        self.source = expert_source if expert_source is not None else host_expert_source(self._host_experts(experts))
+        n_acc = len(devices.accelerators)
+        self.possible = tuple(s for s in STREAMED if n_acc >= STRATEGY_DEVICES[s] and self.source is not None)
+        self._preset, self._kinds = rc.preset, sorted({type(e).__name__ for e in experts if e is not None})
+        self.check(self.mode, origin)
+        self.candidates = ("cpu", *self.possible)  # what "auto" chooses among
+        self.hardware = None  # the planner's profile, where a choice or a stream plan needs it
+        if self.possible:
+            hw = load_hardware(default_hardware(rc, devices))
+            if hw.gpu is not None and hw.n_gpus != n_acc:
+                hw = hw.with_gpus(n_acc)
+            self.hardware = hw
+        self._dense: dict[str, Any] = {}
+        self._cache: tuple[int, KVCache] | None = None  # (request id, its prefill cache)
+
+    def _host_experts(self, experts):
+        """The executor's host copy of the routed experts (staged presets), else the weights'."""
+        return tuple(getattr(self.executor, "experts", experts))
+
+    def check(self, name: str, origin: str) -> None:
+        """Raise ValueError (naming `origin`) unless strategy `name` can run on this engine."""
+        if name not in PREFILL_STRATEGIES:
+            raise ValueError(f"{origin}: prefill_strategy must be one of {PREFILL_STRATEGIES}, got {name!r}")
+        if name not in STREAMED or name in self.possible:
+            return
+        need, n_acc = STRATEGY_DEVICES[name], len(self.devices.accelerators)
+        if n_acc < need:
+            why = f"needs {need} accelerator(s) to stream the routed experts to; runtime preset {self._preset!r} has {n_acc}"
+        else:
+            why = (f"streams the routed experts from host memory, but these weights hold them as {self._kinds} "
+                   f"and no expert_source was given (load the model from a checkpoint directory, or pass "
+                   f"Engine(..., expert_source=CheckpointExperts(open_checkpoint(path))))")
+        raise ValueError(f"{origin} is impossible here: {why}")
+
+    # ---- choice -----------------------------------------------------------------------------
+    def choose(self, n_tokens: int, strategy: str | None = None) -> tuple[str, Any]:
+        """(strategy, planner estimate or None) for a prompt of n_tokens; `strategy` forces
+        one for this request (checked like the engine's own)."""
+        mode = self.mode
+        if strategy is not None:
+            self.check(strategy, f"prefill_strategy={strategy!r}")
+            mode = strategy
+        if mode == "cpu":
+            return self.step_path, None
+        if mode in STREAMED:  # forced: the profile only sizes parts and buffers
+            est = _estimate(self.cfg, self.hardware, n_tokens, mode)
+            return mode, (est if est.feasible else None)
+        if len(self.candidates) < 2:
+            return self.step_path, None
+        choice = _plan(self.cfg, self.hardware, n_tokens, self.candidates).choice
+        return (self.step_path if choice.strategy == "cpu" else choice.strategy), choice
+
+    # ---- execution --------------------------------------------------------------------------
+    def _strategy_devices(self, name: str) -> tuple[jax.Device, ...]:
+        return tuple(self.devices.accelerators[: STRATEGY_DEVICES[name]])
+
+    def dense_weights(self, name: str) -> Any:
+        if name not in self._dense:
+            ex = self.executor
+            per_device = {}
+            if hasattr(ex, "mb_device"):  # staged: one non-expert copy per micro-batch device
+                per_device = {d: w for d, w in zip(ex.mb_device, ex.weights)}
+            self._dense[name] = _replicated(per_device, self._strategy_devices(name), self._dense_fallback)
+        return self._dense[name]
+
+    def _slot_cache(self, slot: int) -> tuple[Any, int, jax.Device]:
+        """(cache holder index or None, the slot's row in that cache, its device)."""
+        ex = self.executor
+        if hasattr(ex, "caches"):
+            for mb, (lo, hi) in enumerate(ex.mb_slots):
+                if lo <= slot < hi:
+                    return mb, slot - lo, ex.mb_device[mb]
+            raise AssertionError(f"slot {slot} in no micro-batch")
+        return None, slot, next(iter(ex.cache.c_kv.devices()))
+
+    def run_chunk(self, row: Any) -> int | None:
+        """One streamed chunk of `row.request`'s prompt (a scheduler RowPlan): latents into its
+        slot of the engine's cache; returns the sampled first token when the chunk ends the prompt."""
+        req = row.request
+        name = req.prefill_strategy
+        est = req.prefill_plan
+        n, start = len(row.tokens), row.start
+        width = min(self.max_len, 1 << (max(len(req.prompt_ids), 64) - 1).bit_length())
+        if self._cache is None or self._cache[0] != req.id:
+            self._cache = (req.id, init_cache(self.cfg, 1, width, self.cache_dtype))
+        tokens = np.zeros((1, self.chunk_size), np.int32)
+        positions = np.full((1, self.chunk_size), width, np.int32)  # padding: dropped, routed nowhere
+        tokens[0, :n], positions[0, :n] = row.tokens, np.arange(start, start + n)
+        logits, cache = slp_prefill_chunk(
+            self.cfg, self.dense_weights(name), self.source, self._cache[1], tokens, positions,
+            devices=self.devices.accelerators, strategy=est if est is not None else name,
+            logit_index=np.array([n - 1], np.int32),
+        )
+        self._cache = (req.id, cache)
+        # the chunk's latents into the request's slot of the engine's cache
+        dst = np.full(self.chunk_size, self.max_len, np.int32)
+        dst[:n] = np.arange(start, start + n)
+        c_kv, k_pe = _chunk_latents(cache, dst, width)
+        mb, local, dev = self._slot_cache(req.slot)
+        c_kv, k_pe, dst_dev = jax.device_put((c_kv, k_pe, dst), dev)
+        if mb is None:
+            self.executor.cache = _write_slot(self.executor.cache, c_kv, k_pe, np.int32(local), dst_dev)
+        else:
+            self.executor.caches[mb] = _write_slot(self.executor.caches[mb], c_kv, k_pe, np.int32(local), dst_dev)
+        if not row.samples:
+            return None
+        self._cache = None  # the prompt is done: its prefill cache goes
+        s = req.sampling
+        out = _sample_jit(logits, np.array([s.seed], np.uint32), np.zeros(1, np.int32),
+                          np.array([s.temperature], np.float32), np.array([s.top_k], np.int32),
+                          np.array([s.top_p], np.float32))
+        return int(np.asarray(out)[0])
+
+    def drop(self, req: Any) -> None:
+        """Forget a request's prefill cache (cancelled or failed)."""
+        if self._cache is not None and self._cache[0] == req.id:
+            self._cache = None
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(cfg, hw, n_tokens: int, strategies: tuple[str, ...]):
+    return plan_prefill(cfg, hw, n_tokens, strategies=strategies, force="auto")  # "auto": not the environment
+
+
+@functools.lru_cache(maxsize=256)
+def _estimate(cfg, hw, n_tokens: int, strategy: str):
+    return estimate_prefill(cfg, hw, n_tokens, strategy)

@@ -1,0 +1,198 @@
+"""The engine's prefill strategy per request: stream-loaded prompts (SLP on one of two
+simulated accelerators, DSLP on both) give the same greedy tokens as the step path while
+another slot keeps decoding; "auto" follows the planner; keyword / environment forcing; clear
+errors.
+
+One engine (2gpu+cpu-experts, strategies forced per request) serves the reference and the
+streamed runs, so its step programs compile once. Prompts of 37 and 50 tokens in chunks of
+16 (3 and 4 streamed chunks; one prefill-cache window of 64, so the streaming programs
+compile once per strategy) and a 5-token one.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxmoe.runtime import prefill_strategy as ps
+from jaxmoe.runtime.cost_model import model_costs
+from jaxmoe.runtime.engine import Engine
+from jaxmoe.runtime.placement import RuntimeConfig
+from jaxmoe.runtime.planner import FORCE_ENV, load_hardware, prefill_threshold
+
+CHUNK, MAX_LEN, NEW = 16, 64, 6
+LENS = (5, 37, 50)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model):
+    cfg, _ = tiny_model
+    rng = np.random.RandomState(7)
+    return [list(rng.randint(0, cfg.vocab_size, n)) for n in LENS]
+
+
+def traced(engine):
+    """Log of the engine's work: ("stream", request id, chunk start) and ("step", {slot: (id, n tokens)})."""
+    log = []
+    run_chunk, step = engine.prefill.run_chunk, engine._execute_step
+
+    def chunk(row):
+        log.append(("stream", row.request.id, row.start))
+        return run_chunk(row)
+
+    def execute(plan):
+        log.append(("step", {s: (r.request.id, len(r.tokens)) for s, r in plan.rows.items()}))
+        return step(plan)
+
+    engine.prefill.run_chunk, engine._execute_step = chunk, execute
+    return log
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    cfg, w = tiny_model
+    e = Engine(cfg, w, "2gpu+cpu-experts", n_slots=2, max_len=MAX_LEN, chunk_size=CHUNK, simulate_accelerators=True)
+    return e, traced(e)
+
+
+@pytest.fixture(scope="module")
+def reference(engine, prompts):
+    """Each prompt's greedy tokens through the engine's steps (prefill_strategy "cpu"), together."""
+    e, _ = engine
+    reqs = [e.submit(p, NEW, background=False, prefill_strategy="cpu") for p in prompts]
+    e.run_until_idle()
+    assert [r.prefill_strategy for r in reqs] == ["cpu"] * 3 and len({tuple(r.output_ids) for r in reqs}) == 3
+    return [r.output_ids for r in reqs]
+
+
+@pytest.mark.parametrize("strategy", ["slp", "dslp"])
+def test_streamed_prompts_equal_step_path_while_another_decodes(engine, prompts, reference, strategy):
+    e, log = engine
+    log.clear()
+    short = e.submit(prompts[0], NEW, background=False, prefill_strategy="cpu")
+    e.step()  # the short prompt through a step: its first token
+    assert short.output_ids and short.status.value == "decode"
+    longs = [e.submit(p, NEW, background=False, prefill_strategy=strategy) for p in prompts[1:]]
+    e.run_until_idle()
+    assert [r.output_ids for r in (short, *longs)] == reference
+    assert [r.prefill_strategy for r in longs] == [strategy] * 2
+    # every chunk of the long prompts went through the streaming hook (oldest prompt first),
+    # none through a step, and the short request decoded between the streamed chunks
+    chunks = [ev[1:] for ev in log if ev[0] == "stream"]
+    assert chunks == [(r.id, s) for r in longs for s in range(0, len(r.prompt_ids), CHUNK)]
+    at = [i for i, ev in enumerate(log) if ev[0] == "stream"]
+    decoding = [any(n == 1 for _, n in ev[1].values()) if ev[0] == "step" else False for ev in log]
+    assert all(any(decoding[i:j]) for i, j in zip(at, at[1:])), log
+    assert any(ev[0] == "step" and ev[1].get(short.slot) == (short.id, 1) for ev in log[at[0]:at[1]])
+    long_ids = {r.id for r in longs}
+    assert not any(ev[0] == "step" and any(rid in long_ids and n > 1 for rid, n in ev[1].values()) for ev in log)
+
+
+def _threshold_profile(tmp_path, cfg):
+    """A box where the threshold is hand-computable: GPU compute, memory and per-layer
+    overheads ~free, so per chunk SLP costs the transfer of every MoE layer's experts
+    (E / pcie each) and the CPU path n tokens x (router hop 4H / pcie + routed FLOPs / cpu)
+    per MoE layer: n* = E / (4H + pcie * F / cpu)."""
+    d = {"name": "threshold-box", "cpu": {"name": "c", "cores": 1, "ghz": 1.0, "flops_per_cycle": 20, "read_gbps": 1e4},
+         "gpu": {"name": "g", "count": 1, "memory_gb": 8, "bf16_tflops": 1e6, "fp8_tflops": 1e6, "mem_gbps": 1e9,
+                 "pcie_gbps": 1.0},
+         "efficiency": {"cpu_gemm": 1.0, "gpu_gemm": 1.0, "gpu_attention": 1.0, "gpu_mem": 1.0, "layer_overhead_us": 0}}
+    path = tmp_path / "threshold-box.json"
+    path.write_text(json.dumps(d))
+    mc = model_costs(cfg)
+    n_star = mc.layer_experts_bytes / (4 * cfg.hidden_size + 1e9 * mc.routed_flops_per_layer / 20e9)
+    return path, n_star
+
+
+def test_auto_follows_the_planner(tiny_model, prompts, tmp_path, monkeypatch):
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    cfg, w = tiny_model
+    path, n_star = _threshold_profile(tmp_path, cfg)
+    found = prefill_threshold(cfg, load_hardware(path), "slp")
+    assert LENS[0] < n_star < LENS[1] and abs(found - n_star) <= 2, (n_star, found)
+    e = Engine(cfg, w, "gpu+cpu-experts", n_slots=4, max_len=MAX_LEN, chunk_size=CHUNK, simulate_accelerators=True,
+               hardware=str(path))
+    assert e.prefill.candidates == ("cpu", "slp") and e.prefill.hardware.name == "threshold-box"
+    reqs = [e.submit(p, NEW, background=False) for p in prompts]  # 5 < n* < 37, 50
+    assert [r.prefill_strategy for r in reqs] == ["cpu", "slp", "slp"]
+    assert reqs[0].prefill_plan.strategy == "cpu" and reqs[1].prefill_plan.strategy == "slp"
+    assert e.submit(prompts[2], NEW, background=False, prefill_strategy="cpu").prefill_strategy == "cpu"
+
+
+def test_defaults_and_forcing(tiny_model, monkeypatch):
+    cfg, w = tiny_model
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    kw = dict(n_slots=2, max_len=MAX_LEN, chunk_size=CHUNK, simulate_accelerators=True)
+    e = Engine(cfg, w, "2gpu+cpu-experts", **kw)
+    assert e.prefill.mode == "auto" and e.prefill.candidates == ("cpu", "slp", "dslp")
+    assert e.prefill.hardware.name == "this-machine-fake-devices" and e.prefill.hardware.n_gpus == 2
+    one = Engine(cfg, w, "gpu+cpu-experts", **kw)
+    assert one.prefill.candidates == ("cpu", "slp") and one.prefill.hardware.n_gpus == 1
+    cpu = Engine(cfg, w, "cpu-only", n_slots=1, max_len=MAX_LEN)
+    assert cpu.prefill.candidates == ("cpu",) and cpu.prefill.choose(400) == ("cpu", None)
+    monkeypatch.setenv(FORCE_ENV, "dslp")
+    assert Engine(cfg, w, "2gpu+cpu-experts", **kw).prefill.choose(3)[0] == "dslp"
+    assert Engine(cfg, w, "2gpu+cpu-experts", prefill_strategy="cpu", **kw).prefill.choose(300)[0] == "cpu"
+    assert RuntimeConfig.load("cpu-only", prefill_strategy="slp").prefill_strategy == "slp"
+    monkeypatch.setenv(FORCE_ENV, "auto")
+    assert Engine(cfg, w, "gpu+cpu-experts", **kw).prefill.mode == "auto"
+
+
+def test_impossible_or_unknown_strategies_are_clear_errors(tiny_model, monkeypatch):
+    cfg, w = tiny_model
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    kw = dict(n_slots=2, max_len=MAX_LEN, simulate_accelerators=True)
+    with pytest.raises(ValueError, match="prefill_strategy must be one of .* got 'fast'"):
+        RuntimeConfig(prefill_strategy="fast")
+    with pytest.raises(ValueError, match=r"prefill_strategy='dslp' is impossible here: needs 2 accelerator\(s\).* has 1"):
+        Engine(cfg, w, "gpu+cpu-experts", prefill_strategy="dslp", **kw)
+    with pytest.raises(ValueError, match=r"prefill_strategy='slp' is impossible here: needs 1 accelerator"):
+        Engine(cfg, w, "cpu-only", prefill_strategy="slp", n_slots=1, max_len=MAX_LEN)
+    monkeypatch.setenv(FORCE_ENV, "dslp")
+    with pytest.raises(ValueError, match=f"{FORCE_ENV}=dslp is impossible here"):
+        Engine(cfg, w, "gpu+cpu-experts", **kw)
+    monkeypatch.setenv(FORCE_ENV, "gpu")
+    with pytest.raises(ValueError, match=f"environment variable {FORCE_ENV} must be one of"):
+        Engine(cfg, w, "gpu+cpu-experts", **kw)
+    monkeypatch.delenv(FORCE_ENV)
+    # routed experts as native handles and no expert_source: nothing to stream from
+    assert ps.host_expert_source((None, object())) is None and ps.host_expert_source((None, None)) is None
+    with pytest.raises(ValueError, match="no expert_source was given"):
+        ps.StreamedPrefill(cfg, RuntimeConfig.load("gpu+cpu-experts", prefill_strategy="slp", **kw),
+                           Engine(cfg, w, "gpu+cpu-experts", **kw).devices, object(), _handles(w), None, 16, MAX_LEN,
+                           np.float32)
+
+
+def _handles(w):
+    """The weights with every MoE layer's routed experts replaced by a non-array handle."""
+    from jaxmoe.model.weights import MoEWeights
+
+    layers = tuple(lw.replace(mlp=lw.mlp.replace(experts=object())) if isinstance(lw.mlp, MoEWeights) else lw
+                   for lw in w.layers)
+    return w.replace(layers=layers)
+
+
+def test_load_and_generate_with_a_forced_strategy(tmp_path, prompts, reference, monkeypatch):
+    """jaxmoe.load(..., prefill_strategy=...) reaches the engine, which streams from the
+    checkpoint's mmap; the chosen strategy shows in the result's timings; the environment
+    variable forces one when the keyword does not."""
+    import jaxmoe
+    from jaxmoe.config import ModelConfig
+    from jaxmoe.loading.synthetic import write_synthetic_checkpoint
+    from jaxmoe.runtime.streaming import CheckpointExperts
+
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    path = write_synthetic_checkpoint(tmp_path / "tiny", ModelConfig.named("tiny"), fmt="fp8", seed=0)  # = tiny_model
+    opts = dict(runtime="2gpu+cpu-experts", simulate_accelerators=True, n_slots=2, chunk_size=CHUNK, max_seq_len=MAX_LEN,
+                cpu_kernels=False)
+    model = jaxmoe.load(path, prefill_strategy="dslp", **opts)
+    try:
+        assert model.runtime.prefill_strategy == "dslp" and isinstance(model.engine.prefill.source, CheckpointExperts)
+        out = jaxmoe.generate(model, prompts[1], max_new_tokens=NEW, ignore_eos=True)
+        assert out.token_ids == reference[1] and out.timings.prefill_strategy == "dslp"
+    finally:
+        model.close()
+    monkeypatch.setenv(FORCE_ENV, "slp")
+    model = jaxmoe.load(path, **opts)
+    assert model.engine.prefill.choose(len(prompts[1]))[0] == "slp"
+    model.close()
