@@ -5,7 +5,9 @@ beyond the caches) are packed into an ExpertStore. Measured, with 1 thread and a
 - the 24 matrices as linears for M = 1, 2, 4, 8, 16, 64 tokens: time, GB/s, and the fraction
   of a read-only pass over the same packed bytes timed in the same run, interleaved;
 - the fused MoE layer for one token (8 experts, direct call and through XLA in jax.jit);
-- dequantize-then-GEMV baselines (numpy and XLA, f32) on one expert's three matrices.
+- dequantize-then-GEMV baselines (numpy and XLA, f32) on one expert's three matrices;
+- INT4 rows (benchmarks/kernels_int4.py): the same shapes as group-32 INT4, vs the read pass
+  over the INT4 bytes and vs FP8 (per-matrix and MoE-layer speedups); `--no-int4` skips them.
 
     python -m benchmarks.kernels [--json PATH] [--quick]
 
@@ -47,7 +49,9 @@ def build_store(rng):
 
 
 def main(argv=None) -> dict:
-    args = H.parser(__doc__.splitlines()[0]).parse_args(argv)
+    ap = H.parser(__doc__.splitlines()[0])
+    ap.add_argument("--no-int4", action="store_true", help="skip the INT4 rows")
+    args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     ms = MS_QUICK if args.quick else MS_FULL
 
@@ -154,6 +158,11 @@ def main(argv=None) -> dict:
         "moe_layer_m1_frac_of_read": round(moe_frac, 4),
         "speedup_vs_dequant": round(speedup, 2),
     }
+    if not args.no_int4:  # INT4 rows (issue 7)
+        from benchmarks import kernels_int4  # noqa: PLC0415
+
+        m4, details["int4"] = kernels_int4.run(nat, rng, store, gemv_pass, ms, repeats, HIDDEN, INTER, N_EXPERTS)
+        metrics.update(m4)
     env = H.env_info(isa=nat.selected_isa(), threads=all_threads, quick=args.quick)
     doc = H.write(args.json, metrics, env, details)
     if not args.quick:

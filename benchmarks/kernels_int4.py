@@ -1,0 +1,90 @@
+"""INT4 rows of the kernel benchmark (issue 7), run by `python -m benchmarks.kernels`.
+
+The same 8 DeepSeek-V3 experts' shapes as the FP8 rows (gate/up 2048x7168, down 7168x2048),
+as group-32 INT4 with f16 scales inline (random codes and scales: speed does not depend on
+the values). Measured, each interleaved call by call with a read-only pass over the INT4
+bytes and with the FP8 kernel on its own matrices, so drift hits all alike:
+- the 24 matrices as linears for each M: time, GB/s, fraction of the read pass, speedup vs FP8;
+- the fused MoE layer for one token: time, fraction of the read pass, speedup vs FP8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks import _harness as H
+
+GROUP = 32
+
+
+def build_int4_store(rng, n_experts: int, hidden: int, inter: int):
+    from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix  # noqa: PLC0415
+
+    store = ExpertStore(1)
+    store.init_layer(0, n_experts, hidden, inter)
+    for e in range(n_experts):
+        mats = []
+        for n, k in ((inter, hidden), (inter, hidden), (hidden, inter)):
+            q = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
+            s = rng.uniform(0.5, 2.0, size=(n, k // GROUP)).astype(np.float16) * np.float16(1e-2)
+            mats.append(HostMatrix.int4(q, s, k, GROUP))
+        store.set_expert(0, e, *mats)
+    return store
+
+
+def run(nat, rng, fp8_store, fp8_gemv_pass, ms, repeats, hidden: int, inter: int, n_experts: int) -> tuple[dict, dict]:
+    """(metrics, details) of the INT4 rows; fp8_gemv_pass(m, mats, shapes) -> callable."""
+    ffi, lib = nat.ffi, nat.lib
+    store = build_int4_store(rng, n_experts, hidden, inter)
+    mats = [lib.jm_store_matrix(store._ptr, 0, e, j) for e in range(n_experts) for j in range(3)]
+    fp8_mats = [lib.jm_store_matrix(fp8_store._ptr, 0, e, j) for e in range(n_experts) for j in range(3)]
+    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)] * n_experts
+    nbytes, fp8_bytes = store.nbytes, fp8_store.nbytes
+    read = H.read_pass_fn(nat, mats)
+    all_threads = lib.jm_num_threads()
+    details: dict = {"shapes": f"{n_experts} experts x (gate {inter}x{hidden}, up, down {hidden}x{inter}) INT4 group {GROUP}",
+                     "bytes": nbytes, "fp8_bytes": fp8_bytes, "isa": ("scalar", "avx2", "avx512")[lib.jm_int4_isa()],
+                     "gemv": {}}
+    for threads in sorted({1, all_threads}):
+        lib.jm_set_num_threads(threads)
+        for m in ms:
+            t = H.interleaved({"read": read, "int4": fp8_gemv_pass(m, mats, shapes),
+                               "fp8": fp8_gemv_pass(m, fp8_mats, shapes)}, repeats)
+            r = {"ms": t["int4"]["median"] * 1e3, "ms_min": t["int4"]["min"] * 1e3, "ms_max": t["int4"]["max"] * 1e3,
+                 "gbps": nbytes / t["int4"]["median"] / 1e9, "read_gbps": nbytes / t["read"]["median"] / 1e9,
+                 "frac_of_read": t["read"]["median"] / t["int4"]["median"], "fp8_ms": t["fp8"]["median"] * 1e3,
+                 "speedup_vs_fp8": t["fp8"]["median"] / t["int4"]["median"]}
+            details["gemv"][f"t{threads}_m{m}"] = r
+            print(f"INT4 threads={threads} M={m:3d}: {r['ms']:8.2f} ms  {r['gbps']:5.1f} GB/s  read pass "
+                  f"{r['read_gbps']:5.1f} GB/s  frac {r['frac_of_read']:.3f}  FP8 {r['fp8_ms']:8.2f} ms  "
+                  f"speedup {r['speedup_vs_fp8']:.2f}x", flush=True)
+    lib.jm_set_num_threads(0)
+
+    x1 = rng.standard_normal((1, hidden)).astype(np.float32)
+    ids = np.arange(n_experts, dtype=np.int32)[None]
+    wts = rng.random((1, n_experts)).astype(np.float32)
+    out = np.empty_like(x1)
+    c = ffi.cast
+
+    def moe(s):
+        a = (s._ptr, 0, c("void *", x1.ctypes.data), 0, 1, c("int32_t *", ids.ctypes.data), c("float *", wts.ctypes.data),
+             n_experts, c("void *", out.ctypes.data), 0)
+        return lambda _keep=(x1, ids, wts, out): lib.jm_moe(*a)
+
+    t = H.interleaved({"read": read, "int4": moe(store), "fp8": moe(fp8_store)}, repeats)
+    details["moe_m1"] = {k: {s: v * 1e3 for s, v in t[k].items() if s != "repeats"} for k in t}
+    moe_frac, moe_speedup = t["read"]["median"] / t["int4"]["median"], t["fp8"]["median"] / t["int4"]["median"]
+    print(f"INT4 MoE layer, 1 token: {t['int4']['median'] * 1e3:.2f} ms (read pass {t['read']['median'] * 1e3:.2f} ms, "
+          f"frac {moe_frac:.3f}); FP8 {t['fp8']['median'] * 1e3:.2f} ms: {moe_speedup:.2f}x", flush=True)
+    top = details["gemv"][f"t{all_threads}_m1"]
+    metrics = {
+        "int4_gemv_m1_frac_of_read": round(top["frac_of_read"], 4),
+        "int4_gemv_m1_gbps": round(top["gbps"], 2),
+        "int4_gemv_m1_speedup_vs_fp8": round(top["speedup_vs_fp8"], 3),
+        "int4_moe_layer_m1_ms": round(t["int4"]["median"] * 1e3, 3),
+        "int4_moe_layer_m1_frac_of_read": round(moe_frac, 4),
+        "int4_moe_layer_m1_speedup_vs_fp8": round(moe_speedup, 3),
+        "int4_bytes_ratio_vs_fp8": round(nbytes / fp8_bytes, 4),
+    }
+    store.free()
+    return metrics, details
