@@ -1,0 +1,158 @@
+"""Quality cost of the CPU expert formats (issue 7): next-token distributions of INT4 and of
+the CPU FP8 path against the original-precision reference forward.
+
+    python -m benchmarks.quality [--quick] [--json PATH] [--config demo] [--checkpoint DIR] [--group 32]
+
+Model: `--checkpoint DIR` (an FP8 or bf16 Hugging Face checkpoint), else a synthetic FP8
+checkpoint of `--config` (default `demo`; `tiny` with --quick) written to a temporary
+directory. Text: paragraphs of the Python standard library's own documentation (module
+docstrings), tokenized with the checkpoint's tokenizer (random ids if it has none), cut into
+`--seqs` sequences of `--seq-len` tokens.
+
+Variants, each the full-sequence prefill forward (jaxmoe.model.forward.prefill, jitted):
+- reference: pure JAX in float32 on the weights as stored (FP8 blocks dequantized exactly);
+- fp8_cpu:   every large matmul and the routed experts on cpu_ext (`to_cpu_placement`);
+- int4_cpu:  the routed experts converted to INT4 (`jaxmoe convert --to int4`), on cpu_ext;
+- int4_jax:  the INT4 checkpoint on the pure-JAX path (dequantized INT4, f32 activations):
+             the format's own error, without the kernels' int8 activations (not in --quick).
+Per variant: mean and max over positions of KL(reference || variant) in nats, top-1
+agreement with the reference, and the perplexity of the text.
+
+What is meaningful on random (synthetic) weights: KL and top-1 agreement measure the error of
+the format and kernels relative to the reference forward (the same arithmetic a trained model
+would go through, though trained weights have other outlier statistics). Perplexity is NOT
+meaningful there (about the vocabulary size whatever the format); it is reported for trained
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import _harness as H
+
+TEXT_MODULES = ("json", "collections", "itertools", "functools", "textwrap", "argparse", "string", "pathlib",
+                "datetime", "heapq", "bisect", "statistics", "fractions", "decimal", "difflib", "csv")
+
+
+def text_corpus() -> str:
+    docs = []
+    for name in TEXT_MODULES:
+        doc = importlib.import_module(name).__doc__
+        if doc:
+            docs.append(doc.strip())
+    return "\n\n".join(docs)
+
+
+def sequences(path: Path, vocab: int, n: int, length: int) -> np.ndarray:
+    from jaxmoe.tokenizer import Tokenizer  # noqa: PLC0415
+
+    try:
+        ids = Tokenizer.from_dir(path).encode(text_corpus(), add_special_tokens=False)
+    except Exception:  # no tokenizer: random ids (the figures then measure the same error)
+        ids = []
+    if len(ids) < n * length:
+        ids = list(ids) + np.random.default_rng(0).integers(0, vocab, n * length - len(ids)).tolist()
+    return np.asarray(ids[: n * length], np.int32).reshape(n, length)
+
+
+def log_probs(cfg, weights, seqs: np.ndarray) -> np.ndarray:
+    """float64 log-softmax of the prefill logits, [n, L, V]."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from jaxmoe.model import cache as cache_mod  # noqa: PLC0415
+    from jaxmoe.model import forward  # noqa: PLC0415
+
+    fn = jax.jit(forward.prefill, static_argnums=0)
+    n, length = seqs.shape
+    out = []
+    for s in seqs:
+        cache = cache_mod.init_cache(cfg, 1, length)
+        logits, _ = fn(cfg, weights, cache, jnp.asarray(s[None]), jnp.arange(length, dtype=jnp.int32)[None])
+        lg = np.asarray(logits[0], np.float64)
+        lg -= lg.max(-1, keepdims=True)
+        out.append(lg - np.log(np.exp(lg).sum(-1, keepdims=True)))
+    return np.stack(out)
+
+
+def compare(ref: np.ndarray, var: np.ndarray, seqs: np.ndarray) -> dict:
+    p = np.exp(ref)
+    kl = (p * (ref - var)).sum(-1)  # [n, L]
+    agree = ref.argmax(-1) == var.argmax(-1)
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "top1_agree": float(agree.mean()),
+            "ppl": perplexity(var, seqs)}
+
+
+def perplexity(lp: np.ndarray, seqs: np.ndarray) -> float:
+    nll = -np.take_along_axis(lp[:, :-1], seqs[:, 1:, None], -1)[..., 0]
+    return float(np.exp(nll.mean()))
+
+
+def main(argv=None) -> dict:
+    ap = H.parser(__doc__.splitlines()[0])
+    ap.add_argument("--config", default=None, help="synthetic model config (default demo; tiny with --quick)")
+    ap.add_argument("--checkpoint", default=None, help="an FP8 or bf16 checkpoint directory instead of a synthetic one")
+    ap.add_argument("--group", type=int, default=32, help="INT4 group size")
+    ap.add_argument("--seqs", type=int, default=None, help="sequences (default 8; 2 with --quick)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128; 32 with --quick)")
+    args = ap.parse_args(argv)
+    n, length = args.seqs or (2 if args.quick else 8), args.seq_len or (32 if args.quick else 128)
+
+    import jaxmoe.cpu as jcpu  # noqa: PLC0415
+    from jaxmoe.config import ModelConfig  # noqa: PLC0415
+    from jaxmoe.loading.convert import convert_int4  # noqa: PLC0415
+    from jaxmoe.loading.loader import load_checkpoint  # noqa: PLC0415
+    from jaxmoe.loading.synthetic import write_synthetic_checkpoint  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="jaxmoe_quality_") as tmp:
+        tmp = Path(tmp)
+        if args.checkpoint:
+            src, model = Path(args.checkpoint), str(args.checkpoint)
+        else:
+            model = args.config or ("tiny" if args.quick else "demo")
+            print(f"writing a synthetic FP8 checkpoint of {model!r} ...", flush=True)
+            src = write_synthetic_checkpoint(tmp / "fp8", ModelConfig.named(model), fmt="fp8", seed=0)
+        print(f"converting the routed experts to INT4 (group {args.group}) ...", flush=True)
+        int4 = convert_int4(src, tmp / "int4", group=args.group)
+        cfg, weights = load_checkpoint(src)
+        seqs = sequences(src, cfg.vocab_size, n, length)
+        results, lps = {}, {}
+        lps["reference"] = log_probs(cfg, weights, seqs)
+        placed = jcpu.to_cpu_placement(weights, cfg=cfg)
+        lps["fp8_cpu"] = log_probs(cfg, placed, seqs)
+        jcpu.release(placed)
+        _, w4 = load_checkpoint(int4)
+        if not args.quick:  # one compile less in CI
+            lps["int4_jax"] = log_probs(cfg, w4, seqs)
+        placed4 = jcpu.to_cpu_placement(w4, cfg=cfg)
+        lps["int4_cpu"] = log_probs(cfg, placed4, seqs)
+        jcpu.release(placed4)
+    results["reference"] = {"ppl": perplexity(lps["reference"], seqs)}
+    variants = [k for k in ("fp8_cpu", "int4_jax", "int4_cpu") if k in lps]
+    for k in variants:
+        results[k] = compare(lps["reference"], lps[k], seqs)
+        r = results[k]
+        print(f"{k:9s}: KL mean {r['kl_mean']:.3e} max {r['kl_max']:.3e} nats, top-1 agreement {r['top1_agree']:.4f}, "
+              f"ppl {r['ppl']:.2f} (reference {results['reference']['ppl']:.2f})", flush=True)
+    synthetic = not args.checkpoint
+    sig = lambda v: float(f"{v:.6g}")  # noqa: E731
+    metrics = {f"{k}_{s}": sig(results[k][s]) for k in variants for s in ("kl_mean", "kl_max", "top1_agree")}
+    metrics.update({f"ppl_{k}": sig(results[k]["ppl"]) for k in ("reference", "fp8_cpu", "int4_cpu")})
+    details = {"model": model, "synthetic_weights": synthetic, "group": args.group, "sequences": n, "seq_len": length,
+               "positions": n * length, "text": f"docstrings of {', '.join(TEXT_MODULES)}", "results": results,
+               "meaning": ("random weights: KL and top-1 agreement measure format/kernel error; perplexity is not "
+                           "meaningful" if synthetic else "trained weights: all figures meaningful")}
+    env = H.env_info(isa=jcpu.expert_store.load().selected_isa(), quick=args.quick)
+    doc = H.write(args.json, metrics, env, details)
+    print(metrics)
+    return doc
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
