@@ -14,6 +14,8 @@
  * Every task is a fine-grained tile of one expert; items are ordered by the NUMA node of
  * their expert's weights and each node's threads take their node's tasks first. The result
  * does not depend on the thread count (fixed tiles, fixed summation order).
+ * With many tokens per active expert (mean >= jm_gemm_min_rows(), FP8/BF16) the GEMM path of
+ * moe_gemm.c runs instead: each weight decoded once per call, same summation order into out.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -161,6 +163,56 @@ static int64_t n_gate_up(const moe_ctx *c, const item_t *it) { return tile_tasks
 static int64_t n_fold_down(const moe_ctx *c, const item_t *it) { return c->L->experts[it->expert].m[2]->n_rb; }
 static int64_t n_down(const moe_ctx *c, const item_t *it) { return tile_tasks(c->L->experts[it->expert].m[2]); }
 
+/* the GEMM path (moe_gemm.c) */
+int64_t jm_moe_gemm_thread_floats(int max_rows);
+void jm_moe_gemm(const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt, const int32_t *expert,
+                 const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows, float *tbuf, int max_rows);
+#define GEMM_H_ROWS 8192 /* assignment rows of h [rows][inter] per batch of experts (64 MB at inter 2048) */
+
+static int moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype, int64_t t, const int32_t *tok,
+                         const float *wt, const int32_t *order, const int32_t *cnt, int ne, int64_t n_act, void *out,
+                         int32_t out_dtype) {
+  const int H = L->hidden, I = L->inter;
+  int32_t *start = malloc(sizeof *start * ((size_t)ne + 1));
+  if (!start) return jm_error(JM_ENOMEM, "jm_moe: out of memory");
+  int max_rows = 0;
+  start[0] = 0;
+  for (int j = 0; j < ne; j++) {
+    start[j + 1] = start[j] + cnt[order[j]];
+    if (cnt[order[j]] > max_rows) max_rows = cnt[order[j]];
+  }
+  const char *env = getenv("JAXMOE_CPU_MOE_BUDGET"); /* set: bytes of h per batch of experts */
+  const int64_t cap = env && atoll(env) > 0 ? atoll(env) / ((int64_t)I * (int64_t)sizeof(float)) : GEMM_H_ROWS;
+  int64_t h_rows = n_act < cap ? n_act : cap;
+  if (h_rows < max_rows) h_rows = max_rows;
+#define A64(b) (((size_t)(b) + 63) & ~(size_t)63)
+  const size_t x_bytes = x_dtype == JM_DT_F32 ? 0 : A64((size_t)t * H * sizeof(float));
+  const size_t h_bytes = A64((size_t)h_rows * I * sizeof(float));
+  const size_t tb_bytes = A64((size_t)jm_pool_threads() * (size_t)jm_moe_gemm_thread_floats(max_rows) * sizeof(float));
+  const size_t o_bytes = out_dtype == JM_DT_F32 ? 0 : (size_t)t * H * sizeof(float);
+#undef A64
+  jm_engine_lock();
+  uint8_t *sc = jm_scratch(x_bytes + h_bytes + tb_bytes + o_bytes);
+  if (!sc) {
+    jm_engine_unlock();
+    free(start);
+    return jm_error(JM_ENOMEM, "jm_moe: out of memory for %zu bytes of scratch", x_bytes + h_bytes + tb_bytes + o_bytes);
+  }
+  const float *xs = (const float *)x;
+  if (x_bytes) {
+    jm_to_f32(x, x_dtype, t * H, (float *)sc);
+    xs = (const float *)sc;
+  }
+  float *o = out_dtype == JM_DT_F32 ? (float *)out : (float *)(sc + x_bytes + h_bytes + tb_bytes);
+  memset(o, 0, (size_t)t * H * sizeof(float));
+  jm_moe_gemm(L, xs, tok, wt, order, start, ne, o, (float *)(sc + x_bytes), h_rows, (float *)(sc + x_bytes + h_bytes),
+              max_rows);
+  if (out_dtype != JM_DT_F32) jm_from_f32(o, t * H, out_dtype, out);
+  jm_engine_unlock();
+  free(start);
+  return JM_OK;
+}
+
 static int node_of(const jm_store_layer *L, int e) {
   const int n = L->experts[e].m[0]->node;
   return n < 0 ? 0 : n % jm_pool_nodes();
@@ -201,7 +253,8 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
   float *wt = malloc(sizeof *wt * (size_t)n_all);
   item_t *items = calloc((size_t)n_all + 1, sizeof *items); /* at most one item per assignment */
   int64_t *pre = malloc(sizeof *pre * (size_t)(n_all + 2)), node_items[9] = {0};
-  int rc = JM_OK;
+  int rc = JM_OK, used_gemm = 0;
+  const int64_t prof_t0 = jm_prof_start();
   if (!cnt || !order || !tok || !pos || !wt || !items || !pre) { rc = jm_error(JM_ENOMEM, "jm_moe: out of memory"); goto done; }
   for (int64_t a = 0; a < n_all; a++) if (ids[a] >= 0) cnt[ids[a]]++;
   int n_items = 0, ne = 0;
@@ -221,6 +274,12 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
   for (int j = 1; j <= nodes; j++) if (node_items[j] < node_items[j - 1]) node_items[j] = node_items[j - 1];
   for (int64_t a = 0; a < n_all; a++)
     if (ids[a] >= 0) { const int32_t p = pos[ids[a]]++; tok[p] = (int32_t)(a / top_k); wt[p] = weights[a]; }
+  /* many tokens per active expert: the GEMM path decodes each weight once for all of them */
+  if (ne > 0 && (f0->format == JM_FMT_FP8 || f0->format == JM_FMT_BF16) && a0 >= (int64_t)ne * jm_gemm_min_rows()) {
+    used_gemm = 1;
+    rc = moe_gemm_call(L, x, x_dtype, t, tok, wt, order, cnt, ne, a0, out, out_dtype);
+    goto done;
+  }
   /* batches: consecutive items within the fold budget; size the scratch for the largest */
   size_t max_fold = 0, max_rows = 0, fold = 0, rows = 0;
   for (int i = 0; i < n_items; i++) {
@@ -273,6 +332,7 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
   if (out_dtype != JM_DT_F32) jm_from_f32(c.out, t * H, out_dtype, out);
   jm_engine_unlock();
 done:
+  jm_prof_stop(used_gemm ? JM_PROF_MOE_GEMM : JM_PROF_MOE, prof_t0, t);
   free(cnt), free(order), free(tok), free(pos), free(wt), free(items), free(pre);
   return rc;
 }

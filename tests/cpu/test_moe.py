@@ -14,6 +14,7 @@ from jaxmoe import quant
 from jaxmoe.cpu import reference as R
 from jaxmoe.cpu._lib import CpuExtError
 from jaxmoe.cpu.expert_store import ExpertStore
+from tests.cpu.test_kernels import gemm_rows
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -46,8 +47,10 @@ def routing(rng, t, n_experts, top_k, pad=0.0):
 
 @SETTINGS
 @given(n_experts=st.integers(1, 6), hidden=st.integers(1, 300), inter=st.integers(1, 200), t=st.integers(1, 40),
-       top_k=st.integers(1, 4), seed=st.integers(0, 2**31), fmt=st.sampled_from(["fp8", "bf16"]))
-def test_fused_moe_matches_reference(isa_lib, n_experts, hidden, inter, t, top_k, seed, fmt):
+       top_k=st.integers(1, 4), seed=st.integers(0, 2**31), fmt=st.sampled_from(["fp8", "bf16"]),
+       gemm=st.booleans())
+def test_fused_moe_matches_reference(isa_lib, n_experts, hidden, inter, t, top_k, seed, fmt, gemm):
+    """Both paths: GEMV items of <= 16 tokens, or the GEMM path (forced from 1 row on)."""
     isa, nat = isa_lib
     top_k = min(top_k, n_experts)
     rng = np.random.default_rng(seed)
@@ -56,23 +59,26 @@ def test_fused_moe_matches_reference(isa_lib, n_experts, hidden, inter, t, top_k
     x = rng.standard_normal((t, hidden)).astype(np.float32)
     with ExpertStore(3, native=nat) as store:
         store.add_layer(2, g, u, d)
-        out = store.moe(2, x, ids, weights)
+        with gemm_rows(nat, 1 if gemm else -1):
+            out = store.moe(2, x, ids, weights)
     ref = R.moe(x, ids, weights, g64, u64, d64)
     bound = R.moe_bound(x, ids, weights, g64, u64, d64, isa, sub if fmt == "fp8" else None)
     err = np.abs(out - ref)
     assert np.all(err <= bound), f"{isa}: max err/bound {np.max(err / bound):.3g}"
 
 
-def test_many_tokens_and_small_batches(isa_lib, monkeypatch):
+@pytest.mark.parametrize("gemm", [False, True])
+def test_many_tokens_and_small_batches(isa_lib, monkeypatch, gemm):
     """Experts with more than 16 tokens (several items) and a fold budget so small that every
-    item is its own batch: same result as one big batch, bit for bit."""
+    item (GEMM path: every expert) is its own batch: same result as one big batch and as one
+    thread, bit for bit."""
     isa, nat = isa_lib
     rng = np.random.default_rng(11)
     (g, u, d), (g64, u64, d64), sub = make_experts(rng, 3, 200, 100)
     t = 45 if isa != "scalar" else 20
     ids, weights = routing(rng, t, 3, 2)
     x = rng.standard_normal((t, 200)).astype(np.float32)
-    with ExpertStore(1, native=nat) as store:
+    with ExpertStore(1, native=nat) as store, gemm_rows(nat, 1 if gemm else -1):
         store.add_layer(0, g, u, d)
         out = store.moe(0, x, ids, weights)
         monkeypatch.setenv("JAXMOE_CPU_MOE_BUDGET", "1")

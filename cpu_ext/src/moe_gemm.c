@@ -1,0 +1,82 @@
+/* moe_gemm.c -- the fused routed MoE on the GEMM path (prefill: many tokens per expert).
+ *
+ * The assignments arrive sorted by expert (moe.c). Experts are taken in batches whose hidden
+ * activations h [rows][inter] fit the caller's buffer; per batch two pool jobs:
+ *   gate/up  tasks (expert, 64-row panel of inter): gate and up panels decoded once, every
+ *            token of the expert (x rows read in place through the token list) against them,
+ *            h = silu(gate) * up for the panel's columns;
+ *   down     tasks (64-row panel of hidden): for each expert of the batch in order, y = h_e @
+ *            down panel^T, then out[token, panel] += weight * y in assignment order.
+ * Every weight byte is decoded once per call. A task owns its outputs (down tasks own column
+ * ranges of out), and out's per-token sums run in the sorted assignment order, as on the GEMV
+ * path: results do not depend on the thread count.
+ */
+#include <math.h>
+
+#include "internal.h"
+#include "store.h"
+
+typedef struct {
+  const jm_gemm_kernels *G;
+  const jm_store_layer *L;
+  const float *x;        /* [t][hidden] */
+  const int32_t *tok;    /* sorted assignments: token */
+  const float *wt;       /* sorted assignments: weight */
+  const int32_t *expert; /* batch's experts */
+  const int32_t *start;  /* assignment range of expert j: [start[j], start[j+1]) */
+  int n_exp, a0;         /* batch: experts, first assignment (row 0 of h) */
+  float *h, *tbuf, *out;
+  int64_t tfloats; /* per-thread buffer: a panel + [max rows][JM_GEMM_NP] */
+} mg_ctx;
+
+static int panels_of(int n) { return (n + JM_GEMM_NP - 1) / JM_GEMM_NP; }
+
+static void gate_up_task(void *ctx_, int64_t task, int thread) {
+  const mg_ctx *c = ctx_;
+  const int I = c->L->inter, H = c->L->hidden, per = panels_of(I);
+  const int j = (int)(task / per), n0 = (int)(task % per) * JM_GEMM_NP;
+  const int np = I - n0 < JM_GEMM_NP ? I - n0 : JM_GEMM_NP;
+  const jm_store_expert *e = &c->L->experts[c->expert[j]];
+  const int a = c->start[j], m = c->start[j + 1] - a;
+  float *tb = c->tbuf + thread * c->tfloats, *u = tb + JM_GEMM_PBUF;
+  float *hg = c->h + (int64_t)(a - c->a0) * I + n0;
+  jm_gemm_block(c->G, e->m[0], c->x, H, c->tok + a, 0, m, n0, np, hg, I, tb);
+  jm_gemm_block(c->G, e->m[1], c->x, H, c->tok + a, 0, m, n0, np, u, JM_GEMM_NP, tb);
+  for (int i = 0; i < m; i++)
+    for (int r = 0; r < np; r++) {
+      const float gv = hg[(int64_t)i * I + r];
+      hg[(int64_t)i * I + r] = gv / (1.0f + expf(-gv)) * u[i * JM_GEMM_NP + r];
+    }
+}
+
+static void down_task(void *ctx_, int64_t task, int thread) {
+  const mg_ctx *c = ctx_;
+  const int I = c->L->inter, H = c->L->hidden;
+  const int n0 = (int)task * JM_GEMM_NP, np = H - n0 < JM_GEMM_NP ? H - n0 : JM_GEMM_NP;
+  float *tb = c->tbuf + thread * c->tfloats, *y = tb + JM_GEMM_PBUF;
+  for (int j = 0; j < c->n_exp; j++) {
+    const int a = c->start[j], m = c->start[j + 1] - a;
+    jm_gemm_block(c->G, c->L->experts[c->expert[j]].m[2], c->h + (int64_t)(a - c->a0) * I, I, NULL, 0, m, n0, np,
+                  y, JM_GEMM_NP, tb);
+    for (int i = 0; i < m; i++) {
+      float *o = c->out + (int64_t)c->tok[a + i] * H + n0;
+      const float w = c->wt[a + i], *yi = y + i * JM_GEMM_NP;
+      for (int r = 0; r < np; r++) o[r] += w * yi[r];
+    }
+  }
+}
+
+int64_t jm_moe_gemm_thread_floats(int max_rows) { return JM_GEMM_PBUF + (int64_t)max_rows * JM_GEMM_NP; }
+
+void jm_moe_gemm(const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt, const int32_t *expert,
+                 const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows, float *tbuf, int max_rows) {
+  mg_ctx c = {jm_gemm_current(), L, x, tok, wt, NULL, NULL, 0, 0, h, tbuf, out, jm_moe_gemm_thread_floats(max_rows)};
+  for (int j0 = 0; j0 < n_exp;) {
+    int j1 = j0 + 1;
+    while (j1 < n_exp && start[j1 + 1] - start[j0] <= h_rows) j1++;
+    c.expert = expert + j0, c.start = start + j0, c.n_exp = j1 - j0, c.a0 = start[j0];
+    jm_pool_run((int64_t)c.n_exp * panels_of(L->inter), gate_up_task, &c, NULL);
+    jm_pool_run(panels_of(L->hidden), down_task, &c, NULL);
+    j0 = j1;
+  }
+}
