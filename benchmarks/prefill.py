@@ -4,7 +4,12 @@ Strategies, all over the same synthetic FP8 checkpoint, in chunks of `--chunk` t
 - resident: `forward.prefill` with every weight on one device;
 - cpu-experts: the engine's cpu-only path (`Engine(..., "cpu-only")`, one request, max_new_tokens=1);
 - slp: `streaming.slp_prefill`, experts streamed per chunk from zero-copy views of the mmap;
-- dslp: the same over two devices (SmallEP, one psum).
+- dslp: the same over two devices (SmallEP, one psum);
+- engine:cpu / engine:slp / engine:dslp: one request (max_new_tokens=1) through the serving
+  engine of the 2gpu+cpu-experts preset (1 GPU: gpu+cpu-experts, no dslp) with its prefill
+  strategy forced per request: the step path (staged, routed experts on the host) or the
+  stream-loaded prefill as the engine runs it (its chunk shape, a prefill cache per request,
+  latents written into the request's slot).
 On a box without a GPU the accelerators are fake CPU devices sharing the same cores and
 memory: the SLP/DSLP figures then only prove the pipeline (a "transfer" is a host memcpy,
 the two "GPUs" share 2 cores), not what a GPU would do. The predictions come from the
@@ -42,7 +47,7 @@ def reference_table() -> dict:
     one = hw.with_gpus(1)
     variants = {  # (strategy, hardware, options)
         "cpu-experts": ("cpu", hw, {}),
-        "slp, attention scores materialized (model/mla.py today)": ("slp", one, {"fused_attention": False}),
+        "slp, attention scores materialized (mla.py before key blocking)": ("slp", one, {"fused_attention": False}),
         "slp (as built)": ("slp", one, {}),
         "slp + streamed MLA": ("slp", one, {"stream_dense": True}),
         "dslp replicated attention (as built)": ("dslp", hw, {}),
@@ -117,6 +122,8 @@ def main(argv=None) -> dict:
     dense = {s: place_dense(weights, accel, s) for s in ("slp", "dslp")[: len(accel)]}
     prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
     engine = Engine(cfg, weights, "cpu-only", n_slots=1, chunk_size=chunk, max_len=max_len)
+    staged = Engine(cfg, weights, "2gpu+cpu-experts" if len(accel) > 1 else "gpu+cpu-experts", n_slots=2,
+                    chunk_size=chunk, max_len=max_len, simulate_accelerators=not on_gpu, expert_source=source)
     rng = np.random.default_rng(0)
 
     def resident(tokens):
@@ -141,11 +148,21 @@ def main(argv=None) -> dict:
                                strategy=strategy, logit_index=np.array([tokens.shape[1] - 1]))[0]
         return run
 
-    runs = {"resident": resident, "cpu-experts": cpu_experts, "slp": streamed("slp"), "dslp": streamed("dslp")}
+    def in_engine(strategy):
+        def run(tokens):
+            req = staged.submit(tokens[0].tolist(), 1, background=False, prefill_strategy=strategy)
+            staged.run_until_idle()
+            assert req.prefill_strategy == strategy, (req.prefill_strategy, strategy)
+            return req.output_ids
+        return run
+
+    runs = {"resident": resident, "cpu-experts": cpu_experts, "slp": streamed("slp"), "dslp": streamed("dslp"),
+            "engine:cpu": in_engine("cpu"), "engine:slp": in_engine("slp"), "engine:dslp": in_engine("dslp")}
     if len(accel) < 2:  # one GPU: no SmallEP
-        del runs["dslp"]
+        del runs["dslp"], runs["engine:dslp"]
     planned = {"resident": ("cpu", hw_host) if not on_gpu else ("resident", hw_accel), "cpu-experts": ("cpu", hw_host),
-               "slp": ("slp", hw_accel), "dslp": ("dslp", hw_accel)}
+               "slp": ("slp", hw_accel), "dslp": ("dslp", hw_accel), "engine:cpu": ("cpu", hw_accel),
+               "engine:slp": ("slp", hw_accel), "engine:dslp": ("dslp", hw_accel)}
     results: dict = {}
     first = {}
     for strategy, fn in runs.items():  # compile (the chunk shape is the same for every length)
@@ -175,8 +192,8 @@ def main(argv=None) -> dict:
     print(note)
     print_table(table)
     top = max(lengths)
-    metrics = {f"{s}_tok_s": round(results[f"{s}@{top}"]["tok_s"], 1) for s in runs}
-    metrics.update({f"{s}_measured_over_predicted": _r(results[f"{s}@{top}"]["measured_over_predicted"]) for s in runs})
+    metrics = {f"{s.replace(':', '_')}_tok_s": round(results[f"{s}@{top}"]["tok_s"], 1) for s in runs}
+    metrics.update({f"{s.replace(':', '_')}_measured_over_predicted": _r(results[f"{s}@{top}"]["measured_over_predicted"]) for s in runs})
     metrics["v3_ref_slp_32k_tok_s"] = next(r["tok_s"] for r in table["prefill"]
                                            if r["tokens"] == 32768 and r["variant"] == "slp (as built)")
     details = {"note": note, "model": name, "chunk": chunk, "lengths": lengths, "layer_expert_bytes": mc_bytes,

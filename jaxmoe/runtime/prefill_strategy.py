@@ -123,12 +123,15 @@ class StreamedPrefill:
         self.mode, origin = requested_strategy(rc)
         dense, experts = split_experts(weights)
         self._dense_fallback = dense
-        self.source = expert_source if expert_source is not None else host_expert_source(self._host_experts(experts))
+        self.source = expert_source
+        if expert_source is None and rc.routed_experts == "host":  # experts resident on an accelerator: nothing to stream
+            self.source = host_expert_source(self._host_experts(experts))
         n_acc = len(devices.accelerators)
         self.possible = tuple(s for s in STREAMED if n_acc >= STRATEGY_DEVICES[s] and self.source is not None)
         self._preset, self._kinds = rc.preset, sorted({type(e).__name__ for e in experts if e is not None})
+        self._resident = rc.routed_experts != "host"
         self.check(self.mode, origin)
-        self.candidates = ("cpu", *self.possible)  # what "auto" chooses among
+        self.candidates = (self.step_path, *self.possible)  # what "auto" chooses among (planner names)
         self.hardware = None  # the planner's profile, where a choice or a stream plan needs it
         if self.possible:
             hw = load_hardware(default_hardware(rc, devices))
@@ -151,6 +154,9 @@ class StreamedPrefill:
         need, n_acc = STRATEGY_DEVICES[name], len(self.devices.accelerators)
         if n_acc < need:
             why = f"needs {need} accelerator(s) to stream the routed experts to; runtime preset {self._preset!r} has {n_acc}"
+        elif self._resident:
+            why = ("the routed experts are resident on the accelerator (routed_experts='accelerator'): nothing to "
+                   "stream (pass expert_source= to stream from host arrays anyway)")
         else:
             why = (f"streams the routed experts from host memory, but these weights hold them as {self._kinds} "
                    f"and no expert_source was given (load the model from a checkpoint directory, or pass "
@@ -173,7 +179,7 @@ class StreamedPrefill:
         if len(self.candidates) < 2:
             return self.step_path, None
         choice = _plan(self.cfg, self.hardware, n_tokens, self.candidates).choice
-        return (self.step_path if choice.strategy == "cpu" else choice.strategy), choice
+        return choice.strategy, choice
 
     # ---- execution --------------------------------------------------------------------------
     def _strategy_devices(self, name: str) -> tuple[jax.Device, ...]:

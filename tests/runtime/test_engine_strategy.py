@@ -148,6 +148,16 @@ def test_impossible_or_unknown_strategies_are_clear_errors(tiny_model, monkeypat
         Engine(cfg, w, "gpu+cpu-experts", prefill_strategy="dslp", **kw)
     with pytest.raises(ValueError, match=r"prefill_strategy='slp' is impossible here: needs 1 accelerator"):
         Engine(cfg, w, "cpu-only", prefill_strategy="slp", n_slots=1, max_len=MAX_LEN)
+    with pytest.raises(ValueError, match="resident on the accelerator"):
+        Engine(cfg, w, "gpu+cpu-experts", routed_experts="accelerator", prefill_strategy="slp", **kw)
+    resident = Engine(cfg, w, "gpu+cpu-experts", routed_experts="accelerator", **kw)
+    assert resident.prefill.candidates == ("resident",) and resident.prefill.choose(50) == ("resident", None)
+    e = Engine(cfg, w, "gpu+cpu-experts", **kw)
+    with pytest.raises(ValueError, match="prefill_strategy='dslp' is impossible here"):
+        e.submit([1, 2, 3], 2, background=False, prefill_strategy="dslp")
+    with pytest.raises(ValueError, match="prefill_strategy must be one of"):
+        e.submit([1, 2, 3], 2, background=False, prefill_strategy="gpu")
+    assert not e.scheduler.has_work()
     monkeypatch.setenv(FORCE_ENV, "dslp")
     with pytest.raises(ValueError, match=f"{FORCE_ENV}=dslp is impossible here"):
         Engine(cfg, w, "gpu+cpu-experts", **kw)
