@@ -15,8 +15,13 @@ from jaxmoe.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    c_kv: jax.Array  # [L, B, S, kv_lora_rank]
-    k_pe: jax.Array  # [L, B, S, qk_rope_head_dim]
+    """`rows` (optional, [B] int32): the cache slot each batch row of a step reads and writes,
+    so a step may run over fewer rows than the cache has slots (the serving engine runs only
+    its active slots); None: batch row b is slot b."""
+
+    c_kv: jax.Array  # [L, slots, S, kv_lora_rank]
+    k_pe: jax.Array  # [L, slots, S, qk_rope_head_dim]
+    rows: jax.Array | None = None
 
     @property
     def max_len(self) -> int:
@@ -24,7 +29,7 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return int(self.c_kv.shape[1])
+        return int(self.c_kv.shape[1] if self.rows is None else self.rows.shape[0])
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -47,8 +52,19 @@ def write_layer(cache: KVCache, layer: int, positions: jax.Array, c_kv: jax.Arra
     Positions >= max_len are dropped: that is how padded tokens are kept out of the cache
     (give them position `max_len`; negative positions would wrap like numpy indices).
     """
-    b = jnp.arange(positions.shape[0])[:, None]
-    return KVCache(
+    b = (jnp.arange(positions.shape[0]) if cache.rows is None else cache.rows)[:, None]
+    return cache.replace(
         c_kv=cache.c_kv.at[layer, b, positions].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
         k_pe=cache.k_pe.at[layer, b, positions].set(k_pe.astype(cache.k_pe.dtype), mode="drop"),
     )
+
+
+def read_layer(cache: KVCache, layer, kv_len: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """One layer's latents of the step's rows over the first `kv_len` positions (all when
+    None): c_kv [B, S, kv_lora_rank], k_pe [B, S, qk_rope_head_dim]."""
+    c_kv, k_pe = cache.c_kv[layer], cache.k_pe[layer]
+    if kv_len is not None:
+        c_kv, k_pe = c_kv[:, :kv_len], k_pe[:, :kv_len]
+    if cache.rows is not None:
+        c_kv, k_pe = c_kv[cache.rows], k_pe[cache.rows]
+    return c_kv, k_pe

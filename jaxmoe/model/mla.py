@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.cache import KVCache, write_layer
+from jaxmoe.model.cache import KVCache, read_layer, write_layer
 from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.rope import apply_rope
 from jaxmoe.model.weights import MLAWeights
@@ -114,9 +114,7 @@ def _key_slice(a: jax.Array, start, size: int) -> jax.Array:
 
 def _cached(cache: KVCache, layer, kv_len: int | None, dtype):
     """The layer's latents over the first `kv_len` slots (all when None): [B, S, r], [B, S, rope]."""
-    c_kv, k_pe = cache.c_kv[layer], cache.k_pe[layer]
-    if kv_len is not None:
-        c_kv, k_pe = c_kv[:, :kv_len], k_pe[:, :kv_len]
+    c_kv, k_pe = read_layer(cache, layer, kv_len)
     return c_kv.astype(dtype), k_pe.astype(dtype)
 
 

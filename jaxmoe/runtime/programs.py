@@ -52,7 +52,25 @@ def _fused_program(cfg, weights, cache, tokens, positions, last_index, seeds, st
     return _sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
 
 
+def row_bucket(n_active: int, n_slots: int) -> int:
+    """Rows a step runs for `n_active` busy slots: the next power of two (<= n_slots), so a
+    lone request costs one row, not n_slots, and each bucket compiles once."""
+    return min(n_slots, 1 << max(n_active - 1, 0).bit_length())
+
+
+def active_rows(positions: np.ndarray, max_len: int) -> np.ndarray:
+    """The step's rows: the busy slots (a real first position), then idle slots up to the
+    bucket size (all positions max_len: computed, never stored, never read back)."""
+    busy = positions[:, 0] < max_len
+    active, idle = np.flatnonzero(busy), np.flatnonzero(~busy)
+    n = row_bucket(max(len(active), 1), len(busy))
+    return np.concatenate([active, idle[: n - len(active)]]).astype(np.int32)
+
+
 class FusedStep:
+    """Runs only the busy slots (`active_rows`) through the jitted program: their cache slots
+    are addressed through `KVCache.rows`, so kernels, attention and MoE see `bucket` rows."""
+
     def __init__(self, cfg: ModelConfig, weights: Weights, device: jax.Device, n_slots: int, max_len: int, cache_dtype):
         self.cfg = cfg
         self.weights = jax.device_put(weights, device)
@@ -60,11 +78,13 @@ class FusedStep:
         self._program = jax.jit(_fused_program, static_argnums=0, static_argnames="kv_len", donate_argnums=2)
 
     def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int) -> np.ndarray:
-        out, self.cache = self._program(
-            self.cfg, self.weights, self.cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p,
-            kv_len=kv_len,
-        )
-        return np.asarray(out)
+        rows = active_rows(positions, self.cache.max_len)
+        per_row = [a[rows] for a in (tokens, positions, last_index, seeds, steps, temperature, top_k, top_p)]
+        out, cache = self._program(self.cfg, self.weights, self.cache.replace(rows=rows), *per_row, kv_len=kv_len)
+        self.cache = cache.replace(rows=None)
+        next_tokens = np.zeros(len(positions), np.int32)
+        next_tokens[rows] = np.asarray(out)
+        return next_tokens
 
 
 # ---- staged execution ---------------------------------------------------------------------
