@@ -41,9 +41,10 @@ def _random_case(cfg, seed: int):
     return x, cache, jnp.asarray(pos)
 
 
-@pytest.mark.parametrize("attend", [mla.mla_prefill, mla.mla_decode], ids=["expanded", "absorbed"])
-@pytest.mark.parametrize("kv_len,block", [(None, 7), (64, 10), (None, 1)])
-def test_blocked_equals_one_piece(qlora, attend, kv_len, block):
+@pytest.mark.parametrize("form,kv_len,block", [("expanded", None, 7), ("absorbed", None, 7), ("expanded", 64, 10),
+                                                 ("absorbed", 64, 1)])
+def test_blocked_equals_one_piece(qlora, form, kv_len, block):
+    attend = {"expanded": mla.mla_prefill, "absorbed": mla.mla_decode}[form]
     cfg, w = qlora.cfg, qlora.weights
     x, cache, pos = _random_case(cfg, seed=block)
     cos, sin = rope_cos_sin(cfg, pos)
@@ -66,8 +67,9 @@ def test_one_query_per_row_attends_in_one_piece():
 def test_blocked_model_matches_hf(qlora, monkeypatch):
     """An 80-token sequence in two 40-token chunks with 16-key blocks (the second chunk sees
     96 = 6 x 16 cache slots, the first chunk's 40 visible ones end inside a block), through
-    `prefill` (expanded) and `decode` (absorbed, as the engine's chunk steps), vs transformers."""
-    from jaxmoe.model.forward import decode, prefill
+    `prefill` (expanded, as stream-loaded prefill runs it) vs transformers. (The absorbed form
+    equals its one-piece softmax above, which test_oracle checks against transformers.)"""
+    from jaxmoe.model.forward import prefill
 
     monkeypatch.setattr(mla, "PREFILL_KEY_BLOCK", 16)
     cfg, w = qlora.cfg, qlora.weights
@@ -75,8 +77,7 @@ def test_blocked_model_matches_hf(qlora, monkeypatch):
     want = H.logits(qlora.hf, seq)
     pos = np.arange(2 * PROMPT_LEN, dtype=np.int32)[None]
     first, second = slice(0, PROMPT_LEN), slice(PROMPT_LEN, 2 * PROMPT_LEN)
-    for name, fn in (("prefill", prefill), ("decode", decode)):
-        run = jax.jit(lambda c, t, p, fn=fn: fn(cfg, w, c, t, p))  # a fresh trace reads the patched block
-        got1, cache = run(new_cache(cfg, 1), seq[:, first], pos[:, first])
-        got2, _ = run(cache, seq[:, second], pos[:, second])
-        assert_close(np.concatenate([got1, got2], 1), want, TOL, f"{name} with 16-key blocks vs transformers")
+    run = jax.jit(lambda c, t, p: prefill(cfg, w, c, t, p))  # a fresh trace reads the patched block
+    got1, cache = run(new_cache(cfg, 1), seq[:, first], pos[:, first])
+    got2, _ = run(cache, seq[:, second], pos[:, second])
+    assert_close(np.concatenate([got1, got2], 1), want, TOL, "prefill with 16-key blocks vs transformers")
