@@ -232,6 +232,101 @@ static void test_errors(void) {
   CHECK(jm_set_isa(99) == JM_EINVAL, "unknown isa");
 }
 
+/* ---- INT4 (issue 7): kernels vs a double reference that reproduces the int8 activations ---- */
+static int int4_nib(const uint8_t *row, int c) { return (row[c >> 1] >> ((c & 1) * 4)) & 15; }
+
+static void test_int4(int isa) {
+  static const int shapes[][4] = {{5, 33, 32, 1}, {37, 300, 64, 3}, {9, 520, 256, 17}, {64, 256, 32, 2}};
+  for (int si = 0; si < 4; si++) {
+    const int n = shapes[si][0], k = shapes[si][1], G = shapes[si][2], m = shapes[si][3];
+    const int ng = (k + G - 1) / G, ldq = ng * G / 2;
+    uint8_t *q = malloc((size_t)n * ldq);
+    uint16_t *sc = malloc(sizeof(uint16_t) * n * ng);
+    float *x = malloc(sizeof(float) * m * k), *y = malloc(sizeof(float) * m * n);
+    for (int i = 0; i < n * ldq; i++) q[i] = (uint8_t)rnd();
+    for (int i = 0; i < n * ng; i++) sc[i] = (uint16_t)((5 + rnd() % 10) << 10); /* f16 2^-10 .. 2^-1 */
+    for (int i = 0; i < m * k; i++) x[i] = (float)nrand();
+    jm_matrix *mat = jm_matrix_create_int4(q, ldq, sc, ng, n, k, G, -1);
+    CHECK(mat != NULL, "create int4 %dx%d group %d", n, k, G);
+    CHECK(mat && jm_linear(mat, x, JM_DT_F32, m, y, JM_DT_F32) == JM_OK, "int4 jm_linear");
+    int bad = 0;
+    for (int i = 0; i < m && mat; i++)
+      for (int r = 0; r < n; r++) {
+        double ref = 0, abs_sum = 0;
+        for (int g = 0; g < ng; g++) { /* the kernels' activation quantization, then exact dots */
+          float amax = 0;
+          for (int c = g * G; c < k && c < (g + 1) * G; c++) amax = fabsf(x[i * k + c]) > amax ? fabsf(x[i * k + c]) : amax;
+          const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+          long dot = 0;
+          for (int c = g * G; c < k && c < (g + 1) * G; c++)
+            dot += (long)(int4_nib(q + (size_t)r * ldq, c) - 8) * (long)rintf(x[i * k + c] * inv);
+          const double t = ldexp(1.0, (sc[r * ng + g] >> 10) - 15) * (double)(amax / 127.0f) * (double)dot;
+          ref += t, abs_sum += fabs(t);
+        }
+        if (fabs(y[i * n + r] - ref) > (ng + 3) * ldexp(1.0, -24) * abs_sum + 1e-30 && bad++ < 3)
+          fprintf(stderr, "  int4 isa %d [%d,%d] g%d: y[%d][%d] = %.9g, ref %.9g\n", isa, n, k, G, i, r, y[i * n + r], ref);
+      }
+    CHECK(!bad, "int4 linear isa %d shape %d %d %d group %d", isa, m, n, k, G);
+    jm_matrix_free(mat);
+    free(q), free(sc), free(x), free(y);
+  }
+  /* fused MoE with INT4 experts == its own linears composed (same kernels, f32 combine) */
+  enum { E = 3, H = 96, I = 64, T = 4, K = 2 };
+  jm_store *s = jm_store_create(1);
+  CHECK(s && jm_store_init_layer(s, 0, E, H, I) == JM_OK, "int4 store init");
+  static uint8_t qg[E][I * H / 2], qu[E][I * H / 2], qd[E][H * I / 2];
+  static uint16_t sg[E][I * H / 32], su[E][I * H / 32], sd[E][H * I / 32];
+  for (int e = 0; e < E; e++) {
+    for (int i = 0; i < I * H / 2; i++) qg[e][i] = (uint8_t)rnd(), qu[e][i] = (uint8_t)rnd(), qd[e][i] = (uint8_t)rnd();
+    for (int i = 0; i < I * H / 32; i++) sg[e][i] = su[e][i] = sd[e][i] = (uint16_t)(9 << 10);
+    CHECK(jm_store_set_expert(s, 0, e, jm_matrix_create_int4(qg[e], H / 2, sg[e], H / 32, I, H, 32, -1),
+                              jm_matrix_create_int4(qu[e], H / 2, su[e], H / 32, I, H, 32, -1),
+                              jm_matrix_create_int4(qd[e], I / 2, sd[e], I / 32, H, I, 32, -1)) == JM_OK, "int4 set expert");
+  }
+  float x[T * H], out[T * H], wt[T * K];
+  int32_t ids[T * K];
+  for (int i = 0; i < T * H; i++) x[i] = (float)nrand();
+  for (int i = 0; i < T * K; i++) ids[i] = (int32_t)(rnd() % E), wt[i] = (float)urand();
+  ids[1] = (ids[0] + 1) % E, ids[3] = -1; /* distinct per token; one padding slot */
+  for (int t = 1; t < T; t++) if (ids[t * K + 1] == ids[t * K]) ids[t * K + 1] = (ids[t * K] + 1) % E;
+  CHECK(jm_moe(s, 0, x, JM_DT_F32, T, ids, wt, K, out, JM_DT_F32) == JM_OK, "int4 jm_moe");
+  double max_err = 0, max_ref = 0;
+  for (int t = 0; t < T; t++) {
+    double ref[H] = {0};
+    for (int j = 0; j < K; j++) {
+      const int e = ids[t * K + j];
+      if (e < 0) continue;
+      float g[I], u[I], h[I], d[H];
+      jm_linear(jm_store_matrix(s, 0, e, 0), x + t * H, JM_DT_F32, 1, g, JM_DT_F32);
+      jm_linear(jm_store_matrix(s, 0, e, 1), x + t * H, JM_DT_F32, 1, u, JM_DT_F32);
+      for (int r = 0; r < I; r++) h[r] = g[r] / (1.0f + expf(-g[r])) * u[r];
+      jm_linear(jm_store_matrix(s, 0, e, 2), h, JM_DT_F32, 1, d, JM_DT_F32);
+      for (int c = 0; c < H; c++) ref[c] += (double)wt[t * K + j] * d[c];
+    }
+    for (int c = 0; c < H; c++) {
+      max_err = fmax(max_err, fabs(out[t * H + c] - ref[c]));
+      max_ref = fmax(max_ref, fabs(ref[c]));
+    }
+  }
+  CHECK(max_err <= 1e-5 * max_ref, "int4 moe isa %d: max err %.3g of %.3g", isa, max_err, max_ref);
+  uint8_t fq[H * I];
+  float fs[1] = {1.0f};
+  memset(fq, 0x38, sizeof fq);
+  CHECK(jm_store_set_expert(s, 0, 1, jm_matrix_create_int4(qg[1], H / 2, sg[1], H / 32, I, H, 32, -1),
+                            jm_matrix_create_int4(qu[1], H / 2, su[1], H / 32, I, H, 32, -1),
+                            jm_matrix_create_fp8(fq, I, fs, 1, H, I, -1)) == JM_OK, "mixed expert stored");
+  const int32_t one = 1;
+  const float w1 = 1.0f;
+  CHECK(jm_moe(s, 0, x, JM_DT_F32, 1, &one, &w1, 1, out, JM_DT_F32) == JM_EINVAL, "mixed formats rejected");
+  jm_store_free(s);
+  uint8_t q0[64] = {0};
+  uint16_t s0[4] = {0};
+  CHECK(jm_matrix_create_int4(q0, 32, s0, 2, 2, 64, 48, -1) == NULL, "int4 group 48 rejected");
+  CHECK(jm_matrix_create_int4(q0, 16, s0, 2, 2, 64, 32, -1) == NULL, "int4 short stride rejected");
+  CHECK(jm_matrix_create_int4(NULL, 32, s0, 2, 2, 64, 32, -1) == NULL, "int4 NULL rejected");
+}
+/* ---- end INT4 ---- */
+
 int main(void) {
   for (int isa = JM_ISA_SCALAR; isa <= JM_ISA_AVX512; isa++) {
     if (!jm_isa_supported(isa)) {
@@ -249,6 +344,7 @@ int main(void) {
         test_moe(isa);
       }
     jm_set_gemm_min_rows(0);
+    test_int4(isa); /* INT4 (issue 7) */
     printf("checked %s\n", jm_isa_name(isa));
   }
   test_errors();
