@@ -115,3 +115,20 @@ def test_bad_marker_and_missing_expert_tensor(int4_dir, tmp_path):
     (bad / convert.MARKER).write_text(json.dumps({"format": "int4", "group_size": 64}))
     with pytest.raises(CheckpointError, match=r"(?s)wrong shape.*scales.*expected \[32, 1\]"):
         open_checkpoint(bad)
+
+
+def test_expert_store_from_converted_checkpoint(int4_dir, tiny_cfg):
+    """ExpertStore.from_checkpoint packs the INT4 experts straight from the mmap (no Int4Weight
+    in between): same fused-MoE output as the store built from the loaded weights."""
+    from jaxmoe.cpu.expert_store import ExpertStore
+
+    _, w = load_checkpoint(int4_dir)
+    ex = w.layers[1].mlp.experts
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, tiny_cfg.hidden_size)).astype(np.float32)
+    ids = np.array([[0, 5], [7, 2], [3, -1]], np.int32)
+    wts = rng.random((3, 2)).astype(np.float32)
+    with ExpertStore.from_checkpoint(int4_dir, layers=[1]) as a, ExpertStore(tiny_cfg.num_hidden_layers) as b:
+        b.add_layer(1, ex.gate_proj, ex.up_proj, ex.down_proj)
+        np.testing.assert_array_equal(a.moe(1, x, ids, wts), b.moe(1, x, ids, wts))
+        assert a.nbytes == b.nbytes > 0
