@@ -78,6 +78,11 @@ class CheckpointExperts:
 
         def lin(proj):
             w = stack(arrays[proj])
+            if f"{proj}_scales" in arrays:  # a converted INT4 checkpoint (loading/convert.py)
+                from jaxmoe.quant_int4 import Int4Weight  # noqa: PLC0415
+
+                k = self.checkpoint.cfg.moe_intermediate_size if proj == "down_proj" else self.checkpoint.cfg.hidden_size
+                return Int4Weight(w, stack(arrays[f"{proj}_scales"]), k=k, group=self.checkpoint.int4_group)
             scales = arrays.get(f"{proj}_scale_inv")
             if scales is None:
                 return DenseWeight(w)

@@ -132,3 +132,18 @@ def test_expert_store_from_converted_checkpoint(int4_dir, tiny_cfg):
         b.add_layer(1, ex.gate_proj, ex.up_proj, ex.down_proj)
         np.testing.assert_array_equal(a.moe(1, x, ids, wts), b.moe(1, x, ids, wts))
         assert a.nbytes == b.nbytes > 0
+
+
+def test_streaming_source_reads_int4(int4_dir, tiny_cfg):
+    """The stream-loading prefill's expert source gives Int4Weight views (not raw bytes as dense)."""
+    from jaxmoe.runtime.streaming import CheckpointExperts
+
+    _, w = load_checkpoint(int4_dir)
+    with open_checkpoint(int4_dir) as ck:
+        ex = CheckpointExperts(ck)(1)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            got, want = getattr(ex, proj), getattr(w.layers[1].mlp.experts, proj)
+            assert isinstance(got, quant_int4.Int4Weight) and got.shape == want.shape
+            assert (got.k, got.group) == (want.k, want.group)
+            np.testing.assert_array_equal(np.asarray(got.qweight), np.asarray(want.qweight))
+            np.testing.assert_array_equal(np.asarray(got.scales), np.asarray(want.scales))
