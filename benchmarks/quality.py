@@ -18,6 +18,8 @@ Variants, each the full-sequence prefill forward (jaxmoe.model.forward.prefill, 
 Per variant: mean and max over positions of KL(reference || variant) in nats, top-1
 agreement with the reference, and the perplexity of the text.
 
+Results: PATH, and benchmarks/results/quality.json for the default full run (synthetic demo).
+
 What is meaningful on random (synthetic) weights: KL and top-1 agreement measure the error of
 the format and kernels relative to the reference forward (the same arithmetic a trained model
 would go through, though trained weights have other outlier statistics). Perplexity is NOT
@@ -150,6 +152,8 @@ def main(argv=None) -> dict:
                            "meaningful" if synthetic else "trained weights: all figures meaningful")}
     env = H.env_info(isa=jcpu.expert_store.load().selected_isa(), quick=args.quick)
     doc = H.write(args.json, metrics, env, details)
+    if not args.quick and not args.checkpoint and model == "demo":  # the default run is the committed one
+        H.write(H.RESULTS_DIR / "quality.json", metrics, env, details)
     print(metrics)
     return doc
 
