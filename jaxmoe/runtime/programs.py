@@ -58,10 +58,9 @@ def row_bucket(n_active: int, n_slots: int) -> int:
     return min(n_slots, 1 << max(n_active - 1, 0).bit_length())
 
 
-def active_rows(positions: np.ndarray, max_len: int) -> np.ndarray:
-    """The step's rows: the busy slots (a real first position), then idle slots up to the
-    bucket size (all positions max_len: computed, never stored, never read back)."""
-    busy = positions[:, 0] < max_len
+def active_rows(busy: np.ndarray) -> np.ndarray:
+    """The step's rows: the busy slots, then idle slots up to the bucket size (their positions
+    are max_len: computed, never stored, never read back)."""
     active, idle = np.flatnonzero(busy), np.flatnonzero(~busy)
     n = row_bucket(max(len(active), 1), len(busy))
     return np.concatenate([active, idle[: n - len(active)]]).astype(np.int32)
@@ -69,7 +68,9 @@ def active_rows(positions: np.ndarray, max_len: int) -> np.ndarray:
 
 class FusedStep:
     """Runs only the busy slots (`active_rows`) through the jitted program: their cache slots
-    are addressed through `KVCache.rows`, so kernels, attention and MoE see `bucket` rows."""
+    are addressed through `KVCache.rows`, so kernels, attention and MoE see `bucket` rows.
+    A step that mixes one-token rows (decode) with prompt chunks runs them as two programs,
+    width 1 and full width, so no padded token of a decode row goes through the kernels."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights, device: jax.Device, n_slots: int, max_len: int, cache_dtype):
         self.cfg = cfg
@@ -78,13 +79,26 @@ class FusedStep:
         self._program = jax.jit(_fused_program, static_argnums=0, static_argnames="kv_len", donate_argnums=2)
 
     def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int) -> np.ndarray:
-        rows = active_rows(positions, self.cache.max_len)
-        per_row = [a[rows] for a in (tokens, positions, last_index, seeds, steps, temperature, top_k, top_p)]
-        out, cache = self._program(self.cfg, self.weights, self.cache.replace(rows=rows), *per_row, kv_len=kv_len)
-        self.cache = cache.replace(rows=None)
-        next_tokens = np.zeros(len(positions), np.int32)
-        next_tokens[rows] = np.asarray(out)
+        busy = positions[:, 0] < self.cache.max_len
+        one = busy & (last_index == 0)  # rows with one real token: decode (or a prompt's last token)
+        long = busy & ~one
+        per_slot = (last_index, seeds, steps, temperature, top_k, top_p)
+        runs = []  # (rows, their next tokens): dispatched first, awaited together
+        if one.any() or not long.any():
+            runs.append(self._run(one, tokens[:, :1], positions[:, :1], per_slot, kv_len))
+        if long.any():
+            runs.append(self._run(long, tokens, positions, per_slot, kv_len))
+        next_tokens = np.zeros(len(busy), np.int32)
+        for rows, out in runs:
+            next_tokens[rows] = np.asarray(out)
         return next_tokens
+
+    def _run(self, busy, tokens, positions, per_slot, kv_len: int):
+        rows = active_rows(busy)
+        args = [a[rows] for a in (tokens, positions, *per_slot)]
+        out, cache = self._program(self.cfg, self.weights, self.cache.replace(rows=rows), *args, kv_len=kv_len)
+        self.cache = cache.replace(rows=None)
+        return rows, out
 
 
 # ---- staged execution ---------------------------------------------------------------------

@@ -21,13 +21,14 @@ def test_row_bucket(n, slots, want):
 
 
 def test_active_rows_puts_busy_slots_first_and_pads_with_idle_ones():
-    positions = np.full((4, 3), MAX_LEN, np.int32)
-    positions[2, 0] = 7
-    assert active_rows(positions, MAX_LEN).tolist() == [2]
-    positions[3, :2] = [0, 1]
-    assert active_rows(positions, MAX_LEN).tolist() == [2, 3]
-    positions[0, 0] = 5
-    assert active_rows(positions, MAX_LEN).tolist() == [0, 2, 3, 1]
+    busy = np.zeros(4, bool)
+    assert active_rows(busy).tolist() == [0]
+    busy[2] = True
+    assert active_rows(busy).tolist() == [2]
+    busy[3] = True
+    assert active_rows(busy).tolist() == [2, 3]
+    busy[0] = True
+    assert active_rows(busy).tolist() == [0, 2, 3, 1]
 
 
 def test_rows_address_cache_slots(tiny_model):
@@ -55,8 +56,7 @@ def test_rows_address_cache_slots(tiny_model):
     np.testing.assert_allclose(s_logits, d_logits, atol=1e-6, rtol=0)
 
 
-def test_lone_request_runs_one_row(tiny_model):
-    cfg, w = tiny_model
+def spy_engine(cfg, w):
     eng = Engine(cfg, w, "cpu-only", n_slots=4, max_len=MAX_LEN, chunk_size=8)
     seen = []
     program = eng.executor._program
@@ -66,8 +66,35 @@ def test_lone_request_runs_one_row(tiny_model):
         return program(cfg_, weights, cache, tokens, *rest, **kw)
 
     eng.executor._program = spy
+    return eng, seen
+
+
+def test_lone_request_runs_one_row(tiny_model):
+    eng, seen = spy_engine(*tiny_model)
     r = eng.submit([3, 4, 5], 3, background=False)
     eng.run_until_idle()
     assert len(r.output_ids) == 3
-    assert {shape[0] for shape, _ in seen} == {1}
+    assert [shape for shape, _ in seen] == [(1, 8), (1, 1), (1, 1)]
     assert all(rows == [0] for _, rows in seen)
+
+
+def test_mixed_step_runs_decode_rows_at_width_one(tiny_model):
+    """A prompt chunk arriving while another request decodes: the decode row runs in a
+    width-1 program, the chunk in a full-width one, and both requests get their solo tokens."""
+    cfg, w = tiny_model
+    solo = []
+    for prompt in ([3, 4, 5], list(range(7, 27))):
+        eng, _ = spy_engine(cfg, w)
+        r = eng.submit(prompt, 4, background=False)
+        eng.run_until_idle()
+        solo.append(r.output_ids)
+    eng, seen = spy_engine(cfg, w)
+    a = eng.submit([3, 4, 5], 4, background=False)
+    eng.step()  # a's prompt
+    eng.step()  # a decodes alone
+    b = eng.submit(list(range(7, 27)), 4, background=False)
+    del seen[:]
+    eng.step()  # a decodes while b's first chunk runs
+    assert sorted(seen) == [((1, 1), [0]), ((1, 8), [1])]
+    eng.run_until_idle()
+    assert [a.output_ids, b.output_ids] == solo
