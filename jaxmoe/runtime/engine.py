@@ -143,6 +143,7 @@ class Engine:
         """Run one scheduled step. Returns False when there was nothing to do."""
         with self._lock:
             plan = self.scheduler.plan()
+            self.prefill.retain(self.scheduler.running.values())
             if plan is None:
                 return False
             try:

@@ -103,7 +103,7 @@ def _chunk_latents(cache: KVCache, positions, width: int):
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_slot(cache: KVCache, c_kv, k_pe, slot, positions) -> KVCache:
     """Latents [L, T, .] into one slot at positions [T]; positions >= max_len are dropped."""
-    return KVCache(
+    return cache.replace(
         c_kv=cache.c_kv.at[:, slot, positions].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
         k_pe=cache.k_pe.at[:, slot, positions].set(k_pe.astype(cache.k_pe.dtype), mode="drop"),
     )
@@ -191,6 +191,8 @@ class StreamedPrefill:
             per_device = {}
             if hasattr(ex, "mb_device"):  # staged: one non-expert copy per micro-batch device
                 per_device = {d: w for d, w in zip(ex.mb_device, ex.weights)}
+            elif hasattr(ex, "weights"):  # fused: the whole model on the main device
+                per_device = {self.devices.main: split_experts(ex.weights)[0]}
             self._dense[name] = _replicated(per_device, self._strategy_devices(name), self._dense_fallback)
         return self._dense[name]
 
@@ -243,8 +245,13 @@ class StreamedPrefill:
         return int(np.asarray(out)[0])
 
     def drop(self, req: Any) -> None:
-        """Forget a request's prefill cache (cancelled or failed)."""
+        """Forget a request's prefill cache (failed)."""
         if self._cache is not None and self._cache[0] == req.id:
+            self._cache = None
+
+    def retain(self, running: Any) -> None:
+        """Free the prefill cache of a request no longer running (cancelled mid-prompt)."""
+        if self._cache is not None and all(r.id != self._cache[0] for r in running):
             self._cache = None
 
 

@@ -206,3 +206,13 @@ def test_load_and_generate_with_a_forced_strategy(tmp_path, prompts, reference, 
     model = jaxmoe.load(path, **opts)
     assert model.engine.prefill.choose(len(prompts[1]))[0] == "slp"
     model.close()
+
+
+def test_cancelled_streamed_prompt_frees_its_prefill_cache(engine, prompts):
+    e, _ = engine
+    r = e.submit(prompts[2], NEW, background=False, prefill_strategy="slp")
+    e.step()  # its first streamed chunk
+    assert e.prefill._cache is not None and e.prefill._cache[0] == r.id and r.n_prefilled == CHUNK
+    r.cancel()
+    e.run_until_idle()
+    assert r.finish_reason == "cancelled" and e.prefill._cache is None
