@@ -40,8 +40,15 @@ const jm_gemm_kernels *jm_gemm_current(void) {
 void jm_gemm_block(const jm_gemm_kernels *G, const jm_matrix *w, const float *x, int64_t ldx, const int32_t *rows,
                    int m0, int m1, int n0, int np, float *c, int64_t ldc, float *pbuf) {
   const int nsub = (np + JM_GEMM_NR - 1) / JM_GEMM_NR;
+  const int t0 = n0 / JM_TILE_ROWS, t1 = (n0 + np + JM_TILE_ROWS - 1) / JM_TILE_ROWS;
+  const int64_t blk = (int64_t)JM_KBLOCK * JM_TILE_ROWS * (w->format == JM_FMT_FP8 ? 1 : 2); /* tile bytes per K block */
   for (int kb = 0; kb < w->kb; kb++) {
     const int kk = w->k - kb * JM_KBLOCK < JM_KBLOCK ? w->k - kb * JM_KBLOCK : JM_KBLOCK;
+    /* the panel reads one short run per tile, 16 tiles apart: prefetch the next block's runs
+     * (the hardware prefetchers do not follow so many streams) */
+    if (kb + 1 < w->kb)
+      for (int t = t0; t < t1; t++)
+        for (int64_t b = 0; b < blk; b += 64) __builtin_prefetch(jm_tile_ptr(w, t) + (kb + 1) * blk + b);
     G->panel(w, n0, np, kb, pbuf);
     for (int i0 = m0; i0 < m1; i0 += JM_GEMM_MR) {
       const int mr = m1 - i0 < JM_GEMM_MR ? m1 - i0 : JM_GEMM_MR;

@@ -4,7 +4,7 @@
  * Panel: 8 rows x 8 columns at a time. Each row's 8 FP8 bytes are sign-extended to 32-bit
  * lanes (vpmovsxbd); (v << 20) & 0x87F00000 are the f32 bits of value * 2^-120 (sign from the
  * sign extension, subnormal codes become exact f32 denormals: the pool runs without FTZ/DAZ),
- * times 2^120 (exact) and the block scale (one rounding); an 8x8 transpose turns the 8 row
+ * times scale * 2^120 (one rounding, the same product as the scalar twin's); an 8x8 transpose turns the 8 row
  * vectors into 8 k-vectors of the k-major panel. BF16 rows: (u16 << 16).
  * Micro-kernel: MR <= 6 tokens x 16 rows, 12 ymm accumulators, per k two panel loads and one
  * broadcast per token (the classic outer-product form; the x rows are read in place).
@@ -33,8 +33,12 @@ AI void transpose8(__m256 r[8]) {
 
 static void panel_avx2(const jm_matrix *w, int n0, int np, int kb, float *panel) {
   const int fp8 = w->format == JM_FMT_FP8;
-  const __m256 s = _mm256_set1_ps(fp8 ? jm_scale_of(w, n0 / JM_KBLOCK, kb) : 1.0f);
-  const __m256 up = _mm256_set1_ps(0x1p120f);
+  /* value * scale = (value * 2^-120) * (scale * 2^120) with one rounding while scale * 2^120 is
+   * finite (|scale| < 2^8: every real checkpoint); else in two steps, the first exact */
+  const float sc = fp8 ? jm_scale_of(w, n0 / JM_KBLOCK, kb) : 1.0f;
+  const int one_mul = sc < 256.0f && sc > -256.0f;
+  const __m256 s = _mm256_set1_ps(one_mul ? sc * 0x1p120f : sc);
+  const __m256 up = _mm256_set1_ps(one_mul ? 1.0f : 0x1p120f);
   const __m256i mask = _mm256_set1_epi32((int)0x87F00000u);
   const int rows = (np + JM_GEMM_NR - 1) / JM_GEMM_NR * JM_GEMM_NR;
   const int per = fp8 ? JM_SEG : JM_SEG / 2; /* columns per 64-byte segment */
@@ -56,7 +60,7 @@ static void panel_avx2(const jm_matrix *w, int n0, int np, int kb, float *panel)
         } else if (fp8) {
           const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(rp[j] + off)));
           const __m256 d = _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(b, 20), mask));
-          v[j] = _mm256_mul_ps(_mm256_mul_ps(d, up), s);
+          v[j] = one_mul ? _mm256_mul_ps(d, s) : _mm256_mul_ps(_mm256_mul_ps(d, up), s);
         } else {
           const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(rp[j] + off)));
           v[j] = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
