@@ -222,3 +222,29 @@ def test_isa_env_var(env, want):
     assert res.stdout.strip() == (want or nat.supported_isas()[-1])
     if want is None:
         assert "ignoring JAXMOE_CPU_ISA=bogus" in res.stderr
+
+
+def test_profile_counters():
+    """JAXMOE_CPU_PROFILE=1: native time, calls and token rows per entry point and path."""
+    code = """
+import numpy as np
+from jaxmoe.cpu import _lib
+from jaxmoe.cpu.expert_store import HostMatrix
+nat = _lib.load()
+lib, ffi = nat.lib, nat.ffi
+q = np.random.default_rng(0).integers(0, 256, (70, 130), dtype=np.uint8)
+w = HostMatrix.fp8(q, np.ones((1, 2), np.float32))
+lib.jm_set_gemm_min_rows(6)
+w.linear(np.ones((1, 130), np.float32)); w.linear(np.ones((5, 130), np.float32)); w.linear(np.ones((9, 130), np.float32))
+buf = ffi.new("int64_t[18]")
+n = lib.jm_profile_read(buf, 6, 1)
+names = [ffi.string(lib.jm_profile_name(i)).decode() for i in range(n)]
+print(names[0], buf[1], buf[2], names[1], buf[4], buf[5], buf[0] > 0, buf[3] > 0)
+lib.jm_profile_read(buf, 6, 0)
+print(buf[1], buf[4])
+"""
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAXMOE_CPU_PROFILE": "1"},
+                         capture_output=True, text=True, check=True)
+    first, second = res.stdout.strip().splitlines()
+    assert first.split() == ["linear", "2", "6", "linear_gemm", "1", "9", "True", "True"]
+    assert second.split() == ["0", "0"]  # reset
