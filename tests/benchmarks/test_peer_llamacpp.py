@@ -49,6 +49,115 @@ def test_parse_llama_bench_json():
     assert res["tg32"]["n_threads"] == 2 and res["tg32"]["model_size"] == 4563402752
 
 
+# verbatim `llama-bench -m tiny-q8_0.gguf -t 2 -p 16 -n 4 -r 2 -o json` (llama.cpp 0c1e570 from the
+# llama-cpp-python 0.3.36 sdist, this box, a loaded moment)
+REAL_OUTPUT = r"""
+[
+  {
+    "build_commit": "0c1e570",
+    "build_number": 1,
+    "cpu_info": "AMD EPYC",
+    "gpu_info": "",
+    "backends": "CPU",
+    "model_filename": "/root/.cache/jaxmoe/llamacpp/gguf/tiny-7ef81f7401-q8_0.gguf",
+    "model_type": "deepseek2 ?B Q8_0",
+    "model_size": 297632,
+    "model_n_params": 257728,
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_threads": 2,
+    "cpu_mask": "0x0",
+    "cpu_strict": false,
+    "poll": 50,
+    "type_k": "f16",
+    "type_v": "f16",
+    "n_gpu_layers": -1,
+    "n_cpu_moe": 0,
+    "split_mode": "layer",
+    "main_gpu": 0,
+    "no_kv_offload": false,
+    "flash_attn": -1,
+    "devices": "auto",
+    "tensor_split": "0.00",
+    "tensor_buft_overrides": "none",
+    "load_mode": "auto",
+    "lazy_mode": "auto",
+    "embeddings": false,
+    "no_op_offload": 0,
+    "no_host": false,
+    "repack": true,
+    "fit_target": 0,
+    "fit_min_ctx": 0,
+    "n_prompt": 16,
+    "n_gen": 0,
+    "n_depth": 0,
+    "test_time": "2026-11-23T13:47:49Z",
+    "avg_ns": 1213971341,
+    "stddev_ns": 31113456,
+    "avg_ts": 13.184213,
+    "stddev_ts": 0.337904,
+    "samples_ns": [ 1191970833, 1235971850 ],
+    "samples_ts": [ 13.4231, 12.9453 ]
+  },
+  {
+    "build_commit": "0c1e570",
+    "build_number": 1,
+    "cpu_info": "AMD EPYC",
+    "gpu_info": "",
+    "backends": "CPU",
+    "model_filename": "/root/.cache/jaxmoe/llamacpp/gguf/tiny-7ef81f7401-q8_0.gguf",
+    "model_type": "deepseek2 ?B Q8_0",
+    "model_size": 297632,
+    "model_n_params": 257728,
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_threads": 2,
+    "cpu_mask": "0x0",
+    "cpu_strict": false,
+    "poll": 50,
+    "type_k": "f16",
+    "type_v": "f16",
+    "n_gpu_layers": -1,
+    "n_cpu_moe": 0,
+    "split_mode": "layer",
+    "main_gpu": 0,
+    "no_kv_offload": false,
+    "flash_attn": -1,
+    "devices": "auto",
+    "tensor_split": "0.00",
+    "tensor_buft_overrides": "none",
+    "load_mode": "auto",
+    "lazy_mode": "auto",
+    "embeddings": false,
+    "no_op_offload": 0,
+    "no_host": false,
+    "repack": true,
+    "fit_target": 0,
+    "fit_min_ctx": 0,
+    "n_prompt": 0,
+    "n_gen": 4,
+    "n_depth": 0,
+    "test_time": "2026-11-23T13:47:53Z",
+    "avg_ns": 2024432889,
+    "stddev_ns": 2827769065,
+    "avg_ts": 80.824091,
+    "stddev_ts": 112.896736,
+    "samples_ns": [ 4023967571, 24898207 ],
+    "samples_ts": [ 0.994044, 160.654 ]
+  }
+]
+"""
+
+
+def test_parse_real_llama_bench_output():
+    res = LB.parse(REAL_OUTPUT)
+    assert set(res) == {"pp16", "tg4"}
+    pp = res["pp16"]
+    assert pp["n_threads"] == 2 and pp["model_type"].startswith("deepseek2") and pp["tok_s"]["n"] == 2
+    assert pp["tok_s"]["min"] <= pp["tok_s"]["median"] <= pp["tok_s"]["max"]
+    assert pp["tok_s"]["mean"] == pp["avg_ts"]
+
+
 def test_parse_llama_bench_combined_and_errors():
     rec = _record(512, 64, [10.0])
     rec.pop("samples_ts")  # older builds: avg_ts only
