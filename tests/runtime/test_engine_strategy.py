@@ -1,18 +1,22 @@
 """The engine's prefill strategy per request: stream-loaded prompts (SLP on one of two
-simulated accelerators, DSLP on both) give the same greedy tokens as the step path while
+simulated accelerators, DSLP on both) give the same greedy tokens as the resident model while
 another slot keeps decoding; "auto" follows the planner; keyword / environment forcing; clear
 errors.
 
-One engine (2gpu+cpu-experts, strategies forced per request) serves the reference and the
-streamed runs, so its step programs compile once. Prompts of 37 and 50 tokens in chunks of
-16 (3 and 4 streamed chunks; one prefill-cache window of 64, so the streaming programs
-compile once per strategy) and a 5-token one.
+One engine (2gpu+cpu-experts, strategies forced per request) serves every streamed run; all
+prompts are streamed, so its steps are decode steps only (one compiled width). Prompts of 37
+and 50 tokens in chunks of 16 (3 and 4 streamed chunks; one prefill-cache window of 64, so the
+streaming programs compile once per strategy) and a 5-token one.
 """
 
 import json
 
+import jax
 import numpy as np
 import pytest
+
+from jaxmoe.model.cache import init_cache
+from jaxmoe.model.forward import decode, prefill
 
 from jaxmoe.runtime import prefill_strategy as ps
 from jaxmoe.runtime.cost_model import model_costs
@@ -55,37 +59,50 @@ def engine(tiny_model):
     return e, traced(e)
 
 
+_prefill = jax.jit(prefill, static_argnums=0)
+_decode = jax.jit(decode, static_argnums=0)
+
+
 @pytest.fixture(scope="module")
-def reference(engine, prompts):
-    """Each prompt's greedy tokens through the engine's steps (prefill_strategy "cpu"), together."""
-    e, _ = engine
-    reqs = [e.submit(p, NEW, background=False, prefill_strategy="cpu") for p in prompts]
-    e.run_until_idle()
-    assert [r.prefill_strategy for r in reqs] == ["cpu"] * 3 and len({tuple(r.output_ids) for r in reqs}) == 3
-    return [r.output_ids for r in reqs]
+def reference(tiny_model, prompts):
+    """Each prompt's greedy tokens from the resident model (prefill, then decode steps; the
+    step path equals this, tests/runtime/test_engine.py)."""
+    cfg, w = tiny_model
+    out = []
+    for p in prompts:
+        tokens = np.zeros((1, max(LENS)), np.int32)
+        positions = np.full_like(tokens, MAX_LEN)  # padding
+        tokens[0, : len(p)], positions[0, : len(p)] = p, np.arange(len(p))
+        logits, cache = _prefill(cfg, w, init_cache(cfg, 1, MAX_LEN), tokens, positions, logit_index=np.array([len(p) - 1]))
+        toks = [int(np.argmax(logits[0, -1]))]
+        for i in range(NEW - 1):
+            logits, cache = _decode(cfg, w, cache, np.array([[toks[-1]]], np.int32), np.array([[len(p) + i]], np.int32))
+            toks.append(int(np.argmax(logits[0, -1])))
+        out.append(toks)
+    assert len({tuple(t) for t in out}) == 3
+    return out
 
 
 @pytest.mark.parametrize("strategy", ["slp", "dslp"])
-def test_streamed_prompts_equal_step_path_while_another_decodes(engine, prompts, reference, strategy):
+def test_streamed_prompts_equal_resident_path_while_another_decodes(engine, prompts, reference, strategy):
     e, log = engine
     log.clear()
-    short = e.submit(prompts[0], NEW, background=False, prefill_strategy="cpu")
-    e.step()  # the short prompt through a step: its first token
+    short = e.submit(prompts[0], NEW, background=False, prefill_strategy=strategy)
+    e.step()  # the short prompt: one streamed chunk, its first token
     assert short.output_ids and short.status.value == "decode"
     longs = [e.submit(p, NEW, background=False, prefill_strategy=strategy) for p in prompts[1:]]
     e.run_until_idle()
     assert [r.output_ids for r in (short, *longs)] == reference
-    assert [r.prefill_strategy for r in longs] == [strategy] * 2
-    # every chunk of the long prompts went through the streaming hook (oldest prompt first),
-    # none through a step, and the short request decoded between the streamed chunks
+    assert [r.prefill_strategy for r in (short, *longs)] == [strategy] * 3
+    # every prompt chunk went through the streaming hook (oldest prompt first), none through
+    # a step (only one-token decode rows there), and a decode step ran between any two
+    # streamed chunks -- the short request's between the first long prompt's
     chunks = [ev[1:] for ev in log if ev[0] == "stream"]
-    assert chunks == [(r.id, s) for r in longs for s in range(0, len(r.prompt_ids), CHUNK)]
+    assert chunks == [(short.id, 0)] + [(r.id, s) for r in longs for s in range(0, len(r.prompt_ids), CHUNK)]
+    assert all(n == 1 for ev in log if ev[0] == "step" for _, n in ev[1].values())
     at = [i for i, ev in enumerate(log) if ev[0] == "stream"]
-    decoding = [any(n == 1 for _, n in ev[1].values()) if ev[0] == "step" else False for ev in log]
-    assert all(any(decoding[i:j]) for i, j in zip(at, at[1:])), log
-    assert any(ev[0] == "step" and ev[1].get(short.slot) == (short.id, 1) for ev in log[at[0]:at[1]])
-    long_ids = {r.id for r in longs}
-    assert not any(ev[0] == "step" and any(rid in long_ids and n > 1 for rid, n in ev[1].values()) for ev in log)
+    assert all(any(ev[0] == "step" for ev in log[i:j]) for i, j in zip(at[1:], at[2:])), log
+    assert any(ev[0] == "step" and ev[1].get(short.slot) == (short.id, 1) for ev in log[at[1]:at[2]])
 
 
 def _threshold_profile(tmp_path, cfg):
