@@ -74,7 +74,7 @@ void jm_int4_fold_avx2(const jm_matrix *w, int rb, const float *x, int64_t ldx, 
       const int c0 = g * G;
       const int valid = c0 >= w->k ? 0 : (w->k - c0 < G ? w->k - c0 : G);
       int32_t s;
-      sx[g] = quant_group(xi + c0, valid, G, q, &s);
+      sx[g] = quant_group(valid ? xi + c0 : xi, valid, G, q, &s); /* no pointer past the row */
       corr[g] = -8 * s;
       jm_int4_place_group(w, tok, g, q);
     }

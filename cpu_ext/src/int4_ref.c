@@ -34,7 +34,7 @@ void jm_int4_fold_ref(const jm_matrix *w, int rb, const float *x, int64_t ldx, i
       const int c0 = g * G;
       const int valid = c0 >= w->k ? 0 : (w->k - c0 < G ? w->k - c0 : G);
       int32_t s;
-      sx[g] = jm_int4_quant_group_ref(xi + c0, valid, G, q, &s);
+      sx[g] = jm_int4_quant_group_ref(valid ? xi + c0 : xi, valid, G, q, &s); /* no pointer past the row */
       corr[g] = -8 * s;
       jm_int4_place_group(w, tok, g, q);
     }
