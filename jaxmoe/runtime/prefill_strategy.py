@@ -178,7 +178,10 @@ class StreamedPrefill:
             return mode, (est if est.feasible else None)
         if len(self.candidates) < 2:
             return self.step_path, None
-        choice = _plan(self.cfg, self.hardware, n_tokens, self.candidates).choice
+        try:
+            choice = _plan(self.cfg, self.hardware, n_tokens, self.candidates).choice
+        except ValueError:  # the profile fits none of them (e.g. too little device memory): the step path
+            return self.step_path, None
         return choice.strategy, choice
 
     # ---- execution --------------------------------------------------------------------------
