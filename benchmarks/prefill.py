@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
         tokens = rng.integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
         # strategies alternate call by call, so that the load of this shared box hits them alike
         times = H.interleaved({s: (lambda f=fn: jax.block_until_ready(f(tokens))) for s, fn in runs.items()},
-                              repeats, warmup=0)
+                              repeats, warmup=0 if args.quick else 1)  # full: each length warmed (kv windows compile)
         for strategy, t in times.items():
             p_name, p_hw = planned[strategy]
             pred = estimate_prefill(cfg, p_hw, n, p_name, chunk=chunk)
