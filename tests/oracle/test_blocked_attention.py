@@ -1,5 +1,5 @@
 """The key-blocked (online-softmax) MLA attention of model/mla.py: equal to the one-piece
-softmax on random inputs, and to transformers on a whole model run with small blocks.
+softmax on random inputs, and to transformers layer by layer with small blocks.
 
 Blocks are made small (7, 10, 16 key slots) so that several full blocks, a partial last
 block (cache lengths not a multiple of the block), rows whose visible keys end inside a
@@ -64,20 +64,15 @@ def test_one_query_per_row_attends_in_one_piece():
         mla._use_blocks(8, 17, 0)
 
 
-def test_blocked_model_matches_hf(qlora, monkeypatch):
-    """An 80-token sequence in two 40-token chunks with 16-key blocks (the second chunk sees
-    96 = 6 x 16 cache slots, the first chunk's 40 visible ones end inside a block), through
-    `prefill` (expanded, as stream-loaded prefill runs it) vs transformers. (The absorbed form
-    equals its one-piece softmax above, which test_oracle checks against transformers.)"""
-    from jaxmoe.model.forward import prefill
-
-    monkeypatch.setattr(mla, "PREFILL_KEY_BLOCK", 16)
+def test_blocked_attention_matches_hf(qlora):
+    """Every layer's MLA (expanded, as stream-loaded prefill runs it) with 16-key blocks on
+    transformers' own inputs for a 40-token prompt: the cache's 96 slots are 6 blocks, the
+    visible 40 end inside the third, and later blocks are fully masked for every query."""
     cfg, w = qlora.cfg, qlora.weights
-    seq = np.concatenate([qlora.prompt, qlora.prompt2], 1).astype(np.int32)
-    want = H.logits(qlora.hf, seq)
-    pos = np.arange(2 * PROMPT_LEN, dtype=np.int32)[None]
-    first, second = slice(0, PROMPT_LEN), slice(PROMPT_LEN, 2 * PROMPT_LEN)
-    run = jax.jit(lambda c, t, p: prefill(cfg, w, c, t, p))  # a fresh trace reads the patched block
-    got1, cache = run(new_cache(cfg, 1), seq[:, first], pos[:, first])
-    got2, _ = run(cache, seq[:, second], pos[:, second])
-    assert_close(np.concatenate([got1, got2], 1), want, TOL, "prefill with 16-key blocks vs transformers")
+    acts = H.capture(qlora.hf, qlora.prompt)
+    pos = jnp.broadcast_to(jnp.arange(PROMPT_LEN, dtype=jnp.int32), (1, PROMPT_LEN))
+    cos, sin = rope_cos_sin(cfg, pos)
+    attn = jax.jit(lambda lw, x, layer: mla.mla_prefill(cfg, lw, x, new_cache(cfg, 1), layer, pos, cos, sin, None, 16)[0])
+    for i, lw in enumerate(w.layers):
+        out = attn(lw.self_attn, jnp.asarray(acts[f"attn_in.{i}"]), i)
+        assert_close(out, acts[f"attn_out.{i}"], TOL, f"layer {i}: MLA with 16-key blocks vs transformers")
