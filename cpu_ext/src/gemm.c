@@ -50,14 +50,16 @@ void jm_gemm_block(const jm_gemm_kernels *G, const jm_matrix *w, const float *x,
       for (int t = t0; t < t1; t++)
         for (int64_t b = 0; b < blk; b += 64) __builtin_prefetch(jm_tile_ptr(w, t) + (kb + 1) * blk + b);
     G->panel(w, n0, np, kb, pbuf);
-    for (int i0 = m0; i0 < m1; i0 += JM_GEMM_MR) {
-      const int mr = m1 - i0 < JM_GEMM_MR ? m1 - i0 : JM_GEMM_MR;
-      const float *xr[JM_GEMM_MR];
-      for (int i = 0; i < mr; i++) xr[i] = x + (rows ? rows[i0 + i] : i0 + i) * ldx + kb * JM_KBLOCK;
-      float *ci = c + (int64_t)i0 * ldc;
-      for (int s = 0; s < nsub; s++) {
-        const int nc = np - s * JM_GEMM_NR < JM_GEMM_NR ? np - s * JM_GEMM_NR : JM_GEMM_NR;
-        G->micro(xr, mr, kk, pbuf + s * JM_KBLOCK * JM_GEMM_NR, ci + s * JM_GEMM_NR, ldc, nc, kb > 0);
+    /* one 8 KB sub-panel stays in L1 while the token rows of this K block (512 bytes each,
+     * in L2) go by */
+    for (int s = 0; s < nsub; s++) {
+      const int nc = np - s * JM_GEMM_NR < JM_GEMM_NR ? np - s * JM_GEMM_NR : JM_GEMM_NR;
+      for (int i0 = m0; i0 < m1; i0 += JM_GEMM_MR) {
+        const int mr = m1 - i0 < JM_GEMM_MR ? m1 - i0 : JM_GEMM_MR;
+        const float *xr[JM_GEMM_MR];
+        for (int i = 0; i < mr; i++) xr[i] = x + (rows ? rows[i0 + i] : i0 + i) * ldx + kb * JM_KBLOCK;
+        G->micro(xr, mr, kk, pbuf + s * JM_KBLOCK * JM_GEMM_NR, c + (int64_t)i0 * ldc + s * JM_GEMM_NR, ldc, nc,
+                 kb > 0);
       }
     }
   }
