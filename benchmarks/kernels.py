@@ -7,7 +7,10 @@ beyond the caches) are packed into an ExpertStore. Measured, with 1 thread and a
 - the fused MoE layer for one token (8 experts, direct call and through XLA in jax.jit);
 - dequantize-then-GEMV baselines (numpy and XLA, f32) on one expert's three matrices;
 - INT4 rows (benchmarks/kernels_int4.py): the same shapes as group-32 INT4, vs the read pass
-  over the INT4 bytes and vs FP8 (per-matrix and MoE-layer speedups); `--no-int4` skips them.
+  over the INT4 bytes and vs FP8 (per-matrix and MoE-layer speedups); `--no-int4` skips them;
+- GEMM-path rows (benchmarks/kernels_gemm.py): one expert's matrices at M = 64, 128, 512 and
+  the MoE at 256, 512 tokens: GFLOP/s, fraction of the f32 FMA peak, speedup over the GEMV
+  chunks; `--no-gemm` skips them.
 
     python -m benchmarks.kernels [--json PATH] [--quick]
 
@@ -51,6 +54,7 @@ def build_store(rng):
 def main(argv=None) -> dict:
     ap = H.parser(__doc__.splitlines()[0])
     ap.add_argument("--no-int4", action="store_true", help="skip the INT4 rows")
+    ap.add_argument("--no-gemm", action="store_true", help="skip the GEMM-path rows (benchmarks/kernels_gemm.py)")
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     ms = MS_QUICK if args.quick else MS_FULL
@@ -163,6 +167,12 @@ def main(argv=None) -> dict:
 
         m4, details["int4"] = kernels_int4.run(nat, rng, store, gemv_pass, ms, repeats, HIDDEN, INTER, N_EXPERTS)
         metrics.update(m4)
+    if not args.no_gemm:  # GEMM path rows (prefill): benchmarks/kernels_gemm.py
+        from benchmarks import kernels_gemm  # noqa: PLC0415
+
+        ms_g, ts_g = (kernels_gemm.MS_QUICK, kernels_gemm.TS_QUICK) if args.quick else ((64, 128, 512), (256, 512))
+        mg, details["gemm"] = kernels_gemm.run(nat, rng, store, ms_g, ts_g, max(2, repeats // 2))
+        metrics.update(mg)
     env = H.env_info(isa=nat.selected_isa(), threads=all_threads, quick=args.quick)
     doc = H.write(args.json, metrics, env, details)
     if not args.quick:

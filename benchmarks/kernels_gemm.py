@@ -1,0 +1,156 @@
+"""CPU GEMM path benchmark: FP8 linears and the fused MoE at prefill token counts.
+
+One DeepSeek-V3 expert's three FP8 matrices (gate/up 2048x7168, down 7168x2048) as linears for
+M = 8, 16, 32, 64, 128, 512 tokens, on the GEMM path and on the GEMV token chunks (the path below
+jm_gemm_min_rows), interleaved with a read-only pass over the same bytes; and the fused MoE
+layer over 8 experts with 2 of 8 chosen per token (DeepSeek's 8 of 32 in proportion: each
+expert sees about T/4 tokens) for T = 64, 256, 512. Reported: ms, GFLOP/s (2 M N K per matrix;
+MoE: active expert rows only), the fraction of this machine's f32 FMA peak
+(threads x 2 FMA pipes x 8 lanes x 2 flop x clock, clock from --ghz or /proc/cpuinfo), and the
+GEMM / GEMV speedup measured in the same run.
+
+    python -m benchmarks.kernels_gemm [--json PATH] [--quick] [--ghz 2.45]
+
+Results: PATH if given, and benchmarks/results/kernels_gemm.json for a full (not --quick) run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import numpy as np
+
+from benchmarks import _harness as H
+
+MS_FULL, MS_QUICK = (8, 16, 32, 64, 128, 512), (16, 64)
+TS_FULL, TS_QUICK = (64, 256, 512), (64,)
+TOP_K = 2
+
+
+def clock_ghz() -> float:
+    """Nominal clock from /proc/cpuinfo (the first 'cpu MHz'), 2.45 if absent."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1]) / 1e3
+    except OSError:
+        pass
+    return 2.45
+
+
+@contextlib.contextmanager
+def gemm_rows(lib, m):
+    prev = lib.jm_set_gemm_min_rows(m)
+    try:
+        yield
+    finally:
+        lib.jm_set_gemm_min_rows(prev)
+
+
+def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
+    """The GEMM rows on `store` (benchmarks.kernels.build_store's layer 0): (metrics, details)."""
+    from benchmarks.kernels import HIDDEN, INTER, N_EXPERTS  # noqa: PLC0415
+
+    ffi, lib = nat.ffi, nat.lib
+    threads = lib.jm_num_threads()
+    ghz = ghz or clock_ghz()
+    peak = threads * 2 * 8 * 2 * ghz  # GFLOP/s
+    mats = [lib.jm_store_matrix(store._ptr, 0, 0, j) for j in range(3)]
+    shapes = [(INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
+    read3 = H.read_pass_fn(nat, mats)
+    details: dict = {"threads": threads, "ghz": ghz, "peak_gflops": peak, "linear": {}, "moe": {},
+                     "shapes": "one expert: gate 2048x7168, up 2048x7168, down 7168x2048 FP8; MoE: 8 experts, "
+                               f"top-{TOP_K} per token"}
+
+    def linear_pass(m):
+        xs = {k: rng.standard_normal((m, k)).astype(np.float32) for k in (HIDDEN, INTER)}
+        ys = {n: np.empty((m, n), np.float32) for n in (HIDDEN, INTER)}
+        calls = [(w, ffi.cast("void *", xs[k].ctypes.data), ffi.cast("void *", ys[n].ctypes.data))
+                 for w, (n, k) in zip(mats, shapes)]
+
+        def run_(_keep=(xs, ys)):
+            for w, xp, yp in calls:
+                lib.jm_linear(w, xp, 0, m, yp, 0)
+        return run_
+
+    def with_rows(fn, rows):
+        def run_():
+            with gemm_rows(lib, rows):
+                fn()
+        return run_
+
+    for m in ms:
+        fn = linear_pass(m)
+        t = H.interleaved({"read": read3, "gemm": with_rows(fn, 1), "gemv": with_rows(fn, -1)}, repeats)
+        flop = 2.0 * m * sum(n * k for n, k in shapes)
+        row = {"gemm_ms": t["gemm"]["median"] * 1e3, "gemv_ms": t["gemv"]["median"] * 1e3,
+               "gemm_gflops": flop / t["gemm"]["median"] / 1e9, "gemv_gflops": flop / t["gemv"]["median"] / 1e9,
+               "read_ms": t["read"]["median"] * 1e3}
+        row["gemm_frac_of_peak"] = row["gemm_gflops"] / peak
+        row["speedup_vs_gemv"] = t["gemv"]["median"] / t["gemm"]["median"]
+        details["linear"][f"m{m}"] = row
+        print(f"linear x3, M={m:4d}: GEMM {row['gemm_ms']:8.2f} ms {row['gemm_gflops']:6.1f} GFLOP/s "
+              f"({row['gemm_frac_of_peak']:.2f} of peak {peak:.0f}); GEMV chunks {row['gemv_ms']:8.2f} ms "
+              f"{row['gemv_gflops']:6.1f} GFLOP/s; x{row['speedup_vs_gemv']:.2f}; read pass {row['read_ms']:.2f} ms",
+              flush=True)
+
+    read_all = H.read_pass_fn(nat, [lib.jm_store_matrix(store._ptr, 0, e, j) for e in range(N_EXPERTS) for j in range(3)])
+    for t_ in ts:
+        x = rng.standard_normal((t_, HIDDEN)).astype(np.float32)
+        ids = np.stack([rng.permutation(N_EXPERTS)[:TOP_K] for _ in range(t_)]).astype(np.int32)
+        wts = rng.random((t_, TOP_K)).astype(np.float32)
+        out = np.empty_like(x)
+        c = ffi.cast
+        margs = (store._ptr, 0, c("void *", x.ctypes.data), 0, t_, c("int32_t *", ids.ctypes.data),
+                 c("float *", wts.ctypes.data), TOP_K, c("void *", out.ctypes.data), 0)
+
+        def moe(_keep=(x, ids, wts, out), margs=margs):
+            lib.jm_moe(*margs)
+        t = H.interleaved({"read": read_all, "gemm": with_rows(moe, 1), "gemv": with_rows(moe, -1)}, repeats)
+        flop = 2.0 * t_ * TOP_K * 3 * HIDDEN * INTER
+        row = {"tokens_per_expert": t_ * TOP_K / N_EXPERTS, "gemm_ms": t["gemm"]["median"] * 1e3,
+               "gemv_ms": t["gemv"]["median"] * 1e3, "gemm_gflops": flop / t["gemm"]["median"] / 1e9,
+               "gemv_gflops": flop / t["gemv"]["median"] / 1e9, "read_ms": t["read"]["median"] * 1e3}
+        row["gemm_frac_of_peak"] = row["gemm_gflops"] / peak
+        row["speedup_vs_gemv"] = t["gemv"]["median"] / t["gemm"]["median"]
+        details["moe"][f"t{t_}"] = row
+        print(f"MoE, T={t_:4d} ({row['tokens_per_expert']:.0f} rows/expert): GEMM {row['gemm_ms']:8.2f} ms "
+              f"{row['gemm_gflops']:6.1f} GFLOP/s ({row['gemm_frac_of_peak']:.2f} of peak); GEMV chunks "
+              f"{row['gemv_ms']:8.2f} ms {row['gemv_gflops']:6.1f} GFLOP/s; x{row['speedup_vs_gemv']:.2f}; "
+              f"read pass {row['read_ms']:.2f} ms", flush=True)
+
+    metrics = {f"gemm_m{m}_gflops": round(details["linear"][f"m{m}"]["gemm_gflops"], 2) for m in ms}
+    metrics.update({f"gemm_m{m}_frac_of_peak": round(details["linear"][f"m{m}"]["gemm_frac_of_peak"], 4) for m in ms})
+    metrics.update({f"gemm_m{m}_speedup_vs_gemv": round(details["linear"][f"m{m}"]["speedup_vs_gemv"], 2) for m in ms})
+    metrics.update({f"moe_t{t_}_gflops": round(details["moe"][f"t{t_}"]["gemm_gflops"], 2) for t_ in ts})
+    metrics.update({f"moe_t{t_}_speedup_vs_gemv": round(details["moe"][f"t{t_}"]["speedup_vs_gemv"], 2) for t_ in ts})
+    return metrics, details
+
+
+def main(argv=None) -> dict:
+    ap = H.parser(__doc__.splitlines()[0])
+    ap.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: /proc/cpuinfo)")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+    ms, ts = (MS_QUICK, TS_QUICK) if args.quick else (MS_FULL, TS_FULL)
+
+    from benchmarks.kernels import build_store  # noqa: PLC0415
+    from jaxmoe.cpu._lib import load  # noqa: PLC0415
+
+    nat = load()
+    rng = np.random.default_rng(0)
+    store, _ = build_store(rng)
+    metrics, details = run(nat, rng, store, ms, ts, repeats, args.ghz)
+    env = H.env_info(isa=nat.selected_isa(), threads=int(nat.lib.jm_num_threads()), quick=args.quick)
+    doc = H.write(args.json, metrics, env, details)
+    if not args.quick:
+        H.write(H.RESULTS_DIR / "kernels_gemm.json", metrics, env, details)
+    print(metrics)
+    store.free()
+    return doc
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
