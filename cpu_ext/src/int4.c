@@ -15,7 +15,7 @@ static int vnni_supported(void) {
   if (cached < 0) {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (__get_cpuid_max(0, NULL) >= 7) __cpuid_count(7, 0, a, b, c, d);
-    cached = (c >> 11) & 1; /* AVX512_VNNI */
+    cached = ((c >> 11) & 1) && ((b >> 31) & 1); /* AVX512_VNNI and AVX512VL (ymm forms) */
   }
   return cached;
 }
