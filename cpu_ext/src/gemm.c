@@ -71,8 +71,18 @@ typedef struct {
   const float *x;
   int64_t ldx, ldy;
   float *y, *pbufs;
-  int m, panels, parts, part_rows;
+  int m, panels, parts, part_rows, n_bufs;
+  _Atomic int failed;
 } groups_ctx;
+
+float *jm_gemm_thread_buf(float *bufs, int n_bufs, int64_t floats, int thread, float **own) {
+  *own = NULL;
+  if (thread < n_bufs) return bufs + (int64_t)thread * floats;
+  /* a pool resized (jm_set_num_threads) between sizing the scratch and the job: own buffer */
+  void *p = NULL;
+  if (posix_memalign(&p, 64, (size_t)floats * sizeof(float))) return NULL;
+  return *own = p;
+}
 
 static void groups_task(void *ctx_, int64_t task, int thread) {
   const groups_ctx *c = ctx_;
@@ -83,13 +93,18 @@ static void groups_task(void *ctx_, int64_t task, int thread) {
   const int n0 = p * JM_GEMM_NP, np = w->n - n0 < JM_GEMM_NP ? w->n - n0 : JM_GEMM_NP;
   const int m0 = part * c->part_rows, m1 = m0 + c->part_rows < c->m ? m0 + c->part_rows : c->m;
   if (m0 >= m1) return;
-  jm_gemm_block(c->G, w, c->x + j * w->k, c->ldx, NULL, m0, m1, n0, np, c->y + j * w->n + n0, c->ldy,
-                c->pbufs + (int64_t)thread * JM_GEMM_PBUF);
+  float *own, *pb = jm_gemm_thread_buf(c->pbufs, c->n_bufs, JM_GEMM_PBUF, thread, &own);
+  if (!pb) {
+    ((groups_ctx *)c)->failed = 1;
+    return;
+  }
+  jm_gemm_block(c->G, w, c->x + j * w->k, c->ldx, NULL, m0, m1, n0, np, c->y + j * w->n + n0, c->ldy, pb);
+  free(own);
 }
 
-void jm_gemm_groups(const jm_gemm_kernels *G, const jm_matrix *const *ws, int64_t g, const float *x, int64_t ldx,
-                    int m, float *y, int64_t ldy, float *pbufs) {
-  const int panels = (ws[0]->n + JM_GEMM_NP - 1) / JM_GEMM_NP, threads = jm_pool_threads();
+int jm_gemm_groups(const jm_gemm_kernels *G, const jm_matrix *const *ws, int64_t g, const float *x, int64_t ldx,
+                   int m, float *y, int64_t ldy, float *pbufs, int n_bufs) {
+  const int panels = (ws[0]->n + JM_GEMM_NP - 1) / JM_GEMM_NP, threads = n_bufs;
   /* few panels (small n): split the tokens too, in multiples of the micro-kernel's rows,
    * so that every thread has several tasks */
   int parts = 1;
@@ -101,6 +116,7 @@ void jm_gemm_groups(const jm_gemm_kernels *G, const jm_matrix *const *ws, int64_
   }
   int part_rows = (m + parts - 1) / parts;
   part_rows = (part_rows + JM_GEMM_MR - 1) / JM_GEMM_MR * JM_GEMM_MR;
-  groups_ctx c = {G, ws, x, ldx, ldy, y, pbufs, m, panels, parts, part_rows};
+  groups_ctx c = {G, ws, x, ldx, ldy, y, pbufs, m, panels, parts, part_rows, n_bufs, 0};
   jm_pool_run(g * panels * parts, groups_task, &c, NULL);
+  return c.failed ? jm_error(JM_ENOMEM, "jm_linear: out of memory for a GEMM panel buffer") : JM_OK;
 }

@@ -83,10 +83,13 @@ void jm_gemm_block(const jm_gemm_kernels *G, const jm_matrix *w, const float *x,
                    float *pbuf);
 #define JM_GEMM_PBUF (JM_GEMM_NP * JM_KBLOCK) /* floats of one panel buffer */
 /* y[i*ldy + j*n + r] = x[i*ldx + j*k + :] . W_j[r] for g matrices of one shape, m tokens,
- * over the pool (tasks: matrix x 64-row panel x token range); pbufs: one JM_GEMM_PBUF per
- * pool thread, caller's scratch under the engine lock */
-void jm_gemm_groups(const jm_gemm_kernels *G, const jm_matrix *const *ws, int64_t g, const float *x,
-                    int64_t ldx, int m, float *y, int64_t ldy, float *pbufs);
+ * over the pool (tasks: matrix x 64-row panel x token range); pbufs: n_bufs JM_GEMM_PBUF (one
+ * per pool thread), caller's scratch under the engine lock. JM_OK or JM_ENOMEM. */
+int jm_gemm_groups(const jm_gemm_kernels *G, const jm_matrix *const *ws, int64_t g, const float *x,
+                   int64_t ldx, int m, float *y, int64_t ldy, float *pbufs, int n_bufs);
+/* thread's slice of per-thread buffers of `floats` each; a thread id >= n_bufs (pool resized
+ * meanwhile) gets its own allocation in *own (free it), NULL when out of memory */
+float *jm_gemm_thread_buf(float *bufs, int n_bufs, int64_t floats, int thread, float **own);
 
 /* cheap per-entry-point timing, on when JAXMOE_CPU_PROFILE is set (profile.c) */
 enum { JM_PROF_LINEAR, JM_PROF_LINEAR_GEMM, JM_PROF_GROUPED, JM_PROF_GROUPED_GEMM, JM_PROF_MOE, JM_PROF_MOE_GEMM, JM_PROF_N };

@@ -104,7 +104,8 @@ static int linear_groups_gemm(const jm_matrix *const *ws, int64_t g, const void 
   const jm_gemm_kernels *G = jm_gemm_current();
   const int64_t row_in = g * w->k, row_out = g * w->n;
   const int64_t mc_max = y_dtype == JM_DT_F32 ? m : (m < GEMM_YCHUNK ? m : GEMM_YCHUNK);
-  const size_t pb_bytes = (size_t)jm_pool_threads() * JM_GEMM_PBUF * sizeof(float);
+  const int n_bufs = jm_pool_threads();
+  const size_t pb_bytes = (size_t)n_bufs * JM_GEMM_PBUF * sizeof(float);
   const size_t xc_bytes = x_dtype == JM_DT_F32 ? 0 : ((size_t)m * row_in * sizeof(float) + 63) & ~(size_t)63;
   const size_t yc_bytes = y_dtype == JM_DT_F32 ? 0 : (size_t)mc_max * row_out * sizeof(float);
   jm_engine_lock();
@@ -119,14 +120,15 @@ static int linear_groups_gemm(const jm_matrix *const *ws, int64_t g, const void 
     xs = (const float *)(s + pb_bytes);
   }
   float *yc = (float *)(s + pb_bytes + xc_bytes);
-  for (int64_t m0 = 0; m0 < m; m0 += mc_max) {
+  int rc = JM_OK;
+  for (int64_t m0 = 0; m0 < m && rc == JM_OK; m0 += mc_max) {
     const int mc = (int)(m - m0 < mc_max ? m - m0 : mc_max);
     float *yo = y_dtype == JM_DT_F32 ? (float *)y + m0 * row_out : yc;
-    jm_gemm_groups(G, ws, g, xs + m0 * row_in, row_in, mc, yo, row_out, (float *)s);
-    if (y_dtype != JM_DT_F32) jm_from_f32(yc, (int64_t)mc * row_out, y_dtype, (uint16_t *)y + m0 * row_out);
+    rc = jm_gemm_groups(G, ws, g, xs + m0 * row_in, row_in, mc, yo, row_out, (float *)s, n_bufs);
+    if (rc == JM_OK && y_dtype != JM_DT_F32) jm_from_f32(yc, (int64_t)mc * row_out, y_dtype, (uint16_t *)y + m0 * row_out);
   }
   jm_engine_unlock();
-  return JM_OK;
+  return rc;
 }
 
 /* x [m][g][k] -> y [m][g][n] over g validated matrices of one shape */

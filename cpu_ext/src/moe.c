@@ -165,8 +165,9 @@ static int64_t n_down(const moe_ctx *c, const item_t *it) { return tile_tasks(c-
 
 /* the GEMM path (moe_gemm.c) */
 int64_t jm_moe_gemm_thread_floats(int max_rows);
-void jm_moe_gemm(const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt, const int32_t *expert,
-                 const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows, float *tbuf, int max_rows);
+int jm_moe_gemm(const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt, const int32_t *expert,
+                const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows, float *tbuf, int n_bufs,
+                int max_rows);
 #define GEMM_H_ROWS 8192 /* assignment rows of h [rows][inter] per batch of experts (64 MB at inter 2048) */
 
 static int moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype, int64_t t, const int32_t *tok,
@@ -188,7 +189,8 @@ static int moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype
 #define A64(b) (((size_t)(b) + 63) & ~(size_t)63)
   const size_t x_bytes = x_dtype == JM_DT_F32 ? 0 : A64((size_t)t * H * sizeof(float));
   const size_t h_bytes = A64((size_t)h_rows * I * sizeof(float));
-  const size_t tb_bytes = A64((size_t)jm_pool_threads() * (size_t)jm_moe_gemm_thread_floats(max_rows) * sizeof(float));
+  const int n_bufs = jm_pool_threads();
+  const size_t tb_bytes = A64((size_t)n_bufs * (size_t)jm_moe_gemm_thread_floats(max_rows) * sizeof(float));
   const size_t o_bytes = out_dtype == JM_DT_F32 ? 0 : (size_t)t * H * sizeof(float);
 #undef A64
   jm_engine_lock();
@@ -205,12 +207,12 @@ static int moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype
   }
   float *o = out_dtype == JM_DT_F32 ? (float *)out : (float *)(sc + x_bytes + h_bytes + tb_bytes);
   memset(o, 0, (size_t)t * H * sizeof(float));
-  jm_moe_gemm(L, xs, tok, wt, order, start, ne, o, (float *)(sc + x_bytes), h_rows, (float *)(sc + x_bytes + h_bytes),
-              max_rows);
-  if (out_dtype != JM_DT_F32) jm_from_f32(o, t * H, out_dtype, out);
+  const int rc = jm_moe_gemm(L, xs, tok, wt, order, start, ne, o, (float *)(sc + x_bytes), h_rows,
+                             (float *)(sc + x_bytes + h_bytes), n_bufs, max_rows);
+  if (rc == JM_OK && out_dtype != JM_DT_F32) jm_from_f32(o, t * H, out_dtype, out);
   jm_engine_unlock();
   free(start);
-  return JM_OK;
+  return rc;
 }
 
 static int node_of(const jm_store_layer *L, int e) {

@@ -12,6 +12,7 @@
  * path: results do not depend on the thread count.
  */
 #include <math.h>
+#include <stdlib.h>
 
 #include "internal.h"
 #include "store.h"
@@ -27,6 +28,8 @@ typedef struct {
   int n_exp, a0;         /* batch: experts, first assignment (row 0 of h) */
   float *h, *tbuf, *out;
   int64_t tfloats; /* per-thread buffer: a panel + [max rows][JM_GEMM_NP] */
+  int n_bufs;
+  _Atomic int failed;
 } mg_ctx;
 
 static int panels_of(int n) { return (n + JM_GEMM_NP - 1) / JM_GEMM_NP; }
@@ -38,8 +41,12 @@ static void gate_up_task(void *ctx_, int64_t task, int thread) {
   const int np = I - n0 < JM_GEMM_NP ? I - n0 : JM_GEMM_NP;
   const jm_store_expert *e = &c->L->experts[c->expert[j]];
   const int a = c->start[j], m = c->start[j + 1] - a;
-  float *tb = c->tbuf + thread * c->tfloats, *u = tb + JM_GEMM_PBUF;
-  float *hg = c->h + (int64_t)(a - c->a0) * I + n0;
+  float *own, *tb = jm_gemm_thread_buf(c->tbuf, c->n_bufs, c->tfloats, thread, &own);
+  if (!tb) {
+    ((mg_ctx *)c)->failed = 1;
+    return;
+  }
+  float *u = tb + JM_GEMM_PBUF, *hg = c->h + (int64_t)(a - c->a0) * I + n0;
   jm_gemm_block(c->G, e->m[0], c->x, H, c->tok + a, 0, m, n0, np, hg, I, tb);
   jm_gemm_block(c->G, e->m[1], c->x, H, c->tok + a, 0, m, n0, np, u, JM_GEMM_NP, tb);
   for (int i = 0; i < m; i++)
@@ -47,13 +54,19 @@ static void gate_up_task(void *ctx_, int64_t task, int thread) {
       const float gv = hg[(int64_t)i * I + r];
       hg[(int64_t)i * I + r] = gv / (1.0f + expf(-gv)) * u[i * JM_GEMM_NP + r];
     }
+  free(own);
 }
 
 static void down_task(void *ctx_, int64_t task, int thread) {
   const mg_ctx *c = ctx_;
   const int I = c->L->inter, H = c->L->hidden;
   const int n0 = (int)task * JM_GEMM_NP, np = H - n0 < JM_GEMM_NP ? H - n0 : JM_GEMM_NP;
-  float *tb = c->tbuf + thread * c->tfloats, *y = tb + JM_GEMM_PBUF;
+  float *own, *tb = jm_gemm_thread_buf(c->tbuf, c->n_bufs, c->tfloats, thread, &own);
+  if (!tb) {
+    ((mg_ctx *)c)->failed = 1;
+    return;
+  }
+  float *y = tb + JM_GEMM_PBUF;
   for (int j = 0; j < c->n_exp; j++) {
     const int a = c->start[j], m = c->start[j + 1] - a;
     jm_gemm_block(c->G, c->L->experts[c->expert[j]].m[2], c->h + (int64_t)(a - c->a0) * I, I, NULL, 0, m, n0, np,
@@ -64,19 +77,23 @@ static void down_task(void *ctx_, int64_t task, int thread) {
       for (int r = 0; r < np; r++) o[r] += w * yi[r];
     }
   }
+  free(own);
 }
 
 int64_t jm_moe_gemm_thread_floats(int max_rows) { return JM_GEMM_PBUF + (int64_t)max_rows * JM_GEMM_NP; }
 
-void jm_moe_gemm(const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt, const int32_t *expert,
-                 const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows, float *tbuf, int max_rows) {
-  mg_ctx c = {jm_gemm_current(), L, x, tok, wt, NULL, NULL, 0, 0, h, tbuf, out, jm_moe_gemm_thread_floats(max_rows)};
-  for (int j0 = 0; j0 < n_exp;) {
+int jm_moe_gemm(const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt, const int32_t *expert,
+                const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows, float *tbuf, int n_bufs,
+                int max_rows) {
+  mg_ctx c = {jm_gemm_current(), L, x, tok, wt, NULL, NULL, 0, 0, h, tbuf, out, jm_moe_gemm_thread_floats(max_rows),
+              n_bufs, 0};
+  for (int j0 = 0; j0 < n_exp && !c.failed;) {
     int j1 = j0 + 1;
     while (j1 < n_exp && start[j1 + 1] - start[j0] <= h_rows) j1++;
     c.expert = expert + j0, c.start = start + j0, c.n_exp = j1 - j0, c.a0 = start[j0];
     jm_pool_run((int64_t)c.n_exp * panels_of(L->inter), gate_up_task, &c, NULL);
-    jm_pool_run(panels_of(L->hidden), down_task, &c, NULL);
+    if (!c.failed) jm_pool_run(panels_of(L->hidden), down_task, &c, NULL);
     j0 = j1;
   }
+  return c.failed ? jm_error(JM_ENOMEM, "jm_moe: out of memory for a GEMM panel buffer") : JM_OK;
 }
