@@ -78,10 +78,10 @@ jm_matrix *jm_matrix_from_handle(int64_t handle);
 int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, void *y,
               int32_t y_dtype);
 
-/* GEMM path: from this many token rows on, jm_linear / jm_linear_grouped (m) and jm_moe (mean
- * rows per active expert) decode each weight panel once per call and run an f32 register-
+/* GEMM path: from m token rows on, jm_linear / jm_linear_grouped (and jm_moe from a mean of
+ * m/2 rows per active expert) decode each weight panel once per call and run an f32 register-
  * blocked GEMM (FP8 / BF16; exact decode, f32 sums) instead of GEMV passes over token chunks.
- * Default 6 (env JAXMOE_CPU_GEMM_MIN at load); m = 0 restores it, m < 0 disables the path.
+ * Default 24 (env JAXMOE_CPU_GEMM_MIN at load); m = 0 restores it, m < 0 disables the path.
  * Returns the previous value (-1: disabled). */
 int jm_set_gemm_min_rows(int32_t m);
 /* native timing per entry point when env JAXMOE_CPU_PROFILE is set ("print": to stderr at

@@ -61,7 +61,11 @@ typedef struct {
 #define JM_GEMM_NP 64 /* rows per panel: divides 128 */
 #define JM_GEMM_MR 6  /* tokens per micro-kernel call */
 #define JM_GEMM_NR 16 /* rows per sub-panel */
-#define JM_GEMM_MIN_DEFAULT 6 /* token rows from which jm_linear / jm_moe use the GEMM path */
+/* token rows from which jm_linear uses the GEMM path (jm_moe: mean rows per active expert
+ * >= half of it, the GEMV MoE path having its own fold/gather costs). Measured here (loaded
+ * 2-core Zen 5, 6 DeepSeek expert matrices, GEMM/GEMV time): M=16 0.81x, 24 1.00x, 64 1.4x;
+ * fused MoE at 16 rows per expert in the bench-v3-mid prefill: GEMM 7.6 s vs GEMV 8.1 s. */
+#define JM_GEMM_MIN_DEFAULT 24
 typedef struct {
   int isa;
   /* rows [n0, n0+np) of w (np <= JM_GEMM_NP, inside one 128-row block; rows >= n read as 0),
