@@ -175,6 +175,15 @@ def absorb_out(kv_b_proj, o_latent: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.einsum("bthr,hvr->bthv", o_latent, w_uv)
 
 
+def _latent_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
+    """q [B, T, h, r] . keys [B, S, r] -> [B, T, h, S], computed keys-major ([B, S, T*h], then
+    the small result transposed): XLA on the CPU would otherwise copy-transpose the whole cache
+    window for every layer (measured 2-3x slower decode attention)."""
+    b, t, h, r = q.shape
+    s = jax.lax.dot_general(keys, q.reshape(b, t * h, r), (((2,), (2,)), ((0,), (0,))))
+    return jnp.swapaxes(s, 1, 2).reshape(b, t, h, keys.shape[1])
+
+
 def mla_decode(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None,
                block: int | None = None):
     """Attention in latent space with kv_b_proj absorbed. Same contract as `mla_prefill`
@@ -185,7 +194,7 @@ def mla_decode(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos
     q_latent = absorb_q(w.kv_b_proj, q_nope, cfg)
 
     def scores_of(c, kp):
-        return (jnp.einsum("bthr,bsr->bths", q_latent, c) + jnp.einsum("bthd,bsd->bths", q_pe, kp)) * cfg.softmax_scale
+        return (_latent_scores(q_latent, c) + _latent_scores(q_pe, kp)) * cfg.softmax_scale
 
     blk = _use_blocks(x.shape[1], c_kv.shape[1], block)
     if blk is None:
