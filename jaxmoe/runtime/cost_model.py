@@ -104,6 +104,12 @@ class ModelCosts:
         expand = 2 * (start + n) * c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)
         return pairs * per_pair + expand
 
+    def absorbed_attention_flops(self, context: int) -> float:
+        """One layer, one decoded token over `context` cached latents, attending in latent
+        space (kv_b_proj absorbed): scores over kv_lora_rank + rope, values over kv_lora_rank."""
+        c = self.cfg
+        return 2.0 * context * c.num_attention_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+
     def lm_head_flops(self) -> float:
         return 2.0 * self.cfg.vocab_size * self.cfg.hidden_size
 

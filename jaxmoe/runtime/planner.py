@@ -315,6 +315,7 @@ class DecodeEstimate:
     resident_s: float  # GPU (or CPU): everything else, with the latent cache
     overhead_s: float
     bytes_per_token: float
+    attention_s: float = 0.0  # latent-space attention over the context (FLOPs)
 
     @property
     def tok_per_s(self) -> float:
@@ -323,11 +324,16 @@ class DecodeEstimate:
 
 def estimate_decode(cfg: ModelConfig, hw: Hardware, *, context: int = 4096) -> DecodeEstimate:
     """One request decoding at `context` tokens: experts on the CPU (read-bound GEMV), the
-    rest on the GPU (weights + latent cache read once per token), one round trip per MoE layer."""
+    rest on the GPU (weights + latent cache read once per token), absorbed attention over the
+    context (FLOPs, on the GPU or the CPU), and `decode_layer_overhead_us` per MoE layer with a
+    GPU (one round trip each) or per layer without one (the fused CPU program's dispatches)."""
     mc, r = model_costs(cfg), _rates(cfg, hw)
     expert_bytes = mc.moe_layers * cfg.num_experts_per_tok * mc.expert_bytes
     resident_bytes = mc.decode_resident_bytes + context * mc.kv_bytes_per_token
     expert_s = expert_bytes / r.cpu_read
     resident_s = resident_bytes / (r.cpu_read if hw.gpu is None else r.mem)
-    overhead = mc.moe_layers * hw.efficiency.decode_layer_overhead_us * 1e-6 if hw.gpu is not None else 0.0
-    return DecodeEstimate(expert_s + resident_s + overhead, expert_s, resident_s, overhead, expert_bytes + resident_bytes)
+    attention_s = cfg.num_hidden_layers * mc.absorbed_attention_flops(context) / r.attn
+    layers = mc.moe_layers if hw.gpu is not None else cfg.num_hidden_layers
+    overhead = layers * hw.efficiency.decode_layer_overhead_us * 1e-6
+    return DecodeEstimate(expert_s + resident_s + attention_s + overhead, expert_s, resident_s, overhead,
+                          expert_bytes + resident_bytes, attention_s)

@@ -123,6 +123,21 @@ def test_decode_bytes_over_bandwidth(ref):
     assert 0.8 * 21.5 <= d.tok_per_s <= 1.2 * 21.5  # the published FP8 figure (docs/PERFORMANCE_MODEL.md)
 
 
+def test_cpu_only_decode_counts_every_layer_and_the_attention():
+    """No GPU: everything is read at the CPU's rate, absorbed attention costs FLOPs at the CPU's
+    GEMM rate, and every layer pays the per-layer dispatch overhead (hand-computed)."""
+    here = load_hardware("this-machine", calibrate=False)
+    cfg = ModelConfig.named("demo")
+    mc = model_costs(cfg)
+    read = 48e9 * 0.9
+    short, long = (estimate_decode(cfg, here, context=c) for c in (64, 2048))
+    assert short.overhead_s == pytest.approx(cfg.num_hidden_layers * 1000e-6)
+    flops = 2 * 2048 * cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
+    assert long.attention_s == pytest.approx(flops / (2 * 2.45e9 * 32 * 0.45))
+    assert long.resident_s - short.resident_s == pytest.approx((2048 - 64) * mc.kv_bytes_per_token / read)
+    assert long.seconds == pytest.approx(long.expert_s + long.resident_s + long.attention_s + long.overhead_s)
+
+
 def test_hardware_profiles_and_calibration(tmp_path, monkeypatch):
     for name in ("reference-box", "h100-box", "this-machine", "this-machine-fake-devices"):
         load_hardware(name)
