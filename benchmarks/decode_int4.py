@@ -8,6 +8,7 @@ one greedy request of `--new-tokens` tokens on the FP8 model, then on the INT4 m
 read-only pass over the bytes one token reads in each (the kernels' matrices, e2e.token_matrices,
 plus XLA's own f32 Linears), so host-load drift hits both alike. Reported: median decode tok/s
 of each, the INT4/FP8 ratio, bytes per token, and each one's fraction of its read-pass bound.
+Results: PATH, and benchmarks/results/decode_int4.json for a full default run.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def main(argv=None) -> dict:
                "checkpoints": {"fp8": str(fp8_path), "int4": str(int4_path)}}
     env = H.env_info(isa=nat.selected_isa(), threads=nat.lib.jm_num_threads(), quick=args.quick)
     doc = H.write(args.json, metrics, env, details)
+    if not args.quick and args.config is None:
+        H.write(H.RESULTS_DIR / "decode_int4.json", metrics, env, details)
     print(metrics)
     for m in models.values():
         m.close()
