@@ -79,7 +79,7 @@ int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, voi
               int32_t y_dtype);
 
 /* GEMM path: from m token rows on, jm_linear / jm_linear_grouped (and jm_moe from a mean of
- * m/2 rows per active expert) decode each weight panel once per call and run an f32 register-
+ * m rows per active expert) decode each weight panel once per call and run an f32 register-
  * blocked GEMM (FP8 / BF16; exact decode, f32 sums) instead of GEMV passes over token chunks.
  * Default 24 (env JAXMOE_CPU_GEMM_MIN at load); m = 0 restores it, m < 0 disables the path.
  * Returns the previous value (-1: disabled). */

@@ -61,10 +61,10 @@ typedef struct {
 #define JM_GEMM_NP 64 /* rows per panel: divides 128 */
 #define JM_GEMM_MR 6  /* tokens per micro-kernel call */
 #define JM_GEMM_NR 16 /* rows per sub-panel */
-/* token rows from which jm_linear uses the GEMM path (jm_moe: mean rows per active expert
- * >= half of it, the GEMV MoE path having its own fold/gather costs). Measured here (loaded
- * 2-core Zen 5, 6 DeepSeek expert matrices, GEMM/GEMV time): M=16 0.81x, 24 1.00x, 64 1.4x;
- * fused MoE at 16 rows per expert in the bench-v3-mid prefill: GEMM 7.6 s vs GEMV 8.1 s. */
+/* token rows from which jm_linear uses the GEMM path (jm_moe: mean rows per active expert).
+ * Measured here (loaded 2-core Zen 5; GEMV time / GEMM time): 6 DeepSeek expert matrices at
+ * M=16 0.81x, 24 1.00x, 64 1.4x; the fused MoE at 16 rows per expert 0.83x in isolation and
+ * 0.96-1.13x inside the bench-v3-mid prefill (a wash), at 64 rows per expert 1.38x. */
 #define JM_GEMM_MIN_DEFAULT 24
 typedef struct {
   int isa;

@@ -14,7 +14,7 @@
  * Every task is a fine-grained tile of one expert; items are ordered by the NUMA node of
  * their expert's weights and each node's threads take their node's tasks first. The result
  * does not depend on the thread count (fixed tiles, fixed summation order).
- * With many tokens per active expert (mean >= jm_gemm_min_rows() / 2, FP8/BF16) the GEMM path of
+ * With many tokens per active expert (mean >= jm_gemm_min_rows(), FP8/BF16) the GEMM path of
  * moe_gemm.c runs instead: each weight decoded once per call, same summation order into out.
  */
 #include <math.h>
@@ -277,7 +277,7 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
   for (int64_t a = 0; a < n_all; a++)
     if (ids[a] >= 0) { const int32_t p = pos[ids[a]]++; tok[p] = (int32_t)(a / top_k); wt[p] = weights[a]; }
   /* many tokens per active expert: the GEMM path decodes each weight once for all of them */
-  if (ne > 0 && (f0->format == JM_FMT_FP8 || f0->format == JM_FMT_BF16) && 2 * a0 >= (int64_t)ne * jm_gemm_min_rows()) {
+  if (ne > 0 && (f0->format == JM_FMT_FP8 || f0->format == JM_FMT_BF16) && a0 >= (int64_t)ne * jm_gemm_min_rows()) {
     used_gemm = 1;
     rc = moe_gemm_call(L, x, x_dtype, t, tok, wt, order, cnt, ne, a0, out, out_dtype);
     goto done;
