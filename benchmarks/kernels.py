@@ -165,7 +165,8 @@ def main(argv=None) -> dict:
     if not args.no_int4:  # INT4 rows (issue 7)
         from benchmarks import kernels_int4  # noqa: PLC0415
 
-        m4, details["int4"] = kernels_int4.run(nat, rng, store, gemv_pass, ms, repeats, HIDDEN, INTER, N_EXPERTS)
+        m4, details["int4"] = kernels_int4.run(nat, rng, store, gemv_pass, (1,) if args.quick else ms, repeats, HIDDEN,
+                                                   INTER, N_EXPERTS)
         metrics.update(m4)
     if not args.no_gemm:  # GEMM path rows (prefill): benchmarks/kernels_gemm.py
         from benchmarks import kernels_gemm  # noqa: PLC0415
