@@ -84,7 +84,7 @@ class Engine:
         self.executor = make_executor(cfg, weights, rc, self.devices, max_len, cache_dtype)
         self.prefill = StreamedPrefill(cfg, rc, self.devices, self.executor, weights, expert_source, self.chunk_size,
                                        max_len, cache_dtype)
-        self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size)
+        self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size, decode_chunk_size=rc.decode_chunk_size)
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self.steps_run = 0

@@ -33,6 +33,9 @@ class RuntimeConfig:
     overlap: bool = False
     n_slots: int = 4
     chunk_size: int = 64
+    # prompt tokens per step while other requests decode (they wait for the step: smaller
+    # means a lower time per output token for them); None: chunk_size
+    decode_chunk_size: int | None = None
     max_len: int | None = None
     memory_budget_bytes: int | None = None
     simulate_accelerators: bool = False
@@ -48,6 +51,8 @@ class RuntimeConfig:
             raise ValueError(f"routed_experts must be 'host' or 'accelerator', got {self.routed_experts!r}")
         if self.accelerators not in (0, 1, 2):
             raise ValueError(f"accelerators must be 0, 1 or 2, got {self.accelerators}")
+        if self.chunk_size < 1 or (self.decode_chunk_size is not None and self.decode_chunk_size < 1):
+            raise ValueError(f"chunk_size and decode_chunk_size must be >= 1, got {self.chunk_size}, {self.decode_chunk_size}")
         if self.n_slots < 1 or (self.staged and self.n_slots < 2):
             raise ValueError(f"n_slots={self.n_slots} too small (staged execution needs >= 2: one per micro-batch)")
 

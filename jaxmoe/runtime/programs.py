@@ -58,6 +58,18 @@ def row_bucket(n_active: int, n_slots: int) -> int:
     return min(n_slots, 1 << max(n_active - 1, 0).bit_length())
 
 
+MIN_WIDTH_BUCKET = 16
+
+
+def width_bucket(n_tokens: int, width: int) -> int:
+    """Columns a step runs for rows of at most `n_tokens` real tokens: 1, or a power of two
+    >= MIN_WIDTH_BUCKET (<= the planned width), so a short prompt does not pay for a full chunk
+    of padding in the dense kernels and each bucket compiles once."""
+    if n_tokens <= 1:
+        return 1
+    return min(width, max(MIN_WIDTH_BUCKET, 1 << (n_tokens - 1).bit_length()))
+
+
 def active_rows(busy: np.ndarray) -> np.ndarray:
     """The step's rows: the busy slots, then idle slots up to the bucket size (their positions
     are max_len: computed, never stored, never read back)."""
@@ -68,9 +80,10 @@ def active_rows(busy: np.ndarray) -> np.ndarray:
 
 class FusedStep:
     """Runs only the busy slots (`active_rows`) through the jitted program: their cache slots
-    are addressed through `KVCache.rows`, so kernels, attention and MoE see `bucket` rows.
-    A step that mixes one-token rows (decode) with prompt chunks runs them as two programs,
-    width 1 and full width, so no padded token of a decode row goes through the kernels."""
+    are addressed through `KVCache.rows`, so kernels, attention and MoE see `bucket` rows, and
+    only as many columns as their longest row needs (`width_bucket`). A step that mixes
+    one-token rows (decode) with prompt chunks runs them as two programs, width 1 and the
+    chunks' width, so no padded token of a decode row goes through the kernels."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights, device: jax.Device, n_slots: int, max_len: int, cache_dtype):
         self.cfg = cfg
@@ -95,7 +108,8 @@ class FusedStep:
 
     def _run(self, busy, tokens, positions, per_slot, kv_len: int):
         rows = active_rows(busy)
-        args = [a[rows] for a in (tokens, positions, *per_slot)]
+        w = width_bucket(int(per_slot[0][rows].max()) + 1, tokens.shape[1])
+        args = [tokens[rows, :w], positions[rows, :w], *(a[rows] for a in per_slot)]
         out, cache = self._program(self.cfg, self.weights, self.cache.replace(rows=rows), *args, kv_len=kv_len)
         self.cache = cache.replace(rows=None)
         return rows, out

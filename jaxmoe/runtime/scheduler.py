@@ -7,9 +7,10 @@ reports the sampled tokens back. Policy:
   can never fit (prompt + max_new_tokens > cache length) is refused when it is added;
 - every decoding request advances one token per step;
 - prefilling requests get the rest of the step's token budget in chunks of at most
-  `chunk_size` tokens (chunked prefill), so a long prompt never stalls the decoders;
-- a step with any prefill work is `chunk_size` wide, a pure decode step is 1 wide: two
-  shapes, compiled once each;
+  `chunk_size` tokens (chunked prefill), or `decode_chunk_size` while other requests decode
+  (they wait for the step), so a long prompt never stalls the decoders for long;
+- a step with any prefill work is `chunk_size` (or `decode_chunk_size`) wide, a pure decode
+  step is 1 wide: at most three shapes, compiled once each;
 - a request whose prompt is stream-loaded (`Request.streamed`: SLP/DSLP) is kept out of the
   steps' rows while it prefills: each step carries one chunk of the oldest such prompt in
   `StepPlan.streamed`, run by the engine beside (before) the step of the other slots.
@@ -43,12 +44,14 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, n_slots: int, max_len: int, chunk_size: int, token_budget: int | None = None):
-        if n_slots < 1 or chunk_size < 1:
-            raise ValueError("n_slots and chunk_size must be >= 1")
+    def __init__(self, n_slots: int, max_len: int, chunk_size: int, token_budget: int | None = None,
+                 decode_chunk_size: int | None = None):
+        if n_slots < 1 or chunk_size < 1 or (decode_chunk_size is not None and decode_chunk_size < 1):
+            raise ValueError("n_slots, chunk_size and decode_chunk_size must be >= 1")
         self.n_slots = n_slots
         self.max_len = max_len
         self.chunk_size = chunk_size
+        self.decode_chunk_size = min(decode_chunk_size or chunk_size, chunk_size)
         self.token_budget = token_budget or max(chunk_size, n_slots)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}
@@ -107,6 +110,9 @@ class Scheduler:
             if req.status is Status.DECODE:
                 rows[slot] = RowPlan(req, [req.output_ids[-1]], req.next_position - 1, True)
                 budget -= 1
+        chunk = self.decode_chunk_size if rows else self.chunk_size
+        if rows:
+            budget = min(budget, chunk)
         streamed: dict[int, RowPlan] = {}
         for slot, req in sorted(self.running.items(), key=lambda kv: kv[1].id):
             if req.status is Status.PREFILL and req.streamed:
@@ -115,9 +121,9 @@ class Scheduler:
                 continue
             if req.status is not Status.PREFILL or budget <= 0:
                 continue
-            rows[slot] = self._chunk(req, min(self.chunk_size, budget))
+            rows[slot] = self._chunk(req, min(chunk, budget))
             budget -= len(rows[slot].tokens)
-        width = 1 if all(len(r.tokens) == 1 and r.request.status is Status.DECODE for r in rows.values()) else self.chunk_size
+        width = 1 if all(len(r.tokens) == 1 and r.request.status is Status.DECODE for r in rows.values()) else chunk
         return StepPlan(width, rows, streamed)
 
     @staticmethod

@@ -8,7 +8,7 @@ import pytest
 from jaxmoe.model.cache import init_cache
 from jaxmoe.model.forward import decode, prefill
 from jaxmoe.runtime.engine import Engine
-from jaxmoe.runtime.programs import active_rows, row_bucket
+from jaxmoe.runtime.programs import active_rows, row_bucket, width_bucket
 
 MAX_LEN = 32
 _prefill = jax.jit(prefill, static_argnums=0)
@@ -18,6 +18,12 @@ _decode = jax.jit(decode, static_argnums=0)
 @pytest.mark.parametrize("n,slots,want", [(1, 4, 1), (2, 4, 2), (3, 4, 4), (4, 4, 4), (3, 3, 3), (5, 8, 8), (0, 4, 1)])
 def test_row_bucket(n, slots, want):
     assert row_bucket(n, slots) == want
+
+
+@pytest.mark.parametrize("n,width,want", [(1, 64, 1), (2, 64, 16), (16, 64, 16), (17, 64, 32), (40, 64, 64), (64, 64, 64),
+                                            (100, 256, 128), (3, 8, 8)])
+def test_width_bucket(n, width, want):
+    assert width_bucket(n, width) == want
 
 
 def test_active_rows_puts_busy_slots_first_and_pads_with_idle_ones():
@@ -56,8 +62,8 @@ def test_rows_address_cache_slots(tiny_model):
     np.testing.assert_allclose(s_logits, d_logits, atol=1e-6, rtol=0)
 
 
-def spy_engine(cfg, w):
-    eng = Engine(cfg, w, "cpu-only", n_slots=4, max_len=MAX_LEN, chunk_size=8)
+def spy_engine(cfg, w, chunk_size=8):
+    eng = Engine(cfg, w, "cpu-only", n_slots=4, max_len=MAX_LEN, chunk_size=chunk_size, decode_chunk_size=None)
     seen = []
     program = eng.executor._program
 
@@ -76,6 +82,14 @@ def test_lone_request_runs_one_row(tiny_model):
     assert len(r.output_ids) == 3
     assert [shape for shape, _ in seen] == [(1, 8), (1, 1), (1, 1)]
     assert all(rows == [0] for _, rows in seen)
+
+
+def test_short_prompt_runs_a_narrow_step(tiny_model):
+    cfg, w = tiny_model
+    eng, seen = spy_engine(cfg, w, chunk_size=32)
+    r = eng.submit(list(range(3, 8)), 2, background=False)  # 5 tokens: a 16-wide step, not 32
+    eng.run_until_idle()
+    assert [shape for shape, _ in seen] == [(1, 16), (1, 1)] and len(r.output_ids) == 2
 
 
 def test_mixed_step_runs_decode_rows_at_width_one(tiny_model):

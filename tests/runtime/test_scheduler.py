@@ -61,6 +61,23 @@ def test_waits_for_a_free_slot_and_mixes_prefill_with_decode():
     assert plan.width == 8
 
 
+def test_smaller_chunks_while_others_decode():
+    """decode_chunk_size caps the prompt tokens of a step that also carries decode rows (the
+    decoders wait for it); a prompt alone gets full chunk_size steps."""
+    s = Scheduler(n_slots=2, max_len=128, chunk_size=32, decode_chunk_size=8)
+    a = req(40, max_new=4)
+    s.add(a)
+    plan, _ = run_step(s)
+    assert plan.width == 32 and [len(r.tokens) for r in plan.rows.values()] == [32]
+    run_step(s)  # the rest of a's prompt: a decodes from here
+    b = req(20, max_new=2)
+    s.add(b)
+    plan, _ = run_step(s)
+    assert plan.width == 8 and sorted(len(r.tokens) for r in plan.rows.values()) == [1, 8]
+    with pytest.raises(ValueError, match="decode_chunk_size"):
+        Scheduler(n_slots=2, max_len=128, chunk_size=32, decode_chunk_size=0)
+
+
 def test_eos_and_stop_sequences_end_requests():
     s = Scheduler(n_slots=2, max_len=64, chunk_size=8)
     a = req(3, max_new=10, eos_token_ids=(7,))
