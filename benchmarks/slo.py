@@ -155,6 +155,7 @@ def measure(args) -> dict:
                  "sizes": sz, "compile_s": compile_s, "read_pass_bytes": kbytes}
     out["ttft"] = []
     for n in sz["ttft"]:
+        ttft(engine, cfg, n, rng)  # warm-up: compiles the step width this prompt length uses
         ts = [ttft(engine, cfg, n, rng) for _ in range(sz["repeats"])]
         out["ttft"].append({"prompt": n, "s": statistics.median(ts), "min": min(ts), "max": max(ts)})
         print(f"ttft {n:5d} tokens: {statistics.median(ts):.3f} s", flush=True)
@@ -174,6 +175,7 @@ def measure(args) -> dict:
         out["decode_batch"].append(dec(b, 16))
         print(f"decode batch {b}: {out['decode_batch'][-1]['tok_s']:.1f} tok/s", flush=True)
     decoders = min(sz["decoders"], engine.n_slots - 1)
+    mixed(engine, cfg, decoders, sz["mixed_long"], rng)  # warm-up: the mixed steps' shapes compile once
     out["mixed"] = mixed(engine, cfg, decoders, sz["mixed_long"], rng)
     mx = out["mixed"]
     print(f"mixed: {decoders} decoders + a {mx['long_prompt']}-token prompt: TTFT {mx['ttft_s']:.2f} s; decoders' "
