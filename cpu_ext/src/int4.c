@@ -129,3 +129,25 @@ void jm_int4_place_group(const jm_matrix *w, uint8_t *xf_tok, int gi, const int8
     memcpy(hi + 32 * v + 4 * l, q + 8 * v + 4, 4);
   }
 }
+
+/* the fold of every path: each group of each token quantized by `quant` (a path's twin of
+ * jm_int4_quant_group_ref), its scale, correction and int8 values placed in the token's xf */
+void jm_int4_fold_with(jm_int4_quant_fn quant, const jm_matrix *w, const float *x, int64_t ldx, int m, void *xf_) {
+  uint8_t *xf = (uint8_t *)xf_;
+  const int G = w->group, ng = w->k_pad / G;
+  int8_t q[256];
+  for (int i = 0; i < m; i++) {
+    const float *xi = x + i * ldx;
+    uint8_t *tok = xf + i * jm_int4_xf_stride(w);
+    float *sx = jm_int4_sx(w, tok);
+    int32_t *corr = jm_int4_corr(w, tok);
+    for (int g = 0; g < ng; g++) {
+      const int c0 = g * G;
+      const int valid = c0 >= w->k ? 0 : (w->k - c0 < G ? w->k - c0 : G);
+      int32_t s;
+      sx[g] = quant(valid ? xi + c0 : xi, valid, G, q, &s); /* no pointer past the row */
+      corr[g] = -8 * s;
+      jm_int4_place_group(w, tok, g, q);
+    }
+  }
+}

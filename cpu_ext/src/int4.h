@@ -35,6 +35,8 @@ float jm_int4_quant_group_ref(const float *x, int valid, int g, int8_t *q, int32
 /* writes the G int8 of group l of super-block sb into their permuted places */
 void jm_int4_place_group(const jm_matrix *w, uint8_t *xf_tok, int group_index, const int8_t *q);
 
+typedef float (*jm_int4_quant_fn)(const float *x, int valid, int g, int8_t *q, int32_t *sum);
+void jm_int4_fold_with(jm_int4_quant_fn quant, const jm_matrix *w, const float *x, int64_t ldx, int m, void *xf);
 void jm_int4_fold_ref(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf);
 void jm_int4_fold_avx2(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf);
 

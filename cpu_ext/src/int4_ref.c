@@ -21,24 +21,8 @@ static inline float f16_to_f32(uint16_t h) {
   return v.f;
 }
 
-void jm_int4_fold_ref(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf_) {
-  uint8_t *xf = (uint8_t *)xf_;
-  const int G = w->group, ng = w->k_pad / G;
-  int8_t q[256];
-  for (int i = 0; i < m; i++) {
-    const float *xi = x + i * ldx;
-    uint8_t *tok = xf + i * jm_int4_xf_stride(w);
-    float *sx = jm_int4_sx(w, tok);
-    int32_t *corr = jm_int4_corr(w, tok);
-    for (int g = 0; g < ng; g++) {
-      const int c0 = g * G;
-      const int valid = c0 >= w->k ? 0 : (w->k - c0 < G ? w->k - c0 : G);
-      int32_t s;
-      sx[g] = jm_int4_quant_group_ref(valid ? xi + c0 : xi, valid, G, q, &s); /* no pointer past the row */
-      corr[g] = -8 * s;
-      jm_int4_place_group(w, tok, g, q);
-    }
-  }
+void jm_int4_fold_ref(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf) {
+  jm_int4_fold_with(jm_int4_quant_group_ref, w, x, ldx, m, xf);
 }
 
 static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf_, int m, float *y, int64_t ldy) {
