@@ -10,6 +10,7 @@
   experts(B, l), attention(A, l+1), ...: JAX's asynchronous dispatch then runs B's attention
   on the accelerator while the CPU runs A's experts. Only the sampled token ids are awaited.
   Without overlap, A runs through all layers, then B. Same programs, same values either way.
+  A micro-batch with no busy slot is skipped (a lone request costs one pass, not two).
 
 Every executor: `__call__(tokens, positions, last_index, seeds, steps, temperature, top_k,
 top_p, *, kv_len)` (numpy [n_slots, ...]; kv_len static: attend over that many cache slots)
@@ -188,17 +189,23 @@ class StagedStep:
     def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int) -> np.ndarray:
         self.dispatch_log.clear()
         n_layers = self.cfg.num_hidden_layers
-        states = [self._start(mb, tokens, positions) for mb in (0, 1)]
+        busy = positions[:, 0] < self.caches[0].max_len
+        active = [mb for mb, (lo, hi) in enumerate(self.mb_slots) if busy[lo:hi].any()] or [0]  # idle: skipped
+        states = {mb: self._start(mb, tokens, positions) for mb in active}
         if self.overlap:
             for layer in range(n_layers):
-                for mb in (0, 1):
+                for mb in active:
                     self._layer_step(mb, layer, states[mb], kv_len)
         else:
-            for mb in (0, 1):
+            for mb in active:
                 for layer in range(n_layers):
                     self._layer_step(mb, layer, states[mb], kv_len)
-        outs = [self._finish(mb, states[mb], last_index, seeds, steps, temperature, top_k, top_p) for mb in (0, 1)]
-        return np.concatenate([np.asarray(o) for o in outs])  # the only sync point
+        outs = {mb: self._finish(mb, states[mb], last_index, seeds, steps, temperature, top_k, top_p) for mb in active}
+        next_tokens = np.zeros(len(busy), np.int32)
+        for mb, out in outs.items():  # the only sync point
+            lo, hi = self.mb_slots[mb]
+            next_tokens[lo:hi] = np.asarray(out)
+        return next_tokens
 
 
 def make_executor(cfg: ModelConfig, weights: Weights, rc: Any, devices: Devices, max_len: int, cache_dtype) -> Any:

@@ -82,8 +82,19 @@ def test_overlap_is_bit_identical_to_serial_and_interleaves(tiny_model, prompts)
     for overlap in (True, False):
         e = Engine(cfg, w, "gpu+cpu-experts", n_slots=4, max_len=MAX_LEN, chunk_size=16, overlap=overlap, simulate_accelerators=True)
         sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+        step_logs = []
+        ex = e.executor
+
+        def logged(*a, _ex=ex, _logs=step_logs, **kw):
+            out = _ex(*a, **kw)
+            _logs.append(list(_ex.dispatch_log))
+            return out
+
+        e.executor = logged
         outs[overlap] = run_all(e, prompts, sampling=sampling)
-        logs[overlap] = list(e.executor.dispatch_log)
+        both = [log for log in step_logs if {mb for _, mb, _ in log} == {0, 1}]
+        logs[overlap] = both[-1]  # a step where both micro-batches ran
+        assert any({mb for _, mb, _ in log} == {0} for log in step_logs), "an idle micro-batch is skipped"
     assert outs[True] == outs[False]
     first_moe = cfg.first_k_dense_replace
     on = logs[True]
