@@ -97,23 +97,26 @@ class FusedStep:
         one = busy & (last_index == 0)  # rows with one real token: decode (or a prompt's last token)
         long = busy & ~one
         per_slot = (last_index, seeds, steps, temperature, top_k, top_p)
-        runs = []  # (rows, their next tokens): dispatched first, awaited together
+        runs = []  # (rows, which are real, their next tokens): dispatched first, awaited together
         if one.any() or not long.any():
             runs.append(self._run(one, tokens[:, :1], positions[:, :1], per_slot, kv_len))
         if long.any():
             runs.append(self._run(long, tokens, positions, per_slot, kv_len))
         next_tokens = np.zeros(len(busy), np.int32)
-        for rows, out in runs:
-            next_tokens[rows] = np.asarray(out)
+        for rows, real, out in runs:
+            next_tokens[rows[real]] = np.asarray(out)[real]
         return next_tokens
 
     def _run(self, busy, tokens, positions, per_slot, kv_len: int):
         rows = active_rows(busy)
-        w = width_bucket(int(per_slot[0][rows].max()) + 1, tokens.shape[1])
-        args = [tokens[rows, :w], positions[rows, :w], *(a[rows] for a in per_slot)]
+        real = busy[rows]
+        w = width_bucket(int(per_slot[0][rows][real].max(initial=0)) + 1, tokens.shape[1])
+        pos = positions[rows, :w].copy()
+        pos[~real] = self.cache.max_len  # padding rows (maybe slots busy in the other run): never stored
+        args = [tokens[rows, :w], pos, *(a[rows] for a in per_slot)]
         out, cache = self._program(self.cfg, self.weights, self.cache.replace(rows=rows), *args, kv_len=kv_len)
         self.cache = cache.replace(rows=None)
-        return rows, out
+        return rows, real, out
 
 
 # ---- staged execution ---------------------------------------------------------------------
