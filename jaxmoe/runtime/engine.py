@@ -34,7 +34,7 @@ import numpy as np
 from jaxmoe.config import ModelConfig
 from jaxmoe.runtime.placement import RuntimeConfig, resolve_devices
 from jaxmoe.runtime.prefill_strategy import StreamedPrefill
-from jaxmoe.runtime.programs import make_executor
+from jaxmoe.runtime.programs import kv_window, make_executor
 from jaxmoe.runtime.request import Request, RequestRefused
 from jaxmoe.runtime.sampling import SamplingParams
 from jaxmoe.runtime.scheduler import Scheduler, StepPlan
@@ -42,15 +42,6 @@ from jaxmoe.runtime.scheduler import Scheduler, StepPlan
 
 def cache_bytes_per_position(cfg: ModelConfig, dtype=jnp.float32) -> int:
     return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
-
-
-MIN_KV_WINDOW = 64
-
-
-def kv_window(end: int, max_len: int) -> int:
-    """Cache slots a step attends over: the next power of two >= end (>= MIN_KV_WINDOW, <= max_len),
-    so attention costs what the longest sequence needs and compiles once per power of two."""
-    return min(max_len, 1 << (max(end, MIN_KV_WINDOW) - 1).bit_length())
 
 
 class Engine:

@@ -40,7 +40,7 @@ from jaxmoe.model.cache import KVCache, init_cache
 from jaxmoe.model.weights import ExpertsWeights
 from jaxmoe.runtime.placement import PREFILL_STRATEGIES, Devices, RuntimeConfig, split_experts
 from jaxmoe.runtime.planner import FORCE_ENV, estimate_prefill, load_hardware, plan_prefill
-from jaxmoe.runtime.programs import _sample_rows
+from jaxmoe.runtime.programs import _sample_rows, kv_window
 from jaxmoe.runtime.streaming import STRATEGY_DEVICES, slp_prefill_chunk
 
 STREAMED = tuple(STRATEGY_DEVICES)  # ("slp", "dslp")
@@ -216,7 +216,7 @@ class StreamedPrefill:
         name = req.prefill_strategy
         est = req.prefill_plan
         n, start = len(row.tokens), row.start
-        width = min(self.max_len, 1 << (max(len(req.prompt_ids), 64) - 1).bit_length())
+        width = kv_window(len(req.prompt_ids), self.max_len)
         if self._cache is None or self._cache[0] != req.id:
             self._cache = (req.id, init_cache(self.cfg, 1, width, self.cache_dtype))
         tokens = np.zeros((1, self.chunk_size), np.int32)

@@ -53,6 +53,15 @@ def _fused_program(cfg, weights, cache, tokens, positions, last_index, seeds, st
     return _sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
 
 
+MIN_KV_WINDOW = 64
+
+
+def kv_window(end: int, max_len: int) -> int:
+    """Cache slots a step attends over: the next power of two >= end (>= MIN_KV_WINDOW, <= max_len),
+    so attention costs what the longest sequence needs and compiles once per power of two."""
+    return min(max_len, 1 << (max(end, MIN_KV_WINDOW) - 1).bit_length())
+
+
 def row_bucket(n_active: int, n_slots: int) -> int:
     """Rows a step runs for `n_active` busy slots: the next power of two (<= n_slots), so a
     lone request costs one row, not n_slots, and each bucket compiles once."""

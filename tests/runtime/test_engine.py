@@ -9,7 +9,8 @@ import pytest
 
 from jaxmoe.model.cache import init_cache
 from jaxmoe.model.forward import decode, prefill
-from jaxmoe.runtime.engine import Engine, cache_bytes_per_position, kv_window
+from jaxmoe.runtime.engine import Engine, cache_bytes_per_position
+from jaxmoe.runtime.programs import kv_window
 from jaxmoe.runtime.request import RequestRefused
 from jaxmoe.runtime.sampling import SamplingParams
 
