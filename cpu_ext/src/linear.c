@@ -95,40 +95,61 @@ static void linear_chunk(const jm_kernels *K, const jm_matrix *const *ws, int64_
   jm_pool_run(g * c.tile_tasks, tile_task, &c, NULL);
 }
 
-/* the GEMM path: x converted to f32 once, y written in place (f32) or through f32 chunks of
- * GEMM_YCHUNK tokens (bf16) */
-#define GEMM_YCHUNK 256
-static int linear_groups_gemm(const jm_matrix *const *ws, int64_t g, const void *x, int32_t x_dtype, int64_t m,
-                              void *y, int32_t y_dtype) {
-  const jm_matrix *w = ws[0];
-  const jm_gemm_kernels *G = jm_gemm_current();
+/* The row-chunk driver of both paths: under the engine lock, one scratch of `work_bytes`
+ * (the path's own) + x as f32 (when bf16) + one chunk of y as f32 (when bf16); x converted
+ * once, `fn` run per chunk of at most mc_max rows, y written per chunk. */
+typedef int (*chunk_fn)(void *ctx, const float *x, int mc, float *y, uint8_t *work);
+
+static int run_chunks(const jm_matrix *w, int64_t g, const void *x, int32_t x_dtype, int64_t m, void *y,
+                      int32_t y_dtype, int64_t mc_max, size_t work_bytes, chunk_fn fn, void *ctx) {
   const int64_t row_in = g * w->k, row_out = g * w->n;
-  const int64_t mc_max = y_dtype == JM_DT_F32 ? m : (m < GEMM_YCHUNK ? m : GEMM_YCHUNK);
-  const int n_bufs = jm_pool_threads();
-  const size_t pb_bytes = (size_t)n_bufs * JM_GEMM_PBUF * sizeof(float);
   const size_t xc_bytes = x_dtype == JM_DT_F32 ? 0 : ((size_t)m * row_in * sizeof(float) + 63) & ~(size_t)63;
   const size_t yc_bytes = y_dtype == JM_DT_F32 ? 0 : (size_t)mc_max * row_out * sizeof(float);
   jm_engine_lock();
-  uint8_t *s = jm_scratch(pb_bytes + xc_bytes + yc_bytes);
+  uint8_t *s = jm_scratch(work_bytes + xc_bytes + yc_bytes);
   if (!s) {
     jm_engine_unlock();
-    return jm_error(JM_ENOMEM, "jm_linear: out of memory for %zu bytes of scratch", pb_bytes + xc_bytes + yc_bytes);
+    return jm_error(JM_ENOMEM, "jm_linear: out of memory for %zu bytes of scratch", work_bytes + xc_bytes + yc_bytes);
   }
   const float *xs = (const float *)x;
   if (xc_bytes) {
-    jm_to_f32(x, x_dtype, m * row_in, (float *)(s + pb_bytes));
-    xs = (const float *)(s + pb_bytes);
+    jm_to_f32(x, x_dtype, m * row_in, (float *)(s + work_bytes));
+    xs = (const float *)(s + work_bytes);
   }
-  float *yc = (float *)(s + pb_bytes + xc_bytes);
+  float *yc = (float *)(s + work_bytes + xc_bytes);
   int rc = JM_OK;
   for (int64_t m0 = 0; m0 < m && rc == JM_OK; m0 += mc_max) {
     const int mc = (int)(m - m0 < mc_max ? m - m0 : mc_max);
     float *yo = y_dtype == JM_DT_F32 ? (float *)y + m0 * row_out : yc;
-    rc = jm_gemm_groups(G, ws, g, xs + m0 * row_in, row_in, mc, yo, row_out, (float *)s, n_bufs);
+    rc = fn(ctx, xs + m0 * row_in, mc, yo, s);
     if (rc == JM_OK && y_dtype != JM_DT_F32) jm_from_f32(yc, (int64_t)mc * row_out, y_dtype, (uint16_t *)y + m0 * row_out);
   }
   jm_engine_unlock();
   return rc;
+}
+
+typedef struct {
+  const jm_kernels *K;
+  const jm_gemm_kernels *G;
+  const jm_matrix *const *ws;
+  int64_t g;
+  int n_bufs;
+} path_ctx;
+
+/* the GEMV path: token chunks of at most JM_MC rows through the tile kernels */
+static int gemv_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *work) {
+  const path_ctx *c = ctx_;
+  linear_chunk(c->K, c->ws, c->g, x, mc, y, work);
+  return JM_OK;
+}
+
+/* the GEMM path: weight panels decoded once per call (gemm.c); chunks of GEMM_YCHUNK rows only
+ * to bound the f32 copy of a bf16 y */
+#define GEMM_YCHUNK 256
+static int gemm_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *work) {
+  const path_ctx *c = ctx_;
+  const jm_matrix *w = c->ws[0];
+  return jm_gemm_groups(c->G, c->ws, c->g, x, c->g * w->k, mc, y, c->g * w->n, (float *)work, c->n_bufs);
 }
 
 /* x [m][g][k] -> y [m][g][n] over g validated matrices of one shape */
@@ -140,43 +161,22 @@ static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, i
   if (m == 0) return JM_OK;
   if (!x || !y) return jm_error(JM_EINVAL, "jm_linear: NULL buffer");
   const jm_matrix *w = ws[0];
+  const int64_t t0 = jm_prof_start();
+  int rc;
   if (m >= jm_gemm_min_rows() && (w->format == JM_FMT_FP8 || w->format == JM_FMT_BF16)) {
-    const int64_t t0 = jm_prof_start();
-    const int rc = linear_groups_gemm(ws, g, x, x_dtype, m, y, y_dtype);
+    path_ctx c = {NULL, jm_gemm_current(), ws, g, jm_pool_threads()};
+    const int64_t mc_max = y_dtype == JM_DT_F32 ? m : (m < GEMM_YCHUNK ? m : GEMM_YCHUNK);
+    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)c.n_bufs * JM_GEMM_PBUF * sizeof(float),
+                    gemm_chunk, &c);
     jm_prof_stop(grouped_call ? JM_PROF_GROUPED_GEMM : JM_PROF_LINEAR_GEMM, t0, m);
-    return rc;
+  } else {
+    path_ctx c = {jm_kernels_for(w) /* INT4: its own kernels (int4.c) */, NULL, ws, g, 0};
+    const int mc_max = m < JM_MC ? (int)m : JM_MC;
+    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)g * w->n_rb * xf_rb_bytes(c.K, w, mc_max),
+                    gemv_chunk, &c);
+    jm_prof_stop(grouped_call ? JM_PROF_GROUPED : JM_PROF_LINEAR, t0, m);
   }
-  const int64_t prof_t0 = jm_prof_start();
-  const jm_kernels *K = jm_kernels_for(w); /* INT4: its own kernels (int4.c) */
-  const int mc_max = m < JM_MC ? (int)m : JM_MC;
-  const int64_t row_in = g * w->k, row_out = g * w->n;
-  const size_t xf_bytes = (size_t)g * w->n_rb * xf_rb_bytes(K, w, mc_max);
-  const size_t xc_bytes = x_dtype == JM_DT_F32 ? 0 : ((size_t)m * row_in * sizeof(float) + 63) & ~(size_t)63;
-  const size_t yc_bytes = y_dtype == JM_DT_F32 ? 0 : (size_t)mc_max * row_out * sizeof(float);
-  jm_engine_lock();
-  uint8_t *s = jm_scratch(xf_bytes + xc_bytes + yc_bytes);
-  if (!s) {
-    jm_engine_unlock();
-    return jm_error(JM_ENOMEM, "jm_linear: out of memory for %zu bytes of scratch", xf_bytes + xc_bytes + yc_bytes);
-  }
-  const float *xs = (const float *)x;
-  if (xc_bytes) {
-    jm_to_f32(x, x_dtype, m * row_in, (float *)(s + xf_bytes));
-    xs = (const float *)(s + xf_bytes);
-  }
-  float *yc = (float *)(s + xf_bytes + xc_bytes);
-  for (int64_t m0 = 0; m0 < m; m0 += JM_MC) {
-    const int mc = m - m0 < JM_MC ? (int)(m - m0) : JM_MC;
-    if (y_dtype == JM_DT_F32) {
-      linear_chunk(K, ws, g, xs + m0 * row_in, mc, (float *)y + m0 * row_out, s);
-    } else {
-      linear_chunk(K, ws, g, xs + m0 * row_in, mc, yc, s);
-      jm_from_f32(yc, (int64_t)mc * row_out, JM_DT_BF16, (uint16_t *)y + m0 * row_out);
-    }
-  }
-  jm_engine_unlock();
-  jm_prof_stop(grouped_call ? JM_PROF_GROUPED : JM_PROF_LINEAR, prof_t0, m);
-  return JM_OK;
+  return rc;
 }
 
 int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, void *y, int32_t y_dtype) {
