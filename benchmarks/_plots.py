@@ -35,43 +35,40 @@ def _pred(d: dict) -> dict[int, float]:
     return {int(k): v for k, v in d.items()}  # JSON turned the int keys into strings
 
 
-def plot_ttft(doc: dict, path: Path) -> Path:
-    r = doc["details"]["results"]
-    n = [x["prompt"] for x in r["ttft"]]
+def _measured_vs_predicted(doc: dict, path: Path, x, y, lo, hi, label: str, predicted: dict, xlabel: str,
+                           ylabel: str, title: str) -> Path:
+    """A log-log plot of a measured curve (median with min-max bars) and the planner's prediction."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(n, [x["s"] for x in r["ttft"]], yerr=[[max(0.0, x["s"] - x["min"]) for x in r["ttft"]],
-                                                      [max(0.0, x["max"] - x["s"]) for x in r["ttft"]]],
-                marker="o", capsize=3, label="measured (median, min-max)")
-    p = _pred(r["predicted"]["ttft_s"])
-    ax.plot(sorted(p), [p[k] for k in sorted(p)], "--", marker="x", label=f"predicted ({r['predicted']['hardware']})")
+    ax.errorbar(x, y, yerr=[[max(0.0, m - a) for m, a in zip(y, lo)], [max(0.0, b - m) for m, b in zip(y, hi)]],
+                marker="o", capsize=3, label=label)
+    p = _pred(predicted)
+    ax.plot(sorted(p), [p[k] for k in sorted(p)], "--", marker="x",
+            label=f"predicted ({doc['details']['results']['predicted']['hardware']})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("time to first token (s)")
-    ax.set_title(_title(doc, "TTFT vs prompt length"), fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(_title(doc, title), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_ttft(doc: dict, path: Path) -> Path:
+    r = doc["details"]["results"]
+    t = r["ttft"]
+    return _measured_vs_predicted(doc, path, [x["prompt"] for x in t], [x["s"] for x in t], [x["min"] for x in t],
+                                  [x["max"] for x in t], "measured (median, min-max)", r["predicted"]["ttft_s"],
+                                  "prompt tokens", "time to first token (s)", "TTFT vs prompt length")
 
 
 def plot_decode_context(doc: dict, path: Path) -> Path:
     r = doc["details"]["results"]
-    c = [x["context"] for x in r["decode_context"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(c, [x["tok_s"] for x in r["decode_context"]],
-                yerr=[[max(0.0, x["tok_s"] - 1 / x["step_s"]["max"]) for x in r["decode_context"]],
-                      [max(0.0, 1 / x["step_s"]["min"] - x["tok_s"]) for x in r["decode_context"]]],
-                marker="o", capsize=3, label="measured, batch 1 (median, min-max)")
-    p = _pred(r["predicted"]["decode_tok_s"])
-    ax.plot(sorted(p), [p[k] for k in sorted(p)], "--", marker="x", label=f"predicted ({r['predicted']['hardware']})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("decode tok/s")
-    ax.set_title(_title(doc, "Decode vs context length"), fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    d = r["decode_context"]
+    return _measured_vs_predicted(doc, path, [x["context"] for x in d], [x["tok_s"] for x in d],
+                                  [1 / x["step_s"]["max"] for x in d], [1 / x["step_s"]["min"] for x in d],
+                                  "measured, batch 1 (median, min-max)", r["predicted"]["decode_tok_s"],
+                                  "context tokens", "decode tok/s", "Decode vs context length")
 
 
 def plot_decode_batch(doc: dict, path: Path) -> Path:
