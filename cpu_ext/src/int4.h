@@ -45,4 +45,48 @@ extern const jm_kernels jm_int4_kernels_avx2;
 extern const jm_kernels jm_int4_kernels_avx512;
 extern const int jm_int4_avx512_emulated; /* 1 in the SIMDe test build */
 
+/* ---- the GEMM path (int4_gemm*.c): many tokens against one INT4 weight ------------------
+ * A panel of up to JM_INT4_GEMM_NP rows is unpacked once per call: per row, k_pad u8 codes in
+ * the fold's order (per super-block 2V vectors of 32 bytes: the low nibbles of packed vectors
+ * 0..V-1, then their high nibbles, V = G/8), then k_pad/G f32 scales (from f16, exact). An
+ * MR-token x NR-row micro-kernel runs the folded activations of every token against it: per
+ * super-block, 8 vpmaddubsw are summed in int16 (|pair| <= 2*15*127 = 3810, 8 * 3810 = 30480
+ * < 2^15: no saturation), widened by vpmaddwd, plus corr: the exact group dots; then per group
+ * lane acc = fma(cvt(dot) * s_x, s_w, acc) over the super-blocks in order and one 8-lane sum:
+ * the same f32 operations as the AVX2 GEMV tile kernel, so both paths give identical results;
+ * the scalar twin replays them lane by lane (fmaf), identical too. */
+#define JM_INT4_GEMM_NP 16 /* rows per unpacked panel */
+#define JM_INT4_GEMM_MR 4  /* tokens per micro-kernel call */
+#define JM_INT4_GEMM_NR 3  /* rows per micro-kernel call */
+static inline int64_t jm_int4_panel_row(const jm_matrix *w) { return w->k_pad + 4 * (int64_t)(w->k_pad / w->group); }
+typedef struct {
+  int isa;
+  void (*fold)(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf);
+  /* rows [n0, n0 + np) of w (np <= JM_INT4_GEMM_NP, n0 + np <= n) unpacked at panel + r * row */
+  void (*panel)(const jm_matrix *w, int n0, int np, uint8_t *panel);
+  /* c[i*ldc + r] = row r (< nr <= NR, at p + r * prs) . token i (< mr <= MR, folded at xr[i]) */
+  void (*micro)(const jm_matrix *w, const uint8_t *p, int64_t prs, int nr, const uint8_t *const *xr, int mr,
+                float *c, int64_t ldc);
+} jm_int4_gemm_kernels;
+extern const jm_int4_gemm_kernels jm_int4_gemm_scalar;
+extern const jm_int4_gemm_kernels jm_int4_gemm_avx2;
+const jm_int4_gemm_kernels *jm_int4_gemm_current(void); /* AVX2 unless the scalar path is selected */
+static inline int64_t jm_int4_panel_bytes(const jm_matrix *w) { return JM_INT4_GEMM_NP * jm_int4_panel_row(w); }
+/* unpacks panel rows [n0, n0 + np) into pbuf, then out (i, n0 + r) at c[i*ldc + r] for token rows
+ * [m0, m1) folded at xf + (rows ? rows[i] : i) * xs */
+void jm_int4_gemm_block(const jm_int4_gemm_kernels *K, const jm_matrix *w, const uint8_t *xf, int64_t xs,
+                        const int32_t *rows, int m0, int m1, int n0, int np, float *c, int64_t ldc, uint8_t *pbuf);
+/* folds m rows of x (stride ldx) for w's layout into xf (stride jm_int4_xf_stride) over the pool */
+void jm_int4_fold_rows(const jm_int4_gemm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, int m,
+                       uint8_t *xf);
+/* jm_linear's INT4 GEMM path, a chunk function of linear.c's row-chunk driver: work holds
+ * jm_int4_gemm_work_bytes(); ctx is a jm_int4_linear_ctx */
+typedef struct {
+  const jm_matrix *const *ws;
+  int64_t g;
+  int n_bufs;
+} jm_int4_linear_ctx;
+size_t jm_int4_gemm_work_bytes(const jm_matrix *const *ws, int64_t g, int64_t mc_max, int n_bufs);
+int jm_int4_gemm_chunk(void *ctx, const float *x, int mc, float *y, uint8_t *work);
+
 #endif

@@ -10,7 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "int4.h" /* internal.h + the INT4 GEMM path */
 
 /* ---- engine lock and scratch ------------------------------------------------------------- */
 static pthread_mutex_t engine_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -152,6 +152,8 @@ static int gemm_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *wor
   return jm_gemm_groups(c->G, c->ws, c->g, x, c->g * w->k, mc, y, c->g * w->n, (float *)work, c->n_bufs);
 }
 
+#define INT4_GEMM_CHUNK 1024 /* token rows per INT4 GEMM chunk (folded: 2 k bytes each) */
+
 /* x [m][g][k] -> y [m][g][n] over g validated matrices of one shape */
 static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, int32_t x_dtype, int64_t m, void *y,
                          int32_t y_dtype, int grouped_call) {
@@ -168,6 +170,14 @@ static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, i
     const int64_t mc_max = y_dtype == JM_DT_F32 ? m : (m < GEMM_YCHUNK ? m : GEMM_YCHUNK);
     rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)c.n_bufs * JM_GEMM_PBUF * sizeof(float),
                     gemm_chunk, &c);
+    jm_prof_stop(grouped_call ? JM_PROF_GROUPED_GEMM : JM_PROF_LINEAR_GEMM, t0, m);
+  } else if (m >= jm_gemm_min_rows() && w->format == JM_FMT_INT4) {
+    /* INT4 GEMM path (int4_gemm.c): activations folded once per chunk of INT4_GEMM_CHUNK rows,
+     * weight panels unpacked once per chunk */
+    jm_int4_linear_ctx c = {ws, g, jm_pool_threads()};
+    const int64_t mc_max = m < INT4_GEMM_CHUNK ? m : INT4_GEMM_CHUNK;
+    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, jm_int4_gemm_work_bytes(ws, g, mc_max, c.n_bufs),
+                    jm_int4_gemm_chunk, &c);
     jm_prof_stop(grouped_call ? JM_PROF_GROUPED_GEMM : JM_PROF_LINEAR_GEMM, t0, m);
   } else {
     path_ctx c = {jm_kernels_for(w) /* INT4: its own kernels (int4.c) */, NULL, ws, g, 0};

@@ -1,0 +1,140 @@
+/* int4_gemm.c -- the INT4 GEMM path (prefill: many tokens against one INT4 weight), driver.
+ *
+ * The activations are folded (quantized to int8 per group, int4.h) once per call with the
+ * path's own fold, the same bytes the GEMV path folds. Weight panels of JM_INT4_GEMM_NP rows are
+ * unpacked once per task into u8 codes + f32 scales (int4_gemm_avx2.c, scalar twin
+ * int4_gemm_ref.c) and every token of the task runs against them: tokens in blocks whose int8
+ * rows stay in L2, rows in groups of NR whose codes stay in L1 while the block's tokens go by.
+ * Each output is one micro-kernel call over the whole K, so results depend neither on the
+ * blocking nor on the thread count (and equal the AVX2 GEMV tile kernel's).
+ * jm_linear (linear.c) calls jm_int4_gemm_chunk; the fused MoE is int4_gemm_moe.c.
+ */
+#include <stdlib.h>
+
+#include "int4.h"
+
+#define X_BLOCK_BYTES (192 << 10) /* int8 activation bytes of one token block (L2: 512 KB here) */
+
+const jm_int4_gemm_kernels *jm_int4_gemm_current(void) {
+  /* the AVX-512 path has no INT4 GEMM of its own: AVX2 runs wherever it can */
+  return jm_isa_selected() == JM_ISA_SCALAR || !jm_isa_supported(JM_ISA_AVX2) ? &jm_int4_gemm_scalar
+                                                                              : &jm_int4_gemm_avx2;
+}
+
+void jm_int4_gemm_block(const jm_int4_gemm_kernels *K, const jm_matrix *w, const uint8_t *xf, int64_t xs,
+                        const int32_t *rows, int m0, int m1, int n0, int np, float *c, int64_t ldc, uint8_t *pbuf) {
+  const int64_t prs = jm_int4_panel_row(w);
+  K->panel(w, n0, np, pbuf);
+  int mb = (int)(X_BLOCK_BYTES / w->k_pad) / JM_INT4_GEMM_MR * JM_INT4_GEMM_MR;
+  if (mb < JM_INT4_GEMM_MR) mb = JM_INT4_GEMM_MR;
+  for (int ib = m0; ib < m1; ib += mb) {
+    const int ie = m1 - ib < mb ? m1 : ib + mb;
+    for (int r0 = 0; r0 < np; r0 += JM_INT4_GEMM_NR) {
+      const int nr = np - r0 < JM_INT4_GEMM_NR ? np - r0 : JM_INT4_GEMM_NR;
+      for (int i0 = ib; i0 < ie; i0 += JM_INT4_GEMM_MR) {
+        const int mr = ie - i0 < JM_INT4_GEMM_MR ? ie - i0 : JM_INT4_GEMM_MR;
+        const uint8_t *xr[JM_INT4_GEMM_MR];
+        for (int i = 0; i < mr; i++) xr[i] = xf + (int64_t)(rows ? rows[i0 + i] : i0 + i) * xs;
+        K->micro(w, pbuf + r0 * prs, prs, nr, xr, mr, c + (int64_t)i0 * ldc + r0, ldc);
+      }
+    }
+  }
+}
+
+/* ---- folding many rows over the pool ------------------------------------------------------ */
+#define FOLD_ROWS 8 /* token rows per fold task */
+typedef struct {
+  const jm_int4_gemm_kernels *K;
+  const jm_matrix *w;
+  const float *x;
+  int64_t ldx;
+  int m;
+  uint8_t *xf;
+} fold_ctx;
+
+static void fold_task(void *ctx_, int64_t task, int thread) {
+  const fold_ctx *c = ctx_;
+  const int i0 = (int)task * FOLD_ROWS, n = c->m - i0 < FOLD_ROWS ? c->m - i0 : FOLD_ROWS;
+  c->K->fold(c->w, 0, c->x + i0 * c->ldx, c->ldx, n, c->xf + i0 * jm_int4_xf_stride(c->w));
+}
+
+void jm_int4_fold_rows(const jm_int4_gemm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, int m,
+                       uint8_t *xf) {
+  fold_ctx c = {K, w, x, ldx, m, xf};
+  jm_pool_run_sized((m + FOLD_ROWS - 1) / FOLD_ROWS, fold_task, &c, (int64_t)m * w->k_pad);
+}
+
+/* ---- jm_linear: g matrices of one shape, tasks (matrix, panel, token part) ------------------ */
+typedef struct {
+  const jm_int4_gemm_kernels *K;
+  const jm_matrix *const *ws;
+  const uint8_t *xf; /* [g][m] folded rows, matrix j's at xf + j * xg */
+  int64_t xg;
+  float *y;
+  uint8_t *pbufs;
+  int64_t ldy, pbytes;
+  int m, panels, parts, part_rows, n_bufs;
+  _Atomic int failed;
+} groups_ctx;
+
+static void groups_task(void *ctx_, int64_t task, int thread) {
+  groups_ctx *c = ctx_;
+  const int64_t per_matrix = (int64_t)c->panels * c->parts;
+  const int64_t j = task / per_matrix;
+  const int p = (int)(task % per_matrix / c->parts), part = (int)(task % c->parts);
+  const jm_matrix *w = c->ws[j];
+  const int n0 = p * JM_INT4_GEMM_NP, np = w->n - n0 < JM_INT4_GEMM_NP ? w->n - n0 : JM_INT4_GEMM_NP;
+  const int m0 = part * c->part_rows, m1 = m0 + c->part_rows < c->m ? m0 + c->part_rows : c->m;
+  if (m0 >= m1) return;
+  uint8_t *pb = thread < c->n_bufs ? c->pbufs + thread * c->pbytes : NULL, *own = NULL;
+  if (!pb) { /* pool resized between sizing the scratch and this job */
+    if (posix_memalign((void **)&own, 64, (size_t)c->pbytes)) {
+      c->failed = 1;
+      return;
+    }
+    pb = own;
+  }
+  jm_int4_gemm_block(c->K, w, c->xf + j * c->xg, jm_int4_xf_stride(w), NULL, m0, m1, n0, np, c->y + j * w->n + n0, c->ldy, pb);
+  free(own);
+}
+
+/* the matrices of a group share n and k, maybe not the group size: the widest layout sizes all */
+static int64_t max_xs(const jm_matrix *const *ws, int64_t g) {
+  int64_t v = 0;
+  for (int64_t j = 0; j < g; j++) v = jm_int4_xf_stride(ws[j]) > v ? jm_int4_xf_stride(ws[j]) : v;
+  return v;
+}
+static int64_t max_pbytes(const jm_matrix *const *ws, int64_t g) {
+  int64_t v = 0;
+  for (int64_t j = 0; j < g; j++) v = jm_int4_panel_bytes(ws[j]) > v ? jm_int4_panel_bytes(ws[j]) : v;
+  return v;
+}
+
+size_t jm_int4_gemm_work_bytes(const jm_matrix *const *ws, int64_t g, int64_t mc_max, int n_bufs) {
+  const size_t fold = ((size_t)g * (size_t)mc_max * (size_t)max_xs(ws, g) + 63) & ~(size_t)63;
+  return fold + (size_t)n_bufs * (size_t)max_pbytes(ws, g);
+}
+
+int jm_int4_gemm_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *work) {
+  const jm_int4_linear_ctx *lc = ctx_;
+  const jm_matrix *w = lc->ws[0];
+  const jm_int4_gemm_kernels *K = jm_int4_gemm_current();
+  const int64_t g = lc->g, xg = (int64_t)mc * max_xs(lc->ws, g);
+  for (int64_t j = 0; j < g; j++) jm_int4_fold_rows(K, lc->ws[j], x + j * w->k, g * w->k, mc, work + j * xg);
+  const size_t fold = ((size_t)g * (size_t)xg + 63) & ~(size_t)63;
+  const int panels = (w->n + JM_INT4_GEMM_NP - 1) / JM_INT4_GEMM_NP;
+  /* few panels: split the tokens too, so that every thread has several tasks */
+  int parts = 1;
+  const int64_t want = 4 * (int64_t)lc->n_bufs;
+  if (g * panels < want) {
+    parts = (int)((want + g * panels - 1) / (g * panels));
+    const int max_parts = (mc + 4 * JM_INT4_GEMM_MR - 1) / (4 * JM_INT4_GEMM_MR);
+    if (parts > max_parts) parts = max_parts > 0 ? max_parts : 1;
+  }
+  int part_rows = (mc + parts - 1) / parts;
+  part_rows = (part_rows + JM_INT4_GEMM_MR - 1) / JM_INT4_GEMM_MR * JM_INT4_GEMM_MR;
+  groups_ctx c = {K, lc->ws, work, xg, y, work + fold, g * w->n, max_pbytes(lc->ws, g), mc, panels, parts, part_rows,
+                  lc->n_bufs, 0};
+  jm_pool_run(g * panels * parts, groups_task, &c, NULL);
+  return c.failed ? jm_error(JM_ENOMEM, "jm_linear: out of memory for an INT4 GEMM panel buffer") : JM_OK;
+}
