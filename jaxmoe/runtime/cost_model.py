@@ -124,6 +124,28 @@ class ModelCosts:
         return (BF16 * (6 * c.hidden_size + k * c.hidden_size + c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
                         + 2 * k * c.moe_intermediate_size) + 8 * c.num_attention_heads * scores_context)
 
+    @property
+    def expert_weights(self) -> int:
+        """Weights of one routed expert (gate + up + down)."""
+        return 3 * self.cfg.hidden_size * self.cfg.moe_intermediate_size
+
+    def layer_matrices(self, moe: bool) -> list[tuple[int, int]]:
+        """[n, k] of the Linears one layer applies per token as separate kernel calls: the MLA
+        projections (kv_b_proj excluded: `kv_b_groups`), then the dense MLP's or the shared
+        experts' gate, up and down."""
+        c = self.cfg
+        inter = c.moe_intermediate_size * c.n_shared_experts if moe else c.intermediate_size
+        mlp = [(inter, c.hidden_size), (inter, c.hidden_size), (c.hidden_size, inter)] if inter else []
+        return _attention_linears(c) + mlp
+
+    @property
+    def kv_b_groups(self) -> tuple[int, int]:
+        """Weights of kv_b_proj's two absorbed halves (W_UK, W_UV: per-head matrices applied to
+        the queries and to the latent attention output)."""
+        c = self.cfg
+        return (c.num_attention_heads * c.qk_nope_head_dim * c.kv_lora_rank,
+                c.num_attention_heads * c.v_head_dim * c.kv_lora_rank)
+
     def touched_experts(self, n_tokens: int) -> float:
         """Expected number of distinct experts a layer routes n tokens to (uniform routing)."""
         e, k = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok

@@ -8,6 +8,10 @@ The efficiencies are constants, documented in each json's "sources", to be repla
 measured figures: a profile listing "kernels.json" in "calibrate_from" takes
 `cpu_gemv_frac_of_read` from benchmarks/results/kernels.json when that file exists
 (`Hardware.calibrated_from` records it). `Hardware.with_efficiency(...)` overrides any of them.
+
+A profile measured on its box can add a "cpu_kernels" block: the coefficients of the CPU-only
+step model (runtime/kernel_model.py; `Hardware.kernels`, `with_kernels(...)`), which the
+planner then uses for CPU-only prefill and decode instead of its generic formulas.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxmoe.config import CONFIGS_DIR, named_config_path
+from jaxmoe.runtime.kernel_model import CpuKernels
 
 KERNELS_JSON = CONFIGS_DIR.parent / "benchmarks" / "results" / "kernels.json"
 
@@ -65,6 +70,12 @@ class Hardware:
     efficiency: Efficiency
     description: str = ""
     calibrated_from: tuple[str, ...] = ()
+    kernels: CpuKernels | None = None  # the CPU-only step model (runtime/kernel_model.py), where measured
+
+    def with_kernels(self, **changes: Any) -> Hardware:
+        if self.kernels is None:
+            raise ValueError(f"{self.name} has no cpu_kernels block")
+        return dataclasses.replace(self, kernels=dataclasses.replace(self.kernels, **changes))
 
     @property
     def n_gpus(self) -> int:
@@ -95,6 +106,7 @@ def load_hardware(name: str | Path = "reference-box", *, calibrate: bool = True)
         name=d.get("name", path.stem), description=d.get("description", ""),
         cpu=Cpu(**_fields(Cpu, d["cpu"])), gpu=Gpu(**_fields(Gpu, gpu)) if gpu and gpu.get("count") else None,
         efficiency=Efficiency(**_fields(Efficiency, eff)), calibrated_from=tuple(calibrated),
+        kernels=CpuKernels(**_fields(CpuKernels, d["cpu_kernels"])) if d.get("cpu_kernels") else None,
     )
 
 

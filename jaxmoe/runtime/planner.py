@@ -17,6 +17,10 @@ from bytes / bandwidth. The chunk size, the stream granularity (parts per layer)
 number of buffers are searched within the GPU memory left beside the resident weights, the
 latent cache and the activations; the fastest feasible combination is the estimate.
 
+On a box without GPU whose profile has a "cpu_kernels" block (this-machine), "cpu" prefill and
+decode are the engine's CPU-only steps, modelled kernel call by kernel call with attention over
+the power-of-two key window (runtime/kernel_model.py).
+
 Hardware profiles and their calibration: runtime/hardware.py.
 
     hw = load_hardware("reference-box")
@@ -33,9 +37,10 @@ import os
 from jaxmoe.config import ModelConfig
 from jaxmoe.runtime.cost_model import BF16, ModelCosts, model_costs
 from jaxmoe.runtime.hardware import Hardware, load_hardware
+from jaxmoe.runtime.kernel_model import KernelModel
 
 __all__ = ["STRATEGIES", "Hardware", "load_hardware", "PrefillEstimate", "Plan", "estimate_prefill", "plan_prefill",
-           "prefill_threshold", "DecodeEstimate", "estimate_decode"]
+           "prefill_threshold", "DecodeEstimate", "estimate_decode", "kernel_model"]
 STRATEGIES = ("cpu", "slp", "dslp", "resident")
 PREFERENCE = ("resident", "slp", "dslp", "cpu")  # on equal predicted time: fewer transfers, fewer GPUs
 FORCE_ENV = "JAXMOE_PREFILL_STRATEGY"
@@ -220,6 +225,10 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
     mc, r = model_costs(cfg), _rates(cfg, hw)
     scores = 0 if fused_attention else n_tokens
     inf = lambda why: PrefillEstimate(strategy, n_tokens, math.inf, reason=why)  # noqa: E731
+    if strategy == "cpu" and hw.gpu is None and hw.kernels is not None:
+        chunk = chunk or cpu_chunk
+        total, _ = kernel_model(cfg, hw).prefill(n_tokens, chunk)
+        return PrefillEstimate("cpu", n_tokens, total, chunk, compute_s=total)
     if strategy == "cpu":
         total = busy = 0.0
         chunk = chunk or cpu_chunk
@@ -310,30 +319,55 @@ def prefill_threshold(cfg: ModelConfig, hw: Hardware, strategy: str = "slp", aga
 
 @dataclasses.dataclass(frozen=True)
 class DecodeEstimate:
-    seconds: float  # per token, one request
-    expert_s: float  # CPU: the k routed experts of every MoE layer
+    seconds: float  # per step (one token for each of `batch` requests)
+    expert_s: float  # CPU: the routed experts of every MoE layer
     resident_s: float  # GPU (or CPU): everything else, with the latent cache
     overhead_s: float
     bytes_per_token: float
     attention_s: float = 0.0  # latent-space attention over the context (FLOPs)
+    batch: int = 1
 
     @property
     def tok_per_s(self) -> float:
+        """Tokens per second over all `batch` requests."""
+        return self.batch / self.seconds
+
+    @property
+    def tok_per_s_per_request(self) -> float:
         return 1.0 / self.seconds
 
 
-def estimate_decode(cfg: ModelConfig, hw: Hardware, *, context: int = 4096) -> DecodeEstimate:
-    """One request decoding at `context` tokens: experts on the CPU (read-bound GEMV), the
-    rest on the GPU (weights + latent cache read once per token), absorbed attention over the
-    context (FLOPs, on the GPU or the CPU), and `decode_layer_overhead_us` per MoE layer with a
-    GPU (one round trip each) or per layer without one (the fused CPU program's dispatches)."""
+def kernel_model(cfg: ModelConfig, hw: Hardware) -> KernelModel:
+    """The CPU-only step model of `hw` (its "cpu_kernels" block) for `cfg`."""
+    if hw.kernels is None:
+        raise ValueError(f"hardware profile {hw.name} has no cpu_kernels block")
+    return KernelModel(cfg, hw.cpu, hw.kernels, hw.cpu.read_gbps * 1e9 * hw.efficiency.cpu_gemv_frac_of_read)
+
+
+def estimate_decode(cfg: ModelConfig, hw: Hardware, *, context: int = 4096, batch: int = 1,
+                    n_slots: int | None = None) -> DecodeEstimate:
+    """`batch` requests decoding at `context` tokens each.
+
+    With a GPU (or without a "cpu_kernels" block): experts on the CPU (read-bound GEMV over the
+    experts the batch touches), the rest on the GPU (weights + latent caches read once per
+    step), absorbed attention over the context (FLOPs, on the GPU or the CPU), and
+    `decode_layer_overhead_us` per MoE layer with a GPU (one round trip each) or per layer
+    without one. Without a GPU but with "cpu_kernels": the engine's fused CPU step
+    (runtime/kernel_model.py: the power-of-two row bucket of `batch` rows, capped by n_slots,
+    through the kernels, attention over the power-of-two key window)."""
     mc, r = model_costs(cfg), _rates(cfg, hw)
-    expert_bytes = mc.moe_layers * cfg.num_experts_per_tok * mc.expert_bytes
-    resident_bytes = mc.decode_resident_bytes + context * mc.kv_bytes_per_token
+    if hw.gpu is None and hw.kernels is not None:
+        t = kernel_model(cfg, hw).decode(batch, context, n_slots)
+        touched = mc.touched_experts(batch) * mc.expert_bytes * mc.moe_layers
+        return DecodeEstimate(t.seconds, t.experts, t.linears, t.fixed,
+                              mc.decode_resident_bytes + touched + batch * context * mc.kv_bytes_per_token,
+                              t.attention, batch)
+    expert_bytes = mc.moe_layers * min(batch * cfg.num_experts_per_tok, mc.touched_experts(batch)) * mc.expert_bytes
+    resident_bytes = mc.decode_resident_bytes + batch * context * mc.kv_bytes_per_token
     expert_s = expert_bytes / r.cpu_read
     resident_s = resident_bytes / (r.cpu_read if hw.gpu is None else r.mem)
-    attention_s = cfg.num_hidden_layers * mc.absorbed_attention_flops(context) / r.attn
+    attention_s = batch * cfg.num_hidden_layers * mc.absorbed_attention_flops(context) / r.attn
     layers = mc.moe_layers if hw.gpu is not None else cfg.num_hidden_layers
     overhead = layers * hw.efficiency.decode_layer_overhead_us * 1e-6
     return DecodeEstimate(expert_s + resident_s + attention_s + overhead, expert_s, resident_s, overhead,
-                          expert_bytes + resident_bytes, attention_s)
+                          expert_bytes + resident_bytes, attention_s, batch)

@@ -1,0 +1,161 @@
+"""Time of the engine's CPU-only steps (cpu_ext kernels + XLA attention), from first principles.
+
+On a box without accelerator the `cpu-only` preset runs one jitted program per step: every
+Linear through cpu_ext (FP8 / bf16 `HostLinear`, kv_b_proj as per-head grouped matrices), the
+routed experts through the fused MoE kernel, and attention, norms, RoPE and the router in
+XLA. A step's time is the sum of:
+
+- **Linears.** A call with M rows takes the GEMM path from `gemm_min_rows` rows (per expert
+  for the MoE: the mean rows per active expert), else the GEMV path (cpu_ext's rule):
+    GEMM: W x (decode_cycles / (cores x GHz) + 2 M / (peak x gemm))     (f32 panels decoded once per call)
+    GEMV: W x max(1 / (cores x GHz x gemv_weights_per_cycle),            (FP8 decode: compute-bound on AVX2)
+                  bytes per weight / (read bandwidth x cpu_gemv_frac_of_read),
+                  2 M / (peak x gemv))                                  (FMA-bound from a few rows)
+  plus `call_us` per kernel call. W = weights of the matrix, peak = cores x GHz x FLOP/cycle.
+  The dense Linears see every row of the step, padding included (width and row buckets); the
+  MoE sees only real tokens, spread over the touched experts (uniform routing).
+- **Attention** (absorbed MLA over the latent cache, XLA f32 dots): every query row attends
+  over the whole power-of-two key window of the step (`kv_window`: padding and masked keys
+  cost the same as visible ones):
+    2 x rows x window x heads x (2 kv_lora_rank + rope) FLOPs / (peak x attention)
+    + rows x window x heads x score_ns                                   (mask, exp, online softmax)
+- **Fixed costs**: `layer_us` per layer per step (the small XLA ops, FFI hand-offs) and
+  `token_layer_ns` per row per layer (norms, RoPE, router, residuals).
+
+The coefficients live in the profile's "cpu_kernels" block (configs/hardware/this-machine.json,
+with where each comes from). Without that block the planner keeps its generic formulas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.runtime.cost_model import ModelCosts, model_costs
+
+MIN_KV_WINDOW = 64  # runtime/programs.py
+MIN_WIDTH_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuKernels:
+    """Coefficients of the CPU-only step model (see the module docstring)."""
+
+    gemm: float  # of peak: FMA rate of the Linear GEMM path per row
+    gemm_decode_cycles: float  # core-cycles per weight per GEMM call (panel decode)
+    moe_gemm: float  # of peak: the fused MoE's GEMM path
+    moe_decode_cycles: float
+    gemv: float  # of peak: the GEMV path once it is FLOP-bound (several rows)
+    gemv_weights_per_cycle: float  # per core: FP8 weights decoded per cycle by the GEMV path
+    gemm_min_rows: int = 24
+    call_us: float = 0.0  # per kernel call
+    attention: float = 0.5  # of peak: XLA's attention dots
+    score_ns: float = 0.0  # per score (row x head x key)
+    layer_us: float = 0.0  # per layer per step
+    token_layer_ns: float = 0.0  # per row per layer
+
+
+def kv_window(end: int, max_len: int | None = None) -> int:
+    """The engine's key window for a step whose longest row ends at `end` (programs.kv_window)."""
+    w = 1 << (max(end, MIN_KV_WINDOW) - 1).bit_length()
+    return min(w, max_len) if max_len else w
+
+
+def width_bucket(n_tokens: int, width: int) -> int:
+    """Columns a step runs for a row of n_tokens (programs.width_bucket)."""
+    if n_tokens <= 1:
+        return 1
+    return min(width, max(MIN_WIDTH_BUCKET, 1 << (n_tokens - 1).bit_length()))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """Seconds of one step by part."""
+
+    linears: float  # dense Linears + lm_head + kv_b absorption (kernels)
+    experts: float  # routed experts (kernels)
+    attention: float  # XLA
+    fixed: float  # per-layer and per-row costs
+
+    @property
+    def seconds(self) -> float:
+        return self.linears + self.experts + self.attention + self.fixed
+
+
+class KernelModel:
+    """The step model for one config on one CPU (`cpu`: hardware.Cpu; `read`: B/s the GEMV
+    can stream, i.e. read bandwidth x cpu_gemv_frac_of_read)."""
+
+    def __init__(self, cfg: ModelConfig, cpu, kernels: CpuKernels, read: float):
+        self.cfg, self.k, self.read = cfg, kernels, read
+        self.mc: ModelCosts = model_costs(cfg)
+        self.cycles = cpu.cores * cpu.ghz * 1e9  # core-cycles per second
+        self.peak = self.cycles * cpu.flops_per_cycle
+        self.fp8 = 1 if cfg.quantization is not None else 2
+
+    # ---- one matrix ------------------------------------------------------------------------
+    def gemv_per_weight(self, rows: float, bytes_per_weight: float) -> float:
+        k = self.k
+        return max(1.0 / (self.cycles * k.gemv_weights_per_cycle), bytes_per_weight / self.read,
+                   2.0 * rows / (self.peak * k.gemv))
+
+    def linear(self, weights: float, rows: int, bytes_per_weight: float | None = None) -> float:
+        """One kernel call: a [N, K] matrix (weights = N x K) applied to `rows` rows."""
+        k = self.k
+        bpw = self.fp8 if bytes_per_weight is None else bytes_per_weight
+        if rows >= k.gemm_min_rows:
+            per = k.gemm_decode_cycles / self.cycles + 2.0 * rows / (self.peak * k.gemm)
+        else:
+            per = self.gemv_per_weight(rows, bpw)
+        return weights * per + k.call_us * 1e-6
+
+    def experts(self, n_tokens: int) -> float:
+        """One MoE layer's routed experts for n real tokens (one fused call)."""
+        if n_tokens <= 0:
+            return 0.0
+        mc, k = self.mc, self.k
+        w_e = mc.expert_weights
+        rows = n_tokens * self.cfg.num_experts_per_tok
+        touched = mc.touched_experts(n_tokens)
+        per_expert = rows / touched
+        if per_expert >= k.gemm_min_rows:
+            t = touched * w_e * k.moe_decode_cycles / self.cycles + rows * w_e * 2.0 / (self.peak * k.moe_gemm)
+        else:
+            t = touched * w_e * self.gemv_per_weight(per_expert, self.fp8)
+        return t + k.call_us * 1e-6
+
+    # ---- one step --------------------------------------------------------------------------
+    def step(self, rows: int, tokens: int, window: int, logit_rows: int) -> StepTime:
+        """One step over all layers: `rows` rows through the dense kernels and attention (all
+        slots' columns, padding included), `tokens` real tokens through the routed experts,
+        keys over `window` cache slots, `logit_rows` rows through lm_head."""
+        cfg, mc, k = self.cfg, self.mc, self.k
+        lin = exp = 0.0
+        for layer in range(cfg.num_hidden_layers):
+            moe = cfg.is_moe_layer(layer)
+            lin += sum(self.linear(n * kk, rows) for n, kk in mc.layer_matrices(moe))
+            lin += sum(self.linear(w, rows) for w in mc.kv_b_groups)
+            if moe:
+                exp += self.experts(tokens)
+        lin += self.linear(cfg.vocab_size * cfg.hidden_size, logit_rows, 2)
+        scores = rows * window * cfg.num_attention_heads * cfg.num_hidden_layers
+        attn = (mc.absorbed_attention_flops(window) * rows * cfg.num_hidden_layers / (self.peak * k.attention)
+                + scores * k.score_ns * 1e-9)
+        fixed = cfg.num_hidden_layers * (k.layer_us * 1e-6 + rows * k.token_layer_ns * 1e-9)
+        return StepTime(lin, exp, attn, fixed)
+
+    def prefill(self, n_tokens: int, chunk: int, max_len: int | None = None) -> tuple[float, list[StepTime]]:
+        """One request's prompt in chunks of `chunk` (alone in the engine: one row per step)."""
+        steps = []
+        for s in range(0, n_tokens, chunk):
+            n = min(chunk, n_tokens - s)
+            steps.append(self.step(width_bucket(n, chunk), n, kv_window(s + n, max_len), 1))
+        return sum(x.seconds for x in steps), steps
+
+    def decode(self, batch: int, context: int, n_slots: int | None = None, max_len: int | None = None) -> StepTime:
+        """One decode step of `batch` requests at `context` tokens: rows = the power-of-two row
+        bucket (<= n_slots), one column each."""
+        rows = 1 << max(batch - 1, 0).bit_length()
+        if n_slots:
+            rows = min(rows, n_slots)
+        return self.step(rows, batch, kv_window(context + 1, max_len), rows)

@@ -1,0 +1,109 @@
+"""The CPU-only step model (runtime/kernel_model.py) against hand-computed cases (no timing)."""
+
+import dataclasses
+
+import pytest
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.runtime import programs
+from jaxmoe.runtime.hardware import Cpu
+from jaxmoe.runtime.kernel_model import CpuKernels, KernelModel, kv_window, width_bucket
+from jaxmoe.runtime.planner import estimate_decode, estimate_prefill, load_hardware
+
+DEMO = ModelConfig.named("demo")  # 4 layers (1 dense + 3 MoE), hidden 1024, 8 heads, 16 experts top-4
+# round numbers: 2 cores x 1 GHz = 2e9 core-cycles/s, x 32 FLOP/cycle = 64 GFLOP/s peak
+CPU = Cpu(name="test", cores=2, ghz=1.0, flops_per_cycle=32, read_gbps=100)
+K = CpuKernels(gemm=1.0, gemm_decode_cycles=2.0, moe_gemm=0.5, moe_decode_cycles=1.0, gemv=0.5,
+               gemv_weights_per_cycle=4.0, gemm_min_rows=24, call_us=10.0, attention=0.25, score_ns=2.0,
+               layer_us=100.0, token_layer_ns=50.0)
+READ = 50e9  # B/s the GEMV can stream
+
+
+@pytest.fixture
+def km():
+    return KernelModel(DEMO, CPU, K, READ)
+
+
+def test_windows_and_buckets_match_the_engine():
+    for end in (1, 63, 64, 65, 300, 512, 513, 4000):
+        assert kv_window(end) == programs.kv_window(end, 1 << 20)
+        assert kv_window(end, 1000) == programs.kv_window(end, 1000)
+    for n in (1, 2, 15, 16, 17, 44, 200, 256):
+        assert width_bucket(n, 256) == programs.width_bucket(n, 256)
+
+
+def test_linear_gemm_and_gemv_paths(km):
+    w = 1_000_000
+    # 24 rows: GEMM path = decode 2 cycles / 2e9 + 2 x 24 FLOP / 64e9, per weight, + 10 us per call
+    assert km.linear(w, 24) == pytest.approx(w * (2 / 2e9 + 48 / 64e9) + 10e-6)
+    # 1 row, FP8: max(decode cap 1 / (2e9 x 4), 1 B / 50e9, 2 / 32e9) = 1.25e-10 s per weight
+    assert km.linear(w, 1) == pytest.approx(w * 1.25e-10 + 10e-6)
+    # 8 rows: FLOP-bound, 16 FLOP / (64e9 x 0.5)
+    assert km.linear(w, 8) == pytest.approx(w * 16 / 32e9 + 10e-6)
+    # bf16 (lm_head) at 1 row: 2 B / 50e9 = 4e-11 < the decode cap: still 1.25e-10
+    assert km.linear(w, 1, 2) == pytest.approx(w * 1.25e-10 + 10e-6)
+
+
+def test_routed_experts_paths(km):
+    w_e = 3 * 1024 * 352
+    # 4 tokens x top-4 over 16 experts: touched = 16 (1 - (12/16)^4), < 24 rows each: GEMV
+    touched = 16 * (1 - 0.75**4)
+    rows = 16 / touched
+    per_weight = max(1 / 8e9, 1 / 50e9, 2 * rows / 32e9)
+    assert km.experts(4) == pytest.approx(touched * w_e * per_weight + 10e-6)
+    # 256 tokens: all 16 experts, 64 rows each: GEMM with the MoE coefficients
+    t = 16 * (1 - 0.75**256)
+    assert km.experts(256) == pytest.approx(t * w_e * 1 / 2e9 + 1024 * w_e * 2 / 32e9 + 10e-6)
+    assert km.experts(0) == 0.0
+
+
+def test_prefill_pads_to_width_and_key_window(km):
+    """300 tokens in chunks of 256: a step of 256 rows over a 256-key window, then one of 44
+    real tokens padded to 64 rows over a 512-key window; attention and fixed costs by rows."""
+    total, steps = km.prefill(300, 256)
+    assert len(steps) == 2
+    a = km.step(256, 256, 256, 1)
+    b = km.step(64, 44, 512, 1)
+    assert [s.seconds for s in steps] == pytest.approx([a.seconds, b.seconds])
+    assert total == pytest.approx(a.seconds + b.seconds)
+    # attention of the second step: 2 x 64 rows x 512 keys x 8 heads x (2 x 256 + 64) FLOP per layer,
+    # at 64e9 x 0.25, + 64 x 512 x 8 scores x 2 ns, over 4 layers
+    flops = 2 * 64 * 512 * 8 * (2 * 256 + 64) * 4
+    assert b.attention == pytest.approx(flops / 16e9 + 64 * 512 * 8 * 4 * 2e-9)
+    assert b.fixed == pytest.approx(4 * (100e-6 + 64 * 50e-9))
+    # routed experts see the 44 real tokens only
+    assert b.experts == pytest.approx(3 * km.experts(44))
+
+
+def test_step_linears_count_every_matrix(km):
+    """One decode row: per layer the MLA projections (q_a, q_b, kv_a, o_proj), the dense MLP
+    or the shared expert, kv_b's two halves, and lm_head once."""
+    s = km.step(1, 1, 64, 1)
+    per = max(1 / 8e9, 1 / 50e9, 2 / 32e9)  # GEMV, 1 row
+    mla = 384 * 1024 + 8 * 128 * 384 + 320 * 1024 + 1024 * 8 * 64
+    kv_b = 8 * 64 * 256 * 2
+    dense, shared = 3 * 2816 * 1024, 3 * 352 * 1024
+    calls = 4 * (4 + 3 + 2) + 1
+    weights = 4 * (mla + kv_b) + dense + 3 * shared + 8192 * 1024
+    assert s.linears == pytest.approx(weights * per + calls * 10e-6)
+
+
+def test_decode_rows_bucket_and_window(km):
+    d = km.decode(3, 1000)  # 3 requests: a row bucket of 4, keys over kv_window(1001) = 1024
+    assert d.seconds == pytest.approx(km.step(4, 3, 1024, 4).seconds)
+    assert km.decode(3, 1000, n_slots=2).seconds == pytest.approx(km.step(2, 3, 1024, 2).seconds)
+
+
+def test_planner_uses_the_kernel_model_on_this_machine():
+    here = load_hardware("this-machine", calibrate=False)
+    assert here.kernels is not None and load_hardware("reference-box").kernels is None
+    hw = dataclasses.replace(here, cpu=CPU, kernels=K).with_efficiency(cpu_gemv_frac_of_read=0.5)
+    km = KernelModel(DEMO, CPU, K, READ)
+    e = estimate_prefill(DEMO, hw, 300, "cpu")
+    assert e.seconds == pytest.approx(km.prefill(300, 256)[0]) and e.chunk_tokens == 256
+    d = estimate_decode(DEMO, hw, context=1000, batch=3)
+    assert d.seconds == pytest.approx(km.decode(3, 1000).seconds)
+    assert d.tok_per_s == pytest.approx(3 / d.seconds) and d.batch == 3
+    # without the block: the generic formulas (one request)
+    g = estimate_decode(DEMO, dataclasses.replace(hw, kernels=None), context=1000)
+    assert g.seconds == pytest.approx(g.expert_s + g.resident_s + g.attention_s + g.overhead_s)
