@@ -67,9 +67,10 @@ def check(y, ref, bound, what):
 # ---- numpy format ---------------------------------------------------------------------------
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_round_trip(group):
+    """The absmax rule (the other rules: tests/cpu/test_int4_scales.py)."""
     rng = np.random.default_rng(group)
     w = rng.standard_normal((3, 17, 300)).astype(np.float32) * np.exp(rng.uniform(-3, 3, (3, 17, 1)))
-    q, s = Q.quantize_int4(w, group)
+    q, s = Q.quantize_int4(w, group, scale_rule="absmax")
     assert q.dtype == np.uint8 and q.shape == (3, 17, Q.padded_k(300, group) // 2)
     assert s.dtype == np.float16 and s.shape == (3, 17, -(-300 // group))
     wd = Q.dequantize_int4(q, s, 300, group)
@@ -77,7 +78,7 @@ def test_round_trip(group):
     step = np.repeat(s.astype(np.float32), group, -1)[..., :300]
     assert np.all(np.abs(wd - w) <= 0.5 * step * (1 + 1e-3) + 1e-12)
     # re-quantizing the dequantized weights is exact (codes and scales are a fixed point)
-    q2, s2 = Q.quantize_int4(wd, group)
+    q2, s2 = Q.quantize_int4(wd, group, scale_rule="absmax")
     np.testing.assert_array_equal(q2, q)
     np.testing.assert_array_equal(s2, s)
     # codes are symmetric: u in [1, 15], padding columns hold q = 0 (u = 8)
@@ -88,9 +89,13 @@ def test_round_trip(group):
 def test_zero_groups_and_errors():
     w = np.zeros((2, 64), np.float32)
     w[1, 40] = -3.0
-    q, s = Q.quantize_int4(w)
+    q, s = Q.quantize_int4(w, scale_rule="absmax")
     assert s[0].tolist() == [0, 0] and s[1, 0] == 0 and np.isclose(float(s[1, 1]), 3 / 7, rtol=1e-3)
     np.testing.assert_allclose(Q.dequantize_int4(q, s, 64), w, atol=1e-3)
+    for rule in ("signed", "search"):  # -3 maps to -8 exactly: s = 3/8
+        q, s = Q.quantize_int4(w, scale_rule=rule)
+        assert s[0].tolist() == [0, 0] and s[1].tolist() == [0, 0.375]
+        np.testing.assert_array_equal(Q.dequantize_int4(q, s, 64), w)
     with pytest.raises(ValueError, match="group size"):
         Q.quantize_int4(w, 48)
     with pytest.raises(ValueError, match="expert.7.*non-finite"):
