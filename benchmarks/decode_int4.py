@@ -3,8 +3,8 @@
     python -m benchmarks.decode_int4 [--quick] [--json PATH] [--config bench-v3-mid] [--rounds 3] [--new-tokens 16]
 
 The synthetic FP8 checkpoint of benchmarks/e2e.py (cached) and its INT4 conversion (group 32,
-`jaxmoe convert`, cached beside it) are both loaded (one request slot each). Each round runs
-one greedy request of `--new-tokens` tokens on the FP8 model, then on the INT4 model, and a
+the default scale rule, `jaxmoe convert`, cached beside it as <name>-int4-g32-<rule>) are both
+loaded (one request slot each). Each round runs one greedy request of `--new-tokens` tokens on the FP8 model, then on the INT4 model, and a
 read-only pass over the bytes one token reads in each (the kernels' matrices, e2e.token_matrices,
 plus XLA's own f32 Linears), so host-load drift hits both alike. Reported: median decode tok/s
 of each, the INT4/FP8 ratio, bytes per token, and each one's fraction of its read-pass bound.
@@ -35,14 +35,16 @@ def main(argv=None) -> dict:
     import jaxmoe  # noqa: PLC0415
     from jaxmoe.cpu._lib import load as load_native  # noqa: PLC0415
     from jaxmoe.loading.convert import convert_int4  # noqa: PLC0415
+    from jaxmoe.quant_int4 import DEFAULT_SCALE_RULE  # noqa: PLC0415
 
     tmp = tempfile.TemporaryDirectory(prefix="jaxmoe-int4-") if args.quick and args.config is None else None
     root = Path(tmp.name) if tmp else e2e.cache_dir()
     fp8_path, _ = e2e.checkpoint(name, root)
-    int4_path = root / f"{name}-int4-g32"
+    rule = DEFAULT_SCALE_RULE
+    int4_path = root / f"{name}-int4-g32-{rule}"  # the scale rule in the key: no stale conversion reused
     if not (int4_path / "config.json").is_file():
         t0 = time.perf_counter()
-        convert_int4(fp8_path, int4_path, group=32)
+        convert_int4(fp8_path, int4_path, group=32, scale_rule=rule)
         print(f"converted {fp8_path} -> {int4_path} in {time.perf_counter() - t0:.0f} s", flush=True)
     nat = load_native()
     models, reads, nbytes = {}, {}, {}

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="source checkpoint directory (FP8 or bf16)")
     c.add_argument("dst", help="output directory (written atomically)")
     c.add_argument("--group", type=int, default=32, help="INT4 group size along K (multiple of 32, <= 256)")
+    c.add_argument("--int4-scale", choices=["search", "signed", "absmax"], default="search",
+                   help="INT4 group scale rule: search = least squared error (default), signed = the extreme -> -8, "
+                        "absmax = amax/7 (the first rule); recorded in jaxmoe_int4.json")
+    c.add_argument("--workers", type=int, default=None, help="conversion threads (default: the usable CPUs)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return parser
 
@@ -211,8 +215,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UserError(f"checkpoint directory {src} does not exist")
     t0 = time.perf_counter()
-    out = convert_int4(src, a.dst, group=a.group, overwrite=a.overwrite, progress=True)
-    print(f"wrote {out}: routed experts INT4 (group {a.group}), other weights as in {src}, "
+    out = convert_int4(src, a.dst, group=a.group, scale_rule=a.int4_scale, overwrite=a.overwrite, progress=True,
+                       workers=a.workers)
+    print(f"wrote {out}: routed experts INT4 (group {a.group}, {a.int4_scale} scales), other weights as in {src}, "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
 

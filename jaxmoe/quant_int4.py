@@ -9,8 +9,8 @@ q = clip(rint(w / s), -8, 7); w is approximated by s * q. How s is chosen (`scal
   (a 12.5% finer step than absmax; values on the other side beyond 7|s| clip);
 - "search" (default): the least-squared-error scale of the group among candidates: the two
   rules above, s = -m/8 * a for a = 0.95, 0.9 and s = m/7 * 0.95 (these clip the extreme),
-  then one least-squares refit s = <w, q> / <q, q> of the best codes (a finer grid of 16
-  candidates gained < 0.5% MSE; measured in tests/test_quant_int4.py's docstring). Every
+  then one least-squares refit s = <w, q> / <q, q> of the best codes (a grid of 26
+  candidates measured 0.3% lower MSE on Gaussian weights, at 2-3x the time). Every
   candidate is evaluated with its f16-rounded value and the final quantization, so a group's
   squared error is never above the absmax or signed rule's (up to f32 summation).
   Vectorized over all groups of a matrix (chunks of groups laid out [group, R] so the
@@ -138,7 +138,8 @@ def quantize_int4(w: np.ndarray, group: int = DEFAULT_GROUP, name: str = "weight
     w = np.asarray(w, np.float32)
     if w.ndim < 2:
         raise ValueError(f"{name}: INT4 quantization needs a [..., N, K] matrix, got shape {w.shape}")
-    if not np.all(np.isfinite(w)):
+    amax = max(float(w.max()), -float(w.min())) if w.size else 0.0  # NaN propagates
+    if not np.isfinite(amax):
         raise ValueError(f"{name}: cannot quantize non-finite values to INT4")
     *lead, n, k = w.shape
     kg = padded_k(k, group)
@@ -148,7 +149,6 @@ def quantize_int4(w: np.ndarray, group: int = DEFAULT_GROUP, name: str = "weight
         pad = np.zeros((*lead, n, kg), np.float32)
         pad[..., :k] = w
         g = pad.reshape(-1, group)
-    amax = np.abs(w).max() if w.size else 0.0
     if amax / QMAX > np.finfo(np.float16).max:
         raise ValueError(f"{name}: |w| up to {amax:.4g} overflows the float16 INT4 group scale")
     scales = group_scales(g, scale_rule)

@@ -1,7 +1,7 @@
 """Converting a checkpoint's routed experts to INT4 (issue 7), and reading converted ones.
 
-    jaxmoe convert --to int4 SRC DST [--group 32]
-    convert_int4("path/to/fp8-or-bf16", "path/to/int4", group=32)
+    jaxmoe convert --to int4 SRC DST [--group 32] [--int4-scale search|signed|absmax] [--workers N]
+    convert_int4("path/to/fp8-or-bf16", "path/to/int4", group=32, scale_rule="search")
 
 The source is opened with the loader's strict accounting. Every routed-expert Linear
 (`model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`, from FP8 with its
@@ -10,10 +10,13 @@ The source is opened with the loader's strict accounting. Every routed-expert Li
     <prefix>.qweight  U8  [N, ceil(K/G)*G/2]   packed nibbles (jaxmoe/quant_int4.py)
     <prefix>.scales   F16 [N, ceil(K/G)]       group scales
 
-Every other tensor (attention, dense and shared MLPs, router, norms, embeddings, lm_head, the
-MTP module) is copied byte for byte in its original precision. Other files (config.json,
-tokenizer files) are copied as they are, and `jaxmoe_int4.json` marks the directory as
-converted (format, group size, source). The checkpoint is written once, as safetensors
+The group scales follow `scale_rule` (quant_int4.SCALE_RULES; default "search", the least
+squared error per group). Every other tensor (attention, dense and shared MLPs, router, norms,
+embeddings, lm_head, the MTP module) is copied byte for byte in its original precision. Other
+files (config.json, tokenizer files) are copied as they are, and `jaxmoe_int4.json` marks the
+directory as converted (format, group size, scale rule, source). Experts are converted by
+`workers` threads (numpy releases the GIL in the heavy loops), a bounded window ahead of the
+writer, which still writes in order. The checkpoint is written once, as safetensors
 (same container and zero-copy mmap reader as the source; the INT4 bytes are repacked into the
 kernels' tile layout at load time, like FP8), into a temporary directory renamed into place
 at the end (`synthetic._write`), with a progress bar on stderr.
@@ -25,8 +28,11 @@ expected routed-expert tensors by the two above; the loader stacks them into `In
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -62,6 +68,7 @@ def read_marker(path: str | Path) -> int | None:
         meta = json.loads(f.read_text())
         if meta.get("format") != "int4":
             raise ValueError(f"format {meta.get('format')!r}, expected 'int4'")
+        quant_int4.check_scale_rule(meta.get("scale_rule", "absmax"))  # markers before the rules: absmax
         return quant_int4.check_group(meta["group_size"])
     except (ValueError, KeyError, TypeError) as e:
         from jaxmoe.loading.safetensors_index import CheckpointError  # noqa: PLC0415
@@ -113,22 +120,66 @@ def int4_expert_arrays(ck, layer: int) -> dict[str, list[np.ndarray]]:
 
 
 # ---- conversion ----------------------------------------------------------------------------------
+@functools.cache
+def _fp8_lut() -> np.ndarray:
+    import ml_dtypes  # noqa: PLC0415
+
+    return np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def dequantize_fp8(w: np.ndarray, scale: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """`quant.dequantize_fp8_blocks`, bit-identical, faster: a 256-entry table instead of the
+    e4m3 cast and the block scales broadcast in place instead of repeated to full size."""
+    n, k = w.shape
+    bn, bk = block
+    if n % bn or k % bk:
+        return quant.dequantize_fp8_blocks(np.asarray(w), scale, block)
+    out = np.take(_fp8_lut(), np.asarray(w).view(np.uint8))
+    out.reshape(n // bn, bn, k // bk, bk).__imul__(np.asarray(scale, np.float32)[:, None, :, None])
+    return out
+
+
 def _expert_float(ck, name: str) -> np.ndarray:
     w = ck.array(name)
     if ck.is_fp8(name):
-        scale = np.asarray(ck.array(hf_map.scale_name(name)), np.float32)
-        return quant.dequantize_fp8_blocks(np.asarray(w), scale, ck.block)
+        return dequantize_fp8(w, np.asarray(ck.array(hf_map.scale_name(name)), np.float32), ck.block)
     return np.asarray(w, np.float32)
 
 
-def convert_int4(src: str | Path, dst: str | Path, *, group: int = quant_int4.DEFAULT_GROUP, overwrite: bool = False,
-                 progress: bool | None = None, max_shard_bytes: int | None = None) -> Path:
-    """Writes `dst`: `src` with its routed experts group-quantized to INT4 (module docstring)."""
+class _Ahead:
+    """Runs jobs[i] on a thread pool at most `window` jobs ahead of the consumer, which takes
+    the results in any order with `take(i)` (the writer takes them in plan order)."""
+
+    def __init__(self, jobs: list, workers: int, window: int):
+        self.jobs, self.window = jobs, window
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxmoe-convert")
+        self.futures: dict[int, concurrent.futures.Future] = {}
+        self.next = 0
+
+    def take(self, i: int):
+        while self.next < len(self.jobs) and (self.next <= i or len(self.futures) < self.window):
+            self.futures[self.next] = self.pool.submit(self.jobs[self.next])
+            self.next += 1
+        return self.futures.pop(i).result() if i in self.futures else self.jobs[i]()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def convert_int4(src: str | Path, dst: str | Path, *, group: int = quant_int4.DEFAULT_GROUP,
+                 scale_rule: str = quant_int4.DEFAULT_SCALE_RULE, overwrite: bool = False,
+                 progress: bool | None = None, max_shard_bytes: int | None = None, workers: int | None = None) -> Path:
+    """Writes `dst`: `src` with its routed experts group-quantized to INT4 (module docstring).
+    workers: conversion threads (default: the CPUs this process may use)."""
     from jaxmoe.loading import synthetic  # noqa: PLC0415
     from jaxmoe.loading.loader import open_checkpoint  # noqa: PLC0415
     from jaxmoe.loading.safetensors_index import INDEX_NAME  # noqa: PLC0415
 
     group = quant_int4.check_group(group)
+    scale_rule = quant_int4.check_scale_rule(scale_rule)
+    workers = workers or len(os.sched_getaffinity(0))
+    if workers < 1:
+        raise ValueError(f"convert: workers must be >= 1, got {workers}")
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"convert: source and destination are the same directory ({src})")
@@ -137,8 +188,10 @@ def convert_int4(src: str | Path, dst: str | Path, *, group: int = quant_int4.DE
     if dst.exists() and not overwrite:
         raise FileExistsError(f"convert: {dst} exists (pass overwrite=True / --overwrite to replace it)")
     ck = open_checkpoint(src)
+    jobs: list = []
+    ahead = _Ahead(jobs, workers, 2 * workers)
     try:
-        groups, expert_from = [], {}
+        groups = []
         n_experts = 0
         for name, t in ck.store.tensors.items():
             spec = ck.specs.get(name)
@@ -146,11 +199,11 @@ def convert_int4(src: str | Path, dst: str | Path, *, group: int = quant_int4.DE
                 qn, sn = int4_names(name)
                 n, k = t.shape
                 kg = quant_int4.padded_k(k, group)
-                expert_from[qn] = name
+                jobs.append(lambda name=name, qn=qn, sn=sn: dict(zip((qn, sn), quant_int4.quantize_int4(
+                    _expert_float(ck, name), group, name, scale_rule))))
                 groups.append(synthetic._Group(
                     [(qn, np.dtype(np.uint8), (n, kg // 2)), (sn, np.dtype(np.float16), (n, kg // group))],
-                    lambda name=name, qn=qn, sn=sn: dict(zip((qn, sn), quant_int4.quantize_int4(
-                        _expert_float(ck, name), group, name)))))
+                    lambda i=len(jobs) - 1: ahead.take(i)))
                 n_experts += 1
             elif name.endswith(hf_map.SCALE_SUFFIX) and (owner := ck.specs.get(name[: -len("_scale_inv")])) is not None \
                     and owner.expert is not None:
@@ -169,7 +222,8 @@ def convert_int4(src: str | Path, dst: str | Path, *, group: int = quant_int4.DE
                     shutil.copy2(f, tmp / f.name)
             (tmp / MARKER).write_text(json.dumps({
                 "format": "int4", "group_size": group, "symmetric": True, "scale_dtype": "float16",
-                "packing": "byte j = columns 2j (low nibble), 2j+1 (high nibble); nibble u = q + 8, q in [-7, 7]",
+                "scale_rule": scale_rule, "scale_rule_meaning": SCALE_RULE_MEANING[scale_rule],
+                "packing": "byte j = columns 2j (low nibble), 2j+1 (high nibble); nibble u = q + 8, q in [-8, 7]",
                 "tensors": "routed experts <prefix>.qweight U8 [N, ceil(K/G)*G/2], <prefix>.scales F16 [N, ceil(K/G)]",
                 "converted_experts": n_experts, "source": str(src.resolve()),
             }, indent=2) + "\n")
@@ -178,4 +232,13 @@ def convert_int4(src: str | Path, dst: str | Path, *, group: int = quant_int4.DE
         shard = max_shard_bytes if max_shard_bytes is not None else synthetic.DEFAULT_SHARD_BYTES
         return synthetic._write(dst, config, groups, shard, overwrite, extra, progress)
     finally:
+        ahead.close()
         ck.close()
+
+
+SCALE_RULE_MEANING = {
+    "absmax": "s = amax(|w|)/7 per group, q = rint(w/s) in [-7, 7]",
+    "signed": "s = -m/8 per group (m: the element of largest |w|, so m -> q = -8), q = clip(rint(w/s), -8, 7)",
+    "search": "per group the f16 scale of least squared error among -m/8 * {1, .95, .9}, m/7 * {1, .95} and one "
+              "least-squares refit; q = clip(rint(w/s), -8, 7)",
+}

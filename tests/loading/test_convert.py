@@ -26,7 +26,7 @@ def int4_dir(tiny_fp8_dir, tmp_path_factory):
 
 def test_writes_int4_experts_and_copies_the_rest(tiny_fp8_dir, int4_dir, tiny_cfg):
     meta = json.loads((int4_dir / convert.MARKER).read_text())
-    assert meta["format"] == "int4" and meta["group_size"] == 32
+    assert meta["format"] == "int4" and meta["group_size"] == 32 and meta["scale_rule"] == "search"
     assert meta["converted_experts"] == 2 * tiny_cfg.n_routed_experts * 3
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (int4_dir / f).read_bytes() == (tiny_fp8_dir / f).read_bytes()
@@ -42,9 +42,10 @@ def test_writes_int4_experts_and_copies_the_rest(tiny_fp8_dir, int4_dir, tiny_cf
         assert q.dtype == np.uint8 and q.shape == (64, 16) and s.dtype == np.float16 and s.shape == (64, 1)
         w = quant.dequantize_fp8_blocks(np.asarray(src.array(f"{EXPERT}.weight")),
                                         np.asarray(src.array(f"{EXPERT}.weight_scale_inv")))
-        wq = quant_int4.dequantize_int4(q, s, 32, 32)
-        step = np.repeat(s.astype(np.float32), 32, -1)
-        assert np.all(np.abs(wq - w) <= 0.5 * step * (1 + 1e-3) + 1e-12)
+        # the default (search) rule, computed from the dequantized FP8 weights
+        q_want, s_want = quant_int4.quantize_int4(w, 32, scale_rule="search")
+        np.testing.assert_array_equal(q, q_want)
+        np.testing.assert_array_equal(s, s_want)
         arrays = dst.expert_arrays(1)
         assert len(arrays["gate_proj"]) == tiny_cfg.n_routed_experts and arrays["gate_proj_scales"][0].dtype == np.float16
 
@@ -72,13 +73,18 @@ def test_converted_checkpoint_generates(int4_dir):
 
 def test_bf16_source_and_cli(tmp_path, tiny_cfg, capsys):
     src = write_synthetic_checkpoint(tmp_path / "bf16", tiny_cfg, fmt="bf16", seed=1, with_tokenizer=False)
-    assert main(["convert", "--to", "int4", "--group", "64", str(src), str(tmp_path / "out")]) == 0
-    assert "routed experts INT4 (group 64)" in capsys.readouterr().out
+    assert main(["convert", "--to", "int4", "--group", "64", "--int4-scale", "absmax", "--workers", "1",
+                 str(src), str(tmp_path / "out")]) == 0
+    assert "routed experts INT4 (group 64, absmax scales)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / convert.MARKER).read_text())["scale_rule"] == "absmax"
     with open_checkpoint(src) as a, open_checkpoint(tmp_path / "out") as b:
         w = np.asarray(a.array(f"{EXPERT}.weight"), np.float32)
-        q, s = quant_int4.quantize_int4(w, 64)
+        q, s = quant_int4.quantize_int4(w, 64, scale_rule="absmax")
         np.testing.assert_array_equal(b.array(f"{EXPERT}.qweight"), q)
         np.testing.assert_array_equal(b.array(f"{EXPERT}.scales"), s)
+    with pytest.raises(SystemExit) as e:  # argparse's choices
+        main(["convert", "--to", "int4", "--int4-scale", "minmax", str(src), str(tmp_path / "x")])
+    assert e.value.code == 2 and "invalid choice: 'minmax'" in capsys.readouterr().err and not (tmp_path / "x").exists()
     # user errors: exit 2 with a message, nothing written
     assert main(["convert", "--to", "int4", str(src), str(tmp_path / "out")]) == 2
     assert "exists" in capsys.readouterr().err
@@ -88,20 +94,44 @@ def test_bf16_source_and_cli(tmp_path, tiny_cfg, capsys):
     assert "already an INT4 checkpoint" in capsys.readouterr().err
 
 
-def test_failure_leaves_nothing(tiny_fp8_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_failure_leaves_nothing(tiny_fp8_dir, tmp_path, monkeypatch, workers):
     calls = []
 
-    def failing(w, group, name):
+    def failing(w, group, name, scale_rule):
         calls.append(name)
         if len(calls) == 5:
             raise RuntimeError("disk full (simulated)")
-        return real(w, group, name)
+        return real(w, group, name, scale_rule)
 
     real = quant_int4.quantize_int4
     monkeypatch.setattr(quant_int4, "quantize_int4", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        convert.convert_int4(tiny_fp8_dir, tmp_path / "dst")
+        convert.convert_int4(tiny_fp8_dir, tmp_path / "dst", workers=workers)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_write_the_same_bytes(tiny_fp8_dir, int4_dir, tmp_path):
+    """1 worker and 4 workers (window of 8 experts ahead of the writer) give identical files."""
+    one = convert.convert_int4(tiny_fp8_dir, tmp_path / "one", group=32, max_shard_bytes=150_000, workers=1)
+    four = convert.convert_int4(tiny_fp8_dir, tmp_path / "four", group=32, max_shard_bytes=150_000, workers=4)
+    names = sorted(f.name for f in int4_dir.iterdir())
+    assert names == sorted(f.name for f in one.iterdir()) == sorted(f.name for f in four.iterdir())
+    for f in names:
+        if f != convert.MARKER:
+            assert (one / f).read_bytes() == (four / f).read_bytes() == (int4_dir / f).read_bytes(), f
+
+
+def test_fast_fp8_dequantize_is_bit_identical():
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 256, (256, 384), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)  # NaN codes included
+    scale = rng.uniform(0.1, 2, (2, 3)).astype(np.float32)
+    for shape in ((256, 384), (200, 300)):  # block multiples, and the fallback
+        a = convert.dequantize_fp8(w[: shape[0], : shape[1]], scale, (128, 128))
+        b = quant.dequantize_fp8_blocks(w[: shape[0], : shape[1]], scale, (128, 128))
+        assert a.dtype == np.float32 and a.tobytes() == b.tobytes()
 
 
 def test_bad_marker_and_missing_expert_tensor(int4_dir, tmp_path):
@@ -112,7 +142,10 @@ def test_bad_marker_and_missing_expert_tensor(int4_dir, tmp_path):
     (bad / convert.MARKER).write_text(json.dumps({"format": "int4", "group_size": 40}))
     with pytest.raises(CheckpointError, match="not a valid INT4 marker"):
         open_checkpoint(bad)
-    (bad / convert.MARKER).write_text(json.dumps({"format": "int4", "group_size": 64}))
+    (bad / convert.MARKER).write_text(json.dumps({"format": "int4", "group_size": 32, "scale_rule": "nope"}))
+    with pytest.raises(CheckpointError, match="not a valid INT4 marker.*scale rule"):
+        open_checkpoint(bad)
+    (bad / convert.MARKER).write_text(json.dumps({"format": "int4", "group_size": 64}))  # no rule: absmax (old)
     with pytest.raises(CheckpointError, match=r"(?s)wrong shape.*scales.*expected \[32, 1\]"):
         open_checkpoint(bad)
 
