@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.runtime.engine import Engine
-from jaxmoe.runtime.placement import RuntimeConfig
+from jaxmoe.runtime.placement import RuntimeConfig, split_experts
 from jaxmoe.runtime.sampling import SamplingParams
 from jaxmoe.runtime.stopping import StopMatcher, normalize_stop
 from jaxmoe.tokenizer import Message, Tokenizer
@@ -82,18 +82,23 @@ class Model:
     @property
     def engine(self) -> Engine:
         """The serving engine of this model (created on first use). With accelerators, its
-        stream-loading prefill reads the routed experts from the checkpoint's mmap."""
+        stream-loading prefill reads the routed experts from the host copy decode reads."""
         if self._engine is None:
             self._engine = Engine(self.cfg, self.weights, self.runtime, max_len=self.context_len,
                                   expert_source=self._expert_source())
         return self._engine
 
     def _expert_source(self) -> Any:
+        """None when the engine streams from the weights' own host copy (the expert store's
+        slabs that decode reads, or host arrays); else the checkpoint's mmap (e.g. INT4 stores)."""
         if self.path is None or not self.runtime.accelerators or self.runtime.prefill_strategy == "cpu":
             return None
         from jaxmoe.loading.loader import open_checkpoint
+        from jaxmoe.runtime.prefill_strategy import host_expert_source
         from jaxmoe.runtime.streaming import CheckpointExperts
 
+        if host_expert_source(split_experts(self.weights)[1]) is not None:
+            return None
         if self._checkpoint is None:
             self._checkpoint = open_checkpoint(self.path)
         return CheckpointExperts(self._checkpoint)

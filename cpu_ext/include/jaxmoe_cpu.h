@@ -109,6 +109,19 @@ jm_store *jm_store_from_handle(int64_t handle);
  * down [hidden, inter] */
 int jm_store_init_layer(jm_store *s, int32_t layer, int32_t n_experts, int32_t hidden,
                         int32_t inter);
+/* packs projection `which` (0 gate [inter, hidden], 1 up, 2 down [hidden, inter]) of one
+ * expert, FP8 (w uint8 e4m3 codes, rows ldw apart; scale [ceil(n/128)][lds]) or BF16 (w uint16,
+ * scale NULL), straight into the layer's slab for that projection (allocated on first use;
+ * one format per slab), where the experts lie one after the other; node: NUMA node or -1 */
+int jm_store_pack(jm_store *s, int32_t layer, int32_t expert, int32_t which, int32_t format,
+                  const void *w, int64_t ldw, const float *scale, int64_t lds, int32_t node);
+/* the slab of projection `which` of a layer, when every expert's matrix lies in it: expert e's
+ * packed bytes (tiles of 4 rows, 64-byte row segments, as jm_matrix_create_fp8 packs) at
+ * data + e * slot_bytes (packed_bytes of them), its block scales at scale + e * scale_floats
+ * (NULL for BF16); JM_EINVAL otherwise. Borrowed pointers, valid until the layer is freed. */
+int jm_store_slab(const jm_store *s, int32_t layer, int32_t which, const uint8_t **data,
+                  int64_t *slot_bytes, int64_t *packed_bytes, const float **scale,
+                  int64_t *scale_floats, int32_t *format);
 /* hands the three matrices of one expert to the store (it frees them; on error too) */
 int jm_store_set_expert(jm_store *s, int32_t layer, int32_t expert, jm_matrix *gate,
                         jm_matrix *up, jm_matrix *down);

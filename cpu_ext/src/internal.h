@@ -39,7 +39,18 @@ struct jm_matrix {
   size_t data_alloc;
   float *scale; /* FP8: [n_rb][kb] */
   int32_t group; /* INT4 (int4.c): columns per scale group; k_pad is a multiple of 8 * group */
+  int32_t borrowed; /* data and scale lie in an expert store's slab (store.c): freed with it */
 };
+
+/* pack.c: the FP8 / BF16 streaming layout. jm_matrix_new allocates (data NULL) or borrows
+ * `data` (jm_matrix_packed_bytes(format, n, k) bytes, 64-aligned) and `scale` (FP8:
+ * ceil(n/128) * ceil(k/128) floats), zeroes the data and registers the header;
+ * jm_matrix_fill packs rows w[r * ldw] (elements) and copies the block scales. */
+int64_t jm_matrix_packed_bytes(int32_t format, int32_t n, int32_t k);
+jm_matrix *jm_matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale);
+int jm_matrix_check_source(int32_t format, const void *w, int64_t ldw, const float *scale, int64_t lds, int32_t n,
+                           int32_t k, const char *fn);
+void jm_matrix_fill(jm_matrix *m, const void *w, int64_t ldw, const float *scale, int64_t lds);
 
 /* Per-ISA kernels. "Folded" activations: for row block rb, xf[m][k_pad] holds
  * x * scale[rb][kb] * 2^JM_FOLD_EXP (FP8) or x (BF16) in the element type and order the
@@ -147,6 +158,8 @@ void *jm_scratch(size_t bytes); /* valid until the next call; under the engine l
 /* NUMA-aware allocation (threadpool.c) */
 void *jm_alloc_node(size_t bytes, int node, size_t *alloc_bytes);
 void jm_free_node(void *p, size_t alloc_bytes);
+/* binds [p, p + len) (page-aligned) to a NUMA node; a no-op on one node or for node < 0 */
+void jm_bind_node(void *p, size_t len, int node);
 
 /* handle registry (dispatch.c) */
 int jm_registry_add(const void *p);

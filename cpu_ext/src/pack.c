@@ -5,13 +5,21 @@
  * (FP8: 64 columns per segment; BF16: 32). K is zero-padded to a multiple of 128 and the last
  * tile is zero-padded to 4 rows, so kernels never see a tail. The stream of a task (8 tiles)
  * is read strictly front to back. FP8 block scales are kept as [ceil(n/128)][k_pad/128].
+ * A matrix owns its memory, or borrows it from an expert store's slab (jm_matrix_new with
+ * data: store.c), where the experts of a layer lie one after the other.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
 
-static jm_matrix *matrix_alloc(int32_t format, int32_t n, int32_t k, int32_t node, int elem) {
+int64_t jm_matrix_packed_bytes(int32_t format, int32_t n, int32_t k) {
+  const int64_t k_pad = (int64_t)(k + JM_KBLOCK - 1) / JM_KBLOCK * JM_KBLOCK;
+  return (int64_t)(n + JM_TILE_ROWS - 1) / JM_TILE_ROWS * JM_TILE_ROWS * k_pad * (format == JM_FMT_BF16 ? 2 : 1);
+}
+
+jm_matrix *jm_matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale) {
+  const int elem = format == JM_FMT_BF16 ? 2 : 1;
   jm_matrix *m = calloc(1, sizeof *m);
   if (!m) goto oom;
   m->magic = JM_MATRIX_MAGIC;
@@ -25,21 +33,22 @@ static jm_matrix *matrix_alloc(int32_t format, int32_t n, int32_t k, int32_t nod
   m->n_rb = format == JM_FMT_FP8 ? (n + JM_KBLOCK - 1) / JM_KBLOCK : 1;
   m->tile_bytes = (int64_t)JM_TILE_ROWS * m->k_pad * elem;
   const size_t bytes = (size_t)m->n_tiles * (size_t)m->tile_bytes;
-  m->data = jm_alloc_node(bytes, node, &m->data_alloc);
+  m->borrowed = data != NULL;
+  m->data = data ? data : jm_alloc_node(bytes, node, &m->data_alloc);
   if (!m->data) goto oom;
   memset(m->data, 0, bytes);
   if (format == JM_FMT_FP8) {
-    m->scale = malloc(sizeof(float) * (size_t)m->n_rb * (size_t)m->kb);
+    m->scale = scale ? scale : malloc(sizeof(float) * (size_t)m->n_rb * (size_t)m->kb);
     if (!m->scale) goto oom;
   }
   if (jm_registry_add(m) != JM_OK) goto oom;
   return m;
 oom:
-  if (m) {
+  if (m && !m->borrowed) {
     jm_free_node(m->data, m->data_alloc);
     free(m->scale);
-    free(m);
   }
+  free(m);
   jm_error(JM_ENOMEM, "out of memory packing a [%d, %d] matrix", n, k);
   return NULL;
 }
@@ -53,45 +62,46 @@ static void put_row(jm_matrix *m, int32_t row, const uint8_t *src, int64_t row_b
   }
 }
 
+int jm_matrix_check_source(int32_t format, const void *w, int64_t ldw, const float *scale, int64_t lds, int32_t n,
+                           int32_t k, const char *fn) {
+  const int32_t kb = (k + JM_KBLOCK - 1) / JM_KBLOCK;
+  if (n <= 0 || k <= 0 || !w || (format == JM_FMT_FP8 && !scale))
+    return jm_error(JM_EINVAL, "%s: shape must be positive, got [%d, %d], and buffers non-NULL", fn, n, k);
+  if (ldw < k || (format == JM_FMT_FP8 && lds < kb))
+    return jm_error(JM_EINVAL, "%s: strides too small (ldw %lld < k %d or lds %lld < %d)", fn, (long long)ldw, k,
+                    (long long)lds, kb);
+  return JM_OK;
+}
+
+void jm_matrix_fill(jm_matrix *m, const void *w, int64_t ldw, const float *scale, int64_t lds) {
+  const int elem = m->format == JM_FMT_BF16 ? 2 : 1;
+  for (int32_t r = 0; r < m->n; r++) put_row(m, r, (const uint8_t *)w + (int64_t)r * ldw * elem, (int64_t)m->k * elem);
+  if (m->format == JM_FMT_FP8)
+    for (int32_t i = 0; i < m->n_rb; i++) memcpy(m->scale + (int64_t)i * m->kb, scale + i * lds, sizeof(float) * (size_t)m->kb);
+}
+
 jm_matrix *jm_matrix_create_fp8(const uint8_t *w, int64_t ldw, const float *scale, int64_t lds,
                                 int32_t n, int32_t k, int32_t node) {
-  const int32_t kb = (k + JM_KBLOCK - 1) / JM_KBLOCK;
-  if (n <= 0 || k <= 0 || !w || !scale) {
-    jm_error(JM_EINVAL, "jm_matrix_create_fp8: shape must be positive, got [%d, %d], and buffers non-NULL", n, k);
-    return NULL;
-  }
-  if (ldw < k || lds < kb) {
-    jm_error(JM_EINVAL, "jm_matrix_create_fp8: strides too small (ldw %lld < k %d or lds %lld < %d)",
-             (long long)ldw, k, (long long)lds, kb);
-    return NULL;
-  }
-  jm_matrix *m = matrix_alloc(JM_FMT_FP8, n, k, node, 1);
-  if (!m) return NULL;
-  for (int32_t r = 0; r < n; r++) put_row(m, r, w + (int64_t)r * ldw, k);
-  for (int32_t i = 0; i < m->n_rb; i++) memcpy(m->scale + (int64_t)i * m->kb, scale + i * lds, sizeof(float) * (size_t)kb);
+  if (jm_matrix_check_source(JM_FMT_FP8, w, ldw, scale, lds, n, k, "jm_matrix_create_fp8")) return NULL;
+  jm_matrix *m = jm_matrix_new(JM_FMT_FP8, n, k, node, NULL, NULL);
+  if (m) jm_matrix_fill(m, w, ldw, scale, lds);
   return m;
 }
 
 jm_matrix *jm_matrix_create_bf16(const uint16_t *w, int64_t ldw, int32_t n, int32_t k, int32_t node) {
-  if (n <= 0 || k <= 0 || !w) {
-    jm_error(JM_EINVAL, "jm_matrix_create_bf16: shape must be positive, got [%d, %d], and buffer non-NULL", n, k);
-    return NULL;
-  }
-  if (ldw < k) {
-    jm_error(JM_EINVAL, "jm_matrix_create_bf16: ldw %lld < k %d", (long long)ldw, k);
-    return NULL;
-  }
-  jm_matrix *m = matrix_alloc(JM_FMT_BF16, n, k, node, 2);
-  if (!m) return NULL;
-  for (int32_t r = 0; r < n; r++) put_row(m, r, (const uint8_t *)(w + (int64_t)r * ldw), 2 * (int64_t)k);
+  if (jm_matrix_check_source(JM_FMT_BF16, w, ldw, NULL, 0, n, k, "jm_matrix_create_bf16")) return NULL;
+  jm_matrix *m = jm_matrix_new(JM_FMT_BF16, n, k, node, NULL, NULL);
+  if (m) jm_matrix_fill(m, w, ldw, NULL, 0);
   return m;
 }
 
 void jm_matrix_free(jm_matrix *m) {
   if (!m || !jm_registry_remove(m)) return; /* unknown or already freed: ignore */
   m->magic = 0;
-  jm_free_node(m->data, m->data_alloc);
-  free(m->scale);
+  if (!m->borrowed) { /* a store slab's memory goes with the store (store.c) */
+    jm_free_node(m->data, m->data_alloc);
+    free(m->scale);
+  }
   free(m);
 }
 

@@ -263,12 +263,16 @@ void *jm_alloc_node(size_t bytes, int node, size_t *alloc_bytes) {
 #ifdef MADV_HUGEPAGE
   madvise(p, len, MADV_HUGEPAGE);
 #endif
+  jm_bind_node(p, len, node);
+  *alloc_bytes = len;
+  return p;
+}
+
+void jm_bind_node(void *p, size_t len, int node) {
   if (node >= 0 && jm_numa_nodes() > 1 && node < MAX_NODES) {
     unsigned long mask = 1ul << node;
     syscall(SYS_mbind, p, len, MPOL_BIND_, &mask, (unsigned long)MAX_NODES + 1, 0);
   }
-  *alloc_bytes = len;
-  return p;
 }
 
 void jm_free_node(void *p, size_t alloc_bytes) {

@@ -158,8 +158,8 @@ static double silu(double v) { return v / (1 + exp(-v)); }
 static void test_moe(int isa) {
   const int E = 5, H = 150, I = 70, T = 21, K = 2;
   fp8_mat g[5], u[5], d[5];
-  jm_store *s = jm_store_create(2);
-  CHECK(s && jm_store_init_layer(s, 1, E, H, I) == JM_OK, "store init");
+  jm_store *s = jm_store_create(3);
+  CHECK(s && jm_store_init_layer(s, 1, E, H, I) == JM_OK && jm_store_init_layer(s, 2, E, H, I) == JM_OK, "store init");
   for (int e = 0; e < E; e++) {
     g[e] = fp8_random(I, H), u[e] = fp8_random(I, H), d[e] = fp8_random(H, I);
     for (int i = 0; i < I * H; i++) g[e].w[i] *= 1e-2, u[e].w[i] *= 1e-2, d[e].w[i] *= 1e-2;
@@ -168,7 +168,22 @@ static void test_moe(int isa) {
     CHECK(jm_store_set_expert(s, 1, e, jm_matrix_create_fp8(g[e].q, H, g[e].s, (H + 127) / 128, I, H, -1),
                               jm_matrix_create_fp8(u[e].q, H, u[e].s, (H + 127) / 128, I, H, -1),
                               jm_matrix_create_fp8(d[e].q, I, d[e].s, (I + 127) / 128, H, I, -1)) == JM_OK, "set expert");
+    /* layer 2: the same experts packed into the layer's slabs */
+    CHECK(jm_store_pack(s, 2, e, 0, JM_FMT_FP8, g[e].q, H, g[e].s, (H + 127) / 128, -1) == JM_OK &&
+          jm_store_pack(s, 2, e, 1, JM_FMT_FP8, u[e].q, H, u[e].s, (H + 127) / 128, -1) == JM_OK &&
+          jm_store_pack(s, 2, e, 2, JM_FMT_FP8, d[e].q, I, d[e].s, (I + 127) / 128, -1) == JM_OK, "pack expert");
   }
+  const uint8_t *slab = NULL;
+  const float *slab_scale = NULL;
+  int64_t slot = 0, packed = 0, floats = 0;
+  int32_t fmt = 0;
+  CHECK(jm_store_slab(s, 2, 2, &slab, &slot, &packed, &slab_scale, &floats, &fmt) == JM_OK && slab && slot % 4096 == 0 &&
+        packed == 152 * 128 && floats == 2 && fmt == JM_FMT_FP8, "down slab of layer 2");
+  CHECK(slab_scale && slab_scale[floats * (E - 1)] == d[E - 1].s[0], "slab scales in expert order");
+  CHECK(jm_store_slab(s, 1, 0, &slab, NULL, NULL, NULL, NULL, NULL) == JM_EINVAL, "no slab for set_expert matrices");
+  CHECK(jm_store_pack(s, 2, 0, 3, JM_FMT_FP8, g[0].q, H, g[0].s, 2, -1) == JM_EINVAL, "bad projection rejected");
+  CHECK(jm_store_pack(s, 2, 0, 0, JM_FMT_INT4, g[0].q, H, g[0].s, 2, -1) == JM_EINVAL, "INT4 not packed in slabs");
+  CHECK(jm_store_pack(s, 2, 0, 0, JM_FMT_FP8, g[0].q, H - 1, g[0].s, 2, -1) == JM_EINVAL, "short stride rejected");
   float *x = malloc(sizeof(float) * T * H), *out = malloc(sizeof(float) * T * H), wt[21 * 2];
   int32_t ids[21 * 2];
   for (int i = 0; i < T * H; i++) x[i] = (float)nrand();
@@ -177,7 +192,12 @@ static void test_moe(int isa) {
     wt[t * K] = (float)urand(), wt[t * K + 1] = (float)urand();
   }
   ids[3] = -1; /* padding */
+  CHECK(jm_moe(s, 2, x, JM_DT_F32, T, ids, wt, K, out, JM_DT_F32) == JM_OK, "jm_moe (slabs)");
+  float *out_slab = malloc(sizeof(float) * T * H);
+  memcpy(out_slab, out, sizeof(float) * T * H);
   CHECK(jm_moe(s, 1, x, JM_DT_F32, T, ids, wt, K, out, JM_DT_F32) == JM_OK, "jm_moe");
+  CHECK(!memcmp(out, out_slab, sizeof(float) * T * H), "slab-packed experts == separately packed ones");
+  free(out_slab);
   double max_err = 0, max_ref = 0;
   for (int t = 0; t < T; t++) {
     double ref[150] = {0};

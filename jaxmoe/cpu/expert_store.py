@@ -107,18 +107,11 @@ class HostMatrix:
 
     @classmethod
     def from_weight(cls, w, node: int = -1, native=None) -> HostMatrix:
-        """From a jaxmoe.quant weight (Fp8Weight, DenseWeight) of shape [n, k]."""
-        from jaxmoe import quant  # noqa: PLC0415
-
-        if isinstance(w, quant.Fp8Weight):
-            if tuple(w.block) != (128, 128):
-                raise ValueError(f"cpu kernels need 128x128 FP8 blocks, got {w.block}")
-            return cls.fp8(w.weight, w.weight_scale_inv, node, native)
+        """From a jaxmoe.quant weight (Fp8Weight, DenseWeight, Int4Weight) of shape [n, k]."""
         if type(w).__name__ == "Int4Weight":  # jaxmoe.quant_int4
             return cls.int4(np.asarray(w.qweight), np.asarray(w.scales), w.k, w.group, node, native)
-        if isinstance(w, quant.DenseWeight):
-            return cls.bf16(w.weight, node, native)
-        raise TypeError(f"cannot place a {type(w).__name__} in host memory")
+        q, scale = _pack_args(w)
+        return cls.bf16(q, node, native) if scale is None else cls.fp8(q, scale, node, native)
 
     @property
     def nbytes(self) -> int:
@@ -238,14 +231,53 @@ class ExpertStore:
         nat = self._nat
         nat.check(nat.lib.jm_store_set_expert(self._live_ptr(), layer, expert, gate.release(), up.release(), down.release()))
 
+    def pack(self, layer: int, expert: int, which: int, w, scale=None, node: int = -1) -> None:
+        """Packs projection `which` (0 gate, 1 up, 2 down) of one expert into the layer's slab:
+        FP8 e4m3 values (or uint8 codes) [n, k] with fp32 block scales, or bf16 [n, k] (scale
+        None). The experts of a slab lie one after the other (`slab`)."""
+        nat, c = self._nat, self._nat.ffi.cast
+        if scale is None:
+            a, fmt, sp, lds = _as_bf16_bits(w), FMT_BF16, nat.ffi.NULL, 0
+            ldw = a.strides[0] // 2
+        else:
+            a, fmt = _as_codes(w), FMT_FP8
+            sc = np.ascontiguousarray(np.asarray(scale, np.float32))
+            sp, lds, ldw = c("float *", sc.ctypes.data), sc.shape[1], a.strides[0]
+        nat.check(nat.lib.jm_store_pack(self._live_ptr(), layer, expert, which, fmt, c("void *", a.ctypes.data), ldw,
+                                        sp, lds, node))
+
+    def slab(self, layer: int, which: int) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+        """Zero-copy views of one projection's slab: (uint8 [E, slot_bytes] packed tiles,
+        float32 [E, ceil(n/128), ceil(k/128)] block scales or None (BF16), packed bytes per
+        expert); None when some expert of the layer is not in the slab. The views borrow the
+        store's memory: valid until it is freed."""
+        nat = self._nat
+        ptrs = [nat.ffi.new("const uint8_t **"), nat.ffi.new("int64_t *"), nat.ffi.new("int64_t *"),
+                nat.ffi.new("const float **"), nat.ffi.new("int64_t *"), nat.ffi.new("int32_t *")]
+        if nat.lib.jm_store_slab(self._live_ptr(), layer, which, *ptrs) != 0:
+            return None
+        n_experts, hidden, inter = self._layer_shape(layer)
+        n, k = (inter, hidden) if which < 2 else (hidden, inter)
+        slot, packed, floats = int(ptrs[1][0]), int(ptrs[2][0]), int(ptrs[4][0])
+        data = np.frombuffer(nat.ffi.buffer(ptrs[0][0], n_experts * slot), np.uint8).reshape(n_experts, slot)
+        if int(ptrs[5][0]) != FMT_FP8:
+            return data, None, packed
+        scale = np.frombuffer(nat.ffi.buffer(ptrs[3][0], 4 * n_experts * floats), np.float32)
+        return data, scale.reshape(n_experts, -(-n // 128), -(-k // 128)), packed
+
     def add_layer(self, layer: int, gate, up, down, node_of=lambda e: -1) -> HostExperts:
         """Packs one layer from stacked weights: jaxmoe.quant Fp8Weight / DenseWeight with a
-        leading expert axis (gate/up [E, I, H], down [E, H, I]), e.g. ExpertsWeights fields."""
+        leading expert axis (gate/up [E, I, H], down [E, H, I]), e.g. ExpertsWeights fields.
+        FP8 and bf16 go into the layer's slabs (`pack`), INT4 into matrices of their own."""
         n_experts, inter, hidden = gate.shape
         self.init_layer(layer, n_experts, hidden, inter)
         for e in range(n_experts):
-            mats = [HostMatrix.from_weight(_expert_slice(w, e), node_of(e), self._nat) for w in (gate, up, down)]
-            self.set_expert(layer, e, *mats)
+            ws = [_expert_slice(w, e) for w in (gate, up, down)]
+            if any(type(w).__name__ == "Int4Weight" for w in ws):
+                self.set_expert(layer, e, *[HostMatrix.from_weight(w, node_of(e), self._nat) for w in ws])
+                continue
+            for j, w in enumerate(ws):
+                self.pack(layer, e, j, *_pack_args(w), node=node_of(e))
         return self.layer(layer)
 
     @classmethod
@@ -268,31 +300,31 @@ class ExpertStore:
                 inter, hidden = cfg.moe_intermediate_size, cfg.hidden_size
                 store.init_layer(li, n_experts, hidden, inter)
                 for e in range(n_experts):
-                    mats = []
-                    for proj in ("gate_proj", "up_proj", "down_proj"):
-                        scale = arrays.get(f"{proj}_scale_inv")
-                        node = node_of(li, e)
-                        if f"{proj}_scales" in arrays:  # INT4 (a converted checkpoint)
-                            k = inter if proj == "down_proj" else hidden
-                            mats.append(HostMatrix.int4(arrays[proj][e], arrays[f"{proj}_scales"][e], k,
-                                                        ck.int4_group, node, store._nat))
-                            continue
-                        mats.append(HostMatrix.fp8(arrays[proj][e], scale[e], node, store._nat) if scale is not None
-                                    else HostMatrix.bf16(arrays[proj][e], node, store._nat))
-                    store.set_expert(li, e, *mats)
+                    node = node_of(li, e)
+                    if "gate_proj_scales" in arrays:  # INT4 (a converted checkpoint): matrices of their own
+                        store.set_expert(li, e, *[
+                            HostMatrix.int4(arrays[p][e], arrays[f"{p}_scales"][e], inter if p == "down_proj" else hidden,
+                                            ck.int4_group, node, store._nat) for p in PROJECTIONS])
+                        continue
+                    for j, p in enumerate(PROJECTIONS):  # FP8 / bf16: straight into the slabs
+                        scale = arrays.get(f"{p}_scale_inv")
+                        store.pack(li, e, j, arrays[p][e], None if scale is None else scale[e], node)
                 del arrays
         finally:
             if ck is not checkpoint:
                 ck.close()
         return store
 
-    def layer(self, layer: int) -> HostExperts:
+    def _layer_shape(self, layer: int, complete: bool = False) -> tuple[int, int, int]:
         nat = self._nat
         vals = [nat.ffi.new("int32_t *") for _ in range(4)]
         nat.check(nat.lib.jm_store_layer_info(self._live_ptr(), layer, *vals))
-        n_experts, hidden, inter, complete = (int(v[0]) for v in vals)
-        if not complete:
+        if complete and not vals[3][0]:
             raise CpuExtError(f"layer {layer} of the expert store is not fully loaded")
+        return int(vals[0][0]), int(vals[1][0]), int(vals[2][0])
+
+    def layer(self, layer: int) -> HostExperts:
+        n_experts, hidden, inter = self._layer_shape(layer, complete=True)
         return HostExperts(store=self.handle, layer=layer, n_experts=n_experts, hidden=hidden, inter=inter)
 
     @property
@@ -325,6 +357,22 @@ class ExpertStore:
             with _live_lock:
                 _live.pop(self.handle, None)
             self._ptr = None
+
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _pack_args(w) -> tuple:
+    """(values, scale or None) of an FP8 / dense weight for `ExpertStore.pack`."""
+    from jaxmoe import quant  # noqa: PLC0415
+
+    if isinstance(w, quant.Fp8Weight):
+        if tuple(w.block) != (128, 128):
+            raise ValueError(f"cpu kernels need 128x128 FP8 blocks, got {w.block}")
+        return np.asarray(w.weight), np.asarray(w.weight_scale_inv)
+    if isinstance(w, quant.DenseWeight):
+        return np.asarray(w.weight), None
+    raise TypeError(f"cannot place a {type(w).__name__} in host memory")
 
 
 def _expert_slice(w, e: int):

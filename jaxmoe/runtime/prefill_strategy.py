@@ -6,8 +6,9 @@ by the environment variable JAXMOE_PREFILL_STRATEGY):
 - "cpu": the engine's step path (routed experts where the preset puts them: on the host's
   kernels, or resident on the accelerator -- then recorded as "resident");
 - "slp" / "dslp": the prompt's chunks go through `streaming.slp_prefill_chunk`, the routed
-  experts streamed from the single host copy (the one the decode steps' host programs read,
-  or an open checkpoint's mmap) to one / two accelerators;
+  experts streamed from the single host copy (the one the decode steps' host programs read:
+  the expert store's slabs, see `cpu.tiled`; or an open checkpoint's mmap for formats the
+  slabs do not hold, e.g. INT4) to one / two accelerators;
 - "auto": per request, `planner.plan_prefill` on the hardware profile (`RuntimeConfig.hardware`,
   default from the devices: this-machine-fake-devices for CPU devices standing in for
   accelerators, this-machine without any, h100-box / reference-box on GPUs) among the
@@ -68,12 +69,17 @@ def default_hardware(rc: RuntimeConfig, devices: Devices) -> str:
     return "h100-box" if "H100" in getattr(accs[0], "device_kind", "") else "reference-box"
 
 
-def host_expert_source(experts: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """The per-layer routed experts as a streaming source when they are plain arrays (numpy or
-    jax, FP8 + scales or dense); None when some are native handles (cpu_ext) or missing."""
+def host_expert_source(experts: tuple[Any, ...]) -> Any:
+    """The per-layer routed experts as a streaming source: the arrays themselves when they are
+    plain arrays (numpy or jax, FP8 + scales or dense), the expert store's slabs when they are
+    cpu_ext handles (`cpu.tiled.StoreExperts`: the copy decode reads); None otherwise."""
     moe = [e for e in experts if e is not None]
     if not moe:
         return None
+    if all(type(e).__name__ == "HostExperts" for e in moe):
+        from jaxmoe.cpu.tiled import StoreExperts  # noqa: PLC0415  (only where cpu_ext placed them)
+
+        return StoreExperts.of(tuple(experts))
     for e in moe:
         if not isinstance(e, ExpertsWeights):
             return None

@@ -199,22 +199,30 @@ def _handles(w):
     return w.replace(layers=layers)
 
 
-def test_load_and_generate_with_a_forced_strategy(tmp_path, prompts, reference, monkeypatch):
-    """jaxmoe.load(..., prefill_strategy=...) reaches the engine, which streams from the
-    checkpoint's mmap; the chosen strategy shows in the result's timings; the environment
-    variable forces one when the keyword does not."""
+@pytest.mark.parametrize("cpu_kernels", [False, True])
+def test_load_and_generate_with_a_forced_strategy(tmp_path, prompts, reference, monkeypatch, cpu_kernels):
+    """jaxmoe.load(..., prefill_strategy=...) reaches the engine, which streams from the one
+    host copy decode reads: the expert store's slabs with the CPU kernels, the weights' own
+    arrays without; the checkpoint is not reopened. The chosen strategy shows in the result's
+    timings; the environment variable forces one when the keyword does not."""
     import jaxmoe
     from jaxmoe.config import ModelConfig
     from jaxmoe.loading.synthetic import write_synthetic_checkpoint
-    from jaxmoe.runtime.streaming import CheckpointExperts
 
     monkeypatch.delenv(FORCE_ENV, raising=False)
     path = write_synthetic_checkpoint(tmp_path / "tiny", ModelConfig.named("tiny"), fmt="fp8", seed=0)  # = tiny_model
     opts = dict(runtime="2gpu+cpu-experts", simulate_accelerators=True, n_slots=2, chunk_size=CHUNK, max_seq_len=MAX_LEN,
-                cpu_kernels=False)
+                cpu_kernels=cpu_kernels)
     model = jaxmoe.load(path, prefill_strategy="dslp", **opts)
     try:
-        assert model.runtime.prefill_strategy == "dslp" and isinstance(model.engine.prefill.source, CheckpointExperts)
+        source = model.engine.prefill.source
+        if cpu_kernels:
+            from jaxmoe.cpu.tiled import StoreExperts
+
+            assert isinstance(source, StoreExperts)
+        else:
+            assert isinstance(source, tuple) and source[1] is model.engine.executor.experts[1]  # what decode reads
+        assert model.runtime.prefill_strategy == "dslp" and model._checkpoint is None
         out = jaxmoe.generate(model, prompts[1], max_new_tokens=NEW, ignore_eos=True)
         assert out.token_ids == reference[1] and out.timings.prefill_strategy == "dslp"
     finally:

@@ -98,6 +98,21 @@ def test_dslp_uneven_experts_in_parts_and_pinned_staging(nine):
     check_equal(nine, *run(nine, nine["experts"], "dslp", parts_per_layer=2, pinned=True)[:2])
 
 
+def test_dslp_from_the_expert_store_slabs(nine):
+    """The host copy decode reads (cpu_ext's packed tiles in the store's slabs) streamed as is
+    and un-tiled on the devices: the same logits as streaming the checkpoint's FP8 tensors."""
+    from jaxmoe.cpu.expert_store import ExpertStore
+    from jaxmoe.cpu.tiled import StoreExperts
+
+    with ExpertStore.from_checkpoint(nine["ck"]) as store:
+        source = StoreExperts(store)
+        assert source(1).gate_proj.shape == (9, *np.shape(nine["experts"][1].gate_proj.weight)[1:])
+        logits, cache, _ = run(nine, source, "dslp", parts_per_layer=2)
+    check_equal(nine, logits, cache)
+    want, _, _ = run(nine, CheckpointExperts(nine["ck"]), "dslp", parts_per_layer=2)
+    np.testing.assert_array_equal(logits, want)
+
+
 def _check_order(log, units, buffers):
     """Per chunk: every unit transferred once, computed after its transfer, awaited after its
     compute; T(u + buffers - 1) issued before C(u) is awaited; never more than `buffers` units
