@@ -19,6 +19,9 @@ XLA. A step's time is the sum of:
   cost the same as visible ones):
     2 x rows x window x heads x (2 kv_lora_rank + rope) FLOPs / (peak x attention)
     + rows x window x heads x score_ns                                   (mask, exp, online softmax)
+    + slots x window x layers x (kv_lora_rank + rope) x cache itemsize / cache_gbps
+  (the last: each sequence's latent window read through the attention's passes -- what a
+  decode step at long context pays; f32 cache, jaxmoe.load's default dtype).
 - **Fixed costs**: `layer_us` per layer per step (the small XLA ops, FFI hand-offs) and
   `token_layer_ns` per row per layer (norms, RoPE, router, residuals).
 
@@ -47,10 +50,13 @@ class CpuKernels:
     moe_decode_cycles: float
     gemv: float  # of peak: the GEMV path once it is FLOP-bound (several rows)
     gemv_weights_per_cycle: float  # per core: FP8 weights decoded per cycle by the GEMV path
+    moe_gemv: float = 0.0  # the fused MoE's GEMV path (0: as the Linears')
+    moe_gemv_weights_per_cycle: float = 0.0
     gemm_min_rows: int = 24
     call_us: float = 0.0  # per kernel call
     attention: float = 0.5  # of peak: XLA's attention dots
     score_ns: float = 0.0  # per score (row x head x key)
+    cache_gbps: float = 0.0  # GB/s at which a step's attention streams each slot's latent window (0: free)
     layer_us: float = 0.0  # per layer per step
     token_layer_ns: float = 0.0  # per row per layer
 
@@ -66,6 +72,17 @@ def width_bucket(n_tokens: int, width: int) -> int:
     if n_tokens <= 1:
         return 1
     return min(width, max(MIN_WIDTH_BUCKET, 1 << (n_tokens - 1).bit_length()))
+
+
+def _binomial(n: int, p: float):
+    """(m, P[m]) for m = 0..n of Binomial(n, p), by the recurrence (no factorials)."""
+    if p >= 1.0:
+        yield n, 1.0
+        return
+    q, pr = 1.0 - p, (1.0 - p) ** n
+    for m in range(n + 1):
+        yield m, pr
+        pr *= (n - m) / (m + 1) * p / q
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,18 +103,19 @@ class KernelModel:
     """The step model for one config on one CPU (`cpu`: hardware.Cpu; `read`: B/s the GEMV
     can stream, i.e. read bandwidth x cpu_gemv_frac_of_read)."""
 
-    def __init__(self, cfg: ModelConfig, cpu, kernels: CpuKernels, read: float):
-        self.cfg, self.k, self.read = cfg, kernels, read
+    def __init__(self, cfg: ModelConfig, cpu, kernels: CpuKernels, read: float, cache_itemsize: int = 4):
+        self.cfg, self.k, self.read, self.cache_itemsize = cfg, kernels, read, cache_itemsize
         self.mc: ModelCosts = model_costs(cfg)
         self.cycles = cpu.cores * cpu.ghz * 1e9  # core-cycles per second
         self.peak = self.cycles * cpu.flops_per_cycle
         self.fp8 = 1 if cfg.quantization is not None else 2
 
     # ---- one matrix ------------------------------------------------------------------------
-    def gemv_per_weight(self, rows: float, bytes_per_weight: float) -> float:
+    def gemv_per_weight(self, rows: float, bytes_per_weight: float, moe: bool = False) -> float:
         k = self.k
-        return max(1.0 / (self.cycles * k.gemv_weights_per_cycle), bytes_per_weight / self.read,
-                   2.0 * rows / (self.peak * k.gemv))
+        wpc = (k.moe_gemv_weights_per_cycle if moe else 0.0) or k.gemv_weights_per_cycle
+        eff = (k.moe_gemv if moe else 0.0) or k.gemv
+        return max(1.0 / (self.cycles * wpc), bytes_per_weight / self.read, 2.0 * rows / (self.peak * eff))
 
     def linear(self, weights: float, rows: int, bytes_per_weight: float | None = None) -> float:
         """One kernel call: a [N, K] matrix (weights = N x K) applied to `rows` rows."""
@@ -120,15 +138,18 @@ class KernelModel:
         per_expert = rows / touched
         if per_expert >= k.gemm_min_rows:
             t = touched * w_e * k.moe_decode_cycles / self.cycles + rows * w_e * 2.0 / (self.peak * k.moe_gemm)
-        else:
-            t = touched * w_e * self.gemv_per_weight(per_expert, self.fp8)
+        else:  # each expert's rows (binomial under uniform routing) on the GEMV path
+            e = self.cfg.n_routed_experts
+            t = e * w_e * sum(pr * self.gemv_per_weight(m, self.fp8, moe=True)
+                              for m, pr in _binomial(n_tokens, self.cfg.num_experts_per_tok / e) if m)
         return t + k.call_us * 1e-6
 
     # ---- one step --------------------------------------------------------------------------
-    def step(self, rows: int, tokens: int, window: int, logit_rows: int) -> StepTime:
+    def step(self, rows: int, tokens: int, window: int, logit_rows: int, slots: int = 1) -> StepTime:
         """One step over all layers: `rows` rows through the dense kernels and attention (all
         slots' columns, padding included), `tokens` real tokens through the routed experts,
-        keys over `window` cache slots, `logit_rows` rows through lm_head."""
+        keys over `window` cache slots of each of `slots` sequences, `logit_rows` rows
+        through lm_head."""
         cfg, mc, k = self.cfg, self.mc, self.k
         lin = exp = 0.0
         for layer in range(cfg.num_hidden_layers):
@@ -141,6 +162,9 @@ class KernelModel:
         scores = rows * window * cfg.num_attention_heads * cfg.num_hidden_layers
         attn = (mc.absorbed_attention_flops(window) * rows * cfg.num_hidden_layers / (self.peak * k.attention)
                 + scores * k.score_ns * 1e-9)
+        if k.cache_gbps:
+            key_bytes = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * self.cache_itemsize
+            attn += slots * window * cfg.num_hidden_layers * key_bytes / (k.cache_gbps * 1e9)
         fixed = cfg.num_hidden_layers * (k.layer_us * 1e-6 + rows * k.token_layer_ns * 1e-9)
         return StepTime(lin, exp, attn, fixed)
 
@@ -158,4 +182,4 @@ class KernelModel:
         rows = 1 << max(batch - 1, 0).bit_length()
         if n_slots:
             rows = min(rows, n_slots)
-        return self.step(rows, batch, kv_window(context + 1, max_len), rows)
+        return self.step(rows, batch, kv_window(context + 1, max_len), rows, slots=rows)

@@ -46,11 +46,13 @@ def test_linear_gemm_and_gemv_paths(km):
 
 def test_routed_experts_paths(km):
     w_e = 3 * 1024 * 352
-    # 4 tokens x top-4 over 16 experts: touched = 16 (1 - (12/16)^4), < 24 rows each: GEMV
-    touched = 16 * (1 - 0.75**4)
-    rows = 16 / touched
-    per_weight = max(1 / 8e9, 1 / 50e9, 2 * rows / 32e9)
-    assert km.experts(4) == pytest.approx(touched * w_e * per_weight + 10e-6)
+    # 4 tokens x top-4 over 16 experts: 1 row per touched expert on average (< 24): GEMV path,
+    # each expert's rows m ~ Binomial(4, 1/4): P[m] = 108/256, 54/256, 12/256, 1/256 for m = 1..4
+    per_weight = {m: max(1 / 8e9, 1 / 50e9, 2 * m / 32e9) for m in range(1, 5)}  # moe_gemv* unset: the Linears'
+    expect = 16 * w_e * sum(pr / 256 * per_weight[m] for m, pr in zip(range(1, 5), (108, 54, 12, 1)))
+    assert km.experts(4) == pytest.approx(expect + 10e-6)
+    own = KernelModel(DEMO, CPU, dataclasses.replace(K, moe_gemv=0.25, moe_gemv_weights_per_cycle=2.0), READ)
+    assert own.experts(1) == pytest.approx(4 * w_e * max(1 / 4e9, 2 / 16e9) + 10e-6)  # 4 experts of 1 row
     # 256 tokens: all 16 experts, 64 rows each: GEMM with the MoE coefficients
     t = 16 * (1 - 0.75**256)
     assert km.experts(256) == pytest.approx(t * w_e * 1 / 2e9 + 1024 * w_e * 2 / 32e9 + 10e-6)
