@@ -28,5 +28,9 @@ def test_quality_quick(tmp_path):
     assert m["ppl_reference"] > 1 and doc["details"]["synthetic_weights"] is True
     assert "not meaningful" in doc["details"]["meaning"]
     assert m["int4_cpu_kl_mean"] > m["fp8_cpu_kl_mean"]
+    # the scale rules' round-trip MSE: search (the default) < signed < absmax on every distribution
+    assert doc["details"]["int4_scale_rule"] == "search"
+    for dist, mse in doc["details"]["scale_mse"].items():
+        assert 0 < mse["search"] < mse["signed"] < mse["absmax"] < 0.05, dist
     if doc["env"]["isa"] != "avx512":  # f32 kernels: FP8 on the CPU == the reference to rounding
         assert m["fp8_cpu_kl_max"] < 1e-6 and m["fp8_cpu_top1_agree"] == 1.0
