@@ -77,11 +77,15 @@ def plot_decode_batch(doc: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(b, [x["tok_s"] for x in r["decode_batch"]], marker="o", label="total tok/s")
     ax.plot(b, [x["tok_s_per_request"] for x in r["decode_batch"]], marker="s", label="tok/s per request")
+    pb = _pred(r["predicted"].get("decode_batch_tok_s", {}))
+    if pb:
+        ax.plot(sorted(pb), [pb[k] for k in sorted(pb)], "--", marker="x",
+                label=f"total tok/s predicted ({r['predicted']['hardware']})")
     ax.set_xticks(b)
     ax.set_xlabel("concurrent requests (batch)")
     ax.set_ylabel("decode tok/s")
     ax.set_ylim(bottom=0)
-    ax.set_title(_title(doc, "Decode vs batch size (no planner model for batches)"), fontsize=9)
+    ax.set_title(_title(doc, "Decode vs batch size"), fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -122,14 +126,20 @@ def markdown(doc: dict) -> str:
         p = pt.get(x["prompt"])
         lines.append(f"| {x['prompt']} | {_f(x['s'])} ({_f(x['min'])}-{_f(x['max'])}) | {_f(p)} | "
                      f"{_f(x['s'] / p if p else None, 2)} |")
-    lines += ["", "## Decode vs context (batch 1)", "", "| context | tok/s | predicted tok/s | read pass GB/s |",
-              "|---:|---:|---:|---:|"]
+    lines += ["", "## Decode vs context (batch 1)", "",
+              "| context | tok/s | predicted tok/s | read pass GB/s | measured / predicted |", "|---:|---:|---:|---:|---:|"]
     for x in r["decode_context"]:
-        lines.append(f"| {x['context']} | {_f(x['tok_s'], 1)} | {_f(pd.get(x['context']), 1)} | {_f(x['read_gb_s'], 1)} |")
-    lines += ["", "## Decode vs batch (16-token prompts)", "", "| batch | total tok/s | per request tok/s | read pass GB/s |",
-              "|---:|---:|---:|---:|"]
+        p = pd.get(x["context"])
+        lines.append(f"| {x['context']} | {_f(x['tok_s'], 1)} | {_f(p, 1)} | {_f(x['read_gb_s'], 1)} | "
+                     f"{_f(x['tok_s'] / p if p else None, 2)} |")
+    pb = _pred(r["predicted"].get("decode_batch_tok_s", {}))
+    lines += ["", "## Decode vs batch (16-token prompts)", "",
+              "| batch | total tok/s | per request tok/s | predicted total tok/s | measured / predicted | read pass GB/s |",
+              "|---:|---:|---:|---:|---:|---:|"]
     for x in r["decode_batch"]:
-        lines.append(f"| {x['batch']} | {_f(x['tok_s'], 1)} | {_f(x['tok_s_per_request'], 1)} | {_f(x['read_gb_s'], 1)} |")
+        p = pb.get(x["batch"])
+        lines.append(f"| {x['batch']} | {_f(x['tok_s'], 1)} | {_f(x['tok_s_per_request'], 1)} | {_f(p, 1)} | "
+                     f"{_f(x['tok_s'] / p if p else None, 2)} | {_f(x['read_gb_s'], 1)} |")
     m = r["mixed"]
     lines += ["", f"## Mixed: {m['decoders']} decoders, then a {m['long_prompt']}-token prompt arrives", "",
               "| figure | value |", "|---|---:|",

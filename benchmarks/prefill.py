@@ -1,8 +1,10 @@
 """Prefill benchmark: tok/s by strategy and prompt length, with the planner's prediction beside each.
 
 Strategies, all over the same synthetic FP8 checkpoint, in chunks of `--chunk` tokens:
-- resident: `forward.prefill` with every weight on one device;
-- cpu-experts: the engine's cpu-only path (`Engine(..., "cpu-only")`, one request, max_new_tokens=1);
+- resident: `forward.prefill` with every weight on one device (XLA's own path, no cpu_ext
+  kernels: on a CPU box, what a GPU-resident prefill runs, on a CPU device);
+- cpu-experts: the engine's cpu-only path on the cpu_ext kernels (`jaxmoe.load(...,
+  runtime="cpu-only", cpu_kernels=True)`, one request, max_new_tokens=1);
 - slp: `streaming.slp_prefill`, experts streamed per chunk from zero-copy views of the mmap;
 - dslp: the same over two devices (SmallEP, one psum);
 - engine:cpu / engine:slp / engine:dslp: one request (max_new_tokens=1) through the serving
@@ -10,25 +12,33 @@ Strategies, all over the same synthetic FP8 checkpoint, in chunks of `--chunk` t
   strategy forced per request: the step path (staged, routed experts on the host) or the
   stream-loaded prefill as the engine runs it (its chunk shape, a prefill cache per request,
   latents written into the request's slot).
+`--strategies` picks a subset. Then the sweep: the cpu-only engine alone over prompt lengths
+(`--sweep`, default for demo 64..4000; its own chunk, the last chunk partial as a user's
+prompt runs), measured vs `estimate_prefill(..., "cpu")` on `this-machine`.
 On a box without a GPU the accelerators are fake CPU devices sharing the same cores and
 memory: the SLP/DSLP figures then only prove the pipeline (a "transfer" is a host memcpy,
 the two "GPUs" share 2 cores), not what a GPU would do. The predictions come from the
-planner's `this-machine` profile (resident, cpu-experts) and `this-machine-fake-devices`
-(slp, dslp); on a GPU box from `--hardware`.
+planner's `this-machine` profile (cpu-experts, the sweep) and `this-machine-fake-devices`
+(resident, slp, dslp, engine:*); on a GPU box from `--hardware`.
 
 Also written: the planner's DeepSeek-V3 predictions on the reference box next to the
 published figures (the table of docs/PERFORMANCE_MODEL.md; `--table` prints only that).
 
     python -m benchmarks.prefill [--quick] [--json PATH] [--model demo] [--table]
+    python -m benchmarks.prefill --model bench-v3-mid --strategies cpu-experts --lengths 512 --sweep 64,512,2048,4096
 
-Results: benchmarks/results/prefill.json (full runs only: --quick leaves the committed summary alone) and PATH if given.
+Results (full runs only: --quick leaves the committed summaries alone) and PATH if given:
+benchmarks/results/prefill.json (demo, every strategy), else prefill-MODEL.json. Checkpoints
+are cached like benchmarks/e2e.py's (~/.cache/jaxmoe or JAXMOE_CACHE_DIR).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -76,11 +86,19 @@ def print_table(t: dict) -> None:
     print(f"decode tok/s by context: {t['decode_tok_s_by_context']}; thresholds: {t['thresholds_tokens']}")
 
 
+ALL = ("resident", "cpu-experts", "slp", "dslp", "engine:cpu", "engine:slp", "engine:dslp")
+SWEEP = {"demo": "64,256,1024,2048,4000", "tiny": "16,64"}  # the cpu-only engine alone, --sweep
+
+
 def main(argv=None) -> dict:
     ap = H.parser(__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="configs/models name (default: demo; tiny with --quick)")
     ap.add_argument("--lengths", default=None, help="prompt lengths, comma-separated")
     ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--strategies", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    ap.add_argument("--sweep", default=None, help="prompt lengths of the cpu-only engine alone (its own chunk, "
+                    "last chunk partial), after the strategies: measured vs planner (default: demo "
+                    f"{SWEEP['demo']}; 'none' to skip)")
     ap.add_argument("--hardware", default=None, help="planner profile for a GPU box (default: this-machine*)")
     ap.add_argument("--table", action="store_true", help="only print the DeepSeek-V3 reference-box predictions")
     args = ap.parse_args(argv)
@@ -92,118 +110,199 @@ def main(argv=None) -> dict:
     import jax  # noqa: PLC0415
 
     jax.config.update("jax_num_cpu_devices", 3)  # before JAX starts: 2 fake accelerators + the engine's host
-    from jaxmoe.config import ModelConfig  # noqa: PLC0415
-    from jaxmoe.loading.loader import load_checkpoint, open_checkpoint  # noqa: PLC0415
-    from jaxmoe.loading.synthetic import write_synthetic_checkpoint  # noqa: PLC0415
-    from jaxmoe.model.cache import init_cache  # noqa: PLC0415
-    from jaxmoe.model.forward import prefill  # noqa: PLC0415
-    from jaxmoe.runtime.engine import Engine  # noqa: PLC0415
-    from jaxmoe.runtime.planner import estimate_prefill, load_hardware  # noqa: PLC0415
-    from jaxmoe.runtime.streaming import CheckpointExperts, place_dense, slp_prefill  # noqa: PLC0415
+    from jaxmoe.runtime.planner import load_hardware  # noqa: PLC0415
+
+    from benchmarks import e2e  # noqa: PLC0415
 
     name = args.model or ("tiny" if args.quick else "demo")
+    strategies = [s for s in args.strategies.split(",") if s]
+    unknown = sorted(set(strategies) - set(ALL))
+    if unknown:
+        ap.error(f"unknown --strategies {unknown}; known: {ALL}")
     lengths = [int(x) for x in (args.lengths or ("64,256" if args.quick else "256,1024")).split(",")]
+    sweep = args.sweep or SWEEP.get(name, "none")
+    sweep_lengths = [] if sweep == "none" else [int(x) for x in sweep.split(",")]
     repeats = args.repeats or (1 if args.quick else 2)
     chunk = min(args.chunk, min(lengths))
     lengths = [-(-n // chunk) * chunk for n in lengths]  # whole chunks: one compiled shape per strategy
-    max_len = 1 << max(lengths).bit_length()  # room for the prompt + 1 new token (the engine's rule)
     gpus = [d for d in jax.devices() if d.platform != "cpu"]
     accel = gpus or jax.devices("cpu")[:2]
     on_gpu = bool(gpus)
     hw_host = load_hardware(args.hardware or "this-machine")
     hw_accel = load_hardware(args.hardware or "this-machine-fake-devices")
+    tmpdir = tempfile.TemporaryDirectory(prefix="jaxmoe-bench-") if args.quick else None
+    path, _ = e2e.checkpoint(name, Path(tmpdir.name) if tmpdir else e2e.cache_dir())
+    bench = _Strategies(path, accel, on_gpu, chunk, max(lengths), strategies)
+    planned = {"resident": ("resident", hw_accel), "cpu-experts": ("cpu", hw_host), "slp": ("slp", hw_accel),
+               "dslp": ("dslp", hw_accel), "engine:cpu": ("cpu", hw_accel), "engine:slp": ("slp", hw_accel),
+               "engine:dslp": ("dslp", hw_accel)}
+    results = bench.run(lengths, repeats, not args.quick, planned) if bench.runs else {}
+    sweep_res = bench.sweep(sweep_lengths, args.chunk, hw_host, not args.quick) if sweep_lengths else {}
+    note = ("GPU run: SLP/DSLP on real accelerators." if on_gpu else
+            "No GPU here: SLP/DSLP ran on fake CPU devices sharing 2 cores; their figures prove the pipeline "
+            "(streaming, prefetch order, SmallEP psum), not GPU performance. 'resident' is XLA's own path "
+            "(no cpu_ext kernels) on one CPU device; 'cpu-experts' the cpu-only engine on the kernels.")
+    print(note)
+    print_table(table)
+    metrics = {}
+    if results:
+        top = max(lengths)
+        metrics = {f"{s.replace(':', '_')}_tok_s": round(results[f"{s}@{top}"]["tok_s"], 1) for s in bench.runs}
+        metrics.update({f"{s.replace(':', '_')}_measured_over_predicted": _r(results[f"{s}@{top}"]["measured_over_predicted"])
+                        for s in bench.runs})
+    if sweep_res:
+        ratios = [r["measured_over_predicted"] for r in sweep_res.values()]
+        metrics["cpu_only_sweep_measured_over_predicted_min"] = _r(min(ratios))
+        metrics["cpu_only_sweep_measured_over_predicted_max"] = _r(max(ratios))
+    metrics["v3_ref_slp_32k_tok_s"] = next(r["tok_s"] for r in table["prefill"]
+                                           if r["tokens"] == 32768 and r["variant"] == "slp (as built)")
+    details = {"note": note, "model": name, "chunk": chunk, "lengths": lengths, "layer_expert_bytes": bench.layer_bytes,
+               "results": results, "cpu_only_sweep": sweep_res, "deepseek_v3_reference_box": table}
+    env = H.env_info(quick=args.quick, devices=[str(d) for d in accel], on_gpu=on_gpu,
+                     loadavg=list(os.getloadavg()))
+    doc = H.write(args.json, metrics, env, details)
+    if not args.quick:
+        default = name == "demo" and set(strategies) == set(ALL)
+        H.write(H.RESULTS_DIR / ("prefill.json" if default else f"prefill-{name}.json"), metrics, env, details)
+    bench.close()
+    if tmpdir is not None:
+        tmpdir.cleanup()
+    return doc
 
-    tmp = tempfile.TemporaryDirectory(prefix="jaxmoe-bench-")
-    path = write_synthetic_checkpoint(f"{tmp.name}/{name}", ModelConfig.named(name), fmt="fp8", seed=0)
-    cfg, weights = load_checkpoint(path)
-    ck = open_checkpoint(path)
-    source = CheckpointExperts(ck)
-    weights0 = jax.device_put(weights, accel[0])
-    dense = {s: place_dense(weights, accel, s) for s in ("slp", "dslp")[: len(accel)]}
-    prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
-    engine = Engine(cfg, weights, "cpu-only", n_slots=1, chunk_size=chunk, max_len=max_len)
-    staged = Engine(cfg, weights, "2gpu+cpu-experts" if len(accel) > 1 else "gpu+cpu-experts", n_slots=2,
-                    chunk_size=chunk, max_len=max_len, simulate_accelerators=not on_gpu, expert_source=source)
-    rng = np.random.default_rng(0)
 
-    def resident(tokens):
-        cache = jax.device_put(init_cache(cfg, 1, max_len), accel[0])
-        for s in range(0, tokens.shape[1], chunk):
-            t = tokens[:, s : s + chunk]
-            idx = np.array([t.shape[1] - 1], np.int32)
-            logits, cache = prefill_jit(cfg, weights0, cache, t, np.arange(s, s + t.shape[1], dtype=np.int32)[None],
-                                        logit_index=idx)
-        return logits
+class _Strategies:
+    """The selected strategies' runners over one checkpoint (each built only when selected)."""
 
-    def cpu_experts(tokens):
-        req = engine.submit(tokens[0].tolist(), 1, background=False)
-        engine.run_until_idle()
-        return req.output_ids
+    def __init__(self, path, accel, on_gpu: bool, chunk: int, longest: int, strategies: list[str]):
+        import jax  # noqa: PLC0415
 
-    def streamed(strategy):
+        import jaxmoe  # noqa: PLC0415
+        from jaxmoe.loading.loader import load_checkpoint, open_checkpoint  # noqa: PLC0415
+        from jaxmoe.runtime.engine import Engine  # noqa: PLC0415
+        from jaxmoe.runtime.streaming import CheckpointExperts, place_dense  # noqa: PLC0415
+
+        self.jax, self.accel, self.chunk = jax, accel, chunk
+        self.max_len = 1 << longest.bit_length()  # room for the prompt + 1 new token (the engine's rule)
+        self.model = jaxmoe.load(path, runtime="cpu-only", cpu_kernels=True)  # the kernels: cpu-experts, --sweep
+        self.cfg = cfg = self.model.cfg
+        self.rng = np.random.default_rng(0)
+        self.ck = open_checkpoint(path)
+        source = CheckpointExperts(self.ck)
+        self.layer_bytes = sum(x.nbytes for x in jax.tree.leaves(source(1)))
+        self.max_len = min(self.max_len, cfg.max_position_embeddings)
+        xla = [s for s in strategies if s != "cpu-experts"]
+        weights = load_checkpoint(path)[1] if xla else None
+        runs = {}
+        if "resident" in strategies:
+            runs["resident"] = self._resident(jax.device_put(weights, accel[0]))
+        if "cpu-experts" in strategies:
+            self.engine = Engine(cfg, self.model.weights, self.model.runtime, n_slots=1, chunk_size=chunk,
+                                 max_len=self.max_len)
+            runs["cpu-experts"] = self._in_engine(self.engine, None)
+        if len(accel) < 2:  # one GPU: no SmallEP
+            strategies = [s for s in strategies if "dslp" not in s]
+        for s in ("slp", "dslp"):
+            if s in strategies:
+                runs[s] = self._streamed(s, place_dense(weights, accel, s), source)
+        if any(s.startswith("engine:") for s in strategies):
+            staged = Engine(cfg, weights, "2gpu+cpu-experts" if len(accel) > 1 else "gpu+cpu-experts", n_slots=2,
+                            chunk_size=chunk, max_len=self.max_len, simulate_accelerators=not on_gpu,
+                            expert_source=source)
+            for s in ("engine:cpu", "engine:slp", "engine:dslp"):
+                if s in strategies:
+                    runs[s] = self._in_engine(staged, s.split(":")[1])
+        self.runs = runs
+
+    def _resident(self, weights0):
+        from jaxmoe.model.cache import init_cache  # noqa: PLC0415
+        from jaxmoe.model.forward import prefill  # noqa: PLC0415
+
+        jax, cfg, chunk = self.jax, self.cfg, self.chunk
+        prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
+
+        def run(tokens):
+            cache = jax.device_put(init_cache(cfg, 1, self.max_len), self.accel[0])
+            for s in range(0, tokens.shape[1], chunk):
+                t = tokens[:, s : s + chunk]
+                idx = np.array([t.shape[1] - 1], np.int32)
+                logits, cache = prefill_jit(cfg, weights0, cache, t, np.arange(s, s + t.shape[1], dtype=np.int32)[None],
+                                            logit_index=idx)
+            return logits
+        return run
+
+    def _streamed(self, strategy, dense, source):
+        from jaxmoe.model.cache import init_cache  # noqa: PLC0415
+        from jaxmoe.runtime.streaming import slp_prefill  # noqa: PLC0415
+
         def run(tokens):
             pos = np.arange(tokens.shape[1], dtype=np.int32)[None]
-            cache = init_cache(cfg, 1, max_len)
-            return slp_prefill(cfg, dense[strategy], source, cache, tokens, pos, chunk_size=chunk, devices=accel,
+            cache = init_cache(self.cfg, 1, self.max_len)
+            return slp_prefill(self.cfg, dense, source, cache, tokens, pos, chunk_size=self.chunk, devices=self.accel,
                                strategy=strategy, logit_index=np.array([tokens.shape[1] - 1]))[0]
         return run
 
-    def in_engine(strategy):
+    @staticmethod
+    def _in_engine(engine, strategy):
         def run(tokens):
-            req = staged.submit(tokens[0].tolist(), 1, background=False, prefill_strategy=strategy)
-            staged.run_until_idle()
-            assert req.prefill_strategy == strategy, (req.prefill_strategy, strategy)
+            req = engine.submit(tokens[0].tolist(), 1, background=False, prefill_strategy=strategy)
+            engine.run_until_idle()
+            assert strategy is None or req.prefill_strategy == strategy, (req.prefill_strategy, strategy)
             return req.output_ids
         return run
 
-    runs = {"resident": resident, "cpu-experts": cpu_experts, "slp": streamed("slp"), "dslp": streamed("dslp"),
-            "engine:cpu": in_engine("cpu"), "engine:slp": in_engine("slp"), "engine:dslp": in_engine("dslp")}
-    if len(accel) < 2:  # one GPU: no SmallEP
-        del runs["dslp"], runs["engine:dslp"]
-    planned = {"resident": ("cpu", hw_host) if not on_gpu else ("resident", hw_accel), "cpu-experts": ("cpu", hw_host),
-               "slp": ("slp", hw_accel), "dslp": ("dslp", hw_accel), "engine:cpu": ("cpu", hw_accel),
-               "engine:slp": ("slp", hw_accel), "engine:dslp": ("dslp", hw_accel)}
-    results: dict = {}
-    first = {}
-    for strategy, fn in runs.items():  # compile (the chunk shape is the same for every length)
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(rng.integers(0, cfg.vocab_size, (1, lengths[0]), dtype=np.int32)))
-        first[strategy] = time.perf_counter() - t0
-    for n in lengths:
-        tokens = rng.integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
-        # strategies alternate call by call, so that the load of this shared box hits them alike
-        times = H.interleaved({s: (lambda f=fn: jax.block_until_ready(f(tokens))) for s, fn in runs.items()},
-                              repeats, warmup=0 if args.quick else 1)  # full: each length warmed (kv windows compile)
-        for strategy, t in times.items():
-            p_name, p_hw = planned[strategy]
-            pred = estimate_prefill(cfg, p_hw, n, p_name, chunk=chunk)
-            r = results[f"{strategy}@{n}"] = {
-                "strategy": strategy, "tokens": n, "s": t["median"], "tok_s": n / t["median"],
-                "predicted_tok_s": pred.tok_per_s, "predicted_by": f"{p_hw.name}:{p_name}",
-                "measured_over_predicted": (n / t["median"]) / pred.tok_per_s if pred.feasible else None,
-                "first_call_s": first[strategy],
-            }
-            print(f"{strategy:12s} {n:6d} tokens: {r['tok_s']:9.1f} tok/s  (planner {pred.tok_per_s:9.1f}, "
-                  f"{r['predicted_by']})", flush=True)
-    mc_bytes = sum(x.nbytes for x in __import__("jax").tree.leaves(source(1)))
-    note = ("GPU run: SLP/DSLP on real accelerators." if on_gpu else
-            "No GPU here: SLP/DSLP ran on fake CPU devices sharing 2 cores; their figures prove the pipeline "
-            "(streaming, prefetch order, SmallEP psum), not GPU performance.")
-    print(note)
-    print_table(table)
-    top = max(lengths)
-    metrics = {f"{s.replace(':', '_')}_tok_s": round(results[f"{s}@{top}"]["tok_s"], 1) for s in runs}
-    metrics.update({f"{s.replace(':', '_')}_measured_over_predicted": _r(results[f"{s}@{top}"]["measured_over_predicted"]) for s in runs})
-    metrics["v3_ref_slp_32k_tok_s"] = next(r["tok_s"] for r in table["prefill"]
-                                           if r["tokens"] == 32768 and r["variant"] == "slp (as built)")
-    details = {"note": note, "model": name, "chunk": chunk, "lengths": lengths, "layer_expert_bytes": mc_bytes,
-               "results": results, "deepseek_v3_reference_box": table}
-    env = H.env_info(quick=args.quick, devices=[str(d) for d in accel], on_gpu=on_gpu)
-    doc = H.write(args.json, metrics, env, details)
-    if not args.quick:
-        H.write(H.RESULTS_DIR / "prefill.json", metrics, env, details)
-    ck.close()
-    return doc
+    def run(self, lengths, repeats: int, warm_each: bool, planned) -> dict:
+        from jaxmoe.runtime.planner import estimate_prefill  # noqa: PLC0415
+
+        jax, cfg, results, first = self.jax, self.cfg, {}, {}
+        for strategy, fn in self.runs.items():  # compile (the chunk shape is the same for every length)
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(self.rng.integers(0, cfg.vocab_size, (1, lengths[0]), dtype=np.int32)))
+            first[strategy] = time.perf_counter() - t0
+        for n in lengths:
+            tokens = self.rng.integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
+            # strategies alternate call by call, so that the load of this shared box hits them alike
+            times = H.interleaved({s: (lambda f=fn: jax.block_until_ready(f(tokens))) for s, fn in self.runs.items()},
+                                  repeats, warmup=1 if warm_each else 0)  # full: each length warmed (kv windows compile)
+            for strategy, t in times.items():
+                p_name, p_hw = planned[strategy]
+                pred = estimate_prefill(cfg, p_hw, n, p_name, chunk=self.chunk)
+                r = results[f"{strategy}@{n}"] = {
+                    "strategy": strategy, "tokens": n, "s": t["median"], "tok_s": n / t["median"],
+                    "predicted_tok_s": pred.tok_per_s, "predicted_by": f"{p_hw.name}:{p_name}",
+                    "measured_over_predicted": (n / t["median"]) / pred.tok_per_s if pred.feasible else None,
+                    "first_call_s": first[strategy],
+                }
+                print(f"{strategy:12s} {n:6d} tokens: {r['tok_s']:9.1f} tok/s  (planner {pred.tok_per_s:9.1f}, "
+                      f"{r['predicted_by']})", flush=True)
+        return results
+
+    def sweep(self, lengths, chunk: int, hw, warm: bool) -> dict:
+        """The cpu-only engine (kernels) alone at each prompt length, in its own chunks (the last
+        one partial, as a user's prompt runs), vs estimate_prefill("cpu") on `hw`."""
+        from jaxmoe.runtime.engine import Engine  # noqa: PLC0415
+        from jaxmoe.runtime.planner import estimate_prefill  # noqa: PLC0415
+
+        lengths = [n for n in lengths if n < self.cfg.max_position_embeddings]
+        max_len = min(self.cfg.max_position_embeddings, 1 << max(lengths).bit_length())
+        engine = Engine(self.cfg, self.model.weights, self.model.runtime, n_slots=1, chunk_size=chunk, max_len=max_len)
+        run = self._in_engine(engine, None)
+        out = {}
+        if warm:  # the longest prompt compiles every (width, key window) program the others use
+            run(self.rng.integers(0, self.cfg.vocab_size, (1, max(lengths)), dtype=np.int32))
+        for n in lengths:
+            tokens = self.rng.integers(0, self.cfg.vocab_size, (1, n), dtype=np.int32)
+            t = H.timeit(lambda: run(tokens), 1 if n >= 2048 or not warm else 2, warmup=0)
+            pred = estimate_prefill(self.cfg, hw, n, "cpu", chunk=chunk)
+            r = out[str(n)] = {"tokens": n, "s": t["median"], "min": t["min"], "tok_s": n / t["median"],
+                               "predicted_s": pred.seconds, "predicted_tok_s": pred.tok_per_s,
+                               "measured_over_predicted": pred.seconds / t["median"], "repeats": t["repeats"]}
+            print(f"cpu-only sweep {n:6d} tokens: {r['tok_s']:9.1f} tok/s  (planner {pred.tok_per_s:9.1f}, "
+                  f"measured/predicted {r['measured_over_predicted']:.2f})", flush=True)
+        return out
+
+    def close(self):
+        self.ck.close()
+        self.model.close()
 
 
 def _r(x):

@@ -11,7 +11,8 @@ On a synthetic FP8 checkpoint placed on cpu_ext and served by `Engine(..., "cpu-
   prefills (chunked prefill shares the steps), and throughput during the window;
 - beside each measured curve, the performance model's prediction for this machine
   (jaxmoe.runtime.planner.estimate_prefill "cpu" / estimate_decode with
-  configs/hardware/this-machine.json); the planner has no batch or mixed-load model.
+  configs/hardware/this-machine.json: its "cpu_kernels" step model); the planner has no
+  mixed-load model.
 
 Default model: `demo` (4 layers, hidden 1024, 16 experts; prefill ~100 tok/s here). The
 peer model bench-v3-mid prefills at ~4 tok/s on this 2-core box, so its curves would take
@@ -108,12 +109,19 @@ def mixed(engine, cfg, decoders: int, long_n: int, rng, before_steps: int = 6) -
             "total_tok_s_in_window": (decoded + long_n) / window}
 
 
-def predicted(cfg, hw, chunk: int, ttft_lengths, contexts) -> dict:
+def predicted(cfg, hw, chunk: int, ttft_lengths, contexts, batches=(), *, steps: int = 0, warm: int = 0,
+              batch_prompt: int = 16, n_slots: int | None = None) -> dict:
+    """The planner's figures for the measured points. A decode point's context is its prompt
+    plus the steps before the middle of the timed ones (`warm` + `steps` / 2): the key window
+    a step attends over follows the sequence's length."""
     from jaxmoe.runtime.planner import estimate_decode, estimate_prefill  # noqa: PLC0415
 
+    grown = warm + steps // 2
     return {"hardware": hw.name, "calibrated_from": list(hw.calibrated_from),
             "ttft_s": {n: estimate_prefill(cfg, hw, n, "cpu", cpu_chunk=chunk).seconds for n in ttft_lengths},
-            "decode_tok_s": {c: estimate_decode(cfg, hw, context=c).tok_per_s for c in contexts}}
+            "decode_tok_s": {c: estimate_decode(cfg, hw, context=c + grown).tok_per_s for c in contexts},
+            "decode_batch_tok_s": {b: estimate_decode(cfg, hw, context=batch_prompt + grown, batch=b,
+                                                      n_slots=n_slots).tok_per_s for b in batches}}
 
 
 def measure(args) -> dict:
@@ -181,7 +189,9 @@ def measure(args) -> dict:
     print(f"mixed: {decoders} decoders + a {mx['long_prompt']}-token prompt: TTFT {mx['ttft_s']:.2f} s; decoders' "
           f"TPOT p50 {mx['tpot_during_s']['p50']:.3f} s (before {mx['tpot_before_s']['p50']:.3f} s)", flush=True)
     hw = load_hardware("this-machine")
-    out["predicted"] = predicted(cfg, hw, engine.chunk_size, sz["ttft"], sz["context"])
+    out["predicted"] = predicted(cfg, hw, engine.chunk_size, sz["ttft"], sz["context"],
+                                 [x["batch"] for x in out["decode_batch"]], steps=sz["steps"], warm=sz["warm"],
+                                 n_slots=engine.n_slots)
     engine = None
     model.close()
     if tmp is not None:
@@ -211,7 +221,15 @@ def summary(res: dict) -> dict:
         "ttft_measured_over_predicted_longest": round(t[longest] / pt[longest], 3),
         "decode_measured_over_predicted_ctx_first": round(
             res["decode_context"][0]["tok_s"] / pd[res["decode_context"][0]["context"]], 3),
-    }
+        "decode_measured_over_predicted_ctx_last": round(
+            res["decode_context"][-1]["tok_s"] / pd[res["decode_context"][-1]["context"]], 3),
+    } | _batch_ratio(res, b)
+
+
+def _batch_ratio(res: dict, b: dict) -> dict:
+    pb = {int(k): v for k, v in res["predicted"].get("decode_batch_tok_s", {}).items()}
+    top = max(b)
+    return {f"decode_measured_over_predicted_b{top}": round(b[top]["tok_s"] / pb[top], 3)} if top in pb else {}
 
 
 def main(argv=None) -> dict:
@@ -236,7 +254,8 @@ def main(argv=None) -> dict:
             "mixed": "decoders' token gaps (TPOT) from the time after each engine step; 'during' = from the long "
                      "prompt's arrival to its first token; total_tok_s = (decoded + prompt tokens) / that window",
             "predicted": "jaxmoe.runtime.planner on configs/hardware/this-machine.json: estimate_prefill(strategy "
-                         "'cpu', cpu_chunk=engine chunk) and estimate_decode(context)"}}
+                         "'cpu', cpu_chunk=engine chunk) and estimate_decode(context=prompt + warm + steps/2, "
+                         "batch)"}}
         doc = H.write(None, {}, env, details)
         doc["metrics"] = summary(res)
         if args.quick:

@@ -39,7 +39,8 @@ def _doc() -> dict:
                   "window_s": 12.0, "decoded_tokens_in_window": 150, "decode_tok_s_in_window": 12.5,
                   "prompt_tok_s_in_window": 85.3, "total_tok_s_in_window": 97.8},
         "predicted": {"hardware": "this-machine", "calibrated_from": [], "ttft_s": {"64": 0.7, "1024": 14.3},
-                      "decode_tok_s": {"64": 778.0, "2048": 700.0}},
+                      "decode_tok_s": {"64": 778.0, "2048": 700.0},
+                      "decode_batch_tok_s": {"1": 100.0, "2": 200.0, "4": 300.0}},
     }
     return {"metrics": {}, "env": {"cpu": "AMD EPYC", "cores": 2, "date": "2026-11-23T13:00:00+00:00",
                                    "commit": "abc", "loadavg": [3.0, 3.0, 3.0], "quick": False},
@@ -65,7 +66,9 @@ def test_summary_and_render(tmp_path):
         assert f.read_bytes()[:8] == PNG
     md = (tmp_path / "slo.md").read_text()
     assert "| 1024 | 9.000 (8.500-9.500) | 14.300 | 0.63 |" in md
-    assert "| 2048 | 80.0 | 700.0 | 29.0 |" in md
+    assert "| 2048 | 80.0 | 700.0 | 29.0 | 0.11 |" in md
+    assert "| 4 | 360.0 | 90.0 | 300.0 | 1.20 | 31.0 |" in md
+    assert m["decode_measured_over_predicted_b4"] == 1.2
     assert "p50 / p90 / p99 (ms) | 250.0 / 290.0 / 299.0 |" in md
     assert "slo_mixed.png" in md
 
@@ -91,6 +94,7 @@ def test_slo_quick(tmp_path):
     assert [x["batch"] for x in r["decode_batch"]] == [1, 2, 4]
     assert r["mixed"]["tpot_during_s"]["n"] > 0 and r["mixed"]["tpot_before_s"]["n"] > 0
     assert set(r["predicted"]["ttft_s"]) == {"16", "32", "48"}
+    assert set(r["predicted"]["decode_batch_tok_s"]) == {"1", "2", "4"}
     for name in _plots.FILES:
         assert (tmp_path / name).is_file(), name
     assert doc["env"]["quick"] is True
