@@ -154,6 +154,21 @@ def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, co
     return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache
 
 
+def expanded_is_cheaper(cfg: ModelConfig, n_queries: int, n_keys: int) -> bool:
+    """Whether `mla_prefill` (keys/values expanded once per step) takes fewer multiply-adds
+    than `mla_decode` (queries and outputs absorbed) for n_queries per row over n_keys cache
+    slots. Per row and head:
+        expanded: (nope + rope + v) * S * T  +  (nope + v) * r * S   (expanding S keys)
+        absorbed: (2 r + rope)      * S * T  +  (nope + v) * r * T   (absorbing T queries)
+    DeepSeek-V3 (r 512, nope = v 128, rope 64): expanded wins from ~100 queries over 256 keys
+    and ~170 over long contexts, i.e. for prompt chunks, never for decode."""
+    r, rope, nope, v = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    s, t = n_keys, n_queries
+    expanded = (nope + rope + v) * s * t + (nope + v) * r * s
+    absorbed = (2 * r + rope) * s * t + (nope + v) * r * t
+    return expanded < absorbed
+
+
 def _split_kv_b(kv_b_proj, cfg, dtype) -> tuple[jax.Array, jax.Array]:
     """kv_b_proj [h*(nope+v), r] -> (W_UK [h, nope, r], W_UV [h, v, r])."""
     w_kv = dequantize(kv_b_proj, dtype).reshape(cfg.num_attention_heads, -1, cfg.kv_lora_rank)

@@ -76,3 +76,18 @@ def test_blocked_attention_matches_hf(qlora):
     for i, lw in enumerate(w.layers):
         out = attn(lw.self_attn, jnp.asarray(acts[f"attn_in.{i}"]), i)
         assert_close(out, acts[f"attn_out.{i}"], TOL, f"layer {i}: MLA with 16-key blocks vs transformers")
+
+
+def test_the_cheaper_attention_form_by_hand():
+    """DeepSeek-V3 dims (r 512, nope = v 128, rope 64), per row and head:
+    expanded 320 S T + 131072 S, absorbed 1088 S T + 131072 T. Over S = 256 keys the forms
+    cost the same at T = 33554432 / 327680 = 102.4 queries; over long contexts expanded wins
+    from T > 131072 / 768 = 170.7. Decode (T = 1) stays absorbed over 2 keys or more."""
+    from jaxmoe.config import ModelConfig
+
+    v3 = ModelConfig.named("deepseek-v3")
+    assert (v3.kv_lora_rank, v3.qk_nope_head_dim, v3.v_head_dim, v3.qk_rope_head_dim) == (512, 128, 128, 64)
+    assert not mla.expanded_is_cheaper(v3, 102, 256) and mla.expanded_is_cheaper(v3, 103, 256)
+    assert not mla.expanded_is_cheaper(v3, 170, 1 << 20) and mla.expanded_is_cheaper(v3, 171, 1 << 20)
+    assert not any(mla.expanded_is_cheaper(v3, 1, s) for s in (2, 64, 4096, 1 << 17))
+    assert mla.expanded_is_cheaper(v3, 256, 512) and not mla.expanded_is_cheaper(v3, 64, 512)
