@@ -6,8 +6,7 @@ kept alive by a module registry, so dropping the Python reference never invalida
 that a jitted program still holds. A freed handle passed to a kernel is an error (the library
 validates every handle against its registry of live objects), never a crash.
 
-The pytree types `HostLinear` and `HostExperts` carry only the integer handle and shapes as
-static (non-leaf) data, so they pass through `jax.jit` and `jax.tree_util` unchanged.
+The pytree types that name these objects inside a Weights pytree live in `handles.py`.
 """
 
 from __future__ import annotations
@@ -17,9 +16,9 @@ import threading
 
 import ml_dtypes
 import numpy as np
-from flax import struct
 
 from jaxmoe.cpu._lib import DT_BF16, DT_F32, CpuExtError, load
+from jaxmoe.cpu.handles import HostExperts, HostGroupedLinear, HostLinear
 
 FMT_FP8, FMT_BF16 = 1, 2
 FMT_INT4 = 3  # issue 7: group-quantized INT4 (jaxmoe.quant_int4)
@@ -393,38 +392,3 @@ def free_all() -> None:
         owners = list(_live.values())
     for o in owners:
         o.free()
-
-
-@struct.dataclass
-class HostLinear:
-    """A Linear weight [n, k] resident in host memory, run by cpu_ext (pytree without leaves)."""
-
-    handle: int = struct.field(pytree_node=False)
-    n: int = struct.field(pytree_node=False)
-    k: int = struct.field(pytree_node=False)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.k)
-
-
-@struct.dataclass
-class HostExperts:
-    """One layer's routed experts in an ExpertStore (pytree without leaves)."""
-
-    store: int = struct.field(pytree_node=False)
-    layer: int = struct.field(pytree_node=False)
-    n_experts: int = struct.field(pytree_node=False)
-    hidden: int = struct.field(pytree_node=False)
-    inter: int = struct.field(pytree_node=False)
-
-
-
-@struct.dataclass
-class HostGroupedLinear:
-    """g Linear weights [n, k] of one shape in host memory (a HostGroup; pytree without leaves)."""
-
-    handle: int = struct.field(pytree_node=False)
-    g: int = struct.field(pytree_node=False)
-    n: int = struct.field(pytree_node=False)
-    k: int = struct.field(pytree_node=False)

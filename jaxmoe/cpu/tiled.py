@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxmoe import quant
-from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, _live
+from jaxmoe.cpu.expert_store import ExpertStore, _live
+from jaxmoe.cpu.handles import HostExperts
 from jaxmoe.model.weights import ExpertsWeights
 
 TILE_ROWS, SEGMENT, KBLOCK = 4, 64, 128
