@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--int4-scale", choices=["search", "signed", "absmax"], default="search",
                    help="INT4 group scale rule: search = least squared error (default), signed = the extreme -> -8, "
                         "absmax = amax/7 (the first rule); recorded in jaxmoe_int4.json")
-    c.add_argument("--workers", type=int, default=None, help="conversion threads (default: the usable CPUs)")
+    c.add_argument("--workers", type=int, default=None, help="conversion threads (default: the usable CPUs, at most 16)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return parser
 

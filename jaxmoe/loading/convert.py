@@ -170,14 +170,15 @@ def convert_int4(src: str | Path, dst: str | Path, *, group: int = quant_int4.DE
                  scale_rule: str = quant_int4.DEFAULT_SCALE_RULE, overwrite: bool = False,
                  progress: bool | None = None, max_shard_bytes: int | None = None, workers: int | None = None) -> Path:
     """Writes `dst`: `src` with its routed experts group-quantized to INT4 (module docstring).
-    workers: conversion threads (default: the CPUs this process may use)."""
+    workers: conversion threads (default: the CPUs this process may use, at most 16; each holds
+    about 2.5x an expert matrix in f32 while it works)."""
     from jaxmoe.loading import synthetic  # noqa: PLC0415
     from jaxmoe.loading.loader import open_checkpoint  # noqa: PLC0415
     from jaxmoe.loading.safetensors_index import INDEX_NAME  # noqa: PLC0415
 
     group = quant_int4.check_group(group)
     scale_rule = quant_int4.check_scale_rule(scale_rule)
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or min(16, len(os.sched_getaffinity(0)))
     if workers < 1:
         raise ValueError(f"convert: workers must be >= 1, got {workers}")
     src, dst = Path(src), Path(dst)
