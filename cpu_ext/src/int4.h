@@ -56,8 +56,12 @@ extern const int jm_int4_avx512_emulated; /* 1 in the SIMDe test build */
  * the same f32 operations as the AVX2 GEMV tile kernel, so both paths give identical results;
  * the scalar twin replays them lane by lane (fmaf), identical too. */
 #define JM_INT4_GEMM_NP 16 /* rows per unpacked panel */
-#define JM_INT4_GEMM_MR 4  /* tokens per micro-kernel call */
-#define JM_INT4_GEMM_NR 3  /* rows per micro-kernel call */
+#ifndef JM_INT4_GEMM_MR
+#define JM_INT4_GEMM_MR 4 /* tokens per micro-kernel call (<= 4) */
+#endif
+#ifndef JM_INT4_GEMM_NR
+#define JM_INT4_GEMM_NR 3 /* rows per micro-kernel call (<= 4) */
+#endif
 static inline int64_t jm_int4_panel_row(const jm_matrix *w) { return w->k_pad + 4 * (int64_t)(w->k_pad / w->group); }
 typedef struct {
   int isa;

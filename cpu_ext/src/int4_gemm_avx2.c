@@ -50,46 +50,47 @@ AI void micro_t(const jm_matrix *w, const uint8_t *p, int64_t prs, const uint8_t
                 const int NR, const int NV, float *c, int64_t ldc) {
   const int G = w->group, n_sb = jm_int4_n_sb(w), nv = NV ? NV : G / 4;
   const __m256i ones = _mm256_set1_epi16(1);
-  const uint8_t *wr[JM_INT4_GEMM_NR];
-  const float *sw[JM_INT4_GEMM_NR];
-  const uint8_t *xp[JM_INT4_GEMM_MR];
-  const float *sx[JM_INT4_GEMM_MR];
-  const int32_t *cr[JM_INT4_GEMM_MR];
+  const uint8_t *wr[4];
+  const float *sw[4];
+  const uint8_t *xp[4];
+  const float *sx[4];
+  const int32_t *cr[4];
   for (int r = 0; r < NR; r++) wr[r] = p + r * prs, sw[r] = (const float *)(wr[r] + w->k_pad);
   for (int i = 0; i < MR; i++) {
     xp[i] = xr[i];
     sx[i] = jm_int4_sx(w, (uint8_t *)xr[i]);
     cr[i] = jm_int4_corr(w, (uint8_t *)xr[i]);
   }
-  __m256 acc[JM_INT4_GEMM_MR][JM_INT4_GEMM_NR];
+  __m256 acc[4][4];
   for (int i = 0; i < MR; i++)
     for (int r = 0; r < NR; r++) acc[i][r] = _mm256_setzero_ps();
   for (int sb = 0; sb < n_sb; sb++) {
     const int64_t ob = (int64_t)sb * 8 * G;
-    __m256i d[JM_INT4_GEMM_MR][JM_INT4_GEMM_NR];
+    __m256i d[4][4];
     for (int i = 0; i < MR; i++) {
       const __m256i cv = _mm256_loadu_si256((const __m256i *)(cr[i] + 8 * sb));
       for (int r = 0; r < NR; r++) d[i][r] = cv;
     }
     for (int v0 = 0; v0 < nv; v0 += 8) {
-      __m256i a[JM_INT4_GEMM_MR][JM_INT4_GEMM_NR];
+      __m256i a[4][4];
 #pragma GCC unroll 8
       for (int v = 0; v < 8; v++) {
         const int64_t o = ob + 32 * (v0 + v);
-        __m256i wv[JM_INT4_GEMM_NR];
+        __m256i wv[4];
         for (int r = 0; r < NR; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(wr[r] + o));
         for (int i = 0; i < MR; i++) {
           const __m256i xv = _mm256_loadu_si256((const __m256i *)(xp[i] + o));
           for (int r = 0; r < NR; r++) {
             const __m256i pr = _mm256_maddubs_epi16(wv[r], xv);
             a[i][r] = v ? _mm256_add_epi16(a[i][r], pr) : pr;
+            __asm__("" : "+x"(a[i][r])); /* keeps the sum a chain: no reassociation into a tree */
           }
         }
       }
       for (int i = 0; i < MR; i++)
         for (int r = 0; r < NR; r++) d[i][r] = _mm256_add_epi32(d[i][r], _mm256_madd_epi16(a[i][r], ones));
     }
-    __m256 swv[JM_INT4_GEMM_NR];
+    __m256 swv[4];
     for (int r = 0; r < NR; r++) swv[r] = _mm256_loadu_ps(sw[r] + 8 * sb);
     for (int i = 0; i < MR; i++) {
       const __m256 sxv = _mm256_loadu_ps(sx[i] + 8 * sb);
@@ -101,7 +102,7 @@ AI void micro_t(const jm_matrix *w, const uint8_t *p, int64_t prs, const uint8_t
     for (int r = 0; r < NR; r++) c[i * ldc + r] = hsum8(acc[i][r]);
 }
 
-_Static_assert(JM_INT4_GEMM_MR == 4 && JM_INT4_GEMM_NR == 3, "the switches below follow MR x NR");
+_Static_assert(JM_INT4_GEMM_MR <= 4 && JM_INT4_GEMM_NR <= 4, "the switches below go up to 4 x 4");
 #define MICRO_NV(MR, NR)                                             \
   do {                                                               \
     if (w->group == 32) micro_t(w, p, prs, xr, MR, NR, 8, c, ldc);   \
@@ -118,6 +119,7 @@ _Static_assert(JM_INT4_GEMM_MR == 4 && JM_INT4_GEMM_NR == 3, "the switches below
 static void micro_avx2(const jm_matrix *w, const uint8_t *p, int64_t prs, int nr, const uint8_t *const *xr, int mr,
                        float *c, int64_t ldc) {
   switch (nr) {
+    case 4: MICRO_MR(4); break;
     case 3: MICRO_MR(3); break;
     case 2: MICRO_MR(2); break;
     default: MICRO_MR(1); break;
