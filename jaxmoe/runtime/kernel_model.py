@@ -14,10 +14,14 @@ XLA. A step's time is the sum of:
   plus `call_us` per kernel call. W = weights of the matrix, peak = cores x GHz x FLOP/cycle.
   The dense Linears see every row of the step, padding included (width and row buckets); the
   MoE sees only real tokens, spread over the touched experts (uniform routing).
-- **Attention** (absorbed MLA over the latent cache, XLA f32 dots): every query row attends
-  over the whole power-of-two key window of the step (`kv_window`: padding and masked keys
-  cost the same as visible ones):
-    2 x rows x window x heads x (2 kv_lora_rank + rope) FLOPs / (peak x attention)
+- **Attention** (MLA over the latent cache, XLA f32 dots): every query row attends over the
+  whole power-of-two key window of the step (`kv_window`: padding and masked keys cost the
+  same as visible ones), absorbed (decode, narrow chunks: kv_b_proj's halves applied to the
+  queries and outputs as two grouped kernel calls) or expanded (wide prompt chunks, where it
+  takes fewer multiply-adds: the window's latents through kv_b_proj, one kernel call per
+  512-key block):
+    2 x rows x window x heads x F FLOPs / (peak x attention),  F = 2 kv_lora_rank + rope
+                                                               (absorbed) or nope + rope + v
     + rows x window x heads x score_ns                                   (mask, exp, online softmax)
     + slots x window x layers x (kv_lora_rank + rope) x cache itemsize / cache_gbps
   (the last: each sequence's latent window read through the attention's passes -- what a
@@ -38,6 +42,17 @@ from jaxmoe.runtime.cost_model import ModelCosts, model_costs
 
 MIN_KV_WINDOW = 64  # runtime/programs.py
 MIN_WIDTH_BUCKET = 16
+KEY_BLOCK = 512  # model/mla.py PREFILL_KEY_BLOCK: a wide step expands its keys one block at a time
+
+
+def expanded_is_cheaper(cfg: ModelConfig, n_queries: int, n_keys: int) -> bool:
+    """Whether a step of n_queries per row over n_keys attends expanded (keys and values
+    expanded through kv_b_proj once per step) rather than absorbed (queries and outputs
+    through kv_b_proj's halves): the form with fewer multiply-adds, the engine's rule
+    (model/mla.py `expanded_is_cheaper`, runtime/programs.py)."""
+    r, rope, nope, v = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    s, t = n_keys, n_queries
+    return (nope + rope + v) * s * t + (nope + v) * r * s < (2 * r + rope) * s * t + (nope + v) * r * t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,20 +166,27 @@ class KernelModel:
         keys over `window` cache slots of each of `slots` sequences, `logit_rows` rows
         through lm_head."""
         cfg, mc, k = self.cfg, self.mc, self.k
+        layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+        expanded = rows > slots and expanded_is_cheaper(cfg, rows // slots, window)
         lin = exp = 0.0
-        for layer in range(cfg.num_hidden_layers):
+        for layer in range(layers):
             moe = cfg.is_moe_layer(layer)
             lin += sum(self.linear(n * kk, rows) for n, kk in mc.layer_matrices(moe))
-            lin += sum(self.linear(w, rows) for w in mc.kv_b_groups)
+            if expanded:  # the window's latents through kv_b_proj, one call per key block
+                blocks = -(-window // KEY_BLOCK) if window > KEY_BLOCK else 1
+                lin += slots * blocks * self.linear(sum(mc.kv_b_groups), min(window, KEY_BLOCK))
+            else:  # queries and outputs through kv_b_proj's two halves
+                lin += sum(self.linear(w, rows) for w in mc.kv_b_groups)
             if moe:
                 exp += self.experts(tokens)
         lin += self.linear(cfg.vocab_size * cfg.hidden_size, logit_rows, 2)
-        scores = rows * window * cfg.num_attention_heads * cfg.num_hidden_layers
-        attn = (mc.absorbed_attention_flops(window) * rows * cfg.num_hidden_layers / (self.peak * k.attention)
-                + scores * k.score_ns * 1e-9)
+        scores = rows * window * heads * layers
+        per_score = 2 * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim if expanded
+                         else 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        attn = scores * (per_score / (self.peak * k.attention) + k.score_ns * 1e-9)
         if k.cache_gbps:
             key_bytes = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * self.cache_itemsize
-            attn += slots * window * cfg.num_hidden_layers * key_bytes / (k.cache_gbps * 1e9)
+            attn += slots * window * layers * key_bytes / (k.cache_gbps * 1e9)
         fixed = cfg.num_hidden_layers * (k.layer_us * 1e-6 + rows * k.token_layer_ns * 1e-9)
         return StepTime(lin, exp, attn, fixed)
 

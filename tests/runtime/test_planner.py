@@ -128,7 +128,8 @@ def test_cpu_only_decode_counts_every_layer_and_the_attention():
     """No GPU and no "cpu_kernels" block (the generic formulas; this-machine's own block is
     tested in test_planner_cpu.py): everything is read at the CPU's rate, absorbed attention
     costs FLOPs at the CPU's GEMM rate, and every layer pays the per-layer dispatch overhead."""
-    here = dataclasses.replace(load_hardware("this-machine", calibrate=False), kernels=None)
+    here = dataclasses.replace(load_hardware("this-machine", calibrate=False), kernels=None).with_efficiency(
+        cpu_gemm=0.45, decode_layer_overhead_us=1000)
     cfg = ModelConfig.named("demo")
     mc = model_costs(cfg)
     read = 48e9 * 0.9

@@ -109,3 +109,27 @@ def test_planner_uses_the_kernel_model_on_this_machine():
     # without the block: the generic formulas (one request)
     g = estimate_decode(DEMO, dataclasses.replace(hw, kernels=None), context=1000)
     assert g.seconds == pytest.approx(g.expert_s + g.resident_s + g.attention_s + g.overhead_s)
+
+
+def test_wide_chunks_attend_expanded(km):
+    """A 256-row chunk over 1024 keys: expanded (192 MACs per score per head + the window's
+    latents through kv_b_proj, two 512-key blocks) is cheaper than absorbed (576 per score)."""
+    from jaxmoe.runtime.kernel_model import expanded_is_cheaper
+
+    assert expanded_is_cheaper(DEMO, 256, 1024) and not expanded_is_cheaper(DEMO, 1, 1024)
+    wide, narrow = km.step(256, 256, 1024, 1), km.step(1, 1, 1024, 1)
+    scores = 256 * 1024 * 8 * 4
+    assert wide.attention == pytest.approx(scores * (2 * 192 / 16e9 + 2e-9))
+    mats = km.mc.layer_matrices(False), km.mc.layer_matrices(True)
+    rest = lambda rows: sum(km.linear(n * k, rows) for j in range(4) for n, k in mats[j > 0])  # noqa: E731
+    lm_head = km.linear(8192 * 1024, 1, 2)
+    kv_b = 8 * (64 + 64) * 256  # kv_b_proj, applied to two 512-key blocks per layer
+    assert wide.linears == pytest.approx(rest(256) + 4 * 2 * km.linear(kv_b, 512) + lm_head)
+    assert narrow.linears == pytest.approx(rest(1) + 4 * 2 * km.linear(kv_b // 2, 1) + lm_head)
+    try:  # the engine's own rule, where the model code has it
+        from jaxmoe.model.mla import expanded_is_cheaper as engine_rule
+    except ImportError:
+        return
+    for cfg in (DEMO, ModelConfig.named("bench-v3-mid"), ModelConfig.named("deepseek-v3")):
+        for t, s in ((1, 64), (16, 64), (64, 512), (256, 256), (256, 4096), (128, 32768)):
+            assert expanded_is_cheaper(cfg, t, s) == engine_rule(cfg, t, s), (cfg.hidden_size, t, s)
