@@ -5,16 +5,26 @@ as group-32 INT4 with f16 scales inline (random codes and scales: speed does not
 the values). Measured, each interleaved call by call with a read-only pass over the INT4
 bytes and with the FP8 kernel on its own matrices, so drift hits all alike:
 - the 24 matrices as linears for each M: time, GB/s, fraction of the read pass, speedup vs FP8;
-- the fused MoE layer for one token: time, fraction of the read pass, speedup vs FP8.
+- the fused MoE layer for one token: time, fraction of the read pass, speedup vs FP8;
+- the GEMM path (prefill): the fused MoE over the 8 experts with 2 of 8 chosen per token
+  (T/4 rows per expert) for T = 64, 256, 512 on the INT4 GEMM path, on the INT4 GEMV chunks and
+  on the FP8 GEMM path: ms and GFLOP/s (2 x rows x N x K per active matrix).
+
+    python -m benchmarks.kernels_int4 [--json PATH] [--quick]   # the GEMM-path rows alone
 """
 
 from __future__ import annotations
+
+import contextlib
+import sys
 
 import numpy as np
 
 from benchmarks import _harness as H
 
 GROUP = 32
+GEMM_TS_FULL, GEMM_TS_QUICK = (64, 256, 512), (64,)
+GEMM_TOP_K = 2
 
 
 def build_int4_store(rng, n_experts: int, hidden: int, inter: int):
@@ -86,5 +96,91 @@ def run(nat, rng, fp8_store, fp8_gemv_pass, ms, repeats, hidden: int, inter: int
         "int4_moe_layer_m1_speedup_vs_fp8": round(moe_speedup, 3),
         "int4_bytes_ratio_vs_fp8": round(nbytes / fp8_bytes, 4),
     }
+    gm, details["gemm"] = run_gemm(nat, rng, store, fp8_store, GEMM_TS_QUICK if tuple(ms) == (1,) else GEMM_TS_FULL,
+                                   repeats, hidden, inter, n_experts)
+    metrics.update(gm)
     store.free()
     return metrics, details
+
+
+@contextlib.contextmanager
+def _gemm_rows(lib, m):
+    prev = lib.jm_set_gemm_min_rows(m)
+    try:
+        yield
+    finally:
+        lib.jm_set_gemm_min_rows(prev)
+
+
+def run_gemm(nat, rng, store, fp8_store, ts, repeats, hidden: int, inter: int, n_experts: int) -> tuple[dict, dict]:
+    """The fused MoE at prefill token counts: INT4 GEMM path vs its GEMV chunks vs FP8 GEMM,
+    interleaved call by call with a read-only pass over the INT4 bytes."""
+    ffi, lib = nat.ffi, nat.lib
+    mats = [lib.jm_store_matrix(store._ptr, 0, e, j) for e in range(n_experts) for j in range(3)]
+    read = H.read_pass_fn(nat, mats)
+    details: dict = {"top_k": GEMM_TOP_K, "isa": ("scalar", "avx2", "avx512")[lib.jm_int4_isa()],
+                     "threads": int(lib.jm_num_threads())}
+    metrics: dict = {}
+    for t_ in ts:
+        x = rng.standard_normal((t_, hidden)).astype(np.float32)
+        ids = np.stack([rng.permutation(n_experts)[:GEMM_TOP_K] for _ in range(t_)]).astype(np.int32)
+        wts = rng.random((t_, GEMM_TOP_K)).astype(np.float32)
+        out = np.empty_like(x)
+        c = ffi.cast
+
+        def moe(s, rows, _keep=(x, ids, wts, out)):
+            a = (s._ptr, 0, c("void *", x.ctypes.data), 0, t_, c("int32_t *", ids.ctypes.data),
+                 c("float *", wts.ctypes.data), GEMM_TOP_K, c("void *", out.ctypes.data), 0)
+
+            def run_():
+                with _gemm_rows(lib, rows):
+                    lib.jm_moe(*a)
+            return run_
+        t = H.interleaved({"read": read, "int4_gemm": moe(store, 1), "int4_gemv": moe(store, -1),
+                           "fp8_gemm": moe(fp8_store, 1)}, repeats)
+        flop = 2.0 * t_ * GEMM_TOP_K * 3 * hidden * inter
+        row = {"rows_per_expert": t_ * GEMM_TOP_K / n_experts, "read_ms": t["read"]["median"] * 1e3}
+        for k in ("int4_gemm", "int4_gemv", "fp8_gemm"):
+            row[f"{k}_ms"] = t[k]["median"] * 1e3
+            row[f"{k}_gflops"] = flop / t[k]["median"] / 1e9
+        row["speedup_vs_gemv"] = t["int4_gemv"]["median"] / t["int4_gemm"]["median"]
+        row["speedup_vs_fp8_gemm"] = t["fp8_gemm"]["median"] / t["int4_gemm"]["median"]
+        details[f"moe_t{t_}"] = row
+        print(f"INT4 MoE T={t_:4d} ({row['rows_per_expert']:.0f} rows/expert): GEMM {row['int4_gemm_ms']:8.2f} ms "
+              f"{row['int4_gemm_gflops']:6.1f} GFLOP/s; GEMV chunks {row['int4_gemv_ms']:8.2f} ms "
+              f"{row['int4_gemv_gflops']:6.1f}; FP8 GEMM {row['fp8_gemm_ms']:8.2f} ms {row['fp8_gemm_gflops']:6.1f}; "
+              f"x{row['speedup_vs_gemv']:.2f} vs GEMV, x{row['speedup_vs_fp8_gemm']:.2f} vs FP8; "
+              f"read pass {row['read_ms']:.2f} ms", flush=True)
+        metrics[f"int4_moe_t{t_}_gemm_gflops"] = round(row["int4_gemm_gflops"], 2)
+        metrics[f"int4_moe_t{t_}_speedup_vs_gemv"] = round(row["speedup_vs_gemv"], 3)
+        metrics[f"int4_moe_t{t_}_speedup_vs_fp8_gemm"] = round(row["speedup_vs_fp8_gemm"], 3)
+    return metrics, details
+
+
+def main(argv=None) -> dict:
+    """The GEMM-path rows alone (the full INT4 rows run inside benchmarks.kernels)."""
+    ap = H.parser(__doc__.splitlines()[0])
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (2 if args.quick else 5)
+
+    from benchmarks.kernels import HIDDEN, INTER, N_EXPERTS, build_store  # noqa: PLC0415
+    from jaxmoe.cpu._lib import load  # noqa: PLC0415
+
+    nat = load()
+    rng = np.random.default_rng(0)
+    fp8_store, _ = build_store(rng)
+    store = build_int4_store(rng, N_EXPERTS, HIDDEN, INTER)
+    metrics, details = run_gemm(nat, rng, store, fp8_store, GEMM_TS_QUICK if args.quick else GEMM_TS_FULL, repeats,
+                                HIDDEN, INTER, N_EXPERTS)
+    env = H.env_info(isa=nat.selected_isa(), threads=int(nat.lib.jm_num_threads()), quick=args.quick)
+    doc = H.write(args.json, metrics, env, details)
+    if not args.quick:
+        H.write(H.RESULTS_DIR / "kernels_int4_gemm.json", metrics, env, details)
+    print(metrics)
+    store.free()
+    fp8_store.free()
+    return doc
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

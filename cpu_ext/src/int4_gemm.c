@@ -7,13 +7,23 @@
  * rows stay in L2, rows in groups of NR whose codes stay in L1 while the block's tokens go by.
  * Each output is one micro-kernel call over the whole K, so results depend neither on the
  * blocking nor on the thread count (and equal the AVX2 GEMV tile kernel's).
- * jm_linear (linear.c) calls jm_int4_gemm_chunk; the fused MoE is int4_gemm_moe.c.
+ * jm_linear (linear.c) calls jm_int4_gemm_chunk; the fused MoE is int4_gemm_moe.c. Both take it
+ * from jm_gemm_min_rows() rows, as FP8 does, unless env JAXMOE_CPU_INT4_GEMM=0.
  */
 #include <stdlib.h>
 
 #include "int4.h"
 
 #define X_BLOCK_BYTES (192 << 10) /* int8 activation bytes of one token block (L2: 512 KB here) */
+
+int jm_int4_gemm_enabled(void) {
+  static _Atomic int on = -1; /* env JAXMOE_CPU_INT4_GEMM=0 at load: INT4 stays on the GEMV path (A/B runs) */
+  if (on < 0) {
+    const char *env = getenv("JAXMOE_CPU_INT4_GEMM");
+    on = !(env && env[0] == '0' && !env[1]);
+  }
+  return on;
+}
 
 const jm_int4_gemm_kernels *jm_int4_gemm_current(void) {
   /* the AVX-512 path has no INT4 GEMM of its own: AVX2 runs wherever it can */

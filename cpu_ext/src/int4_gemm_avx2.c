@@ -55,20 +55,26 @@ AI void micro_t(const jm_matrix *w, const uint8_t *p, int64_t prs, const uint8_t
   const uint8_t *xp[4];
   const float *sx[4];
   const int32_t *cr[4];
+  #pragma GCC unroll 4
   for (int r = 0; r < NR; r++) wr[r] = p + r * prs, sw[r] = (const float *)(wr[r] + w->k_pad);
+  #pragma GCC unroll 4
   for (int i = 0; i < MR; i++) {
     xp[i] = xr[i];
     sx[i] = jm_int4_sx(w, (uint8_t *)xr[i]);
     cr[i] = jm_int4_corr(w, (uint8_t *)xr[i]);
   }
   __m256 acc[4][4];
+  #pragma GCC unroll 4
   for (int i = 0; i < MR; i++)
+    #pragma GCC unroll 4
     for (int r = 0; r < NR; r++) acc[i][r] = _mm256_setzero_ps();
   for (int sb = 0; sb < n_sb; sb++) {
     const int64_t ob = (int64_t)sb * 8 * G;
     __m256i d[4][4];
+    #pragma GCC unroll 4
     for (int i = 0; i < MR; i++) {
       const __m256i cv = _mm256_loadu_si256((const __m256i *)(cr[i] + 8 * sb));
+      #pragma GCC unroll 4
       for (int r = 0; r < NR; r++) d[i][r] = cv;
     }
     for (int v0 = 0; v0 < nv; v0 += 8) {
@@ -77,9 +83,12 @@ AI void micro_t(const jm_matrix *w, const uint8_t *p, int64_t prs, const uint8_t
       for (int v = 0; v < 8; v++) {
         const int64_t o = ob + 32 * (v0 + v);
         __m256i wv[4];
+        #pragma GCC unroll 4
         for (int r = 0; r < NR; r++) wv[r] = _mm256_loadu_si256((const __m256i *)(wr[r] + o));
+        #pragma GCC unroll 4
         for (int i = 0; i < MR; i++) {
           const __m256i xv = _mm256_loadu_si256((const __m256i *)(xp[i] + o));
+          #pragma GCC unroll 4
           for (int r = 0; r < NR; r++) {
             const __m256i pr = _mm256_maddubs_epi16(wv[r], xv);
             a[i][r] = v ? _mm256_add_epi16(a[i][r], pr) : pr;
@@ -87,18 +96,30 @@ AI void micro_t(const jm_matrix *w, const uint8_t *p, int64_t prs, const uint8_t
           }
         }
       }
+      #pragma GCC unroll 4
       for (int i = 0; i < MR; i++)
+        #pragma GCC unroll 4
         for (int r = 0; r < NR; r++) d[i][r] = _mm256_add_epi32(d[i][r], _mm256_madd_epi16(a[i][r], ones));
     }
     __m256 swv[4];
+    #pragma GCC unroll 4
     for (int r = 0; r < NR; r++) swv[r] = _mm256_loadu_ps(sw[r] + 8 * sb);
+    #pragma GCC unroll 4
     for (int i = 0; i < MR; i++) {
       const __m256 sxv = _mm256_loadu_ps(sx[i] + 8 * sb);
+      #pragma GCC unroll 4
       for (int r = 0; r < NR; r++)
+      {
         acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d[i][r]), sxv), swv[r], acc[i][r]);
+        /* more pairs than registers: the f32 sums live in memory (one load + store per
+         * super-block) so that the int16 sums of the inner loop keep the registers */
+        if (MR * NR > 6) __asm__("" : "+m"(acc[i][r]));
+      }
     }
   }
+  #pragma GCC unroll 4
   for (int i = 0; i < MR; i++)
+    #pragma GCC unroll 4
     for (int r = 0; r < NR; r++) c[i * ldc + r] = hsum8(acc[i][r]);
 }
 

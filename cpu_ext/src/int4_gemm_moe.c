@@ -104,10 +104,10 @@ static void down_task(void *ctx_, int64_t task, int thread) {
   free(own);
 }
 
-/* 1 when every active expert's gate/up share one INT4 layout (group) and every down another:
- * the folded activations are then shared by all of them */
+/* 1 when every active expert's gate/up share one INT4 layout (group) and every down another
+ * (the folded activations are then shared by all of them), and the path is enabled */
 int jm_int4_moe_gemm_usable(const jm_store_layer *L, const int32_t *order, int ne) {
-  if (ne <= 0) return 0;
+  if (ne <= 0 || !jm_int4_gemm_enabled()) return 0;
   const jm_store_expert *e0 = &L->experts[order[0]];
   for (int j = 0; j < ne; j++) {
     const jm_store_expert *e = &L->experts[order[j]];
