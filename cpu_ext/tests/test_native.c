@@ -363,8 +363,11 @@ int main(void) {
         test_grouped(isa);
         test_moe(isa);
       }
+    for (int gemm = 0; gemm <= 1; gemm++) { /* INT4 (issue 7): default threshold / GEMM path from 1 row */
+      jm_set_gemm_min_rows(gemm);
+      test_int4(isa);
+    }
     jm_set_gemm_min_rows(0);
-    test_int4(isa); /* INT4 (issue 7) */
     printf("checked %s\n", jm_isa_name(isa));
   }
   test_errors();
