@@ -68,9 +68,11 @@ typedef struct {
   void (*fold)(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf);
   /* rows [n0, n0 + np) of w (np <= JM_INT4_GEMM_NP, n0 + np <= n) unpacked at panel + r * row */
   void (*panel)(const jm_matrix *w, int n0, int np, uint8_t *panel);
-  /* c[i*ldc + r] = row r (< nr <= NR, at p + r * prs) . token i (< mr <= MR, folded at xr[i]) */
+  /* for rows r < nr <= NR (at p + r * prs) and tokens i < mr <= MR (folded at xr[i]): adds super-
+   * blocks [sb0, sb1) in order into the 8 group-lane f32 sums acc8[i*lda + 8r + l] (zeroed first
+   * when sb0 == 0); y = ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)) once all are in */
   void (*micro)(const jm_matrix *w, const uint8_t *p, int64_t prs, int nr, const uint8_t *const *xr, int mr,
-                float *c, int64_t ldc);
+                int sb0, int sb1, float *acc8, int64_t lda);
 } jm_int4_gemm_kernels;
 extern const jm_int4_gemm_kernels jm_int4_gemm_scalar;
 extern const jm_int4_gemm_kernels jm_int4_gemm_avx2;

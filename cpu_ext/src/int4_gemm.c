@@ -3,10 +3,11 @@
  * The activations are folded (quantized to int8 per group, int4.h) once per call with the
  * path's own fold, the same bytes the GEMV path folds. Weight panels of JM_INT4_GEMM_NP rows are
  * unpacked once per task into u8 codes + f32 scales (int4_gemm_avx2.c, scalar twin
- * int4_gemm_ref.c) and every token of the task runs against them: tokens in blocks whose int8
- * rows stay in L2, rows in groups of NR whose codes stay in L1 while the block's tokens go by.
- * Each output is one micro-kernel call over the whole K, so results depend neither on the
- * blocking nor on the thread count (and equal the AVX2 GEMV tile kernel's).
+ * int4_gemm_ref.c) and every token of the task runs against them, K chunk by K chunk (a chunk
+ * of the panel and of MR tokens' int8 rows stay in L1 while the panel's row groups go by).
+ * Per output, the 8 group-lane f32 sums run over the super-blocks in order whatever the
+ * chunking, then one 8-lane sum: results depend neither on the blocking nor on the thread count
+ * (and equal the AVX2 GEMV tile kernel's).
  * jm_linear (linear.c) calls jm_int4_gemm_chunk; the fused MoE is int4_gemm_moe.c. Both take it
  * from jm_gemm_min_rows() rows, as FP8 does, unless env JAXMOE_CPU_INT4_GEMM=0.
  */
@@ -14,7 +15,8 @@
 
 #include "int4.h"
 
-#define X_BLOCK_BYTES (192 << 10) /* int8 activation bytes of one token block (L2: 512 KB here) */
+#define TOKEN_BLOCK 64 /* tokens whose per-lane sums (TOKEN_BLOCK x NP x 8 f32) a block keeps */
+#define KC_COLS 1024   /* columns of a K chunk: NP x KC_COLS codes + MR x KC_COLS int8 fit L1 */
 
 int jm_int4_gemm_enabled(void) {
   static _Atomic int on = -1; /* env JAXMOE_CPU_INT4_GEMM=0 at load: INT4 stays on the GEMV path (A/B runs) */
@@ -33,21 +35,29 @@ const jm_int4_gemm_kernels *jm_int4_gemm_current(void) {
 
 void jm_int4_gemm_block(const jm_int4_gemm_kernels *K, const jm_matrix *w, const uint8_t *xf, int64_t xs,
                         const int32_t *rows, int m0, int m1, int n0, int np, float *c, int64_t ldc, uint8_t *pbuf) {
-  const int64_t prs = jm_int4_panel_row(w);
+  const int64_t prs = jm_int4_panel_row(w), lda = JM_INT4_GEMM_NP * 8;
+  const int n_sb = jm_int4_n_sb(w), sbc = KC_COLS / (8 * w->group) > 1 ? KC_COLS / (8 * w->group) : 1;
+  float acc8[TOKEN_BLOCK * JM_INT4_GEMM_NP * 8] __attribute__((aligned(32)));
   K->panel(w, n0, np, pbuf);
-  int mb = (int)(X_BLOCK_BYTES / w->k_pad) / JM_INT4_GEMM_MR * JM_INT4_GEMM_MR;
-  if (mb < JM_INT4_GEMM_MR) mb = JM_INT4_GEMM_MR;
-  for (int ib = m0; ib < m1; ib += mb) {
-    const int ie = m1 - ib < mb ? m1 : ib + mb;
-    for (int r0 = 0; r0 < np; r0 += JM_INT4_GEMM_NR) {
-      const int nr = np - r0 < JM_INT4_GEMM_NR ? np - r0 : JM_INT4_GEMM_NR;
+  for (int ib = m0; ib < m1; ib += TOKEN_BLOCK) {
+    const int ie = m1 - ib < TOKEN_BLOCK ? m1 : ib + TOKEN_BLOCK;
+    for (int sb0 = 0; sb0 < n_sb; sb0 += sbc) { /* a K chunk of the panel and the tokens' x stay in L1 */
+      const int sb1 = n_sb - sb0 < sbc ? n_sb : sb0 + sbc;
       for (int i0 = ib; i0 < ie; i0 += JM_INT4_GEMM_MR) {
         const int mr = ie - i0 < JM_INT4_GEMM_MR ? ie - i0 : JM_INT4_GEMM_MR;
         const uint8_t *xr[JM_INT4_GEMM_MR];
         for (int i = 0; i < mr; i++) xr[i] = xf + (int64_t)(rows ? rows[i0 + i] : i0 + i) * xs;
-        K->micro(w, pbuf + r0 * prs, prs, nr, xr, mr, c + (int64_t)i0 * ldc + r0, ldc);
+        for (int r0 = 0; r0 < np; r0 += JM_INT4_GEMM_NR) {
+          const int nr = np - r0 < JM_INT4_GEMM_NR ? np - r0 : JM_INT4_GEMM_NR;
+          K->micro(w, pbuf + r0 * prs, prs, nr, xr, mr, sb0, sb1, acc8 + (i0 - ib) * lda + 8 * r0, lda);
+        }
       }
     }
+    for (int i = ib; i < ie; i++)
+      for (int r = 0; r < np; r++) {
+        const float *a = acc8 + (i - ib) * lda + 8 * r;
+        c[(int64_t)i * ldc + r] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+      }
   }
 }
 

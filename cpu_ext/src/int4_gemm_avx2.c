@@ -38,17 +38,10 @@ static void panel_avx2(const jm_matrix *w, int n0, int np, uint8_t *panel) {
   }
 }
 
-AI float hsum8(__m256 v) { /* ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)), as int4_avx2.c */
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 /* NV: vectors per super-block when known at compile time (8 for group 32), else 0 */
 AI void micro_t(const jm_matrix *w, const uint8_t *p, int64_t prs, const uint8_t *const *xr, const int MR,
-                const int NR, const int NV, float *c, int64_t ldc) {
-  const int G = w->group, n_sb = jm_int4_n_sb(w), nv = NV ? NV : G / 4;
+                const int NR, const int NV, int sb0, int sb1, float *acc8, int64_t lda) {
+  const int G = w->group, nv = NV ? NV : G / 4;
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t *wr[4];
   const float *sw[4];
@@ -67,8 +60,8 @@ AI void micro_t(const jm_matrix *w, const uint8_t *p, int64_t prs, const uint8_t
   #pragma GCC unroll 4
   for (int i = 0; i < MR; i++)
     #pragma GCC unroll 4
-    for (int r = 0; r < NR; r++) acc[i][r] = _mm256_setzero_ps();
-  for (int sb = 0; sb < n_sb; sb++) {
+    for (int r = 0; r < NR; r++) acc[i][r] = sb0 ? _mm256_loadu_ps(acc8 + i * lda + 8 * r) : _mm256_setzero_ps();
+  for (int sb = sb0; sb < sb1; sb++) {
     const int64_t ob = (int64_t)sb * 8 * G;
     __m256i d[4][4];
     #pragma GCC unroll 4
@@ -120,14 +113,14 @@ AI void micro_t(const jm_matrix *w, const uint8_t *p, int64_t prs, const uint8_t
   #pragma GCC unroll 4
   for (int i = 0; i < MR; i++)
     #pragma GCC unroll 4
-    for (int r = 0; r < NR; r++) c[i * ldc + r] = hsum8(acc[i][r]);
+    for (int r = 0; r < NR; r++) _mm256_storeu_ps(acc8 + i * lda + 8 * r, acc[i][r]);
 }
 
 _Static_assert(JM_INT4_GEMM_MR <= 4 && JM_INT4_GEMM_NR <= 4, "the switches below go up to 4 x 4");
 #define MICRO_NV(MR, NR)                                             \
   do {                                                               \
-    if (w->group == 32) micro_t(w, p, prs, xr, MR, NR, 8, c, ldc);   \
-    else micro_t(w, p, prs, xr, MR, NR, 0, c, ldc);                  \
+    if (w->group == 32) micro_t(w, p, prs, xr, MR, NR, 8, sb0, sb1, acc8, lda); \
+    else micro_t(w, p, prs, xr, MR, NR, 0, sb0, sb1, acc8, lda);                \
   } while (0)
 #define MICRO_MR(NR)                          \
   switch (mr) {                               \
@@ -138,7 +131,7 @@ _Static_assert(JM_INT4_GEMM_MR <= 4 && JM_INT4_GEMM_NR <= 4, "the switches below
   }
 
 static void micro_avx2(const jm_matrix *w, const uint8_t *p, int64_t prs, int nr, const uint8_t *const *xr, int mr,
-                       float *c, int64_t ldc) {
+                       int sb0, int sb1, float *acc8, int64_t lda) {
   switch (nr) {
     case 4: MICRO_MR(4); break;
     case 3: MICRO_MR(3); break;

@@ -1,7 +1,7 @@
 /* int4_gemm_ref.c -- scalar twin of the INT4 GEMM-path kernels (always compiled; see
  * int4_gemm_avx2.c): the same unpacked panel bytes, exact integer group dots, and per group
- * lane l of each super-block acc[l] = fmaf((float)dot * s_x, s_w, acc[l]) followed by the AVX2
- * kernel's 8-lane sum order, so its results equal the AVX2 path's bit for bit.
+ * lane l of each super-block acc[l] = fmaf((float)dot * s_x, s_w, acc[l]) (the driver then sums
+ * the 8 lanes in one order for both), so its results equal the AVX2 path's bit for bit.
  */
 #include <math.h>
 #include <string.h>
@@ -48,8 +48,8 @@ static void panel_ref(const jm_matrix *w, int n0, int np, uint8_t *panel) {
 }
 
 static void micro_ref(const jm_matrix *w, const uint8_t *p, int64_t prs, int nr, const uint8_t *const *xr, int mr,
-                      float *c, int64_t ldc) {
-  const int G = w->group, n_sb = jm_int4_n_sb(w), nv = G / 4;
+                      int sb0, int sb1, float *acc8, int64_t lda) {
+  const int G = w->group, nv = G / 4;
   for (int i = 0; i < mr; i++) {
     const int8_t *x = (const int8_t *)xr[i];
     const float *sx = jm_int4_sx(w, (uint8_t *)xr[i]);
@@ -57,8 +57,9 @@ static void micro_ref(const jm_matrix *w, const uint8_t *p, int64_t prs, int nr,
     for (int r = 0; r < nr; r++) {
       const uint8_t *u = p + r * prs;
       const float *sw = (const float *)(u + w->k_pad);
-      float acc[8] = {0};
-      for (int sb = 0; sb < n_sb; sb++)
+      float *acc = acc8 + i * lda + 8 * r;
+      if (!sb0) memset(acc, 0, 8 * sizeof(float));
+      for (int sb = sb0; sb < sb1; sb++)
         for (int l = 0; l < 8; l++) {
           int32_t dot = corr[8 * sb + l];
           for (int v = 0; v < nv; v++)
@@ -68,7 +69,6 @@ static void micro_ref(const jm_matrix *w, const uint8_t *p, int64_t prs, int nr,
             }
           acc[l] = fmaf((float)dot * sx[8 * sb + l], sw[8 * sb + l], acc[l]);
         }
-      c[i * ldc + r] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
     }
   }
 }
