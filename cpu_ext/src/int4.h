@@ -55,7 +55,7 @@ extern const int jm_int4_avx512_emulated; /* 1 in the SIMDe test build */
  * lane acc = fma(cvt(dot) * s_x, s_w, acc) over the super-blocks in order and one 8-lane sum:
  * the same f32 operations as the AVX2 GEMV tile kernel, so both paths give identical results;
  * the scalar twin replays them lane by lane (fmaf), identical too. */
-#define JM_INT4_GEMM_NP 16 /* rows per unpacked panel */
+#define JM_INT4_GEMM_NP 18 /* rows per unpacked panel (a multiple of NR) */
 #ifndef JM_INT4_GEMM_MR
 #define JM_INT4_GEMM_MR 4 /* tokens per micro-kernel call (<= 4) */
 #endif
