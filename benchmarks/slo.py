@@ -161,6 +161,13 @@ def measure(args) -> dict:
 
     out: dict = {"model": name, "n_slots": engine.n_slots, "chunk_size": engine.chunk_size, "max_len": max_len,
                  "sizes": sz, "compile_s": compile_s, "read_pass_bytes": kbytes}
+    from benchmarks.prefill import _GemmYardstick  # noqa: PLC0415
+
+    hw = load_hardware("this-machine")
+    yard = _GemmYardstick(hw) if hw.kernels is not None else None
+    out["gemm_yardstick"] = {}  # measured / predicted speed of a fixed GEMM: how loaded the box was
+    if yard:
+        out["gemm_yardstick"]["before_ttft"] = yard()
     out["ttft"] = []
     for n in sz["ttft"]:
         ttft(engine, cfg, n, rng)  # warm-up: compiles the step width this prompt length uses
@@ -174,6 +181,8 @@ def measure(args) -> dict:
                 "tok_s_per_request": 1 / r["step_s"]["median"], "step_s": r["step_s"],
                 "read_gb_s": kbytes / r["read_s"]["median"] / 1e9}
 
+    if yard:
+        out["gemm_yardstick"]["before_decode"] = yard()
     out["decode_context"] = []
     for c in sz["context"]:
         out["decode_context"].append(dec(1, c))
@@ -182,13 +191,15 @@ def measure(args) -> dict:
     for b in [b for b in sz["batch"] if b <= engine.n_slots]:
         out["decode_batch"].append(dec(b, 16))
         print(f"decode batch {b}: {out['decode_batch'][-1]['tok_s']:.1f} tok/s", flush=True)
+    if yard:
+        out["gemm_yardstick"]["after_decode"] = yard()
+        yard.close()
     decoders = min(sz["decoders"], engine.n_slots - 1)
     mixed(engine, cfg, decoders, sz["mixed_long"], rng)  # warm-up: the mixed steps' shapes compile once
     out["mixed"] = mixed(engine, cfg, decoders, sz["mixed_long"], rng)
     mx = out["mixed"]
     print(f"mixed: {decoders} decoders + a {mx['long_prompt']}-token prompt: TTFT {mx['ttft_s']:.2f} s; decoders' "
           f"TPOT p50 {mx['tpot_during_s']['p50']:.3f} s (before {mx['tpot_before_s']['p50']:.3f} s)", flush=True)
-    hw = load_hardware("this-machine")
     out["predicted"] = predicted(cfg, hw, engine.chunk_size, sz["ttft"], sz["context"],
                                  [x["batch"] for x in out["decode_batch"]], steps=sz["steps"], warm=sz["warm"],
                                  n_slots=engine.n_slots)
