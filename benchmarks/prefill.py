@@ -293,8 +293,13 @@ class _Strategies:
         engine = Engine(self.cfg, self.model.weights, self.model.runtime, n_slots=1, chunk_size=chunk, max_len=max_len)
         run = self._in_engine(engine, None)
         out = {}
-        if warm:  # the longest prompt compiles every (width, key window) program the others use
-            run(self.rng.integers(0, self.cfg.vocab_size, (1, max(lengths)), dtype=np.int32))
+        if warm:  # the longest prompt compiles the full-chunk programs of every key window; a
+            # prompt whose last chunk is narrower (width bucket) compiles its own once
+            from jaxmoe.runtime.kernel_model import width_bucket  # noqa: PLC0415
+
+            for n in sorted(lengths, reverse=True):
+                if n == max(lengths) or width_bucket(n % chunk or chunk, chunk) != chunk:
+                    run(self.rng.integers(0, self.cfg.vocab_size, (1, n), dtype=np.int32))
         yard = _GemmYardstick(hw) if hw.kernels is not None else None
         for n in lengths:
             tokens = self.rng.integers(0, self.cfg.vocab_size, (1, n), dtype=np.int32)

@@ -104,7 +104,7 @@ def _binomial(n: int, p: float):
 class StepTime:
     """Seconds of one step by part."""
 
-    linears: float  # dense Linears + lm_head + kv_b absorption (kernels)
+    linears: float  # dense Linears + lm_head + kv_b_proj (absorption or expansion) (kernels)
     experts: float  # routed experts (kernels)
     attention: float  # XLA
     fixed: float  # per-layer and per-row costs
