@@ -20,8 +20,8 @@ XLA. A step's time is the sum of:
   queries and outputs as two grouped kernel calls) or expanded (wide prompt chunks, where it
   takes fewer multiply-adds: the window's latents through kv_b_proj, one kernel call per
   512-key block):
-    2 x rows x window x heads x F FLOPs / (peak x attention),  F = 2 kv_lora_rank + rope
-                                                               (absorbed) or nope + rope + v
+    2 x rows x window x heads x F FLOPs / (peak x eff),  F = 2 kv_lora_rank + rope, eff =
+      attention (absorbed) or F = nope + rope + v, eff = attention_expanded (expanded)
     + rows x window x heads x score_ns                                   (mask, exp, online softmax)
     + slots x window x layers x (kv_lora_rank + rope) x cache itemsize / cache_gbps
   (the last: each sequence's latent window read through the attention's passes -- what a
@@ -69,7 +69,8 @@ class CpuKernels:
     moe_gemv_weights_per_cycle: float = 0.0
     gemm_min_rows: int = 24
     call_us: float = 0.0  # per kernel call
-    attention: float = 0.5  # of peak: XLA's attention dots
+    attention: float = 0.5  # of peak: XLA's attention dots, absorbed form (latent keys: a few large dots)
+    attention_expanded: float = 0.0  # expanded form (per-head batched dots over key blocks; 0: as absorbed)
     score_ns: float = 0.0  # per score (row x head x key)
     cache_gbps: float = 0.0  # GB/s at which a step's attention streams each slot's latent window (0: free)
     layer_us: float = 0.0  # per layer per step
@@ -183,7 +184,8 @@ class KernelModel:
         scores = rows * window * heads * layers
         per_score = 2 * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim if expanded
                          else 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        attn = scores * (per_score / (self.peak * k.attention) + k.score_ns * 1e-9)
+        eff = (k.attention_expanded or k.attention) if expanded else k.attention
+        attn = scores * (per_score / (self.peak * eff) + k.score_ns * 1e-9)
         if k.cache_gbps:
             key_bytes = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * self.cache_itemsize
             attn += slots * window * layers * key_bytes / (k.cache_gbps * 1e9)
