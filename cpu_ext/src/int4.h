@@ -78,6 +78,7 @@ extern const jm_int4_gemm_kernels jm_int4_gemm_scalar;
 extern const jm_int4_gemm_kernels jm_int4_gemm_avx2;
 const jm_int4_gemm_kernels *jm_int4_gemm_current(void); /* AVX2 unless the scalar path is selected */
 int jm_int4_gemm_enabled(void); /* 0 when env JAXMOE_CPU_INT4_GEMM=0 */
+int jm_int4_gemm_min_rows(void); /* token rows (MoE: mean per active expert) from which it runs */
 static inline int64_t jm_int4_panel_bytes(const jm_matrix *w) { return JM_INT4_GEMM_NP * jm_int4_panel_row(w); }
 /* unpacks panel rows [n0, n0 + np) into pbuf, then out (i, n0 + r) at c[i*ldc + r] for token rows
  * [m0, m1) folded at xf + (rows ? rows[i] : i) * xs */

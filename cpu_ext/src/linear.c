@@ -171,7 +171,7 @@ static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, i
     rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)c.n_bufs * JM_GEMM_PBUF * sizeof(float),
                     gemm_chunk, &c);
     jm_prof_stop(grouped_call ? JM_PROF_GROUPED_GEMM : JM_PROF_LINEAR_GEMM, t0, m);
-  } else if (m >= jm_gemm_min_rows() && w->format == JM_FMT_INT4 && jm_int4_gemm_enabled()) {
+  } else if (w->format == JM_FMT_INT4 && m >= jm_int4_gemm_min_rows() && jm_int4_gemm_enabled()) {
     /* INT4 GEMM path (int4_gemm.c): activations folded once per chunk of INT4_GEMM_CHUNK rows,
      * weight panels unpacked once per chunk */
     jm_int4_linear_ctx c = {ws, g, jm_pool_threads()};

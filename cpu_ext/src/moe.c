@@ -14,8 +14,8 @@
  * Every task is a fine-grained tile of one expert; items are ordered by the NUMA node of
  * their expert's weights and each node's threads take their node's tasks first. The result
  * does not depend on the thread count (fixed tiles, fixed summation order).
- * With many tokens per active expert (mean >= jm_gemm_min_rows()) the GEMM path of
- * moe_gemm.c (FP8/BF16) or int4_gemm_moe.c (INT4) runs instead: each weight decoded once per
+ * With many tokens per active expert (mean >= jm_gemm_min_rows(); INT4: jm_int4_gemm_min_rows())
+ * the GEMM path of moe_gemm.c (FP8/BF16) or int4_gemm_moe.c (INT4) runs instead: each weight decoded once per
  * call, same summation order into out.
  */
 #include <math.h>
@@ -169,7 +169,8 @@ int64_t jm_moe_gemm_thread_floats(int max_rows);
 int jm_moe_gemm(const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt, const int32_t *expert,
                 const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows, float *tbuf, int n_bufs,
                 int max_rows);
-/* the INT4 GEMM path (int4_gemm_moe.c) */
+/* the INT4 GEMM path (int4_gemm_moe.c, threshold in int4_gemm.c) */
+int jm_int4_gemm_min_rows(void);
 int jm_int4_moe_gemm_usable(const jm_store_layer *L, const int32_t *order, int ne);
 int jm_int4_moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype, int64_t t, const int32_t *tok,
                           const float *wt, const int32_t *order, const int32_t *cnt, int ne, int64_t n_act, void *out,
@@ -288,7 +289,7 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
     rc = moe_gemm_call(L, x, x_dtype, t, tok, wt, order, cnt, ne, a0, out, out_dtype);
     goto done;
   }
-  if (ne > 0 && f0->format == JM_FMT_INT4 && a0 >= (int64_t)ne * jm_gemm_min_rows() &&
+  if (ne > 0 && f0->format == JM_FMT_INT4 && a0 >= (int64_t)ne * jm_int4_gemm_min_rows() &&
       jm_int4_moe_gemm_usable(L, order, ne)) {
     used_gemm = 1;
     rc = jm_int4_moe_gemm_call(L, x, x_dtype, t, tok, wt, order, cnt, ne, a0, out, out_dtype);

@@ -74,7 +74,7 @@ def test_gemm_vs_reference_and_twins(isa_lib, n, k, group, m):
 
 
 def test_threshold_bf16_io_and_threads(isa_lib):
-    """From jm_gemm_min_rows rows on (default 24) the GEMM path runs: same result as forced;
+    """At the default threshold 70 rows take the GEMM path: same result as forced;
     bf16 in/out; 1 or 3 threads (few panels: tokens split across tasks) give the same bits."""
     isa, nat = isa_lib
     rng = np.random.default_rng(11)
@@ -169,3 +169,28 @@ def test_moe_gemm_batches_and_mixed_groups(monkeypatch):
         mixed = store.moe(0, x, ids, weights)
         with gemm_rows(nat, -1):
             np.testing.assert_array_equal(mixed, store.moe(0, x, ids, weights))
+
+
+def test_int4_threshold_is_two_thirds_of_gemm_min():
+    """INT4 takes the GEMM path from 2/3 of jm_gemm_min_rows (16 rows at the default 24). On the
+    scalar path GEMM and GEMV round differently, which tells which one ran."""
+    nat = _lib.load("native")
+    rng = np.random.default_rng(13)
+    q, s, hm = int4_matrix(rng, 24, 640, 32, nat)
+    x = rng.standard_normal((16, 640)).astype(np.float32)
+    try:
+        with nat.use_isa("scalar"):
+            with gemm_rows(nat, 1):
+                gemm = hm.linear(x)
+            with gemm_rows(nat, -1):
+                gemv = hm.linear(x)
+            with gemm_rows(nat, 0):
+                at16, at15 = hm.linear(x), hm.linear(x[:15])
+            with gemm_rows(nat, 30):
+                at16_of_30 = hm.linear(x)
+    finally:
+        hm.free()
+    assert not np.array_equal(gemm, gemv)  # the paths are told apart
+    np.testing.assert_array_equal(at16, gemm)
+    np.testing.assert_array_equal(at15, gemv[:15])
+    np.testing.assert_array_equal(at16_of_30, gemv)  # 30 * 2/3 = 20 > 16 rows
