@@ -151,7 +151,7 @@ def quantize_int4(w: np.ndarray, group: int = DEFAULT_GROUP, name: str = "weight
         pad = np.zeros((*lead, n, kg), np.float32)
         pad[..., :k] = w
         g = pad.reshape(-1, group)
-    if amax / QMAX > np.finfo(np.float16).max:
+    if amax / QMAX > float(np.finfo(np.float16).max):
         raise ValueError(f"{name}: |w| up to {amax:.4g} overflows the float16 INT4 group scale")
     scales = group_scales(g, scale_rule)
     q = _codes(g, scales.astype(np.float32)[:, None])
