@@ -114,13 +114,13 @@ def test_jax_dequantize_negative_scales():
                                   Q.dequantize_int4(np.asarray(iw.qweight), np.asarray(iw.scales), 96, 32))
 
 
-@pytest.mark.parametrize("group", [32, 128])
-def test_kernels_with_minus_8_codes_and_negative_scales(isa_lib, group):
+@pytest.mark.parametrize("group,m", [(32, 3), (128, 3), (32, 40)])  # M = 40: the GEMM path
+def test_kernels_with_minus_8_codes_and_negative_scales(isa_lib, group, m):
     """Every group holds q = -8 (u = 0) and q = 7, scales of both signs: the kernels' u - 8
     correction and f16 scale conversion, vs the float64 references of test_int4_kernels."""
     isa, nat = isa_lib
-    rng = np.random.default_rng(group)
-    n, k, m = 21, 5 * group + 16, 3
+    rng = np.random.default_rng(group + m)
+    n, k = 21, 5 * group + 16
     kg = Q.padded_k(k, group)
     codes = rng.integers(-8, 8, (n, kg))
     codes[:, 0::group], codes[:, 1::group] = -8, 7
