@@ -56,6 +56,20 @@ def table() -> str:
             f"| kernels | V3 expert shapes, FP8 | MoE layer (8 experts, 1 token) ms, fraction of read | "
             f"{_f(m['moe_layer_m1_ms'], 2)} ms, {_f(m['moe_layer_m1_frac_of_read'], 3)} | {run} |",
         ]
+        if "int4_gemv_m1_frac_of_read" in m:
+            rows.append(f"| kernels | V3 expert shapes, INT4 g32 | GEMV M=1, fraction of the read pass; speedup vs FP8 | "
+                        f"{_f(m['int4_gemv_m1_frac_of_read'], 3)}; {_f(m['int4_gemv_m1_speedup_vs_fp8'], 2)}x | {run} |")
+    k4 = _load("kernels_int4_gemm")
+    if k4:
+        m = k4["metrics"]
+        rows.append(f"| kernels | V3 expert shapes, INT4 g32 | fused MoE, 512 tokens (prefill): GFLOP/s; speedup vs FP8 GEMM | "
+                    f"{_f(m['int4_moe_t512_gemm_gflops'])}; {_f(m['int4_moe_t512_speedup_vs_fp8_gemm'], 2)}x | {_env(k4)} |")
+    q = _load("quality")
+    if q:
+        m, d = q["metrics"], q["details"]
+        rows.append(f"| quality | {d['model']} (random weights) | INT4 ({d['int4_scale_rule']}) vs the f32 forward: KL nats; "
+                    f"top-1 agreement | {_f(m['int4_cpu_kl_mean'], 3)}; {_f(m['int4_cpu_top1_agree'], 3)} | "
+                    f"CPU FP8: KL {m['fp8_cpu_kl_mean']:.0e}; {_env(q)} |")
     p = _load("prefill")
     if p:
         m, d, run = p["metrics"], p["details"], _env(p)
