@@ -295,7 +295,7 @@ class _Strategies:
         out = {}
         if warm:  # the longest prompt compiles the full-chunk programs of every key window; a
             # prompt whose last chunk is narrower (width bucket) compiles its own once
-            from jaxmoe.runtime.kernel_model import width_bucket  # noqa: PLC0415
+            from jaxmoe.runtime.programs import width_bucket  # noqa: PLC0415
 
             for n in sorted(lengths, reverse=True):
                 if n == max(lengths) or width_bucket(n % chunk or chunk, chunk) != chunk:

@@ -38,21 +38,10 @@ from __future__ import annotations
 import dataclasses
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.model.mla import PREFILL_KEY_BLOCK, expanded_is_cheaper
+from jaxmoe.runtime import programs
 from jaxmoe.runtime.cost_model import ModelCosts, model_costs
-
-MIN_KV_WINDOW = 64  # runtime/programs.py
-MIN_WIDTH_BUCKET = 16
-KEY_BLOCK = 512  # model/mla.py PREFILL_KEY_BLOCK: a wide step expands its keys one block at a time
-
-
-def expanded_is_cheaper(cfg: ModelConfig, n_queries: int, n_keys: int) -> bool:
-    """Whether a step of n_queries per row over n_keys attends expanded (keys and values
-    expanded through kv_b_proj once per step) rather than absorbed (queries and outputs
-    through kv_b_proj's halves): the form with fewer multiply-adds, the engine's rule
-    (model/mla.py `expanded_is_cheaper`, runtime/programs.py)."""
-    r, rope, nope, v = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
-    s, t = n_keys, n_queries
-    return (nope + rope + v) * s * t + (nope + v) * r * s < (2 * r + rope) * s * t + (nope + v) * r * t
+from jaxmoe.runtime.programs import width_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,16 +67,8 @@ class CpuKernels:
 
 
 def kv_window(end: int, max_len: int | None = None) -> int:
-    """The engine's key window for a step whose longest row ends at `end` (programs.kv_window)."""
-    w = 1 << (max(end, MIN_KV_WINDOW) - 1).bit_length()
-    return min(w, max_len) if max_len else w
-
-
-def width_bucket(n_tokens: int, width: int) -> int:
-    """Columns a step runs for a row of n_tokens (programs.width_bucket)."""
-    if n_tokens <= 1:
-        return 1
-    return min(width, max(MIN_WIDTH_BUCKET, 1 << (n_tokens - 1).bit_length()))
+    """The engine's key window for a step whose longest row ends at `end` (no cap: None)."""
+    return programs.kv_window(end, max_len or 1 << 62)
 
 
 def _binomial(n: int, p: float):
@@ -174,8 +155,8 @@ class KernelModel:
             moe = cfg.is_moe_layer(layer)
             lin += sum(self.linear(n * kk, rows) for n, kk in mc.layer_matrices(moe))
             if expanded:  # the window's latents through kv_b_proj, one call per key block
-                blocks = -(-window // KEY_BLOCK) if window > KEY_BLOCK else 1
-                lin += slots * blocks * self.linear(sum(mc.kv_b_groups), min(window, KEY_BLOCK))
+                blocks = -(-window // PREFILL_KEY_BLOCK) if window > PREFILL_KEY_BLOCK else 1
+                lin += slots * blocks * self.linear(sum(mc.kv_b_groups), min(window, PREFILL_KEY_BLOCK))
             else:  # queries and outputs through kv_b_proj's two halves
                 lin += sum(self.linear(w, rows) for w in mc.kv_b_groups)
             if moe:
