@@ -18,6 +18,22 @@
 
 #include "internal.h"
 
+/* IEEE half -> float, exact (as vcvtph2ps for finite values): the scalar paths' scales */
+static inline float jm_f16_to_f32(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff;
+  union { uint32_t u; float f; } v;
+  if (e == 0) { /* zero / subnormal: m * 2^-24 */
+    const float f = (float)m * (1.0f / 16777216.0f);
+    v.f = f;
+    v.u |= sign;
+  } else if (e == 31) {
+    v.u = sign | 0x7f800000u | (m << 13);
+  } else {
+    v.u = sign | ((e + 112) << 23) | (m << 13);
+  }
+  return v.f;
+}
+
 #define JM_INT4_XF_ELEM 2 /* folded bytes per padded column (int8 + room for sx/corr) */
 
 static inline int jm_int4_n_sb(const jm_matrix *w) { return w->k_pad / (8 * w->group); }

@@ -22,7 +22,6 @@
 #include "int4.h"
 #include "store.h"
 
-#define H_ROWS 8192 /* assignment rows of h per batch of experts (64 MB at inter 2048) */
 
 typedef struct {
   const jm_int4_gemm_kernels *K;
@@ -122,18 +121,10 @@ int jm_int4_moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtyp
                           int32_t out_dtype) {
   const int H = L->hidden, I = L->inter;
   const jm_matrix *wg0 = L->experts[order[0]].m[0], *wd0 = L->experts[order[0]].m[2];
-  int32_t *start = malloc(sizeof *start * ((size_t)ne + 1));
+  int max_rows;
+  int64_t h_rows;
+  int32_t *start = jm_moe_starts(order, cnt, ne, n_act, I, &max_rows, &h_rows);
   if (!start) return jm_error(JM_ENOMEM, "jm_moe: out of memory");
-  int max_rows = 0;
-  start[0] = 0;
-  for (int j = 0; j < ne; j++) {
-    start[j + 1] = start[j] + cnt[order[j]];
-    if (cnt[order[j]] > max_rows) max_rows = cnt[order[j]];
-  }
-  const char *env = getenv("JAXMOE_CPU_MOE_BUDGET"); /* set: bytes of h per batch of experts */
-  const int64_t cap = env && atoll(env) > 0 ? atoll(env) / ((int64_t)I * (int64_t)sizeof(float)) : H_ROWS;
-  int64_t h_rows = n_act < cap ? n_act : cap;
-  if (h_rows < max_rows) h_rows = max_rows;
   const int64_t xs_g = jm_int4_xf_stride(wg0), xs_d = jm_int4_xf_stride(wd0);
   const int64_t pbytes = jm_int4_panel_bytes(wg0) > jm_int4_panel_bytes(wd0) ? jm_int4_panel_bytes(wg0)
                                                                              : jm_int4_panel_bytes(wd0);

@@ -8,20 +8,6 @@
 
 #include "int4.h"
 
-static float f16_value(uint16_t h) { /* exact, as vcvtph2ps for finite values */
-  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff;
-  union { uint32_t u; float f; } v;
-  if (e == 0) {
-    v.f = (float)m * 0x1p-24f;
-    v.u |= sign;
-  } else if (e == 31) {
-    v.u = sign | 0x7f800000u | (m << 13);
-  } else {
-    v.u = sign | ((e + 112) << 23) | (m << 13);
-  }
-  return v.f;
-}
-
 static void panel_ref(const jm_matrix *w, int n0, int np, uint8_t *panel) {
   const int G = w->group, V = G / 8, n_sb = jm_int4_n_sb(w);
   const int64_t sbb = jm_int4_sb_bytes(w), prs = jm_int4_panel_row(w);
@@ -41,7 +27,7 @@ static void panel_ref(const jm_matrix *w, int n0, int np, uint8_t *panel) {
       for (int l = 0; l < 8; l++) {
         uint16_t h;
         memcpy(&h, tile + sb * sbb + 16 * (int64_t)G + 16 * rr + 2 * l, 2);
-        so[8 * sb + l] = f16_value(h);
+        so[8 * sb + l] = jm_f16_to_f32(h);
       }
     }
   }

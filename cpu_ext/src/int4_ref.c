@@ -6,21 +6,6 @@
 
 #include "int4.h"
 
-static inline float f16_to_f32(uint16_t h) {
-  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff;
-  union { uint32_t u; float f; } v;
-  if (e == 0) { /* zero / subnormal: m * 2^-24 */
-    const float f = (float)m * (1.0f / 16777216.0f);
-    v.f = f;
-    v.u |= sign;
-  } else if (e == 31) {
-    v.u = sign | 0x7f800000u | (m << 13);
-  } else {
-    v.u = sign | ((e + 112) << 23) | (m << 13);
-  }
-  return v.f;
-}
-
 void jm_int4_fold_ref(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf) {
   jm_int4_fold_with(jm_int4_quant_group_ref, w, x, ldx, m, xf);
 }
@@ -52,7 +37,7 @@ static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf_, int m
               }
             uint16_t h;
             memcpy(&h, sc + 2 * l, 2);
-            acc += f16_to_f32(h) * ((float)dot * sx[sb * 8 + l]);
+            acc += jm_f16_to_f32(h) * ((float)dot * sx[sb * 8 + l]);
           }
         }
         y[i * ldy + row - t0 * JM_TILE_ROWS] = acc;

@@ -177,22 +177,31 @@ int jm_int4_moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtyp
                           int32_t out_dtype);
 #define GEMM_H_ROWS 8192 /* assignment rows of h [rows][inter] per batch of experts (64 MB at inter 2048) */
 
+int32_t *jm_moe_starts(const int32_t *order, const int32_t *cnt, int ne, int64_t n_act, int inter, int *max_rows,
+                       int64_t *h_rows) {
+  int32_t *start = malloc(sizeof *start * ((size_t)ne + 1));
+  if (!start) return NULL;
+  *max_rows = 0;
+  start[0] = 0;
+  for (int j = 0; j < ne; j++) {
+    start[j + 1] = start[j] + cnt[order[j]];
+    if (cnt[order[j]] > *max_rows) *max_rows = cnt[order[j]];
+  }
+  const char *env = getenv("JAXMOE_CPU_MOE_BUDGET"); /* set: bytes of h per batch of experts */
+  const int64_t cap = env && atoll(env) > 0 ? atoll(env) / ((int64_t)inter * (int64_t)sizeof(float)) : GEMM_H_ROWS;
+  *h_rows = n_act < cap ? n_act : cap;
+  if (*h_rows < *max_rows) *h_rows = *max_rows;
+  return start;
+}
+
 static int moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype, int64_t t, const int32_t *tok,
                          const float *wt, const int32_t *order, const int32_t *cnt, int ne, int64_t n_act, void *out,
                          int32_t out_dtype) {
   const int H = L->hidden, I = L->inter;
-  int32_t *start = malloc(sizeof *start * ((size_t)ne + 1));
+  int max_rows;
+  int64_t h_rows;
+  int32_t *start = jm_moe_starts(order, cnt, ne, n_act, I, &max_rows, &h_rows);
   if (!start) return jm_error(JM_ENOMEM, "jm_moe: out of memory");
-  int max_rows = 0;
-  start[0] = 0;
-  for (int j = 0; j < ne; j++) {
-    start[j + 1] = start[j] + cnt[order[j]];
-    if (cnt[order[j]] > max_rows) max_rows = cnt[order[j]];
-  }
-  const char *env = getenv("JAXMOE_CPU_MOE_BUDGET"); /* set: bytes of h per batch of experts */
-  const int64_t cap = env && atoll(env) > 0 ? atoll(env) / ((int64_t)I * (int64_t)sizeof(float)) : GEMM_H_ROWS;
-  int64_t h_rows = n_act < cap ? n_act : cap;
-  if (h_rows < max_rows) h_rows = max_rows;
 #define A64(b) (((size_t)(b) + 63) & ~(size_t)63)
   const size_t x_bytes = x_dtype == JM_DT_F32 ? 0 : A64((size_t)t * H * sizeof(float));
   const size_t h_bytes = A64((size_t)h_rows * I * sizeof(float));

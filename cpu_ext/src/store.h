@@ -31,4 +31,10 @@ struct jm_store {
   jm_store_layer *layers;
 };
 
+/* moe.c, for both GEMM paths of the fused MoE: the assignment range [start[j], start[j+1]) of
+ * each sorted expert j (malloc'd, NULL when out of memory), the largest expert's rows, and the
+ * rows of h per batch of experts (env JAXMOE_CPU_MOE_BUDGET bytes, or 8192; at least max_rows) */
+int32_t *jm_moe_starts(const int32_t *order, const int32_t *cnt, int ne, int64_t n_act, int inter, int *max_rows,
+                       int64_t *h_rows);
+
 #endif
