@@ -15,12 +15,12 @@ bytes and with the FP8 kernel on its own matrices, so drift hits all alike:
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import numpy as np
 
 from benchmarks import _harness as H
+from benchmarks.kernels_gemm import gemm_rows
 
 GROUP = 32
 GEMM_TS_FULL, GEMM_TS_QUICK = (64, 256, 512), (64,)
@@ -103,15 +103,6 @@ def run(nat, rng, fp8_store, fp8_gemv_pass, ms, repeats, hidden: int, inter: int
     return metrics, details
 
 
-@contextlib.contextmanager
-def _gemm_rows(lib, m):
-    prev = lib.jm_set_gemm_min_rows(m)
-    try:
-        yield
-    finally:
-        lib.jm_set_gemm_min_rows(prev)
-
-
 def run_gemm(nat, rng, store, fp8_store, ts, repeats, hidden: int, inter: int, n_experts: int) -> tuple[dict, dict]:
     """The fused MoE at prefill token counts: INT4 GEMM path vs its GEMV chunks vs FP8 GEMM,
     interleaved call by call with a read-only pass over the INT4 bytes."""
@@ -133,7 +124,7 @@ def run_gemm(nat, rng, store, fp8_store, ts, repeats, hidden: int, inter: int, n
                  c("float *", wts.ctypes.data), GEMM_TOP_K, c("void *", out.ctypes.data), 0)
 
             def run_():
-                with _gemm_rows(lib, rows):
+                with gemm_rows(lib, rows):
                     lib.jm_moe(*a)
             return run_
         t = H.interleaved({"read": read, "int4_gemm": moe(store, 1), "int4_gemv": moe(store, -1),
