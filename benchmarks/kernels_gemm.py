@@ -49,6 +49,25 @@ def gemm_rows(lib, m):
         lib.jm_set_gemm_min_rows(prev)
 
 
+def moe_case(nat, rng, t: int, hidden: int, n_experts: int, top_k: int):
+    """Inputs of a fused-MoE call at t tokens (each picks top_k distinct experts uniformly) and
+    a function store -> zero-argument `jm_moe` call of layer 0 on them (inputs kept alive)."""
+    x = rng.standard_normal((t, hidden)).astype(np.float32)
+    ids = np.stack([rng.permutation(n_experts)[:top_k] for _ in range(t)]).astype(np.int32)
+    wts = rng.random((t, top_k)).astype(np.float32)
+    out = np.empty_like(x)
+    c = nat.ffi.cast
+
+    def call(store):
+        args = (store._ptr, 0, c("void *", x.ctypes.data), 0, t, c("int32_t *", ids.ctypes.data),
+                c("float *", wts.ctypes.data), top_k, c("void *", out.ctypes.data), 0)
+
+        def run_(_keep=(x, ids, wts, out)):
+            nat.lib.jm_moe(*args)
+        return run_
+    return call
+
+
 def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
     """The GEMM rows on `store` (benchmarks.kernels.build_store's layer 0): (metrics, details)."""
     from benchmarks.kernels import HIDDEN, INTER, N_EXPERTS  # noqa: PLC0415
@@ -98,16 +117,7 @@ def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
 
     read_all = H.read_pass_fn(nat, [lib.jm_store_matrix(store._ptr, 0, e, j) for e in range(N_EXPERTS) for j in range(3)])
     for t_ in ts:
-        x = rng.standard_normal((t_, HIDDEN)).astype(np.float32)
-        ids = np.stack([rng.permutation(N_EXPERTS)[:TOP_K] for _ in range(t_)]).astype(np.int32)
-        wts = rng.random((t_, TOP_K)).astype(np.float32)
-        out = np.empty_like(x)
-        c = ffi.cast
-        margs = (store._ptr, 0, c("void *", x.ctypes.data), 0, t_, c("int32_t *", ids.ctypes.data),
-                 c("float *", wts.ctypes.data), TOP_K, c("void *", out.ctypes.data), 0)
-
-        def moe(_keep=(x, ids, wts, out), margs=margs):
-            lib.jm_moe(*margs)
+        moe = moe_case(nat, rng, t_, HIDDEN, N_EXPERTS, TOP_K)(store)
         t = H.interleaved({"read": read_all, "gemm": with_rows(moe, 1), "gemv": with_rows(moe, -1)}, repeats)
         flop = 2.0 * t_ * TOP_K * 3 * HIDDEN * INTER
         row = {"tokens_per_expert": t_ * TOP_K / N_EXPERTS, "gemm_ms": t["gemm"]["median"] * 1e3,

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from benchmarks import _harness as H
-from benchmarks.kernels_gemm import gemm_rows
+from benchmarks.kernels_gemm import gemm_rows, moe_case
 
 GROUP = 32
 GEMM_TS_FULL, GEMM_TS_QUICK = (64, 256, 512), (64,)
@@ -106,26 +106,21 @@ def run(nat, rng, fp8_store, fp8_gemv_pass, ms, repeats, hidden: int, inter: int
 def run_gemm(nat, rng, store, fp8_store, ts, repeats, hidden: int, inter: int, n_experts: int) -> tuple[dict, dict]:
     """The fused MoE at prefill token counts: INT4 GEMM path vs its GEMV chunks vs FP8 GEMM,
     interleaved call by call with a read-only pass over the INT4 bytes."""
-    ffi, lib = nat.ffi, nat.lib
+    lib = nat.lib
     mats = [lib.jm_store_matrix(store._ptr, 0, e, j) for e in range(n_experts) for j in range(3)]
     read = H.read_pass_fn(nat, mats)
     details: dict = {"top_k": GEMM_TOP_K, "isa": ("scalar", "avx2", "avx512")[lib.jm_int4_isa()],
                      "threads": int(lib.jm_num_threads())}
     metrics: dict = {}
     for t_ in ts:
-        x = rng.standard_normal((t_, hidden)).astype(np.float32)
-        ids = np.stack([rng.permutation(n_experts)[:GEMM_TOP_K] for _ in range(t_)]).astype(np.int32)
-        wts = rng.random((t_, GEMM_TOP_K)).astype(np.float32)
-        out = np.empty_like(x)
-        c = ffi.cast
+        call = moe_case(nat, rng, t_, hidden, n_experts, GEMM_TOP_K)
 
-        def moe(s, rows, _keep=(x, ids, wts, out)):
-            a = (s._ptr, 0, c("void *", x.ctypes.data), 0, t_, c("int32_t *", ids.ctypes.data),
-                 c("float *", wts.ctypes.data), GEMM_TOP_K, c("void *", out.ctypes.data), 0)
+        def moe(s, rows, call=call):
+            fn = call(s)
 
             def run_():
                 with gemm_rows(lib, rows):
-                    lib.jm_moe(*a)
+                    fn()
             return run_
         t = H.interleaved({"read": read, "int4_gemm": moe(store, 1), "int4_gemv": moe(store, -1),
                            "fp8_gemm": moe(fp8_store, 1)}, repeats)
