@@ -67,11 +67,7 @@ static void gate_up_task(void *ctx_, int64_t task, int thread) {
   float *u = (float *)(tb + c->pbytes), *hg = c->h + (int64_t)(a - c->a0) * I + n0;
   jm_int4_gemm_block(c->K, e->m[0], c->xf, xs, c->tok + a, 0, m, n0, np, hg, I, tb);
   jm_int4_gemm_block(c->K, e->m[1], c->xf, xs, c->tok + a, 0, m, n0, np, u, JM_INT4_GEMM_NP, tb);
-  for (int i = 0; i < m; i++)
-    for (int r = 0; r < np; r++) {
-      const float gv = hg[(int64_t)i * I + r];
-      hg[(int64_t)i * I + r] = gv / (1.0f + expf(-gv)) * u[i * JM_INT4_GEMM_NP + r];
-    }
+  jm_swiglu(hg, I, hg, I, u, JM_INT4_GEMM_NP, m, np);
   free(own);
 }
 

@@ -2,6 +2,7 @@
 #ifndef JM_INTERNAL_H
 #define JM_INTERNAL_H
 
+#include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stddef.h>
@@ -165,6 +166,17 @@ void jm_bind_node(void *p, size_t len, int node);
 int jm_registry_add(const void *p);
 int jm_registry_remove(const void *p);
 int jm_registry_has(const void *p);
+
+/* the experts' SwiGLU: h[i*ldh + r] = silu(g[i*ldg + r]) * u[i*ldu + r] for i < m, r < n
+ * (h may be g: in place). One definition for the fused MoE's GEMV and both GEMM paths. */
+static inline void jm_swiglu(float *h, int64_t ldh, const float *g, int64_t ldg, const float *u, int64_t ldu, int m,
+                             int n) {
+  for (int i = 0; i < m; i++)
+    for (int r = 0; r < n; r++) {
+      const float gv = g[i * ldg + r];
+      h[i * ldh + r] = gv / (1.0f + expf(-gv)) * u[i * ldu + r];
+    }
+}
 
 /* shared activation conversion (linear.c) */
 void jm_to_f32(const void *x, int32_t dtype, int64_t count, float *out);

@@ -100,13 +100,7 @@ static void gate_up_task(void *ctx_, int64_t task, int thread) {
   c->K->tiles(wu, t0, t1, c->xf + it->xf_u + rbu * rb_bytes(c->K, wu, it->mc), it->mc, u, rows);
   const int r0 = t0 * JM_TILE_ROWS;
   const int r1 = t1 * JM_TILE_ROWS < c->L->inter ? t1 * JM_TILE_ROWS : c->L->inter;
-  for (int m = 0; m < it->mc; m++) {
-    float *h = c->h + (int64_t)(it->a0 - c->a_begin + m) * c->L->inter;
-    for (int r = r0; r < r1; r++) {
-      const float gv = g[m * rows + r - r0], uv = u[m * rows + r - r0];
-      h[r] = gv / (1.0f + expf(-gv)) * uv;
-    }
-  }
+  jm_swiglu(c->h + (int64_t)(it->a0 - c->a_begin) * c->L->inter + r0, c->L->inter, g, rows, u, rows, it->mc, r1 - r0);
 }
 
 static void fold_down_task(void *ctx_, int64_t task, int thread) {
