@@ -75,13 +75,25 @@ typedef struct {
   _Atomic int failed;
 } groups_ctx;
 
-float *jm_gemm_thread_buf(float *bufs, int n_bufs, int64_t floats, int thread, float **own) {
+void *jm_thread_buf(void *bufs, int n_bufs, size_t bytes, int thread, void **own) {
   *own = NULL;
-  if (thread < n_bufs) return bufs + (int64_t)thread * floats;
+  if (thread < n_bufs) return (uint8_t *)bufs + (size_t)thread * bytes;
   /* a pool resized (jm_set_num_threads) between sizing the scratch and the job: own buffer */
   void *p = NULL;
-  if (posix_memalign(&p, 64, (size_t)floats * sizeof(float))) return NULL;
+  if (posix_memalign(&p, 64, bytes)) return NULL;
   return *own = p;
+}
+
+int jm_gemm_split(int64_t tasks, int m, int threads, int mr, int *part_rows) {
+  int parts = 1;
+  const int64_t want = 4 * (int64_t)threads;
+  if (tasks < want) {
+    parts = (int)((want + tasks - 1) / tasks);
+    const int max_parts = (m + 4 * mr - 1) / (4 * mr);
+    if (parts > max_parts) parts = max_parts > 0 ? max_parts : 1;
+  }
+  *part_rows = ((m + parts - 1) / parts + mr - 1) / mr * mr;
+  return parts;
 }
 
 static void groups_task(void *ctx_, int64_t task, int thread) {
@@ -93,7 +105,8 @@ static void groups_task(void *ctx_, int64_t task, int thread) {
   const int n0 = p * JM_GEMM_NP, np = w->n - n0 < JM_GEMM_NP ? w->n - n0 : JM_GEMM_NP;
   const int m0 = part * c->part_rows, m1 = m0 + c->part_rows < c->m ? m0 + c->part_rows : c->m;
   if (m0 >= m1) return;
-  float *own, *pb = jm_gemm_thread_buf(c->pbufs, c->n_bufs, JM_GEMM_PBUF, thread, &own);
+  void *own;
+  float *pb = jm_thread_buf(c->pbufs, c->n_bufs, JM_GEMM_PBUF * sizeof(float), thread, &own);
   if (!pb) {
     ((groups_ctx *)c)->failed = 1;
     return;
@@ -105,17 +118,8 @@ static void groups_task(void *ctx_, int64_t task, int thread) {
 int jm_gemm_groups(const jm_gemm_kernels *G, const jm_matrix *const *ws, int64_t g, const float *x, int64_t ldx,
                    int m, float *y, int64_t ldy, float *pbufs, int n_bufs) {
   const int panels = (ws[0]->n + JM_GEMM_NP - 1) / JM_GEMM_NP, threads = n_bufs;
-  /* few panels (small n): split the tokens too, in multiples of the micro-kernel's rows,
-   * so that every thread has several tasks */
-  int parts = 1;
-  const int64_t want = 4 * (int64_t)threads;
-  if (g * panels < want) {
-    parts = (int)((want + g * panels - 1) / (g * panels));
-    const int max_parts = (m + 4 * JM_GEMM_MR - 1) / (4 * JM_GEMM_MR);
-    if (parts > max_parts) parts = max_parts > 0 ? max_parts : 1;
-  }
-  int part_rows = (m + parts - 1) / parts;
-  part_rows = (part_rows + JM_GEMM_MR - 1) / JM_GEMM_MR * JM_GEMM_MR;
+  int part_rows;
+  const int parts = jm_gemm_split(g * panels, m, threads, JM_GEMM_MR, &part_rows);
   groups_ctx c = {G, ws, x, ldx, ldy, y, pbufs, m, panels, parts, part_rows, n_bufs, 0};
   jm_pool_run(g * panels * parts, groups_task, &c, NULL);
   return c.failed ? jm_error(JM_ENOMEM, "jm_linear: out of memory for a GEMM panel buffer") : JM_OK;

@@ -114,13 +114,11 @@ static void groups_task(void *ctx_, int64_t task, int thread) {
   const int n0 = p * JM_INT4_GEMM_NP, np = w->n - n0 < JM_INT4_GEMM_NP ? w->n - n0 : JM_INT4_GEMM_NP;
   const int m0 = part * c->part_rows, m1 = m0 + c->part_rows < c->m ? m0 + c->part_rows : c->m;
   if (m0 >= m1) return;
-  uint8_t *pb = thread < c->n_bufs ? c->pbufs + thread * c->pbytes : NULL, *own = NULL;
-  if (!pb) { /* pool resized between sizing the scratch and this job */
-    if (posix_memalign((void **)&own, 64, (size_t)c->pbytes)) {
-      c->failed = 1;
-      return;
-    }
-    pb = own;
+  void *own;
+  uint8_t *pb = jm_thread_buf(c->pbufs, c->n_bufs, (size_t)c->pbytes, thread, &own);
+  if (!pb) {
+    c->failed = 1;
+    return;
   }
   jm_int4_gemm_block(c->K, w, c->xf + j * c->xg, jm_int4_xf_stride(w), NULL, m0, m1, n0, np, c->y + j * w->n + n0, c->ldy, pb);
   free(own);
@@ -151,16 +149,8 @@ int jm_int4_gemm_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *wo
   for (int64_t j = 0; j < g; j++) jm_int4_fold_rows(K, lc->ws[j], x + j * w->k, g * w->k, mc, work + j * xg);
   const size_t fold = ((size_t)g * (size_t)xg + 63) & ~(size_t)63;
   const int panels = (w->n + JM_INT4_GEMM_NP - 1) / JM_INT4_GEMM_NP;
-  /* few panels: split the tokens too, so that every thread has several tasks */
-  int parts = 1;
-  const int64_t want = 4 * (int64_t)lc->n_bufs;
-  if (g * panels < want) {
-    parts = (int)((want + g * panels - 1) / (g * panels));
-    const int max_parts = (mc + 4 * JM_INT4_GEMM_MR - 1) / (4 * JM_INT4_GEMM_MR);
-    if (parts > max_parts) parts = max_parts > 0 ? max_parts : 1;
-  }
-  int part_rows = (mc + parts - 1) / parts;
-  part_rows = (part_rows + JM_INT4_GEMM_MR - 1) / JM_INT4_GEMM_MR * JM_INT4_GEMM_MR;
+  int part_rows;
+  const int parts = jm_gemm_split(g * panels, mc, lc->n_bufs, JM_INT4_GEMM_MR, &part_rows);
   groups_ctx c = {K, lc->ws, work, xg, y, work + fold, g * w->n, max_pbytes(lc->ws, g), mc, panels, parts, part_rows,
                   lc->n_bufs, 0};
   jm_pool_run(g * panels * parts, groups_task, &c, NULL);

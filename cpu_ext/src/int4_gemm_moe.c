@@ -44,14 +44,10 @@ typedef struct {
 
 static int panels_of(int n) { return (n + JM_INT4_GEMM_NP - 1) / JM_INT4_GEMM_NP; }
 
-static uint8_t *thread_buf(mg_ctx *c, int thread, uint8_t **own) {
-  *own = NULL;
-  if (thread < c->n_bufs) return c->tbuf + (int64_t)thread * c->tbytes;
-  if (posix_memalign((void **)own, 64, (size_t)c->tbytes)) { /* pool resized meanwhile */
-    c->failed = 1;
-    return NULL;
-  }
-  return *own;
+static uint8_t *thread_buf(mg_ctx *c, int thread, void **own) {
+  uint8_t *b = jm_thread_buf(c->tbuf, c->n_bufs, (size_t)c->tbytes, thread, own);
+  if (!b) c->failed = 1;
+  return b;
 }
 
 static void gate_up_task(void *ctx_, int64_t task, int thread) {
@@ -61,7 +57,8 @@ static void gate_up_task(void *ctx_, int64_t task, int thread) {
   const int np = I - n0 < JM_INT4_GEMM_NP ? I - n0 : JM_INT4_GEMM_NP;
   const jm_store_expert *e = &c->L->experts[c->expert[j]];
   const int a = c->start[j], m = c->start[j + 1] - a;
-  uint8_t *own, *tb = thread_buf(c, thread, &own);
+  void *own;
+  uint8_t *tb = thread_buf(c, thread, &own);
   if (!tb) return;
   const int64_t xs = jm_int4_xf_stride(c->wg0);
   float *u = (float *)(tb + c->pbytes), *hg = c->h + (int64_t)(a - c->a0) * I + n0;
@@ -82,7 +79,8 @@ static void down_task(void *ctx_, int64_t task, int thread) {
   mg_ctx *c = ctx_;
   const int H = c->L->hidden;
   const int n0 = (int)task * JM_INT4_GEMM_NP, np = H - n0 < JM_INT4_GEMM_NP ? H - n0 : JM_INT4_GEMM_NP;
-  uint8_t *own, *tb = thread_buf(c, thread, &own);
+  void *own;
+  uint8_t *tb = thread_buf(c, thread, &own);
   if (!tb) return;
   float *y = (float *)(tb + c->pbytes);
   const int64_t xs = jm_int4_xf_stride(c->wd0);

@@ -103,9 +103,13 @@ void jm_gemm_block(const jm_gemm_kernels *G, const jm_matrix *w, const float *x,
  * per pool thread), caller's scratch under the engine lock. JM_OK or JM_ENOMEM. */
 int jm_gemm_groups(const jm_gemm_kernels *G, const jm_matrix *const *ws, int64_t g, const float *x,
                    int64_t ldx, int m, float *y, int64_t ldy, float *pbufs, int n_bufs);
-/* thread's slice of per-thread buffers of `floats` each; a thread id >= n_bufs (pool resized
- * meanwhile) gets its own allocation in *own (free it), NULL when out of memory */
-float *jm_gemm_thread_buf(float *bufs, int n_bufs, int64_t floats, int thread, float **own);
+/* thread's slice of per-thread buffers of `bytes` each; a thread id >= n_bufs (pool resized
+ * meanwhile) gets its own 64-aligned allocation in *own (free it), NULL when out of memory */
+void *jm_thread_buf(void *bufs, int n_bufs, size_t bytes, int thread, void **own);
+/* token parts per panel for a GEMM over `tasks` (matrix x panel) tasks of m rows: when there are
+ * few panels, split the tokens too (in multiples of mr rows) so every thread has several tasks;
+ * *part_rows: rows per part (a multiple of mr) */
+int jm_gemm_split(int64_t tasks, int m, int threads, int mr, int *part_rows);
 
 /* cheap per-entry-point timing, on when JAXMOE_CPU_PROFILE is set (profile.c) */
 enum { JM_PROF_LINEAR, JM_PROF_LINEAR_GEMM, JM_PROF_GROUPED, JM_PROF_GROUPED_GEMM, JM_PROF_MOE, JM_PROF_MOE_GEMM, JM_PROF_N };

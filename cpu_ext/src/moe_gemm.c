@@ -41,7 +41,8 @@ static void gate_up_task(void *ctx_, int64_t task, int thread) {
   const int np = I - n0 < JM_GEMM_NP ? I - n0 : JM_GEMM_NP;
   const jm_store_expert *e = &c->L->experts[c->expert[j]];
   const int a = c->start[j], m = c->start[j + 1] - a;
-  float *own, *tb = jm_gemm_thread_buf(c->tbuf, c->n_bufs, c->tfloats, thread, &own);
+  void *own;
+  float *tb = jm_thread_buf(c->tbuf, c->n_bufs, (size_t)c->tfloats * sizeof(float), thread, &own);
   if (!tb) {
     ((mg_ctx *)c)->failed = 1;
     return;
@@ -57,7 +58,8 @@ static void down_task(void *ctx_, int64_t task, int thread) {
   const mg_ctx *c = ctx_;
   const int I = c->L->inter, H = c->L->hidden;
   const int n0 = (int)task * JM_GEMM_NP, np = H - n0 < JM_GEMM_NP ? H - n0 : JM_GEMM_NP;
-  float *own, *tb = jm_gemm_thread_buf(c->tbuf, c->n_bufs, c->tfloats, thread, &own);
+  void *own;
+  float *tb = jm_thread_buf(c->tbuf, c->n_bufs, (size_t)c->tfloats * sizeof(float), thread, &own);
   if (!tb) {
     ((mg_ctx *)c)->failed = 1;
     return;
