@@ -1,7 +1,7 @@
 """Builds cpu_ext into one shared library (C kernels + the C++17 XLA FFI bindings).
 
 Each ISA file gets its own -m flags (`*_avx2.c`: AVX2/FMA/F16C, `*_avx512.c`: AVX-512
-F/BW/VL/BF16) and everything else is plain x86-64, so the library builds and loads on any
+F/BW/VL, `*_avx512bf16.c`: AVX-512 F/BW/VL/BF16) and everything else is plain x86-64, so the library builds and loads on any
 x86-64 machine; the path is chosen at run time (src/dispatch.c). No jax at build time is
 needed for the C part; `ffi.cc` is compiled when the XLA FFI headers are found
 (`jax.ffi.include_dir()`), else the library is built without the XLA handlers.
@@ -41,7 +41,8 @@ BASE = ["-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter", f"-I{
 CFLAGS = ["-std=gnu11", "-pthread"]
 ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl"],
+    "avx512bf16": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
 }
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
 
@@ -89,7 +90,7 @@ def compile_commands(obj_dir: Path, variant: str, ffi_inc: str | None, sanitize:
             flags = [*BASE, *CFLAGS, *extra]
             isa = src.stem.rsplit("_", 1)[-1]
             if isa in ISA_FLAGS:
-                if variant == "emu512" and isa == "avx512":
+                if variant == "emu512" and isa.startswith("avx512"):
                     inc = simde_include_dir()
                     if inc is None:
                         raise RuntimeError("emu512 build needs SIMDe headers (apt libsimde-dev or pip simde-py)")

@@ -30,6 +30,7 @@
 extern "C" {
 #endif
 
+/* JM_ISA_AVX512 needs AVX-512 F/BW/VL (+ AVX2/FMA/F16C); its bf16 dot products need AVX512_BF16 */
 enum jm_isa { JM_ISA_AUTO = -1, JM_ISA_SCALAR = 0, JM_ISA_AVX2 = 1, JM_ISA_AVX512 = 2 };
 enum jm_format { JM_FMT_FP8 = 1, JM_FMT_BF16 = 2, JM_FMT_INT4 = 3 };
 enum jm_dtype { JM_DT_F32 = 0, JM_DT_BF16 = 1 };
@@ -48,6 +49,22 @@ const char *jm_isa_name(int isa);
 int jm_num_threads(void);
 int jm_set_num_threads(int n);      /* n <= 0: all cores (env JAXMOE_CPU_THREADS at load) */
 int jm_numa_nodes(void);            /* NUMA nodes the pool places threads and weights on */
+
+/* Precision of the FP8 / BF16 kernels (process-wide, like the ISA and the thread count):
+ *   JM_PREC_EXACT  weights decoded exactly to f32 (FP8 through f16, no denormal arithmetic),
+ *                  f32 activations and f32 sums, on every ISA path;
+ *   JM_PREC_BF16   activations rounded to bf16 and bf16 dot products (AVX-512 BF16
+ *                  vdpbf16ps; subnormal FP8 codes flush to zero) where the selected path has
+ *                  them; a path without a bf16 dot stays exact.
+ * JM_PREC_AUTO: the default (env JAXMOE_CPU_PRECISION=exact|bf16 at load, else exact).
+ * Every precision is batch invariant: an output row's bits do not depend on the other rows of
+ * the call, on the row count, or on whether the GEMV or the GEMM path ran. */
+enum jm_precision { JM_PREC_AUTO = -1, JM_PREC_EXACT = 0, JM_PREC_BF16 = 1 };
+int jm_set_precision(int precision);
+int jm_precision(void);             /* the precision asked for (never JM_PREC_AUTO) */
+int jm_bf16_dot(void);              /* 1 if the FP8/BF16 kernels in use now run bf16 dot products */
+const char *jm_kernel_path(void);   /* the FP8/BF16 kernels in use now: "scalar", "avx2",
+                                     * "avx512" (f32 FMA) or "avx512-bf16" */
 
 /* ---- matrices ---------------------------------------------------------------------------- */
 /* w: e4m3 bytes, row r at w + r*ldw; scale: f32 [ceil(n/128), ceil(k/128)], row j at

@@ -1,8 +1,9 @@
-/* dispatch.c -- run-time ISA choice (cpuid + xgetbv), errors, and the registry of live
- * handles (so a stale or forged handle from Python or XLA is an error, not a crash).
+/* dispatch.c -- run-time ISA and precision choice (cpuid + xgetbv), errors, and the registry
+ * of live handles (so a stale or forged handle from Python or XLA is an error, not a crash).
  *
  * JAXMOE_CPU_ISA=scalar|avx2|avx512 forces a path at load time; jm_set_isa() at run time.
  * Forcing a path the CPU cannot run is an error (falls back to the best supported).
+ * JAXMOE_CPU_PRECISION=exact|bf16 picks the precision at load time; jm_set_precision().
  */
 #include <cpuid.h>
 #include <pthread.h>
@@ -49,13 +50,20 @@ static int detect(int isa) {
   if (__get_cpuid_max(0, NULL) < 7) return 0;
   __cpuid_count(7, 0, a, b, c, d);
   const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1;
+  const int avx512vl = (b >> 31) & 1;
   if (isa == JM_ISA_AVX2) return avx2 && fma && f16c;
-  if (isa == JM_ISA_AVX512) {
-    if (!(avx2 && avx512f && avx512bw) || (xcr0 & 0xe6) != 0xe6) return 0;
-    __cpuid_count(7, 1, a, b, c, d);
-    return (a >> 5) & 1; /* AVX512_BF16 */
-  }
+  if (isa == JM_ISA_AVX512) return avx2 && fma && f16c && avx512f && avx512bw && avx512vl && (xcr0 & 0xe6) == 0xe6;
   return 0;
+}
+
+static int detect_bf16(void) { /* AVX512_BF16, on top of the AVX-512 path */
+#ifdef JM_AVX512_EMULATED
+  return 1;
+#endif
+  unsigned a, b, c, d;
+  if (!detect(JM_ISA_AVX512) || __get_cpuid_max(0, NULL) < 7) return 0;
+  __cpuid_count(7, 1, a, b, c, d);
+  return (a >> 5) & 1;
 }
 
 static int supported[3] = {-1, -1, -1};
@@ -117,12 +125,51 @@ int jm_isa_selected(void) {
   return selected;
 }
 
+/* ---- precision --------------------------------------------------------------------------- */
+static _Atomic int precision = -2;
+
+int jm_precision(void) {
+  if (precision == -2) {
+    const char *env = getenv("JAXMOE_CPU_PRECISION");
+    int p = JM_PREC_EXACT;
+    if (env && *env) {
+      if (!strcmp(env, "bf16")) p = JM_PREC_BF16;
+      else if (strcmp(env, "exact") && strcmp(env, "auto"))
+        fprintf(stderr, "jaxmoe_cpu: ignoring JAXMOE_CPU_PRECISION=%s (exact|bf16|auto)\n", env);
+    }
+    precision = p;
+  }
+  return precision;
+}
+
+int jm_set_precision(int p) {
+  if (p == JM_PREC_AUTO) {
+    precision = -2;
+    jm_precision();
+    return JM_OK;
+  }
+  if (p != JM_PREC_EXACT && p != JM_PREC_BF16) return jm_error(JM_EINVAL, "jm_set_precision: unknown precision %d", p);
+  precision = p;
+  return JM_OK;
+}
+
+int jm_bf16_dot(void) {
+  static int bf16 = -1;
+  if (bf16 < 0) bf16 = detect_bf16();
+  return jm_isa_selected() == JM_ISA_AVX512 && jm_precision() == JM_PREC_BF16 && bf16;
+}
+
 const jm_kernels *jm_kernels_current(void) {
   switch (jm_isa_selected()) {
-    case JM_ISA_AVX512: return &jm_kernels_avx512;
+    case JM_ISA_AVX512: return jm_bf16_dot() ? &jm_kernels_avx512bf16 : &jm_kernels_avx512;
     case JM_ISA_AVX2: return &jm_kernels_avx2;
     default: return &jm_kernels_scalar;
   }
+}
+
+const char *jm_kernel_path(void) {
+  const jm_kernels *K = jm_kernels_current();
+  return K->bf16 ? "avx512-bf16" : jm_isa_name(K->isa);
 }
 
 /* ---- registry of live handles: open addressing, tombstones ------------------------------ */

@@ -136,4 +136,4 @@ static void tiles_avx2(const jm_matrix *w, int t0, int t1, const void *xf_, int 
   }
 }
 
-const jm_kernels jm_int4_kernels_avx2 = {JM_ISA_AVX2, JM_INT4_XF_ELEM, jm_int4_fold_avx2, tiles_avx2};
+const jm_kernels jm_int4_kernels_avx2 = {.isa = JM_ISA_AVX2, .xf_elem = JM_INT4_XF_ELEM, .fold = jm_int4_fold_avx2, .tiles = tiles_avx2};

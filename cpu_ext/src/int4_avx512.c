@@ -99,4 +99,4 @@ JM_TARGET static void tiles_avx512(const jm_matrix *w, int t0, int t1, const voi
   }
 }
 
-const jm_kernels jm_int4_kernels_avx512 = {JM_ISA_AVX512, JM_INT4_XF_ELEM, jm_int4_fold_avx2, tiles_avx512};
+const jm_kernels jm_int4_kernels_avx512 = {.isa = JM_ISA_AVX512, .xf_elem = JM_INT4_XF_ELEM, .fold = jm_int4_fold_avx2, .tiles = tiles_avx512};

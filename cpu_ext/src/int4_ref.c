@@ -46,4 +46,4 @@ static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf_, int m
   }
 }
 
-const jm_kernels jm_int4_kernels_scalar = {JM_ISA_SCALAR, JM_INT4_XF_ELEM, jm_int4_fold_ref, tiles_ref};
+const jm_kernels jm_int4_kernels_scalar = {.isa = JM_ISA_SCALAR, .xf_elem = JM_INT4_XF_ELEM, .fold = jm_int4_fold_ref, .tiles = tiles_ref};

@@ -13,15 +13,15 @@
 #define JM_SEG 64           /* bytes of one row per interleaved segment (one cache line) */
 #define JM_KBLOCK 128       /* FP8 scale block (both dims); K is padded to a multiple */
 #define JM_TILES_PER_TASK 8 /* 32 rows: a task never straddles a 128-row scale block */
-#define JM_MC 16            /* tokens per chunk: folded activations stay in L2 */
+#define JM_MC 16            /* tokens per GEMV chunk: folded activations stay in L2 */
 #ifndef JM_PF_DIST
 #define JM_PF_DIST 4096 /* software prefetch distance in the weight stream, bytes */
 #endif
 
-/* FP8 decode yields value * 2^-120; the activations carry 2^JM_FOLD_EXP instead of 2^120 so
- * that |x * scale| up to 2^72 cannot overflow, and results are multiplied by 2^JM_UNFOLD. */
+/* bf16 path: FP8 decodes to bf16 bits of value * 2^-120 (vdpbf16ps flushes bf16 denormals
+ * and tiny products, so the 2^120 cannot simply be dropped): the activations carry
+ * 2^JM_FOLD_EXP, the block scales 2^(120 - JM_FOLD_EXP). */
 #define JM_FOLD_EXP 56
-#define JM_UNFOLD_EXP (120 - JM_FOLD_EXP)
 
 #define JM_MATRIX_MAGIC 0x6a6d6d6174726978ull
 #define JM_STORE_MAGIC 0x6a6d73746f726521ull
@@ -53,56 +53,67 @@ int jm_matrix_check_source(int32_t format, const void *w, int64_t ldw, const flo
                            int32_t k, const char *fn);
 void jm_matrix_fill(jm_matrix *m, const void *w, int64_t ldw, const float *scale, int64_t lds);
 
-/* Per-ISA kernels. "Folded" activations: for row block rb, xf[m][k_pad] holds
- * x * scale[rb][kb] * 2^JM_FOLD_EXP (FP8) or x (BF16) in the element type and order the
- * ISA's tile kernel reads. */
+/* Per-ISA kernels of the FP8 / BF16 formats (INT4 has its own tables in int4*.c).
+ *
+ * The canonical sum (what makes every result batch invariant): for an output y[i][r] of a row
+ * r in 128-row block rb, with L the path's vector lanes (scalar: 1),
+ *   acc = 0
+ *   for each 128-column block kb in order:
+ *     blk = 0;  for each step of the block in column order: blk += w[r, cols] * xf[i, cols]
+ *               (lane-wise: f32 FMA, or one vdpbf16ps on the bf16 path)
+ *     acc = fma(blk, scale[rb][kb] * 2^scale_exp, acc)      (lane-wise)
+ *   y = hsum(acc) in a fixed pairwise tree
+ * The order does not depend on the token count, the token block, the tile range or the path
+ * (GEMV decodes the weights on the fly; the GEMM path decodes a panel once into `wd` and runs
+ * the same kernel on it), so a row's bits never depend on the other rows of a call.
+ * "Folded" activations xf[m][k_pad]: x in the kernel's operand type, zero past k (f32 on the
+ * exact paths; bf16 of x * 2^JM_FOLD_EXP for FP8 weights on the bf16 path). */
 typedef struct {
   int isa;
+  int bf16;       /* bf16 dot products (activations rounded to bf16) */
   size_t xf_elem; /* bytes per folded element */
+  size_t wd_elem; /* bytes per decoded weight element (GEMM panels); 0: no GEMM path (INT4) */
+  /* rb: unused by the FP8/BF16 kernels (the block scales multiply block sums) */
   void (*fold)(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf);
-  /* y[i*ldy + r - 4*t0] for tokens i < m, rows r in tiles [t0, t1) (r < n); xf folded for
-   * the row block of these tiles; m <= JM_MC. */
+  /* y[i*ldy + r - 4*t0] for tokens i < m, rows r in tiles [t0, t1) (r < n), any m */
   void (*tiles)(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y,
                 int64_t ldy);
+  /* tiles [t0, t1) of w decoded into wd (4 * k_pad elements of wd_elem bytes per tile) */
+  void (*decode)(const jm_matrix *w, int t0, int t1, void *wd);
+  /* as tiles, reading the tiles [t0, t1) from their decoded copy wd: bit-identical results */
+  void (*tiles_dec)(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m,
+                    float *y, int64_t ldy);
 } jm_kernels;
 
-/* GEMM path (gemm.c) for many tokens per weight: a weight panel of up to JM_GEMM_NP rows x
- * one 128-column K block is decoded once (FP8 value x block scale, exact f32 products of one
- * rounding) into panel[s][k][16] (16-row sub-panels, k-major), then a register-blocked
- * micro-kernel runs every token against it. Panels lie inside one 128-row scale block. */
-#define JM_GEMM_NP 64 /* rows per panel: divides 128 */
-#define JM_GEMM_MR 6  /* tokens per micro-kernel call */
-#define JM_GEMM_NR 16 /* rows per sub-panel */
-/* token rows from which jm_linear uses the GEMM path (jm_moe: mean rows per active expert).
- * Measured here (loaded 2-core Zen 5; GEMV time / GEMM time): 6 DeepSeek expert matrices at
- * M=16 0.81x, 24 1.00x, 64 1.4x; the fused MoE at 16 rows per expert 0.83x in isolation and
- * 0.96-1.13x inside the bench-v3-mid prefill (a wash), at 64 rows per expert 1.38x. */
+/* FP8 weights decode to value * 2^-8 on the exact paths (the e4m3 bits shifted into an IEEE
+ * half, then converted: exact for all 254 non-NaN codes, subnormal codes included, and never a
+ * denormal) and to bf16 bits of value * 2^-120 on the bf16 path; the block scale is applied as
+ * scale * 2^JM_EXACT_SCALE_EXP resp. 2^JM_BF16_SCALE_EXP (exact power-of-two factors). */
+#define JM_EXACT_SCALE_EXP 8
+#define JM_BF16_SCALE_EXP (120 - JM_FOLD_EXP)
+/* the f16 bits of FP8 code b (sign-extended to 16 bits) equal to value * 2^-8 */
+static inline uint16_t jm_fp8_to_f16_bits(uint8_t b) { return (uint16_t)(((uint16_t)(int16_t)(int8_t)b << 7) & 0xBF80u); }
+
+/* GEMM path (gemm.c) for many tokens per weight: a panel of JM_GEMM_NP rows (JM_GEMM_NP / 4
+ * tiles, inside one 128-row block) is decoded once into the kernel's operand type, then
+ * tiles_dec runs blocks of JM_GEMM_MB tokens (folded once per panel) against it. */
+#define JM_GEMM_NP 16 /* rows per panel: divides 128 */
+#define JM_GEMM_MB 8  /* tokens folded at a time */
+/* token rows from which jm_linear uses the GEMM path (jm_moe: mean rows per active expert) */
 #define JM_GEMM_MIN_DEFAULT 24
-typedef struct {
-  int isa;
-  /* rows [n0, n0+np) of w (np <= JM_GEMM_NP, inside one 128-row block; rows >= n read as 0),
-   * columns [128 kb, 128 kb + 128): panel[(r/16)*128*16 + k*16 + r%16] = value * scale */
-  void (*panel)(const jm_matrix *w, int n0, int np, int kb, float *panel);
-  /* c[i*ldc + j] = (accumulate ? c[i*ldc + j] : 0) + sum_{k<kk} xr[i][k] * sub[k*16 + j] for
-   * i < mr (1..JM_GEMM_MR), j < nc (1..16) */
-  void (*micro)(const float *const *xr, int mr, int kk, const float *sub, float *c, int64_t ldc,
-                int nc, int accumulate);
-} jm_gemm_kernels;
-extern const jm_gemm_kernels jm_gemm_scalar;
-extern const jm_gemm_kernels jm_gemm_avx2;
-const jm_gemm_kernels *jm_gemm_current(void); /* AVX2 when the selected path is not scalar */
 int jm_gemm_min_rows(void);
-/* output (i, n0 + j) at c[i*ldc + j] for token rows [m0, m1), panel rows [n0, n0 + np) of w,
- * over all K blocks; x_i = x + (rows ? rows[i] : i) * ldx; pbuf: JM_GEMM_NP * 128 f32 */
-void jm_gemm_block(const jm_gemm_kernels *G, const jm_matrix *w, const float *x, int64_t ldx,
-                   const int32_t *rows, int m0, int m1, int n0, int np, float *c, int64_t ldc,
-                   float *pbuf);
-#define JM_GEMM_PBUF (JM_GEMM_NP * JM_KBLOCK) /* floats of one panel buffer */
+/* bytes of one thread's GEMM buffer for w: a decoded panel + JM_GEMM_MB folded tokens */
+size_t jm_gemm_buf_bytes(const jm_kernels *K, const jm_matrix *w);
+/* output (i, n0 + j) at c[i*ldc + j] for token rows [m0, m1), panel rows [n0, n0 + np) of w
+ * (np <= JM_GEMM_NP, n0 a multiple of JM_GEMM_NP); x_i = x + (rows ? rows[i] : i) * ldx (f32);
+ * buf: jm_gemm_buf_bytes(K, w) bytes */
+void jm_gemm_block(const jm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, const int32_t *rows,
+                   int m0, int m1, int n0, int np, float *c, int64_t ldc, void *buf);
 /* y[i*ldy + j*n + r] = x[i*ldx + j*k + :] . W_j[r] for g matrices of one shape, m tokens,
- * over the pool (tasks: matrix x 64-row panel x token range); pbufs: n_bufs JM_GEMM_PBUF (one
- * per pool thread), caller's scratch under the engine lock. JM_OK or JM_ENOMEM. */
-int jm_gemm_groups(const jm_gemm_kernels *G, const jm_matrix *const *ws, int64_t g, const float *x,
-                   int64_t ldx, int m, float *y, int64_t ldy, float *pbufs, int n_bufs);
+ * over the pool (tasks: matrix x panel x token range); bufs: n_bufs buffers of
+ * jm_gemm_buf_bytes (one per pool thread), caller's scratch under the engine lock. */
+int jm_gemm_groups(const jm_kernels *K, const jm_matrix *const *ws, int64_t g, const float *x,
+                   int64_t ldx, int m, float *y, int64_t ldy, uint8_t *bufs, int n_bufs);
 /* thread's slice of per-thread buffers of `bytes` each; a thread id >= n_bufs (pool resized
  * meanwhile) gets its own 64-aligned allocation in *own (free it), NULL when out of memory */
 void *jm_thread_buf(void *bufs, int n_bufs, size_t bytes, int thread, void **own);
@@ -119,7 +130,8 @@ void jm_prof_stop(int which, int64_t t0, int64_t rows);
 extern const jm_kernels jm_kernels_scalar;
 extern const jm_kernels jm_kernels_avx2;
 extern const jm_kernels jm_kernels_avx512;
-const jm_kernels *jm_kernels_current(void);
+extern const jm_kernels jm_kernels_avx512bf16;
+const jm_kernels *jm_kernels_current(void); /* FP8/BF16 kernels of the selected ISA and precision */
 /* the kernels for w's format under the selected ISA (int4.c: INT4 has its own tables) */
 const jm_kernels *jm_kernels_for(const jm_matrix *w);
 

@@ -1,10 +1,11 @@
 /* linear.c -- y = x @ W^T over the thread pool, the engine lock and the scratch arena; and
  * the grouped form (g matrices of one shape, x [m][g][k] -> y [m][g][n]: per-head weights).
  *
- * Tokens are processed in chunks of JM_MC. Per chunk, phase 1 folds the activations once per
- * 128-row block (tasks: row blocks), phase 2 streams the weight tiles (tasks: 8 tiles = 32
- * rows, inside one row block). Large M is a blocked GEMM: each tile is streamed from DRAM
- * once per chunk and re-read from L1 for each group of tokens inside the chunk.
+ * GEMV path: tokens in chunks of JM_MC. Per chunk, phase 1 folds the activations once per
+ * matrix, phase 2 streams the weight tiles (tasks: 8 tiles = 32 rows): each tile is read from
+ * DRAM once per chunk and from L1 for each group of tokens inside the chunk. From
+ * jm_gemm_min_rows() rows on, the GEMM path (gemm.c) decodes each weight panel once per call.
+ * Both run the same canonical sum (internal.h): a row's result is the same on either path.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -56,17 +57,15 @@ typedef struct {
   const float *x; /* token i, group j at x + i*ldx + j*k */
   int64_t ldx;
   int m;
-  uint8_t *xf; /* [g][n_rb][m][k_pad] folded */
-  size_t xf_rb, xf_group;
+  uint8_t *xf; /* [g][m][k_pad] folded */
+  size_t xf_group;
   float *y; /* token i, group j at y + i*ldy + j*n */
   int64_t ldy, tile_tasks;
 } lin_ctx;
 
 static void fold_task(void *ctx_, int64_t task, int thread) {
   lin_ctx *c = ctx_;
-  const jm_matrix *w = c->ws[0];
-  const int64_t j = task / w->n_rb, rb = task % w->n_rb;
-  c->K->fold(c->ws[j], (int)rb, c->x + j * w->k, c->ldx, c->m, c->xf + j * c->xf_group + rb * c->xf_rb);
+  c->K->fold(c->ws[task], 0, c->x + task * c->ws[0]->k, c->ldx, c->m, c->xf + task * c->xf_group);
 }
 
 static void tile_task(void *ctx_, int64_t task, int thread) {
@@ -75,23 +74,22 @@ static void tile_task(void *ctx_, int64_t task, int thread) {
   const jm_matrix *w = c->ws[j];
   const int t0 = (int)(task % c->tile_tasks) * JM_TILES_PER_TASK;
   const int t1 = t0 + JM_TILES_PER_TASK < w->n_tiles ? t0 + JM_TILES_PER_TASK : w->n_tiles;
-  const int rb = w->n_rb == 1 ? 0 : t0 * JM_TILE_ROWS / JM_KBLOCK;
-  c->K->tiles(w, t0, t1, c->xf + j * c->xf_group + rb * c->xf_rb, c->m,
+  c->K->tiles(w, t0, t1, c->xf + j * c->xf_group, c->m,
               c->y + j * w->n + (int64_t)t0 * JM_TILE_ROWS, c->ldy);
 }
 
-/* folded-activation bytes of one row block for m tokens */
-static size_t xf_rb_bytes(const jm_kernels *K, const jm_matrix *w, int m) {
+/* folded-activation bytes of one matrix for m tokens */
+static size_t xf_bytes(const jm_kernels *K, const jm_matrix *w, int m) {
   return ((size_t)m * (size_t)w->k_pad * K->xf_elem + 63) & ~(size_t)63;
 }
 
-/* y = x @ W_j^T for every group j, m <= JM_MC tokens; xf scratch of g * n_rb * xf_rb_bytes */
+/* y = x @ W_j^T for every group j, m <= JM_MC tokens; xf scratch of g * xf_bytes */
 static void linear_chunk(const jm_kernels *K, const jm_matrix *const *ws, int64_t g, const float *x, int m,
                          float *y, uint8_t *xf) {
   const jm_matrix *w = ws[0];
-  lin_ctx c = {K, ws, g, x, g * w->k, m, xf, xf_rb_bytes(K, w, m), w->n_rb * xf_rb_bytes(K, w, m), y, g * w->n,
+  lin_ctx c = {K, ws, g, x, g * w->k, m, xf, xf_bytes(K, w, m), y, g * w->n,
                (w->n_tiles + JM_TILES_PER_TASK - 1) / JM_TILES_PER_TASK};
-  jm_pool_run_sized(g * w->n_rb, fold_task, &c, g * w->n_rb * m * w->k_pad);
+  jm_pool_run_sized(g, fold_task, &c, g * m * w->k_pad);
   jm_pool_run(g * c.tile_tasks, tile_task, &c, NULL);
 }
 
@@ -130,7 +128,6 @@ static int run_chunks(const jm_matrix *w, int64_t g, const void *x, int32_t x_dt
 
 typedef struct {
   const jm_kernels *K;
-  const jm_gemm_kernels *G;
   const jm_matrix *const *ws;
   int64_t g;
   int n_bufs;
@@ -149,7 +146,7 @@ static int gemv_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *wor
 static int gemm_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *work) {
   const path_ctx *c = ctx_;
   const jm_matrix *w = c->ws[0];
-  return jm_gemm_groups(c->G, c->ws, c->g, x, c->g * w->k, mc, y, c->g * w->n, (float *)work, c->n_bufs);
+  return jm_gemm_groups(c->K, c->ws, c->g, x, c->g * w->k, mc, y, c->g * w->n, work, c->n_bufs);
 }
 
 #define INT4_GEMM_CHUNK 1024 /* token rows per INT4 GEMM chunk (folded: 2 k bytes each) */
@@ -166,9 +163,9 @@ static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, i
   const int64_t t0 = jm_prof_start();
   int rc;
   if (m >= jm_gemm_min_rows() && (w->format == JM_FMT_FP8 || w->format == JM_FMT_BF16)) {
-    path_ctx c = {NULL, jm_gemm_current(), ws, g, jm_pool_threads()};
+    path_ctx c = {jm_kernels_current(), ws, g, jm_pool_threads()};
     const int64_t mc_max = y_dtype == JM_DT_F32 ? m : (m < GEMM_YCHUNK ? m : GEMM_YCHUNK);
-    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)c.n_bufs * JM_GEMM_PBUF * sizeof(float),
+    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)c.n_bufs * jm_gemm_buf_bytes(c.K, w),
                     gemm_chunk, &c);
     jm_prof_stop(grouped_call ? JM_PROF_GROUPED_GEMM : JM_PROF_LINEAR_GEMM, t0, m);
   } else if (w->format == JM_FMT_INT4 && m >= jm_int4_gemm_min_rows() && jm_int4_gemm_enabled()) {
@@ -180,9 +177,9 @@ static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, i
                     jm_int4_gemm_chunk, &c);
     jm_prof_stop(grouped_call ? JM_PROF_GROUPED_GEMM : JM_PROF_LINEAR_GEMM, t0, m);
   } else {
-    path_ctx c = {jm_kernels_for(w) /* INT4: its own kernels (int4.c) */, NULL, ws, g, 0};
+    path_ctx c = {jm_kernels_for(w) /* INT4: its own kernels (int4.c) */, ws, g, 0};
     const int mc_max = m < JM_MC ? (int)m : JM_MC;
-    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)g * w->n_rb * xf_rb_bytes(c.K, w, mc_max),
+    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)g * xf_bytes(c.K, w, mc_max),
                     gemv_chunk, &c);
     jm_prof_stop(grouped_call ? JM_PROF_GROUPED : JM_PROF_LINEAR, t0, m);
   }

@@ -1,13 +1,15 @@
-/* linear_avx512.c -- AVX-512 BF16 kernels (compiled with -mavx512f -mavx512bw -mavx512bf16).
+/* linear_avx512.c -- AVX-512F exact kernels: f32 activations, f32 FMA over 16 lanes
+ * (compiled with -mavx512f -mavx512bw -mavx512vl -mf16c; no BF16 needed).
  *
- * FP8: 32 weight bytes are sign-extended to 16-bit lanes and ((v << 4) & 0x87F0) gives bf16
- * bits equal to value * 2^-120; vdpbf16ps multiplies them with bf16 activations that carry
- * scale * 2^JM_FOLD_EXP (vdpbf16ps flushes bf16 denormals, so the 2^-120 cannot be left in
- * the weights' partner; subnormal FP8 codes decode to bf16 denormals and are flushed: an
- * error below 2^-15 of the block's largest weight). BF16 weights are used as they are.
+ * FP8: 16 weight bytes are sign-extended to 16-bit lanes; ((v << 7) & 0xBF80) are the IEEE
+ * half bits of value * 2^-8 (sign, the 4 exponent bits under a zero top bit, 3 mantissa bits;
+ * subnormal codes become half subnormals), and vcvtph2ps turns them into f32 exactly: every
+ * code, subnormals included, is a normal f32 and no FMA ever reads a denormal. The block scale
+ * (times 2^8) multiplies each 128-column block sum (the canonical sum of internal.h).
+ * BF16 weights: (u16 << 16). The GEMM path's decoded tiles hold these f32 vectors in the
+ * order the kernel reads them: [k_pad / 16 steps][4 rows][16].
  *
- * With JM_SIMDE defined the file compiles against SIMDe's portable AVX-512 (tests only:
- * it checks this file's layout and algebra on machines without AVX-512).
+ * With JM_SIMDE defined the file compiles against SIMDe's portable AVX-512 (tests only).
  */
 #ifdef JM_SIMDE
 #define SIMDE_ENABLE_NATIVE_ALIASES
@@ -20,14 +22,29 @@
 #include "internal.h"
 
 #define AI static inline __attribute__((always_inline))
+#define L 16    /* lanes */
+#define MR_MAX 4 /* tokens per kernel call */
 
-AI __m512bh as_bh(__m512i v) {
-  __m512bh r;
-  memcpy(&r, &v, sizeof r);
-  return r;
+enum { SRC_FP8, SRC_BF16, SRC_DEC }; /* where the kernel's weight vectors come from */
+
+AI __m512 fp8x16(const uint8_t *p) {
+  const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+  return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16((short)0xBF80)));
 }
 
-AI float hsum16(__m512 v) { /* pairwise tree, once per (row, token) */
+AI __m512 bf16x16(const uint8_t *p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* the weight vector of row r, columns [col, col + 16) */
+AI __m512 wvec(const uint8_t *p, const int src, int col, int r) {
+  if (src == SRC_FP8) return fp8x16(p + (int64_t)(col / JM_SEG) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + col % JM_SEG);
+  if (src == SRC_BF16)
+    return bf16x16(p + (int64_t)(col / (JM_SEG / 2)) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + 2 * (col % (JM_SEG / 2)));
+  return _mm512_loadu_ps((const float *)p + (int64_t)(col / L) * L * JM_TILE_ROWS + r * L);
+}
+
+AI float hsum16(__m512 v) { /* pairwise tree */
   float t[16];
   _mm512_storeu_ps(t, v);
   for (int w = 8; w > 0; w /= 2)
@@ -35,123 +52,101 @@ AI float hsum16(__m512 v) { /* pairwise tree, once per (row, token) */
   return t[0];
 }
 
-/* 16 floats -> 16 bf16, round to nearest even (inputs are finite) */
-AI __m256i f32_to_bf16_16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  const __m512i h = _mm512_srli_epi32(r, 16); /* 0..65535 -> as int16, so the saturating pack is exact */
-  const __m512i sgn = _mm512_slli_epi32(_mm512_and_si512(h, _mm512_set1_epi32(0x8000)), 1);
-  return _mm512_cvtsepi32_epi16(_mm512_sub_epi32(h, sgn));
-}
-
-static void fold_avx512(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m,
-                        void *xf_) {
-  uint16_t *xf = (uint16_t *)xf_;
-  const float f = w->format == JM_FMT_FP8 ? jm_exp2i(JM_FOLD_EXP) : 1.0f;
+static void fold_avx512(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf_) {
+  float *xf = (float *)xf_;
   for (int i = 0; i < m; i++) {
-    const float *xi = x + i * ldx;
-    uint16_t *o = xf + (int64_t)i * w->k_pad;
-    for (int b = 0; b < w->kb; b++) {
-      const __m512 s = _mm512_set1_ps(w->format == JM_FMT_FP8 ? jm_scale_of(w, rb, b) * f : 1.0f);
-      for (int j = b * JM_KBLOCK; j < (b + 1) * JM_KBLOCK; j += 16) {
-        __m512 v;
-        if (j + 16 <= w->k) {
-          v = _mm512_loadu_ps(xi + j);
-        } else { /* K tail: zero padding */
-          float tmp[16] = {0};
-          if (j < w->k) memcpy(tmp, xi + j, sizeof(float) * (size_t)(w->k - j));
-          v = _mm512_loadu_ps(tmp);
-        }
-        _mm256_storeu_si256((__m256i *)(o + j), f32_to_bf16_16(_mm512_mul_ps(v, s)));
-      }
-    }
+    memcpy(xf + (int64_t)i * w->k_pad, x + i * ldx, sizeof(float) * (size_t)w->k);
+    memset(xf + (int64_t)i * w->k_pad + w->k, 0, sizeof(float) * (size_t)(w->k_pad - w->k));
   }
 }
 
-/* One 4-row tile against MR <= 4 tokens. A 32-column step loads the MR activation vectors
- * once and reuses them for the 4 rows (MR + 4*MR*NA + 2 of the 32 zmm registers); NA = 2
- * accumulators per (row, token) when MR == 1 to hide the vdpbf16ps latency. */
-AI void tile_kernel(const uint8_t *p, int k_pad, const uint16_t *xf, int64_t xs, const int fp8,
-                    const int MR, float unfold, float *y, int64_t ldy, int rows) {
-  const int NA = MR == 1 ? 2 : 1;
-  __m512 acc[JM_TILE_ROWS][4][2];
+/* One 4-row tile against MR <= 4 tokens: blk and acc per (row, token), the x vectors of a step
+ * loaded once for the 4 rows. */
+AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const float *sc, const float *xf, int64_t xs,
+                    const int MR, float *y, int64_t ldy, int rows) {
+  __m512 acc[JM_TILE_ROWS][MR_MAX], blk[JM_TILE_ROWS][MR_MAX];
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; i++)
-#pragma GCC unroll 2
-      for (int a = 0; a < NA; a++) acc[r][i][a] = _mm512_setzero_ps();
-  const int cols_per_chunk = fp8 ? JM_SEG : JM_SEG / 2;
-  const int nchunks = k_pad / cols_per_chunk;
-  const __m512i mask = _mm512_set1_epi16((short)0x87F0);
-  for (int c = 0; c < nchunks; c++) {
-    const uint8_t *q = p + (int64_t)c * JM_SEG * JM_TILE_ROWS;
+    for (int i = 0; i < MR; i++) acc[r][i] = _mm512_setzero_ps();
+  const int pf = src == SRC_FP8 ? JM_SEG : (src == SRC_BF16 ? JM_SEG / 2 : 0); /* columns per 256-byte chunk */
+  for (int kb = 0; kb < w->kb; kb++) {
 #pragma GCC unroll 4
-    for (int l = 0; l < JM_TILE_ROWS; l++)
-      _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
-    const int steps = cols_per_chunk / 32;
-#pragma GCC unroll 2
-    for (int s = 0; s < steps; s++) {
-      const int col = c * cols_per_chunk + s * 32;
-      const int a = NA == 2 ? s : 0; /* fp8: two steps per chunk alternate accumulators */
-      __m512bh xb[4];
+    for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 4
-      for (int i = 0; i < MR; i++) xb[i] = as_bh(_mm512_loadu_si512((const void *)(xf + i * xs + col)));
+      for (int i = 0; i < MR; i++) blk[r][i] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+    for (int s = 0; s < JM_KBLOCK / L; s++) {
+      const int col = kb * JM_KBLOCK + s * L;
+      if (pf && col % pf == 0) {
+        const uint8_t *q = p + (int64_t)(col / pf) * JM_SEG * JM_TILE_ROWS;
+#pragma GCC unroll 4
+        for (int l = 0; l < JM_TILE_ROWS; l++) _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
+      }
+      __m512 xv[MR_MAX];
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_ps(xf + i * xs + col);
 #pragma GCC unroll 4
       for (int r = 0; r < JM_TILE_ROWS; r++) {
-        __m512i wv;
-        if (fp8) {
-          const __m256i b = _mm256_loadu_si256((const __m256i *)(q + r * JM_SEG + s * 32));
-          wv = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(b), 4), mask);
-        } else {
-          wv = _mm512_loadu_si512((const void *)(q + r * JM_SEG));
-        }
-        const __m512bh wb = as_bh(wv);
+        const __m512 wv = wvec(p, src, col, r);
 #pragma GCC unroll 4
-        for (int i = 0; i < MR; i++) acc[r][i][a] = _mm512_dpbf16_ps(acc[r][i][a], wb, xb[i]);
+        for (int i = 0; i < MR; i++) blk[r][i] = _mm512_fmadd_ps(wv, xv[i], blk[r][i]);
       }
     }
-  }
+    const __m512 s = _mm512_set1_ps(sc ? sc[kb] * 0x1p8f : 1.0f);
 #pragma GCC unroll 4
+    for (int r = 0; r < JM_TILE_ROWS; r++)
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; i++) acc[r][i] = _mm512_fmadd_ps(blk[r][i], s, acc[r][i]);
+  }
   for (int r = 0; r < rows; r++)
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; i++) {
-      const __m512 v = NA == 2 ? _mm512_add_ps(acc[r][i][0], acc[r][i][1]) : acc[r][i][0];
-      y[i * ldy + r] = hsum16(v) * unfold;
-    }
+    for (int i = 0; i < MR; i++) y[i * ldy + r] = hsum16(acc[r][i]);
 }
 
-static void tiles_avx512(const jm_matrix *w, int t0, int t1, const void *xf_, int m, float *y,
-                         int64_t ldy) {
-  const uint16_t *xf = (const uint16_t *)xf_;
-  const float unfold = w->format == JM_FMT_FP8 ? jm_exp2i(JM_UNFOLD_EXP) : 1.0f;
+AI void run_tiles(const jm_matrix *w, int t0, int t1, const uint8_t *base, int64_t tile_bytes, const int src,
+                  const float *xf, int m, float *y, int64_t ldy) {
   for (int t = t0; t < t1; t++) {
-    const uint8_t *p = jm_tile_ptr(w, t);
+    const uint8_t *p = base + (t - t0) * tile_bytes;
+    const float *sc = w->format == JM_FMT_FP8 ? w->scale + (int64_t)(t * JM_TILE_ROWS / JM_KBLOCK) * w->kb : NULL;
     int rows = w->n - t * JM_TILE_ROWS;
     rows = rows > JM_TILE_ROWS ? JM_TILE_ROWS : rows;
     float *yt = y + (t - t0) * JM_TILE_ROWS;
-    for (int i0 = 0; i0 < m; i0 += 4) {
-      const uint16_t *x0 = xf + (int64_t)i0 * w->k_pad;
+    for (int i0 = 0; i0 < m; i0 += MR_MAX) {
+      const float *x0 = xf + (int64_t)i0 * w->k_pad;
       float *y0 = yt + i0 * ldy;
-      const int mr = m - i0 >= 4 ? 4 : m - i0;
-#define K_(F, R) tile_kernel(p, w->k_pad, x0, w->k_pad, F, R, unfold, y0, ldy, rows)
-#define BY_MR(F)             \
-  switch (mr) {              \
-    case 1: K_(F, 1); break; \
-    case 2: K_(F, 2); break; \
-    case 3: K_(F, 3); break; \
-    default: K_(F, 4); break; \
-  }
-      if (w->format == JM_FMT_FP8) {
-        BY_MR(1)
-      } else {
-        BY_MR(0)
+      switch (m - i0 >= MR_MAX ? MR_MAX : m - i0) {
+        case 1: tile_kernel(w, p, src, sc, x0, w->k_pad, 1, y0, ldy, rows); break;
+        case 2: tile_kernel(w, p, src, sc, x0, w->k_pad, 2, y0, ldy, rows); break;
+        case 3: tile_kernel(w, p, src, sc, x0, w->k_pad, 3, y0, ldy, rows); break;
+        default: tile_kernel(w, p, src, sc, x0, w->k_pad, 4, y0, ldy, rows); break;
       }
-#undef BY_MR
-#undef K_
     }
   }
 }
 
-const jm_kernels jm_kernels_avx512 = {JM_ISA_AVX512, sizeof(uint16_t), fold_avx512, tiles_avx512};
+static void tiles_avx512(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {
+  if (w->format == JM_FMT_FP8)
+    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_FP8, (const float *)xf, m, y, ldy);
+  else
+    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_BF16, (const float *)xf, m, y, ldy);
+}
+
+static void tiles_dec_avx512(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y,
+                             int64_t ldy) {
+  run_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * sizeof(float), SRC_DEC,
+            (const float *)xf, m, y, ldy);
+}
+
+static void decode_avx512(const jm_matrix *w, int t0, int t1, void *wd) {
+  float *o = (float *)wd;
+  for (int t = t0; t < t1; t++) {
+    const uint8_t *p = jm_tile_ptr(w, t);
+    for (int col = 0; col < w->k_pad; col += L)
+      for (int r = 0; r < JM_TILE_ROWS; r++, o += L)
+        _mm512_storeu_ps(o, w->format == JM_FMT_FP8 ? wvec(p, SRC_FP8, col, r) : wvec(p, SRC_BF16, col, r));
+  }
+}
+
+const jm_kernels jm_kernels_avx512 = {JM_ISA_AVX512, 0, sizeof(float), sizeof(float), fold_avx512, tiles_avx512,
+                                      decode_avx512, tiles_dec_avx512};

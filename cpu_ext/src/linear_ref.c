@@ -1,18 +1,15 @@
 /* linear_ref.c -- scalar reference kernels (always compiled; the twin of every SIMD path).
  *
- * Same packed layout and same algebra as the SIMD kernels: an FP8 byte decodes by shift and
- * mask to f32 bits equal to value * 2^-120 (exact for all 254 non-NaN codes, +-480 for the
- * NaN codes), activations carry scale * 2^JM_FOLD_EXP, the sum is multiplied by
- * 2^JM_UNFOLD_EXP. Accumulation is in f32.
+ * Same packed layout, same decode and the same canonical sum as the SIMD kernels with one
+ * lane (internal.h): an FP8 byte decodes through its IEEE half bits to value * 2^-8 (exact,
+ * never denormal), f32 activations, per 128-column block an ascending f32 sum, then
+ * acc = fma(block sum, scale * 2^8, acc). BF16 weights are exact in f32.
+ * The GEMM path's decoded tiles hold [4 rows][k_pad] f32.
  */
+#include <math.h>
 #include <string.h>
 
-#include "internal.h"
-
-static inline float fp8_shift_decode(uint8_t b) {
-  union { uint32_t u; float f; } v = {((uint32_t)(b & 0x7f) << 20) | ((uint32_t)(b & 0x80) << 24)};
-  return v.f;
-}
+#include "int4.h" /* jm_f16_to_f32 */
 
 float jm_exp2i(int e) {
   union { uint32_t u; float f; } v = {(uint32_t)(e + 127) << 23};
@@ -21,52 +18,63 @@ float jm_exp2i(int e) {
 
 static void fold_ref(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf_) {
   float *xf = (float *)xf_;
-  const float f = w->format == JM_FMT_FP8 ? jm_exp2i(JM_FOLD_EXP) : 1.0f;
   for (int i = 0; i < m; i++) {
-    const float *xi = x + i * ldx;
-    float *o = xf + (int64_t)i * w->k_pad;
-    for (int b = 0; b < w->kb; b++) {
-      const float s = w->format == JM_FMT_FP8 ? jm_scale_of(w, rb, b) * f : 1.0f;
-      for (int j = b * JM_KBLOCK; j < (b + 1) * JM_KBLOCK; j++) o[j] = j < w->k ? xi[j] * s : 0.0f;
-    }
+    memcpy(xf + (int64_t)i * w->k_pad, x + i * ldx, sizeof(float) * (size_t)w->k);
+    memset(xf + (int64_t)i * w->k_pad + w->k, 0, sizeof(float) * (size_t)(w->k_pad - w->k));
   }
 }
 
-/* row r of tile p, columns [j0, j0 + per) = one 64-byte segment, decoded to f32 */
-static void decode_segment(const jm_matrix *w, const uint8_t *seg, float *out, int per) {
-  for (int j = 0; j < per; j++) {
-    if (w->format == JM_FMT_FP8) {
-      out[j] = fp8_shift_decode(seg[j]);
-    } else {
-      uint16_t h;
-      memcpy(&h, seg + 2 * j, 2);
-      out[j] = jm_bf16_to_f32(h);
-    }
-  }
+/* weight (row r of tile p, column col) as f32 */
+static float weight(const jm_matrix *w, const uint8_t *p, int r, int col) {
+  if (w->format == JM_FMT_FP8)
+    return jm_f16_to_f32(jm_fp8_to_f16_bits(p[(int64_t)(col / JM_SEG) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + col % JM_SEG]));
+  const int per = JM_SEG / 2;
+  const uint8_t *q = p + (int64_t)(col / per) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + 2 * (col % per);
+  return jm_bf16_to_f32((uint16_t)(q[0] | q[1] << 8));
 }
 
-static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf_, int m, float *y,
+/* the canonical sum of one output; wrow(col) the weight of its row */
+static float dot_row(const jm_matrix *w, const float *sc, const float *xi, const float *wd, const uint8_t *p, int r) {
+  float acc = 0.0f;
+  for (int kb = 0; kb < w->kb; kb++) {
+    float blk = 0.0f;
+    for (int col = kb * JM_KBLOCK; col < (kb + 1) * JM_KBLOCK; col++)
+      blk += (wd ? wd[col] : weight(w, p, r, col)) * xi[col];
+    acc = fmaf(blk, sc ? sc[kb] * 0x1p8f : 1.0f, acc);
+  }
+  return acc;
+}
+
+static void run_tiles(const jm_matrix *w, int t0, int t1, const float *wd, const float *xf, int m, float *y,
                       int64_t ldy) {
-  const float *xf = (const float *)xf_;
-  const float unfold = w->format == JM_FMT_FP8 ? jm_exp2i(JM_UNFOLD_EXP) : 1.0f;
-  const int per = w->format == JM_FMT_FP8 ? JM_SEG : JM_SEG / 2; /* columns per segment */
-  float wd[JM_SEG];
   for (int t = t0; t < t1; t++) {
     const uint8_t *p = jm_tile_ptr(w, t);
+    const float *sc = w->format == JM_FMT_FP8 ? w->scale + (int64_t)(t * JM_TILE_ROWS / JM_KBLOCK) * w->kb : NULL;
     for (int r = 0; r < JM_TILE_ROWS; r++) {
       const int row = t * JM_TILE_ROWS + r;
       if (row >= w->n) break;
-      for (int i = 0; i < m; i++) {
-        const float *xi = xf + (int64_t)i * w->k_pad;
-        float acc = 0.0f;
-        for (int c = 0; c < w->k_pad / per; c++) {
-          decode_segment(w, p + (int64_t)c * JM_SEG * JM_TILE_ROWS + r * JM_SEG, wd, per);
-          for (int j = 0; j < per; j++) acc += wd[j] * xi[c * per + j];
-        }
-        y[i * ldy + row - t0 * JM_TILE_ROWS] = acc * unfold;
-      }
+      const float *wr = wd ? wd + ((int64_t)(t - t0) * JM_TILE_ROWS + r) * w->k_pad : NULL;
+      for (int i = 0; i < m; i++)
+        y[i * ldy + row - t0 * JM_TILE_ROWS] = dot_row(w, sc, xf + (int64_t)i * w->k_pad, wr, p, r);
     }
   }
 }
 
-const jm_kernels jm_kernels_scalar = {JM_ISA_SCALAR, sizeof(float), fold_ref, tiles_ref};
+static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {
+  run_tiles(w, t0, t1, NULL, (const float *)xf, m, y, ldy);
+}
+
+static void tiles_dec_ref(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y,
+                          int64_t ldy) {
+  run_tiles(w, t0, t1, (const float *)wd, (const float *)xf, m, y, ldy);
+}
+
+static void decode_ref(const jm_matrix *w, int t0, int t1, void *wd) {
+  float *o = (float *)wd;
+  for (int t = t0; t < t1; t++)
+    for (int r = 0; r < JM_TILE_ROWS; r++)
+      for (int col = 0; col < w->k_pad; col++) *o++ = weight(w, jm_tile_ptr(w, t), r, col);
+}
+
+const jm_kernels jm_kernels_scalar = {JM_ISA_SCALAR, 0, sizeof(float), sizeof(float), fold_ref, tiles_ref, decode_ref,
+                                      tiles_dec_ref};

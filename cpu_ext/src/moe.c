@@ -6,9 +6,9 @@
  * streamed once per call; an expert's tokens are cut into items of at most JM_MC tokens.
  * Items are processed in batches whose folded activations fit a scratch budget. Per batch:
  *   gather   x rows of the batch's assignments (tasks: rows)
- *   fold     x for gate and up, per 128-row block (tasks: item x matrix x row block)
+ *   fold     x for gate and up (tasks: item x matrix)
  *   gate/up  32 rows of gate and of up, then h = silu(g) * u (tasks: item x 8 tiles)
- *   fold     h for down (tasks: item x row block)
+ *   fold     h for down (tasks: items)
  *   down     32 rows of down (tasks: item x 8 tiles)
  *   combine  out[t, cols] += w * y[a, cols] in assignment order (tasks: column ranges)
  * Every task is a fine-grained tile of one expert; items are ordered by the NUMA node of
@@ -48,11 +48,8 @@ typedef struct {
   float *out;       /* [t][hidden] f32 accumulator */
 } moe_ctx;
 
-static size_t rb_bytes(const jm_kernels *K, const jm_matrix *w, int m) {
-  return ((size_t)m * (size_t)w->k_pad * K->xf_elem + 63) & ~(size_t)63;
-}
 static size_t fold_bytes(const jm_kernels *K, const jm_matrix *w, int m) {
-  return (size_t)w->n_rb * rb_bytes(K, w, m);
+  return ((size_t)m * (size_t)w->k_pad * K->xf_elem + 63) & ~(size_t)63;
 }
 static int tile_tasks(const jm_matrix *w) { return (w->n_tiles + JM_TILES_PER_TASK - 1) / JM_TILES_PER_TASK; }
 
@@ -76,12 +73,9 @@ static void fold_gu_task(void *ctx_, int64_t task, int thread) {
   const int i = find_item(c, task);
   const item_t *it = &c->items[i];
   const jm_store_expert *e = &c->L->experts[it->expert];
-  int64_t r = task - c->pre[i];
-  const int which = r >= e->m[0]->n_rb;
-  if (which) r -= e->m[0]->n_rb;
-  const jm_matrix *w = e->m[which];
-  c->K->fold(w, (int)r, c->xy + (int64_t)(it->a0 - c->a_begin) * c->L->hidden, c->L->hidden, it->mc,
-             c->xf + (which ? it->xf_u : it->xf_g) + r * rb_bytes(c->K, w, it->mc));
+  const int which = (int)(task - c->pre[i]); /* 0 gate, 1 up */
+  c->K->fold(e->m[which], 0, c->xy + (int64_t)(it->a0 - c->a_begin) * c->L->hidden, c->L->hidden, it->mc,
+             c->xf + (which ? it->xf_u : it->xf_g));
 }
 
 static void gate_up_task(void *ctx_, int64_t task, int thread) {
@@ -94,10 +88,8 @@ static void gate_up_task(void *ctx_, int64_t task, int thread) {
   const int rows = JM_TILES_PER_TASK * JM_TILE_ROWS;
   float g[JM_MC * JM_TILES_PER_TASK * JM_TILE_ROWS], u[JM_MC * JM_TILES_PER_TASK * JM_TILE_ROWS];
   const jm_matrix *wg = e->m[0], *wu = e->m[1];
-  const int rbg = wg->n_rb == 1 ? 0 : t0 * JM_TILE_ROWS / JM_KBLOCK;
-  const int rbu = wu->n_rb == 1 ? 0 : t0 * JM_TILE_ROWS / JM_KBLOCK;
-  c->K->tiles(wg, t0, t1, c->xf + it->xf_g + rbg * rb_bytes(c->K, wg, it->mc), it->mc, g, rows);
-  c->K->tiles(wu, t0, t1, c->xf + it->xf_u + rbu * rb_bytes(c->K, wu, it->mc), it->mc, u, rows);
+  c->K->tiles(wg, t0, t1, c->xf + it->xf_g, it->mc, g, rows);
+  c->K->tiles(wu, t0, t1, c->xf + it->xf_u, it->mc, u, rows);
   const int r0 = t0 * JM_TILE_ROWS;
   const int r1 = t1 * JM_TILE_ROWS < c->L->inter ? t1 * JM_TILE_ROWS : c->L->inter;
   jm_swiglu(c->h + (int64_t)(it->a0 - c->a_begin) * c->L->inter + r0, c->L->inter, g, rows, u, rows, it->mc, r1 - r0);
@@ -107,10 +99,8 @@ static void fold_down_task(void *ctx_, int64_t task, int thread) {
   moe_ctx *c = ctx_;
   const int i = find_item(c, task);
   const item_t *it = &c->items[i];
-  const jm_matrix *w = c->L->experts[it->expert].m[2];
-  const int64_t r = task - c->pre[i];
-  c->K->fold(w, (int)r, c->h + (int64_t)(it->a0 - c->a_begin) * c->L->inter, c->L->inter, it->mc,
-             c->xf + it->xf_d + r * rb_bytes(c->K, w, it->mc));
+  c->K->fold(c->L->experts[it->expert].m[2], 0, c->h + (int64_t)(it->a0 - c->a_begin) * c->L->inter, c->L->inter,
+             it->mc, c->xf + it->xf_d);
 }
 
 static void down_task(void *ctx_, int64_t task, int thread) {
@@ -120,8 +110,7 @@ static void down_task(void *ctx_, int64_t task, int thread) {
   const jm_matrix *w = c->L->experts[it->expert].m[2];
   const int t0 = (int)(task - c->pre[i]) * JM_TILES_PER_TASK;
   const int t1 = t0 + JM_TILES_PER_TASK < w->n_tiles ? t0 + JM_TILES_PER_TASK : w->n_tiles;
-  const int rb = w->n_rb == 1 ? 0 : t0 * JM_TILE_ROWS / JM_KBLOCK;
-  c->K->tiles(w, t0, t1, c->xf + it->xf_d + rb * rb_bytes(c->K, w, it->mc), it->mc,
+  c->K->tiles(w, t0, t1, c->xf + it->xf_d, it->mc,
               c->xy + (int64_t)(it->a0 - c->a_begin) * c->L->hidden + t0 * JM_TILE_ROWS, c->L->hidden);
 }
 
@@ -151,18 +140,16 @@ static void phase(moe_ctx *c, int64_t (*per_item)(const moe_ctx *, const item_t 
     jm_pool_run(c->pre[c->n_items], fn, c, NULL);
   }
 }
-static int64_t n_fold_gu(const moe_ctx *c, const item_t *it) {
-  return c->L->experts[it->expert].m[0]->n_rb + c->L->experts[it->expert].m[1]->n_rb;
-}
+static int64_t n_fold_gu(const moe_ctx *c, const item_t *it) { return 2; }
 static int64_t n_gate_up(const moe_ctx *c, const item_t *it) { return tile_tasks(c->L->experts[it->expert].m[0]); }
-static int64_t n_fold_down(const moe_ctx *c, const item_t *it) { return c->L->experts[it->expert].m[2]->n_rb; }
+static int64_t n_fold_down(const moe_ctx *c, const item_t *it) { return 1; }
 static int64_t n_down(const moe_ctx *c, const item_t *it) { return tile_tasks(c->L->experts[it->expert].m[2]); }
 
 /* the GEMM path (moe_gemm.c) */
-int64_t jm_moe_gemm_thread_floats(int max_rows);
-int jm_moe_gemm(const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt, const int32_t *expert,
-                const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows, float *tbuf, int n_bufs,
-                int max_rows);
+size_t jm_moe_gemm_thread_bytes(const jm_kernels *K, const jm_store_layer *L, const int32_t *expert, int max_rows);
+int jm_moe_gemm(const jm_kernels *K, const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt,
+                const int32_t *expert, const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows,
+                uint8_t *tbuf, int n_bufs, int max_rows);
 /* the INT4 GEMM path (int4_gemm_moe.c, threshold in int4_gemm.c) */
 int jm_int4_gemm_min_rows(void);
 int jm_int4_moe_gemm_usable(const jm_store_layer *L, const int32_t *order, int ne);
@@ -200,7 +187,8 @@ static int moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype
   const size_t x_bytes = x_dtype == JM_DT_F32 ? 0 : A64((size_t)t * H * sizeof(float));
   const size_t h_bytes = A64((size_t)h_rows * I * sizeof(float));
   const int n_bufs = jm_pool_threads();
-  const size_t tb_bytes = A64((size_t)n_bufs * (size_t)jm_moe_gemm_thread_floats(max_rows) * sizeof(float));
+  const jm_kernels *K = jm_kernels_current();
+  const size_t tb_bytes = A64((size_t)n_bufs * jm_moe_gemm_thread_bytes(K, L, order, max_rows));
   const size_t o_bytes = out_dtype == JM_DT_F32 ? 0 : (size_t)t * H * sizeof(float);
 #undef A64
   jm_engine_lock();
@@ -217,8 +205,8 @@ static int moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype
   }
   float *o = out_dtype == JM_DT_F32 ? (float *)out : (float *)(sc + x_bytes + h_bytes + tb_bytes);
   memset(o, 0, (size_t)t * H * sizeof(float));
-  const int rc = jm_moe_gemm(L, xs, tok, wt, order, start, ne, o, (float *)(sc + x_bytes), h_rows,
-                             (float *)(sc + x_bytes + h_bytes), n_bufs, max_rows);
+  const int rc = jm_moe_gemm(K, L, xs, tok, wt, order, start, ne, o, (float *)(sc + x_bytes), h_rows,
+                             sc + x_bytes + h_bytes, n_bufs, max_rows);
   if (rc == JM_OK && out_dtype != JM_DT_F32) jm_from_f32(o, t * H, out_dtype, out);
   jm_engine_unlock();
   free(start);

@@ -2,11 +2,11 @@
  *
  * The assignments arrive sorted by expert (moe.c). Experts are taken in batches whose hidden
  * activations h [rows][inter] fit the caller's buffer; per batch two pool jobs:
- *   gate/up  tasks (expert, 64-row panel of inter): gate and up panels decoded once, every
- *            token of the expert (x rows read in place through the token list) against them,
+ *   gate/up  tasks (expert, JM_GEMM_NP-row panel of inter): gate and up panels decoded once,
+ *            every token of the expert (x rows read through the token list) against them,
  *            h = silu(gate) * up for the panel's columns;
- *   down     tasks (64-row panel of hidden): for each expert of the batch in order, y = h_e @
- *            down panel^T, then out[token, panel] += weight * y in assignment order.
+ *   down     tasks (JM_GEMM_NP-row panel of hidden): for each expert of the batch in order,
+ *            y = h_e @ down panel^T, then out[token, panel] += weight * y in assignment order.
  * Every weight byte is decoded once per call. A task owns its outputs (down tasks own column
  * ranges of out), and out's per-token sums run in the sorted assignment order, as on the GEMV
  * path: results do not depend on the thread count.
@@ -18,7 +18,7 @@
 #include "store.h"
 
 typedef struct {
-  const jm_gemm_kernels *G;
+  const jm_kernels *K;
   const jm_store_layer *L;
   const float *x;        /* [t][hidden] */
   const int32_t *tok;    /* sorted assignments: token */
@@ -26,8 +26,10 @@ typedef struct {
   const int32_t *expert; /* batch's experts */
   const int32_t *start;  /* assignment range of expert j: [start[j], start[j+1]) */
   int n_exp, a0;         /* batch: experts, first assignment (row 0 of h) */
-  float *h, *tbuf, *out;
-  int64_t tfloats; /* per-thread buffer: a panel + [max rows][JM_GEMM_NP] */
+  float *h;
+  uint8_t *tbuf;
+  float *out;
+  size_t gbytes, tbytes; /* per-thread buffer: a GEMM buffer (gbytes) + [max rows][JM_GEMM_NP] f32 */
   int n_bufs;
   _Atomic int failed;
 } mg_ctx;
@@ -42,14 +44,14 @@ static void gate_up_task(void *ctx_, int64_t task, int thread) {
   const jm_store_expert *e = &c->L->experts[c->expert[j]];
   const int a = c->start[j], m = c->start[j + 1] - a;
   void *own;
-  float *tb = jm_thread_buf(c->tbuf, c->n_bufs, (size_t)c->tfloats * sizeof(float), thread, &own);
+  uint8_t *tb = jm_thread_buf(c->tbuf, c->n_bufs, c->tbytes, thread, &own);
   if (!tb) {
     ((mg_ctx *)c)->failed = 1;
     return;
   }
-  float *u = tb + JM_GEMM_PBUF, *hg = c->h + (int64_t)(a - c->a0) * I + n0;
-  jm_gemm_block(c->G, e->m[0], c->x, H, c->tok + a, 0, m, n0, np, hg, I, tb);
-  jm_gemm_block(c->G, e->m[1], c->x, H, c->tok + a, 0, m, n0, np, u, JM_GEMM_NP, tb);
+  float *u = (float *)(tb + c->gbytes), *hg = c->h + (int64_t)(a - c->a0) * I + n0;
+  jm_gemm_block(c->K, e->m[0], c->x, H, c->tok + a, 0, m, n0, np, hg, I, tb);
+  jm_gemm_block(c->K, e->m[1], c->x, H, c->tok + a, 0, m, n0, np, u, JM_GEMM_NP, tb);
   jm_swiglu(hg, I, hg, I, u, JM_GEMM_NP, m, np);
   free(own);
 }
@@ -59,15 +61,15 @@ static void down_task(void *ctx_, int64_t task, int thread) {
   const int I = c->L->inter, H = c->L->hidden;
   const int n0 = (int)task * JM_GEMM_NP, np = H - n0 < JM_GEMM_NP ? H - n0 : JM_GEMM_NP;
   void *own;
-  float *tb = jm_thread_buf(c->tbuf, c->n_bufs, (size_t)c->tfloats * sizeof(float), thread, &own);
+  uint8_t *tb = jm_thread_buf(c->tbuf, c->n_bufs, c->tbytes, thread, &own);
   if (!tb) {
     ((mg_ctx *)c)->failed = 1;
     return;
   }
-  float *y = tb + JM_GEMM_PBUF;
+  float *y = (float *)(tb + c->gbytes);
   for (int j = 0; j < c->n_exp; j++) {
     const int a = c->start[j], m = c->start[j + 1] - a;
-    jm_gemm_block(c->G, c->L->experts[c->expert[j]].m[2], c->h + (int64_t)(a - c->a0) * I, I, NULL, 0, m, n0, np,
+    jm_gemm_block(c->K, c->L->experts[c->expert[j]].m[2], c->h + (int64_t)(a - c->a0) * I, I, NULL, 0, m, n0, np,
                   y, JM_GEMM_NP, tb);
     for (int i = 0; i < m; i++) {
       float *o = c->out + (int64_t)c->tok[a + i] * H + n0;
@@ -78,13 +80,23 @@ static void down_task(void *ctx_, int64_t task, int thread) {
   free(own);
 }
 
-int64_t jm_moe_gemm_thread_floats(int max_rows) { return JM_GEMM_PBUF + (int64_t)max_rows * JM_GEMM_NP; }
+/* bytes of one thread's buffer: the larger GEMM buffer of gate/up (k = hidden) and down
+ * (k = inter), then max_rows x JM_GEMM_NP f32 */
+static size_t gemm_bytes(const jm_kernels *K, const jm_store_layer *L, const int32_t *expert) {
+  const jm_store_expert *e = &L->experts[expert[0]];
+  const size_t a = jm_gemm_buf_bytes(K, e->m[0]), b = jm_gemm_buf_bytes(K, e->m[2]);
+  return ((a > b ? a : b) + 63) & ~(size_t)63;
+}
 
-int jm_moe_gemm(const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt, const int32_t *expert,
-                const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows, float *tbuf, int n_bufs,
-                int max_rows) {
-  mg_ctx c = {jm_gemm_current(), L, x, tok, wt, NULL, NULL, 0, 0, h, tbuf, out, jm_moe_gemm_thread_floats(max_rows),
-              n_bufs, 0};
+size_t jm_moe_gemm_thread_bytes(const jm_kernels *K, const jm_store_layer *L, const int32_t *expert, int max_rows) {
+  return gemm_bytes(K, L, expert) + (size_t)max_rows * JM_GEMM_NP * sizeof(float);
+}
+
+int jm_moe_gemm(const jm_kernels *K, const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt,
+                const int32_t *expert, const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows,
+                uint8_t *tbuf, int n_bufs, int max_rows) {
+  mg_ctx c = {K, L, x, tok, wt, NULL, NULL, 0, 0, h, tbuf, out, gemm_bytes(K, L, expert),
+              jm_moe_gemm_thread_bytes(K, L, expert, max_rows), n_bufs, 0};
   for (int j0 = 0; j0 < n_exp && !c.failed;) {
     int j1 = j0 + 1;
     while (j1 < n_exp && start[j1 + 1] - start[j0] <= h_rows) j1++;
