@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import importlib.util
 import json
 import os
 import shutil
@@ -65,14 +66,11 @@ def simde_include_dir() -> str | None:
     for cand in ("/usr/include", "/usr/local/include"):
         if (Path(cand) / "simde" / "x86" / "avx512.h").exists():
             return cand
-    try:
-        import simde  # noqa: PLC0415  (PyPI simde-py)
-
-        inc = Path(simde.__file__).resolve().parent / "include"
+    spec = importlib.util.find_spec("simde_py")  # PyPI simde-py (the [test] extra): simde_py/simde/simde/x86/...
+    if spec and spec.origin:
+        inc = Path(spec.origin).resolve().parent / "simde"
         if (inc / "simde" / "x86" / "avx512.h").exists():
             return str(inc)
-    except Exception:
-        pass
     return None
 
 
