@@ -6,15 +6,18 @@
  * Weights are repacked once, at load time, into a jm_matrix: a sequential stream of 4-row
  * tiles (64-byte row segments interleaved, K zero-padded to a multiple of 128) that the
  * kernels read front to back with software prefetch. FP8 matrices keep their 128x128 block
- * scales (weight_scale_inv) beside the stream; the kernels fold them into the activations.
+ * scales (weight_scale_inv) beside the stream; the kernels multiply block sums by them.
  *
  * FP8 e4m3 decode contract (all ISA paths): code b means
  *   sign(b) * 2^(e-7) * (1 + m/8)   for e = (b>>3)&15 > 0,
  *   sign(b) * 2^-6 * (m/8)          for e == 0 (subnormal),
  * i.e. the exact e4m3fn value for the 254 non-NaN codes; the two NaN codes 0x7f/0xff decode
- * as +-480 (the shift decode ((b&0x7f)<<4)|((b&0x80)<<8) gives bf16 bits of value*2^-120).
- * Checkpoints never contain NaN codes. The AVX-512 BF16 path flushes the 14 subnormal codes
- * to zero (vdpbf16ps treats bf16 denormals as zero) and rounds activations to bf16.
+ * as +-480. Checkpoints never contain NaN codes. The exact kernels decode a code through its
+ * IEEE half bits ((sext(b) << 7) & 0xBF80 = value * 2^-8) and vcvtph2ps, so subnormal codes are
+ * exact and no FMA reads a denormal; the bf16 kernels (JM_PREC_BF16 on AVX-512 BF16) decode to
+ * bf16 bits of value * 2^-120, flush the 14 subnormal codes to zero (vdpbf16ps treats bf16
+ * denormals as zero) and round activations to bf16. Block scales multiply 128-column block
+ * sums (see jm_set_precision for batch invariance).
  *
  * Errors: functions return JM_OK (0) or a JM_E* code and leave a message for
  * jm_last_error() (thread-local); functions returning pointers return NULL on error.
@@ -66,6 +69,18 @@ int jm_bf16_dot(void);              /* 1 if the FP8/BF16 kernels in use now run 
 const char *jm_kernel_path(void);   /* the FP8/BF16 kernels in use now: "scalar", "avx2",
                                      * "avx512" (f32 FMA) or "avx512-bf16" */
 
+/* The exact SIMD kernels' FP8 decode; both give the same results (exact powers of two apart):
+ *   JM_DEC_HALF   through IEEE half bits and vcvtph2ps: no operand is ever a denormal (Intel
+ *                 CPUs take a microcode assist for every FMA that reads one);
+ *   JM_DEC_SHIFT  f32 bits by shift and mask: subnormal codes become f32 denormal operands
+ *                 (full speed on AMD Zen, where vcvtph2ps on 512-bit vectors is slow).
+ * JM_DEC_AUTO (the default; env JAXMOE_CPU_FP8_DECODE=half|shift|auto at load): measured once,
+ * on first use, by timing both kernels on a small matrix of uniformly drawn codes (6 % of them
+ * subnormal) and taking the faster. jm_fp8_decode() returns the decode in use. */
+enum jm_fp8_decode { JM_DEC_AUTO = -1, JM_DEC_HALF = 0, JM_DEC_SHIFT = 1 };
+int jm_set_fp8_decode(int decode);
+int jm_fp8_decode(void);
+
 /* ---- matrices ---------------------------------------------------------------------------- */
 /* w: e4m3 bytes, row r at w + r*ldw; scale: f32 [ceil(n/128), ceil(k/128)], row j at
  * scale + j*lds. node: NUMA node for the repacked copy, -1 = any. The input is copied. */
@@ -96,8 +111,9 @@ int jm_linear(const jm_matrix *w, const void *x, int32_t x_dtype, int64_t m, voi
               int32_t y_dtype);
 
 /* GEMM path: from m token rows on, jm_linear / jm_linear_grouped (and jm_moe from a mean of
- * m rows per active expert) decode each weight panel once per call and run an f32 register-
- * blocked GEMM (FP8 / BF16; exact decode, f32 sums) instead of GEMV passes over token chunks.
+ * m rows per active expert) decode each weight panel once per call into the kernels' operand
+ * type and run the GEMV's own tile kernel over all tokens against it (FP8 / BF16: the same bits
+ * as the GEMV path) instead of decoding the weights again for every chunk of tokens.
  * Default 24 (env JAXMOE_CPU_GEMM_MIN at load); m = 0 restores it, m < 0 disables the path.
  * Returns the previous value (-1: disabled). */
 int jm_set_gemm_min_rows(int32_t m);

@@ -159,10 +159,48 @@ int jm_bf16_dot(void) {
   return jm_isa_selected() == JM_ISA_AVX512 && jm_precision() == JM_PREC_BF16 && bf16;
 }
 
+/* ---- FP8 decode of the exact SIMD kernels --------------------------------------------------- */
+static _Atomic int decode_asked = -2;        /* JM_DEC_*; -2: env not read yet */
+static _Atomic int decode_measured[3] = {-1, -1, -1}; /* per ISA: the probe's choice */
+
+int jm_set_fp8_decode(int d) {
+  if (d != JM_DEC_AUTO && d != JM_DEC_HALF && d != JM_DEC_SHIFT)
+    return jm_error(JM_EINVAL, "jm_set_fp8_decode: unknown decode %d", d);
+  decode_asked = d;
+  return JM_OK;
+}
+
+static int decode_for(int isa) {
+  if (decode_asked == -2) {
+    const char *env = getenv("JAXMOE_CPU_FP8_DECODE");
+    int d = JM_DEC_AUTO;
+    if (env && *env) {
+      if (!strcmp(env, "half")) d = JM_DEC_HALF;
+      else if (!strcmp(env, "shift")) d = JM_DEC_SHIFT;
+      else if (strcmp(env, "auto")) fprintf(stderr, "jaxmoe_cpu: ignoring JAXMOE_CPU_FP8_DECODE=%s (half|shift|auto)\n", env);
+    }
+    decode_asked = d;
+  }
+  if (decode_asked != JM_DEC_AUTO || isa == JM_ISA_SCALAR) return decode_asked == JM_DEC_SHIFT;
+  if (decode_measured[isa] < 0) {
+    const jm_kernels *half = isa == JM_ISA_AVX512 ? &jm_kernels_avx512 : &jm_kernels_avx2;
+    const jm_kernels *shift = isa == JM_ISA_AVX512 ? &jm_kernels_avx512_shift : &jm_kernels_avx2_shift;
+    decode_measured[isa] = jm_probe_faster(half, shift) == shift ? JM_DEC_SHIFT : JM_DEC_HALF;
+  }
+  return decode_measured[isa];
+}
+
+int jm_fp8_decode(void) {
+  const int isa = jm_isa_selected();
+  return isa == JM_ISA_SCALAR ? JM_DEC_HALF : decode_for(isa);
+}
+
 const jm_kernels *jm_kernels_current(void) {
   switch (jm_isa_selected()) {
-    case JM_ISA_AVX512: return jm_bf16_dot() ? &jm_kernels_avx512bf16 : &jm_kernels_avx512;
-    case JM_ISA_AVX2: return &jm_kernels_avx2;
+    case JM_ISA_AVX512:
+      if (jm_bf16_dot()) return &jm_kernels_avx512bf16;
+      return decode_for(JM_ISA_AVX512) == JM_DEC_SHIFT ? &jm_kernels_avx512_shift : &jm_kernels_avx512;
+    case JM_ISA_AVX2: return decode_for(JM_ISA_AVX2) == JM_DEC_SHIFT ? &jm_kernels_avx2_shift : &jm_kernels_avx2;
     default: return &jm_kernels_scalar;
   }
 }

@@ -131,6 +131,10 @@ extern const jm_kernels jm_kernels_scalar;
 extern const jm_kernels jm_kernels_avx2;
 extern const jm_kernels jm_kernels_avx512;
 extern const jm_kernels jm_kernels_avx512bf16;
+extern const jm_kernels jm_kernels_avx2_shift;   /* the JM_DEC_SHIFT twins of avx2 / avx512 */
+extern const jm_kernels jm_kernels_avx512_shift;
+/* probe.c: the faster of two equivalent kernel tables on a small hot matrix of uniform codes */
+const jm_kernels *jm_probe_faster(const jm_kernels *a, const jm_kernels *b);
 const jm_kernels *jm_kernels_current(void); /* FP8/BF16 kernels of the selected ISA and precision */
 /* the kernels for w's format under the selected ISA (int4.c: INT4 has its own tables) */
 const jm_kernels *jm_kernels_for(const jm_matrix *w);

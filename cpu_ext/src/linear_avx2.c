@@ -1,12 +1,14 @@
 /* linear_avx2.c -- AVX2/FMA/F16C exact kernels: f32 activations, f32 FMA over 8 lanes
  * (compiled with -mavx2 -mfma -mf16c).
  *
- * FP8: 16 weight bytes are sign-extended to 16-bit lanes; ((v << 7) & 0xBF80) are the IEEE
- * half bits of value * 2^-8 (subnormal codes become half subnormals) and two vcvtph2ps give
- * columns 0-7 and 8-15 as f32, exactly and never denormal: no FMA reads a denormal, so no
- * CPU takes microcode assists whatever codes a checkpoint holds. A 16-column step adds its two
- * 8-column halves into the block sum one after the other; block scales (times 2^8) multiply
- * block sums (internal.h's canonical sum). BF16 weights: (u16 << 16).
+ * FP8, two decodes with the same results (as in linear_avx512.c; jm_fp8_decode):
+ *   half   16 weight bytes sign-extended to 16-bit lanes; ((v << 7) & 0xBF80) are the IEEE
+ *          half bits of value * 2^-8 and two vcvtph2ps give columns 0-7 and 8-15 as f32,
+ *          exactly and never denormal (no microcode assists on Intel, whatever the codes);
+ *   shift  8 bytes at a time sign-extended to 32-bit lanes; ((v << 20) & 0x87F00000) are the
+ *          f32 bits of value * 2^-120 (denormal for subnormal codes; x carries 2^JM_FOLD_EXP).
+ * A 16-column step adds its two 8-column halves into the block sum one after the other; block
+ * scales multiply block sums (internal.h's canonical sum). BF16 weights: (u16 << 16).
  * The GEMM path's decoded tiles hold [k_pad / 16 steps][4 rows][16] f32.
  */
 #include <immintrin.h>
@@ -19,12 +21,23 @@
 #define MR_MAX 2 /* tokens per kernel call */
 
 enum { SRC_FP8, SRC_BF16, SRC_DEC };
+enum { DEC_HALF, DEC_SHIFT };
+
+AI __m256 fp8x8_shift(const uint8_t *q) {
+  const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+  return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(v, 20), _mm256_set1_epi32((int)0x87F00000u)));
+}
 
 /* the two weight vectors (columns col..col+7, col+8..col+15) of row r */
-AI void wvec(const uint8_t *p, const int src, int col, int r, __m256 *lo, __m256 *hi) {
+AI void wvec(const uint8_t *p, const int src, const int dec, int col, int r, __m256 *lo, __m256 *hi) {
   if (src == SRC_FP8) {
-    const __m256i v = _mm256_cvtepi8_epi16(
-        _mm_loadu_si128((const __m128i *)(p + (int64_t)(col / JM_SEG) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + col % JM_SEG)));
+    const uint8_t *q = p + (int64_t)(col / JM_SEG) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + col % JM_SEG;
+    if (dec == DEC_SHIFT) {
+      *lo = fp8x8_shift(q);
+      *hi = fp8x8_shift(q + 8);
+      return;
+    }
+    const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
     const __m256i h = _mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16((short)0xBF80));
     *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
     *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
@@ -47,16 +60,18 @@ AI float hsum8(__m256 v) { /* pairwise tree, as the scalar loop would add */
   return t[0];
 }
 
-static void fold_avx2(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf_) {
-  float *xf = (float *)xf_;
+AI void fold(const jm_matrix *w, const float *x, int64_t ldx, int m, float *xf, const int dec) {
+  const float f = dec == DEC_SHIFT && w->format == JM_FMT_FP8 ? 0x1p56f : 1.0f;
   for (int i = 0; i < m; i++) {
-    memcpy(xf + (int64_t)i * w->k_pad, x + i * ldx, sizeof(float) * (size_t)w->k);
-    memset(xf + (int64_t)i * w->k_pad + w->k, 0, sizeof(float) * (size_t)(w->k_pad - w->k));
+    const float *xi = x + i * ldx;
+    float *o = xf + (int64_t)i * w->k_pad;
+    for (int j = 0; j < w->k; j++) o[j] = xi[j] * f;
+    memset(o + w->k, 0, sizeof(float) * (size_t)(w->k_pad - w->k));
   }
 }
 
-AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const float *sc, const float *xf, int64_t xs,
-                    const int MR, float *y, int64_t ldy, int rows) {
+AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const int dec, const float *sc, const float *xf,
+                    int64_t xs, const int MR, float *y, int64_t ldy, int rows) {
   __m256 acc[JM_TILE_ROWS][MR_MAX], blk[JM_TILE_ROWS][MR_MAX];
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
@@ -79,7 +94,7 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const f
 #pragma GCC unroll 4
       for (int r = 0; r < JM_TILE_ROWS; r++) {
         __m256 lo, hi;
-        wvec(p, src, col, r, &lo, &hi);
+        wvec(p, src, dec, col, r, &lo, &hi);
 #pragma GCC unroll 2
         for (int i = 0; i < MR; i++) {
           blk[r][i] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xf + i * xs + col), blk[r][i]);
@@ -87,7 +102,7 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const f
         }
       }
     }
-    const __m256 s = _mm256_set1_ps(sc ? sc[kb] * 0x1p8f : 1.0f);
+    const __m256 s = _mm256_set1_ps(sc ? sc[kb] * (dec == DEC_SHIFT ? 0x1p64f : 0x1p8f) : 1.0f);
 #pragma GCC unroll 4
     for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 2
@@ -99,7 +114,7 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const f
 }
 
 AI void run_tiles(const jm_matrix *w, int t0, int t1, const uint8_t *base, int64_t tile_bytes, const int src,
-                  const float *xf, int m, float *y, int64_t ldy) {
+                  const int dec, const float *xf, int m, float *y, int64_t ldy) {
   for (int t = t0; t < t1; t++) {
     const uint8_t *p = base + (t - t0) * tile_bytes;
     const float *sc = w->format == JM_FMT_FP8 ? w->scale + (int64_t)(t * JM_TILE_ROWS / JM_KBLOCK) * w->kb : NULL;
@@ -110,27 +125,27 @@ AI void run_tiles(const jm_matrix *w, int t0, int t1, const uint8_t *base, int64
       const float *x0 = xf + (int64_t)i0 * w->k_pad;
       float *y0 = yt + i0 * ldy;
       if (m - i0 == 1)
-        tile_kernel(w, p, src, sc, x0, w->k_pad, 1, y0, ldy, rows);
+        tile_kernel(w, p, src, dec, sc, x0, w->k_pad, 1, y0, ldy, rows);
       else
-        tile_kernel(w, p, src, sc, x0, w->k_pad, 2, y0, ldy, rows);
+        tile_kernel(w, p, src, dec, sc, x0, w->k_pad, 2, y0, ldy, rows);
     }
   }
 }
 
-static void tiles_avx2(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {
+AI void tiles(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy, const int dec) {
   if (w->format == JM_FMT_FP8)
-    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_FP8, (const float *)xf, m, y, ldy);
+    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_FP8, dec, (const float *)xf, m, y, ldy);
   else
-    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_BF16, (const float *)xf, m, y, ldy);
+    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_BF16, dec, (const float *)xf, m, y, ldy);
 }
 
-static void tiles_dec_avx2(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y,
-                           int64_t ldy) {
-  run_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * sizeof(float), SRC_DEC,
+AI void tiles_dec(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y, int64_t ldy,
+                  const int dec) {
+  run_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * sizeof(float), SRC_DEC, dec,
             (const float *)xf, m, y, ldy);
 }
 
-static void decode_avx2(const jm_matrix *w, int t0, int t1, void *wd) {
+AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {
   float *o = (float *)wd;
   for (int t = t0; t < t1; t++) {
     const uint8_t *p = jm_tile_ptr(w, t);
@@ -138,14 +153,29 @@ static void decode_avx2(const jm_matrix *w, int t0, int t1, void *wd) {
       for (int r = 0; r < JM_TILE_ROWS; r++, o += STEP) {
         __m256 lo, hi;
         if (w->format == JM_FMT_FP8)
-          wvec(p, SRC_FP8, col, r, &lo, &hi);
+          wvec(p, SRC_FP8, dec, col, r, &lo, &hi);
         else
-          wvec(p, SRC_BF16, col, r, &lo, &hi);
+          wvec(p, SRC_BF16, dec, col, r, &lo, &hi);
         _mm256_storeu_ps(o, lo);
         _mm256_storeu_ps(o + 8, hi);
       }
   }
 }
 
-const jm_kernels jm_kernels_avx2 = {JM_ISA_AVX2, 0, sizeof(float), sizeof(float), fold_avx2, tiles_avx2, decode_avx2,
-                                    tiles_dec_avx2};
+/* one kernel table per FP8 decode */
+#define TABLE(NAME, DEC)                                                                                             \
+  static void fold_##NAME(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf) {                \
+    fold(w, x, ldx, m, (float *)xf, DEC);                                                                            \
+  }                                                                                                                  \
+  static void tiles_##NAME(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {       \
+    tiles(w, t0, t1, xf, m, y, ldy, DEC);                                                                            \
+  }                                                                                                                  \
+  static void tiles_dec_##NAME(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y,  \
+                               int64_t ldy) {                                                                        \
+    tiles_dec(w, t0, t1, wd, xf, m, y, ldy, DEC);                                                                    \
+  }                                                                                                                  \
+  static void decode_##NAME(const jm_matrix *w, int t0, int t1, void *wd) { decode(w, t0, t1, wd, DEC); }            \
+  const jm_kernels jm_kernels_##NAME = {JM_ISA_AVX2, 0, sizeof(float), sizeof(float), fold_##NAME, tiles_##NAME,   \
+                                       decode_##NAME, tiles_dec_##NAME};
+TABLE(avx2, DEC_HALF)
+TABLE(avx2_shift, DEC_SHIFT)

@@ -1,11 +1,18 @@
 /* linear_avx512.c -- AVX-512F exact kernels: f32 activations, f32 FMA over 16 lanes
  * (compiled with -mavx512f -mavx512bw -mavx512vl -mf16c; no BF16 needed).
  *
- * FP8: 16 weight bytes are sign-extended to 16-bit lanes; ((v << 7) & 0xBF80) are the IEEE
- * half bits of value * 2^-8 (sign, the 4 exponent bits under a zero top bit, 3 mantissa bits;
- * subnormal codes become half subnormals), and vcvtph2ps turns them into f32 exactly: every
- * code, subnormals included, is a normal f32 and no FMA ever reads a denormal. The block scale
- * (times 2^8) multiplies each 128-column block sum (the canonical sum of internal.h).
+ * FP8, two decodes with the same results (internal.h, jm_fp8_decode):
+ *   half   16 weight bytes are sign-extended to 16-bit lanes; ((v << 7) & 0xBF80) are the IEEE
+ *          half bits of value * 2^-8 (sign, the 4 exponent bits under a zero top bit, 3
+ *          mantissa bits; subnormal codes become half subnormals), and vcvtph2ps turns them
+ *          into f32 exactly: every code is a normal f32, no FMA ever reads a denormal (Intel
+ *          CPUs take microcode assists on denormal operands). x is used as it is, block scales
+ *          times 2^8.
+ *   shift  16 bytes sign-extended to 32-bit lanes; ((v << 20) & 0x87F00000) are the f32 bits
+ *          of value * 2^-120 (subnormal codes become f32 denormals: full speed on AMD, where
+ *          vcvtph2ps zmm is slow). x carries 2^JM_FOLD_EXP, block scales 2^(120 - FOLD).
+ * Both sum the same products in the same order, scaled by exact powers of two.
+ * The block scale multiplies each 128-column block sum (the canonical sum of internal.h).
  * BF16 weights: (u16 << 16). The GEMM path's decoded tiles hold these f32 vectors in the
  * order the kernel reads them: [k_pad / 16 steps][4 rows][16].
  *
@@ -26,8 +33,13 @@
 #define MR_MAX 4 /* tokens per kernel call */
 
 enum { SRC_FP8, SRC_BF16, SRC_DEC }; /* where the kernel's weight vectors come from */
+enum { DEC_HALF, DEC_SHIFT };         /* the FP8 decode */
 
-AI __m512 fp8x16(const uint8_t *p) {
+AI __m512 fp8x16(const uint8_t *p, const int dec) {
+  if (dec == DEC_SHIFT) {
+    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 20), _mm512_set1_epi32((int)0x87F00000u)));
+  }
   const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
   return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16((short)0xBF80)));
 }
@@ -37,8 +49,8 @@ AI __m512 bf16x16(const uint8_t *p) {
 }
 
 /* the weight vector of row r, columns [col, col + 16) */
-AI __m512 wvec(const uint8_t *p, const int src, int col, int r) {
-  if (src == SRC_FP8) return fp8x16(p + (int64_t)(col / JM_SEG) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + col % JM_SEG);
+AI __m512 wvec(const uint8_t *p, const int src, const int dec, int col, int r) {
+  if (src == SRC_FP8) return fp8x16(p + (int64_t)(col / JM_SEG) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + col % JM_SEG, dec);
   if (src == SRC_BF16)
     return bf16x16(p + (int64_t)(col / (JM_SEG / 2)) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + 2 * (col % (JM_SEG / 2)));
   return _mm512_loadu_ps((const float *)p + (int64_t)(col / L) * L * JM_TILE_ROWS + r * L);
@@ -52,18 +64,20 @@ AI float hsum16(__m512 v) { /* pairwise tree */
   return t[0];
 }
 
-static void fold_avx512(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf_) {
-  float *xf = (float *)xf_;
+AI void fold(const jm_matrix *w, const float *x, int64_t ldx, int m, float *xf, const int dec) {
+  const float f = dec == DEC_SHIFT && w->format == JM_FMT_FP8 ? 0x1p56f : 1.0f;
   for (int i = 0; i < m; i++) {
-    memcpy(xf + (int64_t)i * w->k_pad, x + i * ldx, sizeof(float) * (size_t)w->k);
-    memset(xf + (int64_t)i * w->k_pad + w->k, 0, sizeof(float) * (size_t)(w->k_pad - w->k));
+    const float *xi = x + i * ldx;
+    float *o = xf + (int64_t)i * w->k_pad;
+    for (int j = 0; j < w->k; j++) o[j] = xi[j] * f;
+    memset(o + w->k, 0, sizeof(float) * (size_t)(w->k_pad - w->k));
   }
 }
 
 /* One 4-row tile against MR <= 4 tokens: blk and acc per (row, token), the x vectors of a step
  * loaded once for the 4 rows. */
-AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const float *sc, const float *xf, int64_t xs,
-                    const int MR, float *y, int64_t ldy, int rows) {
+AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const int dec, const float *sc, const float *xf,
+                    int64_t xs, const int MR, float *y, int64_t ldy, int rows) {
   __m512 acc[JM_TILE_ROWS][MR_MAX], blk[JM_TILE_ROWS][MR_MAX];
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
@@ -88,12 +102,12 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const f
       for (int i = 0; i < MR; i++) xv[i] = _mm512_loadu_ps(xf + i * xs + col);
 #pragma GCC unroll 4
       for (int r = 0; r < JM_TILE_ROWS; r++) {
-        const __m512 wv = wvec(p, src, col, r);
+        const __m512 wv = wvec(p, src, dec, col, r);
 #pragma GCC unroll 4
         for (int i = 0; i < MR; i++) blk[r][i] = _mm512_fmadd_ps(wv, xv[i], blk[r][i]);
       }
     }
-    const __m512 s = _mm512_set1_ps(sc ? sc[kb] * 0x1p8f : 1.0f);
+    const __m512 s = _mm512_set1_ps(sc ? sc[kb] * (dec == DEC_SHIFT ? 0x1p64f : 0x1p8f) : 1.0f);
 #pragma GCC unroll 4
     for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 4
@@ -105,7 +119,7 @@ AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const f
 }
 
 AI void run_tiles(const jm_matrix *w, int t0, int t1, const uint8_t *base, int64_t tile_bytes, const int src,
-                  const float *xf, int m, float *y, int64_t ldy) {
+                  const int dec, const float *xf, int m, float *y, int64_t ldy) {
   for (int t = t0; t < t1; t++) {
     const uint8_t *p = base + (t - t0) * tile_bytes;
     const float *sc = w->format == JM_FMT_FP8 ? w->scale + (int64_t)(t * JM_TILE_ROWS / JM_KBLOCK) * w->kb : NULL;
@@ -116,37 +130,52 @@ AI void run_tiles(const jm_matrix *w, int t0, int t1, const uint8_t *base, int64
       const float *x0 = xf + (int64_t)i0 * w->k_pad;
       float *y0 = yt + i0 * ldy;
       switch (m - i0 >= MR_MAX ? MR_MAX : m - i0) {
-        case 1: tile_kernel(w, p, src, sc, x0, w->k_pad, 1, y0, ldy, rows); break;
-        case 2: tile_kernel(w, p, src, sc, x0, w->k_pad, 2, y0, ldy, rows); break;
-        case 3: tile_kernel(w, p, src, sc, x0, w->k_pad, 3, y0, ldy, rows); break;
-        default: tile_kernel(w, p, src, sc, x0, w->k_pad, 4, y0, ldy, rows); break;
+        case 1: tile_kernel(w, p, src, dec, sc, x0, w->k_pad, 1, y0, ldy, rows); break;
+        case 2: tile_kernel(w, p, src, dec, sc, x0, w->k_pad, 2, y0, ldy, rows); break;
+        case 3: tile_kernel(w, p, src, dec, sc, x0, w->k_pad, 3, y0, ldy, rows); break;
+        default: tile_kernel(w, p, src, dec, sc, x0, w->k_pad, 4, y0, ldy, rows); break;
       }
     }
   }
 }
 
-static void tiles_avx512(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {
+AI void tiles(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy, const int dec) {
   if (w->format == JM_FMT_FP8)
-    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_FP8, (const float *)xf, m, y, ldy);
+    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_FP8, dec, (const float *)xf, m, y, ldy);
   else
-    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_BF16, (const float *)xf, m, y, ldy);
+    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_BF16, dec, (const float *)xf, m, y, ldy);
 }
 
-static void tiles_dec_avx512(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y,
-                             int64_t ldy) {
-  run_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * sizeof(float), SRC_DEC,
+AI void tiles_dec(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y, int64_t ldy,
+                  const int dec) {
+  run_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * sizeof(float), SRC_DEC, dec,
             (const float *)xf, m, y, ldy);
 }
 
-static void decode_avx512(const jm_matrix *w, int t0, int t1, void *wd) {
+AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {
   float *o = (float *)wd;
   for (int t = t0; t < t1; t++) {
     const uint8_t *p = jm_tile_ptr(w, t);
     for (int col = 0; col < w->k_pad; col += L)
       for (int r = 0; r < JM_TILE_ROWS; r++, o += L)
-        _mm512_storeu_ps(o, w->format == JM_FMT_FP8 ? wvec(p, SRC_FP8, col, r) : wvec(p, SRC_BF16, col, r));
+        _mm512_storeu_ps(o, w->format == JM_FMT_FP8 ? wvec(p, SRC_FP8, dec, col, r) : wvec(p, SRC_BF16, dec, col, r));
   }
 }
 
-const jm_kernels jm_kernels_avx512 = {JM_ISA_AVX512, 0, sizeof(float), sizeof(float), fold_avx512, tiles_avx512,
-                                      decode_avx512, tiles_dec_avx512};
+/* one kernel table per FP8 decode */
+#define TABLE(NAME, DEC)                                                                                             \
+  static void fold_##NAME(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf) {                \
+    fold(w, x, ldx, m, (float *)xf, DEC);                                                                            \
+  }                                                                                                                  \
+  static void tiles_##NAME(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {       \
+    tiles(w, t0, t1, xf, m, y, ldy, DEC);                                                                            \
+  }                                                                                                                  \
+  static void tiles_dec_##NAME(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y,  \
+                               int64_t ldy) {                                                                        \
+    tiles_dec(w, t0, t1, wd, xf, m, y, ldy, DEC);                                                                    \
+  }                                                                                                                  \
+  static void decode_##NAME(const jm_matrix *w, int t0, int t1, void *wd) { decode(w, t0, t1, wd, DEC); }            \
+  const jm_kernels jm_kernels_##NAME = {JM_ISA_AVX512, 0, sizeof(float), sizeof(float), fold_##NAME, tiles_##NAME, \
+                                       decode_##NAME, tiles_dec_##NAME};
+TABLE(avx512, DEC_HALF)
+TABLE(avx512_shift, DEC_SHIFT)
