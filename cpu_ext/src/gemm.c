@@ -33,20 +33,44 @@ int jm_set_gemm_min_rows(int32_t m) {
 }
 
 size_t jm_gemm_buf_bytes(const jm_kernels *K, const jm_matrix *w) {
-  const size_t panel = (size_t)JM_GEMM_NP * (size_t)w->k_pad * K->wd_elem;
-  return ((panel + 63) & ~(size_t)63) + (((size_t)JM_GEMM_MB * (size_t)w->k_pad * K->xf_elem + 63) & ~(size_t)63);
+  return ((size_t)JM_GEMM_NP * (size_t)w->k_pad * K->wd_elem + 63) & ~(size_t)63;
 }
 
-void jm_gemm_block(const jm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, const int32_t *rows, int m0,
-                   int m1, int n0, int np, float *c, int64_t ldc, void *buf) {
+size_t jm_fold_bytes(const jm_kernels *K, const jm_matrix *w, int64_t m) {
+  return ((size_t)m * (size_t)w->k_pad * K->xf_elem + 63) & ~(size_t)63;
+}
+
+typedef struct {
+  const jm_kernels *K;
+  const jm_matrix *w;
+  const float *x;
+  int64_t ldx, m;
+  uint8_t *xf;
+} fold_ctx;
+
+#define FOLD_ROWS 8 /* rows per fold task */
+static void fold_task(void *ctx_, int64_t task, int thread) {
+  const fold_ctx *c = ctx_;
+  const int64_t i0 = task * FOLD_ROWS, n = c->m - i0 < FOLD_ROWS ? c->m - i0 : FOLD_ROWS;
+  c->K->fold(c->w, 0, c->x + i0 * c->ldx, c->ldx, (int)n, c->xf + (size_t)i0 * c->w->k_pad * c->K->xf_elem);
+}
+
+void jm_fold_rows(const jm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, int64_t m, void *xf) {
+  fold_ctx c = {K, w, x, ldx, m, xf};
+  jm_pool_run_sized((m + FOLD_ROWS - 1) / FOLD_ROWS, fold_task, &c, m * w->k_pad);
+}
+
+void jm_gemm_block(const jm_kernels *K, const jm_matrix *w, const void *xf, const int32_t *rows, int m0, int m1,
+                   int n0, int np, float *c, int64_t ldc, void *buf) {
   const int t0 = n0 / JM_TILE_ROWS, t1 = (n0 + np + JM_TILE_ROWS - 1) / JM_TILE_ROWS;
-  uint8_t *wd = buf, *xf = wd + ((((size_t)JM_GEMM_NP * (size_t)w->k_pad * K->wd_elem) + 63) & ~(size_t)63);
-  K->decode(w, t0, t1, wd);
+  const size_t row_bytes = (size_t)w->k_pad * K->xf_elem;
+  K->decode(w, t0, t1, buf);
   float yb[JM_GEMM_MB * JM_GEMM_NP];
+  const void *xr[JM_GEMM_MB];
   for (int i0 = m0; i0 < m1; i0 += JM_GEMM_MB) {
     const int mb = m1 - i0 < JM_GEMM_MB ? m1 - i0 : JM_GEMM_MB;
-    for (int i = 0; i < mb; i++) K->fold(w, 0, x + (int64_t)(rows ? rows[i0 + i] : i0 + i) * ldx, ldx, 1, xf + (size_t)i * w->k_pad * K->xf_elem);
-    K->tiles_dec(w, t0, t1, wd, xf, mb, yb, JM_GEMM_NP);
+    for (int i = 0; i < mb; i++) xr[i] = (const uint8_t *)xf + (size_t)(rows ? rows[i0 + i] : i0 + i) * row_bytes;
+    K->tiles_dec(w, t0, t1, buf, xr, mb, yb, JM_GEMM_NP);
     for (int i = 0; i < mb; i++)
       for (int r = 0; r < np; r++) c[(int64_t)(i0 + i) * ldc + r] = yb[i * JM_GEMM_NP + r];
   }
@@ -58,8 +82,8 @@ typedef struct {
   const float *x;
   int64_t ldx, ldy;
   float *y;
-  uint8_t *bufs;
-  size_t buf_bytes;
+  uint8_t *xf, *bufs; /* [g][m] folded rows; per-thread panel buffers */
+  size_t buf_bytes, xf_group;
   int m, panels, parts, part_rows, n_bufs;
   _Atomic int failed;
 } groups_ctx;
@@ -100,16 +124,24 @@ static void groups_task(void *ctx_, int64_t task, int thread) {
     ((groups_ctx *)c)->failed = 1;
     return;
   }
-  jm_gemm_block(c->K, w, c->x + j * w->k, c->ldx, NULL, m0, m1, n0, np, c->y + j * w->n + n0, c->ldy, pb);
+  jm_gemm_block(c->K, w, c->xf + j * c->xf_group, NULL, m0, m1, n0, np, c->y + j * w->n + n0, c->ldy, pb);
   free(own);
 }
 
+size_t jm_gemm_groups_scratch(const jm_kernels *K, const jm_matrix *w, int64_t g, int m, int n_bufs) {
+  return (size_t)g * jm_fold_bytes(K, w, m) + (size_t)n_bufs * jm_gemm_buf_bytes(K, w);
+}
+
 int jm_gemm_groups(const jm_kernels *K, const jm_matrix *const *ws, int64_t g, const float *x, int64_t ldx, int m,
-                   float *y, int64_t ldy, uint8_t *bufs, int n_bufs) {
-  const int panels = (ws[0]->n + JM_GEMM_NP - 1) / JM_GEMM_NP, threads = n_bufs;
+                   float *y, int64_t ldy, uint8_t *scratch, int n_bufs) {
+  const jm_matrix *w = ws[0];
+  const int panels = (w->n + JM_GEMM_NP - 1) / JM_GEMM_NP, threads = n_bufs;
+  const size_t xf_group = jm_fold_bytes(K, w, m);
+  for (int64_t j = 0; j < g; j++) jm_fold_rows(K, ws[j], x + j * w->k, ldx, m, scratch + j * xf_group);
   int part_rows;
   const int parts = jm_gemm_split(g * panels, m, threads, JM_GEMM_MB, &part_rows);
-  groups_ctx c = {K, ws, x, ldx, ldy, y, bufs, jm_gemm_buf_bytes(K, ws[0]), m, panels, parts, part_rows, n_bufs, 0};
+  groups_ctx c = {K, ws, x, ldx, ldy, y, scratch, scratch + g * xf_group, jm_gemm_buf_bytes(K, w), xf_group,
+                  m, panels, parts, part_rows, n_bufs, 0};
   jm_pool_run(g * panels * parts, groups_task, &c, NULL);
   return c.failed ? jm_error(JM_ENOMEM, "jm_linear: out of memory for a GEMM panel buffer") : JM_OK;
 }

@@ -80,9 +80,10 @@ typedef struct {
                 int64_t ldy);
   /* tiles [t0, t1) of w decoded into wd (4 * k_pad elements of wd_elem bytes per tile) */
   void (*decode)(const jm_matrix *w, int t0, int t1, void *wd);
-  /* as tiles, reading the tiles [t0, t1) from their decoded copy wd: bit-identical results */
-  void (*tiles_dec)(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m,
-                    float *y, int64_t ldy);
+  /* as tiles, reading the tiles [t0, t1) (at most JM_GEMM_NP / 4) from their decoded copy wd
+   * and token i's folded row at xr[i] (m <= JM_GEMM_MB): bit-identical results */
+  void (*tiles_dec)(const jm_matrix *w, int t0, int t1, const void *wd, const void *const *xr,
+                    int m, float *y, int64_t ldy);
 } jm_kernels;
 
 /* FP8 weights decode to value * 2^-8 on the exact paths (the e4m3 bits shifted into an IEEE
@@ -94,26 +95,32 @@ typedef struct {
 /* the f16 bits of FP8 code b (sign-extended to 16 bits) equal to value * 2^-8 */
 static inline uint16_t jm_fp8_to_f16_bits(uint8_t b) { return (uint16_t)(((uint16_t)(int16_t)(int8_t)b << 7) & 0xBF80u); }
 
-/* GEMM path (gemm.c) for many tokens per weight: a panel of JM_GEMM_NP rows (JM_GEMM_NP / 4
- * tiles, inside one 128-row block) is decoded once into the kernel's operand type, then
- * tiles_dec runs blocks of JM_GEMM_MB tokens (folded once per panel) against it. */
+/* GEMM path (gemm.c) for many tokens per weight: the activations are folded once per call, a
+ * panel of JM_GEMM_NP rows (JM_GEMM_NP / 4 tiles, inside one 128-row block) is decoded once
+ * into the kernel's operand type, then tiles_dec runs blocks of JM_GEMM_MB tokens against it. */
 #define JM_GEMM_NP 16 /* rows per panel: divides 128 */
-#define JM_GEMM_MB 8  /* tokens folded at a time */
+#define JM_GEMM_MB 12 /* tokens per tiles_dec call */
 /* token rows from which jm_linear uses the GEMM path (jm_moe: mean rows per active expert) */
 #define JM_GEMM_MIN_DEFAULT 24
 int jm_gemm_min_rows(void);
-/* bytes of one thread's GEMM buffer for w: a decoded panel + JM_GEMM_MB folded tokens */
+/* bytes of one thread's GEMM buffer for w: a decoded panel */
 size_t jm_gemm_buf_bytes(const jm_kernels *K, const jm_matrix *w);
+/* bytes of m folded rows for w (64-aligned) */
+size_t jm_fold_bytes(const jm_kernels *K, const jm_matrix *w, int64_t m);
+/* xf[i] (k_pad elements each) = folded x + i * ldx for i < m, over the pool */
+void jm_fold_rows(const jm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, int64_t m, void *xf);
 /* output (i, n0 + j) at c[i*ldc + j] for token rows [m0, m1), panel rows [n0, n0 + np) of w
- * (np <= JM_GEMM_NP, n0 a multiple of JM_GEMM_NP); x_i = x + (rows ? rows[i] : i) * ldx (f32);
- * buf: jm_gemm_buf_bytes(K, w) bytes */
-void jm_gemm_block(const jm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, const int32_t *rows,
-                   int m0, int m1, int n0, int np, float *c, int64_t ldc, void *buf);
+ * (np <= JM_GEMM_NP, n0 a multiple of JM_GEMM_NP); token i's folded row (k_pad elements) at
+ * xf + (rows ? rows[i] : i) * k_pad; buf: jm_gemm_buf_bytes(K, w) bytes */
+void jm_gemm_block(const jm_kernels *K, const jm_matrix *w, const void *xf, const int32_t *rows, int m0, int m1,
+                   int n0, int np, float *c, int64_t ldc, void *buf);
 /* y[i*ldy + j*n + r] = x[i*ldx + j*k + :] . W_j[r] for g matrices of one shape, m tokens,
- * over the pool (tasks: matrix x panel x token range); bufs: n_bufs buffers of
- * jm_gemm_buf_bytes (one per pool thread), caller's scratch under the engine lock. */
+ * over the pool (tasks: matrix x panel x token range); scratch: g * jm_fold_bytes(m) for the
+ * folded x, then n_bufs buffers of jm_gemm_buf_bytes (one per pool thread); the caller's, under
+ * the engine lock. */
 int jm_gemm_groups(const jm_kernels *K, const jm_matrix *const *ws, int64_t g, const float *x,
-                   int64_t ldx, int m, float *y, int64_t ldy, uint8_t *bufs, int n_bufs);
+                   int64_t ldx, int m, float *y, int64_t ldy, uint8_t *scratch, int n_bufs);
+size_t jm_gemm_groups_scratch(const jm_kernels *K, const jm_matrix *w, int64_t g, int m, int n_bufs);
 /* thread's slice of per-thread buffers of `bytes` each; a thread id >= n_bufs (pool resized
  * meanwhile) gets its own 64-aligned allocation in *own (free it), NULL when out of memory */
 void *jm_thread_buf(void *bufs, int n_bufs, size_t bytes, int thread, void **own);

@@ -140,9 +140,9 @@ static int gemv_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *wor
   return JM_OK;
 }
 
-/* the GEMM path: weight panels decoded once per call (gemm.c); chunks of GEMM_YCHUNK rows only
- * to bound the f32 copy of a bf16 y */
-#define GEMM_YCHUNK 256
+/* the GEMM path: activations folded once per chunk, weight panels decoded once per chunk
+ * (gemm.c); chunks of GEMM_CHUNK rows bound the folded copy (and the f32 copy of a bf16 y) */
+#define GEMM_CHUNK 1024
 static int gemm_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *work) {
   const path_ctx *c = ctx_;
   const jm_matrix *w = c->ws[0];
@@ -164,8 +164,8 @@ static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, i
   int rc;
   if (m >= jm_gemm_min_rows() && (w->format == JM_FMT_FP8 || w->format == JM_FMT_BF16)) {
     path_ctx c = {jm_kernels_current(), ws, g, jm_pool_threads()};
-    const int64_t mc_max = y_dtype == JM_DT_F32 ? m : (m < GEMM_YCHUNK ? m : GEMM_YCHUNK);
-    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)c.n_bufs * jm_gemm_buf_bytes(c.K, w),
+    const int64_t mc_max = m < GEMM_CHUNK ? m : GEMM_CHUNK;
+    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, jm_gemm_groups_scratch(c.K, w, g, (int)mc_max, c.n_bufs),
                     gemm_chunk, &c);
     jm_prof_stop(grouped_call ? JM_PROF_GROUPED_GEMM : JM_PROF_LINEAR_GEMM, t0, m);
   } else if (w->format == JM_FMT_INT4 && m >= jm_int4_gemm_min_rows() && jm_int4_gemm_enabled()) {

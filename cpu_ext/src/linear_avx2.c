@@ -61,89 +61,73 @@ AI float hsum8(__m256 v) { /* pairwise tree, as the scalar loop would add */
 }
 
 AI void fold(const jm_matrix *w, const float *x, int64_t ldx, int m, float *xf, const int dec) {
-  const float f = dec == DEC_SHIFT && w->format == JM_FMT_FP8 ? 0x1p56f : 1.0f;
+  const __m256 f = _mm256_set1_ps(dec == DEC_SHIFT && w->format == JM_FMT_FP8 ? 0x1p56f : 1.0f);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int i = 0; i < m; i++) {
     const float *xi = x + i * ldx;
     float *o = xf + (int64_t)i * w->k_pad;
-    for (int j = 0; j < w->k; j++) o[j] = xi[j] * f;
-    memset(o + w->k, 0, sizeof(float) * (size_t)(w->k_pad - w->k));
+    for (int j = 0; j < w->k_pad; j += 8) { /* zero past k */
+      const __m256 v = j + 8 <= w->k ? _mm256_loadu_ps(xi + j)
+                                      : _mm256_maskload_ps(xi + j, _mm256_cmpgt_epi32(_mm256_set1_epi32(w->k - j), lane));
+      _mm256_storeu_ps(o + j, _mm256_mul_ps(v, f));
+    }
   }
 }
 
-AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const int dec, const float *sc, const float *xf,
-                    int64_t xs, const int MR, float *y, int64_t ldy, int rows) {
-  __m256 acc[JM_TILE_ROWS][MR_MAX], blk[JM_TILE_ROWS][MR_MAX];
+/* One 128-column block kb of a 4-row tile against tokens xr[0..MR) (tile_driver.h): 8 block
+ * sums, 4 x vectors and the two weight vectors of a step fit the 16 ymm registers. */
+AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, float s, const float *const *xr,
+                     const int MR, float *acc) {
+  __m256 blk[JM_TILE_ROWS][MR_MAX];
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
-#pragma GCC unroll 2
-    for (int i = 0; i < MR; i++) acc[r][i] = _mm256_setzero_ps();
+#pragma GCC unroll 3
+    for (int i = 0; i < MR; i++) blk[r][i] = _mm256_setzero_ps();
   const int pf = src == SRC_FP8 ? JM_SEG : (src == SRC_BF16 ? JM_SEG / 2 : 0); /* columns per 256-byte chunk */
-  for (int kb = 0; kb < w->kb; kb++) {
-#pragma GCC unroll 4
-    for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 2
-      for (int i = 0; i < MR; i++) blk[r][i] = _mm256_setzero_ps();
-#pragma GCC unroll 2
-    for (int s = 0; s < JM_KBLOCK / STEP; s++) {
-      const int col = kb * JM_KBLOCK + s * STEP;
-      if (pf && col % pf == 0) {
-        const uint8_t *q = p + (int64_t)(col / pf) * JM_SEG * JM_TILE_ROWS;
+  for (int st = 0; st < JM_KBLOCK / STEP; st++) {
+    const int col = kb * JM_KBLOCK + st * STEP;
+    if (pf && col % pf == 0) {
+      const uint8_t *q = p + (int64_t)(col / pf) * JM_SEG * JM_TILE_ROWS;
 #pragma GCC unroll 4
-        for (int l = 0; l < JM_TILE_ROWS; l++) _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
-      }
+      for (int l = 0; l < JM_TILE_ROWS; l++) _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
+    }
+    __m256 xl[MR_MAX], xh[MR_MAX];
+#pragma GCC unroll 3
+    for (int i = 0; i < MR; i++) xl[i] = _mm256_loadu_ps(xr[i] + col), xh[i] = _mm256_loadu_ps(xr[i] + col + 8);
 #pragma GCC unroll 4
-      for (int r = 0; r < JM_TILE_ROWS; r++) {
-        __m256 lo, hi;
-        wvec(p, src, dec, col, r, &lo, &hi);
-#pragma GCC unroll 2
-        for (int i = 0; i < MR; i++) {
-          blk[r][i] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xf + i * xs + col), blk[r][i]);
-          blk[r][i] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xf + i * xs + col + 8), blk[r][i]);
-        }
+    for (int r = 0; r < JM_TILE_ROWS; r++) {
+      __m256 lo, hi;
+      wvec(p, src, dec, col, r, &lo, &hi);
+#pragma GCC unroll 3
+      for (int i = 0; i < MR; i++) {
+        blk[r][i] = _mm256_fmadd_ps(lo, xl[i], blk[r][i]);
+        blk[r][i] = _mm256_fmadd_ps(hi, xh[i], blk[r][i]);
       }
     }
-    const __m256 s = _mm256_set1_ps(sc ? sc[kb] * (dec == DEC_SHIFT ? 0x1p64f : 0x1p8f) : 1.0f);
+  }
+  const __m256 sv = _mm256_set1_ps(s);
 #pragma GCC unroll 4
-    for (int r = 0; r < JM_TILE_ROWS; r++)
-#pragma GCC unroll 2
-      for (int i = 0; i < MR; i++) acc[r][i] = _mm256_fmadd_ps(blk[r][i], s, acc[r][i]);
-  }
-  for (int r = 0; r < rows; r++)
-#pragma GCC unroll 2
-    for (int i = 0; i < MR; i++) y[i * ldy + r] = hsum8(acc[r][i]);
-}
-
-AI void run_tiles(const jm_matrix *w, int t0, int t1, const uint8_t *base, int64_t tile_bytes, const int src,
-                  const int dec, const float *xf, int m, float *y, int64_t ldy) {
-  for (int t = t0; t < t1; t++) {
-    const uint8_t *p = base + (t - t0) * tile_bytes;
-    const float *sc = w->format == JM_FMT_FP8 ? w->scale + (int64_t)(t * JM_TILE_ROWS / JM_KBLOCK) * w->kb : NULL;
-    int rows = w->n - t * JM_TILE_ROWS;
-    rows = rows > JM_TILE_ROWS ? JM_TILE_ROWS : rows;
-    float *yt = y + (t - t0) * JM_TILE_ROWS;
-    for (int i0 = 0; i0 < m; i0 += MR_MAX) {
-      const float *x0 = xf + (int64_t)i0 * w->k_pad;
-      float *y0 = yt + i0 * ldy;
-      if (m - i0 == 1)
-        tile_kernel(w, p, src, dec, sc, x0, w->k_pad, 1, y0, ldy, rows);
-      else
-        tile_kernel(w, p, src, dec, sc, x0, w->k_pad, 2, y0, ldy, rows);
+  for (int r = 0; r < JM_TILE_ROWS; r++)
+#pragma GCC unroll 3
+    for (int i = 0; i < MR; i++) {
+      float *a = acc + (r * MR_MAX + i) * 8;
+      _mm256_store_ps(a, _mm256_fmadd_ps(blk[r][i], sv, _mm256_load_ps(a)));
     }
-  }
 }
 
-AI void tiles(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy, const int dec) {
-  if (w->format == JM_FMT_FP8)
-    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_FP8, dec, (const float *)xf, m, y, ldy);
-  else
-    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_BF16, dec, (const float *)xf, m, y, ldy);
+AI float acc_sum(const float *a) { return hsum8(_mm256_load_ps(a)); }
+
+/* the block scale of tile t's rows in column block kb, with the decode's power of two */
+AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
+  if (w->format != JM_FMT_FP8) return 1.0f;
+  return jm_scale_of(w, t * JM_TILE_ROWS / JM_KBLOCK, kb) * (dec == DEC_SHIFT ? 0x1p64f : 0x1p8f);
 }
 
-AI void tiles_dec(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y, int64_t ldy,
-                  const int dec) {
-  run_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * sizeof(float), SRC_DEC, dec,
-            (const float *)xf, m, y, ldy);
-}
+#define ACC_L 8
+#define XT float
+#define WD_ELEM sizeof(float)
+#include "tile_driver.h"
 
 AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {
   float *o = (float *)wd;
@@ -168,11 +152,11 @@ AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {
     fold(w, x, ldx, m, (float *)xf, DEC);                                                                            \
   }                                                                                                                  \
   static void tiles_##NAME(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {       \
-    tiles(w, t0, t1, xf, m, y, ldy, DEC);                                                                            \
+    run_tiles_gemv(w, t0, t1, DEC, (const float *)xf, m, y, ldy);                                                    \
   }                                                                                                                  \
-  static void tiles_dec_##NAME(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y,  \
-                               int64_t ldy) {                                                                        \
-    tiles_dec(w, t0, t1, wd, xf, m, y, ldy, DEC);                                                                    \
+  static void tiles_dec_##NAME(const jm_matrix *w, int t0, int t1, const void *wd, const void *const *xr, int m,     \
+                               float *y, int64_t ldy) {                                                              \
+    run_tiles_dec(w, t0, t1, DEC, wd, xr, m, y, ldy);                                                                \
   }                                                                                                                  \
   static void decode_##NAME(const jm_matrix *w, int t0, int t1, void *wd) { decode(w, t0, t1, wd, DEC); }            \
   const jm_kernels jm_kernels_##NAME = {JM_ISA_AVX2, 0, sizeof(float), sizeof(float), fold_##NAME, tiles_##NAME,   \

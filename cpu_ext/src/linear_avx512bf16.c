@@ -80,80 +80,61 @@ static void fold_bf16(const jm_matrix *w, int rb, const float *x, int64_t ldx, i
   }
 }
 
-AI void tile_kernel(const jm_matrix *w, const uint8_t *p, const int src, const float *sc, const uint16_t *xf,
-                    int64_t xs, const int MR, float *y, int64_t ldy, int rows) {
-  __m512 acc[JM_TILE_ROWS][MR_MAX], blk[JM_TILE_ROWS][MR_MAX];
+/* One 128-column block kb of a 4-row tile against tokens xr[0..MR) (tile_driver.h) */
+#define ACC_L 16 /* accumulator lanes */
+AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, float s, const uint16_t *const *xr,
+                     const int MR, float *acc) {
+  __m512 blk[JM_TILE_ROWS][MR_MAX];
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int i = 0; i < MR; i++) blk[r][i] = _mm512_setzero_ps();
   const int pf = src == SRC_FP8 ? JM_SEG : (src == SRC_BF16 ? JM_SEG / 2 : 0); /* columns per 256-byte chunk */
-  for (int kb = 0; kb < w->kb; kb++) {
 #pragma GCC unroll 4
-    for (int r = 0; r < JM_TILE_ROWS; r++)
+  for (int st = 0; st < JM_KBLOCK / L; st++) {
+    const int col = kb * JM_KBLOCK + st * L;
+    if (pf && col % pf == 0) {
+      const uint8_t *q = p + (int64_t)(col / pf) * JM_SEG * JM_TILE_ROWS;
 #pragma GCC unroll 4
-      for (int i = 0; i < MR; i++) blk[r][i] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-    for (int s = 0; s < JM_KBLOCK / L; s++) {
-      const int col = kb * JM_KBLOCK + s * L;
-      if (pf && col % pf == 0) {
-        const uint8_t *q = p + (int64_t)(col / pf) * JM_SEG * JM_TILE_ROWS;
-#pragma GCC unroll 4
-        for (int l = 0; l < JM_TILE_ROWS; l++) _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
-      }
-      __m512bh xv[MR_MAX];
-#pragma GCC unroll 4
-      for (int i = 0; i < MR; i++) xv[i] = as_bh(_mm512_loadu_si512((const void *)(xf + i * xs + col)));
-#pragma GCC unroll 4
-      for (int r = 0; r < JM_TILE_ROWS; r++) {
-        const __m512bh wv = as_bh(wvec(p, src, col, r));
-#pragma GCC unroll 4
-        for (int i = 0; i < MR; i++) blk[r][i] = _mm512_dpbf16_ps(blk[r][i], wv, xv[i]);
-      }
+      for (int l = 0; l < JM_TILE_ROWS; l++) _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
     }
-    const __m512 s = _mm512_set1_ps(sc ? sc[kb] * 0x1p64f : 1.0f);
+    __m512bh xv[MR_MAX];
 #pragma GCC unroll 4
-    for (int r = 0; r < JM_TILE_ROWS; r++)
+    for (int i = 0; i < MR; i++) xv[i] = as_bh(_mm512_loadu_si512((const void *)(xr[i] + col)));
 #pragma GCC unroll 4
-      for (int i = 0; i < MR; i++) acc[r][i] = _mm512_fmadd_ps(blk[r][i], s, acc[r][i]);
+    for (int r = 0; r < JM_TILE_ROWS; r++) {
+      const __m512bh wv = as_bh(wvec(p, src, col, r));
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; i++) blk[r][i] = _mm512_dpbf16_ps(blk[r][i], wv, xv[i]);
+    }
   }
-  for (int r = 0; r < rows; r++)
+  const __m512 sv = _mm512_set1_ps(s);
 #pragma GCC unroll 4
-    for (int i = 0; i < MR; i++) y[i * ldy + r] = hsum16(acc[r][i]);
+  for (int r = 0; r < JM_TILE_ROWS; r++)
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; i++) {
+      float *a = acc + (r * MR_MAX + i) * ACC_L;
+      _mm512_store_ps(a, _mm512_fmadd_ps(blk[r][i], sv, _mm512_load_ps(a)));
+    }
 }
 
-AI void run_tiles(const jm_matrix *w, int t0, int t1, const uint8_t *base, int64_t tile_bytes, const int src,
-                  const uint16_t *xf, int m, float *y, int64_t ldy) {
-  for (int t = t0; t < t1; t++) {
-    const uint8_t *p = base + (t - t0) * tile_bytes;
-    const float *sc = w->format == JM_FMT_FP8 ? w->scale + (int64_t)(t * JM_TILE_ROWS / JM_KBLOCK) * w->kb : NULL;
-    int rows = w->n - t * JM_TILE_ROWS;
-    rows = rows > JM_TILE_ROWS ? JM_TILE_ROWS : rows;
-    float *yt = y + (t - t0) * JM_TILE_ROWS;
-    for (int i0 = 0; i0 < m; i0 += MR_MAX) {
-      const uint16_t *x0 = xf + (int64_t)i0 * w->k_pad;
-      float *y0 = yt + i0 * ldy;
-      switch (m - i0 >= MR_MAX ? MR_MAX : m - i0) {
-        case 1: tile_kernel(w, p, src, sc, x0, w->k_pad, 1, y0, ldy, rows); break;
-        case 2: tile_kernel(w, p, src, sc, x0, w->k_pad, 2, y0, ldy, rows); break;
-        case 3: tile_kernel(w, p, src, sc, x0, w->k_pad, 3, y0, ldy, rows); break;
-        default: tile_kernel(w, p, src, sc, x0, w->k_pad, 4, y0, ldy, rows); break;
-      }
-    }
-  }
+AI float acc_sum(const float *a) { return hsum16(_mm512_load_ps(a)); }
+
+AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
+  return w->format == JM_FMT_FP8 ? jm_scale_of(w, t * JM_TILE_ROWS / JM_KBLOCK, kb) * 0x1p64f : 1.0f;
 }
+
+#define XT uint16_t
+#define WD_ELEM sizeof(uint16_t)
+#include "tile_driver.h"
 
 static void tiles_bf16(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {
-  if (w->format == JM_FMT_FP8)
-    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_FP8, (const uint16_t *)xf, m, y, ldy);
-  else
-    run_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_BF16, (const uint16_t *)xf, m, y, ldy);
+  run_tiles_gemv(w, t0, t1, 0, (const uint16_t *)xf, m, y, ldy);
 }
 
-static void tiles_dec_bf16(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y,
+static void tiles_dec_bf16(const jm_matrix *w, int t0, int t1, const void *wd, const void *const *xr, int m, float *y,
                            int64_t ldy) {
-  run_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * sizeof(uint16_t), SRC_DEC,
-            (const uint16_t *)xf, m, y, ldy);
+  run_tiles_dec(w, t0, t1, 0, wd, xr, m, y, ldy);
 }
 
 static void decode_bf16(const jm_matrix *w, int t0, int t1, void *wd) {

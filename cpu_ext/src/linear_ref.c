@@ -33,7 +33,7 @@ static float weight(const jm_matrix *w, const uint8_t *p, int r, int col) {
   return jm_bf16_to_f32((uint16_t)(q[0] | q[1] << 8));
 }
 
-/* the canonical sum of one output; wrow(col) the weight of its row */
+/* the canonical sum of one output: row r of tile p (or its decoded row wd) against xi */
 static float dot_row(const jm_matrix *w, const float *sc, const float *xi, const float *wd, const uint8_t *p, int r) {
   float acc = 0.0f;
   for (int kb = 0; kb < w->kb; kb++) {
@@ -45,7 +45,7 @@ static float dot_row(const jm_matrix *w, const float *sc, const float *xi, const
   return acc;
 }
 
-static void run_tiles(const jm_matrix *w, int t0, int t1, const float *wd, const float *xf, int m, float *y,
+static void run_tiles(const jm_matrix *w, int t0, int t1, const float *wd, const float *const *xr, int m, float *y,
                       int64_t ldy) {
   for (int t = t0; t < t1; t++) {
     const uint8_t *p = jm_tile_ptr(w, t);
@@ -55,18 +55,20 @@ static void run_tiles(const jm_matrix *w, int t0, int t1, const float *wd, const
       if (row >= w->n) break;
       const float *wr = wd ? wd + ((int64_t)(t - t0) * JM_TILE_ROWS + r) * w->k_pad : NULL;
       for (int i = 0; i < m; i++)
-        y[i * ldy + row - t0 * JM_TILE_ROWS] = dot_row(w, sc, xf + (int64_t)i * w->k_pad, wr, p, r);
+        y[i * ldy + row - t0 * JM_TILE_ROWS] = dot_row(w, sc, xr[i], wr, p, r);
     }
   }
 }
 
 static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {
-  run_tiles(w, t0, t1, NULL, (const float *)xf, m, y, ldy);
+  const float *xr[JM_MC];
+  for (int i = 0; i < m; i++) xr[i] = (const float *)xf + (int64_t)i * w->k_pad;
+  run_tiles(w, t0, t1, NULL, xr, m, y, ldy);
 }
 
-static void tiles_dec_ref(const jm_matrix *w, int t0, int t1, const void *wd, const void *xf, int m, float *y,
+static void tiles_dec_ref(const jm_matrix *w, int t0, int t1, const void *wd, const void *const *xr, int m, float *y,
                           int64_t ldy) {
-  run_tiles(w, t0, t1, (const float *)wd, (const float *)xf, m, y, ldy);
+  run_tiles(w, t0, t1, (const float *)wd, (const float *const *)xr, m, y, ldy);
 }
 
 static void decode_ref(const jm_matrix *w, int t0, int t1, void *wd) {

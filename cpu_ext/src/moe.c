@@ -146,10 +146,11 @@ static int64_t n_fold_down(const moe_ctx *c, const item_t *it) { return 1; }
 static int64_t n_down(const moe_ctx *c, const item_t *it) { return tile_tasks(c->L->experts[it->expert].m[2]); }
 
 /* the GEMM path (moe_gemm.c) */
-size_t jm_moe_gemm_thread_bytes(const jm_kernels *K, const jm_store_layer *L, const int32_t *expert, int max_rows);
-int jm_moe_gemm(const jm_kernels *K, const jm_store_layer *L, const float *x, const int32_t *tok, const float *wt,
-                const int32_t *expert, const int32_t *start, int n_exp, float *out, float *h, int64_t h_rows,
-                uint8_t *tbuf, int n_bufs, int max_rows);
+size_t jm_moe_gemm_scratch(const jm_kernels *K, const jm_store_layer *L, const int32_t *expert, int64_t t,
+                           int64_t h_rows, int n_bufs, int max_rows);
+int jm_moe_gemm(const jm_kernels *K, const jm_store_layer *L, const float *x, int64_t t, const int32_t *tok,
+                const float *wt, const int32_t *expert, const int32_t *start, int n_exp, float *out, float *h,
+                int64_t h_rows, uint8_t *scratch, int n_bufs, int max_rows);
 /* the INT4 GEMM path (int4_gemm_moe.c, threshold in int4_gemm.c) */
 int jm_int4_gemm_min_rows(void);
 int jm_int4_moe_gemm_usable(const jm_store_layer *L, const int32_t *order, int ne);
@@ -188,7 +189,7 @@ static int moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype
   const size_t h_bytes = A64((size_t)h_rows * I * sizeof(float));
   const int n_bufs = jm_pool_threads();
   const jm_kernels *K = jm_kernels_current();
-  const size_t tb_bytes = A64((size_t)n_bufs * jm_moe_gemm_thread_bytes(K, L, order, max_rows));
+  const size_t tb_bytes = A64(jm_moe_gemm_scratch(K, L, order, t, h_rows, n_bufs, max_rows));
   const size_t o_bytes = out_dtype == JM_DT_F32 ? 0 : (size_t)t * H * sizeof(float);
 #undef A64
   jm_engine_lock();
@@ -205,7 +206,7 @@ static int moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype
   }
   float *o = out_dtype == JM_DT_F32 ? (float *)out : (float *)(sc + x_bytes + h_bytes + tb_bytes);
   memset(o, 0, (size_t)t * H * sizeof(float));
-  const int rc = jm_moe_gemm(K, L, xs, tok, wt, order, start, ne, o, (float *)(sc + x_bytes), h_rows,
+  const int rc = jm_moe_gemm(K, L, xs, t, tok, wt, order, start, ne, o, (float *)(sc + x_bytes), h_rows,
                              sc + x_bytes + h_bytes, n_bufs, max_rows);
   if (rc == JM_OK && out_dtype != JM_DT_F32) jm_from_f32(o, t * H, out_dtype, out);
   jm_engine_unlock();
