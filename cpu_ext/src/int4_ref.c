@@ -1,7 +1,10 @@
 /* int4_ref.c -- scalar reference of the INT4 kernels (always compiled; the twin of the
  * AVX2 and AVX-512 VNNI paths): same layout (int4.h), same int8 activations, exact integer
- * group dots, then y = sum_g s_w[g] * (s_x[g] * dot_g) in f32.
+ * group dots, then per group lane l of each super-block acc[l] = fmaf(dot * s_x, s_w, acc[l])
+ * and one fixed 8-lane sum: the order of the INT4 GEMM's scalar twin, so rows give the same bits
+ * on the GEMV and the GEMM path.
  */
+#include <math.h>
 #include <string.h>
 
 #include "int4.h"
@@ -23,7 +26,7 @@ static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf_, int m
         uint8_t *tok = (uint8_t *)xf + i * jm_int4_xf_stride(w);
         const float *sx = jm_int4_sx(w, tok);
         const int32_t *corr = jm_int4_corr(w, tok);
-        float acc = 0.0f;
+        float acc[8] = {0};
         for (int sb = 0; sb < n_sb; sb++) {
           const uint8_t *nib = p + sb * sbb + (int64_t)r * 4 * G;
           const uint8_t *sc = p + sb * sbb + 16 * (int64_t)G + 16 * r;
@@ -37,10 +40,10 @@ static void tiles_ref(const jm_matrix *w, int t0, int t1, const void *xf_, int m
               }
             uint16_t h;
             memcpy(&h, sc + 2 * l, 2);
-            acc += jm_f16_to_f32(h) * ((float)dot * sx[sb * 8 + l]);
+            acc[l] = fmaf((float)dot * sx[sb * 8 + l], jm_f16_to_f32(h), acc[l]);
           }
         }
-        y[i * ldy + row - t0 * JM_TILE_ROWS] = acc;
+        y[i * ldy + row - t0 * JM_TILE_ROWS] = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
       }
     }
   }

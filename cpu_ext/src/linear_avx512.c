@@ -29,6 +29,11 @@
 #include "internal.h"
 
 #define AI static inline __attribute__((always_inline))
+#ifdef JM_SIMDE /* SIMDe has no vpmovsxbd zmm */
+#define cvt_i8_i32(a) _mm512_cvtepi16_epi32(_mm256_cvtepi8_epi16(a))
+#else
+#define cvt_i8_i32(a) _mm512_cvtepi8_epi32(a)
+#endif
 #define L 16    /* lanes */
 #define MR_MAX 6 /* tokens per kernel call */
 
@@ -37,7 +42,7 @@ enum { DEC_HALF, DEC_SHIFT };         /* the FP8 decode */
 
 AI __m512 fp8x16(const uint8_t *p, const int dec) {
   if (dec == DEC_SHIFT) {
-    const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i v = cvt_i8_i32(_mm_loadu_si128((const __m128i *)p));
     return _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 20), _mm512_set1_epi32((int)0x87F00000u)));
   }
   const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));

@@ -13,6 +13,11 @@ those of the AVX2 GEMV tile kernel; the scalar twin replays them lane by lane. S
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -171,26 +176,29 @@ def test_moe_gemm_batches_and_mixed_groups(monkeypatch):
             np.testing.assert_array_equal(mixed, store.moe(0, x, ids, weights))
 
 
+THRESHOLD_SCRIPT = """
+import numpy as np
+from jaxmoe.cpu import _lib
+from tests.cpu.test_int4_gemm import int4_matrix
+from tests.cpu.test_kernels import gemm_rows
+nat = _lib.load("native")
+counts = nat.ffi.new("int64_t[18]")
+_, _, hm = int4_matrix(np.random.default_rng(13), 24, 640, 32, nat)
+x = np.ones((16, 640), np.float32)
+for min_rows, rows in ((0, 16), (0, 15), (30, 16)):  # default 24: from 16 rows; 30: from 20
+    nat.lib.jm_profile_read(counts, 6, 1)
+    with gemm_rows(nat, min_rows):
+        hm.linear(x[:rows])
+    nat.lib.jm_profile_read(counts, 6, 0)
+    print(min_rows, rows, int(counts[3 * 0 + 2]), int(counts[3 * 1 + 2]))  # rows: GEMV, GEMM
+hm.free()
+"""
+
+
 def test_int4_threshold_is_two_thirds_of_gemm_min():
-    """INT4 takes the GEMM path from 2/3 of jm_gemm_min_rows (16 rows at the default 24). On the
-    scalar path GEMM and GEMV round differently, which tells which one ran."""
-    nat = _lib.load("native")
-    rng = np.random.default_rng(13)
-    q, s, hm = int4_matrix(rng, 24, 640, 32, nat)
-    x = rng.standard_normal((16, 640)).astype(np.float32)
-    try:
-        with nat.use_isa("scalar"):
-            with gemm_rows(nat, 1):
-                gemm = hm.linear(x)
-            with gemm_rows(nat, -1):
-                gemv = hm.linear(x)
-            with gemm_rows(nat, 0):
-                at16, at15 = hm.linear(x), hm.linear(x[:15])
-            with gemm_rows(nat, 30):
-                at16_of_30 = hm.linear(x)
-    finally:
-        hm.free()
-    assert not np.array_equal(gemm, gemv)  # the paths are told apart
-    np.testing.assert_array_equal(at16, gemm)
-    np.testing.assert_array_equal(at15, gemv[:15])
-    np.testing.assert_array_equal(at16_of_30, gemv)  # 30 * 2/3 = 20 > 16 rows
+    """INT4 takes the GEMM path from 2/3 of jm_gemm_min_rows (16 rows at the default 24); the
+    native profiler (JAXMOE_CPU_PROFILE, read at load: a fresh process) tells which path ran."""
+    env = {**os.environ, "JAXMOE_CPU_PROFILE": "1"}
+    out = subprocess.run([sys.executable, "-c", THRESHOLD_SCRIPT], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], check=True).stdout.split("\n")
+    assert out[:3] == ["0 16 0 16", "0 15 15 0", "30 16 16 0"], out
