@@ -1,5 +1,6 @@
 """Shared helpers of the benchmarks: timing statistics, the read-only bandwidth yardstick,
-environment facts, and the `--json PATH` / `--quick` command line with one JSON layout:
+environment facts (the CPU's model, class and kernel flags from benchmarks/_cpu.py), and the
+`--json PATH` / `--quick` command line with one JSON layout:
 `{"metrics": {...}, "env": {...}, "details": {...}}`.
 
 Memory bandwidth on a shared machine drifts (+-20 % and more under load), so a kernel's time
@@ -19,6 +20,8 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from benchmarks._cpu import cpu_header, cpu_model  # noqa: F401  (cpu_model: re-exported)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -66,16 +69,6 @@ def read_pass_fn(native, matrices) -> Callable[[], int]:
     return lambda: native.lib.jm_read_pass(arr, n)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def env_info(**extra) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -84,7 +77,7 @@ def env_info(**extra) -> dict:
         commit = ""
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
+        **cpu_header(),
         "cores": os.cpu_count(),
         "loadavg_1m": os.getloadavg()[0],
         "python": platform.python_version(),

@@ -9,7 +9,11 @@ MoE: active expert rows only), the fraction of this machine's f32 FMA peak
 (threads x 2 FMA pipes x 8 lanes x 2 flop x clock, clock from --ghz or /proc/cpuinfo), and the
 GEMM / GEMV speedup measured in the same run.
 
-    python -m benchmarks.kernels_gemm [--json PATH] [--quick] [--ghz 2.45]
+    python -m benchmarks.kernels_gemm [--json PATH] [--quick] [--ghz 2.45] [--precision exact|bf16|both]
+
+Weights as benchmarks.kernels draws them (checkpoint-like); each precision measured back to
+back (the bf16 rows under details.bf16 and `_bf16` metric keys); every row names its kernel
+path (benchmarks/_kernel_path.py).
 
 Results: PATH if given, and benchmarks/results/kernels_gemm.json for a full (not --quick) run.
 """
@@ -22,6 +26,7 @@ import sys
 import numpy as np
 
 from benchmarks import _harness as H
+from benchmarks import _kernel_path as KP
 
 MS_FULL, MS_QUICK = (8, 16, 32, 64, 128, 512), (16, 64)
 TS_FULL, TS_QUICK = (64, 256, 512), (64,)
@@ -69,7 +74,8 @@ def moe_case(nat, rng, t: int, hidden: int, n_experts: int, top_k: int):
 
 
 def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
-    """The GEMM rows on `store` (benchmarks.kernels.build_store's layer 0): (metrics, details)."""
+    """The GEMM rows on `store` (benchmarks.kernels.build_store's layer 0) at the precision set
+    now: (metrics, details); details and every row name the kernel path (`kernel_info`)."""
     from benchmarks.kernels import HIDDEN, INTER, N_EXPERTS  # noqa: PLC0415
 
     ffi, lib = nat.ffi, nat.lib
@@ -79,7 +85,8 @@ def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
     mats = [lib.jm_store_matrix(store._ptr, 0, 0, j) for j in range(3)]
     shapes = [(INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
     read3 = H.read_pass_fn(nat, mats)
-    details: dict = {"threads": threads, "ghz": ghz, "peak_gflops": peak, "linear": {}, "moe": {},
+    info = KP.kernel_info(nat)
+    details: dict = {"threads": threads, "ghz": ghz, "peak_gflops": peak, "linear": {}, "moe": {}, **info,
                      "shapes": "one expert: gate 2048x7168, up 2048x7168, down 7168x2048 FP8; MoE: 8 experts, "
                                f"top-{TOP_K} per token"}
 
@@ -106,12 +113,12 @@ def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
         flop = 2.0 * m * sum(n * k for n, k in shapes)
         row = {"gemm_ms": t["gemm"]["median"] * 1e3, "gemv_ms": t["gemv"]["median"] * 1e3,
                "gemm_gflops": flop / t["gemm"]["median"] / 1e9, "gemv_gflops": flop / t["gemv"]["median"] / 1e9,
-               "read_ms": t["read"]["median"] * 1e3}
+               "read_ms": t["read"]["median"] * 1e3, **info}
         row["gemm_frac_of_peak"] = row["gemm_gflops"] / peak
         row["speedup_vs_gemv"] = t["gemv"]["median"] / t["gemm"]["median"]
         details["linear"][f"m{m}"] = row
-        print(f"linear x3, M={m:4d}: GEMM {row['gemm_ms']:8.2f} ms {row['gemm_gflops']:6.1f} GFLOP/s "
-              f"({row['gemm_frac_of_peak']:.2f} of peak {peak:.0f}); GEMV chunks {row['gemv_ms']:8.2f} ms "
+        print(f"[{info['kernel_path']}] linear x3, M={m:4d}: GEMM {row['gemm_ms']:8.2f} ms "
+              f"{row['gemm_gflops']:6.1f} GFLOP/s ({row['gemm_frac_of_peak']:.2f} of peak {peak:.0f}); GEMV chunks {row['gemv_ms']:8.2f} ms "
               f"{row['gemv_gflops']:6.1f} GFLOP/s; x{row['speedup_vs_gemv']:.2f}; read pass {row['read_ms']:.2f} ms",
               flush=True)
 
@@ -122,12 +129,12 @@ def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
         flop = 2.0 * t_ * TOP_K * 3 * HIDDEN * INTER
         row = {"tokens_per_expert": t_ * TOP_K / N_EXPERTS, "gemm_ms": t["gemm"]["median"] * 1e3,
                "gemv_ms": t["gemv"]["median"] * 1e3, "gemm_gflops": flop / t["gemm"]["median"] / 1e9,
-               "gemv_gflops": flop / t["gemv"]["median"] / 1e9, "read_ms": t["read"]["median"] * 1e3}
+               "gemv_gflops": flop / t["gemv"]["median"] / 1e9, "read_ms": t["read"]["median"] * 1e3, **info}
         row["gemm_frac_of_peak"] = row["gemm_gflops"] / peak
         row["speedup_vs_gemv"] = t["gemv"]["median"] / t["gemm"]["median"]
         details["moe"][f"t{t_}"] = row
-        print(f"MoE, T={t_:4d} ({row['tokens_per_expert']:.0f} rows/expert): GEMM {row['gemm_ms']:8.2f} ms "
-              f"{row['gemm_gflops']:6.1f} GFLOP/s ({row['gemm_frac_of_peak']:.2f} of peak); GEMV chunks "
+        print(f"[{info['kernel_path']}] MoE, T={t_:4d} ({row['tokens_per_expert']:.0f} rows/expert): "
+              f"GEMM {row['gemm_ms']:8.2f} ms {row['gemm_gflops']:6.1f} GFLOP/s ({row['gemm_frac_of_peak']:.2f} of peak); GEMV chunks "
               f"{row['gemv_ms']:8.2f} ms {row['gemv_gflops']:6.1f} GFLOP/s; x{row['speedup_vs_gemv']:.2f}; "
               f"read pass {row['read_ms']:.2f} ms", flush=True)
 
@@ -142,6 +149,7 @@ def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
 def main(argv=None) -> dict:
     ap = H.parser(__doc__.splitlines()[0])
     ap.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: /proc/cpuinfo)")
+    KP.add_precision_arg(ap)
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
     ms, ts = (MS_QUICK, TS_QUICK) if args.quick else (MS_FULL, TS_FULL)
@@ -151,9 +159,18 @@ def main(argv=None) -> dict:
 
     nat = load()
     rng = np.random.default_rng(0)
-    store, _ = build_store(rng)
-    metrics, details = run(nat, rng, store, ms, ts, repeats, args.ghz)
-    env = H.env_info(isa=nat.selected_isa(), threads=int(nat.lib.jm_num_threads()), quick=args.quick)
+    store, _, draw = build_store(rng)
+    precs = KP.precisions(nat, args.precision)
+    metrics, details = {}, {"weights": {draw["draw"]: draw}, "precisions": precs}
+    for prec in precs:  # back to back, each block with its own read passes
+        with KP.precision(nat, prec):
+            m, d = run(nat, rng, store, ms, ts, repeats, args.ghz)
+        metrics.update(KP.suffixed(m, prec))
+        if prec in (None, "exact"):
+            details.update(d)
+        else:
+            details[prec] = d
+    env = H.env_info(isa=nat.selected_isa(), threads=int(nat.lib.jm_num_threads()), quick=args.quick, precisions=precs)
     doc = H.write(args.json, metrics, env, details)
     if not args.quick:
         H.write(H.RESULTS_DIR / "kernels_gemm.json", metrics, env, details)

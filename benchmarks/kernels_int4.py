@@ -1,4 +1,4 @@
-"""INT4 rows of the kernel benchmark (issue 7), run by `python -m benchmarks.kernels`.
+"""INT4 rows of the kernel benchmark, run by `python -m benchmarks.kernels`.
 
 The same 8 DeepSeek-V3 experts' shapes as the FP8 rows (gate/up 2048x7168, down 7168x2048),
 as group-32 INT4 with f16 scales inline (random codes and scales: speed does not depend on
@@ -9,6 +9,8 @@ bytes and with the FP8 kernel on its own matrices, so drift hits all alike:
 - the GEMM path (prefill): the fused MoE over the 8 experts with 2 of 8 chosen per token
   (T/4 rows per expert) for T = 64, 256, 512 on the INT4 GEMM path, on the INT4 GEMV chunks and
   on the FP8 GEMM path: ms and GFLOP/s (2 x rows x N x K per active matrix).
+The FP8 side runs at the precision set when called (benchmarks.kernels records its kernel
+path as details.int4.fp8_kernel).
 
     python -m benchmarks.kernels_int4 [--json PATH] [--quick]   # the GEMM-path rows alone
 """
@@ -20,6 +22,7 @@ import sys
 import numpy as np
 
 from benchmarks import _harness as H
+from benchmarks import _kernel_path as KP
 from benchmarks.kernels_gemm import gemm_rows, moe_case
 
 GROUP = 32
@@ -154,10 +157,11 @@ def main(argv=None) -> dict:
 
     nat = load()
     rng = np.random.default_rng(0)
-    fp8_store, _ = build_store(rng)
+    fp8_store, _, draw = build_store(rng)
     store = build_int4_store(rng, N_EXPERTS, HIDDEN, INTER)
     metrics, details = run_gemm(nat, rng, store, fp8_store, GEMM_TS_QUICK if args.quick else GEMM_TS_FULL, repeats,
                                 HIDDEN, INTER, N_EXPERTS)
+    details["fp8_weights"], details["fp8_kernel"] = draw, KP.kernel_info(nat)
     env = H.env_info(isa=nat.selected_isa(), threads=int(nat.lib.jm_num_threads()), quick=args.quick)
     doc = H.write(args.json, metrics, env, details)
     if not args.quick:

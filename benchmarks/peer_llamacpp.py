@@ -10,6 +10,8 @@ rounds, alternating which engine goes first:
   steady steps after a 16-token prompt, benchmarks/e2e.decode) and one P-token prefill
   (benchmarks/e2e.prefill, wall time of the whole prompt, after a compile run);
 - a read-only bandwidth pass (jaxmoe's native matrices of one token) before each engine's turn.
+Where llama-bench aborts repacking weights for AMX, it is rerun with `--repack 0`
+(benchmarks/_llamacpp/bench.py) and details.llama_bench_workaround says so.
 Reported: tok/s of both (medians over rounds) and jaxmoe / llama.cpp ratios, the ratio of
 each round too (same round = the same load on the shared machine).
 
@@ -141,16 +143,21 @@ def main(argv=None) -> dict:
               f"read pass {bw:.1f} GB/s", flush=True)
         return out
 
+    workaround: dict[str, str] = {}  # GGUF type -> workaround once one was needed (later rounds start with it)
+
     def run_llama() -> dict:
         out = {}
         for t, g in peer["gguf"].items():
             bw = read_gbs()
-            res = LB.run(peer["binary"], g, threads=args.threads, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
+            res, wa = LB.run_with_workaround(peer["binary"], g, threads=args.threads, n_prompt=n_prompt, n_gen=n_gen,
+                                             reps=reps, repack=t not in workaround)
+            if wa:
+                workaround[t] = wa
             pp, tg = res[f"pp{n_prompt}"], res[f"tg{n_gen}"]
             out[t] = {"read_gb_s": bw, "decode_tok_s": tg["tok_s"]["median"], "prefill_tok_s": pp["tok_s"]["median"],
                       "tg": tg["tok_s"], "pp": pp["tok_s"], "model_size": tg.get("model_size"),
                       "model_n_params": tg.get("model_n_params"), "build_commit": tg.get("build_commit"),
-                      "n_threads": tg.get("n_threads")}
+                      "n_threads": tg.get("n_threads"), "workaround": wa}
             print(f"  llama.cpp {t}: tg{n_gen} {out[t]['decode_tok_s']:.2f} tok/s, pp{n_prompt} "
                   f"{out[t]['prefill_tok_s']:.1f} tok/s; read pass {bw:.1f} GB/s", flush=True)
         return out
@@ -194,7 +201,8 @@ def main(argv=None) -> dict:
         "n_slots": engine.n_slots, "chunk_size": engine.chunk_size, "rounds": rounds, "n_prompt": n_prompt,
         "llama_bench": {"n_gen": n_gen, "reps": reps, "binary": str(peer.get("binary")), "cache": peer["cache"],
                         "gguf": {t: str(p) for t, p in peer.get("gguf", {}).items()}, "notes": peer.get("notes", []),
-                        "skipped": peer.get("skipped")},
+                        "skipped": peer.get("skipped"), "workaround_by_type": dict(workaround)},
+        "llama_bench_workaround": next(iter(workaround.values()), None),
         "jaxmoe_decode": f"batch 1, median of {steps} steady steps (after {warm} warm ones) per round after a 16-token "
                          f"prompt; the preset's {engine.n_slots} slots (3 idle)",
         "jaxmoe_prefill": f"one {n_prompt}-token request, max_new_tokens=1, wall time (compiled beforehand)",

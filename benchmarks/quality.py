@@ -12,7 +12,10 @@ docstrings), tokenized with the checkpoint's tokenizer (random ids if it has non
 
 Variants, each the full-sequence prefill forward (jaxmoe.model.forward.prefill, jitted):
 - reference: pure JAX in float32 on the weights as stored (FP8 blocks dequantized exactly);
-- fp8_cpu:   every large matmul and the routed experts on cpu_ext (`to_cpu_placement`);
+- fp8_cpu:   every large matmul and the routed experts on cpu_ext (`to_cpu_placement`), in
+             the exact precision (f32 activations and sums);
+- fp8_cpu_bf16: the same in the bf16 precision (bf16 activations, vdpbf16ps), where the CPU
+             has a bf16 dot (AVX-512 BF16);
 - int4_cpu:  the routed experts converted to INT4 (`jaxmoe convert --to int4`, scale rule
              `--int4-scale`, default the converter's), on cpu_ext;
 - int4_jax:  the INT4 checkpoint on the pure-JAX path (dequantized INT4, f32 activations):
@@ -141,6 +144,7 @@ def main(argv=None) -> dict:
     n, length = args.seqs or (2 if args.quick else 8), args.seq_len or (32 if args.quick else 128)
 
     import jaxmoe.cpu as jcpu  # noqa: PLC0415
+    from jaxmoe.cpu import _lib  # noqa: PLC0415
     from jaxmoe import quant_int4  # noqa: PLC0415
     from jaxmoe.config import ModelConfig  # noqa: PLC0415
     from jaxmoe.loading import hf_map  # noqa: PLC0415
@@ -163,7 +167,12 @@ def main(argv=None) -> dict:
         results, lps = {}, {}
         lps["reference"] = log_probs(cfg, weights, seqs)
         placed = jcpu.to_cpu_placement(weights, cfg=cfg)
-        lps["fp8_cpu"] = log_probs(cfg, placed, seqs)
+        nat = _lib.load()
+        with nat.use_precision("exact"):
+            lps["fp8_cpu"] = log_probs(cfg, placed, seqs)
+        with nat.use_precision("bf16"):
+            if nat.numerics() == "bf16":  # a path with bf16 dot products (AVX-512 BF16)
+                lps["fp8_cpu_bf16"] = log_probs(cfg, placed, seqs)
         jcpu.release(placed)
         for r in [rule, *others]:
             print(f"converting the routed experts to INT4 (group {args.group}, {r} scales) ...", flush=True)
@@ -181,7 +190,7 @@ def main(argv=None) -> dict:
             experts = {f"model_{p}": _expert_float(ck, first[p][0].name) for p in ("gate_proj", "down_proj")}
         mse = scale_mse(experts, args.group)
     results["reference"] = {"ppl": perplexity(lps["reference"], seqs)}
-    variants = [k for k in ("fp8_cpu", "int4_jax", "int4_cpu", *(f"int4_cpu_{r}" for r in others)) if k in lps]
+    variants = [k for k in ("fp8_cpu", "fp8_cpu_bf16", "int4_jax", "int4_cpu", *(f"int4_cpu_{r}" for r in others)) if k in lps]
     for k in variants:
         results[k] = compare(lps["reference"], lps[k], seqs)
         r = results[k]

@@ -1,21 +1,57 @@
-"""Print the README's Performance table from benchmarks/results/*.json (e2e, peer_llamacpp,
-slo, kernels, prefill);
+"""Print the README's Performance table from the results JSONs (e2e, peer_llamacpp, slo,
+kernels, kernels_int4_gemm, quality, prefill), one row block per CPU class measured;
 with --write-readme, replace the table in README.md's "Performance" section (between the
 `<!-- perf-table -->` markers) with it.
 
     python -m benchmarks.readme_table [--write-readme]
+
+Where results come from: `benchmarks/results/<name>.json` (what a full run writes) and
+`benchmarks/results/<class dir>/<name>.json` for runs kept from other CPUs (class dirs
+"avx2", "avx512", "avx512-amx": copy a run's JSON there, or pass it as `--json`). A result's
+CPU class is its env's `cpu_class` (benchmarks/_cpu.py); results written before the header
+had one come from the AVX2 development box and count as "avx2". Per class and benchmark the
+newest run (env date) is shown. Blocks go AVX2, AVX-512, AVX-512+AMX; each opens with a
+row naming the class and its CPU model(s).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
+from benchmarks._cpu import CLASSES
 from benchmarks._harness import RESULTS_DIR
 
+NAMES = ("e2e", "peer_llamacpp", "slo", "kernels", "kernels_int4_gemm", "quality", "prefill")
+CLASS_DIRS = {"avx2": "avx2", "avx512": "avx512", "avx512+amx": "avx512-amx"}
+CLASS_LABELS = {"avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX", "other": "other"}
+LEGACY_CLASS = "avx2"  # results from before env.cpu_class: the AVX2 development box
 
-def _load(name: str) -> dict | None:
-    p = RESULTS_DIR / f"{name}.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+Loader = Callable[[str], "dict | None"]
+
+
+def cpu_class_of(doc: dict) -> str:
+    """The CPU class a result was measured on (env.cpu_class, else LEGACY_CLASS)."""
+    return doc.get("env", {}).get("cpu_class") or LEGACY_CLASS
+
+
+def collect(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, dict]]:
+    """{cpu class: {benchmark name: newest result}} from results_dir and its class dirs,
+    classes in CLASSES order (then any other)."""
+    found: dict[str, dict[str, dict]] = {}
+    for d in [results_dir] + [results_dir / c for c in CLASS_DIRS.values()]:
+        for name in NAMES:
+            p = d / f"{name}.json"
+            if not p.is_file():
+                continue
+            doc = json.loads(p.read_text())
+            cls = cpu_class_of(doc)
+            old = found.setdefault(cls, {}).get(name)
+            if old is None or doc.get("env", {}).get("date", "") > old.get("env", {}).get("date", ""):
+                found[cls][name] = doc
+    order = [c for c in CLASSES if c in found] + sorted(c for c in found if c not in CLASSES)
+    return {c: found[c] for c in order}
 
 
 def _env(d: dict) -> str:
@@ -29,9 +65,23 @@ def _f(x, nd=1) -> str:
     return "-" if x is None else f"{x:.{nd}f}"
 
 
-def table() -> str:
+def table(results_dir: Path = RESULTS_DIR) -> str:
+    """The markdown table: a header, then per CPU class a naming row and its benchmark rows."""
     rows = ["| benchmark | model | figure | value | run |", "|---|---|---|---:|---|"]
-    e2e = _load("e2e")
+    for cls, docs in collect(results_dir).items():
+        cpus = sorted({d["env"].get("cpu", "?") for d in docs.values()})
+        cores = sorted({str(d["env"]["cores"]) for d in docs.values() if d["env"].get("cores")})
+        flags = next((d["env"]["cpu_flags"] for d in docs.values() if d["env"].get("cpu_flags")), None)
+        rows.append(f"| **{CLASS_LABELS.get(cls, cls)} CPU** | {', '.join(cpus)} | the rows below ran on this CPU class"
+                    f"{' (' + ' '.join(flags) + ')' if flags else ''} | | {'/'.join(cores) or '?'} cores |")
+        rows += _rows(docs.get)
+    return "\n".join(rows)
+
+
+def _rows(load: Loader) -> list[str]:
+    """The benchmark rows of one CPU class; load(name) gives its result or None."""
+    rows: list[str] = []
+    e2e = load("e2e")
     if e2e:
         m, d = e2e["metrics"], e2e["details"]
         run = _env(e2e)
@@ -46,31 +96,25 @@ def table() -> str:
             f"| e2e | {d['model']} FP8 | prefill tok/s, 512-token prompt | {_f(m['prefill_tok_s_512'])} | {run} |",
             f"| e2e | {d['model']} FP8 | prefill tok/s, 4096-token prompt | {_f(m.get('prefill_tok_s_4096'))} | {run} |",
         ]
-    rows += _peer_rows() + _slo_rows()
-    k = _load("kernels")
+    rows += _peer_rows(load) + _slo_rows(load) + _kernel_rows(load)
+    k = load("kernels")
     if k:
         m, run = k["metrics"], _env(k)
-        rows += [
-            f"| kernels | V3 expert shapes, FP8 | GEMV M=1, fraction of the read pass | {_f(m['fp8_gemv_m1_frac_of_read'], 3)} | "
-            f"{_f(m['fp8_gemv_m1_gbps'])} GB/s vs read pass {_f(m['read_pass_gbps'])} GB/s; {run} |",
-            f"| kernels | V3 expert shapes, FP8 | MoE layer (8 experts, 1 token) ms, fraction of read | "
-            f"{_f(m['moe_layer_m1_ms'], 2)} ms, {_f(m['moe_layer_m1_frac_of_read'], 3)} | {run} |",
-        ]
         if "int4_gemv_m1_frac_of_read" in m:
             rows.append(f"| kernels | V3 expert shapes, INT4 g32 | GEMV M=1, fraction of the read pass; speedup vs FP8 | "
                         f"{_f(m['int4_gemv_m1_frac_of_read'], 3)}; {_f(m['int4_gemv_m1_speedup_vs_fp8'], 2)}x | {run} |")
-    k4 = _load("kernels_int4_gemm")
+    k4 = load("kernels_int4_gemm")
     if k4:
         m = k4["metrics"]
         rows.append(f"| kernels | V3 expert shapes, INT4 g32 | fused MoE, 512 tokens (prefill): GFLOP/s; speedup vs FP8 GEMM | "
                     f"{_f(m['int4_moe_t512_gemm_gflops'])}; {_f(m['int4_moe_t512_speedup_vs_fp8_gemm'], 2)}x | {_env(k4)} |")
-    q = _load("quality")
+    q = load("quality")
     if q:
         m, d = q["metrics"], q["details"]
         rows.append(f"| quality | {d['model']} (random weights) | INT4 ({d['int4_scale_rule']}) vs the f32 forward: KL nats; "
                     f"top-1 agreement | {_f(m['int4_cpu_kl_mean'], 3)}; {_f(m['int4_cpu_top1_agree'], 3)} | "
                     f"CPU FP8: KL {m['fp8_cpu_kl_mean']:.0e}; {_env(q)} |")
-    p = _load("prefill")
+    p = load("prefill")
     if p:
         m, d, run = p["metrics"], p["details"], _env(p)
         top = max(d["lengths"])
@@ -78,16 +122,52 @@ def table() -> str:
             if f"{s}_tok_s" in m:
                 rows.append(f"| prefill ({s}) | {d['model']} FP8 | prefill tok/s, {top}-token prompt | "
                             f"{_f(m[f'{s}_tok_s'])} | {run} |")
-    return "\n".join(rows)
+    return rows
 
 
-def _peer_rows() -> list[str]:
+def _kernel_path(doc: dict, prec: str) -> str:
+    """The kernel path a kernels.json ran at precision `prec` ("exact" | "bf16"); its ISA for
+    results from before paths were recorded."""
+    env = doc["env"]
+    paths = env.get("kernel_paths") or {}
+    info = paths.get(prec) or (paths.get("default") if prec == "exact" else None) or {}
+    return info.get("kernel_path") or env.get("isa") or "?"
+
+
+def _kernel_rows(load: Loader) -> list[str]:
+    """FP8 GEMV and MoE-layer rows of kernels.json, per precision measured (exact: plain
+    metric keys, bf16: `_bf16` keys), each naming its kernel path; the subnormal-heavy row."""
+    k = load("kernels")
+    if not k:
+        return []
+    m, run, rows = k["metrics"], _env(k), []
+    for prec, sfx in (("exact", ""), ("bf16", "_bf16")):
+        if f"fp8_gemv_m1_frac_of_read{sfx}" not in m:
+            continue
+        what = f"V3 expert shapes, FP8 ({_kernel_path(k, prec)}{', bf16 dot' if sfx else ''})"
+        rows += [
+            f"| kernels | {what} | GEMV M=1, fraction of the read pass | {_f(m[f'fp8_gemv_m1_frac_of_read{sfx}'], 3)} | "
+            f"{_f(m[f'fp8_gemv_m1_gbps{sfx}'])} GB/s vs read pass {_f(m[f'read_pass_gbps{sfx}'])} GB/s; {run} |",
+            f"| kernels | {what} | MoE layer (8 experts, 1 token) ms, fraction of read | "
+            f"{_f(m[f'moe_layer_m1_ms{sfx}'], 2)} ms, {_f(m[f'moe_layer_m1_frac_of_read{sfx}'], 3)} | {run} |",
+        ]
+        if f"fp8_gemv_m1_subnormal_heavy_slowdown{sfx}" in m:
+            sub = k["details"].get("weights", {}).get("uniform_codes", {}).get("subnormal_frac")
+            rows.append(f"| kernels | {what} | GEMV M=1 on subnormal-heavy codes ({_f(None if sub is None else 100 * sub)} % "
+                        f"subnormal): slowdown vs checkpoint-like | {_f(m[f'fp8_gemv_m1_subnormal_heavy_slowdown{sfx}'], 2)}x | "
+                        f"{run} |")
+    return rows
+
+
+def _peer_rows(load: Loader) -> list[str]:
     """jaxmoe vs llama.cpp on the same model, threads and run (benchmarks/peer_llamacpp.py)."""
-    d = _load("peer_llamacpp")
+    d = load("peer_llamacpp")
     if not d:
         return []
     m, det, run = d["metrics"], d["details"], _env(d)
     n = det["n_prompt"]
+    wa = det.get("llama_bench_workaround")
+    bench = f"llama-bench tg{det['llama_bench']['n_gen']} / pp{n}" + (f", {wa}" if wa else "")
     what = f"{det['model']}, {m['threads']} threads, {det['rounds']} alternating rounds"
     rows = [f"| peer | {what} | jaxmoe (FP8) decode / prefill {n} tok/s | {_f(m['jaxmoe_decode_tok_s'], 2)} / "
             f"{_f(m[f'jaxmoe_prefill{n}_tok_s'], 1)} | {run} |"]
@@ -97,16 +177,16 @@ def _peer_rows() -> list[str]:
         if m.get(f"llamacpp_{t}_decode_tok_s") is None:
             continue
         rows += [f"| peer | {what} | llama.cpp {t} decode / prefill {n} tok/s | {_f(m[f'llamacpp_{t}_decode_tok_s'], 2)} / "
-                 f"{_f(m[f'llamacpp_{t}_prefill{n}_tok_s'], 1)} | llama-bench tg{det['llama_bench']['n_gen']} / pp{n}; {run} |",
+                 f"{_f(m[f'llamacpp_{t}_prefill{n}_tok_s'], 1)} | {bench}; {run} |",
                  f"| peer | {what} | ratio jaxmoe / llama.cpp {t}: decode, prefill {n} | "
                  f"{_f(m[f'ratio_decode_vs_{t}'], 2)}, {_f(m[f'ratio_prefill{n}_vs_{t}'], 2)} | "
                  + ("target vs q8_0: decode >= 1.3, prefill >= 1.0 | " if t == "q8_0" else "| ")]
     return rows
 
 
-def _slo_rows() -> list[str]:
+def _slo_rows(load: Loader) -> list[str]:
     """Headline figures of the SLO report (benchmarks/slo.py; plots in results/slo.md)."""
-    d = _load("slo")
+    d = load("slo")
     if not d:
         return []
     m, run = d["metrics"], _env(d)

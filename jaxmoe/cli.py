@@ -32,6 +32,10 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="dtype of norms, embeddings, activations and the KV cache")
     p.add_argument("--cpu-kernels", choices=["auto", "on", "off"], default="auto",
                    help="run large matmuls and routed experts on jaxmoe's CPU kernels (auto: when JAX runs on the CPU)")
+    p.add_argument("--cpu-precision", choices=["exact", "bf16"], default=None,
+                   help="the CPU kernels' FP8/BF16 arithmetic: exact (f32 activations and sums, every CPU) or bf16 "
+                        "(bf16 activations and dot products where the CPU has AVX-512 BF16); default: the runtime "
+                        "preset's, else $JAXMOE_CPU_PRECISION, else exact")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +106,8 @@ def _load(path: Path, a: argparse.Namespace, max_seq_len: int | None = None):
         raise UserError(f"checkpoint directory {path} does not exist")
     kernels = {"auto": None, "on": True, "off": False}[a.cpu_kernels]
     try:
-        return jaxmoe.load(path, dtype=_dtype(a.dtype), max_seq_len=max_seq_len, cpu_kernels=kernels)
+        return jaxmoe.load(path, dtype=_dtype(a.dtype), max_seq_len=max_seq_len, cpu_kernels=kernels,
+                           cpu_precision=a.cpu_precision)
     except RuntimeError as e:
         if kernels:  # --cpu-kernels on, where they cannot be built or loaded
             raise UserError(str(e)) from None

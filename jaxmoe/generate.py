@@ -179,6 +179,7 @@ def load(
     dtype: Any = jnp.float32,
     max_seq_len: int | None = None,
     cpu_kernels: bool | None = None,
+    cpu_precision: str | None = None,
     progress: Any = None,
     runtime: str | None = None,
     **runtime_options: Any,
@@ -191,6 +192,12 @@ def load(
     cpu_kernels: run the large matmuls and the routed experts through jaxmoe's native CPU
       kernels (cpu_ext). None (default) = when JAX runs on the CPU and the kernels load;
       True = required; False = the pure JAX path.
+    cpu_precision: arithmetic of those kernels' FP8/BF16 matmuls: "exact" (weights decoded
+      exactly, f32 activations and sums, on every CPU) or "bf16" (activations rounded to bf16
+      and bf16 dot products where the CPU has them, AVX-512 BF16: ~2e-3 relative error per
+      output; elsewhere exact). None (default) = the runtime preset's `cpu_precision`, else
+      the library's setting (env JAXMOE_CPU_PRECISION, else exact). Process-wide: it applies
+      to every model of the process that runs on the kernels. Ignored without the kernels.
     progress: show a progress bar (None = only for slow loads on a terminal).
     runtime: a runtime preset of configs/runtime/ (default: "cpu-only" without a GPU,
       "gpu+cpu-experts" with one, "2gpu+cpu-experts" with two); runtime_options override
@@ -201,7 +208,7 @@ def load(
 
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    rc = RuntimeConfig.load(runtime or _default_preset(), **runtime_options)
+    rc = RuntimeConfig.load(runtime or _default_preset(), cpu_precision=cpu_precision, **runtime_options)
     path = Path(path)
     cfg, weights = load_checkpoint(path, dtype=dtype, progress=progress)
     weights, on_kernels = _place(cfg, weights, cpu_kernels, rc)
@@ -226,8 +233,10 @@ def _place(cfg: ModelConfig, weights: Any, cpu_kernels: bool | None, rc: Runtime
     if cpu_kernels is None and not rc.staged and jax.default_backend() != "cpu":
         return weights, False
     try:
-        from jaxmoe.cpu import placement
+        from jaxmoe.cpu import _lib, placement
 
+        if rc.cpu_precision is not None:  # process-wide, before any kernel runs
+            _lib.load().set_precision(rc.cpu_precision)
         experts_only = {"min_elements": 1 << 62} if rc.staged else {}
         return placement.to_cpu_placement(weights, cfg=cfg, **experts_only), True
     except (ImportError, OSError, RuntimeError) as e:  # the native library cannot be built or loaded here

@@ -23,7 +23,7 @@
 
 #define AI static inline __attribute__((always_inline))
 #define L 32     /* bf16 pairs per vdpbf16ps step: 32 columns */
-#define MR_MAX 4 /* tokens per kernel call */
+#define MR_MAX 6 /* tokens per kernel call */
 
 enum { SRC_FP8, SRC_BF16, SRC_DEC };
 
@@ -87,7 +87,7 @@ AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, flo
   __m512 blk[JM_TILE_ROWS][MR_MAX];
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int i = 0; i < MR; i++) blk[r][i] = _mm512_setzero_ps();
   const int pf = src == SRC_FP8 ? JM_SEG : (src == SRC_BF16 ? JM_SEG / 2 : 0); /* columns per 256-byte chunk */
 #pragma GCC unroll 4
@@ -99,19 +99,19 @@ AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, flo
       for (int l = 0; l < JM_TILE_ROWS; l++) _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
     }
     __m512bh xv[MR_MAX];
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int i = 0; i < MR; i++) xv[i] = as_bh(_mm512_loadu_si512((const void *)(xr[i] + col)));
 #pragma GCC unroll 4
     for (int r = 0; r < JM_TILE_ROWS; r++) {
       const __m512bh wv = as_bh(wvec(p, src, col, r));
-#pragma GCC unroll 4
+#pragma GCC unroll 6
       for (int i = 0; i < MR; i++) blk[r][i] = _mm512_dpbf16_ps(blk[r][i], wv, xv[i]);
     }
   }
   const __m512 sv = _mm512_set1_ps(s);
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
-#pragma GCC unroll 4
+#pragma GCC unroll 6
     for (int i = 0; i < MR; i++) {
       float *a = acc + (r * MR_MAX + i) * ACC_L;
       _mm512_store_ps(a, _mm512_fmadd_ps(blk[r][i], sv, _mm512_load_ps(a)));

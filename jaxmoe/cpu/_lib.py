@@ -25,6 +25,7 @@ _CPU_EXT = _REPO / "cpu_ext"
 _HEADER_CANDIDATES = (_CPU_EXT / "include" / "jaxmoe_cpu.h", _NATIVE / "jaxmoe_cpu.h")
 
 ISA_NAMES = ("scalar", "avx2", "avx512")
+PRECISION_NAMES = ("exact", "bf16")  # enum jm_precision of the header: JM_PREC_EXACT, JM_PREC_BF16
 DT_F32, DT_BF16 = 0, 1  # enum jm_dtype of the header
 
 
@@ -124,6 +125,37 @@ class Native:
         finally:
             self.lib.jm_set_isa(prev)
 
+    def precision(self) -> str:
+        """The precision asked for ("exact" or "bf16"; process-wide, like the ISA)."""
+        return PRECISION_NAMES[self.lib.jm_precision()]
+
+    def set_precision(self, name: str) -> None:
+        """Sets the process-wide precision of the FP8/BF16 kernels: "exact" (exact weight
+        decode, f32 activations and sums, on every ISA path) or "bf16" (activations rounded to
+        bf16 and bf16 dot products where the selected path has them, else exact)."""
+        self.check(self.lib.jm_set_precision(_precision_code(name)))
+
+    @contextlib.contextmanager
+    def use_precision(self, name: str):
+        """Temporarily sets the precision ("exact" or "bf16"); restores the previous one."""
+        code = _precision_code(name)
+        prev = self.lib.jm_precision()
+        self.check(self.lib.jm_set_precision(code))
+        try:
+            yield
+        finally:
+            self.lib.jm_set_precision(prev)
+
+    def numerics(self) -> str:
+        """The arithmetic of the FP8/BF16 kernels in use now (ISA and precision together):
+        "bf16" (bf16 activations, vdpbf16ps) or "f32" (exact decode, f32 activations and sums).
+        This, not the ISA, names the error bound a result obeys (reference.linear_bound)."""
+        return "bf16" if self.lib.jm_bf16_dot() else "f32"
+
+    def kernel_path(self) -> str:
+        """The FP8/BF16 kernels in use now: "scalar", "avx2", "avx512" or "avx512-bf16"."""
+        return self.ffi.string(self.lib.jm_kernel_path()).decode()
+
     @contextlib.contextmanager
     def use_threads(self, n: int):
         """Temporarily sets the pool's thread count (n <= 0: all cores)."""
@@ -133,6 +165,12 @@ class Native:
             yield
         finally:
             self.lib.jm_set_num_threads(prev)
+
+
+def _precision_code(name: str) -> int:
+    if name not in PRECISION_NAMES:
+        raise ValueError(f"unknown CPU kernel precision {name!r}; one of {PRECISION_NAMES}")
+    return PRECISION_NAMES.index(name)
 
 
 @functools.lru_cache(maxsize=None)

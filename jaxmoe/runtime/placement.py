@@ -23,6 +23,7 @@ from jaxmoe.config import named_config_path
 from jaxmoe.model.weights import MoEWeights, Weights
 
 PREFILL_STRATEGIES = ("auto", "cpu", "slp", "dslp")
+CPU_PRECISIONS = ("exact", "bf16")  # jaxmoe.cpu._lib.PRECISION_NAMES (not imported: no cffi here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +44,17 @@ class RuntimeConfig:
     # variable JAXMOE_PREFILL_STRATEGY forces one) | "cpu" (the step path) | "slp" | "dslp"
     prefill_strategy: str = "auto"
     hardware: str | None = None  # configs/hardware profile for the planner (None: from the devices)
+    # precision of the CPU kernels' FP8/BF16 matmuls, process-wide: "exact" (exact weight decode,
+    # f32 activations and sums, on every ISA) | "bf16" (activations rounded to bf16, bf16 dot
+    # products where the CPU has them: AVX-512 BF16) | None (leave the library's setting: env
+    # JAXMOE_CPU_PRECISION at load, else exact)
+    cpu_precision: str | None = None
 
     def __post_init__(self):
         if self.prefill_strategy not in PREFILL_STRATEGIES:
             raise ValueError(f"prefill_strategy must be one of {PREFILL_STRATEGIES}, got {self.prefill_strategy!r}")
+        if self.cpu_precision is not None and self.cpu_precision not in CPU_PRECISIONS:
+            raise ValueError(f"cpu_precision must be one of {CPU_PRECISIONS} or None, got {self.cpu_precision!r}")
         if self.routed_experts not in ("host", "accelerator"):
             raise ValueError(f"routed_experts must be 'host' or 'accelerator', got {self.routed_experts!r}")
         if self.accelerators not in (0, 1, 2):

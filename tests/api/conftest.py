@@ -1,5 +1,6 @@
 """Session fixtures for the API tests: one tiny synthetic FP8 checkpoint (with tokenizer),
-loaded once with the default placement and once on the pure JAX path."""
+loaded once with the default placement (CPU kernels in exact precision, so that it agrees
+with the pure JAX path on every ISA) and once on the pure JAX path."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def tiny_ckpt(tmp_path_factory, tiny_cfg):
 
 @pytest.fixture(scope="session")
 def model(tiny_ckpt) -> jaxmoe.Model:
-    return jaxmoe.load(tiny_ckpt)
+    return jaxmoe.load(tiny_ckpt, cpu_precision="exact")
 
 
 @pytest.fixture(scope="session")

@@ -178,6 +178,67 @@ def test_llama_bench_cmd():
         LB.llama_bench_cmd(Path("b"), Path("m"), threads=2, n_prompt=0, n_gen=0, reps=1)
 
 
+def test_llama_bench_cmd_without_repack():
+    cmd = LB.llama_bench_cmd(Path("b"), Path("m.gguf"), threads=2, n_prompt=16, n_gen=4, reps=1, repack=False)
+    assert cmd[-2:] == ["--repack", "0"] and cmd[:-2] == LB.llama_bench_cmd(Path("b"), Path("m.gguf"), threads=2,
+                                                                           n_prompt=16, n_gen=4, reps=1)
+
+
+AMX_FLAGS = frozenset("avx2 fma avx512f amx_tile amx_bf16 amx_int8".split())
+NO_AMX = frozenset("avx2 fma avx512f avx512_bf16".split())
+ABORT_STDERR = ("load_tensors: CPU_REPACK model buffer size = 1024.00 MiB\n"
+                "/llama.cpp/ggml/src/ggml-backend.cpp:1042: GGML_ASSERT(*cur_backend_id != -1) failed\n")
+
+
+def test_amx_repack_abort_detection():
+    assert LB.is_amx_repack_abort(-6, ABORT_STDERR, NO_AMX)  # the assert text, whatever the CPU
+    assert LB.is_amx_repack_abort(134, "Aborted", AMX_FLAGS)  # any failure on an AMX CPU
+    assert not LB.is_amx_repack_abort(1, "error: failed to load model", NO_AMX)
+    assert not LB.is_amx_repack_abort(0, ABORT_STDERR, AMX_FLAGS)  # it ran
+
+
+def _fake_llama_bench(tmp_path: Path, *, abort_with_repack: bool, fail_always: bool = False) -> Path:
+    """A llama-bench stand-in: aborts with the AMX assert unless `--repack 0` is given (when
+    abort_with_repack), fails with another error when fail_always, else prints a -o json array."""
+    out = tmp_path / "out.json"
+    out.write_text(json.dumps([_record(16, 0, [50.0]), _record(0, 4, [10.0])]))
+    log = tmp_path / "calls.log"
+    script = tmp_path / "llama-bench"
+    script.write_text("#!/bin/sh\n"
+                      f'echo "$*" >> "{log}"\n'
+                      + ('echo "error: failed to load model" >&2; exit 1\n' if fail_always else "")
+                      + ('case "$*" in *"--repack 0"*) ;; *) echo "GGML_ASSERT(*cur_backend_id != -1) failed" >&2; '
+                         'kill -ABRT $$;; esac\n' if abort_with_repack else "")
+                      + f'cat "{out}"\n')
+    script.chmod(0o755)
+    return script
+
+
+def test_run_with_workaround(tmp_path):
+    kw = dict(threads=2, n_prompt=16, n_gen=4, reps=1, flags=NO_AMX)
+    binary = _fake_llama_bench(tmp_path, abort_with_repack=True)
+    res, wa = LB.run_with_workaround(binary, Path("m.gguf"), **kw)
+    assert set(res) == {"pp16", "tg4"} and wa == LB.REPACK_WORKAROUND == "--repack 0 (AMX repack abort)"
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert len(calls) == 2 and "--repack" not in calls[0] and calls[1].endswith("--repack 0")
+    res, wa = LB.run_with_workaround(binary, Path("m.gguf"), repack=False, **kw)  # later rounds: straight away
+    assert wa == LB.REPACK_WORKAROUND and len((tmp_path / "calls.log").read_text().splitlines()) == 3
+
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    res, wa = LB.run_with_workaround(_fake_llama_bench(ok, abort_with_repack=False), Path("m.gguf"), **kw)
+    assert wa is None and res["tg4"]["tok_s"]["median"] == 10.0
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(LB.LlamaBenchError, match="failed to load model") as e:  # not the AMX abort: no rerun
+        LB.run_with_workaround(_fake_llama_bench(bad, abort_with_repack=False, fail_always=True), Path("m.gguf"), **kw)
+    assert e.value.returncode == 1 and len((bad / "calls.log").read_text().splitlines()) == 1
+    with pytest.raises(LB.LlamaBenchError):  # on an AMX CPU it is retried once, then raised
+        LB.run_with_workaround(bad / "llama-bench", Path("m.gguf"), **{**kw, "flags": AMX_FLAGS})
+    assert len((bad / "calls.log").read_text().splitlines()) == 3
+
+
 def test_fetch_and_build_cmds(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXMOE_LLAMACPP_CACHE", str(tmp_path / "c"))
     assert LF.cache_dir() == tmp_path / "c"
@@ -280,6 +341,7 @@ def test_peer_quick_without_llamacpp(tmp_path):
     assert d["model"] == "tiny" and d["rounds"] == 1 and len(d["per_round"]) == 1
     assert d["per_round"][0]["order"] == ["jaxmoe", "llama.cpp"] and "llama.cpp" not in d["per_round"][0]
     assert d["targets"]["ratio_decode_vs_q8_0"]["met"] is None
+    assert d["llama_bench_workaround"] is None and d["llama_bench"]["workaround_by_type"] == {}
     assert doc["env"]["quick"] is True
     assert not (tmp_path / "llamacpp").exists() or not any((tmp_path / "llamacpp").rglob("*.tar.gz"))
     assert results.exists() is (before is not None) and (before is None or results.read_bytes() == before)

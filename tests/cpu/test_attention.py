@@ -1,7 +1,8 @@
 """Grouped (per-head) kernels and MLA's kv_b_proj on the host (jaxmoe.cpu.attention).
 
-Tolerance: the per-matrix bound of test_kernels ((K + 2) 2^-24 sum|w x| on the f32 paths, plus
-2^-8 sum|w x| and the flushed subnormal mass on AVX-512), applied head by head."""
+Tolerance: the per-matrix bound of test_kernels with the numerics that ran (`nat.numerics()`:
+gamma_{K+5} sum|w x| for "f32", plus 2^-8 sum|w x| and the flushed subnormal mass for "bf16"),
+applied head by head."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from jaxmoe import quant
 from jaxmoe.cpu import ops
 from jaxmoe.cpu import reference as R
+from jaxmoe.cpu._lib import PRECISION_NAMES
 from jaxmoe.cpu.attention import absorb_out, absorb_q, host_kv_b
 from jaxmoe.cpu.expert_store import HostGroup, _live
 
@@ -23,8 +25,8 @@ def random_group(rng, g, n, k):
 
 
 @pytest.mark.parametrize("g,n,k,m", [(1, 5, 7, 1), (4, 130, 200, 3), (3, 64, 129, 20)])
-def test_grouped_linear_matches_reference(isa_lib, g, n, k, m):
-    isa, nat = isa_lib
+def test_grouped_linear_matches_reference(path_lib, g, n, k, m):
+    isa, precision, nat = path_lib
     rng = np.random.default_rng(g * n + k)
     q, s = random_group(rng, g, n, k)
     x = rng.standard_normal((m, g, k)).astype(np.float32)
@@ -36,7 +38,7 @@ def test_grouped_linear_matches_reference(isa_lib, g, n, k, m):
     for j in range(g):
         w64 = R.fp8_dequant(q[j], s[j])
         err = np.abs(y[:, j] - R.linear(x[:, j], w64))
-        assert np.all(err <= R.linear_bound(x[:, j], w64, isa, R.is_subnormal(q[j]))), f"group {j}"
+        assert np.all(err <= R.linear_bound(x[:, j], w64, nat.numerics(), R.is_subnormal(q[j]))), f"group {j}"
 
 
 def test_grouped_linear_in_jit_equals_cffi():
@@ -53,31 +55,38 @@ def test_grouped_linear_in_jit_equals_cffi():
         grp.free()
 
 
+@pytest.mark.parametrize("precision", PRECISION_NAMES)
 @pytest.mark.parametrize("heads,nope,v,r", [(4, 16, 16, 32), (2, 128, 128, 512), (3, 64, 64, 96)])
-def test_kv_b_on_host_matches_einsum(heads, nope, v, r):
-    """absorb_q / absorb_out / linear of a HostKvB == the model's einsums on the dequantized
-    kv_b_proj (exact repacks of the same FP8 values: only f32 summation order differs)."""
+def test_kv_b_on_host_matches_einsum(heads, nope, v, r, precision):
+    """absorb_q / absorb_out / linear of a HostKvB (through XLA, on the selected ISA path) ==
+    the model's einsums on the dequantized kv_b_proj (exact repacks of the same FP8 values),
+    within the bound of the numerics that ran in each precision."""
     rng = np.random.default_rng(heads)
     wq, ws = quant.quantize_fp8_blocks(rng.standard_normal((heads * (nope + v), r)).astype(np.float32))
     w = quant.Fp8Weight(weight=wq, weight_scale_inv=ws)
     kvb, owners = host_kv_b(w, heads, nope, v)
+    nat = owners[0]._nat
     try:
-        codes = wq.view(np.uint8).reshape(heads, nope + v, r)
-        w64 = R.fp8_dequant(wq.view(np.uint8), ws).reshape(heads, nope + v, r)
-        q_nope = rng.standard_normal((1, 2, heads, nope)).astype(np.float32)
-        o_lat = rng.standard_normal((1, 2, heads, r)).astype(np.float32)
-        got_q = np.asarray(jax.jit(absorb_q)(kvb, q_nope))
-        got_o = np.asarray(jax.jit(absorb_out)(kvb, o_lat))
-        isa = owners[0]._nat.selected_isa()
-        for h in range(heads):  # head h: W_uk^T [r, nope] and W_uv [v, r], as plain linears
-            for x, got, w_h, c_h in ((q_nope, got_q, w64[h, :nope].T, codes[h, :nope].T),
-                                     (o_lat, got_o, w64[h, nope:], codes[h, nope:])):
-                xh = x[0, :, h]
-                err = np.abs(got[0, :, h] - R.linear(xh, w_h))
-                assert np.all(err <= R.linear_bound(xh, w_h, isa, R.is_subnormal(c_h))), f"head {h}"
-        c_kv = rng.standard_normal((3, r)).astype(np.float32)
-        np.testing.assert_allclose(np.asarray(quant.linear(jnp.asarray(c_kv), kvb)),
-                                   c_kv @ w64.reshape(-1, r).T, rtol=1e-4, atol=1e-4)
+        with nat.use_precision(precision):
+            if precision == "bf16" and not nat.lib.jm_bf16_dot():
+                pytest.skip(f"the {nat.selected_isa()} path runs no bf16 dot product here")
+            numerics = nat.numerics()
+            codes = wq.view(np.uint8).reshape(heads, nope + v, r)
+            w64 = R.fp8_dequant(wq.view(np.uint8), ws).reshape(heads, nope + v, r)
+            q_nope = rng.standard_normal((1, 2, heads, nope)).astype(np.float32)
+            o_lat = rng.standard_normal((1, 2, heads, r)).astype(np.float32)
+            got_q = np.asarray(jax.jit(absorb_q)(kvb, q_nope))
+            got_o = np.asarray(jax.jit(absorb_out)(kvb, o_lat))
+            for h in range(heads):  # head h: W_uk^T [r, nope] and W_uv [v, r], as plain linears
+                for x, got, w_h, c_h in ((q_nope, got_q, w64[h, :nope].T, codes[h, :nope].T),
+                                         (o_lat, got_o, w64[h, nope:], codes[h, nope:])):
+                    xh = x[0, :, h]
+                    err = np.abs(got[0, :, h] - R.linear(xh, w_h))
+                    assert np.all(err <= R.linear_bound(xh, w_h, numerics, R.is_subnormal(c_h))), f"head {h}"
+            c_kv = rng.standard_normal((3, r)).astype(np.float32)
+            w_all, c_all = w64.reshape(-1, r), codes.reshape(-1, r)
+            err = np.abs(np.asarray(quant.linear(jnp.asarray(c_kv), kvb)) - R.linear(c_kv, w_all))
+            assert np.all(err <= R.linear_bound(c_kv, w_all, numerics, R.is_subnormal(c_all))), "linear"
     finally:
         for o in owners:
             o.free()

@@ -1,10 +1,12 @@
 """The model forward (prefill and decode) on the CPU kernels == the reference forward.
 
-Weights: the tiny config's synthetic FP8 checkpoint, loaded by the real loader. Tolerance:
-on the f32 kernel paths (scalar, AVX2) each matmul is within (K + 2) 2^-24 sum|w x| of exact,
-as is XLA's f32 reference, so logits agree to ~1e-5 of their scale (asserted: 1e-4); on the
-AVX-512 BF16 path activations are rounded to bf16 (2^-9) at each of the ~20 matmuls in a row,
-asserted at 3e-2 of the logits' scale.
+Weights: the tiny config's synthetic FP8 checkpoint, loaded by the real loader. The kernels
+run in exact precision (f32 numerics on every ISA path): each matmul is within
+gamma_{K+5} sum|w x| of exact (K <= 128 here: ~8e-6), as is XLA's f32 reference, so logits
+agree to ~1e-5 of their scale (asserted: 1e-4). The bf16 precision has no model-level bound:
+its 2^-8 per matmul flips router choices of a random model, and one flip moves a logit by
+O(1); its matmuls are checked against their bounds in test_kernels / test_moe /
+test_attention instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,22 @@ forward = pytest.importorskip("jaxmoe.model.forward")
 cache_mod = pytest.importorskip("jaxmoe.model.cache")
 loader = pytest.importorskip("jaxmoe.loading.loader")
 synthetic = pytest.importorskip("jaxmoe.loading.synthetic")
+
+
+LOGIT_TOL = {"f32": 1e-4}  # by Native.numerics(): max |logit diff| / max |logit|
+
+
+@pytest.fixture(autouse=True)
+def exact_kernels():
+    """Every test of this module in exact precision, whatever JAXMOE_CPU_PRECISION says."""
+    nat = jcpu.expert_store.load()
+    with nat.use_precision("exact"):
+        assert nat.numerics() == "f32"
+        yield nat
+
+
+def logit_tol(nat) -> float:
+    return LOGIT_TOL[nat.numerics()]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +67,7 @@ def test_placement_covers_every_large_matmul(tiny):
 
 
 @pytest.mark.parametrize("step", ["prefill", "decode"])
-def test_forward_on_cpu_kernels_matches_reference(tiny, step):
+def test_forward_on_cpu_kernels_matches_reference(tiny, step, exact_kernels):
     cfg, weights, placed = tiny
     fn = jax.jit(getattr(forward, step), static_argnums=0)
     rng = np.random.default_rng(0)
@@ -60,7 +78,7 @@ def test_forward_on_cpu_kernels_matches_reference(tiny, step):
     want, _ = fn(cfg, weights, cache, tokens, positions)
     got, _ = fn(cfg, placed, cache, tokens, positions)
     scale = float(jnp.max(jnp.abs(want)))
-    tol = 3e-2 if jcpu.expert_store.load().selected_isa() == "avx512" else 1e-4
+    tol = logit_tol(exact_kernels)
     err = float(jnp.max(jnp.abs(got - want)))
     assert err <= tol * scale, f"{step}: max |logit diff| {err:.3g} > {tol} x {scale:.3g}"
     # the HLO really calls the kernels
@@ -92,7 +110,7 @@ def test_store_from_checkpoint_without_loading_experts(tmp_path):
         jcpu.release(b)
 
 
-def test_decode_with_kv_b_on_host(tiny):
+def test_decode_with_kv_b_on_host(tiny, exact_kernels):
     """With cfg, kv_b_proj becomes a HostKvB (per-head kernels through the model's absorb_q /
     absorb_out hooks); decode and prefill still match the reference."""
     mla = pytest.importorskip("jaxmoe.model.mla")
@@ -112,8 +130,9 @@ def test_decode_with_kv_b_on_host(tiny):
             fn = jax.jit(getattr(forward, step), static_argnums=0)
             want, _ = fn(cfg, weights, cache, tokens, positions)
             got, _ = fn(cfg, placed, cache, tokens, positions)
-            tol = 3e-2 if jcpu.expert_store.load().selected_isa() == "avx512" else 1e-4
-            assert float(jnp.max(jnp.abs(got - want))) <= tol * float(jnp.max(jnp.abs(want))), step
+            tol = logit_tol(exact_kernels)
+            err = float(jnp.max(jnp.abs(got - want)))
+            assert err <= tol * float(jnp.max(jnp.abs(want))), f"{step}: max |logit diff| {err:.3g}"
         hlo = jax.jit(forward.decode, static_argnums=0).lower(cfg, placed, cache, tokens, positions).as_text()
         assert "jaxmoe_cpu_linear_grouped" in hlo
     finally:
