@@ -74,11 +74,11 @@ AI void fold(const jm_matrix *w, const float *x, int64_t ldx, int m, float *xf, 
   }
 }
 
-/* One 128-column block kb of a 4-row tile against tokens xr[0..MR) (tile_driver.h): 8 block
- * sums, 4 x vectors and the two weight vectors of a step fit the 16 ymm registers. */
-AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, float s, const float *const *xr,
-                     const int MR, float *acc) {
-  __m256 blk[JM_TILE_ROWS][MR_MAX];
+/* The block sums of one 128-column block kb of a 4-row tile against tokens xr[0..MR)
+ * (tile_driver.h adds them into the sums): 8 block sums, 4 x vectors and the two weight
+ * vectors of a step fit the 16 ymm registers at MR = 2. */
+AI void block_sums(const uint8_t *p, const int src, const int dec, int kb, const float *const *xr, const int MR,
+                   __m256 blk[JM_TILE_ROWS][MR_MAX]) {
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 3
@@ -106,17 +106,7 @@ AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, flo
       }
     }
   }
-  const __m256 sv = _mm256_set1_ps(s);
-#pragma GCC unroll 4
-  for (int r = 0; r < JM_TILE_ROWS; r++)
-#pragma GCC unroll 3
-    for (int i = 0; i < MR; i++) {
-      float *a = acc + (r * MR_MAX + i) * 8;
-      _mm256_store_ps(a, _mm256_fmadd_ps(blk[r][i], sv, _mm256_load_ps(a)));
-    }
 }
-
-AI float acc_sum(const float *a) { return hsum8(_mm256_load_ps(a)); }
 
 /* the block scale of tile t's rows in column block kb, with the decode's power of two */
 AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
@@ -124,7 +114,15 @@ AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
   return jm_scale_of(w, t * JM_TILE_ROWS / JM_KBLOCK, kb) * (dec == DEC_SHIFT ? 0x1p64f : 0x1p8f);
 }
 
+#define VEC __m256
+#define V_ZERO() _mm256_setzero_ps()
+#define V_SET1(s) _mm256_set1_ps(s)
+#define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_LOAD(p) _mm256_load_ps(p)
+#define V_STORE(p, v) _mm256_store_ps(p, v)
+#define V_SUM(v) hsum8(v)
 #define ACC_L 8
+#define MR_GEMV 2
 #define XT float
 #define WD_ELEM sizeof(float)
 #include "tile_driver.h"

@@ -81,12 +81,10 @@ AI void fold(const jm_matrix *w, const float *x, int64_t ldx, int m, float *xf, 
   }
 }
 
-/* One 128-column block kb of a 4-row tile against tokens xr[0..MR): the block sums in
- * registers (the x vectors of a step loaded once for the 4 rows), then
- * acc[(r * MR_MAX + i) * 16] = fma(blk, s, acc) in memory (internal.h's canonical sum). */
-AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, float s, const float *const *xr,
-                     const int MR, float *acc) {
-  __m512 blk[JM_TILE_ROWS][MR_MAX];
+/* The block sums of one 128-column block kb of a 4-row tile against tokens xr[0..MR): the x
+ * vectors of a step loaded once for the 4 rows (tile_driver.h adds them into the sums). */
+AI void block_sums(const uint8_t *p, const int src, const int dec, int kb, const float *const *xr, const int MR,
+                   __m512 blk[JM_TILE_ROWS][MR_MAX]) {
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 6
@@ -110,17 +108,7 @@ AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, flo
       for (int i = 0; i < MR; i++) blk[r][i] = _mm512_fmadd_ps(wv, xv[i], blk[r][i]);
     }
   }
-  const __m512 sv = _mm512_set1_ps(s);
-#pragma GCC unroll 4
-  for (int r = 0; r < JM_TILE_ROWS; r++)
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; i++) {
-      float *a = acc + (r * MR_MAX + i) * L;
-      _mm512_store_ps(a, _mm512_fmadd_ps(blk[r][i], sv, _mm512_load_ps(a)));
-    }
 }
-
-AI float acc_sum(const float *a) { return hsum16(_mm512_load_ps(a)); }
 
 /* the block scale of tile t's rows in column block kb, with the decode's power of two */
 AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
@@ -128,7 +116,15 @@ AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
   return jm_scale_of(w, t * JM_TILE_ROWS / JM_KBLOCK, kb) * (dec == DEC_SHIFT ? 0x1p64f : 0x1p8f);
 }
 
+#define VEC __m512
+#define V_ZERO() _mm512_setzero_ps()
+#define V_SET1(s) _mm512_set1_ps(s)
+#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_LOAD(p) _mm512_load_ps(p)
+#define V_STORE(p, v) _mm512_store_ps(p, v)
+#define V_SUM(v) hsum16(v)
 #define ACC_L L
+#define MR_GEMV 3
 #define XT float
 #define WD_ELEM sizeof(float)
 #include "tile_driver.h"

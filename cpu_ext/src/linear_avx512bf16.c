@@ -80,11 +80,10 @@ static void fold_bf16(const jm_matrix *w, int rb, const float *x, int64_t ldx, i
   }
 }
 
-/* One 128-column block kb of a 4-row tile against tokens xr[0..MR) (tile_driver.h) */
-#define ACC_L 16 /* accumulator lanes */
-AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, float s, const uint16_t *const *xr,
-                     const int MR, float *acc) {
-  __m512 blk[JM_TILE_ROWS][MR_MAX];
+/* The block sums of one 128-column block kb of a 4-row tile against tokens xr[0..MR)
+ * (tile_driver.h adds them into the sums) */
+AI void block_sums(const uint8_t *p, const int src, const int dec, int kb, const uint16_t *const *xr, const int MR,
+                   __m512 blk[JM_TILE_ROWS][MR_MAX]) {
 #pragma GCC unroll 4
   for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 6
@@ -108,22 +107,21 @@ AI void block_kernel(const uint8_t *p, const int src, const int dec, int kb, flo
       for (int i = 0; i < MR; i++) blk[r][i] = _mm512_dpbf16_ps(blk[r][i], wv, xv[i]);
     }
   }
-  const __m512 sv = _mm512_set1_ps(s);
-#pragma GCC unroll 4
-  for (int r = 0; r < JM_TILE_ROWS; r++)
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; i++) {
-      float *a = acc + (r * MR_MAX + i) * ACC_L;
-      _mm512_store_ps(a, _mm512_fmadd_ps(blk[r][i], sv, _mm512_load_ps(a)));
-    }
 }
-
-AI float acc_sum(const float *a) { return hsum16(_mm512_load_ps(a)); }
 
 AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
   return w->format == JM_FMT_FP8 ? jm_scale_of(w, t * JM_TILE_ROWS / JM_KBLOCK, kb) * 0x1p64f : 1.0f;
 }
 
+#define VEC __m512
+#define V_ZERO() _mm512_setzero_ps()
+#define V_SET1(s) _mm512_set1_ps(s)
+#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_LOAD(p) _mm512_load_ps(p)
+#define V_STORE(p, v) _mm512_store_ps(p, v)
+#define V_SUM(v) hsum16(v)
+#define ACC_L 16
+#define MR_GEMV 3
 #define XT uint16_t
 #define WD_ELEM sizeof(uint16_t)
 #include "tile_driver.h"
