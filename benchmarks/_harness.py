@@ -21,9 +21,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks._cpu import cpu_header, cpu_model  # noqa: F401  (cpu_model: re-exported)
+from benchmarks._cpu import cpu_class, cpu_header, cpu_model  # noqa: F401  (cpu_model: re-exported)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CLASS_DIRS = {"avx2": "avx2", "avx512": "avx512", "avx512+amx": "avx512-amx"}
+
+
+def default_result(name: str) -> Path:
+    """Where a benchmark's default full run keeps its JSON: results/<name> on an AVX2 CPU (the
+    figures measured before CPU classes were told apart), results/<class dir>/<name> on the
+    others, so a run on one class never replaces another class's figures."""
+    cls = cpu_class()
+    return RESULTS_DIR / name if cls in ("avx2", "other") else RESULTS_DIR / CLASS_DIRS[cls] / name
 
 
 def parser(description: str) -> argparse.ArgumentParser:

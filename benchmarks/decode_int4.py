@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     env = H.env_info(isa=nat.selected_isa(), threads=nat.lib.jm_num_threads(), quick=args.quick)
     doc = H.write(args.json, metrics, env, details)
     if not args.quick and args.config is None:
-        H.write(H.RESULTS_DIR / "decode_int4.json", metrics, env, details)
+        H.write(H.default_result("decode_int4.json"), metrics, env, details)
     print(metrics)
     for m in models.values():
         m.close()

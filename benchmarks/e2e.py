@@ -405,7 +405,7 @@ def main(argv=None) -> dict:
         metrics, env, details = summary()
         doc = H.write(args.json, metrics, env, details)
         if not args.quick:
-            H.write(H.RESULTS_DIR / "e2e.json", metrics, env, details)
+            H.write(H.default_result("e2e.json"), metrics, env, details)
         return doc
 
     save()  # decode figures are on disk even if a long prefill is cut short

@@ -243,7 +243,7 @@ def main(argv=None) -> dict:
                      kernel_paths=details["kernel_paths"])
     doc = H.write(args.json, metrics, env, details)
     if not args.quick:
-        H.write(H.RESULTS_DIR / "kernels.json", metrics, env, details)
+        H.write(H.default_result("kernels.json"), metrics, env, details)
     print({k: v for k, v in metrics.items()})
     store.free()
     return doc

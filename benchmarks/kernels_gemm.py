@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
     env = H.env_info(isa=nat.selected_isa(), threads=int(nat.lib.jm_num_threads()), quick=args.quick, precisions=precs)
     doc = H.write(args.json, metrics, env, details)
     if not args.quick:
-        H.write(H.RESULTS_DIR / "kernels_gemm.json", metrics, env, details)
+        H.write(H.default_result("kernels_gemm.json"), metrics, env, details)
     print(metrics)
     store.free()
     return doc

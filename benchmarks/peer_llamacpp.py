@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
                      machine="shared 2-core box, loaded by other engineers' runs")
     doc = H.write(args.json, metrics, env, details)
     if not quick:
-        H.write(H.RESULTS_DIR / "peer_llamacpp.json", metrics, env, details)
+        H.write(H.default_result("peer_llamacpp.json"), metrics, env, details)
     print("metrics: " + ", ".join(f"{k} {v}" for k, v in metrics.items()), flush=True)
     engine = None
     model.close()

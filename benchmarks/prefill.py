@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
     doc = H.write(args.json, metrics, env, details)
     if not args.quick:
         default = name == "demo" and set(strategies) == set(ALL)
-        H.write(H.RESULTS_DIR / ("prefill.json" if default else f"prefill-{name}.json"), metrics, env, details)
+        H.write(H.default_result(("prefill.json" if default else f"prefill-{name}.json")), metrics, env, details)
     bench.close()
     if tmpdir is not None:
         tmpdir.cleanup()

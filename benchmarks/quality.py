@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
     env = H.env_info(isa=jcpu.expert_store.load().selected_isa(), quick=args.quick)
     doc = H.write(args.json, metrics, env, details)
     if not args.quick and not args.checkpoint and model == "demo":  # the default run is the committed one
-        H.write(H.RESULTS_DIR / "quality.json", metrics, env, details)
+        H.write(H.default_result("quality.json"), metrics, env, details)
     print(metrics)
     return doc
 

@@ -21,10 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks._cpu import CLASSES
-from benchmarks._harness import RESULTS_DIR
+from benchmarks._harness import CLASS_DIRS, RESULTS_DIR
 
 NAMES = ("e2e", "peer_llamacpp", "slo", "kernels", "kernels_int4_gemm", "quality", "prefill")
-CLASS_DIRS = {"avx2": "avx2", "avx512": "avx512", "avx512+amx": "avx512-amx"}
 CLASS_LABELS = {"avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX", "other": "other"}
 LEGACY_CLASS = "avx2"  # results from before env.cpu_class: the AVX2 development box
 

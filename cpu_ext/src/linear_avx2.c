@@ -125,6 +125,7 @@ AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
 #define MR_GEMV 2
 #define XT float
 #define WD_ELEM sizeof(float)
+#define GEMM_KMAJOR 1
 #include "tile_driver.h"
 
 AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {

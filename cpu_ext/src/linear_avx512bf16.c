@@ -124,6 +124,7 @@ AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
 #define MR_GEMV 3
 #define XT uint16_t
 #define WD_ELEM sizeof(uint16_t)
+#define GEMM_KMAJOR 0
 #include "tile_driver.h"
 
 static void tiles_bf16(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {

@@ -4,16 +4,19 @@
  *            its f32 accumulator vector (ACC_L lanes) and V_SUM's fixed pairwise tree
  *   MR_MAX   tokens per GEMM block_sums call (3 to 6); MR_GEMV (<= MR_MAX) for the GEMV
  *   XT       the folded activation element type
+ *   GEMM_KMAJOR  1: the GEMM path runs K-block-major (gemm_tiles), 0: tile-major over the
+ *            decoded tiles like the GEMV (gemv_tiles; measured faster for the bf16 kernels)
  *   block_sums(p, src, dec, kb, xr, MR, blk)   the block sums blk[r][i] (from zero) of one
  *            128-column block kb of the 4-row tile at p against tokens xr[0..MR)
  *            (always_inline; src, dec, MR compile-time constants)
  *   block_scale(w, t, kb, dec)   the scale that multiplies tile t's block sums of block kb
  * Per output: acc = V_FMA(blk, scale, acc) after every block in K order, then V_SUM(acc)
- * (internal.h's canonical sum). GEMV (gemv_tile): per tile and group of MR_GEMV tokens, every
+ * (internal.h's canonical sum). GEMV (gemv_tiles): per tile and group of MR_GEMV tokens, every
  * K block with acc in registers; the weights stream from DRAM once per token group. GEMM
- * (run_tiles_dec: decoded tiles, t1 - t0 <= JM_GEMM_NP / 4, m <= JM_GEMM_MB): per K block every
- * tile and group of MR_MAX tokens, acc in memory, so a block's weights and activations stay in
- * L1. Both apply the same operations to each output in the same order: the same bits.
+ * (run_tiles_dec: decoded tiles, t1 - t0 <= JM_GEMM_NP / 4, m <= JM_GEMM_MB): the same over
+ * the decoded tiles, or with GEMM_KMAJOR per K block every tile and group of MR_MAX tokens, acc
+ * in memory, so a block's weights and activations stay in L1 (measured faster for the f32
+ * kernels). All apply the same operations to each output in the same order: the same bits.
  */
 #ifndef JM_TILE_DRIVER_H
 #define JM_TILE_DRIVER_H
@@ -61,11 +64,11 @@ AI void gemm_block(const jm_matrix *w, int t, int kb, const uint8_t *p, const in
     default: CALL(MAX); break;                                                          \
   }
 
-AI void gemv_tiles(const jm_matrix *w, int t0, int t1, const int src, const int dec, const XT *const *xr, int m,
-                   float *y, int64_t ldy) {
+AI void gemv_tiles(const jm_matrix *w, int t0, int t1, const uint8_t *base, int64_t tile_bytes, const int src,
+                   const int dec, const XT *const *xr, int m, float *y, int64_t ldy) {
   for (int t = t0; t < t1; t++) {
     const int rows = w->n - t * JM_TILE_ROWS < JM_TILE_ROWS ? w->n - t * JM_TILE_ROWS : JM_TILE_ROWS;
-    const uint8_t *p = jm_tile_ptr(w, t);
+    const uint8_t *p = base + (t - t0) * tile_bytes;
     for (int i = 0; i < m; i += MR_GEMV) {
       const int mr = m - i < MR_GEMV ? m - i : MR_GEMV;
       float *yi = y + (int64_t)i * ldy + (t - t0) * JM_TILE_ROWS;
@@ -109,15 +112,20 @@ AI void run_tiles_gemv(const jm_matrix *w, int t0, int t1, const int dec, const 
   const XT *xr[JM_MC];
   for (int i = 0; i < m; i++) xr[i] = xf + (int64_t)i * w->k_pad;
   if (w->format == JM_FMT_FP8)
-    gemv_tiles(w, t0, t1, SRC_FP8, dec, xr, m, y, ldy);
+    gemv_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_FP8, dec, xr, m, y, ldy);
   else
-    gemv_tiles(w, t0, t1, SRC_BF16, dec, xr, m, y, ldy);
+    gemv_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_BF16, dec, xr, m, y, ldy);
 }
 
 /* the GEMM entry: decoded tiles wd, token rows by pointer (m <= JM_GEMM_MB) */
 AI void run_tiles_dec(const jm_matrix *w, int t0, int t1, const int dec, const void *wd, const void *const *xr, int m,
                       float *y, int64_t ldy) {
+#if GEMM_KMAJOR
   gemm_tiles(w, t0, t1, (const uint8_t *)wd, dec, (const XT *const *)xr, m, y, ldy);
+#else
+  gemv_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * WD_ELEM, SRC_DEC, dec,
+             (const XT *const *)xr, m, y, ldy);
+#endif
 }
 
 #endif
