@@ -211,16 +211,22 @@ void jm_pool_run(int64_t n_tasks, jm_task_fn fn, void *ctx, const int64_t *node_
   const unsigned csr = _mm_getcsr();
   _mm_setcsr(0x1F80);
   const uint64_t gen = atomic_load(&P.gen) + 1, tag = (gen & ((1ull << (64 - GEN_SHIFT)) - 1)) << GEN_SHIFT;
+  int64_t begin[MAX_NODES], end[MAX_NODES];
+  for (int j = 0; j < P.n_nodes; j++) {
+    begin[j] = 0, end[j] = n_tasks; /* node_start has jm_pool_nodes()+1 entries */
+    if (node_start) begin[j] = node_start[j], end[j] = node_start[j + 1];
+    else if (j > 0) begin[j] = end[j];
+  }
+  /* First retag the task counters: a worker still inside run_tasks of the last job (it read
+   * next[j] before that job ended) then fails its claim. Only after that may end[j], fn and
+   * ctx change: otherwise such a worker could compare its stale index with the new end[j],
+   * claim it under the old tag, and run (and count in `done`) a task of the new job before
+   * its set-up, letting the caller return while a task still runs. */
+  for (int j = 0; j < P.n_nodes; j++) atomic_store(&P.next[j], tag | (uint64_t)begin[j]);
   P.fn = fn;
   P.ctx = ctx;
   atomic_store(&P.done, 0);
-  for (int j = 0; j < P.n_nodes; j++) {
-    int64_t b = 0, e = n_tasks; /* node_start has jm_pool_nodes()+1 entries */
-    if (node_start) b = node_start[j], e = node_start[j + 1];
-    else if (j > 0) b = e;
-    P.end[j] = e;
-    atomic_store(&P.next[j], tag | (uint64_t)b);
-  }
+  for (int j = 0; j < P.n_nodes; j++) P.end[j] = end[j];
   atomic_store(&P.gen, gen);
   if (P.n_threads > 1 && n_tasks > 1) {
     pthread_mutex_lock(&P.mu);
