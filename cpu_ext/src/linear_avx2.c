@@ -145,20 +145,5 @@ AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {
   }
 }
 
-/* one kernel table per FP8 decode */
-#define TABLE(NAME, DEC)                                                                                             \
-  static void fold_##NAME(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf) {                \
-    fold(w, x, ldx, m, (float *)xf, DEC);                                                                            \
-  }                                                                                                                  \
-  static void tiles_##NAME(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {       \
-    run_tiles_gemv(w, t0, t1, DEC, (const float *)xf, m, y, ldy);                                                    \
-  }                                                                                                                  \
-  static void tiles_dec_##NAME(const jm_matrix *w, int t0, int t1, const void *wd, const void *const *xr, int m,     \
-                               float *y, int64_t ldy) {                                                              \
-    run_tiles_dec(w, t0, t1, DEC, wd, xr, m, y, ldy);                                                                \
-  }                                                                                                                  \
-  static void decode_##NAME(const jm_matrix *w, int t0, int t1, void *wd) { decode(w, t0, t1, wd, DEC); }            \
-  const jm_kernels jm_kernels_##NAME = {JM_ISA_AVX2, 0, sizeof(float), sizeof(float), fold_##NAME, tiles_##NAME,   \
-                                       decode_##NAME, tiles_dec_##NAME};
-TABLE(avx2, DEC_HALF)
-TABLE(avx2_shift, DEC_SHIFT)
+TD_TABLE(avx2, JM_ISA_AVX2, DEC_HALF)
+TD_TABLE(avx2_shift, JM_ISA_AVX2, DEC_SHIFT)

@@ -140,20 +140,5 @@ AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {
   }
 }
 
-/* one kernel table per FP8 decode */
-#define TABLE(NAME, DEC)                                                                                             \
-  static void fold_##NAME(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf) {                \
-    fold(w, x, ldx, m, (float *)xf, DEC);                                                                            \
-  }                                                                                                                  \
-  static void tiles_##NAME(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {       \
-    run_tiles_gemv(w, t0, t1, DEC, (const float *)xf, m, y, ldy);                                                    \
-  }                                                                                                                  \
-  static void tiles_dec_##NAME(const jm_matrix *w, int t0, int t1, const void *wd, const void *const *xr, int m,     \
-                               float *y, int64_t ldy) {                                                              \
-    run_tiles_dec(w, t0, t1, DEC, wd, xr, m, y, ldy);                                                                \
-  }                                                                                                                  \
-  static void decode_##NAME(const jm_matrix *w, int t0, int t1, void *wd) { decode(w, t0, t1, wd, DEC); }            \
-  const jm_kernels jm_kernels_##NAME = {JM_ISA_AVX512, 0, sizeof(float), sizeof(float), fold_##NAME, tiles_##NAME, \
-                                       decode_##NAME, tiles_dec_##NAME};
-TABLE(avx512, DEC_HALF)
-TABLE(avx512_shift, DEC_SHIFT)
+TD_TABLE(avx512, JM_ISA_AVX512, DEC_HALF)
+TD_TABLE(avx512_shift, JM_ISA_AVX512, DEC_SHIFT)

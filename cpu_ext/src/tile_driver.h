@@ -10,6 +10,7 @@
  *            128-column block kb of the 4-row tile at p against tokens xr[0..MR)
  *            (always_inline; src, dec, MR compile-time constants)
  *   block_scale(w, t, kb, dec)   the scale that multiplies tile t's block sums of block kb
+ *   fold(w, x, ldx, m, xf, dec), decode(w, t0, t1, wd, dec)   (for TD_TABLE, the f32 files)
  * Per output: acc = V_FMA(blk, scale, acc) after every block in K order, then V_SUM(acc)
  * (internal.h's canonical sum). GEMV (gemv_tiles): per tile and group of MR_GEMV tokens, every
  * K block with acc in registers; the weights stream from DRAM once per token group. GEMM
@@ -125,7 +126,39 @@ AI void run_tiles_dec(const jm_matrix *w, int t0, int t1, const int dec, const v
 #else
   gemv_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * WD_ELEM, SRC_DEC, dec,
              (const XT *const *)xr, m, y, ldy);
+/* one kernel table per FP8 decode: jm_kernels_<NAME> with the file's fold and decode */
+#define TD_TABLE(NAME, ISA, DEC)                                                                                     \
+  static void fold_##NAME(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf) {                \
+    fold(w, x, ldx, m, (XT *)xf, DEC);                                                                               \
+  }                                                                                                                  \
+  static void tiles_##NAME(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {       \
+    run_tiles_gemv(w, t0, t1, DEC, (const XT *)xf, m, y, ldy);                                                       \
+  }                                                                                                                  \
+  static void tiles_dec_##NAME(const jm_matrix *w, int t0, int t1, const void *wd, const void *const *xr, int m,     \
+                               float *y, int64_t ldy) {                                                              \
+    run_tiles_dec(w, t0, t1, DEC, wd, xr, m, y, ldy);                                                                \
+  }                                                                                                                  \
+  static void decode_##NAME(const jm_matrix *w, int t0, int t1, void *wd) { decode(w, t0, t1, wd, DEC); }            \
+  const jm_kernels jm_kernels_##NAME = {ISA, 0, sizeof(XT), WD_ELEM, fold_##NAME, tiles_##NAME, decode_##NAME,      \
+                                       tiles_dec_##NAME};
+
 #endif
 }
+
+/* one kernel table per FP8 decode: jm_kernels_<NAME> with the file's fold and decode */
+#define TD_TABLE(NAME, ISA, DEC)                                                                                     \
+  static void fold_##NAME(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf) {                \
+    fold(w, x, ldx, m, (XT *)xf, DEC);                                                                               \
+  }                                                                                                                  \
+  static void tiles_##NAME(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {       \
+    run_tiles_gemv(w, t0, t1, DEC, (const XT *)xf, m, y, ldy);                                                       \
+  }                                                                                                                  \
+  static void tiles_dec_##NAME(const jm_matrix *w, int t0, int t1, const void *wd, const void *const *xr, int m,     \
+                               float *y, int64_t ldy) {                                                              \
+    run_tiles_dec(w, t0, t1, DEC, wd, xr, m, y, ldy);                                                                \
+  }                                                                                                                  \
+  static void decode_##NAME(const jm_matrix *w, int t0, int t1, void *wd) { decode(w, t0, t1, wd, DEC); }            \
+  const jm_kernels jm_kernels_##NAME = {ISA, 0, sizeof(XT), WD_ELEM, fold_##NAME, tiles_##NAME, decode_##NAME,      \
+                                       tiles_dec_##NAME};
 
 #endif
