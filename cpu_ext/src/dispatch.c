@@ -182,10 +182,15 @@ static int decode_for(int isa) {
     decode_asked = d;
   }
   if (decode_asked != JM_DEC_AUTO || isa == JM_ISA_SCALAR) return decode_asked == JM_DEC_SHIFT;
-  if (decode_measured[isa] < 0) {
-    const jm_kernels *half = isa == JM_ISA_AVX512 ? &jm_kernels_avx512 : &jm_kernels_avx2;
-    const jm_kernels *shift = isa == JM_ISA_AVX512 ? &jm_kernels_avx512_shift : &jm_kernels_avx2_shift;
-    decode_measured[isa] = jm_probe_faster(half, shift) == shift ? JM_DEC_SHIFT : JM_DEC_HALF;
+  if (decode_measured[isa] < 0) { /* once per ISA: concurrent first calls wait for one probe */
+    static pthread_mutex_t probe_mu = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&probe_mu);
+    if (decode_measured[isa] < 0) {
+      const jm_kernels *half = isa == JM_ISA_AVX512 ? &jm_kernels_avx512 : &jm_kernels_avx2;
+      const jm_kernels *shift = isa == JM_ISA_AVX512 ? &jm_kernels_avx512_shift : &jm_kernels_avx2_shift;
+      decode_measured[isa] = jm_probe_faster(half, shift) == shift ? JM_DEC_SHIFT : JM_DEC_HALF;
+    }
+    pthread_mutex_unlock(&probe_mu);
   }
   return decode_measured[isa];
 }

@@ -1,8 +1,9 @@
 /* gemm.c -- the GEMM path: many tokens against one weight (prefill; experts with many
- * tokens). A panel of JM_GEMM_NP weight rows (all K) is decoded once into the kernel's operand
- * type (K->decode), then blocks of JM_GEMM_MB tokens are folded and run against it by
- * K->tiles_dec: the same kernel, the same canonical sum as the GEMV path (internal.h), so both
- * paths give the same bits for a row. Each weight byte is decoded once per call; the decoded
+ * tokens). The activations are folded once per call (jm_fold_rows); a panel of JM_GEMM_NP
+ * weight rows (all K) is decoded once into the kernel's operand type (K->decode), then
+ * K->tiles_dec runs blocks of JM_GEMM_MB tokens against it: the same block sums, the same
+ * canonical sum as the GEMV path (internal.h), so both paths give the same bits for a row.
+ * Each weight byte is decoded once per call (per token part when panels are few); the decoded
  * panel (16 rows x K) stays in L2 while the token blocks go by.
  *
  * Tasks own disjoint outputs, so results do not depend on the thread count either. The
@@ -79,8 +80,7 @@ void jm_gemm_block(const jm_kernels *K, const jm_matrix *w, const void *xf, cons
 typedef struct {
   const jm_kernels *K;
   const jm_matrix *const *ws;
-  const float *x;
-  int64_t ldx, ldy;
+  int64_t ldy;
   float *y;
   uint8_t *xf, *bufs; /* [g][m] folded rows; per-thread panel buffers */
   size_t buf_bytes, xf_group;
@@ -140,7 +140,7 @@ int jm_gemm_groups(const jm_kernels *K, const jm_matrix *const *ws, int64_t g, c
   for (int64_t j = 0; j < g; j++) jm_fold_rows(K, ws[j], x + j * w->k, ldx, m, scratch + j * xf_group);
   int part_rows;
   const int parts = jm_gemm_split(g * panels, m, threads, JM_GEMM_MB, &part_rows);
-  groups_ctx c = {K, ws, x, ldx, ldy, y, scratch, scratch + g * xf_group, jm_gemm_buf_bytes(K, w), xf_group,
+  groups_ctx c = {K, ws, ldy, y, scratch, scratch + g * xf_group, jm_gemm_buf_bytes(K, w), xf_group,
                   m, panels, parts, part_rows, n_bufs, 0};
   jm_pool_run(g * panels * parts, groups_task, &c, NULL);
   return c.failed ? jm_error(JM_ENOMEM, "jm_linear: out of memory for a GEMM panel buffer") : JM_OK;
