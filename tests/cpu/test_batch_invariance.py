@@ -16,6 +16,7 @@ import pytest
 
 from jaxmoe import quant_int4 as Q
 from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix
+from tests.cpu.conftest import native_for
 from tests.cpu.test_kernels import gemm_rows, random_fp8
 from tests.cpu.test_moe import make_experts
 
@@ -126,21 +127,23 @@ def test_moe_token_alone_equals_token_in_a_crowd(path_lib, hidden, inter):
             assert_same_bits(gemv, ref[:m], f"{what}: {m} tokens, GEMV vs each alone")
 
 
+SIMD_PATHS = (("avx2", "native"), ("avx512", "native"), ("avx512", "emu512"))  # the paths with two decodes
+
+
 @pytest.mark.parametrize("gemm", [-1, 1], ids=["gemv", "gemm"])
-def test_fp8_decodes_give_the_same_bits(path_lib, gemm):
+@pytest.mark.parametrize("isa,variant", SIMD_PATHS, ids=["avx2", "avx512", "emu512"])
+def test_fp8_decodes_give_the_same_bits(isa, variant, gemm):
     """The exact SIMD kernels' two FP8 decodes (`half`: through IEEE half, never a denormal
     operand; `shift`: f32 bits by shift, x carrying 2^56) compute the same products up to exact
     powers of two: the probe's choice (or JAXMOE_CPU_FP8_DECODE) never changes a result. Uniform
     codes, so the 6 % subnormal codes are in every block; both paths (GEMV, GEMM)."""
-    isa, precision, nat = path_lib
-    if isa == "scalar" or nat.numerics() != "f32":
-        pytest.skip("one decode only: the scalar path and the bf16 kernels")
+    nat = native_for(isa, variant)
     rng = np.random.default_rng(5)
     w = matrix("fp8", 300, 400, nat, rng)
     x = activations(rng, 40, 400)
     out = {}
     try:
-        with gemm_rows(nat, gemm):
+        with nat.use_isa(isa), nat.use_precision("exact"), gemm_rows(nat, gemm):
             for name, code in (("half", 0), ("shift", 1)):
                 nat.check(nat.lib.jm_set_fp8_decode(code))
                 assert nat.lib.jm_fp8_decode() == code
@@ -148,4 +151,4 @@ def test_fp8_decodes_give_the_same_bits(path_lib, gemm):
     finally:
         nat.lib.jm_set_fp8_decode(-1)  # back to the probe's choice
         w.free()
-    assert_same_bits(out["shift"], out["half"], f"{isa}: FP8 decode shift vs half")
+    assert_same_bits(out["shift"], out["half"], f"{isa} ({variant}): FP8 decode shift vs half")
