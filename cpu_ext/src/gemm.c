@@ -42,10 +42,11 @@ size_t jm_fold_bytes(const jm_kernels *K, const jm_matrix *w, int64_t m) {
 }
 
 typedef struct {
-  const jm_kernels *K;
+  jm_fold_fn fold;
   const jm_matrix *w;
   const float *x;
   int64_t ldx, m;
+  size_t row_bytes;
   uint8_t *xf;
 } fold_ctx;
 
@@ -53,11 +54,12 @@ typedef struct {
 static void fold_task(void *ctx_, int64_t task, int thread) {
   const fold_ctx *c = ctx_;
   const int64_t i0 = task * FOLD_ROWS, n = c->m - i0 < FOLD_ROWS ? c->m - i0 : FOLD_ROWS;
-  c->K->fold(c->w, 0, c->x + i0 * c->ldx, c->ldx, (int)n, c->xf + (size_t)i0 * c->w->k_pad * c->K->xf_elem);
+  c->fold(c->w, 0, c->x + i0 * c->ldx, c->ldx, (int)n, c->xf + (size_t)i0 * c->row_bytes);
 }
 
-void jm_fold_rows(const jm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, int64_t m, void *xf) {
-  fold_ctx c = {K, w, x, ldx, m, xf};
+void jm_fold_rows(jm_fold_fn fold, const jm_matrix *w, const float *x, int64_t ldx, int64_t m, size_t row_bytes,
+                  void *xf) {
+  fold_ctx c = {fold, w, x, ldx, m, row_bytes, xf};
   jm_pool_run_sized((m + FOLD_ROWS - 1) / FOLD_ROWS, fold_task, &c, m * w->k_pad);
 }
 
@@ -137,7 +139,8 @@ int jm_gemm_groups(const jm_kernels *K, const jm_matrix *const *ws, int64_t g, c
   const jm_matrix *w = ws[0];
   const int panels = (w->n + JM_GEMM_NP - 1) / JM_GEMM_NP, threads = n_bufs;
   const size_t xf_group = jm_fold_bytes(K, w, m);
-  for (int64_t j = 0; j < g; j++) jm_fold_rows(K, ws[j], x + j * w->k, ldx, m, scratch + j * xf_group);
+  for (int64_t j = 0; j < g; j++)
+    jm_fold_rows(K->fold, ws[j], x + j * w->k, ldx, m, (size_t)w->k_pad * K->xf_elem, scratch + j * xf_group);
   int part_rows;
   const int parts = jm_gemm_split(g * panels, m, threads, JM_GEMM_MB, &part_rows);
   groups_ctx c = {K, ws, ldy, y, scratch, scratch + g * xf_group, jm_gemm_buf_bytes(K, w), xf_group,

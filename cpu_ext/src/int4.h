@@ -81,7 +81,7 @@ extern const int jm_int4_avx512_emulated; /* 1 in the SIMDe test build */
 static inline int64_t jm_int4_panel_row(const jm_matrix *w) { return w->k_pad + 4 * (int64_t)(w->k_pad / w->group); }
 typedef struct {
   int isa;
-  void (*fold)(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf);
+  jm_fold_fn fold; /* rows over the pool: jm_fold_rows with row bytes jm_int4_xf_stride */
   /* rows [n0, n0 + np) of w (np <= JM_INT4_GEMM_NP, n0 + np <= n) unpacked at panel + r * row */
   void (*panel)(const jm_matrix *w, int n0, int np, uint8_t *panel);
   /* for rows r < nr <= NR (at p + r * prs) and tokens i < mr <= MR (folded at xr[i]): adds super-
@@ -100,9 +100,6 @@ static inline int64_t jm_int4_panel_bytes(const jm_matrix *w) { return JM_INT4_G
  * [m0, m1) folded at xf + (rows ? rows[i] : i) * xs */
 void jm_int4_gemm_block(const jm_int4_gemm_kernels *K, const jm_matrix *w, const uint8_t *xf, int64_t xs,
                         const int32_t *rows, int m0, int m1, int n0, int np, float *c, int64_t ldc, uint8_t *pbuf);
-/* folds m rows of x (stride ldx) for w's layout into xf (stride jm_int4_xf_stride) over the pool */
-void jm_int4_fold_rows(const jm_int4_gemm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, int m,
-                       uint8_t *xf);
 /* jm_linear's INT4 GEMM path, a chunk function of linear.c's row-chunk driver: work holds
  * jm_int4_gemm_work_bytes(); ctx is a jm_int4_linear_ctx */
 typedef struct {

@@ -69,29 +69,6 @@ void jm_int4_gemm_block(const jm_int4_gemm_kernels *K, const jm_matrix *w, const
   }
 }
 
-/* ---- folding many rows over the pool ------------------------------------------------------ */
-#define FOLD_ROWS 8 /* token rows per fold task */
-typedef struct {
-  const jm_int4_gemm_kernels *K;
-  const jm_matrix *w;
-  const float *x;
-  int64_t ldx;
-  int m;
-  uint8_t *xf;
-} fold_ctx;
-
-static void fold_task(void *ctx_, int64_t task, int thread) {
-  const fold_ctx *c = ctx_;
-  const int i0 = (int)task * FOLD_ROWS, n = c->m - i0 < FOLD_ROWS ? c->m - i0 : FOLD_ROWS;
-  c->K->fold(c->w, 0, c->x + i0 * c->ldx, c->ldx, n, c->xf + i0 * jm_int4_xf_stride(c->w));
-}
-
-void jm_int4_fold_rows(const jm_int4_gemm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, int m,
-                       uint8_t *xf) {
-  fold_ctx c = {K, w, x, ldx, m, xf};
-  jm_pool_run_sized((m + FOLD_ROWS - 1) / FOLD_ROWS, fold_task, &c, (int64_t)m * w->k_pad);
-}
-
 /* ---- jm_linear: g matrices of one shape, tasks (matrix, panel, token part) ------------------ */
 typedef struct {
   const jm_int4_gemm_kernels *K;
@@ -146,7 +123,8 @@ int jm_int4_gemm_chunk(void *ctx_, const float *x, int mc, float *y, uint8_t *wo
   const jm_matrix *w = lc->ws[0];
   const jm_int4_gemm_kernels *K = jm_int4_gemm_current();
   const int64_t g = lc->g, xg = (int64_t)mc * max_xs(lc->ws, g);
-  for (int64_t j = 0; j < g; j++) jm_int4_fold_rows(K, lc->ws[j], x + j * w->k, g * w->k, mc, work + j * xg);
+  for (int64_t j = 0; j < g; j++)
+    jm_fold_rows(K->fold, lc->ws[j], x + j * w->k, g * w->k, mc, (size_t)jm_int4_xf_stride(lc->ws[j]), work + j * xg);
   const size_t fold = ((size_t)g * (size_t)xg + 63) & ~(size_t)63;
   const int panels = (w->n + JM_INT4_GEMM_NP - 1) / JM_INT4_GEMM_NP;
   int part_rows;

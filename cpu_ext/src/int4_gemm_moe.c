@@ -149,7 +149,7 @@ int jm_int4_moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtyp
   uint8_t *tbuf = (uint8_t *)h + h_bytes;
   float *o = out_dtype == JM_DT_F32 ? (float *)out : (float *)(tbuf + tb_bytes);
   memset(o, 0, (size_t)t * H * sizeof(float));
-  jm_int4_fold_rows(K, wg0, xs, H, (int)t, xf); /* every token once, for all its experts */
+  jm_fold_rows(K->fold, wg0, xs, H, t, (size_t)jm_int4_xf_stride(wg0), xf); /* every token once, for all its experts */
   mg_ctx c = {K, L, wg0, wd0, xf, tok, wt, NULL, NULL, 0, 0, 0, h, o, xh, tbuf, tbytes, pbytes, n_bufs, 0};
   for (int j0 = 0; j0 < ne && !c.failed;) {
     int j1 = j0 + 1;

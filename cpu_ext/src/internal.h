@@ -68,13 +68,16 @@ void jm_matrix_fill(jm_matrix *m, const void *w, int64_t ldw, const float *scale
  * the same kernel on it), so a row's bits never depend on the other rows of a call.
  * "Folded" activations xf[m][k_pad]: x in the kernel's operand type, zero past k (f32 on the
  * exact paths; bf16 of x * 2^JM_FOLD_EXP for FP8 weights on the bf16 path). */
+/* x rows [0, m) (ldx apart) -> folded rows of the kernel's operand type */
+typedef void (*jm_fold_fn)(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf);
+
 typedef struct {
   int isa;
   int bf16;       /* bf16 dot products (activations rounded to bf16) */
   size_t xf_elem; /* bytes per folded element */
   size_t wd_elem; /* bytes per decoded weight element (GEMM panels); 0: no GEMM path (INT4) */
   /* rb: unused by the FP8/BF16 kernels (the block scales multiply block sums) */
-  void (*fold)(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf);
+  jm_fold_fn fold;
   /* y[i*ldy + r - 4*t0] for tokens i < m, rows r in tiles [t0, t1) (r < n), any m */
   void (*tiles)(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y,
                 int64_t ldy);
@@ -86,12 +89,10 @@ typedef struct {
                     int m, float *y, int64_t ldy);
 } jm_kernels;
 
-/* FP8 weights decode to value * 2^-8 on the exact paths (the e4m3 bits shifted into an IEEE
- * half, then converted: exact for all 254 non-NaN codes, subnormal codes included, and never a
- * denormal) and to bf16 bits of value * 2^-120 on the bf16 path; the block scale is applied as
- * scale * 2^JM_EXACT_SCALE_EXP resp. 2^JM_BF16_SCALE_EXP (exact power-of-two factors). */
-#define JM_EXACT_SCALE_EXP 8
-#define JM_BF16_SCALE_EXP (120 - JM_FOLD_EXP)
+/* Where a SIMD kernel's weight vectors come from: the packed FP8 or BF16 tile stream, or a
+ * GEMM panel decoded into the kernel's operand type. */
+enum { JM_SRC_FP8, JM_SRC_BF16, JM_SRC_DEC };
+
 /* the f16 bits of FP8 code b (sign-extended to 16 bits) equal to value * 2^-8 */
 static inline uint16_t jm_fp8_to_f16_bits(uint8_t b) { return (uint16_t)(((uint16_t)(int16_t)(int8_t)b << 7) & 0xBF80u); }
 
@@ -107,8 +108,9 @@ int jm_gemm_min_rows(void);
 size_t jm_gemm_buf_bytes(const jm_kernels *K, const jm_matrix *w);
 /* bytes of m folded rows for w (64-aligned) */
 size_t jm_fold_bytes(const jm_kernels *K, const jm_matrix *w, int64_t m);
-/* xf[i] (k_pad elements each) = folded x + i * ldx for i < m, over the pool */
-void jm_fold_rows(const jm_kernels *K, const jm_matrix *w, const float *x, int64_t ldx, int64_t m, void *xf);
+/* xf + i * row_bytes = fold(x + i * ldx) for the rows i < m, over the pool (FP8/BF16 and INT4) */
+void jm_fold_rows(jm_fold_fn fold, const jm_matrix *w, const float *x, int64_t ldx, int64_t m, size_t row_bytes,
+                  void *xf);
 /* output (i, n0 + j) at c[i*ldc + j] for token rows [m0, m1), panel rows [n0, n0 + np) of w
  * (np <= JM_GEMM_NP, n0 a multiple of JM_GEMM_NP); token i's folded row (k_pad elements) at
  * xf + (rows ? rows[i] : i) * k_pad; buf: jm_gemm_buf_bytes(K, w) bytes */
@@ -166,6 +168,28 @@ static inline float jm_scale_of(const jm_matrix *w, int rb, int kb) {
   return w->scale[(int64_t)rb * w->kb + kb];
 }
 float jm_exp2i(int e); /* exact 2^e for -126 <= e <= 127 */
+
+/* The powers of two that go with an FP8 decode: `shift` decodes give value * 2^-120 (the shift
+ * decode of the exact paths, and the bf16 path), so x carries 2^JM_FOLD_EXP and the block
+ * scales 2^(120 - JM_FOLD_EXP); the `half` decode gives value * 2^-8, x as it is, scales x 2^8.
+ * BF16 weights carry none. */
+static inline float jm_fold_pow2(const jm_matrix *w, int shift) {
+  return shift && w->format == JM_FMT_FP8 ? 0x1p56f : 1.0f; /* 2^JM_FOLD_EXP */
+}
+/* the factor that multiplies tile t's block sums of column block kb */
+static inline float jm_block_scale(const jm_matrix *w, int t, int kb, int shift) {
+  if (w->format != JM_FMT_FP8) return 1.0f;
+  return jm_scale_of(w, t * JM_TILE_ROWS / JM_KBLOCK, kb) * (shift ? 0x1p64f : 0x1p8f); /* 2^(120 - FOLD) : 2^8 */
+}
+
+/* software prefetch of a tile's 4 row segments JM_PF_DIST ahead, at the first column `col` of
+ * each 256-byte chunk of the packed stream (nothing for decoded panels: they sit in L2) */
+static inline void jm_prefetch_chunk(const uint8_t *p, int src, int col) {
+  const int per = src == JM_SRC_FP8 ? JM_SEG : (src == JM_SRC_BF16 ? JM_SEG / 2 : 0); /* columns per chunk */
+  if (!per || col % per) return;
+  const uint8_t *q = p + (int64_t)(col / per) * JM_SEG * JM_TILE_ROWS;
+  for (int l = 0; l < JM_TILE_ROWS; l++) __builtin_prefetch(q + JM_PF_DIST + l * JM_SEG);
+}
 
 /* thread pool (threadpool.c). Tasks [node_start[j], node_start[j+1]) prefer threads of NUMA
  * node j; node_start NULL = one node. The caller thread takes part. Jobs are serialized. */

@@ -78,16 +78,11 @@ static void tile_task(void *ctx_, int64_t task, int thread) {
               c->y + j * w->n + (int64_t)t0 * JM_TILE_ROWS, c->ldy);
 }
 
-/* folded-activation bytes of one matrix for m tokens */
-static size_t xf_bytes(const jm_kernels *K, const jm_matrix *w, int m) {
-  return ((size_t)m * (size_t)w->k_pad * K->xf_elem + 63) & ~(size_t)63;
-}
-
-/* y = x @ W_j^T for every group j, m <= JM_MC tokens; xf scratch of g * xf_bytes */
+/* y = x @ W_j^T for every group j, m <= JM_MC tokens; xf scratch of g * jm_fold_bytes */
 static void linear_chunk(const jm_kernels *K, const jm_matrix *const *ws, int64_t g, const float *x, int m,
                          float *y, uint8_t *xf) {
   const jm_matrix *w = ws[0];
-  lin_ctx c = {K, ws, g, x, g * w->k, m, xf, xf_bytes(K, w, m), y, g * w->n,
+  lin_ctx c = {K, ws, g, x, g * w->k, m, xf, jm_fold_bytes(K, w, m), y, g * w->n,
                (w->n_tiles + JM_TILES_PER_TASK - 1) / JM_TILES_PER_TASK};
   jm_pool_run_sized(g, fold_task, &c, g * m * w->k_pad);
   jm_pool_run(g * c.tile_tasks, tile_task, &c, NULL);
@@ -179,7 +174,7 @@ static int linear_groups(const jm_matrix *const *ws, int64_t g, const void *x, i
   } else {
     path_ctx c = {jm_kernels_for(w) /* INT4: its own kernels (int4.c) */, ws, g, 0};
     const int mc_max = m < JM_MC ? (int)m : JM_MC;
-    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)g * xf_bytes(c.K, w, mc_max),
+    rc = run_chunks(w, g, x, x_dtype, m, y, y_dtype, mc_max, (size_t)g * jm_fold_bytes(c.K, w, mc_max),
                     gemv_chunk, &c);
     jm_prof_stop(grouped_call ? JM_PROF_GROUPED : JM_PROF_LINEAR, t0, m);
   }

@@ -20,8 +20,6 @@
 #define STEP 16  /* columns per step: two 8-lane vectors */
 #define MR_MAX 2 /* tokens per kernel call */
 
-enum { SRC_FP8, SRC_BF16, SRC_DEC };
-enum { DEC_HALF, DEC_SHIFT };
 
 AI __m256 fp8x8_shift(const uint8_t *q) {
   const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
@@ -30,9 +28,9 @@ AI __m256 fp8x8_shift(const uint8_t *q) {
 
 /* the two weight vectors (columns col..col+7, col+8..col+15) of row r */
 AI void wvec(const uint8_t *p, const int src, const int dec, int col, int r, __m256 *lo, __m256 *hi) {
-  if (src == SRC_FP8) {
+  if (src == JM_SRC_FP8) {
     const uint8_t *q = p + (int64_t)(col / JM_SEG) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + col % JM_SEG;
-    if (dec == DEC_SHIFT) {
+    if (dec == JM_DEC_SHIFT) {
       *lo = fp8x8_shift(q);
       *hi = fp8x8_shift(q + 8);
       return;
@@ -41,7 +39,7 @@ AI void wvec(const uint8_t *p, const int src, const int dec, int col, int r, __m
     const __m256i h = _mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16((short)0xBF80));
     *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
     *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
-  } else if (src == SRC_BF16) {
+  } else if (src == JM_SRC_BF16) {
     const uint8_t *q = p + (int64_t)(col / (JM_SEG / 2)) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + 2 * (col % (JM_SEG / 2));
     *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)q)), 16));
     *hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(q + 16))), 16));
@@ -61,7 +59,7 @@ AI float hsum8(__m256 v) { /* pairwise tree, as the scalar loop would add */
 }
 
 AI void fold(const jm_matrix *w, const float *x, int64_t ldx, int m, float *xf, const int dec) {
-  const __m256 f = _mm256_set1_ps(dec == DEC_SHIFT && w->format == JM_FMT_FP8 ? 0x1p56f : 1.0f);
+  const __m256 f = _mm256_set1_ps(jm_fold_pow2(w, dec == JM_DEC_SHIFT));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int i = 0; i < m; i++) {
     const float *xi = x + i * ldx;
@@ -83,15 +81,10 @@ AI void block_sums(const uint8_t *p, const int src, const int dec, int kb, const
   for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 3
     for (int i = 0; i < MR; i++) blk[r][i] = _mm256_setzero_ps();
-  const int pf = src == SRC_FP8 ? JM_SEG : (src == SRC_BF16 ? JM_SEG / 2 : 0); /* columns per 256-byte chunk */
 #pragma GCC unroll 2
   for (int st = 0; st < JM_KBLOCK / STEP; st++) {
     const int col = kb * JM_KBLOCK + st * STEP;
-    if (pf && col % pf == 0) {
-      const uint8_t *q = p + (int64_t)(col / pf) * JM_SEG * JM_TILE_ROWS;
-#pragma GCC unroll 4
-      for (int l = 0; l < JM_TILE_ROWS; l++) _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
-    }
+    jm_prefetch_chunk(p, src, col);
     __m256 xl[MR_MAX], xh[MR_MAX];
 #pragma GCC unroll 3
     for (int i = 0; i < MR; i++) xl[i] = _mm256_loadu_ps(xr[i] + col), xh[i] = _mm256_loadu_ps(xr[i] + col + 8);
@@ -108,42 +101,29 @@ AI void block_sums(const uint8_t *p, const int src, const int dec, int kb, const
   }
 }
 
-/* the block scale of tile t's rows in column block kb, with the decode's power of two */
-AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
-  if (w->format != JM_FMT_FP8) return 1.0f;
-  return jm_scale_of(w, t * JM_TILE_ROWS / JM_KBLOCK, kb) * (dec == DEC_SHIFT ? 0x1p64f : 0x1p8f);
-}
-
 #define VEC __m256
 #define V_ZERO() _mm256_setzero_ps()
 #define V_SET1(s) _mm256_set1_ps(s)
 #define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+/* GEMM panels: the step's two vectors of row r */
+AI void decode_step(const uint8_t *p, const int src, const int dec, int col, int r, float *o) {
+  __m256 lo, hi;
+  wvec(p, src, dec, col, r, &lo, &hi);
+  _mm256_storeu_ps(o, lo);
+  _mm256_storeu_ps(o + 8, hi);
+}
+
 #define V_LOAD(p) _mm256_load_ps(p)
 #define V_STORE(p, v) _mm256_store_ps(p, v)
 #define V_SUM(v) hsum8(v)
 #define ACC_L 8
 #define MR_GEMV 2
+#define SHIFT_DECODE(dec) ((dec) == JM_DEC_SHIFT)
+#define BF16_DOT 0
 #define XT float
 #define WD_ELEM sizeof(float)
 #define GEMM_KMAJOR 1
 #include "tile_driver.h"
 
-AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {
-  float *o = (float *)wd;
-  for (int t = t0; t < t1; t++) {
-    const uint8_t *p = jm_tile_ptr(w, t);
-    for (int col = 0; col < w->k_pad; col += STEP)
-      for (int r = 0; r < JM_TILE_ROWS; r++, o += STEP) {
-        __m256 lo, hi;
-        if (w->format == JM_FMT_FP8)
-          wvec(p, SRC_FP8, dec, col, r, &lo, &hi);
-        else
-          wvec(p, SRC_BF16, dec, col, r, &lo, &hi);
-        _mm256_storeu_ps(o, lo);
-        _mm256_storeu_ps(o + 8, hi);
-      }
-  }
-}
-
-TD_TABLE(avx2, JM_ISA_AVX2, DEC_HALF)
-TD_TABLE(avx2_shift, JM_ISA_AVX2, DEC_SHIFT)
+TD_TABLE(avx2, JM_ISA_AVX2, JM_DEC_HALF)
+TD_TABLE(avx2_shift, JM_ISA_AVX2, JM_DEC_SHIFT)

@@ -31,19 +31,18 @@
 #include <string.h>
 
 #include "internal.h"
+#include "acc512.h"
 
 #define AI static inline __attribute__((always_inline))
 #define L 16     /* lanes */
 #define STEP 32  /* columns per step: the even and the odd 16 */
 #define MR_MAX 4 /* tokens per kernel call */
 
-enum { SRC_FP8, SRC_BF16, SRC_DEC }; /* where the kernel's weight vectors come from */
-enum { DEC_HALF, DEC_SHIFT };         /* the FP8 decode */
 
 /* 32 FP8 codes -> the f32 weights of the even (*e) and the odd (*o) columns */
 AI void fp8x32(const uint8_t *p, const int dec, __m512 *e, __m512 *o) {
   const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); /* word j = sext(b_j) */
-  if (dec == DEC_SHIFT) { /* 32-bit lane j holds words 2j (low) and 2j+1 (high) */
+  if (dec == JM_DEC_SHIFT) { /* 32-bit lane j holds words 2j (low) and 2j+1 (high) */
     const __m512i mask = _mm512_set1_epi32((int)0x87F00000u);
     *e = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 20), mask));
     *o = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 4), mask));
@@ -60,9 +59,9 @@ AI void fp8x32(const uint8_t *p, const int dec, __m512 *e, __m512 *o) {
 
 /* the weight vectors of row r, columns [col, col + 32): even and odd columns */
 AI void wvec(const uint8_t *p, const int src, const int dec, int col, int r, __m512 *e, __m512 *o) {
-  if (src == SRC_FP8) {
+  if (src == JM_SRC_FP8) {
     fp8x32(p + (int64_t)(col / JM_SEG) * JM_SEG * JM_TILE_ROWS + r * JM_SEG + col % JM_SEG, dec, e, o);
-  } else if (src == SRC_BF16) { /* 32 bf16 = one 64-byte segment; lane j: columns 2j (low), 2j+1 */
+  } else if (src == JM_SRC_BF16) { /* 32 bf16 = one 64-byte segment; lane j: columns 2j (low), 2j+1 */
     const __m512i u = _mm512_loadu_si512((const void *)(p + (int64_t)(col / (JM_SEG / 2)) * JM_SEG * JM_TILE_ROWS + r * JM_SEG));
     *e = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
     *o = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xFFFF0000u)));
@@ -73,18 +72,10 @@ AI void wvec(const uint8_t *p, const int src, const int dec, int col, int r, __m
   }
 }
 
-AI float hsum16(__m512 v) { /* pairwise tree */
-  float t[16];
-  _mm512_storeu_ps(t, v);
-  for (int w = 8; w > 0; w /= 2)
-    for (int i = 0; i < w; i++) t[i] += t[i + w];
-  return t[0];
-}
-
 /* x (times 2^56 for the shift decode of FP8) per 32 columns: the 16 even, then the 16 odd
  * columns, as the weight vectors come; zero past k */
 AI void fold(const jm_matrix *w, const float *x, int64_t ldx, int m, float *xf, const int dec) {
-  const __m512 f = _mm512_set1_ps(dec == DEC_SHIFT && w->format == JM_FMT_FP8 ? 0x1p56f : 1.0f);
+  const __m512 f = _mm512_set1_ps(jm_fold_pow2(w, dec == JM_DEC_SHIFT));
   const __m512i ie = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i io = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   for (int i = 0; i < m; i++) {
@@ -112,15 +103,10 @@ AI void block_sums(const uint8_t *p, const int src, const int dec, int kb, const
   for (int r = 0; r < JM_TILE_ROWS; r++)
 #pragma GCC unroll 4
     for (int i = 0; i < MR; i++) blk[r][i] = _mm512_setzero_ps();
-  const int pf = src == SRC_FP8 ? JM_SEG : (src == SRC_BF16 ? JM_SEG / 2 : 0); /* columns per 256-byte chunk */
 #pragma GCC unroll 2
   for (int st = 0; st < JM_KBLOCK / STEP; st++) {
     const int col = kb * JM_KBLOCK + st * STEP;
-    if (pf && col % pf == 0) {
-      const uint8_t *q = p + (int64_t)(col / pf) * JM_SEG * JM_TILE_ROWS;
-#pragma GCC unroll 4
-      for (int l = 0; l < JM_TILE_ROWS; l++) _mm_prefetch((const char *)q + JM_PF_DIST + l * JM_SEG, _MM_HINT_T0);
-    }
+    jm_prefetch_chunk(p, src, col);
     __m512 xe[MR_MAX], xo[MR_MAX];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; i++) xe[i] = _mm512_loadu_ps(xr[i] + col), xo[i] = _mm512_loadu_ps(xr[i] + col + L);
@@ -134,42 +120,21 @@ AI void block_sums(const uint8_t *p, const int src, const int dec, int kb, const
   }
 }
 
-/* the block scale of tile t's rows in column block kb, with the decode's power of two */
-AI float block_scale(const jm_matrix *w, int t, int kb, const int dec) {
-  if (w->format != JM_FMT_FP8) return 1.0f;
-  return jm_scale_of(w, t * JM_TILE_ROWS / JM_KBLOCK, kb) * (dec == DEC_SHIFT ? 0x1p64f : 0x1p8f);
+/* GEMM panels: the step's even and odd vectors of row r */
+AI void decode_step(const uint8_t *p, const int src, const int dec, int col, int r, float *o) {
+  __m512 e, od;
+  wvec(p, src, dec, col, r, &e, &od);
+  _mm512_storeu_ps(o, e);
+  _mm512_storeu_ps(o + L, od);
 }
 
-#define VEC __m512
-#define V_ZERO() _mm512_setzero_ps()
-#define V_SET1(s) _mm512_set1_ps(s)
-#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define V_LOAD(p) _mm512_load_ps(p)
-#define V_STORE(p, v) _mm512_store_ps(p, v)
-#define V_SUM(v) hsum16(v)
-#define ACC_L L
 #define MR_GEMV 2
+#define SHIFT_DECODE(dec) ((dec) == JM_DEC_SHIFT)
+#define BF16_DOT 0
 #define XT float
 #define WD_ELEM sizeof(float)
 #define GEMM_KMAJOR 1
 #include "tile_driver.h"
 
-AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {
-  float *o = (float *)wd;
-  for (int t = t0; t < t1; t++) {
-    const uint8_t *p = jm_tile_ptr(w, t);
-    for (int col = 0; col < w->k_pad; col += STEP)
-      for (int r = 0; r < JM_TILE_ROWS; r++, o += STEP) {
-        __m512 e, od;
-        if (w->format == JM_FMT_FP8)
-          wvec(p, SRC_FP8, dec, col, r, &e, &od);
-        else
-          wvec(p, SRC_BF16, dec, col, r, &e, &od);
-        _mm512_storeu_ps(o, e);
-        _mm512_storeu_ps(o + L, od);
-      }
-  }
-}
-
-TD_TABLE(avx512, JM_ISA_AVX512, DEC_HALF)
-TD_TABLE(avx512_shift, JM_ISA_AVX512, DEC_SHIFT)
+TD_TABLE(avx512, JM_ISA_AVX512, JM_DEC_HALF)
+TD_TABLE(avx512_shift, JM_ISA_AVX512, JM_DEC_SHIFT)

@@ -34,13 +34,13 @@ static float weight(const jm_matrix *w, const uint8_t *p, int r, int col) {
 }
 
 /* the canonical sum of one output: row r of tile p (or its decoded row wd) against xi */
-static float dot_row(const jm_matrix *w, const float *sc, const float *xi, const float *wd, const uint8_t *p, int r) {
+static float dot_row(const jm_matrix *w, int t, const float *xi, const float *wd, const uint8_t *p, int r) {
   float acc = 0.0f;
   for (int kb = 0; kb < w->kb; kb++) {
     float blk = 0.0f;
     for (int col = kb * JM_KBLOCK; col < (kb + 1) * JM_KBLOCK; col++)
       blk += (wd ? wd[col] : weight(w, p, r, col)) * xi[col];
-    acc = fmaf(blk, sc ? sc[kb] * 0x1p8f : 1.0f, acc);
+    acc = fmaf(blk, jm_block_scale(w, t, kb, 0), acc);
   }
   return acc;
 }
@@ -49,13 +49,12 @@ static void run_tiles(const jm_matrix *w, int t0, int t1, const float *wd, const
                       int64_t ldy) {
   for (int t = t0; t < t1; t++) {
     const uint8_t *p = jm_tile_ptr(w, t);
-    const float *sc = w->format == JM_FMT_FP8 ? w->scale + (int64_t)(t * JM_TILE_ROWS / JM_KBLOCK) * w->kb : NULL;
     for (int r = 0; r < JM_TILE_ROWS; r++) {
       const int row = t * JM_TILE_ROWS + r;
       if (row >= w->n) break;
       const float *wr = wd ? wd + ((int64_t)(t - t0) * JM_TILE_ROWS + r) * w->k_pad : NULL;
       for (int i = 0; i < m; i++)
-        y[i * ldy + row - t0 * JM_TILE_ROWS] = dot_row(w, sc, xr[i], wr, p, r);
+        y[i * ldy + row - t0 * JM_TILE_ROWS] = dot_row(w, t, xr[i], wr, p, r);
     }
   }
 }

@@ -48,9 +48,6 @@ typedef struct {
   float *out;       /* [t][hidden] f32 accumulator */
 } moe_ctx;
 
-static size_t fold_bytes(const jm_kernels *K, const jm_matrix *w, int m) {
-  return ((size_t)m * (size_t)w->k_pad * K->xf_elem + 63) & ~(size_t)63;
-}
 static int tile_tasks(const jm_matrix *w) { return (w->n_tiles + JM_TILES_PER_TASK - 1) / JM_TILES_PER_TASK; }
 
 static int find_item(const moe_ctx *c, int64_t task) { /* largest i with pre[i] <= task */
@@ -145,12 +142,6 @@ static int64_t n_gate_up(const moe_ctx *c, const item_t *it) { return tile_tasks
 static int64_t n_fold_down(const moe_ctx *c, const item_t *it) { return 1; }
 static int64_t n_down(const moe_ctx *c, const item_t *it) { return tile_tasks(c->L->experts[it->expert].m[2]); }
 
-/* the GEMM path (moe_gemm.c) */
-size_t jm_moe_gemm_scratch(const jm_kernels *K, const jm_store_layer *L, const int32_t *expert, int64_t t,
-                           int64_t h_rows, int n_bufs, int max_rows);
-int jm_moe_gemm(const jm_kernels *K, const jm_store_layer *L, const float *x, int64_t t, const int32_t *tok,
-                const float *wt, const int32_t *expert, const int32_t *start, int n_exp, float *out, float *h,
-                int64_t h_rows, uint8_t *scratch, int n_bufs, int max_rows);
 /* the INT4 GEMM path (int4_gemm_moe.c, threshold in int4_gemm.c) */
 int jm_int4_gemm_min_rows(void);
 int jm_int4_moe_gemm_usable(const jm_store_layer *L, const int32_t *order, int ne);
@@ -291,7 +282,7 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
   size_t max_fold = 0, max_rows = 0, fold = 0, rows = 0;
   for (int i = 0; i < n_items; i++) {
     const jm_store_expert *e = &L->experts[items[i].expert];
-    const size_t f = fold_bytes(K, e->m[0], items[i].mc) + fold_bytes(K, e->m[1], items[i].mc) + fold_bytes(K, e->m[2], items[i].mc);
+    const size_t f = jm_fold_bytes(K, e->m[0], items[i].mc) + jm_fold_bytes(K, e->m[1], items[i].mc) + jm_fold_bytes(K, e->m[2], items[i].mc);
     if (fold && fold + f > budget) fold = 0, rows = 0;
     fold += f, rows += (size_t)items[i].mc;
     if (fold > max_fold) max_fold = fold;
@@ -315,10 +306,10 @@ int jm_moe(const jm_store *s, int32_t layer, const void *x, int32_t x_dtype, int
     for (; i1 < n_items; i1++) {
       const jm_store_expert *e = &L->experts[items[i1].expert];
       const int mc = items[i1].mc;
-      const size_t f = fold_bytes(K, e->m[0], mc) + fold_bytes(K, e->m[1], mc) + fold_bytes(K, e->m[2], mc);
+      const size_t f = jm_fold_bytes(K, e->m[0], mc) + jm_fold_bytes(K, e->m[1], mc) + jm_fold_bytes(K, e->m[2], mc);
       if (i1 > i0 && off + f > budget) break;
-      items[i1].xf_g = off, items[i1].xf_u = off + fold_bytes(K, e->m[0], mc);
-      items[i1].xf_d = items[i1].xf_u + fold_bytes(K, e->m[1], mc);
+      items[i1].xf_g = off, items[i1].xf_u = off + jm_fold_bytes(K, e->m[0], mc);
+      items[i1].xf_d = items[i1].xf_u + jm_fold_bytes(K, e->m[1], mc);
       off += f;
     }
     c.items = items + i0, c.n_items = i1 - i0, c.a_begin = items[i0].a0;

@@ -106,7 +106,7 @@ int jm_moe_gemm(const jm_kernels *K, const jm_store_layer *L, const float *x, in
                 int64_t h_rows, uint8_t *scratch, int n_bufs, int max_rows) {
   const jm_store_expert *e0 = &L->experts[expert[0]];
   uint8_t *xf = scratch, *hf = xf + jm_fold_bytes(K, e0->m[0], t), *tbuf = hf + jm_fold_bytes(K, e0->m[2], h_rows);
-  jm_fold_rows(K, e0->m[0], x, L->hidden, t, xf);
+  jm_fold_rows(K->fold, e0->m[0], x, L->hidden, t, (size_t)e0->m[0]->k_pad * K->xf_elem, xf);
   mg_ctx c = {K, L, xf, tok, wt, NULL, NULL, 0, 0, h, hf, tbuf, out, panel_bytes(K, L, expert),
               thread_bytes(K, L, expert, max_rows), n_bufs, 0};
   for (int j0 = 0; j0 < n_exp && !c.failed;) {
@@ -114,7 +114,7 @@ int jm_moe_gemm(const jm_kernels *K, const jm_store_layer *L, const float *x, in
     while (j1 < n_exp && start[j1 + 1] - start[j0] <= h_rows) j1++;
     c.expert = expert + j0, c.start = start + j0, c.n_exp = j1 - j0, c.a0 = start[j0];
     jm_pool_run((int64_t)c.n_exp * panels_of(L->inter), gate_up_task, &c, NULL);
-    jm_fold_rows(K, e0->m[2], h, L->inter, start[j1] - start[j0], hf);
+    jm_fold_rows(K->fold, e0->m[2], h, L->inter, start[j1] - start[j0], (size_t)e0->m[2]->k_pad * K->xf_elem, hf);
     if (!c.failed) jm_pool_run(panels_of(L->hidden), down_task, &c, NULL);
     j0 = j1;
   }

@@ -9,8 +9,11 @@
  *   block_sums(p, src, dec, kb, xr, MR, blk)   the block sums blk[r][i] (from zero) of one
  *            128-column block kb of the 4-row tile at p against tokens xr[0..MR)
  *            (always_inline; src, dec, MR compile-time constants)
- *   block_scale(w, t, kb, dec)   the scale that multiplies tile t's block sums of block kb
- *   fold(w, x, ldx, m, xf, dec), decode(w, t0, t1, wd, dec)   (for TD_TABLE, the f32 files)
+ *   SHIFT_DECODE(dec)   1 when FP8 decodes to value * 2^-120 (internal.h jm_block_scale)
+ *   BF16_DOT  1 for the bf16 kernels (the jm_kernels flag)
+ *   fold(w, x, ldx, m, xf, dec)   for TD_TABLE
+ *   STEP, decode_step(p, src, dec, col, r, o)   columns per step; writes row r's weights of
+ *            the step at col (from the tile at p) to o in the order block_sums reads them
  * Per output: acc = V_FMA(blk, scale, acc) after every block in K order, then V_SUM(acc)
  * (internal.h's canonical sum). GEMV (gemv_tiles): per tile and group of MR_GEMV tokens, every
  * K block with acc in registers; the weights stream from DRAM once per token group. GEMM
@@ -33,7 +36,7 @@ AI void gemv_tile(const jm_matrix *w, int t, const uint8_t *p, const int src, co
     for (int i = 0; i < MR; i++) acc[r][i] = V_ZERO();
   for (int kb = 0; kb < w->kb; kb++) {
     block_sums(p, src, dec, kb, xr, MR, blk);
-    const VEC sv = V_SET1(block_scale(w, t, kb, dec));
+    const VEC sv = V_SET1(jm_block_scale(w, t, kb, SHIFT_DECODE(dec)));
     for (int r = 0; r < JM_TILE_ROWS; r++)
       for (int i = 0; i < MR; i++) acc[r][i] = V_FMA(blk[r][i], sv, acc[r][i]);
   }
@@ -45,8 +48,8 @@ AI void gemv_tile(const jm_matrix *w, int t, const uint8_t *p, const int src, co
 AI void gemm_block(const jm_matrix *w, int t, int kb, const uint8_t *p, const int dec, const XT *const *xr,
                    const int MR, float *acc) {
   VEC blk[JM_TILE_ROWS][MR_MAX];
-  block_sums(p, SRC_DEC, dec, kb, xr, MR, blk);
-  const VEC sv = V_SET1(block_scale(w, t, kb, dec));
+  block_sums(p, JM_SRC_DEC, dec, kb, xr, MR, blk);
+  const VEC sv = V_SET1(jm_block_scale(w, t, kb, SHIFT_DECODE(dec)));
   for (int r = 0; r < JM_TILE_ROWS; r++)
     for (int i = 0; i < MR; i++) {
       float *a = acc + (r * MR_MAX + i) * ACC_L;
@@ -113,9 +116,9 @@ AI void run_tiles_gemv(const jm_matrix *w, int t0, int t1, const int dec, const 
   const XT *xr[JM_MC];
   for (int i = 0; i < m; i++) xr[i] = xf + (int64_t)i * w->k_pad;
   if (w->format == JM_FMT_FP8)
-    gemv_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_FP8, dec, xr, m, y, ldy);
+    gemv_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, JM_SRC_FP8, dec, xr, m, y, ldy);
   else
-    gemv_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, SRC_BF16, dec, xr, m, y, ldy);
+    gemv_tiles(w, t0, t1, jm_tile_ptr(w, t0), w->tile_bytes, JM_SRC_BF16, dec, xr, m, y, ldy);
 }
 
 /* the GEMM entry: decoded tiles wd, token rows by pointer (m <= JM_GEMM_MB) */
@@ -124,25 +127,24 @@ AI void run_tiles_dec(const jm_matrix *w, int t0, int t1, const int dec, const v
 #if GEMM_KMAJOR
   gemm_tiles(w, t0, t1, (const uint8_t *)wd, dec, (const XT *const *)xr, m, y, ldy);
 #else
-  gemv_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * WD_ELEM, SRC_DEC, dec,
+  gemv_tiles(w, t0, t1, (const uint8_t *)wd, (int64_t)JM_TILE_ROWS * w->k_pad * WD_ELEM, JM_SRC_DEC, dec,
              (const XT *const *)xr, m, y, ldy);
-/* one kernel table per FP8 decode: jm_kernels_<NAME> with the file's fold and decode */
-#define TD_TABLE(NAME, ISA, DEC)                                                                                     \
-  static void fold_##NAME(const jm_matrix *w, int rb, const float *x, int64_t ldx, int m, void *xf) {                \
-    fold(w, x, ldx, m, (XT *)xf, DEC);                                                                               \
-  }                                                                                                                  \
-  static void tiles_##NAME(const jm_matrix *w, int t0, int t1, const void *xf, int m, float *y, int64_t ldy) {       \
-    run_tiles_gemv(w, t0, t1, DEC, (const XT *)xf, m, y, ldy);                                                       \
-  }                                                                                                                  \
-  static void tiles_dec_##NAME(const jm_matrix *w, int t0, int t1, const void *wd, const void *const *xr, int m,     \
-                               float *y, int64_t ldy) {                                                              \
-    run_tiles_dec(w, t0, t1, DEC, wd, xr, m, y, ldy);                                                                \
-  }                                                                                                                  \
-  static void decode_##NAME(const jm_matrix *w, int t0, int t1, void *wd) { decode(w, t0, t1, wd, DEC); }            \
-  const jm_kernels jm_kernels_##NAME = {ISA, 0, sizeof(XT), WD_ELEM, fold_##NAME, tiles_##NAME, decode_##NAME,      \
-                                       tiles_dec_##NAME};
-
 #endif
+}
+
+/* tiles [t0, t1) of w decoded into wd: per tile, per step, per row, decode_step's elements */
+AI void decode(const jm_matrix *w, int t0, int t1, void *wd, const int dec) {
+  XT *o = (XT *)wd;
+  for (int t = t0; t < t1; t++) {
+    const uint8_t *p = jm_tile_ptr(w, t);
+    for (int col = 0; col < w->k_pad; col += STEP)
+      for (int r = 0; r < JM_TILE_ROWS; r++, o += STEP) {
+        if (w->format == JM_FMT_FP8)
+          decode_step(p, JM_SRC_FP8, dec, col, r, o);
+        else
+          decode_step(p, JM_SRC_BF16, dec, col, r, o);
+      }
+  }
 }
 
 /* one kernel table per FP8 decode: jm_kernels_<NAME> with the file's fold and decode */
@@ -158,7 +160,7 @@ AI void run_tiles_dec(const jm_matrix *w, int t0, int t1, const int dec, const v
     run_tiles_dec(w, t0, t1, DEC, wd, xr, m, y, ldy);                                                                \
   }                                                                                                                  \
   static void decode_##NAME(const jm_matrix *w, int t0, int t1, void *wd) { decode(w, t0, t1, wd, DEC); }            \
-  const jm_kernels jm_kernels_##NAME = {ISA, 0, sizeof(XT), WD_ELEM, fold_##NAME, tiles_##NAME, decode_##NAME,      \
-                                       tiles_dec_##NAME};
+  const jm_kernels jm_kernels_##NAME = {ISA, BF16_DOT, sizeof(XT), WD_ELEM, fold_##NAME, tiles_##NAME,            \
+                                       decode_##NAME, tiles_dec_##NAME};
 
 #endif
