@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
             info = KP.kernel_info(nat)
             sfx = KP.suffix(prec)
             label = f"[{info['kernel_path']}, {info['precision'] or 'fixed'} precision]"
-            details["kernel_paths"][prec or "default"] = info
+            details["kernel_paths"][prec] = info
             rows = details[f"gemv{sfx}"] = {}
             for threads in sorted({1, all_threads}):
                 lib.jm_set_num_threads(threads)

@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
         with KP.precision(nat, prec):
             m, d = run(nat, rng, store, ms, ts, repeats, args.ghz)
         metrics.update(KP.suffixed(m, prec))
-        if prec in (None, "exact"):
+        if prec == "exact":
             details.update(d)
         else:
             details[prec] = d

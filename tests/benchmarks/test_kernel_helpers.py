@@ -1,7 +1,7 @@
 """The kernel benchmarks' helpers without the native library: the CPU header from cpuinfo
 text (benchmarks/_cpu.py), the FP8 weight draws and their code statistics
-(benchmarks/_fp8_draws.py), and the kernel-path / precision logic on a fake library with and
-without the precision entry points (benchmarks/_kernel_path.py)."""
+(benchmarks/_fp8_draws.py), and the kernel-path / precision logic on a fake library under
+jaxmoe.cpu._lib.Native (benchmarks/_kernel_path.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import _cpu as C  # noqa: E402
 from benchmarks import _fp8_draws as D  # noqa: E402
 from benchmarks import _kernel_path as KP  # noqa: E402
+from jaxmoe.cpu._lib import Native  # noqa: E402
 from jaxmoe.quant import FP8_DTYPE  # noqa: E402
 
 AVX2 = "avx2 fma f16c sse4_2"
@@ -73,15 +74,14 @@ def test_draws():
 
 
 class _Lib:
-    """A stand-in for the cffi library: precision entry points only when `precision`."""
+    """A stand-in for the cffi library's ISA and precision entry points."""
 
-    def __init__(self, isa: int, precision: bool, bf16: bool):
+    def __init__(self, isa: int, bf16: bool):
         self._isa, self._prec, self._bf16 = isa, 0, bf16
-        if precision:
-            self.jm_precision = lambda: self._prec
-            self.jm_set_precision = self._set
-            self.jm_bf16_dot = lambda: int(self._bf16 and self._prec == 1)
-            self.jm_kernel_path = lambda: ("avx512-bf16" if self.jm_bf16_dot() else ("scalar", "avx2", "avx512")[self._isa])
+        self.jm_precision = lambda: self._prec
+        self.jm_set_precision = self._set
+        self.jm_bf16_dot = lambda: int(self._bf16 and self._prec == 1)
+        self.jm_kernel_path = lambda: ("avx512-bf16" if self.jm_bf16_dot() else ("scalar", "avx2", "avx512")[self._isa])
 
     def _set(self, p: int) -> int:
         self._prec = p
@@ -91,20 +91,12 @@ class _Lib:
         return self._isa
 
 
-class _Nat:
-    def __init__(self, lib):
-        self.lib = lib
-        self.ffi = type("ffi", (), {"string": staticmethod(lambda s: s.encode())})()
-
-    def selected_isa(self) -> str:
-        return ("scalar", "avx2", "avx512")[self.lib.jm_isa_selected()]
-
-    def check(self, rc: int) -> None:
-        assert rc == 0
+def _Nat(lib) -> Native:
+    return Native(type("ffi", (), {"string": staticmethod(lambda s: s.encode())})(), lib, "fake")
 
 
 def test_kernel_path_with_precision():
-    nat = _Nat(_Lib(2, precision=True, bf16=True))
+    nat = _Nat(_Lib(2, bf16=True))
     assert KP.precisions(nat, None) == ["exact", "bf16"] and KP.precisions(nat, "bf16") == ["bf16"]
     assert nat.lib.jm_precision() == 0  # probing bf16 restored exact
     assert KP.kernel_info(nat) == {"isa": "avx512", "precision": "exact", "bf16_dot": False, "kernel_path": "avx512"}
@@ -112,23 +104,10 @@ def test_kernel_path_with_precision():
         assert KP.kernel_info(nat) == {"isa": "avx512", "precision": "bf16", "bf16_dot": True,
                                        "kernel_path": "avx512-bf16"}
     assert nat.lib.jm_precision() == 0
-    avx2 = _Nat(_Lib(1, precision=True, bf16=False))  # no bf16 dot: exact by default, both when asked
+    avx2 = _Nat(_Lib(1, bf16=False))  # no bf16 dot: exact by default, both when asked
     assert KP.precisions(avx2, None) == ["exact"] and KP.precisions(avx2, "both") == ["exact", "bf16"]
     with KP.precision(avx2, "bf16"):
         assert KP.kernel_info(avx2)["kernel_path"] == "avx2" and KP.kernel_info(avx2)["bf16_dot"] is False
-
-
-def test_kernel_path_without_precision_symbols():
-    """An older library: cffi raises AttributeError for the missing symbols; the ISA names the
-    path and the one precision there is gets measured."""
-    nat = _Nat(_Lib(1, precision=False, bf16=False))
-    with pytest.raises(AttributeError):
-        nat.lib.jm_kernel_path  # noqa: B018
-    assert KP.precisions(nat, None) == [None] and KP.precisions(nat, "bf16") == [None]
-    assert KP.kernel_info(nat) == {"isa": "avx2", "precision": None, "bf16_dot": None, "kernel_path": "avx2"}
-    with KP.precision(nat, "bf16"):  # nothing to set
-        pass
-    assert not KP.bf16_dot_available(nat)
 
 
 def test_suffix_and_arg():
