@@ -186,7 +186,7 @@ def _stats(ts: list[float]) -> dict:
 def decode(engine, cfg, batch: int, steps: int, warm: int, read, kernels, prompt_len: int, rng) -> dict:
     """Steady-state decode steps of `batch` concurrent greedy requests, each step timed alone
     and interleaved with a read pass (and, when given, the direct kernel pass)."""
-    from jaxmoe.runtime.sampling import SamplingParams  # noqa: PLC0415
+    from jaxmoe.serving.sampling import SamplingParams  # noqa: PLC0415
 
     reqs = [engine.submit(rng.integers(2, cfg.vocab_size, prompt_len).tolist(), warm + steps + 2, SamplingParams(),
                           eos_token_ids=(), background=False) for _ in range(batch)]
@@ -289,7 +289,7 @@ def main(argv=None) -> dict:
 
     import jaxmoe  # noqa: PLC0415
     from jaxmoe.cpu._lib import load as load_native  # noqa: PLC0415
-    from jaxmoe.runtime.engine import Engine  # noqa: PLC0415
+    from jaxmoe.serving.engine import Engine  # noqa: PLC0415
 
     tmp = None
     if args.quick and args.config is None:  # CI: a throwaway tiny checkpoint

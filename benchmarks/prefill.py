@@ -1,7 +1,7 @@
 """Prefill benchmark: tok/s by strategy and prompt length, with the planner's prediction beside each.
 
 Strategies, all over the same synthetic FP8 checkpoint, in chunks of `--chunk` tokens:
-- resident: `forward.prefill` with every weight on one device (XLA's own path, no cpu_ext
+- resident: `forward.forward_expanded` with every weight on one device (XLA's own path, no cpu_ext
   kernels: on a CPU box, what a GPU-resident prefill runs, on a CPU device);
 - cpu-experts: the engine's cpu-only path on the cpu_ext kernels (`jaxmoe.load(...,
   runtime="cpu-only", cpu_kernels=True)`, one request, max_new_tokens=1);
@@ -54,7 +54,7 @@ PUBLISHED = {"slp_1gpu_tok_s": 1200, "dslp_2gpu_tok_s": 1800, "ttft_32k_1gpu_s":
 def reference_table() -> dict:
     """The planner's DeepSeek-V3 predictions on the reference box (1 and 2 RTX 5090)."""
     from jaxmoe.config import ModelConfig  # noqa: PLC0415
-    from jaxmoe.runtime.planner import estimate_decode, estimate_prefill, load_hardware, prefill_threshold  # noqa: PLC0415
+    from jaxmoe.planning.planner import estimate_decode, estimate_prefill, load_hardware, prefill_threshold  # noqa: PLC0415
 
     cfg, hw = ModelConfig.named("deepseek-v3"), load_hardware("reference-box", calibrate=False)
     one = hw.with_gpus(1)
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     import jax  # noqa: PLC0415
 
     jax.config.update("jax_num_cpu_devices", 3)  # before JAX starts: 2 fake accelerators + the engine's host
-    from jaxmoe.runtime.planner import load_hardware  # noqa: PLC0415
+    from jaxmoe.planning.planner import load_hardware  # noqa: PLC0415
 
     from benchmarks import e2e  # noqa: PLC0415
 
@@ -184,8 +184,9 @@ class _Strategies:
 
         import jaxmoe  # noqa: PLC0415
         from jaxmoe.loading.loader import load_checkpoint, open_checkpoint  # noqa: PLC0415
-        from jaxmoe.runtime.engine import Engine  # noqa: PLC0415
-        from jaxmoe.runtime.streaming import CheckpointExperts, place_dense  # noqa: PLC0415
+        from jaxmoe.serving.engine import Engine  # noqa: PLC0415
+        from jaxmoe.loading.expert_source import CheckpointExperts  # noqa: PLC0415
+        from jaxmoe.streaming.slp import place_dense  # noqa: PLC0415
 
         self.jax, self.accel, self.chunk = jax, accel, chunk
         self.max_len = 1 << longest.bit_length()  # room for the prompt + 1 new token (the engine's rule)
@@ -221,10 +222,10 @@ class _Strategies:
 
     def _resident(self, weights0):
         from jaxmoe.model.cache import init_cache  # noqa: PLC0415
-        from jaxmoe.model.forward import prefill  # noqa: PLC0415
+        from jaxmoe.model.forward import forward_expanded  # noqa: PLC0415
 
         jax, cfg, chunk = self.jax, self.cfg, self.chunk
-        prefill_jit = jax.jit(prefill, static_argnums=0, donate_argnums=2)
+        prefill_jit = jax.jit(forward_expanded, static_argnums=0, donate_argnums=2)
 
         def run(tokens):
             cache = jax.device_put(init_cache(cfg, 1, self.max_len), self.accel[0])
@@ -238,7 +239,7 @@ class _Strategies:
 
     def _streamed(self, strategy, dense, source):
         from jaxmoe.model.cache import init_cache  # noqa: PLC0415
-        from jaxmoe.runtime.streaming import slp_prefill  # noqa: PLC0415
+        from jaxmoe.streaming.slp import slp_prefill  # noqa: PLC0415
 
         def run(tokens):
             pos = np.arange(tokens.shape[1], dtype=np.int32)[None]
@@ -257,7 +258,7 @@ class _Strategies:
         return run
 
     def run(self, lengths, repeats: int, warm_each: bool, planned) -> dict:
-        from jaxmoe.runtime.planner import estimate_prefill  # noqa: PLC0415
+        from jaxmoe.planning.planner import estimate_prefill  # noqa: PLC0415
 
         jax, cfg, results, first = self.jax, self.cfg, {}, {}
         for strategy, fn in self.runs.items():  # compile (the chunk shape is the same for every length)
@@ -285,8 +286,8 @@ class _Strategies:
     def sweep(self, lengths, chunk: int, hw, warm: bool) -> dict:
         """The cpu-only engine (kernels) alone at each prompt length, in its own chunks (the last
         one partial, as a user's prompt runs), vs estimate_prefill("cpu") on `hw`."""
-        from jaxmoe.runtime.engine import Engine  # noqa: PLC0415
-        from jaxmoe.runtime.planner import estimate_prefill  # noqa: PLC0415
+        from jaxmoe.serving.engine import Engine  # noqa: PLC0415
+        from jaxmoe.planning.planner import estimate_prefill  # noqa: PLC0415
 
         lengths = [n for n in lengths if n < self.cfg.max_position_embeddings]
         max_len = min(self.cfg.max_position_embeddings, 1 << max(lengths).bit_length())
@@ -295,7 +296,7 @@ class _Strategies:
         out = {}
         if warm:  # the longest prompt compiles the full-chunk programs of every key window; a
             # prompt whose last chunk is narrower (width bucket) compiles its own once
-            from jaxmoe.runtime.programs import width_bucket  # noqa: PLC0415
+            from jaxmoe.step_shapes import width_bucket  # noqa: PLC0415
 
             for n in sorted(lengths, reverse=True):
                 if n == max(lengths) or width_bucket(n % chunk or chunk, chunk) != chunk:
@@ -340,7 +341,7 @@ class _GemmYardstick:
         from jaxmoe.config import ModelConfig  # noqa: PLC0415
         from jaxmoe.cpu._lib import load  # noqa: PLC0415
         from jaxmoe.cpu.expert_store import HostMatrix  # noqa: PLC0415
-        from jaxmoe.runtime.planner import kernel_model  # noqa: PLC0415
+        from jaxmoe.planning.planner import kernel_model  # noqa: PLC0415
 
         rng = np.random.default_rng(1)
         q = rng.integers(0, 256, size=(self.N, self.K), dtype=np.uint8)

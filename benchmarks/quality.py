@@ -10,7 +10,7 @@ directory. Text: paragraphs of the Python standard library's own documentation (
 docstrings), tokenized with the checkpoint's tokenizer (random ids if it has none), cut into
 `--seqs` sequences of `--seq-len` tokens.
 
-Variants, each the full-sequence prefill forward (jaxmoe.model.forward.prefill, jitted):
+Variants, each the full-sequence prefill forward (jaxmoe.model.forward.forward_expanded, jitted):
 - reference: pure JAX in float32 on the weights as stored (FP8 blocks dequantized exactly);
 - fp8_cpu:   every large matmul and the routed experts on cpu_ext (`to_cpu_placement`), in
              the exact precision (f32 activations and sums);
@@ -86,7 +86,7 @@ def log_probs(cfg, weights, seqs: np.ndarray) -> np.ndarray:
     from jaxmoe.model import cache as cache_mod  # noqa: PLC0415
     from jaxmoe.model import forward  # noqa: PLC0415
 
-    fn = jax.jit(forward.prefill, static_argnums=0)
+    fn = jax.jit(forward.forward_expanded, static_argnums=0)
     n, length = seqs.shape
     out = []
     for s in seqs:
@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     from jaxmoe import quant_int4  # noqa: PLC0415
     from jaxmoe.config import ModelConfig  # noqa: PLC0415
     from jaxmoe.loading import hf_map  # noqa: PLC0415
-    from jaxmoe.loading.convert import _expert_float, convert_int4  # noqa: PLC0415
+    from jaxmoe.loading.convert import convert_int4, expert_float  # noqa: PLC0415
     from jaxmoe.loading.loader import load_checkpoint, open_checkpoint  # noqa: PLC0415
     from jaxmoe.loading.synthetic import write_synthetic_checkpoint  # noqa: PLC0415
 
@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
             del w4, placed4
         with open_checkpoint(src) as ck:  # the first routed expert's matrices, as the converter reads them
             first = hf_map.expert_tensors(cfg, next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)))
-            experts = {f"model_{p}": _expert_float(ck, first[p][0].name) for p in ("gate_proj", "down_proj")}
+            experts = {f"model_{p}": expert_float(ck, first[p][0].name) for p in ("gate_proj", "down_proj")}
         mse = scale_mse(experts, args.group)
     results["reference"] = {"ppl": perplexity(lps["reference"], seqs)}
     variants = [k for k in ("fp8_cpu", "fp8_cpu_bf16", "int4_jax", "int4_cpu", *(f"int4_cpu_{r}" for r in others)) if k in lps]

@@ -10,7 +10,7 @@ On a synthetic FP8 checkpoint placed on cpu_ext and served by `Engine(..., "cpu-
   long one, time per output token (TPOT) of the decoders p50/p90/p99 before it and while it
   prefills (chunked prefill shares the steps), and throughput during the window;
 - beside each measured curve, the performance model's prediction for this machine
-  (jaxmoe.runtime.planner.estimate_prefill "cpu" / estimate_decode with
+  (jaxmoe.planning.planner.estimate_prefill "cpu" / estimate_decode with
   configs/hardware/this-machine.json: its "cpu_kernels" step model); the planner has no
   mixed-load model.
 
@@ -65,7 +65,7 @@ def ttft(engine, cfg, n: int, rng) -> float:
 def mixed(engine, cfg, decoders: int, long_n: int, rng, before_steps: int = 6) -> dict:
     """`decoders` short requests decode; after `before_steps` steady steps a `long_n`-token
     prompt arrives. Token times of the decoders are taken after each engine step."""
-    from jaxmoe.runtime.sampling import SamplingParams  # noqa: PLC0415
+    from jaxmoe.serving.sampling import SamplingParams  # noqa: PLC0415
 
     budget = engine.max_len - 16 - 1
     decs = [engine.submit(rng.integers(2, cfg.vocab_size, 16).tolist(), budget, SamplingParams(), eos_token_ids=(),
@@ -114,7 +114,7 @@ def predicted(cfg, hw, chunk: int, ttft_lengths, contexts, batches=(), *, steps:
     """The planner's figures for the measured points. A decode point's context is its prompt
     plus the steps before the middle of the timed ones (`warm` + `steps` / 2): the key window
     a step attends over follows the sequence's length."""
-    from jaxmoe.runtime.planner import estimate_decode, estimate_prefill  # noqa: PLC0415
+    from jaxmoe.planning.planner import estimate_decode, estimate_prefill  # noqa: PLC0415
 
     grown = warm + steps // 2
     return {"hardware": hw.name, "calibrated_from": list(hw.calibrated_from),
@@ -129,8 +129,8 @@ def measure(args) -> dict:
     name = args.config or ("tiny" if args.quick else "demo")
     import jaxmoe  # noqa: PLC0415
     from jaxmoe.cpu._lib import load as load_native  # noqa: PLC0415
-    from jaxmoe.runtime.engine import Engine  # noqa: PLC0415
-    from jaxmoe.runtime.hardware import load_hardware  # noqa: PLC0415
+    from jaxmoe.serving.engine import Engine  # noqa: PLC0415
+    from jaxmoe.planning.hardware import load_hardware  # noqa: PLC0415
 
     from benchmarks import e2e  # noqa: PLC0415
 
@@ -264,7 +264,7 @@ def main(argv=None) -> dict:
                       "native matrices (read_gb_s); tok_s = batch / median step",
             "mixed": "decoders' token gaps (TPOT) from the time after each engine step; 'during' = from the long "
                      "prompt's arrival to its first token; total_tok_s = (decoded + prompt tokens) / that window",
-            "predicted": "jaxmoe.runtime.planner on configs/hardware/this-machine.json: estimate_prefill(strategy "
+            "predicted": "jaxmoe.planning.planner on configs/hardware/this-machine.json: estimate_prefill(strategy "
                          "'cpu', cpu_chunk=engine chunk) and estimate_decode(context=prompt + warm + steps/2, "
                          "batch)"}}
         doc = H.write(None, {}, env, details)

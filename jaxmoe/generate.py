@@ -1,7 +1,7 @@
 """The public generation API: `load`, `generate`, `stream_generate`.
 
 A request runs as: tokenize -> validate -> submit to the model's serving engine
-(runtime/engine.py: continuous batching over cache slots, chunked prefill, the runtime
+(`serving.engine`: continuous batching over cache slots, chunked prefill, the runtime
 preset's placement) -> per emitted token: detokenize, stop strings, one StreamResponse.
 Concurrent calls (threads) share the engine and are batched together. Sampling runs inside
 the engine's jitted step with per-request parameters and keys, so the tokens of a request
@@ -24,10 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.runtime.engine import Engine
-from jaxmoe.runtime.placement import RuntimeConfig, split_experts
-from jaxmoe.runtime.sampling import SamplingParams
-from jaxmoe.runtime.stopping import StopMatcher, normalize_stop
+from jaxmoe.serving.engine import Engine
+from jaxmoe.loading.expert_source import CheckpointExperts
+from jaxmoe.loading.loader import open_checkpoint
+from jaxmoe.model.weights import split_experts
+from jaxmoe.serving.presets import RuntimeConfig
+from jaxmoe.serving.prompt_runner import host_expert_source
+from jaxmoe.serving.sampling import SamplingParams
+from jaxmoe.serving.stopping import StopMatcher, normalize_stop
 from jaxmoe.tokenizer import Message, Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 4096  # context per request unless max_seq_len says otherwise (cache memory)
@@ -93,10 +97,6 @@ class Model:
         slabs that decode reads, or host arrays); else the checkpoint's mmap (e.g. INT4 stores)."""
         if self.path is None or not self.runtime.accelerators or self.runtime.prefill_strategy == "cpu":
             return None
-        from jaxmoe.loading.loader import open_checkpoint
-        from jaxmoe.runtime.prefill_strategy import host_expert_source
-        from jaxmoe.runtime.streaming import CheckpointExperts
-
         if host_expert_source(split_experts(self.weights)[1]) is not None:
             return None
         if self._checkpoint is None:

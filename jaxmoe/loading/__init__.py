@@ -1,4 +1,7 @@
-"""Checkpoints: lazy safetensors reading, the name map, the strict loader, synthetic writers."""
+"""Checkpoints on disk: lazy safetensors reading (safetensors_index), the name map (hf_map), the
+strict loader (loader), the INT4 checkpoint format (int4_format) and its converter (convert), the
+atomic sharded writer (writer), synthetic checkpoints (synthetic) with their tokenizer
+(tokenizer_data), routed experts for stream-loading prefill (expert_source), progress bars."""
 
 from jaxmoe.loading.loader import Checkpoint, load_checkpoint, open_checkpoint
 from jaxmoe.loading.safetensors_index import CheckpointError

@@ -12,8 +12,11 @@ files are unmapped. MTP-module layers are skipped (logged once).
 Formats: an e4m3 Linear becomes `Fp8Weight` (values as stored, fp32 block scales), any
 other Linear a `DenseWeight` in its stored dtype; norms, embeddings and the router weight
 are cast to `dtype`; `e_score_correction_bias` is float32; routed experts are stacked on a
-leading expert axis. `Checkpoint` is the lower-level handle the CPU expert store uses:
-`Checkpoint.expert_arrays(layer)` gives zero-copy numpy views of one layer's experts.
+leading expert axis. A directory with the INT4 marker (int4_format.py) is accounted against
+its qweight / scales tensors, and its routed experts load as `Int4Weight`.
+
+`Checkpoint` is the lower-level handle the CPU expert store uses: `Checkpoint.expert_arrays(layer)`
+gives zero-copy numpy views of one layer's experts.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.loading import convert, hf_map
+from jaxmoe.loading import hf_map, int4_format
 from jaxmoe.loading.progress import Progress
 from jaxmoe.loading.safetensors_index import CheckpointError, SafetensorsCheckpoint, raise_if
 from jaxmoe.quant import DenseWeight, Fp8Weight
@@ -47,9 +50,9 @@ class Checkpoint:
         except ConfigError as e:
             raise CheckpointError(str(e)) from e
         self.specs = hf_map.expected_tensors(self.cfg)
-        self.int4_group = convert.read_marker(self.path)  # INT4 routed experts (convert.py)
+        self.int4_group = int4_format.read_marker(self.path)  # None unless the routed experts are INT4
         if self.int4_group is not None:
-            self.specs = convert.int4_specs(self.specs, self.int4_group)
+            self.specs = int4_format.int4_specs(self.specs, self.int4_group)
         self.block = hf_map.quant_block(self.cfg)
         self.store = SafetensorsCheckpoint(self.path)
         try:
@@ -129,8 +132,8 @@ class Checkpoint:
         `safetensors_index.stacked_view` turns a list into one [E, ...] view when the file
         layout allows it.
         """
-        if self.int4_group is not None:  # {"gate_proj": qweights, "gate_proj_scales": ...} (convert.py)
-            return convert.int4_expert_arrays(self, layer)
+        if self.int4_group is not None:  # {"gate_proj": qweights, "gate_proj_scales": ...}
+            return int4_format.int4_expert_arrays(self.cfg, layer, self.array)
         out: dict[str, list[np.ndarray]] = {}
         for proj, specs in hf_map.expert_tensors(self.cfg, layer).items():
             out[proj] = [self.array(s.name) for s in specs]
@@ -197,8 +200,8 @@ def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | None, load_
             w = ck.array(s.name)
             fp8 = s.kind == "linear" and ck.is_fp8(s.name)
             scale = ck.array(s.scale_name).astype(np.float32) if fp8 else None
-            if s.kind in convert.INT4_KINDS:  # INT4 routed experts -> Int4Weight (convert.py)
-                convert.collect_int4(leaves, pending, s, w, n_experts, put)
+            if s.kind in int4_format.INT4_KINDS:  # INT4 routed experts -> Int4Weight
+                int4_format.collect_int4(leaves, pending, s, w, n_experts, put)
             elif s.expert is not None:
                 pending[s.target].append((w, scale))
                 if len(pending[s.target]) == n_experts:

@@ -1,30 +1,23 @@
-"""Write checkpoints in the exact on-disk layout of real DeepSeek-V3 ones, without torch.
+"""Synthetic checkpoints in the exact on-disk layout of real DeepSeek-V3 ones, without torch.
 
 - `write_synthetic_checkpoint(path, cfg, fmt="fp8")`: random weights for any config, streamed
   tensor by tensor (bench-sized models never sit in RAM), plus a trained tokenizer.
 - `write_checkpoint(path, cfg, tensors)`: any named numpy tensors + config.json.
 - `quantize_linears(tensors, cfg)`: every Linear `.weight` except lm_head -> e4m3 + `.weight_scale_inv`.
 - `synthetic_tensors(cfg, fmt)`: the random tensors in memory (small configs, tests).
+- `hf_config(cfg)`: the config.json of a checkpoint of `cfg`.
 
 Layout: names as in jaxmoe/model/weights.py; FP8 Linears with fp32 block scales
 [ceil(N/bn), ceil(K/bk)]; embeddings, norms, lm_head and router bf16 (`e_score_correction_bias`
-fp32); `model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`
-past `max_shard_bytes`. Within a file tensors are ordered like the safetensors library does
-(itemsize descending: aligned, no holes), in
-plan order within an itemsize, so each proj's routed experts are evenly spaced (`stacked_view`). Writes go to a temporary directory renamed
-into place at the end, so a failed or interrupted write leaves nothing behind.
+fp32). Files, sharding, tensor order and atomicity are writer.py's: the random tensors are
+`TensorGroup`s made one at a time as `write_tensor_groups` reaches them, in the order of
+`hf_map.expected_tensors`, so each proj's routed experts are evenly spaced (`stacked_view`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-import os
-import shutil
-import struct
-import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -35,27 +28,13 @@ import numpy as np
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.loading import hf_map
-from jaxmoe.loading.progress import Progress
-from jaxmoe.loading.safetensors_index import DTYPE_NAMES, INDEX_NAME
+from jaxmoe.loading.writer import DEFAULT_SHARD_BYTES, TensorGroup, write_tensor_groups
 from jaxmoe.quant import FP8_MAX, quantize_fp8_blocks
 
 FORMATS = ("fp8", "bf16", "f32")
-DEFAULT_SHARD_BYTES = 2 << 30
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32 = np.dtype(np.float32)
-
-
-@dataclasses.dataclass
-class _Group:
-    """Tensors produced together (an FP8 weight and its scale): [(name, dtype, shape)] + a maker."""
-
-    tensors: list[tuple[str, np.dtype, tuple[int, ...]]]
-    make: Callable[[], dict[str, np.ndarray]]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(math.prod(s) * d.itemsize for _, d, s in self.tensors)
 
 
 # ---- public API ---------------------------------------------------------------------------
@@ -74,9 +53,9 @@ def write_checkpoint(
     cfg: a ModelConfig (written as `hf_config(cfg)`) or a dict written verbatim.
     """
     tensors = {n: np.asarray(a) for n, a in tensors.items()}
-    groups = [_Group([(n, a.dtype, tuple(a.shape))], (lambda n=n, a=a: {n: a})) for n, a in tensors.items()]
+    groups = [TensorGroup([(n, a.dtype, tuple(a.shape))], (lambda n=n, a=a: {n: a})) for n, a in tensors.items()]
     config = cfg if isinstance(cfg, dict) else hf_config(cfg, fp8=any(a.dtype == E4M3 for a in tensors.values()))
-    return _write(Path(path), config, groups, max_shard_bytes, overwrite)
+    return write_tensor_groups(path, config, groups, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
 def write_synthetic_checkpoint(
@@ -98,7 +77,8 @@ def write_synthetic_checkpoint(
 
         extra = lambda d: write_tokenizer(d, cfg.vocab_size, model_max_length=cfg.max_position_embeddings)  # noqa: E731
     config = hf_config(cfg, fp8=fmt == "fp8", dtype="float32" if fmt == "f32" else "bfloat16")
-    return _write(Path(path), config, groups, max_shard_bytes, overwrite, extra, progress)
+    return write_tensor_groups(path, config, groups, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+                               extra=extra, progress=progress)
 
 
 def synthetic_tensors(cfg: ModelConfig, *, fmt: str = "f32", seed: int = 0) -> dict[str, np.ndarray]:
@@ -144,7 +124,7 @@ def hf_config(cfg: ModelConfig, *, fp8: bool | None = None, dtype: str | None = 
 # ---- random init ----------------------------------------------------------------------------
 
 
-def _synthetic_groups(cfg: ModelConfig, fmt: str, seed: int) -> list[_Group]:
+def _synthetic_groups(cfg: ModelConfig, fmt: str, seed: int) -> list[TensorGroup]:
     """Random tensors scaled so activations stay O(1): Linear ~ N(0, 1/fan_in), norms ~ 1."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -160,18 +140,19 @@ def _synthetic_groups(cfg: ModelConfig, fmt: str, seed: int) -> list[_Group]:
             std = 1.0 / math.sqrt(fan_in) * (2.0 if spec.target == "lm_head" else 1.0)
             gen = lambda s=spec, r=rng, std=std: r().standard_normal(s.shape, np.float32) * np.float32(std)  # noqa: E731
             if fmt == "fp8" and spec.target != "lm_head":
-                groups.append(_Group(
+                groups.append(TensorGroup(
                     [(spec.name, E4M3, spec.shape), (spec.scale_name, F32, spec.scale_shape(block))],
                     lambda s=spec, r=rng, std=std: dict(zip((s.name, s.scale_name), _random_fp8(s, std, block, r()))),
                 ))
                 continue
-            groups.append(_Group([(spec.name, dense, spec.shape)], lambda s=spec, g=gen: {s.name: g().astype(dense)}))
+            groups.append(TensorGroup([(spec.name, dense, spec.shape)],
+                                      lambda s=spec, g=gen: {s.name: g().astype(dense)}))
         elif spec.kind == "bias":
-            groups.append(_Group([(spec.name, F32, spec.shape)],
-                                 lambda s=spec, r=rng: {s.name: r().normal(0, 0.01, s.shape).astype(F32)}))
+            groups.append(TensorGroup([(spec.name, F32, spec.shape)],
+                                      lambda s=spec, r=rng: {s.name: r().normal(0, 0.01, s.shape).astype(F32)}))
         else:
-            groups.append(_Group([(spec.name, dense, spec.shape)],
-                                 lambda s=spec, r=rng: {s.name: _float_init(s, r()).astype(dense)}))
+            groups.append(TensorGroup([(spec.name, dense, spec.shape)],
+                                      lambda s=spec, r=rng: {s.name: _float_init(s, r()).astype(dense)}))
     return groups
 
 
@@ -199,82 +180,3 @@ def _float_init(spec: hf_map.TensorSpec, rng: np.random.Generator) -> np.ndarray
     if spec.target.endswith("gate.weight"):  # router: logits ~ N(0, 1)
         return rng.standard_normal(spec.shape, np.float32) / np.float32(math.sqrt(spec.shape[1]))
     return 1.0 + 0.05 * rng.standard_normal(spec.shape, np.float32)  # RMSNorm weights
-
-
-# ---- writing ----------------------------------------------------------------------------------
-
-
-def _write(path: Path, config: dict, groups: list[_Group], max_shard_bytes: int | None, overwrite: bool,
-           extra: Callable[[Path], dict] | None = None, progress: bool | None = None) -> Path:
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
-        shards = _plan_shards(groups, max_shard_bytes)
-        total = sum(g.nbytes for g in groups)
-        bar = Progress(len(groups), total, enabled=progress, label=f"writing {path.name}")
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_shard(tmp / fname, shard, bar)
-            weight_map.update({n: fname for g in shard for n, _, _ in g.tensors})
-        bar.close()
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        if extra is not None:
-            config = {**config, **extra(tmp)}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, trash / "old")
-            os.rename(tmp, path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def _plan_shards(groups: list[_Group], max_shard_bytes: int | None) -> list[list[_Group]]:
-    shards: list[list[_Group]] = [[]]
-    size = 0
-    for g in groups:
-        if max_shard_bytes and shards[-1] and size + g.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(g)
-        size += g.nbytes
-    return shards
-
-
-def _write_shard(file: Path, groups: list[_Group], bar: Progress) -> None:
-    """Header first (all shapes are known), then each group's data at its offsets as it is made."""
-    entries = [t for g in groups for t in g.tensors]
-    entries.sort(key=lambda t: -t[1].itemsize)  # stable: plan order within an itemsize
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offsets, pos = {}, 0
-    for name, dtype, shape in entries:
-        n = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
-        offsets[name] = pos
-        pos += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    start = 8 + len(raw)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(start + pos)
-        for g in groups:
-            arrays = g.make()
-            for name, dtype, shape in g.tensors:
-                a = np.ascontiguousarray(arrays[name])
-                if a.dtype != dtype or a.shape != shape:
-                    raise ValueError(f"{name}: made {a.dtype} {a.shape}, planned {dtype} {shape}")
-                f.seek(start + offsets[name])
-                f.write(a.reshape(-1).view(np.uint8).data)
-            bar.update(1, g.nbytes)

@@ -1,8 +1,10 @@
-"""The whole model as two pure functions of (weights, cache, tokens, positions).
+"""The whole model as a pure function of (weights, cache, tokens, positions).
 
-`prefill` and `decode` differ only in how MLA attends (expanded vs absorbed; see mla.py);
-both read and write the same latent cache and give the same logits. `cfg` is static:
-jit them with `jax.jit(prefill, static_argnums=0)`. Activations take the embedding's dtype.
+`forward_expanded` and `forward_absorbed` differ only in the form MLA attends in (keys and
+values expanded, or kv_b_proj absorbed into queries and outputs; see mla.py and
+`step_shapes.attention_form`); both read and write the same latent cache and give the same
+logits. `cfg` is static: jit them with `jax.jit(forward_absorbed, static_argnums=0)`.
+Activations take the embedding's dtype.
 
 tokens, positions: int32 [B, T]. A position >= cache.max_len marks a padding token: it is
 computed but neither stored in the cache nor seen by other tokens.
@@ -18,23 +20,24 @@ import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache
-from jaxmoe.model.mla import mla_decode, mla_prefill
+from jaxmoe.model.mla import mla_absorbed, mla_expanded
 from jaxmoe.model.moe import mlp, moe_prologue, routed_experts
 from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.rope import rope_cos_sin
 from jaxmoe.model.weights import LayerWeights, MoEWeights, Weights
 from jaxmoe.quant import linear
+from jaxmoe.step_shapes import AttentionForm
 
 
-def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool, kv_len=None):
+def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, form: AttentionForm, kv_len=None):
     """x + MLA(input_layernorm(x)) -> (x, post_attention_layernorm'd x for the MLP, cache)."""
-    attend = mla_decode if absorb else mla_prefill
+    attend = {"absorbed": mla_absorbed, "expanded": mla_expanded}[form]
     h, cache = attend(cfg, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer, positions, cos, sin, kv_len)
     x = x + h
     return x, rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps), cache
 
 
-def layer_until_experts(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool, kv_len=None):
+def layer_until_experts(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, form: AttentionForm, kv_len=None):
     """One layer up to its routed experts -- what runs beside them on the accelerator.
 
     Dense layer: (x + attention + MLP, None, cache). MoE layer: (x + attention, (h [N, H],
@@ -42,7 +45,7 @@ def layer_until_experts(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, l
     x + routed_experts(h, ids, weights) + shared. Padding tokens (position >= cache length)
     route to no expert.
     """
-    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, absorb=absorb, kv_len=kv_len)
+    x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, form=form, kv_len=kv_len)
     if not isinstance(lw.mlp, MoEWeights):
         return x + mlp(lw.mlp, h), None, cache
     flat = h.reshape(-1, h.shape[-1])
@@ -50,8 +53,8 @@ def layer_until_experts(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, l
     return x, (flat, ids, weights, shared), cache
 
 
-def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, absorb: bool, kv_len=None):
-    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, absorb=absorb, kv_len=kv_len)
+def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, form: AttentionForm, kv_len=None):
+    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, form=form, kv_len=kv_len)
     if moe_in is None:
         return x, cache
     flat, ids, weights, shared = moe_in
@@ -66,21 +69,23 @@ def final_logits(cfg: ModelConfig, weights: Weights, x, logit_index=None) -> jax
     return linear(x, weights.lm_head).astype(jnp.float32)
 
 
-def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, absorb: bool, logit_index=None, kv_len=None):
+def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, form: AttentionForm, logit_index=None, kv_len=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     x = weights.embed_tokens[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
     for i, lw in enumerate(weights.layers):
-        x, cache = decoder_layer(cfg, lw, x, cache, i, positions, cos, sin, absorb=absorb, kv_len=kv_len)
+        x, cache = decoder_layer(cfg, lw, x, cache, i, positions, cos, sin, form=form, kv_len=kv_len)
     return final_logits(cfg, weights, x, logit_index), cache
 
 
-def prefill(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None, kv_len=None) -> tuple[jax.Array, KVCache]:
+def forward_expanded(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None,
+                     kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32) for a chunk of tokens, attending with expanded K/V."""
-    return _forward(cfg, weights, cache, tokens, positions, absorb=False, logit_index=logit_index, kv_len=kv_len)
+    return _forward(cfg, weights, cache, tokens, positions, form="expanded", logit_index=logit_index, kv_len=kv_len)
 
 
-def decode(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None, kv_len=None) -> tuple[jax.Array, KVCache]:
+def forward_absorbed(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, logit_index=None,
+                     kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32), attending in latent space (absorbed up-projections)."""
-    return _forward(cfg, weights, cache, tokens, positions, absorb=True, logit_index=logit_index, kv_len=kv_len)
+    return _forward(cfg, weights, cache, tokens, positions, form="absorbed", logit_index=logit_index, kv_len=kv_len)

@@ -3,14 +3,14 @@
 Per token, the cache keeps only c_kv (kv_a_layernorm'd, kv_lora_rank wide) and the rotated
 shared rope key k_pe. Two ways to attend, mathematically equal:
 
-- `mla_prefill` expands the cached latents through kv_b_proj into per-head keys and values
+- `mla_expanded` expands the cached latents through kv_b_proj into per-head keys and values
   (cheaper when many queries share the expansion: prompts);
-- `mla_decode` absorbs kv_b_proj into the query (q_nope @ W_UK) and the output
+- `mla_absorbed` absorbs kv_b_proj into the query (q_nope @ W_UK) and the output
   (o_latent @ W_UV) and attends in latent space (cheaper per token: decode), as DeepSeek's
   own inference does.
 
 Both attend blocked over the keys when a step has several queries (a prompt chunk) and more
-than `block` cache slots (default `PREFILL_KEY_BLOCK`, static): an online softmax (running
+than `block` cache slots (default `ATTENTION_KEY_BLOCK`, static): an online softmax (running
 max and sum, flash-style) in float32 over key blocks with `lax.fori_loop`, so scores take
 O(T x block) per head instead of O(T x S) -- a 32K prompt fits -- and, in the expanded form,
 keys and values are expanded from the latents one block at a time. One query per row
@@ -30,6 +30,7 @@ from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.rope import apply_rope
 from jaxmoe.model.weights import MLAWeights
 from jaxmoe.quant import dequantize, linear
+from jaxmoe.step_shapes import ATTENTION_KEY_BLOCK
 
 
 def _queries(cfg: ModelConfig, w: MLAWeights, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
@@ -50,7 +51,6 @@ def _write_latents(cfg, w, x, cache, layer, positions, cos, sin) -> KVCache:
     return write_layer(cache, layer, positions, c_kv, k_pe)
 
 
-PREFILL_KEY_BLOCK = 512  # key slots per block of the blocked (online-softmax) attention
 
 
 def _softmax(cfg: ModelConfig, scores: jax.Array, positions: jax.Array) -> jax.Array:
@@ -66,7 +66,7 @@ def _softmax(cfg: ModelConfig, scores: jax.Array, positions: jax.Array) -> jax.A
 
 def _use_blocks(n_queries: int, n_keys: int, block: int | None) -> int | None:
     """The key block size to use (None: attend in one piece)."""
-    block = PREFILL_KEY_BLOCK if block is None else int(block)
+    block = ATTENTION_KEY_BLOCK if block is None else int(block)
     if block < 1:
         raise ValueError(f"attention key block must be >= 1, got {block}")
     return block if n_queries > 1 and n_keys > block else None
@@ -118,13 +118,13 @@ def _cached(cache: KVCache, layer, kv_len: int | None, dtype):
     return c_kv.astype(dtype), k_pe.astype(dtype)
 
 
-def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None,
+def mla_expanded(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None,
                 block: int | None = None):
     """Attention with expanded keys/values. Returns (out [B, T, H], cache with the new latents).
 
     `kv_len` (static): attend over the first kv_len cache slots only (every visible position
     must be below it); None = the whole cache. `block` (static): key slots per block of the
-    blocked attention (None: `PREFILL_KEY_BLOCK`); keys and values are then expanded one
+    blocked attention (None: `ATTENTION_KEY_BLOCK`); keys and values are then expanded one
     block at a time, so neither scores nor expanded K/V are ever whole-cache sized.
     """
     q_nope, q_pe = _queries(cfg, w, x, cos, sin)
@@ -152,21 +152,6 @@ def mla_prefill(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, co
 
         out = key_blocked_attention(block_fn, positions, c_kv.shape[1], blk, (*x.shape[:2], h, cfg.v_head_dim), x.dtype)
     return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache
-
-
-def expanded_is_cheaper(cfg: ModelConfig, n_queries: int, n_keys: int) -> bool:
-    """Whether `mla_prefill` (keys/values expanded once per step) takes fewer multiply-adds
-    than `mla_decode` (queries and outputs absorbed) for n_queries per row over n_keys cache
-    slots. Per row and head:
-        expanded: (nope + rope + v) * S * T  +  (nope + v) * r * S   (expanding S keys)
-        absorbed: (2 r + rope)      * S * T  +  (nope + v) * r * T   (absorbing T queries)
-    DeepSeek-V3 (r 512, nope = v 128, rope 64): expanded wins from ~100 queries over 256 keys
-    and ~170 over long contexts, i.e. for prompt chunks, never for decode."""
-    r, rope, nope, v = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
-    s, t = n_keys, n_queries
-    expanded = (nope + rope + v) * s * t + (nope + v) * r * s
-    absorbed = (2 * r + rope) * s * t + (nope + v) * r * t
-    return expanded < absorbed
 
 
 def _split_kv_b(kv_b_proj, cfg, dtype) -> tuple[jax.Array, jax.Array]:
@@ -199,9 +184,9 @@ def _latent_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.swapaxes(s, 1, 2).reshape(b, t, h, keys.shape[1])
 
 
-def mla_decode(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None,
+def mla_absorbed(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None,
                block: int | None = None):
-    """Attention in latent space with kv_b_proj absorbed. Same contract as `mla_prefill`
+    """Attention in latent space with kv_b_proj absorbed. Same contract as `mla_expanded`
     (blocked over keys for chunks of several tokens, see the module docstring)."""
     q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)

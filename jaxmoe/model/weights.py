@@ -89,3 +89,16 @@ class Weights:
     layers: tuple[LayerWeights, ...]
     norm: jax.Array  # [H]
     lm_head: Linear  # [V, H]
+
+
+def split_experts(weights: Weights) -> tuple[Weights, tuple[Any, ...]]:
+    """(weights without routed experts, per-layer routed experts (None for dense layers))."""
+    experts, layers = [], []
+    for lw in weights.layers:
+        if isinstance(lw.mlp, MoEWeights):
+            experts.append(lw.mlp.experts)
+            lw = lw.replace(mlp=lw.mlp.replace(experts=None))
+        else:
+            experts.append(None)
+        layers.append(lw)
+    return weights.replace(layers=tuple(layers)), tuple(experts)

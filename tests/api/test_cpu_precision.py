@@ -10,7 +10,7 @@ import pytest
 
 import jaxmoe
 from jaxmoe import cli
-from jaxmoe.runtime.placement import CPU_PRECISIONS, RuntimeConfig
+from jaxmoe.serving.presets import CPU_PRECISIONS, RuntimeConfig
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import jaxmoe
 from jaxmoe.loading.synthetic import write_synthetic_checkpoint
 from jaxmoe.model.cache import init_cache
-from jaxmoe.model.forward import decode, prefill
+from jaxmoe.model.forward import forward_absorbed, forward_expanded
 
 G = sys.modules["jaxmoe.generate"]  # `jaxmoe.generate` is the function
 PROMPT = "The quick brown fox"
@@ -28,9 +28,9 @@ def test_greedy_equals_a_plain_argmax_loop(model):
     cfg, w = model.cfg, model.weights
     cache = init_cache(cfg, 1, len(ids) + n_new, model.dtype)  # unpadded, exact size
     pos = np.arange(len(ids), dtype=np.int32)[None]
-    logits, cache = jax.jit(prefill, static_argnums=0)(cfg, w, cache, np.array([ids], np.int32), pos)
+    logits, cache = jax.jit(forward_expanded, static_argnums=0)(cfg, w, cache, np.array([ids], np.int32), pos)
     expected = [int(jnp.argmax(logits[0, -1]))]
-    step = jax.jit(decode, static_argnums=0)
+    step = jax.jit(forward_absorbed, static_argnums=0)
     for i in range(n_new - 1):
         p = np.array([[len(ids) + i]], np.int32)
         logits, cache = step(cfg, w, cache, np.array([[expected[-1]]], np.int32), p)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmoe.runtime.sampling import SamplingParams, sample, step_key, top_k_mask, top_p_mask, validate_sampling
+from jaxmoe.serving.sampling import SamplingParams, sample, step_key, top_k_mask, top_p_mask, validate_sampling
 
 
 def ref_top_k(logits: np.ndarray, k: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxmoe.runtime.stopping import StopMatcher, normalize_stop
+from jaxmoe.serving.stopping import StopMatcher, normalize_stop
 
 
 def run(chunks, stops):

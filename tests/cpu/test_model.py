@@ -133,7 +133,7 @@ def test_decode_with_kv_b_on_host(tiny, exact_kernels):
             tol = logit_tol(exact_kernels)
             err = float(jnp.max(jnp.abs(got - want)))
             assert err <= tol * float(jnp.max(jnp.abs(want))), f"{step}: max |logit diff| {err:.3g}"
-        hlo = jax.jit(forward.decode, static_argnums=0).lower(cfg, placed, cache, tokens, positions).as_text()
+        hlo = jax.jit(forward.forward_absorbed, static_argnums=0).lower(cfg, placed, cache, tokens, positions).as_text()
         assert "jaxmoe_cpu_linear_grouped" in hlo
     finally:
         jcpu.release(placed)

@@ -1,4 +1,4 @@
-"""`jaxmoe convert --to int4` (issue 7): what it writes, that the loader recognises it, that the
+"""`jaxmoe convert --to int4`: what it writes, that the loader recognises it, that the
 converted checkpoint generates on the pure-JAX path and on the CPU kernels, atomic failure."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from jaxmoe import quant, quant_int4
 from jaxmoe.cli import main
-from jaxmoe.loading import convert
+from jaxmoe.loading import convert, int4_format
 from jaxmoe.loading.loader import load_checkpoint, open_checkpoint
 from jaxmoe.loading.safetensors_index import CheckpointError
 from jaxmoe.loading.synthetic import write_synthetic_checkpoint
@@ -25,7 +25,7 @@ def int4_dir(tiny_fp8_dir, tmp_path_factory):
 
 
 def test_writes_int4_experts_and_copies_the_rest(tiny_fp8_dir, int4_dir, tiny_cfg):
-    meta = json.loads((int4_dir / convert.MARKER).read_text())
+    meta = json.loads((int4_dir / int4_format.MARKER).read_text())
     assert meta["format"] == "int4" and meta["group_size"] == 32 and meta["scale_rule"] == "search"
     assert meta["converted_experts"] == 2 * tiny_cfg.n_routed_experts * 3
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
@@ -76,7 +76,7 @@ def test_bf16_source_and_cli(tmp_path, tiny_cfg, capsys):
     assert main(["convert", "--to", "int4", "--group", "64", "--int4-scale", "absmax", "--workers", "1",
                  str(src), str(tmp_path / "out")]) == 0
     assert "routed experts INT4 (group 64, absmax scales)" in capsys.readouterr().out
-    assert json.loads((tmp_path / "out" / convert.MARKER).read_text())["scale_rule"] == "absmax"
+    assert json.loads((tmp_path / "out" / int4_format.MARKER).read_text())["scale_rule"] == "absmax"
     with open_checkpoint(src) as a, open_checkpoint(tmp_path / "out") as b:
         w = np.asarray(a.array(f"{EXPERT}.weight"), np.float32)
         q, s = quant_int4.quantize_int4(w, 64, scale_rule="absmax")
@@ -118,7 +118,7 @@ def test_threads_write_the_same_bytes(tiny_fp8_dir, int4_dir, tmp_path):
     names = sorted(f.name for f in int4_dir.iterdir())
     assert names == sorted(f.name for f in one.iterdir()) == sorted(f.name for f in four.iterdir())
     for f in names:
-        if f != convert.MARKER:
+        if f != int4_format.MARKER:
             assert (one / f).read_bytes() == (four / f).read_bytes() == (int4_dir / f).read_bytes(), f
 
 
@@ -142,13 +142,13 @@ def test_bad_marker_and_missing_expert_tensor(int4_dir, tmp_path):
 
     bad = tmp_path / "bad"
     shutil.copytree(int4_dir, bad)
-    (bad / convert.MARKER).write_text(json.dumps({"format": "int4", "group_size": 40}))
+    (bad / int4_format.MARKER).write_text(json.dumps({"format": "int4", "group_size": 40}))
     with pytest.raises(CheckpointError, match="not a valid INT4 marker"):
         open_checkpoint(bad)
-    (bad / convert.MARKER).write_text(json.dumps({"format": "int4", "group_size": 32, "scale_rule": "nope"}))
+    (bad / int4_format.MARKER).write_text(json.dumps({"format": "int4", "group_size": 32, "scale_rule": "nope"}))
     with pytest.raises(CheckpointError, match="not a valid INT4 marker.*scale rule"):
         open_checkpoint(bad)
-    (bad / convert.MARKER).write_text(json.dumps({"format": "int4", "group_size": 64}))  # no rule: absmax (old)
+    (bad / int4_format.MARKER).write_text(json.dumps({"format": "int4", "group_size": 64}))  # no rule: absmax (old)
     with pytest.raises(CheckpointError, match=r"(?s)wrong shape.*scales.*expected \[32, 1\]"):
         open_checkpoint(bad)
 
@@ -172,7 +172,7 @@ def test_expert_store_from_converted_checkpoint(int4_dir, tiny_cfg):
 
 def test_streaming_source_reads_int4(int4_dir, tiny_cfg):
     """The stream-loading prefill's expert source gives Int4Weight views (not raw bytes as dense)."""
-    from jaxmoe.runtime.streaming import CheckpointExperts
+    from jaxmoe.loading.expert_source import CheckpointExperts
 
     _, w = load_checkpoint(int4_dir)
     with open_checkpoint(int4_dir) as ck:

@@ -1,13 +1,15 @@
 """Execute every notebook under notebooks/ top to bottom (nbclient), so they never rot.
 
-Each runs in a temp working dir, with $JAXMOE_CACHE_DIR in a temp dir, on a python3 kernel of
-the interpreter running the tests (checked by an injected first cell). Any cell error fails.
-The committed .ipynb files carry no outputs and match `notebooks/build.py`.
+The notebooks are jupytext percent-format scripts (`notebooks/NN_name.py`: `# %%` code cells,
+`# %% [markdown]` cells); no .ipynb is committed. Each is read with `jupytext.read` and run in
+a temp working dir, with $JAXMOE_CACHE_DIR in a temp dir, on a python3 kernel of the
+interpreter running the tests (checked by an injected first cell). Any cell error fails.
+To open one in Jupyter: `jupytext --to ipynb notebooks/01_quickstart.py` (or the jupytext
+Jupyter extension, which opens the .py directly).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -16,31 +18,30 @@ import pytest
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
+jupytext = pytest.importorskip("jupytext")
 pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parents[2]
 NB_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
+NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 CELL_TIMEOUT_S = 300
 
 
 def test_notebooks_exist():
-    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_architecture.ipynb", "03_benchmarks.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_quickstart.py", "02_architecture.py", "03_benchmarks.py"]
+    # The .py files are the source; a generated .ipynb next to them would go stale.
+    assert not sorted(p.name for p in NB_DIR.glob("*.ipynb")), "notebooks/*.ipynb are generated: do not commit them"
 
 
-def test_committed_notebooks_have_no_outputs_and_match_build_py():
-    spec = importlib.util.spec_from_file_location("_nb_build", NB_DIR / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    for path in NOTEBOOKS:
-        nb = nbformat.read(path, as_version=4)
-        for cell in nb.cells:
-            if cell.cell_type == "code":
-                assert not cell.outputs and cell.execution_count is None, f"{path.name} has outputs committed"
-        expected = build.build(build.NOTEBOOKS[path.name])
-        assert [c.source for c in nb.cells] == [c.source for c in expected.cells], (
-            f"{path.name} differs from notebooks/build.py: run `python notebooks/build.py`"
-        )
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_jupytext_percent(path):
+    nb = jupytext.read(path)
+    nbformat.validate(nb)
+    assert nb.metadata["jupytext"]["text_representation"]["format_name"] == "percent", path.name
+    assert nb.metadata["kernelspec"]["name"] == "python3", path.name
+    kinds = {c.cell_type for c in nb.cells}
+    assert kinds == {"code", "markdown"}, f"{path.name}: cells {kinds}"
+    assert nb.cells[0].cell_type == "markdown", f"{path.name} should open with a markdown title cell"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -53,7 +54,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # 03_benchmarks: run kernels and prefill live (--quick); e2e has its own quick test (tests/benchmarks).
     monkeypatch.setenv("JAXMOE_NB_BENCHES", "kernels,prefill")
-    nb = nbformat.read(path, as_version=4)
+    nb = jupytext.read(path)  # an nbformat v4 notebook, without outputs
     # The kernel must be this interpreter (jupyter_client maps a kernelspec's "python" to sys.executable).
     check = nbformat.v4.new_code_cell(
         f"import sys, os\nassert os.path.realpath(sys.prefix) == {os.path.realpath(sys.prefix)!r}, sys.prefix"

@@ -1,5 +1,5 @@
 """Module-scoped oracle fixtures: each Hugging Face reference model is built, saved and loaded
-into jaxmoe once per test module; jaxmoe's prefill/decode are jit'd once per config and shape.
+into jaxmoe once per test module; jaxmoe's forward_expanded/forward_absorbed are jit'd once per config and shape.
 
 Cases (see hf_models.py for the configs):
   qlora     DeepSeek-V3-like (q_lora, YaRN with mscale != mscale_all_dim, normalised top-k)
@@ -35,13 +35,13 @@ _decode = None
 
 
 def jitted():
-    """(prefill, decode), jit'd once for the session (cfg is static; XLA caches per shape)."""
+    """(forward_expanded, forward_absorbed), jit'd once for the session (cfg is static; XLA caches per shape)."""
     global _prefill, _decode
     if _prefill is None:
-        from jaxmoe.model.forward import decode, prefill
+        from jaxmoe.model.forward import forward_absorbed, forward_expanded
 
-        _prefill = jax.jit(prefill, static_argnums=0)
-        _decode = jax.jit(decode, static_argnums=0)
+        _prefill = jax.jit(forward_expanded, static_argnums=0)
+        _decode = jax.jit(forward_absorbed, static_argnums=0)
     return _prefill, _decode
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxmoe import step_shapes
 from jaxmoe.model import mla
 from jaxmoe.model.cache import KVCache
 from jaxmoe.model.rope import rope_cos_sin
@@ -44,7 +45,7 @@ def _random_case(cfg, seed: int):
 @pytest.mark.parametrize("form,kv_len,block", [("expanded", None, 7), ("absorbed", None, 7), ("expanded", 64, 10),
                                                  ("absorbed", 64, 1)])
 def test_blocked_equals_one_piece(qlora, form, kv_len, block):
-    attend = {"expanded": mla.mla_prefill, "absorbed": mla.mla_decode}[form]
+    attend = {"expanded": mla.mla_expanded, "absorbed": mla.mla_absorbed}[form]
     cfg, w = qlora.cfg, qlora.weights
     x, cache, pos = _random_case(cfg, seed=block)
     cos, sin = rope_cos_sin(cfg, pos)
@@ -72,7 +73,7 @@ def test_blocked_attention_matches_hf(qlora):
     acts = H.capture(qlora.hf, qlora.prompt)
     pos = jnp.broadcast_to(jnp.arange(PROMPT_LEN, dtype=jnp.int32), (1, PROMPT_LEN))
     cos, sin = rope_cos_sin(cfg, pos)
-    attn = jax.jit(lambda lw, x, layer: mla.mla_prefill(cfg, lw, x, new_cache(cfg, 1), layer, pos, cos, sin, None, 16)[0])
+    attn = jax.jit(lambda lw, x, layer: mla.mla_expanded(cfg, lw, x, new_cache(cfg, 1), layer, pos, cos, sin, None, 16)[0])
     for i, lw in enumerate(w.layers):
         out = attn(lw.self_attn, jnp.asarray(acts[f"attn_in.{i}"]), i)
         assert_close(out, acts[f"attn_out.{i}"], TOL, f"layer {i}: MLA with 16-key blocks vs transformers")
@@ -87,7 +88,7 @@ def test_the_cheaper_attention_form_by_hand():
 
     v3 = ModelConfig.named("deepseek-v3")
     assert (v3.kv_lora_rank, v3.qk_nope_head_dim, v3.v_head_dim, v3.qk_rope_head_dim) == (512, 128, 128, 64)
-    assert not mla.expanded_is_cheaper(v3, 102, 256) and mla.expanded_is_cheaper(v3, 103, 256)
-    assert not mla.expanded_is_cheaper(v3, 170, 1 << 20) and mla.expanded_is_cheaper(v3, 171, 1 << 20)
-    assert not any(mla.expanded_is_cheaper(v3, 1, s) for s in (2, 64, 4096, 1 << 17))
-    assert mla.expanded_is_cheaper(v3, 256, 512) and not mla.expanded_is_cheaper(v3, 64, 512)
+    assert not step_shapes.expanded_is_cheaper(v3, 102, 256) and step_shapes.expanded_is_cheaper(v3, 103, 256)
+    assert not step_shapes.expanded_is_cheaper(v3, 170, 1 << 20) and step_shapes.expanded_is_cheaper(v3, 171, 1 << 20)
+    assert not any(step_shapes.expanded_is_cheaper(v3, 1, s) for s in (2, 64, 4096, 1 << 17))
+    assert step_shapes.expanded_is_cheaper(v3, 256, 512) and not step_shapes.expanded_is_cheaper(v3, 64, 512)

@@ -177,7 +177,7 @@ def test_blocks_match_hf(case):
     norm + lm_head. The first failing block is the one to look at; if all pass and the
     whole-model tests fail, the residual/norm wiring between blocks is at fault."""
     from jaxmoe.model.forward import final_logits
-    from jaxmoe.model.mla import mla_prefill
+    from jaxmoe.model.mla import mla_expanded
     from jaxmoe.model.moe import mlp, moe
     from jaxmoe.model.rope import rope_cos_sin
     from jaxmoe.model.weights import MoEWeights
@@ -187,7 +187,7 @@ def test_blocks_match_hf(case):
     pos = _positions(1, PROMPT_LEN)
     cos, sin = rope_cos_sin(cfg, pos)
     # jit'd with the layer index traced: one compile per block type, not per layer
-    attn = jax.jit(lambda lw, x, layer: mla_prefill(cfg, lw, x, new_cache(cfg, 1), layer, pos, cos, sin)[0])
+    attn = jax.jit(lambda lw, x, layer: mla_expanded(cfg, lw, x, new_cache(cfg, 1), layer, pos, cos, sin)[0])
     ffn = jax.jit(lambda m, x: moe(cfg, m, x) if isinstance(m, MoEWeights) else mlp(m, x))
     errs = []
     for i, lw in enumerate(w.layers):

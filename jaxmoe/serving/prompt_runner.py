@@ -1,5 +1,6 @@
-"""Per-request prefill strategy in the engine: the planner's choice (or the user's), and the
-streamed (SLP / DSLP) prompt chunks that write into the engine's slotted latent cache.
+"""The engine's streamed-prompt runner: the prefill strategy of each request (the planner's
+choice, or the user's), and the streamed (SLP / DSLP) prompt chunks that write into the
+engine's slotted latent cache.
 
 Strategies (`RuntimeConfig.prefill_strategy`, overridable by keyword and, while it is "auto",
 by the environment variable JAXMOE_PREFILL_STRATEGY):
@@ -16,10 +17,10 @@ by the environment variable JAXMOE_PREFILL_STRATEGY):
 An impossible forced choice (dslp on one accelerator, slp without an accelerator or without
 a host expert source) raises ValueError naming `prefill_strategy` when the engine is built.
 
-Execution (`StreamedPrefill.run_chunk`): a streaming request owns a batch-1 latent cache on
+Execution (`StreamedPromptRunner.run_chunk`): a streaming request owns a batch-1 latent cache on
 the strategy's devices for its prompt (a power-of-two window >= the prompt, so attention
 costs what the prompt needs); each chunk -- the engine's chunk shape, padded -- runs through
-the streaming pipeline, and its latents are then written into the request's slot of the
+the SLP pipeline (`streaming.slp`), and its latents are then written into the request's slot of the
 engine's cache. Between two streamed chunks the engine runs a normal step for the other
 slots (their decode continues); the request joins the normal steps once its first token is
 sampled from the last chunk's logits (same sampling program and key as a normal step).
@@ -38,21 +39,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache, init_cache
-from jaxmoe.model.weights import ExpertsWeights
-from jaxmoe.runtime.placement import PREFILL_STRATEGIES, Devices, RuntimeConfig, split_experts
-from jaxmoe.runtime.planner import FORCE_ENV, estimate_prefill, load_hardware, plan_prefill
-from jaxmoe.runtime.programs import _sample_rows, kv_window
-from jaxmoe.runtime.streaming import STRATEGY_DEVICES, slp_prefill_chunk
-
-STREAMED = tuple(STRATEGY_DEVICES)  # ("slp", "dslp")
+from jaxmoe.model.weights import ExpertsWeights, split_experts
+from jaxmoe.planning.planner import estimate_prefill, load_hardware, plan_prefill
+from jaxmoe.planning.strategies import FORCE_ENV, REQUESTABLE, STREAMED, PrefillStrategy
+from jaxmoe.serving.executors import Executor
+from jaxmoe.serving.presets import Devices, RuntimeConfig
+from jaxmoe.serving.sampling import sample_rows
+from jaxmoe.step_shapes import kv_window
+from jaxmoe.streaming.slp import slp_prefill_chunk
 
 
 def requested_strategy(rc: RuntimeConfig) -> tuple[str, str]:
     """(strategy, where it came from): the runtime field, or the environment while it is "auto"."""
     if rc.prefill_strategy == "auto" and os.environ.get(FORCE_ENV):
         name = os.environ[FORCE_ENV]
-        if name not in PREFILL_STRATEGIES:
-            raise ValueError(f"environment variable {FORCE_ENV} must be one of {PREFILL_STRATEGIES}, got {name!r}")
+        if name not in REQUESTABLE:
+            raise ValueError(f"environment variable {FORCE_ENV} must be one of {REQUESTABLE}, got {name!r}")
         return name, f"{FORCE_ENV}={name}"
     return rc.prefill_strategy, f"prefill_strategy={rc.prefill_strategy!r}"
 
@@ -106,34 +108,25 @@ def _chunk_latents(cache: KVCache, positions, width: int):
     return cache.c_kv[:, 0, idx], cache.k_pe[:, 0, idx]
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_slot(cache: KVCache, c_kv, k_pe, slot, positions) -> KVCache:
-    """Latents [L, T, .] into one slot at positions [T]; positions >= max_len are dropped."""
-    return cache.replace(
-        c_kv=cache.c_kv.at[:, slot, positions].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
-        k_pe=cache.k_pe.at[:, slot, positions].set(k_pe.astype(cache.k_pe.dtype), mode="drop"),
-    )
+_sample_jit = jax.jit(sample_rows)
 
 
-_sample_jit = jax.jit(_sample_rows)
-
-
-class StreamedPrefill:
+class StreamedPromptRunner:
     """The strategy choice and the streamed chunks of one engine (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, rc: RuntimeConfig, devices: Devices, executor: Any, weights: Any,
+    def __init__(self, cfg: ModelConfig, rc: RuntimeConfig, devices: Devices, executor: Executor, weights: Any,
                  expert_source: Any, chunk_size: int, max_len: int, cache_dtype):
         self.cfg, self.executor, self.devices = cfg, executor, devices
         self.chunk_size, self.max_len, self.cache_dtype = chunk_size, max_len, cache_dtype
-        self.step_path = "cpu" if rc.routed_experts == "host" else "resident"
+        self.step_path = PrefillStrategy.CPU if rc.routed_experts == "host" else PrefillStrategy.RESIDENT
         self.mode, origin = requested_strategy(rc)
         dense, experts = split_experts(weights)
         self._dense_fallback = dense
         self.source = expert_source
         if expert_source is None and rc.routed_experts == "host":  # experts resident on an accelerator: nothing to stream
-            self.source = host_expert_source(self._host_experts(experts))
+            self.source = host_expert_source(executor.host_experts() or experts)
         n_acc = len(devices.accelerators)
-        self.possible = tuple(s for s in STREAMED if n_acc >= STRATEGY_DEVICES[s] and self.source is not None)
+        self.possible = tuple(s for s in STREAMED if n_acc >= s.accelerators and self.source is not None)
         self._preset, self._kinds = rc.preset, sorted({type(e).__name__ for e in experts if e is not None})
         self._resident = rc.routed_experts != "host"
         self.check(self.mode, origin)
@@ -147,17 +140,13 @@ class StreamedPrefill:
         self._dense: dict[str, Any] = {}
         self._cache: tuple[int, KVCache] | None = None  # (request id, its prefill cache)
 
-    def _host_experts(self, experts):
-        """The executor's host copy of the routed experts (staged presets), else the weights'."""
-        return tuple(getattr(self.executor, "experts", experts))
-
     def check(self, name: str, origin: str) -> None:
         """Raise ValueError (naming `origin`) unless strategy `name` can run on this engine."""
-        if name not in PREFILL_STRATEGIES:
-            raise ValueError(f"{origin}: prefill_strategy must be one of {PREFILL_STRATEGIES}, got {name!r}")
+        if name not in REQUESTABLE:
+            raise ValueError(f"{origin}: prefill_strategy must be one of {REQUESTABLE}, got {name!r}")
         if name not in STREAMED or name in self.possible:
             return
-        need, n_acc = STRATEGY_DEVICES[name], len(self.devices.accelerators)
+        need, n_acc = PrefillStrategy(name).accelerators, len(self.devices.accelerators)
         if n_acc < need:
             why = f"needs {need} accelerator(s) to stream the routed experts to; runtime preset {self._preset!r} has {n_acc}"
         elif self._resident:
@@ -192,28 +181,14 @@ class StreamedPrefill:
 
     # ---- execution --------------------------------------------------------------------------
     def _strategy_devices(self, name: str) -> tuple[jax.Device, ...]:
-        return tuple(self.devices.accelerators[: STRATEGY_DEVICES[name]])
+        return tuple(self.devices.accelerators[: PrefillStrategy(name).accelerators])
 
     def dense_weights(self, name: str) -> Any:
+        """The non-expert weights replicated over the strategy's devices, from the executor's
+        copies where they already are."""
         if name not in self._dense:
-            ex = self.executor
-            per_device = {}
-            if hasattr(ex, "mb_device"):  # staged: one non-expert copy per micro-batch device
-                per_device = {d: w for d, w in zip(ex.mb_device, ex.weights)}
-            elif hasattr(ex, "weights"):  # fused: the whole model on the main device
-                per_device = {self.devices.main: split_experts(ex.weights)[0]}
-            self._dense[name] = _replicated(per_device, self._strategy_devices(name), self._dense_fallback)
+            self._dense[name] = _replicated(self.executor.dense_copies(), self._strategy_devices(name), self._dense_fallback)
         return self._dense[name]
-
-    def _slot_cache(self, slot: int) -> tuple[Any, int, jax.Device]:
-        """(cache holder index or None, the slot's row in that cache, its device)."""
-        ex = self.executor
-        if hasattr(ex, "caches"):
-            for mb, (lo, hi) in enumerate(ex.mb_slots):
-                if lo <= slot < hi:
-                    return mb, slot - lo, ex.mb_device[mb]
-            raise AssertionError(f"slot {slot} in no micro-batch")
-        return None, slot, next(iter(ex.cache.c_kv.devices()))
 
     def run_chunk(self, row: Any) -> int | None:
         """One streamed chunk of `row.request`'s prompt (a scheduler RowPlan): latents into its
@@ -238,12 +213,8 @@ class StreamedPrefill:
         dst = np.full(self.chunk_size, self.max_len, np.int32)
         dst[:n] = np.arange(start, start + n)
         c_kv, k_pe = _chunk_latents(cache, dst, width)
-        mb, local, dev = self._slot_cache(req.slot)
-        c_kv, k_pe, dst_dev = jax.device_put((c_kv, k_pe, dst), dev)
-        if mb is None:
-            self.executor.cache = _write_slot(self.executor.cache, c_kv, k_pe, np.int32(local), dst_dev)
-        else:
-            self.executor.caches[mb] = _write_slot(self.executor.caches[mb], c_kv, k_pe, np.int32(local), dst_dev)
+        c_kv, k_pe, dst_dev = jax.device_put((c_kv, k_pe, dst), self.executor.slot_device(req.slot))
+        self.executor.write_latents(req.slot, c_kv, k_pe, dst_dev)
         if not row.samples:
             return None
         self._cache = None  # the prompt is done: its prefill cache goes

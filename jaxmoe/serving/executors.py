@@ -12,83 +12,71 @@
   Without overlap, A runs through all layers, then B. Same programs, same values either way.
   A micro-batch with no busy slot is skipped (a lone request costs one pass, not two).
 
-Every executor: `__call__(tokens, positions, last_index, seeds, steps, temperature, top_k,
-top_p, *, kv_len)` (numpy [n_slots, ...]; kv_len static: attend over that many cache slots)
--> next token ids, numpy [n_slots]. Attention is absorbed (latent space) for decode and narrow
-chunks and expanded for prompt chunks wide enough that expanding the window's keys once costs
-less than absorbing every query (`mla.expanded_is_cheaper`; 256-token chunks on DeepSeek-V3:
-measured 4 % faster prefill on bench-v3-mid at 512 tokens).
+Both implement `Executor`: the step itself, and what the engine's streamed-prompt runner asks
+of them (the weights already on each device, the host copy of the routed experts, a slot's
+device, and writing a slot's latents). Attention takes the form `step_shapes.attention_form`
+gives for the step's width and key window: absorbed (latent space) for decode and narrow
+chunks, expanded for prompt chunks wide enough that expanding the window's keys once costs
+fewer multiply-adds than absorbing every query.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.cache import init_cache
-from jaxmoe.model.forward import decode, final_logits, layer_until_experts, prefill
-from jaxmoe.model.mla import expanded_is_cheaper
+from jaxmoe.model.cache import KVCache, init_cache
+from jaxmoe.model.forward import final_logits, forward_absorbed, forward_expanded, layer_until_experts
 from jaxmoe.model.moe import routed_experts
 from jaxmoe.model.rope import rope_cos_sin
-from jaxmoe.model.weights import Weights
-from jaxmoe.runtime.placement import Devices, split_experts
-from jaxmoe.runtime.sampling import sample, step_key
+from jaxmoe.model.weights import Weights, split_experts
+from jaxmoe.serving.presets import Devices
+from jaxmoe.serving.sampling import sample_rows
+from jaxmoe.step_shapes import attention_form, row_bucket, width_bucket
 
 
-def _sample_rows(logits, seeds, steps, temperature, top_k, top_p):
-    """Each row's next token with its own parameters. Under vmap a `cond` runs both branches,
-    so the all-greedy case (no sorts, no draws) is decided here, once for the batch."""
-    logits = logits[:, 0].astype(jnp.float32)
+class Executor(Protocol):
+    """What the engine needs of a step executor."""
 
-    def draw(_):
-        keys = jax.vmap(step_key)(seeds, steps)
-        return jax.vmap(sample)(logits, keys, temperature, top_k, top_p)
+    max_len: int  # cache positions per slot; a position >= max_len is padding (never stored)
 
-    greedy = lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
-    return jax.lax.cond(jnp.any(temperature > 0), draw, greedy, None)
+    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *,
+                 kv_len: int) -> np.ndarray:
+        """Run one step over numpy [n_slots, width] tokens and positions (per-slot sampling
+        parameters [n_slots]; kv_len static: attend over that many cache slots) -> the next
+        token of every slot, numpy int32 [n_slots]."""
+
+    def dense_copies(self) -> dict[jax.Device, Weights]:
+        """The non-expert weights already placed on each device (no copy is made)."""
+
+    def host_experts(self) -> tuple[Any, ...] | None:
+        """The per-layer routed experts the host programs read, or None when the weights' own are used."""
+
+    def slot_device(self, slot: int) -> jax.Device:
+        """The device holding `slot`'s latent cache."""
+
+    def write_latents(self, slot: int, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array) -> None:
+        """Write latents [L, T, .] into `slot` at positions [T] (on `slot_device`); positions
+        >= max_len are dropped."""
 
 
-def _absorb(cfg, width: int, kv_len: int) -> bool:
-    """Absorbed attention for decode and narrow chunks, expanded where it costs fewer
-    multiply-adds (wide prompt chunks: `mla.expanded_is_cheaper`); both give the same logits."""
-    return not expanded_is_cheaper(cfg, width, kv_len)
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_slot(cache: KVCache, c_kv, k_pe, slot, positions) -> KVCache:
+    return cache.replace(
+        c_kv=cache.c_kv.at[:, slot, positions].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
+        k_pe=cache.k_pe.at[:, slot, positions].set(k_pe.astype(cache.k_pe.dtype), mode="drop"),
+    )
 
 
 def _fused_program(cfg, weights, cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len):
-    forward = decode if _absorb(cfg, tokens.shape[1], kv_len) else prefill
+    forward = forward_absorbed if attention_form(cfg, tokens.shape[1], kv_len) == "absorbed" else forward_expanded
     logits, cache = forward(cfg, weights, cache, tokens, positions, logit_index=last_index, kv_len=kv_len)
-    return _sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
-
-
-MIN_KV_WINDOW = 64
-
-
-def kv_window(end: int, max_len: int) -> int:
-    """Cache slots a step attends over: the next power of two >= end (>= MIN_KV_WINDOW, <= max_len),
-    so attention costs what the longest sequence needs and compiles once per power of two."""
-    return min(max_len, 1 << (max(end, MIN_KV_WINDOW) - 1).bit_length())
-
-
-def row_bucket(n_active: int, n_slots: int) -> int:
-    """Rows a step runs for `n_active` busy slots: the next power of two (<= n_slots), so a
-    lone request costs one row, not n_slots, and each bucket compiles once."""
-    return min(n_slots, 1 << max(n_active - 1, 0).bit_length())
-
-
-MIN_WIDTH_BUCKET = 16
-
-
-def width_bucket(n_tokens: int, width: int) -> int:
-    """Columns a step runs for rows of at most `n_tokens` real tokens: 1, or a power of two
-    >= MIN_WIDTH_BUCKET (<= the planned width), so a short prompt does not pay for a full chunk
-    of padding in the dense kernels and each bucket compiles once."""
-    if n_tokens <= 1:
-        return 1
-    return min(width, max(MIN_WIDTH_BUCKET, 1 << (n_tokens - 1).bit_length()))
+    return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
 
 
 def active_rows(busy: np.ndarray) -> np.ndarray:
@@ -107,10 +95,26 @@ class FusedStep:
     chunks' width, so no padded token of a decode row goes through the kernels."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights, device: jax.Device, n_slots: int, max_len: int, cache_dtype):
-        self.cfg = cfg
+        self.cfg, self.device = cfg, device
         self.weights = jax.device_put(weights, device)
         self.cache = jax.device_put(init_cache(cfg, n_slots, max_len, cache_dtype), device)
         self._program = jax.jit(_fused_program, static_argnums=0, static_argnames="kv_len", donate_argnums=2)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def dense_copies(self) -> dict[jax.Device, Weights]:
+        return {self.device: split_experts(self.weights)[0]}
+
+    def host_experts(self) -> None:
+        return None
+
+    def slot_device(self, slot: int) -> jax.Device:
+        return self.device
+
+    def write_latents(self, slot: int, c_kv, k_pe, positions) -> None:
+        self.cache = _write_slot(self.cache, c_kv, k_pe, np.int32(slot), positions)
 
     def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int) -> np.ndarray:
         busy = positions[:, 0] < self.cache.max_len
@@ -144,13 +148,13 @@ class FusedStep:
 
 def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, kv_len: int):
     """Accelerator side of one layer: add the previous layer's routed output, then
-    `layer_until_experts` (attention absorbed or expanded: `_absorb`); the shared experts'
+    `layer_until_experts` (attention absorbed or expanded: `attention_form`); the shared experts'
     output joins x here."""
     if routed is not None:
         x = x + routed.reshape(x.shape).astype(x.dtype)
     cos, sin = rope_cos_sin(cfg, positions)
     x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin,
-                                           absorb=_absorb(cfg, x.shape[1], kv_len), kv_len=kv_len)
+                                           form=attention_form(cfg, x.shape[1], kv_len), kv_len=kv_len)
     if moe_in is None:
         return x, None, cache
     flat, ids, weights, shared = moe_in
@@ -161,10 +165,13 @@ def _final_program(cfg, weights, x, routed, last_index, seeds, steps, temperatur
     if routed is not None:
         x = x + routed.reshape(x.shape).astype(x.dtype)
     logits = final_logits(cfg, weights, x, last_index)
-    return _sample_rows(logits, seeds, steps, temperature, top_k, top_p)
+    return sample_rows(logits, seeds, steps, temperature, top_k, top_p)
 
 
 class StagedStep:
+    """Routed experts on the host, the rest on the accelerators: stage programs per layer over
+    two micro-batches (see the module docstring)."""
+
     def __init__(self, cfg: ModelConfig, weights: Weights, devices: Devices, n_slots: int, max_len: int, cache_dtype, *, overlap: bool):
         self.cfg, self.devices, self.overlap = cfg, devices, overlap
         dense, experts = split_experts(weights)
@@ -183,6 +190,30 @@ class StagedStep:
         self._experts = jax.jit(lambda e, flat, ids, w: routed_experts(e, flat, ids, w))
         self._final = jax.jit(_final_program, static_argnums=0)
         self.dispatch_log: list[tuple[str, int, int]] = []  # (stage, micro-batch, layer), for tests
+
+    @property
+    def max_len(self) -> int:
+        return self.caches[0].max_len
+
+    def dense_copies(self) -> dict[jax.Device, Weights]:
+        return dict(zip(self.mb_device, self.weights))
+
+    def host_experts(self) -> tuple[Any, ...]:
+        return tuple(self.experts)
+
+    def _micro_batch(self, slot: int) -> tuple[int, int]:
+        """(micro-batch, the slot's row in its cache)."""
+        for mb, (lo, hi) in enumerate(self.mb_slots):
+            if lo <= slot < hi:
+                return mb, slot - lo
+        raise ValueError(f"slot {slot} is in no micro-batch (n_slots {self.mb_slots[-1][1]})")
+
+    def slot_device(self, slot: int) -> jax.Device:
+        return self.mb_device[self._micro_batch(slot)[0]]
+
+    def write_latents(self, slot: int, c_kv, k_pe, positions) -> None:
+        mb, row = self._micro_batch(slot)
+        self.caches[mb] = _write_slot(self.caches[mb], c_kv, k_pe, np.int32(row), positions)
 
     def _start(self, mb: int, tokens, positions):
         lo, hi = self.mb_slots[mb]
@@ -233,7 +264,7 @@ class StagedStep:
         return next_tokens
 
 
-def make_executor(cfg: ModelConfig, weights: Weights, rc: Any, devices: Devices, max_len: int, cache_dtype) -> Any:
+def make_executor(cfg: ModelConfig, weights: Weights, rc: Any, devices: Devices, max_len: int, cache_dtype) -> Executor:
     if rc.staged:
         return StagedStep(cfg, weights, devices, rc.n_slots, max_len, cache_dtype, overlap=rc.overlap)
     return FusedStep(cfg, weights, devices.main, rc.n_slots, max_len, cache_dtype)

@@ -1,6 +1,6 @@
 """Stream-loading prefill (SLP) and SmallEP (DSLP) against the resident model, on fake devices.
 
-Tolerance: fp32 logits within atol = rtol = 1e-4 of `forward.prefill` with every weight
+Tolerance: fp32 logits within atol = rtol = 1e-4 of `forward.forward_expanded` with every weight
 resident (they differ only by summation order: partial expert sums, the psum), greedy tokens
 (argmax at every real position) identical, and the latent caches equal to the same tolerance.
 Prompts of 48 tokens in chunks of 16 (three chunks, one compiled shape); two rows, the second
@@ -18,11 +18,12 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.loading.loader import load_checkpoint, open_checkpoint
 from jaxmoe.loading.synthetic import write_synthetic_checkpoint
 from jaxmoe.model.cache import init_cache
-from jaxmoe.model.forward import prefill
-from jaxmoe.runtime.expert_parallel import expert_windows
-from jaxmoe.runtime.placement import split_experts
-from jaxmoe.runtime.planner import PrefillEstimate
-from jaxmoe.runtime.streaming import CheckpointExperts, place_dense, slp_prefill, slp_prefill_chunk
+from jaxmoe.model.forward import forward_expanded
+from jaxmoe.model.weights import split_experts
+from jaxmoe.streaming.expert_parallel import expert_windows
+from jaxmoe.planning.planner import PrefillEstimate
+from jaxmoe.loading.expert_source import CheckpointExperts
+from jaxmoe.streaming.slp import place_dense, slp_prefill, slp_prefill_chunk
 
 T, CHUNK, MAX_LEN, REAL = 48, 16, 64, (48, 40)
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -37,7 +38,7 @@ def _model(tmp_path_factory, name, cfg):
     tokens = rng.randint(0, cfg.vocab_size, (2, T)).astype(np.int32)
     positions = np.tile(np.arange(T, dtype=np.int32), (2, 1))
     positions[1, REAL[1]:] = MAX_LEN  # padding: dropped by the cache, seen by nobody
-    logits, cache = jax.jit(prefill, static_argnums=0)(cfg, weights, init_cache(cfg, 2, MAX_LEN), tokens, positions)
+    logits, cache = jax.jit(forward_expanded, static_argnums=0)(cfg, weights, init_cache(cfg, 2, MAX_LEN), tokens, positions)
     dense, experts = split_experts(weights)
     yield dict(cfg=cfg, dense=dense, experts=experts, ck=ck, tokens=tokens, positions=positions,
                logits=np.asarray(logits), cache=cache)

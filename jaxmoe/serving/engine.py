@@ -3,7 +3,7 @@
 Each step is schedule -> execute -> update:
 - schedule: `Scheduler.plan()` picks, per cache slot, the tokens to run (decode tokens and
   chunks of prompts, mixed in one step);
-- execute: the executor (runtime/programs.py: fused, or staged with dual-batch overlap)
+- execute: the executor (`serving.executors`: fused, or staged with dual-batch overlap)
   runs the model over [n_slots, width] tokens (width 1 for pure decode, `chunk_size`
   otherwise -- two shapes, compiled once each), takes each row's last logit and samples
   it with that request's own parameters and key;
@@ -15,7 +15,7 @@ drives the steps while there is work (or call `step()` / `run_until_idle()` your
 All steps attend in latent space (absorbed MLA), so a request's tokens do not depend on
 which other requests share its steps.
 
-Prefill strategy per request (runtime/prefill_strategy.py): at `submit` the planner (or the
+Prefill strategy per request (`serving.prompt_runner`): at `submit` the planner (or the
 user: `prefill_strategy=`, JAXMOE_PREFILL_STRATEGY) decides whether the prompt runs through
 the steps ("cpu") or is stream-loaded ("slp" / "dslp": routed experts streamed from host
 memory to the accelerators, one chunk per step, written into the request's cache slot while
@@ -32,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.runtime.placement import RuntimeConfig, resolve_devices
-from jaxmoe.runtime.prefill_strategy import StreamedPrefill
-from jaxmoe.runtime.programs import kv_window, make_executor
-from jaxmoe.runtime.request import Request, RequestRefused
-from jaxmoe.runtime.sampling import SamplingParams
-from jaxmoe.runtime.scheduler import Scheduler, StepPlan
+from jaxmoe.serving.executors import make_executor
+from jaxmoe.serving.presets import RuntimeConfig, resolve_devices
+from jaxmoe.serving.prompt_runner import StreamedPromptRunner
+from jaxmoe.serving.request import Request, RequestRefused
+from jaxmoe.serving.sampling import SamplingParams
+from jaxmoe.serving.scheduler import Scheduler, StepPlan
+from jaxmoe.step_shapes import kv_window
 
 
 def cache_bytes_per_position(cfg: ModelConfig, dtype=jnp.float32) -> int:
@@ -49,7 +50,7 @@ class Engine:
     (configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
     memory_budget_bytes, overlap, prefill_strategy, hardware, ...). `expert_source`: where
     stream-loaded prefill reads the routed experts (layer -> host arrays, e.g.
-    `streaming.CheckpointExperts`); default: the weights' own experts when they are arrays."""
+    `loading.expert_source.CheckpointExperts`); default: the weights' own experts when they are arrays."""
 
     def __init__(self, cfg: ModelConfig, weights: Any, runtime: RuntimeConfig | str = "cpu-only", *, cache_dtype=None,
                  expert_source: Any = None, **overrides):
@@ -73,7 +74,7 @@ class Engine:
         self.chunk_size = min(rc.chunk_size, max_len)
         self.devices = resolve_devices(rc)
         self.executor = make_executor(cfg, weights, rc, self.devices, max_len, cache_dtype)
-        self.prefill = StreamedPrefill(cfg, rc, self.devices, self.executor, weights, expert_source, self.chunk_size,
+        self.prefill = StreamedPromptRunner(cfg, rc, self.devices, self.executor, weights, expert_source, self.chunk_size,
                                        max_len, cache_dtype)
         self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size, decode_chunk_size=rc.decode_chunk_size)
         self._lock = threading.RLock()

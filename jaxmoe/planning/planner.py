@@ -12,16 +12,16 @@ Strategies of a prefill:
 
 Time per chunk comes from a small event simulation of the SLP pipeline (one copy engine and
 one compute stream per GPU, at most `buffers` stream units resident: the order
-runtime/streaming.py issues). Compute = FLOPs / (peak x efficiency), with memory-bound floors
+streaming/slp.py issues). Compute = FLOPs / (peak x efficiency), with memory-bound floors
 from bytes / bandwidth. The chunk size, the stream granularity (parts per layer) and the
 number of buffers are searched within the GPU memory left beside the resident weights, the
 latent cache and the activations; the fastest feasible combination is the estimate.
 
 On a box without GPU whose profile has a "cpu_kernels" block (this-machine), "cpu" prefill and
 decode are the engine's CPU-only steps, modelled kernel call by kernel call with attention over
-the power-of-two key window (runtime/kernel_model.py).
+the power-of-two key window (planning/kernel_model.py).
 
-Hardware profiles and their calibration: runtime/hardware.py.
+Hardware profiles and their calibration: planning/hardware.py.
 
     hw = load_hardware("reference-box")
     plan = plan_prefill(cfg, hw, n_tokens)           # -> Plan; plan.choice: PrefillEstimate
@@ -35,15 +35,15 @@ import math
 import os
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.runtime.cost_model import BF16, ModelCosts, model_costs
-from jaxmoe.runtime.hardware import Hardware, load_hardware
-from jaxmoe.runtime.kernel_model import KernelModel
+from jaxmoe.planning.cost_model import BF16, ModelCosts, model_costs
+from jaxmoe.planning.hardware import Hardware, load_hardware
+from jaxmoe.planning.kernel_model import KernelModel
+from jaxmoe.planning.strategies import FORCE_ENV, PLANNED, PrefillStrategy
 
 __all__ = ["STRATEGIES", "Hardware", "load_hardware", "PrefillEstimate", "Plan", "estimate_prefill", "plan_prefill",
            "prefill_threshold", "DecodeEstimate", "estimate_decode", "kernel_model"]
-STRATEGIES = ("cpu", "slp", "dslp", "resident")
+STRATEGIES = PLANNED
 PREFERENCE = ("resident", "slp", "dslp", "cpu")  # on equal predicted time: fewer transfers, fewer GPUs
-FORCE_ENV = "JAXMOE_PREFILL_STRATEGY"
 PARTS = (1, 2, 4, 8, 16)
 BUFFERS = (2, 4, 8, 16, 32)
 MIN_CHUNK = 128
@@ -92,7 +92,7 @@ class PrefillEstimate:
     reason: str = ""  # why infeasible
 
     @property
-    def name(self) -> str:  # what runtime/streaming.py reads
+    def name(self) -> str:  # what streaming/slp.py reads
         return self.strategy
 
     @property
@@ -138,7 +138,7 @@ def _cpu_routed_s(mc: ModelCosts, r: _Rates, n: int) -> float:
 def _pipeline(items: list[tuple[float, float | None]], buffers: int = 2) -> tuple[float, float, float]:
     """Simulate one chunk: items in issue order, (compute s, None) or (compute s, transfer s) for
     a streamed unit, on one copy engine and one compute stream. T(v) starts when T(v-1) is done
-    and C(v-buffers) has finished (its buffer freed), as runtime/streaming.py issues them.
+    and C(v-buffers) has finished (its buffer freed), as streaming/slp.py issues them.
     Returns (elapsed, copy busy, compute busy)."""
     transfers = [t for _, t in items if t is not None]
     tr_end: list[float] = []
@@ -241,7 +241,7 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
                     total += hop + _cpu_routed_s(mc, r, n)
             total += mc.lm_head_flops() / r.gemm
         return PrefillEstimate("cpu", n_tokens, total, chunk, compute_s=total)
-    need = {"slp": 1, "dslp": 2, "resident": 1}[strategy]
+    need = PrefillStrategy(strategy).accelerators
     if hw.n_gpus < need:
         return inf(f"needs {need} GPU(s), {hw.name} has {hw.n_gpus}")
     if strategy == "resident":
@@ -353,7 +353,7 @@ def estimate_decode(cfg: ModelConfig, hw: Hardware, *, context: int = 4096, batc
     step), absorbed attention over the context (FLOPs, on the GPU or the CPU), and
     `decode_layer_overhead_us` per MoE layer with a GPU (one round trip each) or per layer
     without one. Without a GPU but with "cpu_kernels": the engine's fused CPU step
-    (runtime/kernel_model.py: the power-of-two row bucket of `batch` rows, capped by n_slots,
+    (planning/kernel_model.py: the power-of-two row bucket of `batch` rows, capped by n_slots,
     through the kernels, attention over the power-of-two key window)."""
     mc, r = model_costs(cfg), _rates(cfg, hw)
     if hw.gpu is None and hw.kernels is not None:

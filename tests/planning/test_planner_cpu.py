@@ -1,14 +1,14 @@
-"""The CPU-only step model (runtime/kernel_model.py) against hand-computed cases (no timing)."""
+"""The CPU-only step model (planning/kernel_model.py) against hand-computed cases (no timing)."""
 
 import dataclasses
 
 import pytest
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.runtime import programs
-from jaxmoe.runtime.hardware import Cpu
-from jaxmoe.runtime.kernel_model import CpuKernels, KernelModel, kv_window, width_bucket
-from jaxmoe.runtime.planner import estimate_decode, estimate_prefill, load_hardware
+from jaxmoe import step_shapes
+from jaxmoe.planning.hardware import Cpu
+from jaxmoe.planning.kernel_model import CpuKernels, KernelModel, kv_window, width_bucket
+from jaxmoe.planning.planner import estimate_decode, estimate_prefill, load_hardware
 
 DEMO = ModelConfig.named("demo")  # 4 layers (1 dense + 3 MoE), hidden 1024, 8 heads, 16 experts top-4
 # round numbers: 2 cores x 1 GHz = 2e9 core-cycles/s, x 32 FLOP/cycle = 64 GFLOP/s peak
@@ -25,8 +25,8 @@ def km():
 
 
 def test_windows_without_a_cap():
-    """The model uses the engine's own rules (programs.kv_window / width_bucket); None = no cap."""
-    assert kv_window(300) == 512 and kv_window(300, 400) == 400 and kv_window(1) == programs.MIN_KV_WINDOW
+    """The model uses the engine's own rules (step_shapes.kv_window / width_bucket); None = no cap."""
+    assert kv_window(300) == 512 and kv_window(300, 400) == 400 and kv_window(1) == step_shapes.MIN_KV_WINDOW
     assert width_bucket(17, 256) == 32
 
 
@@ -112,7 +112,7 @@ def test_planner_uses_the_kernel_model_on_this_machine():
 def test_wide_chunks_attend_expanded(km):
     """A 256-row chunk over 1024 keys: expanded (192 MACs per score per head + the window's
     latents through kv_b_proj, two 512-key blocks) is cheaper than absorbed (576 per score)."""
-    from jaxmoe.model.mla import expanded_is_cheaper  # the engine's rule, which the model uses
+    from jaxmoe.step_shapes import expanded_is_cheaper  # the engine's rule, which the model uses
 
     assert expanded_is_cheaper(DEMO, 256, 1024) and not expanded_is_cheaper(DEMO, 1, 1024)
     wide, narrow = km.step(256, 256, 1024, 1), km.step(1, 1, 1024, 1)

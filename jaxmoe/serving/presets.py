@@ -1,4 +1,4 @@
-"""Where each part of the model lives: runtime presets, devices, and weight placement.
+"""Runtime presets: where each part of the model lives, and the devices a preset resolves to.
 
 A `RuntimeConfig` comes from a preset in configs/runtime/ (`cpu-only`, `gpu+cpu-experts`,
 `2gpu+cpu-experts`), overridable by keyword. Accelerators hold embeddings, MLA, dense
@@ -20,9 +20,8 @@ from typing import Any
 import jax
 
 from jaxmoe.config import named_config_path
-from jaxmoe.model.weights import MoEWeights, Weights
+from jaxmoe.planning.strategies import REQUESTABLE
 
-PREFILL_STRATEGIES = ("auto", "cpu", "slp", "dslp")
 CPU_PRECISIONS = ("exact", "bf16")  # jaxmoe.cpu._lib.PRECISION_NAMES (not imported: no cffi here)
 
 
@@ -51,8 +50,8 @@ class RuntimeConfig:
     cpu_precision: str | None = None
 
     def __post_init__(self):
-        if self.prefill_strategy not in PREFILL_STRATEGIES:
-            raise ValueError(f"prefill_strategy must be one of {PREFILL_STRATEGIES}, got {self.prefill_strategy!r}")
+        if self.prefill_strategy not in REQUESTABLE:
+            raise ValueError(f"prefill_strategy must be one of {REQUESTABLE}, got {self.prefill_strategy!r}")
         if self.cpu_precision is not None and self.cpu_precision not in CPU_PRECISIONS:
             raise ValueError(f"cpu_precision must be one of {CPU_PRECISIONS} or None, got {self.cpu_precision!r}")
         if self.routed_experts not in ("host", "accelerator"):
@@ -114,16 +113,3 @@ def resolve_devices(rc: RuntimeConfig) -> Devices:
             f"use preset 'cpu-only' (or simulate_accelerators=True for testing)"
         )
     return Devices(tuple(gpus[:n]), cpus[0])
-
-
-def split_experts(weights: Weights) -> tuple[Weights, tuple[Any, ...]]:
-    """(weights without routed experts, per-layer routed experts (None for dense layers))."""
-    experts, layers = [], []
-    for lw in weights.layers:
-        if isinstance(lw.mlp, MoEWeights):
-            experts.append(lw.mlp.experts)
-            lw = lw.replace(mlp=lw.mlp.replace(experts=None))
-        else:
-            experts.append(None)
-        layers.append(lw)
-    return weights.replace(layers=tuple(layers)), tuple(experts)

@@ -1,4 +1,4 @@
-"""Hardware profiles (configs/hardware/*.json) for the performance model of runtime/planner.py.
+"""Hardware profiles (configs/hardware/*.json) for the performance model of planning/planner.py.
 
 A profile: the CPU (cores, clock, FLOP/cycle in the expert kernels' arithmetic, read
 bandwidth), the GPUs (count, memory, BF16/FP8 dense peaks, memory bandwidth, effective
@@ -10,7 +10,7 @@ measured figures: a profile listing "kernels.json" in "calibrate_from" takes
 (`Hardware.calibrated_from` records it). `Hardware.with_efficiency(...)` overrides any of them.
 
 A profile measured on its box can add a "cpu_kernels" block: the coefficients of the CPU-only
-step model (runtime/kernel_model.py; `Hardware.kernels`, `with_kernels(...)`), which the
+step model (planning/kernel_model.py; `Hardware.kernels`, `with_kernels(...)`), which the
 planner then uses for CPU-only prefill and decode instead of its generic formulas.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxmoe.config import CONFIGS_DIR, named_config_path
-from jaxmoe.runtime.kernel_model import CpuKernels
+from jaxmoe.planning.kernel_model import CpuKernels
 
 KERNELS_JSON = CONFIGS_DIR.parent / "benchmarks" / "results" / "kernels.json"
 
@@ -70,7 +70,7 @@ class Hardware:
     efficiency: Efficiency
     description: str = ""
     calibrated_from: tuple[str, ...] = ()
-    kernels: CpuKernels | None = None  # the CPU-only step model (runtime/kernel_model.py), where measured
+    kernels: CpuKernels | None = None  # the CPU-only step model (planning/kernel_model.py), where measured
 
     def with_kernels(self, **changes: Any) -> Hardware:
         if self.kernels is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from jaxmoe.runtime.request import Request, RequestRefused, Status
+from jaxmoe.serving.request import Request, RequestRefused, Status
 
 
 @dataclasses.dataclass

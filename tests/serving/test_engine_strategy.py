@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from jaxmoe.model.cache import init_cache
-from jaxmoe.model.forward import decode, prefill
+from jaxmoe.model.forward import forward_absorbed, forward_expanded
 
-from jaxmoe.runtime import prefill_strategy as ps
-from jaxmoe.runtime.cost_model import model_costs
-from jaxmoe.runtime.engine import Engine
-from jaxmoe.runtime.placement import RuntimeConfig
-from jaxmoe.runtime.planner import FORCE_ENV, load_hardware, prefill_threshold
+from jaxmoe.serving import prompt_runner as ps
+from jaxmoe.planning.cost_model import model_costs
+from jaxmoe.serving.engine import Engine
+from jaxmoe.serving.presets import RuntimeConfig
+from jaxmoe.planning.planner import FORCE_ENV, load_hardware, prefill_threshold
 
 CHUNK, MAX_LEN, NEW = 16, 64, 6
 LENS = (5, 37, 50)
@@ -59,14 +59,14 @@ def engine(tiny_model):
     return e, traced(e)
 
 
-_prefill = jax.jit(prefill, static_argnums=0)
-_decode = jax.jit(decode, static_argnums=0)
+_prefill = jax.jit(forward_expanded, static_argnums=0)
+_decode = jax.jit(forward_absorbed, static_argnums=0)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, prompts):
     """Each prompt's greedy tokens from the resident model (prefill, then decode steps; the
-    step path equals this, tests/runtime/test_engine.py)."""
+    step path equals this, tests/serving/test_engine.py)."""
     cfg, w = tiny_model
     out = []
     for p in prompts:
@@ -185,9 +185,16 @@ def test_impossible_or_unknown_strategies_are_clear_errors(tiny_model, monkeypat
     # routed experts as native handles and no expert_source: nothing to stream from
     assert ps.host_expert_source((None, object())) is None and ps.host_expert_source((None, None)) is None
     with pytest.raises(ValueError, match="no expert_source was given"):
-        ps.StreamedPrefill(cfg, RuntimeConfig.load("gpu+cpu-experts", prefill_strategy="slp", **kw),
-                           Engine(cfg, w, "gpu+cpu-experts", **kw).devices, object(), _handles(w), None, 16, MAX_LEN,
-                           np.float32)
+        ps.StreamedPromptRunner(cfg, RuntimeConfig.load("gpu+cpu-experts", prefill_strategy="slp", **kw),
+                                Engine(cfg, w, "gpu+cpu-experts", **kw).devices, _FusedLike(), _handles(w), None, 16,
+                                MAX_LEN, np.float32)
+
+
+class _FusedLike:
+    """An executor that reads the weights' own routed experts (as `FusedStep` does)."""
+
+    def host_experts(self):
+        return None
 
 
 def _handles(w):

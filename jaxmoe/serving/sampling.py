@@ -108,3 +108,16 @@ def sample(
     scaled = filter_logits(logits / jnp.where(t > 0, t, 1.0), top_k, top_p)
     drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
     return jnp.where(t > 0, drawn, greedy)
+
+
+def sample_rows(logits, seeds, steps, temperature, top_k, top_p):
+    """Each row's next token with its own parameters. Under vmap a `cond` runs both branches,
+    so the all-greedy case (no sorts, no draws) is decided here, once for the batch."""
+    logits = logits[:, 0].astype(jnp.float32)
+
+    def draw(_):
+        keys = jax.vmap(step_key)(seeds, steps)
+        return jax.vmap(sample)(logits, keys, temperature, top_k, top_p)
+
+    greedy = lambda _: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    return jax.lax.cond(jnp.any(temperature > 0), draw, greedy, None)

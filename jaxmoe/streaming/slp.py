@@ -3,7 +3,7 @@
 A long prompt is compute-bound, so its routed experts run on the accelerator although they
 live in host memory: per MoE layer the experts' weights, as stored (FP8 + fp32 block scales),
 are `jax.device_put` from the single host copy (zero-copy views of the checkpoint's mmap,
-see `CheckpointExperts`) to the accelerator(s), and the model's own grouped matmul
+see `loading.expert_source.CheckpointExperts`) to the accelerator(s), and the model's own grouped matmul
 (`moe.routed_experts`: tokens sorted by expert, `lax.ragged_dot` on weights dequantized on
 the device) runs there. Everything else (embeddings, MLA, dense MLPs, router, shared experts,
 lm_head) is resident and replicated on every device of the mesh.
@@ -28,7 +28,7 @@ Transfers are staged through the pinned-host memory kind where the device offers
 part) for the tests.
 
 Strategies: "slp" streams all experts to one device; "dslp" streams each device only its
-windows of each layer (runtime/expert_parallel.py) and sums with one psum.
+windows of each layer (`streaming.expert_parallel`) and sums with one psum.
 Engine hook: `slp_prefill_chunk` (one chunk, the engine's shape); `slp_prefill` loops chunks.
 """
 
@@ -43,57 +43,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.loading.loader import Checkpoint
-from jaxmoe.loading.safetensors_index import stacked_view
 from jaxmoe.model.cache import KVCache
 from jaxmoe.model.forward import final_logits, layer_until_experts
 from jaxmoe.model.rope import rope_cos_sin
-from jaxmoe.model.weights import ExpertsWeights, MoEWeights, Weights
-from jaxmoe.quant import DenseWeight, Fp8Weight
-from jaxmoe.runtime.expert_parallel import ExpertMesh, expert_mesh
-from jaxmoe.runtime.placement import split_experts
+from jaxmoe.model.weights import MoEWeights, Weights, split_experts
+from jaxmoe.planning.strategies import STREAMED, PrefillStrategy
+from jaxmoe.streaming.expert_parallel import ExpertMesh, expert_mesh
 
-STRATEGY_DEVICES = {"slp": 1, "dslp": 2}
 Event = tuple[str, int, int]  # (kind, layer, part)
 ExpertSource = Callable[[int], Any] | Sequence[Any]
 
 
-# ---- where the experts come from ----------------------------------------------------------
-
-
-class CheckpointExperts:
-    """Expert source over an open checkpoint: layer -> `ExpertsWeights` of zero-copy numpy
-    views of the mmap ([E, ...] per projection; FP8 values and fp32 block scales as stored).
-    This is the same host copy the CPU decode path reads; nothing is duplicated."""
-
-    def __init__(self, checkpoint: Checkpoint):
-        self.checkpoint = checkpoint
-
-    def __call__(self, layer: int) -> ExpertsWeights:
-        arrays = self.checkpoint.expert_arrays(layer)
-
-        def stack(views):
-            v = stacked_view(views)
-            return np.stack(views) if v is None else v  # a copy only if the file layout forbids a view
-
-        def lin(proj):
-            w = stack(arrays[proj])
-            if f"{proj}_scales" in arrays:  # a converted INT4 checkpoint (loading/convert.py)
-                from jaxmoe.quant_int4 import Int4Weight  # noqa: PLC0415
-
-                k = self.checkpoint.cfg.moe_intermediate_size if proj == "down_proj" else self.checkpoint.cfg.hidden_size
-                return Int4Weight(w, stack(arrays[f"{proj}_scales"]), k=k, group=self.checkpoint.int4_group)
-            scales = arrays.get(f"{proj}_scale_inv")
-            if scales is None:
-                return DenseWeight(w)
-            return Fp8Weight(w, stack(scales).astype(np.float32, copy=False), block=self.checkpoint.block)
-
-        return ExpertsWeights(lin("gate_proj"), lin("up_proj"), lin("down_proj"))
-
-
 def layer_experts(source: ExpertSource, layer: int) -> Any:
     """One layer's routed experts from a source: a callable or a per-layer sequence (e.g.
-    the second result of `placement.split_experts`)."""
+    the second result of `model.weights.split_experts`)."""
     experts = source(layer) if callable(source) else source[layer]
     if experts is None:
         raise ValueError(f"expert source has no routed experts for MoE layer {layer}")
@@ -119,7 +82,7 @@ def _layer_program(cfg, lw, x, routed, cache, layer, positions):
     -> (x, MoE output so far: zeros or the shared experts', routing or None, cache)."""
     x = x + routed.reshape(x.shape).astype(x.dtype)
     cos, sin = rope_cos_sin(cfg, positions)
-    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, absorb=False)
+    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, form="expanded")
     if moe_in is None:
         return x, _no_moe(x), None, cache
     flat, ids, weights, shared = moe_in
@@ -139,7 +102,7 @@ _final_jit = jax.jit(_final_program, static_argnums=0)
 # ---- the pipeline -------------------------------------------------------------------------
 
 
-class StreamingPrefill:
+class SlpPipeline:
     """SLP (one device) or DSLP (two: SmallEP) over an expert mesh.
 
     parts_per_layer: stream each layer in this many sequential units (fewer bytes resident).
@@ -212,15 +175,15 @@ class StreamingPrefill:
 
 @functools.lru_cache(maxsize=8)
 def _streamer(cfg: ModelConfig, devices: tuple[jax.Device, ...], parts: int, buffers: int,
-              pinned: bool | None) -> StreamingPrefill:
-    return StreamingPrefill(cfg, devices, parts_per_layer=parts, buffers=buffers, pinned=pinned)
+              pinned: bool | None) -> SlpPipeline:
+    return SlpPipeline(cfg, devices, parts_per_layer=parts, buffers=buffers, pinned=pinned)
 
 
 def _strategy_devices(strategy: Any, devices: Sequence[jax.Device]) -> tuple[jax.Device, ...]:
-    name = getattr(strategy, "name", strategy)
-    if name not in STRATEGY_DEVICES:
-        raise ValueError(f"streaming strategy must be one of {sorted(STRATEGY_DEVICES)}, got {name!r}")
-    n = STRATEGY_DEVICES[name]
+    name = strategy if isinstance(strategy, str) else strategy.strategy  # a name or a planner estimate
+    if name not in STREAMED:
+        raise ValueError(f"streaming strategy must be one of {[s.value for s in STREAMED]}, got {name!r}")
+    n = PrefillStrategy(name).accelerators
     if len(devices) < n:
         raise ValueError(f"strategy {name!r} needs {n} device(s), got {len(devices)}")
     return tuple(devices[:n])
@@ -232,9 +195,9 @@ def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: E
                       pinned: bool | None = None, log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
     """One prefill chunk, tokens/positions [B, T], with the routed experts streamed.
 
-    dense_weights: the model without routed experts (`placement.split_experts(w)[0]`; experts,
+    dense_weights: the model without routed experts (`model.weights.split_experts(w)[0]`; experts,
     if present, are ignored), best placed once with `place_dense`. expert_source: layer ->
-    that layer's experts on the host (numpy views, e.g. `CheckpointExperts`, or host jax arrays).
+    that layer's experts on the host (numpy views, e.g. `loading.expert_source.CheckpointExperts`, or host jax arrays).
     strategy: "slp" | "dslp" or a planner `PrefillEstimate` (its parts_per_layer and buffers are
     used unless given). devices: the accelerators (the strategy takes the first 1 or 2).
     Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index` [B]; the cache with the

@@ -2,8 +2,8 @@
 
 import pytest
 
-from jaxmoe.runtime.request import Request, RequestRefused, Status
-from jaxmoe.runtime.scheduler import Scheduler
+from jaxmoe.serving.request import Request, RequestRefused, Status
+from jaxmoe.serving.scheduler import Scheduler
 
 
 def req(n_prompt, max_new=4, **kw):

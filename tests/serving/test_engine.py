@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from jaxmoe.model.cache import init_cache
-from jaxmoe.model.forward import decode, prefill
-from jaxmoe.runtime.engine import Engine, cache_bytes_per_position
-from jaxmoe.runtime.programs import kv_window
-from jaxmoe.runtime.request import RequestRefused
-from jaxmoe.runtime.sampling import SamplingParams
+from jaxmoe.model.forward import forward_absorbed, forward_expanded
+from jaxmoe.serving.engine import Engine, cache_bytes_per_position
+from jaxmoe.step_shapes import kv_window
+from jaxmoe.serving.request import RequestRefused
+from jaxmoe.serving.sampling import SamplingParams
 
 PROMPT_LENS = (5, 37, 12, 70, 3)
 NEW = 8
@@ -26,8 +26,8 @@ def prompts(tiny_model):
 
 
 MAX_LEN = 128
-_prefill = jax.jit(prefill, static_argnums=0)
-_decode = jax.jit(decode, static_argnums=0)
+_prefill = jax.jit(forward_expanded, static_argnums=0)
+_decode = jax.jit(forward_absorbed, static_argnums=0)
 
 
 def greedy_reference(cfg, weights, prompt, n_new):

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from jaxmoe.model.cache import init_cache
-from jaxmoe.model.forward import decode, prefill
-from jaxmoe.runtime.engine import Engine
-from jaxmoe.runtime.programs import active_rows, row_bucket, width_bucket
+from jaxmoe.model.forward import forward_absorbed, forward_expanded
+from jaxmoe.serving.engine import Engine
+from jaxmoe.serving.executors import active_rows
+from jaxmoe.step_shapes import row_bucket, width_bucket
 
 MAX_LEN = 32
-_prefill = jax.jit(prefill, static_argnums=0)
-_decode = jax.jit(decode, static_argnums=0)
+_prefill = jax.jit(forward_expanded, static_argnums=0)
+_decode = jax.jit(forward_absorbed, static_argnums=0)
 
 
 @pytest.mark.parametrize("n,slots,want", [(1, 4, 1), (2, 4, 2), (3, 4, 4), (4, 4, 4), (3, 3, 3), (5, 8, 8), (0, 4, 1)])

@@ -38,10 +38,9 @@ from __future__ import annotations
 import dataclasses
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.mla import PREFILL_KEY_BLOCK, expanded_is_cheaper
-from jaxmoe.runtime import programs
-from jaxmoe.runtime.cost_model import ModelCosts, model_costs
-from jaxmoe.runtime.programs import width_bucket
+from jaxmoe import step_shapes
+from jaxmoe.planning.cost_model import ModelCosts, model_costs
+from jaxmoe.step_shapes import ATTENTION_KEY_BLOCK, expanded_is_cheaper, width_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +67,7 @@ class CpuKernels:
 
 def kv_window(end: int, max_len: int | None = None) -> int:
     """The engine's key window for a step whose longest row ends at `end` (no cap: None)."""
-    return programs.kv_window(end, max_len or 1 << 62)
+    return step_shapes.kv_window(end, max_len or 1 << 62)
 
 
 def _binomial(n: int, p: float):
@@ -155,8 +154,8 @@ class KernelModel:
             moe = cfg.is_moe_layer(layer)
             lin += sum(self.linear(n * kk, rows) for n, kk in mc.layer_matrices(moe))
             if expanded:  # the window's latents through kv_b_proj, one call per key block
-                blocks = -(-window // PREFILL_KEY_BLOCK) if window > PREFILL_KEY_BLOCK else 1
-                lin += slots * blocks * self.linear(sum(mc.kv_b_groups), min(window, PREFILL_KEY_BLOCK))
+                blocks = -(-window // ATTENTION_KEY_BLOCK) if window > ATTENTION_KEY_BLOCK else 1
+                lin += slots * blocks * self.linear(sum(mc.kv_b_groups), min(window, ATTENTION_KEY_BLOCK))
             else:  # queries and outputs through kv_b_proj's two halves
                 lin += sum(self.linear(w, rows) for w in mc.kv_b_groups)
             if moe:

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-from jaxmoe.runtime.sampling import SamplingParams
+from jaxmoe.serving.sampling import SamplingParams
 
 _ids = itertools.count()
 

@@ -1,6 +1,6 @@
 """What a DeepSeek-V3-family model costs: bytes and FLOPs per token, per layer, per chunk.
 
-Pure arithmetic on a `ModelConfig` (no hardware here; runtime/planner.py turns these into
+Pure arithmetic on a `ModelConfig` (no hardware here; planning/planner.py turns these into
 seconds). Bytes are as stored: FP8 Linears 1 byte/weight + fp32 block scales, everything else
 bf16. FLOPs count a multiply-add as 2. Attention FLOPs assume causal skipping (a query at
 position p sees p + 1 keys), as a fused prefill kernel does.
@@ -118,7 +118,7 @@ class ModelCosts:
         MoE output, queries and attention output, the k gathered expert inputs, the routed
         intermediates. Attention scores are blocked (a fused kernel) unless `scores_context`
         is given: then each query holds f32 scores and probabilities over that many keys per
-        head, as model/mla.py's `mla_prefill` materializes them today."""
+        head, as model/mla.py's `mla_expanded` materializes them today."""
         c = self.cfg
         k = c.num_experts_per_tok
         return (BF16 * (6 * c.hidden_size + k * c.hidden_size + c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)

@@ -7,9 +7,9 @@ import math
 import pytest
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.runtime import hardware, planner
-from jaxmoe.runtime.cost_model import model_costs
-from jaxmoe.runtime.planner import (
+from jaxmoe.planning import hardware, planner
+from jaxmoe.planning.cost_model import model_costs
+from jaxmoe.planning.planner import (
     _pipeline,
     estimate_decode,
     estimate_prefill,

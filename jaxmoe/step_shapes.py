@@ -1,0 +1,67 @@
+"""The static shapes of one engine step, and the attention form each shape takes.
+
+Pure arithmetic on the model config, without JAX: the serving executors use these rules to
+choose what they compile, the model's attention uses the key block, and the planner's kernel
+model uses the same rules to predict what the executors will run. One copy, so the prediction
+and the execution cannot drift apart.
+
+- rows: the busy slots padded to a power of two (`row_bucket`);
+- columns: 1 for decode, else a power of two >= MIN_WIDTH_BUCKET (`width_bucket`);
+- keys: a power-of-two window over the cache (`kv_window`);
+- attention form: absorbed (latent space) or expanded (keys and values expanded through
+  kv_b_proj), whichever takes fewer multiply-adds (`expanded_is_cheaper`, `attention_form`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from jaxmoe.config import ModelConfig
+
+AttentionForm = Literal["absorbed", "expanded"]
+
+ATTENTION_KEY_BLOCK = 512  # key slots per block of the blocked (online-softmax) attention
+MIN_KV_WINDOW = 64
+MIN_WIDTH_BUCKET = 16
+
+
+def kv_window(end: int, max_len: int) -> int:
+    """Cache slots a step attends over: the next power of two >= end (>= MIN_KV_WINDOW, <= max_len),
+    so attention costs what the longest sequence needs and compiles once per power of two."""
+    return min(max_len, 1 << (max(end, MIN_KV_WINDOW) - 1).bit_length())
+
+
+def row_bucket(n_active: int, n_slots: int) -> int:
+    """Rows a step runs for `n_active` busy slots: the next power of two (<= n_slots), so a
+    lone request costs one row, not n_slots, and each bucket compiles once."""
+    return min(n_slots, 1 << max(n_active - 1, 0).bit_length())
+
+
+def width_bucket(n_tokens: int, width: int) -> int:
+    """Columns a step runs for rows of at most `n_tokens` real tokens: 1, or a power of two
+    >= MIN_WIDTH_BUCKET (<= the planned width), so a short prompt does not pay for a full chunk
+    of padding in the dense kernels and each bucket compiles once."""
+    if n_tokens <= 1:
+        return 1
+    return min(width, max(MIN_WIDTH_BUCKET, 1 << (n_tokens - 1).bit_length()))
+
+
+def expanded_is_cheaper(cfg: ModelConfig, n_queries: int, n_keys: int) -> bool:
+    """Whether expanded attention (keys/values expanded once per step) takes fewer multiply-adds
+    than absorbed attention (queries and outputs absorbed) for n_queries per row over n_keys
+    cache slots. Per row and head:
+        expanded: (nope + rope + v) * S * T  +  (nope + v) * r * S   (expanding S keys)
+        absorbed: (2 r + rope)      * S * T  +  (nope + v) * r * T   (absorbing T queries)
+    DeepSeek-V3 (r 512, nope = v 128, rope 64): expanded wins from ~100 queries over 256 keys
+    and ~170 over long contexts, i.e. for prompt chunks, never for decode."""
+    r, rope, nope, v = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    s, t = n_keys, n_queries
+    expanded = (nope + rope + v) * s * t + (nope + v) * r * s
+    absorbed = (2 * r + rope) * s * t + (nope + v) * r * t
+    return expanded < absorbed
+
+
+def attention_form(cfg: ModelConfig, width: int, kv_len: int) -> AttentionForm:
+    """The form a step of `width` columns over `kv_len` keys attends in: absorbed for decode
+    and narrow chunks, expanded where that costs fewer multiply-adds. Both give the same logits."""
+    return "expanded" if expanded_is_cheaper(cfg, width, kv_len) else "absorbed"
