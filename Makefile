@@ -41,6 +41,7 @@ demo: $(VENV_STAMP)
 	$(VENV)/bin/jaxmoe demo
 
 test: $(VENV_STAMP) $(if $(HAVE_SANITIZE),sanitize)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -85,7 +85,7 @@ def env_info(**extra) -> dict:
     except OSError:
         commit = ""
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **cpu_header(),
         "cores": os.cpu_count(),
         "loadavg_1m": os.getloadavg()[0],

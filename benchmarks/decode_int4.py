@@ -4,11 +4,12 @@
 
 The synthetic FP8 checkpoint of benchmarks/e2e.py (cached) and its INT4 conversion (group 32,
 the default scale rule, `jaxmoe convert`, cached beside it as <name>-int4-g32-<rule>) are both
-loaded (one request slot each). Each round runs one greedy request of `--new-tokens` tokens on the FP8 model, then on the INT4 model, and a
-read-only pass over the bytes one token reads in each (the kernels' matrices, e2e.token_matrices,
-plus XLA's own f32 Linears), so host-load drift hits both alike. Reported: median decode tok/s
-of each, the INT4/FP8 ratio, bytes per token, and each one's fraction of its read-pass bound.
-Results: PATH, and benchmarks/results/decode_int4.json for a full default run.
+loaded (one request slot each). Each round runs one greedy request of `--new-tokens` tokens on
+the FP8 model, then on the INT4 model, and a read-only pass over the bytes one token reads in
+each (the kernels' matrices, e2e.token_matrices, plus XLA's own f32 Linears), so host-load drift
+hits both alike. Reported: median decode tok/s of each, the INT4/FP8 ratio, bytes per token, and
+each one's fraction of its read-pass bound. Results: PATH, and
+benchmarks/results/decode_int4.json for a full default run.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def token_matrices(weights, nat) -> tuple[list, list, int]:
     from jaxmoe import quant  # noqa: PLC0415
     from jaxmoe.cpu.expert_store import HostExperts, HostGroupedLinear, HostLinear  # noqa: PLC0415
 
-    lib, ffi = nat.lib, nat.ffi
+    lib = nat.lib
     host = (HostLinear, HostGroupedLinear, HostExperts, quant.DenseWeight)
     mats, calls, xla_bytes = [], [], 0
     for leaf in jax.tree_util.tree_leaves((weights.layers, weights.lm_head), is_leaf=lambda x: isinstance(x, host)):
@@ -416,7 +416,8 @@ def main(argv=None) -> dict:
                            f"{args.prefill_budget:.0f} s)")
             print(f"prefill {n}: skipped, {skipped[-1]}", flush=True)
             continue
-        r = results[f"prefill_{n}"] = prefill(engine, cfg, min(n, max_len - 1), repeats, rng, warmup=n <= 1024)  # tiny: 511 of 512
+        # tiny: 511 of 512
+        r = results[f"prefill_{n}"] = prefill(engine, cfg, min(n, max_len - 1), repeats, rng, warmup=n <= 1024)
         engine._e2e_windows = set(r.get("windows", [])) | {w for w in (64, 128, 256, 512) if w <= min(n, max_len)}
         print(f"prefill {r['tokens']:5d} tokens: {r['tok_s']:7.1f} tok/s (min {r['tok_s_min']:.1f}, max {r['tok_s_max']:.1f}; "
               f"{r['method']})", flush=True)

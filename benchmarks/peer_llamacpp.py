@@ -72,10 +72,9 @@ def setup_peer(checkpoint: Path, model: str, types: list[str], *, allow_fetch: b
 def jaxmoe_side(name: str, root: Path, n_prompt: int):
     """Load the checkpoint on the cpu-only engine; returns what the rounds need."""
     import jaxmoe  # noqa: PLC0415
+    from benchmarks import e2e  # noqa: PLC0415
     from jaxmoe.cpu._lib import load as load_native  # noqa: PLC0415
     from jaxmoe.serving.engine import Engine  # noqa: PLC0415
-
-    from benchmarks import e2e  # noqa: PLC0415
 
     path, reused = e2e.checkpoint(name, root)
     t0 = time.perf_counter()

@@ -113,9 +113,8 @@ def main(argv=None) -> dict:
     import jax  # noqa: PLC0415
 
     jax.config.update("jax_num_cpu_devices", 3)  # before JAX starts: 2 fake accelerators + the engine's host
-    from jaxmoe.planning.planner import load_hardware  # noqa: PLC0415
-
     from benchmarks import e2e  # noqa: PLC0415
+    from jaxmoe.planning.planner import load_hardware  # noqa: PLC0415
 
     name = args.model or ("tiny" if args.quick else "demo")
     strategies = [s for s in args.strategies.split(",") if s]
@@ -169,7 +168,7 @@ def main(argv=None) -> dict:
     doc = H.write(args.json, metrics, env, details)
     if not args.quick:
         default = name == "demo" and set(strategies) == set(ALL)
-        H.write(H.default_result(("prefill.json" if default else f"prefill-{name}.json")), metrics, env, details)
+        H.write(H.default_result("prefill.json" if default else f"prefill-{name}.json"), metrics, env, details)
     bench.close()
     if tmpdir is not None:
         tmpdir.cleanup()
@@ -183,9 +182,9 @@ class _Strategies:
         import jax  # noqa: PLC0415
 
         import jaxmoe  # noqa: PLC0415
+        from jaxmoe.loading.expert_source import CheckpointExperts  # noqa: PLC0415
         from jaxmoe.loading.loader import load_checkpoint, open_checkpoint  # noqa: PLC0415
         from jaxmoe.serving.engine import Engine  # noqa: PLC0415
-        from jaxmoe.loading.expert_source import CheckpointExperts  # noqa: PLC0415
         from jaxmoe.streaming.slp import place_dense  # noqa: PLC0415
 
         self.jax, self.accel, self.chunk = jax, accel, chunk
@@ -268,7 +267,7 @@ class _Strategies:
         for n in lengths:
             tokens = self.rng.integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
             # strategies alternate call by call, so that the load of this shared box hits them alike
-            times = H.interleaved({s: (lambda f=fn: jax.block_until_ready(f(tokens))) for s, fn in self.runs.items()},
+            times = H.interleaved({s: (lambda f=fn, t=tokens: jax.block_until_ready(f(t))) for s, fn in self.runs.items()},
                                   repeats, warmup=1 if warm_each else 0)  # full: each length warmed (kv windows compile)
             for strategy, t in times.items():
                 p_name, p_hw = planned[strategy]
@@ -286,8 +285,8 @@ class _Strategies:
     def sweep(self, lengths, chunk: int, hw, warm: bool) -> dict:
         """The cpu-only engine (kernels) alone at each prompt length, in its own chunks (the last
         one partial, as a user's prompt runs), vs estimate_prefill("cpu") on `hw`."""
-        from jaxmoe.serving.engine import Engine  # noqa: PLC0415
         from jaxmoe.planning.planner import estimate_prefill  # noqa: PLC0415
+        from jaxmoe.serving.engine import Engine  # noqa: PLC0415
 
         lengths = [n for n in lengths if n < self.cfg.max_position_embeddings]
         max_len = min(self.cfg.max_position_embeddings, 1 << max(lengths).bit_length())
@@ -305,7 +304,7 @@ class _Strategies:
         for n in lengths:
             tokens = self.rng.integers(0, self.cfg.vocab_size, (1, n), dtype=np.int32)
             y0 = yard() if yard else None
-            t = H.timeit(lambda: run(tokens), 1 if n >= 2048 or not warm else 2, warmup=0)
+            t = H.timeit(lambda t=tokens: run(t), 1 if n >= 2048 or not warm else 2, warmup=0)
             y = None if yard is None else (y0 + yard()) / 2
             pred = estimate_prefill(self.cfg, hw, n, "cpu", chunk=chunk)
             r = out[str(n)] = {"tokens": n, "s": t["median"], "min": t["min"], "tok_s": n / t["median"],

@@ -144,9 +144,9 @@ def main(argv=None) -> dict:
     n, length = args.seqs or (2 if args.quick else 8), args.seq_len or (32 if args.quick else 128)
 
     import jaxmoe.cpu as jcpu  # noqa: PLC0415
-    from jaxmoe.cpu import _lib  # noqa: PLC0415
     from jaxmoe import quant_int4  # noqa: PLC0415
     from jaxmoe.config import ModelConfig  # noqa: PLC0415
+    from jaxmoe.cpu import _lib  # noqa: PLC0415
     from jaxmoe.loading import hf_map  # noqa: PLC0415
     from jaxmoe.loading.convert import convert_int4, expert_float  # noqa: PLC0415
     from jaxmoe.loading.loader import load_checkpoint, open_checkpoint  # noqa: PLC0415

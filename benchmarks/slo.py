@@ -128,11 +128,10 @@ def measure(args) -> dict:
     sz = dict(SIZES["quick" if args.quick else "full"])
     name = args.config or ("tiny" if args.quick else "demo")
     import jaxmoe  # noqa: PLC0415
-    from jaxmoe.cpu._lib import load as load_native  # noqa: PLC0415
-    from jaxmoe.serving.engine import Engine  # noqa: PLC0415
-    from jaxmoe.planning.hardware import load_hardware  # noqa: PLC0415
-
     from benchmarks import e2e  # noqa: PLC0415
+    from jaxmoe.cpu._lib import load as load_native  # noqa: PLC0415
+    from jaxmoe.planning.hardware import load_hardware  # noqa: PLC0415
+    from jaxmoe.serving.engine import Engine  # noqa: PLC0415
 
     tmp = tempfile.TemporaryDirectory(prefix="jaxmoe-slo-") if args.quick and args.config is None else None
     path, _ = e2e.checkpoint(name, Path(tmp.name) if tmp else e2e.cache_dir())

@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 # `jaxmoe.generate` names the function: importing it from the submodule of the same name
 # rebinds the package attribute after the import system set it to the module.
-from jaxmoe.config import ModelConfig  # noqa: E402
-from jaxmoe.generate import (  # noqa: E402
+from jaxmoe.config import ModelConfig
+from jaxmoe.generate import (
     GenerationResult,
     Model,
     StreamResponse,
@@ -23,7 +23,7 @@ from jaxmoe.generate import (  # noqa: E402
     load,
     stream_generate,
 )
-from jaxmoe.tokenizer import Tokenizer  # noqa: E402
+from jaxmoe.tokenizer import Tokenizer
 
 __all__ = [
     "__version__",

@@ -12,8 +12,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 DEMO_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time,"
 

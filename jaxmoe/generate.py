@@ -15,19 +15,20 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.serving.engine import Engine
 from jaxmoe.loading.expert_source import CheckpointExperts
-from jaxmoe.loading.loader import open_checkpoint
+from jaxmoe.loading.loader import load_checkpoint, open_checkpoint
 from jaxmoe.model.weights import split_experts
+from jaxmoe.serving.engine import Engine
 from jaxmoe.serving.presets import RuntimeConfig
 from jaxmoe.serving.prompt_runner import host_expert_source
 from jaxmoe.serving.sampling import SamplingParams
@@ -110,7 +111,7 @@ class Model:
             self._checkpoint.close()
             self._checkpoint = None
         if self.cpu_kernels:
-            from jaxmoe.cpu.placement import release
+            from jaxmoe.cpu.placement import release  # noqa: PLC0415  (cffi only where the kernels ran)
 
             release(self.weights)
             self.cpu_kernels, self.weights = False, None
@@ -204,8 +205,6 @@ def load(
       its fields (n_slots, chunk_size, overlap, memory_budget_bytes, prefill_strategy
       ("auto" | "cpu" | "slp" | "dslp"), hardware, ...).
     """
-    from jaxmoe.loading.loader import load_checkpoint
-
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     rc = RuntimeConfig.load(runtime or _default_preset(), cpu_precision=cpu_precision, **runtime_options)
@@ -233,7 +232,7 @@ def _place(cfg: ModelConfig, weights: Any, cpu_kernels: bool | None, rc: Runtime
     if cpu_kernels is None and not rc.staged and jax.default_backend() != "cpu":
         return weights, False
     try:
-        from jaxmoe.cpu import _lib, placement
+        from jaxmoe.cpu import _lib, placement  # noqa: PLC0415  (cffi and the native build only when used)
 
         if rc.cpu_precision is not None:  # process-wide, before any kernel runs
             _lib.load().set_precision(rc.cpu_precision)

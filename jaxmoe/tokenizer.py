@@ -9,9 +9,10 @@ tokens comes out once its last byte arrives).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.sandbox

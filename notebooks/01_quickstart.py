@@ -30,8 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import jaxmoe
 from jaxmoe.loading.synthetic import write_synthetic_checkpoint
 
@@ -119,7 +117,8 @@ assert a.token_ids == b.token_ids
 # A stop string: take a piece of the greedy text above, so that it certainly occurs.
 full = jaxmoe.generate(model, "Hello, world", max_new_tokens=16, ignore_eos=True)
 half = full.text[len(full.text) // 2:]
-stop = next((half[i:i + 2] for i in range(len(half) - 1) if half[i:i + 2].isascii() and half[i:i + 2].isprintable()), half[:2]) or "\n"
+pairs = (half[i:i + 2] for i in range(len(half) - 1))
+stop = next((p for p in pairs if p.isascii() and p.isprintable()), half[:2]) or "\n"
 stopped = jaxmoe.generate(model, "Hello, world", max_new_tokens=16, ignore_eos=True, stop=[stop])
 print(f"full:    {full.text!r}")
 print(f"stop={stop!r}: {stopped.text!r} ({stopped.finish_reason})")

@@ -72,7 +72,7 @@ def show_table(rows, columns):
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
     text = "\n".join(lines)
     try:
-        from IPython.display import Markdown, display
+        from IPython.display import Markdown, display  # noqa: PLC0415  (outside Jupyter: print)
         display(Markdown(text))
     except ImportError:
         print(text)

@@ -173,7 +173,7 @@ def _precision_code(name: str) -> int:
     return PRECISION_NAMES.index(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(variant: str = "native") -> Native:
     """The library variant ("native", or "emu512" for tests), built if needed; cached."""
     ffi = cffi.FFI()

@@ -68,7 +68,8 @@ class HostMatrix:
         if s.shape != (-(-n // 128), -(-k // 128)):
             raise ValueError(f"scale shape {s.shape} does not match weight [{n}, {k}] with 128x128 blocks")
         ptr = nat.lib.jm_matrix_create_fp8(
-            nat.ffi.cast("uint8_t *", q.ctypes.data), q.strides[0], nat.ffi.cast("float *", s.ctypes.data), s.shape[1], n, k, node)
+            nat.ffi.cast("uint8_t *", q.ctypes.data), q.strides[0], nat.ffi.cast("float *", s.ctypes.data), s.shape[1],
+            n, k, node)
         if ptr == nat.ffi.NULL:
             raise CpuExtError(nat.error())
         return cls(ptr, n, k, FMT_FP8, nat)

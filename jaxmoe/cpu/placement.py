@@ -31,6 +31,7 @@ from jaxmoe import quant
 from jaxmoe.cpu import attention, ops
 from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, HostGroupedLinear, HostLinear, HostMatrix, _live
 from jaxmoe.model import moe
+from jaxmoe.model.weights import MLAWeights, MLPWeights, MoEWeights
 
 
 @quant.linear_for.register
@@ -81,8 +82,6 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
     (default: a new one with one slot per layer); for weights loaded with load_experts=False,
     one built by `ExpertStore.from_checkpoint` (MoE layers without experts are taken from it).
     cfg: the ModelConfig; with it kv_b_proj becomes a HostKvB (per-head kernels for the absorbed decode)."""
-    from jaxmoe.model.weights import MLAWeights, MLPWeights, MoEWeights
-
     store = store or ExpertStore(len(weights.layers))
     h = lambda w: _host(w, min_elements)  # noqa: E731
 

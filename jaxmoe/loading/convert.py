@@ -97,9 +97,10 @@ def convert_int4(src: str | Path, dst: str | Path, *, group: int = quant_int4.DE
                 kg = quant_int4.padded_k(k, group)
                 jobs.append(lambda name=name, qn=qn, sn=sn: dict(zip((qn, sn), quant_int4.quantize_int4(
                     expert_float(ck, name), group, name, scale_rule))))
+                job = len(jobs) - 1
                 groups.append(TensorGroup(
                     [(qn, np.dtype(np.uint8), (n, kg // 2)), (sn, np.dtype(np.float16), (n, kg // group))],
-                    lambda i=len(jobs) - 1: ahead.take(i)))
+                    lambda i=job: ahead.take(i)))
                 n_experts += 1
             elif name.endswith(hf_map.SCALE_SUFFIX) and (owner := ck.specs.get(name[: -len("_scale_inv")])) is not None \
                     and owner.expert is not None:

@@ -73,7 +73,7 @@ def write_synthetic_checkpoint(
     groups = _synthetic_groups(cfg, fmt, seed)
     extra: Callable[[Path], dict] | None = None
     if with_tokenizer:
-        from jaxmoe.loading.tokenizer_data import write_tokenizer
+        from jaxmoe.loading.tokenizer_data import write_tokenizer  # noqa: PLC0415  (the tokenizers package only here)
 
         extra = lambda d: write_tokenizer(d, cfg.vocab_size, model_max_length=cfg.max_position_embeddings)  # noqa: E731
     config = hf_config(cfg, fp8=fmt == "fp8", dtype="float32" if fmt == "f32" else "bfloat16")

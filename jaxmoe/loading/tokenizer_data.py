@@ -49,7 +49,7 @@ def corpus(n_chars: int) -> list[str]:
         texts.append(t)
         total += len(t)
     if total < 100_000:  # a stripped install without sources: fall back to docstrings
-        import builtins
+        import builtins  # noqa: PLC0415
 
         texts += sorted({str(getattr(o, "__doc__", "") or "") for o in vars(builtins).values()})
     return texts

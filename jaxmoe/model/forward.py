@@ -29,15 +29,18 @@ from jaxmoe.quant import linear
 from jaxmoe.step_shapes import AttentionForm
 
 
-def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, form: AttentionForm, kv_len=None):
+def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *,
+                    form: AttentionForm, kv_len=None):
     """x + MLA(input_layernorm(x)) -> (x, post_attention_layernorm'd x for the MLP, cache)."""
     attend = {"absorbed": mla_absorbed, "expanded": mla_expanded}[form]
-    h, cache = attend(cfg, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer, positions, cos, sin, kv_len)
+    normed = rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps)
+    h, cache = attend(cfg, lw.self_attn, normed, cache, layer, positions, cos, sin, kv_len)
     x = x + h
     return x, rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps), cache
 
 
-def layer_until_experts(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, form: AttentionForm, kv_len=None):
+def layer_until_experts(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *,
+                        form: AttentionForm, kv_len=None):
     """One layer up to its routed experts -- what runs beside them on the accelerator.
 
     Dense layer: (x + attention + MLP, None, cache). MoE layer: (x + attention, (h [N, H],
@@ -53,7 +56,8 @@ def layer_until_experts(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, l
     return x, (flat, ids, weights, shared), cache
 
 
-def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *, form: AttentionForm, kv_len=None):
+def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *,
+                  form: AttentionForm, kv_len=None):
     x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, form=form, kv_len=kv_len)
     if moe_in is None:
         return x, cache
@@ -69,7 +73,8 @@ def final_logits(cfg: ModelConfig, weights: Weights, x, logit_index=None) -> jax
     return linear(x, weights.lm_head).astype(jnp.float32)
 
 
-def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, form: AttentionForm, logit_index=None, kv_len=None):
+def _forward(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens, positions, *, form: AttentionForm,
+             logit_index=None, kv_len=None):
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
     x = weights.embed_tokens[tokens]

@@ -87,7 +87,7 @@ def key_blocked_attention(block_fn, positions: jax.Array, n_keys: int, block: in
     carry = (jnp.full(lead, -jnp.inf, jnp.float32), jnp.zeros(lead, jnp.float32), jnp.zeros(acc_shape, jnp.float32))
 
     def update(carry, start, size):
-        m, l, acc = carry
+        m, denom, acc = carry
         scores, values, contract = block_fn(start, size)
         visible = (start + jnp.arange(size))[None, None, None, :] <= positions[:, :, None, None]
         scores = jnp.where(visible, scores.astype(jnp.float32), -jnp.inf)
@@ -95,17 +95,17 @@ def key_blocked_attention(block_fn, positions: jax.Array, n_keys: int, block: in
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # no key visible yet: nothing to rescale
         p = jnp.exp(scores - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
-        l = alpha * l + p.sum(-1)
+        denom = alpha * denom + p.sum(-1)
         acc = alpha[..., None] * acc + contract(p.astype(values.dtype), values).astype(jnp.float32)
-        return m_new, l, acc
+        return m_new, denom, acc
 
     n_full = n_keys // block
     if n_full:
         carry = jax.lax.fori_loop(0, n_full, lambda i, c: update(c, i * block, block), carry)
     if n_keys % block:
         carry = update(carry, n_full * block, n_keys % block)
-    _, l, acc = carry
-    return (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(dtype)
+    _, denom, acc = carry
+    return (acc / jnp.where(denom > 0, denom, 1.0)[..., None]).astype(dtype)
 
 
 def _key_slice(a: jax.Array, start, size: int) -> jax.Array:

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxmoe.config import ModelConfig
 from jaxmoe import step_shapes
+from jaxmoe.config import ModelConfig
 from jaxmoe.planning.cost_model import ModelCosts, model_costs
 from jaxmoe.step_shapes import ATTENTION_KEY_BLOCK, expanded_is_cheaper, width_bucket
 

@@ -230,7 +230,7 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
         total, _ = kernel_model(cfg, hw).prefill(n_tokens, chunk)
         return PrefillEstimate("cpu", n_tokens, total, chunk, compute_s=total)
     if strategy == "cpu":
-        total = busy = 0.0
+        total = 0.0
         chunk = chunk or cpu_chunk
         for s, n in _chunks(n_tokens, chunk):
             for layer in range(mc.n_layers):

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +87,7 @@ class Engine:
         self,
         prompt_ids: Sequence[int],
         max_new_tokens: int,
-        sampling: SamplingParams = SamplingParams(),
+        sampling: SamplingParams | None = None,
         *,
         eos_token_ids: Sequence[int] = (),
         stop_token_ids: Sequence[Sequence[int]] = (),
@@ -108,7 +109,7 @@ class Engine:
         if max_new_tokens < 1:
             raise RequestRefused(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         req = Request(
-            ids, int(max_new_tokens), sampling, tuple(eos_token_ids), tuple(tuple(s) for s in stop_token_ids)
+            ids, int(max_new_tokens), sampling or SamplingParams(), tuple(eos_token_ids), tuple(tuple(s) for s in stop_token_ids)
         )
         req.prefill_strategy, req.prefill_plan = self.prefill.choose(len(ids), prefill_strategy)
         with self._lock:

@@ -26,7 +26,6 @@ import functools
 from typing import Any, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
@@ -172,7 +171,8 @@ class StagedStep:
     """Routed experts on the host, the rest on the accelerators: stage programs per layer over
     two micro-batches (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, devices: Devices, n_slots: int, max_len: int, cache_dtype, *, overlap: bool):
+    def __init__(self, cfg: ModelConfig, weights: Weights, devices: Devices, n_slots: int, max_len: int, cache_dtype, *,
+                 overlap: bool):
         self.cfg, self.devices, self.overlap = cfg, devices, overlap
         dense, experts = split_experts(weights)
         accs = devices.accelerators

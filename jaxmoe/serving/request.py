@@ -8,7 +8,8 @@ import itertools
 import queue
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from jaxmoe.serving.sampling import SamplingParams
 

@@ -8,7 +8,7 @@ emitted, so the joined stream equals the final text exactly.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:

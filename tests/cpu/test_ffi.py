@@ -14,7 +14,6 @@ from jaxmoe.cpu import ops
 from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix
 
 
-
 @pytest.fixture(scope="module")
 def mats():
     rng = np.random.default_rng(0)

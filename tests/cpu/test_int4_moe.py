@@ -58,7 +58,7 @@ def emulated_moe(x, ids, weights, experts):
 CASES = [(4, 96, 40, 5, 2, 32), (3, 300, 200, 17, 2, 64)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(n_experts, hidden, inter, t, top_k, group):
     """Inputs and both references, computed once for all ISA paths."""
     from jaxmoe.model.moe import routed_experts
@@ -68,7 +68,8 @@ def case(n_experts, hidden, inter, t, top_k, group):
     ids, weights = routing(rng, t, n_experts, top_k)
     x = rng.standard_normal((t, hidden)).astype(np.float32)
     emu = emulated_moe(x, ids, weights, experts)
-    jax_out = np.asarray(jax.jit(routed_experts)(ExpertsWeights(*experts), jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights)))
+    jax_out = np.asarray(jax.jit(routed_experts)(ExpertsWeights(*experts), jnp.asarray(x), jnp.asarray(ids),
+                                                 jnp.asarray(weights)))
     return experts, ids, weights, x, emu, jax_out
 
 

@@ -17,7 +17,7 @@ from jaxmoe.cpu.tiled import StoreExperts, TiledWeight
 from jaxmoe.model.weights import ExpertsWeights
 from jaxmoe.quant_int4 import Int4Weight
 
-E, H, I = 3, 200, 70  # rows not a multiple of the 4-row tiles, columns not of 128
+E, H, INTER = 3, 200, 70  # rows not a multiple of the 4-row tiles, columns not of 128
 
 
 def _weights(rng, fmt):
@@ -28,7 +28,7 @@ def _weights(rng, fmt):
         qs = [quant.quantize_fp8_blocks(w[e]) for e in range(E)]
         return quant.Fp8Weight(weight=np.stack([q for q, _ in qs]), weight_scale_inv=np.stack([s for _, s in qs]))
 
-    return ExpertsWeights(one(I, H), one(I, H), one(H, I))
+    return ExpertsWeights(one(INTER, H), one(INTER, H), one(H, INTER))
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
@@ -56,9 +56,10 @@ def test_slab_packed_store_runs_like_separate_matrices(t):
     gates = rng.random((t, 2)).astype(np.float32)
     with ExpertStore(1) as slabs, ExpertStore(1) as separate:
         slabs.add_layer(0, ex.gate_proj, ex.up_proj, ex.down_proj)
-        separate.init_layer(0, E, H, I)
+        separate.init_layer(0, E, H, INTER)
         for e in range(E):
-            separate.set_expert(0, e, *[HostMatrix.fp8(w.weight[e], w.weight_scale_inv[e]) for w in (ex.gate_proj, ex.up_proj, ex.down_proj)])
+            separate.set_expert(0, e, *[HostMatrix.fp8(w.weight[e], w.weight_scale_inv[e])
+                                        for w in (ex.gate_proj, ex.up_proj, ex.down_proj)])
         assert separate.slab(0, 0) is None and slabs.slab(0, 0) is not None
         np.testing.assert_array_equal(slabs.moe(0, x, ids, gates), separate.moe(0, x, ids, gates))
 
@@ -70,7 +71,8 @@ def test_slab_rules_and_errors():
     store.add_layer(1, ex.gate_proj, ex.up_proj, ex.down_proj)
     assert StoreExperts.of((None, store.layer(1), None)) is not None
     # a projection handed over by set_expert leaves the slab: no streaming view of that layer
-    store.set_expert(1, 2, *[HostMatrix.fp8(w.weight[0], w.weight_scale_inv[0]) for w in (ex.gate_proj, ex.up_proj, ex.down_proj)])
+    store.set_expert(1, 2, *[HostMatrix.fp8(w.weight[0], w.weight_scale_inv[0])
+                             for w in (ex.gate_proj, ex.up_proj, ex.down_proj)])
     assert store.slab(1, 0) is None and StoreExperts.of((None, store.layer(1))) is None
     with pytest.raises(ValueError, match="not packed in slabs"):
         StoreExperts(store)(1)
@@ -82,8 +84,8 @@ def test_slab_rules_and_errors():
     with pytest.raises(CpuExtError, match="not initialised"):
         store.pack(0, 0, 0, ex.gate_proj.weight[0], ex.gate_proj.weight_scale_inv[0])
     # INT4 experts are matrices of their own
-    w4 = Int4Weight.from_float(rng.standard_normal((E, I, H)).astype(np.float32))
-    d4 = Int4Weight.from_float(rng.standard_normal((E, H, I)).astype(np.float32))
+    w4 = Int4Weight.from_float(rng.standard_normal((E, INTER, H)).astype(np.float32))
+    d4 = Int4Weight.from_float(rng.standard_normal((E, H, INTER)).astype(np.float32))
     store.add_layer(2, w4, w4, d4)
     assert store.slab(2, 0) is None
     source = StoreExperts(store)

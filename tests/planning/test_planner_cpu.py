@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from jaxmoe.config import ModelConfig
 from jaxmoe import step_shapes
+from jaxmoe.config import ModelConfig
 from jaxmoe.planning.hardware import Cpu
 from jaxmoe.planning.kernel_model import CpuKernels, KernelModel, kv_window, width_bucket
 from jaxmoe.planning.planner import estimate_decode, estimate_prefill, load_hardware

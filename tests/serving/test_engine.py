@@ -3,16 +3,15 @@
 import threading
 
 import jax
-
 import numpy as np
 import pytest
 
 from jaxmoe.model.cache import init_cache
 from jaxmoe.model.forward import forward_absorbed, forward_expanded
 from jaxmoe.serving.engine import Engine, cache_bytes_per_position
-from jaxmoe.step_shapes import kv_window
 from jaxmoe.serving.request import RequestRefused
 from jaxmoe.serving.sampling import SamplingParams
+from jaxmoe.step_shapes import kv_window
 
 PROMPT_LENS = (5, 37, 12, 70, 3)
 NEW = 8
@@ -81,7 +80,8 @@ def test_overlap_is_bit_identical_to_serial_and_interleaves(tiny_model, prompts)
     cfg, w = tiny_model
     outs, logs = {}, {}
     for overlap in (True, False):
-        e = Engine(cfg, w, "gpu+cpu-experts", n_slots=4, max_len=MAX_LEN, chunk_size=16, overlap=overlap, simulate_accelerators=True)
+        e = Engine(cfg, w, "gpu+cpu-experts", n_slots=4, max_len=MAX_LEN, chunk_size=16, overlap=overlap,
+                   simulate_accelerators=True)
         sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
         step_logs = []
         ex = e.executor

@@ -17,12 +17,11 @@ import pytest
 
 from jaxmoe.model.cache import init_cache
 from jaxmoe.model.forward import forward_absorbed, forward_expanded
-
-from jaxmoe.serving import prompt_runner as ps
 from jaxmoe.planning.cost_model import model_costs
+from jaxmoe.planning.planner import FORCE_ENV, load_hardware, prefill_threshold
+from jaxmoe.serving import prompt_runner as ps
 from jaxmoe.serving.engine import Engine
 from jaxmoe.serving.presets import RuntimeConfig
-from jaxmoe.planning.planner import FORCE_ENV, load_hardware, prefill_threshold
 
 CHUNK, MAX_LEN, NEW = 16, 64, 6
 LENS = (5, 37, 50)

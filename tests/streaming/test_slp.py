@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.loading.expert_source import CheckpointExperts
 from jaxmoe.loading.loader import load_checkpoint, open_checkpoint
 from jaxmoe.loading.synthetic import write_synthetic_checkpoint
 from jaxmoe.model.cache import init_cache
 from jaxmoe.model.forward import forward_expanded
 from jaxmoe.model.weights import split_experts
-from jaxmoe.streaming.expert_parallel import expert_windows
 from jaxmoe.planning.planner import PrefillEstimate
-from jaxmoe.loading.expert_source import CheckpointExperts
+from jaxmoe.streaming.expert_parallel import expert_windows
 from jaxmoe.streaming.slp import place_dense, slp_prefill, slp_prefill_chunk
 
 T, CHUNK, MAX_LEN, REAL = 48, 16, 64, (48, 40)
