@@ -1,10 +1,11 @@
 """CPU kernel benchmark: FP8 GEMV/GEMM and the fused MoE layer at DeepSeek-V3 expert shapes.
 
 One layer's 8 active experts (gate/up 2048x7168, down 7168x2048: 24 matrices, 352 MB, far
-beyond the caches) are packed into an ExpertStore. The weights are drawn as checkpoints are
-made (Gaussian, 128x128 block scales: benchmarks/_fp8_draws.py); details.weights records each
-draw's fraction of subnormal and zero codes. At each precision measured (`--precision`,
-back to back, each timing paired with its own read pass), with 1 thread and all threads:
+beyond the caches) are packed into an ExpertStore (benchmarks/_kernel_cases.py). The weights
+are drawn as checkpoints are made (Gaussian, 128x128 block scales: benchmarks/_fp8_draws.py);
+details.weights records each draw's fraction of subnormal and zero codes. At each precision
+measured (`--precision`, back to back, each timing paired with its own read pass), with 1
+thread and all threads:
 - the 24 matrices as linears for M = 1, 2, 4, 8, 16, 64 tokens: time, GB/s, and the fraction
   of a read-only pass over the same packed bytes timed in the same run, interleaved;
 - the fused MoE layer for one token (8 experts, direct call and through XLA in jax.jit);
@@ -33,36 +34,13 @@ import sys
 
 import numpy as np
 
-from benchmarks import _fp8_draws as D
 from benchmarks import _harness as H
+from benchmarks import _kernel_cases as C
 from benchmarks import _kernel_path as KP
+from benchmarks import kernels_gemm, kernels_int4
+from benchmarks._kernel_cases import HIDDEN, INTER, N_EXPERTS, SHAPES
 
-HIDDEN, INTER, N_EXPERTS = 7168, 2048, 8
-SHAPES = ((INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER))  # gate, up, down
 MS_FULL, MS_QUICK = (1, 2, 4, 8, 16, 64), (1, 8)
-
-
-def build_store(rng, draw: str = "checkpoint_like", n_experts: int = N_EXPERTS):
-    """An ExpertStore with one layer of `n_experts` FP8 experts at SHAPES, drawn by
-    benchmarks._fp8_draws (`draw`). Returns (store, expert 0's three quant.Fp8Weight for the
-    dequantize baselines, the draw's code distribution {"draw", "codes", "subnormal_frac",
-    "zero_frac"})."""
-    from jaxmoe import quant  # noqa: PLC0415
-    from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix  # noqa: PLC0415
-
-    store = ExpertStore(1)
-    store.init_layer(0, n_experts, HIDDEN, INTER)
-    stats, kept = D.CodeStats(), []
-    for e in range(n_experts):
-        mats = []
-        for n, k in SHAPES:
-            q, s = D.draw(draw, rng, n, k)
-            stats.add(q)
-            mats.append(HostMatrix.fp8(q, s))
-            if e == 0:
-                kept.append(quant.Fp8Weight(weight=q.view(quant.FP8_DTYPE), weight_scale_inv=s))
-        store.set_expert(0, e, *mats)
-    return store, kept, {"draw": draw, **stats.as_dict()}
 
 
 def _row(t: dict, key: str, nbytes: int, info: dict) -> dict:
@@ -72,17 +50,14 @@ def _row(t: dict, key: str, nbytes: int, info: dict) -> dict:
             "frac_of_read": t["read"]["median"] / t[key]["median"], **info}
 
 
-def subnormal_heavy_row(nat, gemv_pass, store, heavy_store, repeats: int, info: dict) -> dict:
+def subnormal_heavy_row(nat, rng, store, heavy_store, repeats: int, info: dict) -> dict:
     """M = 1 on all threads over all matrices of layer 0: the subnormal-heavy draw (`heavy_store`)
     and the checkpoint-like one (`store`, same shapes), interleaved with a read-only pass over
     the heavy matrices; slowdown = heavy ms / checkpoint-like ms."""
-    lib = nat.lib
-    n = len(SHAPES) * N_EXPERTS
-    heavy = [lib.jm_store_matrix(heavy_store._ptr, 0, i // 3, i % 3) for i in range(n)]
-    plain = [lib.jm_store_matrix(store._ptr, 0, i // 3, i % 3) for i in range(n)]
+    heavy, plain = C.store_mats(nat.lib, heavy_store), C.store_mats(nat.lib, store)
     shapes = list(SHAPES) * N_EXPERTS
-    t = H.interleaved({"read": H.read_pass_fn(nat, heavy), "heavy": gemv_pass(1, heavy, shapes),
-                       "plain": gemv_pass(1, plain, shapes)}, repeats)
+    t = H.interleaved({"read": H.read_pass_fn(nat, heavy), "heavy": C.linear_case(nat, rng, 1, heavy, shapes),
+                       "plain": C.linear_case(nat, rng, 1, plain, shapes)}, repeats)
     row = _row(t, "heavy", heavy_store.nbytes, info)
     row["checkpoint_like_ms"] = t["plain"]["median"] * 1e3
     row["checkpoint_like_frac_of_read"] = t["read"]["median"] / t["plain"]["median"]
@@ -108,14 +83,14 @@ def main(argv=None) -> dict:
     from jaxmoe.cpu.reference import fp8_decode  # noqa: PLC0415
 
     nat = load()
-    ffi, lib = nat.ffi, nat.lib
+    lib = nat.lib
     precs = KP.precisions(nat, args.precision)
     rng = np.random.default_rng(0)
-    store, expert0, draw = build_store(rng)
-    heavy_store, _, heavy_draw = build_store(rng, "uniform_codes")
+    store, expert0, draw = C.build_store(rng)
+    heavy_store, _, heavy_draw = C.build_store(rng, "uniform_codes")
     print(f"FP8 weights: {draw['draw']} {draw['subnormal_frac']:.2e} subnormal, {draw['zero_frac']:.2e} zero codes; "
           f"subnormal-heavy row: {heavy_draw['draw']} {heavy_draw['subnormal_frac']:.3f} subnormal", flush=True)
-    mats = [lib.jm_store_matrix(store._ptr, 0, e, j) for e in range(N_EXPERTS) for j in range(3)]
+    mats = C.store_mats(lib, store)
     shapes = list(SHAPES) * N_EXPERTS
     total_bytes = store.nbytes
     read_all = H.read_pass_fn(nat, mats)
@@ -124,28 +99,12 @@ def main(argv=None) -> dict:
                      "weights": {draw["draw"]: draw, heavy_draw["draw"]: heavy_draw},
                      "precisions": precs, "kernel_paths": {}}
 
-    def gemv_pass(m: int, mat_list=mats, shape_list=shapes):
-        xs = {k: rng.standard_normal((m, k)).astype(np.float32) for k in (HIDDEN, INTER)}
-        ys = {n: np.empty((m, n), np.float32) for n in (HIDDEN, INTER)}
-        args_ = [(w, ffi.cast("void *", xs[k].ctypes.data), ffi.cast("void *", ys[n].ctypes.data))
-                 for w, (n, k) in zip(mat_list, shape_list)]
-
-        def run(_keep=(xs, ys)):  # the casts above do not keep the arrays alive
-            for w, xp, yp in args_:
-                lib.jm_linear(w, xp, 0, m, yp, 0)
-        return run
-
     # fused MoE layer, one token, the 8 experts; direct and through XLA
-    x1 = rng.standard_normal((1, HIDDEN)).astype(np.float32)
-    ids = np.arange(N_EXPERTS, dtype=np.int32)[None]
-    wts = rng.random((1, N_EXPERTS)).astype(np.float32)
-    out = np.empty_like(x1)
-    c = ffi.cast
-    moe_args = (store._ptr, 0, c("void *", x1.ctypes.data), 0, 1, c("int32_t *", ids.ctypes.data),
-                c("float *", wts.ctypes.data), N_EXPERTS, c("void *", out.ctypes.data), 0)
+    moe_case = C.moe_token_case(nat, rng)
+    moe_direct = moe_case(store)
     layer = store.layer(0)
     moe_jit = jax.jit(lambda x, i, w: ops.moe_experts(x, i, w, layer))
-    xj, ij, wj = jnp.asarray(x1), jnp.asarray(ids), jnp.asarray(wts)
+    xj, ij, wj = jnp.asarray(moe_case.x), jnp.asarray(moe_case.ids), jnp.asarray(moe_case.wts)
 
     metrics: dict = {}
     for prec in precs:  # back to back; every timing paired with a read pass in its own block
@@ -158,7 +117,7 @@ def main(argv=None) -> dict:
             for threads in sorted({1, all_threads}):
                 lib.jm_set_num_threads(threads)
                 for m in ms:
-                    t = H.interleaved({"read": read_all, "gemv": gemv_pass(m)}, repeats)
+                    t = H.interleaved({"read": read_all, "gemv": C.linear_case(nat, rng, m, mats, shapes)}, repeats)
                     r = rows[f"t{threads}_m{m}"] = _row(t, "gemv", total_bytes, info)
                     print(f"{label} threads={threads} M={m:3d}: {r['ms']:8.2f} ms  {r['gbps']:5.1f} GB/s  "
                           f"read pass {r['read_gbps']:5.1f} GB/s  frac {r['frac_of_read']:.3f}", flush=True)
@@ -166,7 +125,7 @@ def main(argv=None) -> dict:
 
             # XLA's own worker threads spin after a call and would slow the direct measurement: the
             # XLA path is timed afterwards, against its own read pass
-            t = H.interleaved({"read": read_all, "moe": lambda: lib.jm_moe(*moe_args)}, repeats)
+            t = H.interleaved({"read": read_all, "moe": moe_direct}, repeats)
             tx = H.interleaved({"read": read_all, "moe_xla": lambda: moe_jit(xj, ij, wj).block_until_ready()}, repeats)
             moe = details[f"moe_m1{sfx}"] = {k: {s: v * 1e3 for s, v in t[k].items() if s != "repeats"} for k in t}
             moe["moe_xla"] = {s: v * 1e3 for s, v in tx["moe_xla"].items() if s != "repeats"}
@@ -177,8 +136,7 @@ def main(argv=None) -> dict:
                   f"frac {moe_frac:.3f}); {tx['moe_xla']['median'] * 1e3:.2f} ms via XLA "
                   f"(frac {moe['moe_xla_frac_of_read']:.3f})", flush=True)
 
-            heavy = details[f"subnormal_heavy{sfx}"] = subnormal_heavy_row(nat, gemv_pass, store, heavy_store,
-                                                                           repeats, info)
+            heavy = details[f"subnormal_heavy{sfx}"] = subnormal_heavy_row(nat, rng, store, heavy_store, repeats, info)
             heavy["draw"] = heavy_draw["draw"]
             print(f"{label} subnormal-heavy ({heavy_draw['subnormal_frac']:.1%} subnormal codes), M=1: "
                   f"{heavy['ms']:.2f} ms, frac {heavy['frac_of_read']:.3f}; checkpoint-like {heavy['checkpoint_like_ms']:.2f}"
@@ -196,8 +154,6 @@ def main(argv=None) -> dict:
                 "fp8_gemv_m1_subnormal_heavy_slowdown": round(heavy["slowdown_vs_checkpoint_like"], 3),
             }, prec))
             if not args.no_gemm:  # GEMM path rows (prefill): benchmarks/kernels_gemm.py
-                from benchmarks import kernels_gemm  # noqa: PLC0415
-
                 ms_g, ts_g = (kernels_gemm.MS_QUICK, kernels_gemm.TS_QUICK) if args.quick else ((64, 128, 512), (256, 512))
                 mg, details[f"gemm{sfx}"] = kernels_gemm.run(nat, rng, store, ms_g, ts_g, max(2, repeats // 2))
                 metrics.update(KP.suffixed(mg, prec))
@@ -223,8 +179,8 @@ def main(argv=None) -> dict:
             for w, x in dev:
                 xla_deq(w, x).block_until_ready()
 
-        t = H.interleaved({"kernel": gemv_pass(1, mats[:3], shapes[:3]), "numpy": numpy_baseline, "xla": xla_baseline},
-                          max(2, repeats // 2))
+        t = H.interleaved({"kernel": C.linear_case(nat, rng, 1, mats[:3], shapes[:3]), "numpy": numpy_baseline,
+                           "xla": xla_baseline}, max(2, repeats // 2))
         details["dequant_baseline_3mat_ms"] = {k: v["median"] * 1e3 for k, v in t.items()}
         details["dequant_baseline_kernel"] = KP.kernel_info(nat)
         speedup = min(t["numpy"]["median"], t["xla"]["median"]) / t["kernel"]["median"]
@@ -233,10 +189,7 @@ def main(argv=None) -> dict:
               f"XLA {t['xla']['median'] * 1e3:.1f} ms, kernel {t['kernel']['median'] * 1e3:.2f} ms: {speedup:.1f}x",
               flush=True)
         if not args.no_int4:  # INT4 rows, against the FP8 kernel at this precision
-            from benchmarks import kernels_int4  # noqa: PLC0415
-
-            m4, details["int4"] = kernels_int4.run(nat, rng, store, gemv_pass, (1,) if args.quick else ms, repeats,
-                                                   HIDDEN, INTER, N_EXPERTS)
+            m4, details["int4"] = kernels_int4.run(nat, rng, store, (1,) if args.quick else ms, repeats)
             details["int4"]["fp8_kernel"] = KP.kernel_info(nat)
             metrics.update(m4)
     env = H.env_info(isa=nat.selected_isa(), threads=all_threads, quick=args.quick, precisions=precs,

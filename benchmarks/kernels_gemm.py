@@ -11,22 +11,23 @@ GEMM / GEMV speedup measured in the same run.
 
     python -m benchmarks.kernels_gemm [--json PATH] [--quick] [--ghz 2.45] [--precision exact|bf16|both]
 
-Weights as benchmarks.kernels draws them (checkpoint-like); each precision measured back to
-back (the bf16 rows under details.bf16 and `_bf16` metric keys); every row names its kernel
-path (benchmarks/_kernel_path.py).
+Weights and calls from benchmarks/_kernel_cases.py (checkpoint-like FP8); each precision
+measured back to back (the bf16 rows under details.bf16 and `_bf16` metric keys); every row
+names its kernel path (benchmarks/_kernel_path.py).
 
 Results: PATH if given, and benchmarks/results/kernels_gemm.json for a full (not --quick) run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import numpy as np
 
 from benchmarks import _harness as H
+from benchmarks import _kernel_cases as C
 from benchmarks import _kernel_path as KP
+from benchmarks._kernel_cases import HIDDEN, INTER, N_EXPERTS
 
 MS_FULL, MS_QUICK = (8, 16, 32, 64, 128, 512), (16, 64)
 TS_FULL, TS_QUICK = (64, 256, 512), (64,)
@@ -45,71 +46,25 @@ def clock_ghz() -> float:
     return 2.45
 
 
-@contextlib.contextmanager
-def gemm_rows(lib, m):
-    prev = lib.jm_set_gemm_min_rows(m)
-    try:
-        yield
-    finally:
-        lib.jm_set_gemm_min_rows(prev)
-
-
-def moe_case(nat, rng, t: int, hidden: int, n_experts: int, top_k: int):
-    """Inputs of a fused-MoE call at t tokens (each picks top_k distinct experts uniformly) and
-    a function store -> zero-argument `jm_moe` call of layer 0 on them (inputs kept alive)."""
-    x = rng.standard_normal((t, hidden)).astype(np.float32)
-    ids = np.stack([rng.permutation(n_experts)[:top_k] for _ in range(t)]).astype(np.int32)
-    wts = rng.random((t, top_k)).astype(np.float32)
-    out = np.empty_like(x)
-    c = nat.ffi.cast
-
-    def call(store):
-        args = (store._ptr, 0, c("void *", x.ctypes.data), 0, t, c("int32_t *", ids.ctypes.data),
-                c("float *", wts.ctypes.data), top_k, c("void *", out.ctypes.data), 0)
-
-        def run_(_keep=(x, ids, wts, out)):
-            nat.lib.jm_moe(*args)
-        return run_
-    return call
-
-
 def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
-    """The GEMM rows on `store` (benchmarks.kernels.build_store's layer 0) at the precision set
+    """The GEMM rows on `store` (an FP8 store from _kernel_cases.build_store) at the precision set
     now: (metrics, details); details and every row name the kernel path (`kernel_info`)."""
-    from benchmarks.kernels import HIDDEN, INTER, N_EXPERTS  # noqa: PLC0415
-
-    ffi, lib = nat.ffi, nat.lib
+    lib = nat.lib
     threads = lib.jm_num_threads()
     ghz = ghz or clock_ghz()
     peak = threads * 2 * 8 * 2 * ghz  # GFLOP/s
-    mats = [lib.jm_store_matrix(store._ptr, 0, 0, j) for j in range(3)]
-    shapes = [(INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)]
+    mats = C.store_mats(lib, store, [0])
+    shapes = list(C.SHAPES)
     read3 = H.read_pass_fn(nat, mats)
     info = KP.kernel_info(nat)
     details: dict = {"threads": threads, "ghz": ghz, "peak_gflops": peak, "linear": {}, "moe": {}, **info,
                      "shapes": "one expert: gate 2048x7168, up 2048x7168, down 7168x2048 FP8; MoE: 8 experts, "
                                f"top-{TOP_K} per token"}
 
-    def linear_pass(m):
-        xs = {k: rng.standard_normal((m, k)).astype(np.float32) for k in (HIDDEN, INTER)}
-        ys = {n: np.empty((m, n), np.float32) for n in (HIDDEN, INTER)}
-        calls = [(w, ffi.cast("void *", xs[k].ctypes.data), ffi.cast("void *", ys[n].ctypes.data))
-                 for w, (n, k) in zip(mats, shapes)]
-
-        def run_(_keep=(xs, ys)):
-            for w, xp, yp in calls:
-                lib.jm_linear(w, xp, 0, m, yp, 0)
-        return run_
-
-    def with_rows(fn, rows):
-        def run_():
-            with gemm_rows(lib, rows):
-                fn()
-        return run_
-
     for m in ms:
-        fn = linear_pass(m)
-        t = H.interleaved({"read": read3, "gemm": with_rows(fn, 1), "gemv": with_rows(fn, -1)}, repeats)
+        fn = C.linear_case(nat, rng, m, mats, shapes)
+        t = H.interleaved({"read": read3, "gemm": C.with_gemm_rows(lib, fn, 1),
+                           "gemv": C.with_gemm_rows(lib, fn, -1)}, repeats)
         flop = 2.0 * m * sum(n * k for n, k in shapes)
         row = {"gemm_ms": t["gemm"]["median"] * 1e3, "gemv_ms": t["gemv"]["median"] * 1e3,
                "gemm_gflops": flop / t["gemm"]["median"] / 1e9, "gemv_gflops": flop / t["gemv"]["median"] / 1e9,
@@ -118,14 +73,16 @@ def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
         row["speedup_vs_gemv"] = t["gemv"]["median"] / t["gemm"]["median"]
         details["linear"][f"m{m}"] = row
         print(f"[{info['kernel_path']}] linear x3, M={m:4d}: GEMM {row['gemm_ms']:8.2f} ms "
-              f"{row['gemm_gflops']:6.1f} GFLOP/s ({row['gemm_frac_of_peak']:.2f} of peak {peak:.0f}); GEMV chunks {row['gemv_ms']:8.2f} ms "
+              f"{row['gemm_gflops']:6.1f} GFLOP/s ({row['gemm_frac_of_peak']:.2f} of peak {peak:.0f}); "
+              f"GEMV chunks {row['gemv_ms']:8.2f} ms "
               f"{row['gemv_gflops']:6.1f} GFLOP/s; x{row['speedup_vs_gemv']:.2f}; read pass {row['read_ms']:.2f} ms",
               flush=True)
 
-    read_all = H.read_pass_fn(nat, [lib.jm_store_matrix(store._ptr, 0, e, j) for e in range(N_EXPERTS) for j in range(3)])
+    read_all = H.read_pass_fn(nat, C.store_mats(lib, store))
     for t_ in ts:
-        moe = moe_case(nat, rng, t_, HIDDEN, N_EXPERTS, TOP_K)(store)
-        t = H.interleaved({"read": read_all, "gemm": with_rows(moe, 1), "gemv": with_rows(moe, -1)}, repeats)
+        moe = C.moe_case(nat, rng, t_, TOP_K)(store)
+        t = H.interleaved({"read": read_all, "gemm": C.with_gemm_rows(lib, moe, 1),
+                           "gemv": C.with_gemm_rows(lib, moe, -1)}, repeats)
         flop = 2.0 * t_ * TOP_K * 3 * HIDDEN * INTER
         row = {"tokens_per_expert": t_ * TOP_K / N_EXPERTS, "gemm_ms": t["gemm"]["median"] * 1e3,
                "gemv_ms": t["gemv"]["median"] * 1e3, "gemm_gflops": flop / t["gemm"]["median"] / 1e9,
@@ -134,7 +91,8 @@ def run(nat, rng, store, ms, ts, repeats, ghz=None) -> tuple[dict, dict]:
         row["speedup_vs_gemv"] = t["gemv"]["median"] / t["gemm"]["median"]
         details["moe"][f"t{t_}"] = row
         print(f"[{info['kernel_path']}] MoE, T={t_:4d} ({row['tokens_per_expert']:.0f} rows/expert): "
-              f"GEMM {row['gemm_ms']:8.2f} ms {row['gemm_gflops']:6.1f} GFLOP/s ({row['gemm_frac_of_peak']:.2f} of peak); GEMV chunks "
+              f"GEMM {row['gemm_ms']:8.2f} ms {row['gemm_gflops']:6.1f} GFLOP/s ({row['gemm_frac_of_peak']:.2f} of peak); "
+              f"GEMV chunks "
               f"{row['gemv_ms']:8.2f} ms {row['gemv_gflops']:6.1f} GFLOP/s; x{row['speedup_vs_gemv']:.2f}; "
               f"read pass {row['read_ms']:.2f} ms", flush=True)
 
@@ -154,12 +112,11 @@ def main(argv=None) -> dict:
     repeats = args.repeats or (2 if args.quick else 5)
     ms, ts = (MS_QUICK, TS_QUICK) if args.quick else (MS_FULL, TS_FULL)
 
-    from benchmarks.kernels import build_store  # noqa: PLC0415
     from jaxmoe.cpu._lib import load  # noqa: PLC0415
 
     nat = load()
     rng = np.random.default_rng(0)
-    store, _, draw = build_store(rng)
+    store, _, draw = C.build_store(rng)
     precs = KP.precisions(nat, args.precision)
     metrics, details = {}, {"weights": {draw["draw"]: draw}, "precisions": precs}
     for prec in precs:  # back to back, each block with its own read passes

@@ -22,47 +22,34 @@ import sys
 import numpy as np
 
 from benchmarks import _harness as H
+from benchmarks import _kernel_cases as C
 from benchmarks import _kernel_path as KP
-from benchmarks.kernels_gemm import gemm_rows, moe_case
+from benchmarks._kernel_cases import HIDDEN, INT4_GROUP, INTER, N_EXPERTS
 
-GROUP = 32
 GEMM_TS_FULL, GEMM_TS_QUICK = (64, 256, 512), (64,)
 GEMM_TOP_K = 2
 
 
-def build_int4_store(rng, n_experts: int, hidden: int, inter: int):
-    from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix  # noqa: PLC0415
-
-    store = ExpertStore(1)
-    store.init_layer(0, n_experts, hidden, inter)
-    for e in range(n_experts):
-        mats = []
-        for n, k in ((inter, hidden), (inter, hidden), (hidden, inter)):
-            q = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
-            s = rng.uniform(0.5, 2.0, size=(n, k // GROUP)).astype(np.float16) * np.float16(1e-2)
-            mats.append(HostMatrix.int4(q, s, k, GROUP))
-        store.set_expert(0, e, *mats)
-    return store
-
-
-def run(nat, rng, fp8_store, fp8_gemv_pass, ms, repeats, hidden: int, inter: int, n_experts: int) -> tuple[dict, dict]:
-    """(metrics, details) of the INT4 rows; fp8_gemv_pass(m, mats, shapes) -> callable."""
-    ffi, lib = nat.ffi, nat.lib
-    store = build_int4_store(rng, n_experts, hidden, inter)
-    mats = [lib.jm_store_matrix(store._ptr, 0, e, j) for e in range(n_experts) for j in range(3)]
-    fp8_mats = [lib.jm_store_matrix(fp8_store._ptr, 0, e, j) for e in range(n_experts) for j in range(3)]
-    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)] * n_experts
+def run(nat, rng, fp8_store, ms, repeats) -> tuple[dict, dict]:
+    """(metrics, details) of the INT4 rows against `fp8_store` (an FP8 store from
+    _kernel_cases.build_store) for each M in `ms`."""
+    lib = nat.lib
+    store = C.build_int4_store(rng)
+    mats = C.store_mats(lib, store)
+    fp8_mats = C.store_mats(lib, fp8_store)
+    shapes = list(C.SHAPES) * N_EXPERTS
     nbytes, fp8_bytes = store.nbytes, fp8_store.nbytes
     read = H.read_pass_fn(nat, mats)
     all_threads = lib.jm_num_threads()
-    details: dict = {"shapes": f"{n_experts} experts x (gate {inter}x{hidden}, up, down {hidden}x{inter}) INT4 group {GROUP}",
+    details: dict = {"shapes": f"{N_EXPERTS} experts x (gate {INTER}x{HIDDEN}, up, down {HIDDEN}x{INTER}) INT4 group "
+                               f"{INT4_GROUP}",
                      "bytes": nbytes, "fp8_bytes": fp8_bytes, "isa": ("scalar", "avx2", "avx512")[lib.jm_int4_isa()],
                      "gemv": {}}
     for threads in sorted({1, all_threads}):
         lib.jm_set_num_threads(threads)
         for m in ms:
-            t = H.interleaved({"read": read, "int4": fp8_gemv_pass(m, mats, shapes),
-                               "fp8": fp8_gemv_pass(m, fp8_mats, shapes)}, repeats)
+            t = H.interleaved({"read": read, "int4": C.linear_case(nat, rng, m, mats, shapes),
+                               "fp8": C.linear_case(nat, rng, m, fp8_mats, shapes)}, repeats)
             r = {"ms": t["int4"]["median"] * 1e3, "ms_min": t["int4"]["min"] * 1e3, "ms_max": t["int4"]["max"] * 1e3,
                  "gbps": nbytes / t["int4"]["median"] / 1e9, "read_gbps": nbytes / t["read"]["median"] / 1e9,
                  "frac_of_read": t["read"]["median"] / t["int4"]["median"], "fp8_ms": t["fp8"]["median"] * 1e3,
@@ -73,17 +60,7 @@ def run(nat, rng, fp8_store, fp8_gemv_pass, ms, repeats, hidden: int, inter: int
                   f"speedup {r['speedup_vs_fp8']:.2f}x", flush=True)
     lib.jm_set_num_threads(0)
 
-    x1 = rng.standard_normal((1, hidden)).astype(np.float32)
-    ids = np.arange(n_experts, dtype=np.int32)[None]
-    wts = rng.random((1, n_experts)).astype(np.float32)
-    out = np.empty_like(x1)
-    c = ffi.cast
-
-    def moe(s):
-        a = (s._ptr, 0, c("void *", x1.ctypes.data), 0, 1, c("int32_t *", ids.ctypes.data), c("float *", wts.ctypes.data),
-             n_experts, c("void *", out.ctypes.data), 0)
-        return lambda _keep=(x1, ids, wts, out): lib.jm_moe(*a)
-
+    moe = C.moe_token_case(nat, rng)
     t = H.interleaved({"read": read, "int4": moe(store), "fp8": moe(fp8_store)}, repeats)
     details["moe_m1"] = {k: {s: v * 1e3 for s, v in t[k].items() if s != "repeats"} for k in t}
     moe_frac, moe_speedup = t["read"]["median"] / t["int4"]["median"], t["fp8"]["median"] / t["int4"]["median"]
@@ -100,35 +77,28 @@ def run(nat, rng, fp8_store, fp8_gemv_pass, ms, repeats, hidden: int, inter: int
         "int4_bytes_ratio_vs_fp8": round(nbytes / fp8_bytes, 4),
     }
     gm, details["gemm"] = run_gemm(nat, rng, store, fp8_store, GEMM_TS_QUICK if tuple(ms) == (1,) else GEMM_TS_FULL,
-                                   repeats, hidden, inter, n_experts)
+                                   repeats)
     metrics.update(gm)
     store.free()
     return metrics, details
 
 
-def run_gemm(nat, rng, store, fp8_store, ts, repeats, hidden: int, inter: int, n_experts: int) -> tuple[dict, dict]:
+def run_gemm(nat, rng, store, fp8_store, ts, repeats) -> tuple[dict, dict]:
     """The fused MoE at prefill token counts: INT4 GEMM path vs its GEMV chunks vs FP8 GEMM,
     interleaved call by call with a read-only pass over the INT4 bytes."""
     lib = nat.lib
-    mats = [lib.jm_store_matrix(store._ptr, 0, e, j) for e in range(n_experts) for j in range(3)]
-    read = H.read_pass_fn(nat, mats)
+    read = H.read_pass_fn(nat, C.store_mats(lib, store))
     details: dict = {"top_k": GEMM_TOP_K, "isa": ("scalar", "avx2", "avx512")[lib.jm_int4_isa()],
                      "threads": int(lib.jm_num_threads())}
     metrics: dict = {}
     for t_ in ts:
-        call = moe_case(nat, rng, t_, hidden, n_experts, GEMM_TOP_K)
-
-        def moe(s, rows, call=call):
-            fn = call(s)
-
-            def run_():
-                with gemm_rows(lib, rows):
-                    fn()
-            return run_
-        t = H.interleaved({"read": read, "int4_gemm": moe(store, 1), "int4_gemv": moe(store, -1),
-                           "fp8_gemm": moe(fp8_store, 1)}, repeats)
-        flop = 2.0 * t_ * GEMM_TOP_K * 3 * hidden * inter
-        row = {"rows_per_expert": t_ * GEMM_TOP_K / n_experts, "read_ms": t["read"]["median"] * 1e3}
+        case = C.moe_case(nat, rng, t_, GEMM_TOP_K)
+        int4, fp8 = case(store), case(fp8_store)
+        t = H.interleaved({"read": read, "int4_gemm": C.with_gemm_rows(lib, int4, 1),
+                           "int4_gemv": C.with_gemm_rows(lib, int4, -1),
+                           "fp8_gemm": C.with_gemm_rows(lib, fp8, 1)}, repeats)
+        flop = 2.0 * t_ * GEMM_TOP_K * 3 * HIDDEN * INTER
+        row = {"rows_per_expert": t_ * GEMM_TOP_K / N_EXPERTS, "read_ms": t["read"]["median"] * 1e3}
         for k in ("int4_gemm", "int4_gemv", "fp8_gemm"):
             row[f"{k}_ms"] = t[k]["median"] * 1e3
             row[f"{k}_gflops"] = flop / t[k]["median"] / 1e9
@@ -152,15 +122,13 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
 
-    from benchmarks.kernels import HIDDEN, INTER, N_EXPERTS, build_store  # noqa: PLC0415
     from jaxmoe.cpu._lib import load  # noqa: PLC0415
 
     nat = load()
     rng = np.random.default_rng(0)
-    fp8_store, _, draw = build_store(rng)
-    store = build_int4_store(rng, N_EXPERTS, HIDDEN, INTER)
-    metrics, details = run_gemm(nat, rng, store, fp8_store, GEMM_TS_QUICK if args.quick else GEMM_TS_FULL, repeats,
-                                HIDDEN, INTER, N_EXPERTS)
+    fp8_store, _, draw = C.build_store(rng)
+    store = C.build_int4_store(rng)
+    metrics, details = run_gemm(nat, rng, store, fp8_store, GEMM_TS_QUICK if args.quick else GEMM_TS_FULL, repeats)
     details["fp8_weights"], details["fp8_kernel"] = draw, KP.kernel_info(nat)
     env = H.env_info(isa=nat.selected_isa(), threads=int(nat.lib.jm_num_threads()), quick=args.quick)
     doc = H.write(args.json, metrics, env, details)
