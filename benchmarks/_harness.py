@@ -28,9 +28,10 @@ CLASS_DIRS = {"avx2": "avx2", "avx512": "avx512", "avx512+amx": "avx512-amx"}
 
 
 def default_result(name: str) -> Path:
-    """Where a benchmark's default full run keeps its JSON: results/<name> on an AVX2 CPU (the
-    figures measured before CPU classes were told apart), results/<class dir>/<name> on the
-    others, so a run on one class never replaces another class's figures."""
+    """Where a benchmark's default full run keeps its JSON: results/<name> on an AVX2 CPU (beside
+    the results whose env names no CPU class, all from the AVX2 development box),
+    results/<class dir>/<name> on the others, so a run on one class never replaces another
+    class's figures."""
     cls = cpu_class()
     return RESULTS_DIR / name if cls in ("avx2", "other") else RESULTS_DIR / CLASS_DIRS[cls] / name
 

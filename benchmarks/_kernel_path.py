@@ -3,8 +3,8 @@
 The native library's precision and the kernel path it selects are process-wide; this module
 reads and sets them through jaxmoe.cpu._lib.Native (`precision`, `use_precision`, `numerics`,
 `kernel_path`). Rows measured at a precision other than exact carry the suffix `_<precision>`
-in their metric and detail keys (`suffix`); exact rows keep the plain keys, so older readers of
-the results keep working.
+in their metric and detail keys (`suffix`); exact rows keep the plain keys, so a reader that
+knows only those reads the exact figures unchanged.
 """
 
 from __future__ import annotations

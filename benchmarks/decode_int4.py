@@ -1,4 +1,4 @@
-"""End-to-end decode with INT4 routed experts vs FP8 (issue 7): batch-1 tok/s on the cpu-only engine.
+"""End-to-end decode with INT4 routed experts vs FP8: batch-1 tok/s on the cpu-only engine.
 
     python -m benchmarks.decode_int4 [--quick] [--json PATH] [--config bench-v3-mid] [--rounds 3] [--new-tokens 16]
 

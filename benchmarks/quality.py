@@ -1,4 +1,4 @@
-"""Quality cost of the CPU expert formats (issue 7): next-token distributions of INT4 and of
+"""Quality cost of the CPU expert formats: next-token distributions of INT4 and of
 the CPU FP8 path against the original-precision reference forward.
 
     python -m benchmarks.quality [--quick] [--json PATH] [--config demo] [--checkpoint DIR] [--group 32]

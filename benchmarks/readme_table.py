@@ -8,8 +8,8 @@ with --write-readme, replace the table in README.md's "Performance" section (bet
 Where results come from: `benchmarks/results/<name>.json` (what a full run writes) and
 `benchmarks/results/<class dir>/<name>.json` for runs kept from other CPUs (class dirs
 "avx2", "avx512", "avx512-amx": copy a run's JSON there, or pass it as `--json`). A result's
-CPU class is its env's `cpu_class` (benchmarks/_cpu.py); results written before the header
-had one come from the AVX2 development box and count as "avx2". Per class and benchmark the
+CPU class is its env's `cpu_class` (benchmarks/_cpu.py); a result whose env has none comes
+from the AVX2 development box and counts as "avx2". Per class and benchmark the
 newest run (env date) is shown. Blocks go AVX2, AVX-512, AVX-512+AMX; each opens with a
 row naming the class and its CPU model(s).
 """
@@ -25,7 +25,7 @@ from benchmarks._harness import CLASS_DIRS, RESULTS_DIR
 
 NAMES = ("e2e", "peer_llamacpp", "slo", "kernels", "kernels_int4_gemm", "quality", "prefill")
 CLASS_LABELS = {"avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX", "other": "other"}
-LEGACY_CLASS = "avx2"  # results from before env.cpu_class: the AVX2 development box
+LEGACY_CLASS = "avx2"  # results whose env has no cpu_class: all from the AVX2 development box
 
 Loader = Callable[[str], "dict | None"]
 
@@ -126,7 +126,7 @@ def _rows(load: Loader) -> list[str]:
 
 def _kernel_path(doc: dict, prec: str) -> str:
     """The kernel path a kernels.json ran at precision `prec` ("exact" | "bf16"); its ISA for
-    results from before paths were recorded."""
+    a result that records no kernel path."""
     env = doc["env"]
     paths = env.get("kernel_paths") or {}
     info = paths.get(prec) or (paths.get("default") if prec == "exact" else None) or {}

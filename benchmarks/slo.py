@@ -14,9 +14,10 @@ On a synthetic FP8 checkpoint placed on cpu_ext and served by `Engine(..., "cpu-
   configs/hardware/this-machine.json: its "cpu_kernels" step model); the planner has no
   mixed-load model.
 
-Default model: `demo` (4 layers, hidden 1024, 16 experts; prefill ~100 tok/s here). The
-peer model bench-v3-mid prefills at ~4 tok/s on this 2-core box, so its curves would take
-over an hour (use --config bench-v3-mid on a bigger machine). --quick: tiny, tiny sizes.
+Default model: `demo` (4 layers, hidden 1024, 16 experts), fast enough on a 2-core box for
+every curve; bench-v3-mid prefills so much slower that its curves would take over an hour
+there (use --config bench-v3-mid on a bigger machine; docs/PERFORMANCE_MODEL.md,
+"Measurements behind design choices"). --quick: tiny, tiny sizes.
 
     python -m benchmarks.slo [--quick] [--config demo] [--json PATH] [--out-dir DIR]
     python -m benchmarks.slo --render PATH.json [--out-dir DIR]   # plots + table only

@@ -4,21 +4,22 @@
 A Linear weight W [N, K] (out, in) is cut along K into groups of `group` columns (32 by
 default; a multiple of 32 up to 256). Each group has one float16 scale s (signed) and values
 q = clip(rint(w / s), -8, 7); w is approximated by s * q. How s is chosen (`scale_rule`):
-- "absmax" (the first rule; still selectable): s = amax(|w|) / 7, so q stays in [-7, 7];
+- "absmax": s = amax(|w|) / 7, so q stays in [-7, 7] (also the rule of a converted
+  checkpoint whose marker names none);
 - "signed": the group's signed extreme m (its element of largest |w|) maps to -8: s = -m / 8
   (a 12.5% finer step than absmax; values on the other side beyond 7|s| clip);
 - "search" (default): the least-squared-error scale of the group among candidates: the two
   rules above, s = -m/8 * a for a = 0.95, 0.9 and s = m/7 * 0.95 (these clip the extreme),
-  then one least-squares refit s = <w, q> / <q, q> of the best codes (a grid of 26
-  candidates measured 0.3% lower MSE on Gaussian weights, at 2-3x the time). Every
+  then one least-squares refit s = <w, q> / <q, q> of the best codes (a finer grid of
+  candidates lowers the error only slightly, at a multiple of the time). Every
   candidate is evaluated with its f16-rounded value and the final quantization, so a group's
   squared error is never above the absmax or signed rule's (up to f32 summation).
   Vectorized over all groups of a matrix (chunks of groups laid out [group, R] so the
   per-group sums are vector adds).
-Round-trip relative MSE sum((s q - w)^2) / sum(w^2), group 32 (benchmarks/quality.py,
-`scale_mse`): Gaussian absmax 0.0094, signed 0.0074, search 0.0066; Student-t(3) 0.0207,
-0.0163, 0.0153. On the demo model the search rule lowered the INT4 next-token KL from 0.116
-to 0.086 nats (benchmarks/results/quality.json).
+Of the three rules, "search" has the lowest round-trip relative MSE sum((s q - w)^2) / sum(w^2)
+on Gaussian and heavy-tailed weights (benchmarks/quality.py, `scale_mse`) and the lowest INT4
+next-token KL on the demo model, absmax the highest (figures: docs/PERFORMANCE_MODEL.md,
+"Measurements behind design choices").
 
 Storage (the converted checkpoint, and what `Int4Weight` holds):
 - `qweight` uint8 [..., N, Kg/2] with Kg = ceil(K/group)*group: byte j holds column 2j in

@@ -1,8 +1,9 @@
 """MLA's kv_b_proj on the CPU kernels, for both attention forms.
 
 The absorbed decode multiplies every head's query by W_uk (q_latent = q_nope @ W_uk_h) and the
-attention output by W_uv (out = o_latent @ W_uv_h^T): per-head GEMVs that XLA runs at ~1 GB/s
-on the CPU (with the FP8 -> f32 conversion on top). `HostKvB` holds, from the same FP8 bytes,
+attention output by W_uv (out = o_latent @ W_uv_h^T): per-head GEMVs that XLA runs far below
+the memory bandwidth on the CPU, with the FP8 -> f32 conversion on top (docs/PERFORMANCE_MODEL.md,
+"Measurements behind design choices"). `HostKvB` holds, from the same FP8 bytes,
 - `linear`: the Linear [H*(nope+v), kv_lora] for the expanded (prefill) form,
 - `uk_t`: per head W_uk_h^T [kv_lora, nope] (a HostGroup), `uv`: per head W_uv_h [v, kv_lora].
 Transposing a 128x128 block-scaled matrix keeps it block-scaled, so these are exact repacks

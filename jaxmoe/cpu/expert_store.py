@@ -21,7 +21,7 @@ from jaxmoe.cpu._lib import DT_BF16, DT_F32, CpuExtError, load
 from jaxmoe.cpu.handles import HostExperts, HostGroupedLinear, HostLinear
 
 FMT_FP8, FMT_BF16 = 1, 2
-FMT_INT4 = 3  # issue 7: group-quantized INT4 (jaxmoe.quant_int4)
+FMT_INT4 = 3  # group-quantized INT4 (jaxmoe.quant_int4)
 _live: dict[int, object] = {}
 _live_lock = threading.Lock()
 

@@ -8,9 +8,10 @@
   stored; unquantized experts are stored as bf16),
 - norms, embeddings and the router stay as they are; `kv_b_proj` becomes a `HostKvB` (per-head
   kernels, attention.py) when `cfg` is given and the model has the absorption hooks, else a
-  float32 DenseWeight dequantized once here (the absorbed decode dequantizes it at every step,
-  and XLA's FP8->f32 conversion costs ~5 ns per element on the CPU: ~90 ms per V3 layer;
-  float32 is 4x the FP8 bytes, 67 MB per V3 layer).
+  float32 DenseWeight dequantized once here (the absorbed decode would otherwise dequantize it
+  at every step, and XLA's FP8->f32 conversion on the CPU is slow enough to dominate the step:
+  docs/PERFORMANCE_MODEL.md, "Measurements behind design choices"; float32 is 4x the FP8
+  bytes, 67 MB per V3 layer).
 `release(weights)` frees the native memory those handles refer to.
 
 Dispatch: importing this module registers `HostLinear` on `jaxmoe.quant.linear_for` (the

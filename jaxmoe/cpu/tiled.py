@@ -9,7 +9,7 @@ k padded to a multiple of 128 elements, n to a multiple of 4) lies at
 
 An `ExpertStore` packs each FP8/BF16 projection of a layer's experts one after the other into a
 slab (`ExpertStore.pack`), so a window of experts is one contiguous run of host memory.
-`StoreExperts` hands those runs to `runtime.streaming` as zero-copy numpy views wrapped in
+`StoreExperts` hands those runs to `jaxmoe.streaming` as zero-copy numpy views wrapped in
 `TiledWeight`; the accelerator receives the bytes as decode reads them and un-tiles them there
 (`untile`: a reshape and a transpose, cheap on a GPU) before the model's own grouped matmul.
 Nothing is repacked or copied on the host, and the checkpoint's mmap is not needed.

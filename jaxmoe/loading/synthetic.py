@@ -168,7 +168,8 @@ def _fp8_normal_lut() -> np.ndarray:
 
 def _random_fp8(spec: hf_map.TensorSpec, std: float, block: tuple[int, int], rng: np.random.Generator):
     """e4m3 values + block scales of a ~N(0, std^2) weight, drawn directly in quantized form
-    (20x faster than quantizing f32 draws); the scales vary per block (x0.75-1.25)."""
+    (much faster than quantizing f32 draws: docs/PERFORMANCE_MODEL.md, "Measurements behind
+    design choices"); the scales vary per block (x0.75-1.25)."""
     q = _fp8_normal_lut()[rng.integers(0, 65536, spec.shape, dtype=np.uint16)].view(E4M3)
     scale = rng.uniform(0.75, 1.25, spec.scale_shape(block)) * (std / _FP8_SPREAD)
     return q, scale.astype(F32)

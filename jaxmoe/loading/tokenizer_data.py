@@ -1,7 +1,8 @@
 """A small, real tokenizer for synthetic checkpoints: byte-level BPE trained on Python's stdlib.
 
-Deterministic (same Python install -> same tokenizer) and fast (~0.3 s for 512 tokens,
-~2 s for 32000). DeepSeek's special tokens sit at ids 0-3 (bos = 0, eos = 1, as in the real
+Deterministic (same Python install -> same tokenizer) and fast enough to train whenever a
+synthetic checkpoint is written (docs/PERFORMANCE_MODEL.md, "Measurements behind design
+choices"). DeepSeek's special tokens sit at ids 0-3 (bos = 0, eos = 1, as in the real
 config), and `tokenizer_config.json` carries a DeepSeek-style jinja2 chat template.
 """
 

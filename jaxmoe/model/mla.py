@@ -178,7 +178,7 @@ def absorb_out(kv_b_proj, o_latent: jax.Array, cfg: ModelConfig) -> jax.Array:
 def _latent_scores(q: jax.Array, keys: jax.Array) -> jax.Array:
     """q [B, T, h, r] . keys [B, S, r] -> [B, T, h, S], computed keys-major ([B, S, T*h], then
     the small result transposed): XLA on the CPU would otherwise copy-transpose the whole cache
-    window for every layer (measured 2-3x slower decode attention)."""
+    window for every layer (see docs/PERFORMANCE_MODEL.md, "Measurements behind design choices")."""
     b, t, h, r = q.shape
     s = jax.lax.dot_general(keys, q.reshape(b, t * h, r), (((2,), (2,)), ((0,), (0,))))
     return jnp.swapaxes(s, 1, 2).reshape(b, t, h, keys.shape[1])

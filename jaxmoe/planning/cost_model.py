@@ -118,7 +118,8 @@ class ModelCosts:
         MoE output, queries and attention output, the k gathered expert inputs, the routed
         intermediates. Attention scores are blocked (a fused kernel) unless `scores_context`
         is given: then each query holds f32 scores and probabilities over that many keys per
-        head, as model/mla.py's `mla_expanded` materializes them today."""
+        head, as an attention that is not blocked over keys materializes them (model/mla.py's
+        is blocked)."""
         c = self.cfg
         k = c.num_experts_per_tok
         return (BF16 * (6 * c.hidden_size + k * c.hidden_size + c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)

@@ -219,7 +219,8 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
     stream the MoE layers' MLA, router and shared experts with the experts instead of keeping
     them resident (modelled only: frees device memory for larger chunks and buffers).
     fused_attention=False: attention scores materialized per chunk over the whole context
-    (model/mla.py today), which caps the chunk by device memory."""
+    (modelled only: model/mla.py attends blocked over keys), which caps the chunk by device
+    memory."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown prefill strategy {strategy!r}; known: {STRATEGIES}")
     mc, r = model_costs(cfg), _rates(cfg, hw)

@@ -4,16 +4,24 @@ Each step is schedule -> execute -> update:
 - schedule: `Scheduler.plan()` picks, per cache slot, the tokens to run (decode tokens and
   chunks of prompts, mixed in one step);
 - execute: the executor (`serving.executors`: fused, or staged with dual-batch overlap)
-  runs the model over [n_slots, width] tokens (width 1 for pure decode, `chunk_size`
-  otherwise -- two shapes, compiled once each), takes each row's last logit and samples
-  it with that request's own parameters and key;
+  runs the model over the plan's [n_slots, width] tokens (width 1 for pure decode, else the
+  prompt chunk width) against a power-of-two window of cache slots that follows the longest
+  sequence (`step_shapes.kv_window`), takes each row's last logit and samples it with that
+  request's own parameters and key. The fused executor runs only the busy rows, in
+  power-of-two row and width buckets, decode rows apart from prompt chunks
+  (`step_shapes`), so each shape compiles once;
 - update: tokens are handed to their requests, stop conditions checked, slots freed.
 
 The latent KV cache is slotted: [layers, n_slots, max_len, .], sized from `max_len` or
 from a memory budget. Concurrent callers `submit()` from any thread; a background thread
 drives the steps while there is work (or call `step()` / `run_until_idle()` yourself).
-All steps attend in latent space (absorbed MLA), so a request's tokens do not depend on
-which other requests share its steps.
+A step attends in the form `step_shapes.attention_form` gives for its width and key window:
+in latent space (absorbed MLA) when it is 1 wide (decode) or narrow, expanded (keys and values
+through kv_b_proj) when it is wide enough that expanding the window's keys once costs fewer
+multiply-adds (prompt chunks). The two forms compute the same attention, padding is never
+stored, and each row samples with its own request's parameters and key: the requests sharing
+a step change a request's tokens at most through rounding (they set the step's width and key
+window, so the form its rows attend in).
 
 Prefill strategy per request (`serving.prompt_runner`): at `submit` the planner (or the
 user: `prefill_strategy=`, JAXMOE_PREFILL_STRATEGY) decides whether the prompt runs through

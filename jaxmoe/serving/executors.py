@@ -1,7 +1,10 @@
 """Step executors: the jitted programs that run one engine step over [n_slots, width] tokens.
 
 - `FusedStep` (cpu-only, or everything on one accelerator): one jitted program over all
-  layers, custom calls inside; no per-layer Python in the hot loop.
+  layers (with the cpu_ext custom calls inside when the weights are on the CPU kernels); no
+  per-layer Python in the hot loop. It runs only the busy slots, padded to a power-of-two row
+  bucket, over the columns their longest row needs (`step_shapes.width_bucket`); a step that
+  mixes decode rows with prompt chunks runs as two programs, width 1 and the chunks' width.
 - `StagedStep` (routed experts on the host): per layer, an accelerator program (attention,
   router, shared experts, and the previous layer's combine), a host program (routed
   experts), and a final program (lm_head + sampling). The slots form two micro-batches,
@@ -10,7 +13,8 @@
   experts(B, l), attention(A, l+1), ...: JAX's asynchronous dispatch then runs B's attention
   on the accelerator while the CPU runs A's experts. Only the sampled token ids are awaited.
   Without overlap, A runs through all layers, then B. Same programs, same values either way.
-  A micro-batch with no busy slot is skipped (a lone request costs one pass, not two).
+  Each micro-batch runs all its slots at the step's width; one with no busy slot is skipped
+  (a lone request costs one pass, not two).
 
 Both implement `Executor`: the step itself, and what the engine's streamed-prompt runner asks
 of them (the weights already on each device, the host copy of the routed experts, a slot's

@@ -10,7 +10,8 @@ reports the sampled tokens back. Policy:
   `chunk_size` tokens (chunked prefill), or `decode_chunk_size` while other requests decode
   (they wait for the step), so a long prompt never stalls the decoders for long;
 - a step with any prefill work is `chunk_size` (or `decode_chunk_size`) wide, a pure decode
-  step is 1 wide: at most three shapes, compiled once each;
+  step is 1 wide: at most three planned widths (the fused executor narrows them to
+  the buckets of `step_shapes`);
 - a request whose prompt is stream-loaded (`Request.streamed`: SLP/DSLP) is kept out of the
   steps' rows while it prefills: each step carries one chunk of the oldest such prompt in
   `StepPlan.streamed`, run by the engine beside (before) the step of the other slots.

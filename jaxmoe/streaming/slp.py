@@ -1,12 +1,13 @@
 """Stream-loading prefill (SLP) and its SmallEP form over two devices (DSLP).
 
 A long prompt is compute-bound, so its routed experts run on the accelerator although they
-live in host memory: per MoE layer the experts' weights, as stored (FP8 + fp32 block scales),
-are `jax.device_put` from the single host copy (zero-copy views of the checkpoint's mmap,
-see `loading.expert_source.CheckpointExperts`) to the accelerator(s), and the model's own grouped matmul
-(`moe.routed_experts`: tokens sorted by expert, `lax.ragged_dot` on weights dequantized on
-the device) runs there. Everything else (embeddings, MLA, dense MLPs, router, shared experts,
-lm_head) is resident and replicated on every device of the mesh.
+live in host memory: per MoE layer the experts' weights, as the host copy holds them (e.g. FP8
++ fp32 block scales), are `jax.device_put` from that single copy (the expert store's slabs in the
+CPU kernels' tiled layout, `cpu.tiled.StoreExperts`, un-tiled on the device; or zero-copy views
+of the checkpoint's mmap, `loading.expert_source.CheckpointExperts`) to the accelerator(s), and
+the model's own grouped matmul (`moe.routed_experts`: tokens sorted by expert, `lax.ragged_dot`
+on weights dequantized on the device) runs there. Everything else (embeddings, MLA, dense
+MLPs, router, shared experts, lm_head) is resident and replicated on every device of the mesh.
 
 Pipeline (per chunk; the weights are streamed once per chunk), over stream units u = (MoE
 layer, part) in layer order:

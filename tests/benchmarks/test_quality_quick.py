@@ -1,4 +1,4 @@
-"""`python -m benchmarks.quality --quick` (issue 7) on the tiny config: the JSON layout and
+"""`python -m benchmarks.quality --quick` on the tiny config: the JSON layout and
 sane values. With f32 kernel numerics (exact precision, or a path without a bf16 dot) the CPU
 FP8 forward is f32 arithmetic, so its KL to the reference is at rounding level; INT4 changes
 the weights, so its KL is larger."""

@@ -1,5 +1,5 @@
-"""benchmarks/readme_table.py: one row block per CPU class from the results JSONs (the
-committed legacy results count as AVX2), newest run per class and benchmark, kernel paths and
+"""benchmarks/readme_table.py: one row block per CPU class from the results JSONs (results
+whose env has no cpu_class count as AVX2), newest run per class and benchmark, kernel paths and
 precisions in the kernel rows, llama-bench's workaround in the peer rows. No benchmark runs."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_blocks_per_cpu_class(tmp_path):
     amx = {"date": "2026-12-04T10:00:00+00:00", "cpu": "Intel(R) Xeon(R) Platinum 8480+", "cores": 2,
            "cpu_class": "avx512+amx", "cpu_flags": ["avx512f", "avx512_bf16", "amx_tile"], "loadavg_1m": 0.5,
            "commit": "abc1234"}
-    _write(tmp_path / "kernels.json", _kernels(legacy, bf16=False))  # written before env.cpu_class: AVX2
+    _write(tmp_path / "kernels.json", _kernels(legacy, bf16=False))  # no env.cpu_class: AVX2
     _write(tmp_path / "avx512-amx" / "kernels.json", _kernels(amx, bf16=True))
     _write(tmp_path / "avx512-amx" / "peer_llamacpp.json", _peer(amx, "--repack 0 (AMX repack abort)"))
     older = {**amx, "date": "2026-12-01T00:00:00+00:00"}
@@ -61,7 +61,7 @@ def test_blocks_per_cpu_class(tmp_path):
     assert "AMD EPYC" in lines[heads[0]] and "Intel(R) Xeon(R) Platinum 8480+" in lines[heads[1]]
     assert "(avx512f avx512_bf16 amx_tile)" in lines[heads[1]] and "2 cores" in lines[heads[1]]
     avx2, amx_rows = lines[heads[0] + 1:heads[1]], lines[heads[1] + 1:]
-    assert any("FP8 (avx2)" in r and "| 0.900 |" in r for r in avx2)  # legacy path = its ISA
+    assert any("FP8 (avx2)" in r and "| 0.900 |" in r for r in avx2)  # no kernel path recorded: its ISA
     assert not any("bf16" in r for r in avx2)
     assert any("FP8 (avx512)" in r and "GEMV M=1, fraction" in r for r in amx_rows)
     assert any("FP8 (avx512-bf16, bf16 dot)" in r and "MoE layer" in r for r in amx_rows)

@@ -1,4 +1,4 @@
-"""The INT4 GEMM path (issue 7: prefill, many tokens per weight) on every ISA path.
+"""The INT4 GEMM path (prefill: many tokens per weight) on every ISA path.
 
 jm_linear and the fused MoE take it from jm_gemm_min_rows() rows (forced here from 1 row). Its
 int8 activations are those of the GEMV path, its integer group dots exact, and its f32

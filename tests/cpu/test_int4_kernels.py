@@ -1,4 +1,4 @@
-"""INT4 (issue 7): numpy quantize/dequantize round trips, and the cpu_ext INT4 kernels on
+"""INT4: numpy quantize/dequantize round trips, and the cpu_ext INT4 kernels on
 every ISA path vs float64 numpy references.
 
 Two references per output y = sum_g s_w[g] s_x[g] dot(q_w, q_x):

@@ -1,4 +1,4 @@
-"""The fused routed MoE (jm_moe) with INT4 experts (issue 7), on every ISA path:
+"""The fused routed MoE (jm_moe) with INT4 experts, on every ISA path:
 - vs a float64 emulation of the kernels' algebra (int8 activations per group reproduced,
   exact integer dots): agreement to f32 rounding, up to rare one-step flips of an activation
   code where the f32 and float64 values of silu(g)*u straddle a rounding boundary;

@@ -1,6 +1,6 @@
-"""INT4 scale rules (issue 7, jaxmoe.quant_int4): "signed" (the group's extreme -> -8) and
+"""INT4 scale rules (jaxmoe.quant_int4): "signed" (the group's extreme -> -8) and
 "search" (least squared error among candidates + a refit), against the "absmax" rule; and the
-kernels on codes the new rules produce (q = -8, i.e. nibble u = 0, and negative scales).
+kernels on codes only those two rules produce (q = -8, i.e. nibble u = 0, and negative scales).
 
 Error bounds, with s the stored (f16) scale of a group and q = clip(rint(w / s), -8, 7):
 - every rule: an element not clipped (w / s in [-8.5, 7.5]) is within |s| / 2 of s q;
@@ -73,7 +73,7 @@ def test_search_never_worse_per_group_and_better_overall(kind):
     floor = np.minimum(sse["absmax"], sse["signed"])
     assert np.all(sse["search"] <= floor * (1 + 1e-4) + 1e-30)
     total = {r: v.sum() for r, v in sse.items()}
-    # measured here: search / absmax = 0.70 (gauss), 0.73 (t3); signed / absmax = 0.78, 0.78
+    # these draws give search / absmax = 0.70 (gauss), 0.73 (t3); signed / absmax = 0.78, 0.78
     assert total["search"] < 0.8 * total["absmax"] and total["search"] < 0.95 * total["signed"]
     assert total["signed"] < 0.85 * total["absmax"]
 

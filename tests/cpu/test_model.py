@@ -20,12 +20,9 @@ import jaxmoe.cpu as jcpu
 from jaxmoe import quant
 from jaxmoe.config import ModelConfig
 from jaxmoe.cpu.expert_store import HostExperts, HostLinear
-
-forward = pytest.importorskip("jaxmoe.model.forward")
-cache_mod = pytest.importorskip("jaxmoe.model.cache")
-loader = pytest.importorskip("jaxmoe.loading.loader")
-synthetic = pytest.importorskip("jaxmoe.loading.synthetic")
-
+from jaxmoe.loading import loader, synthetic
+from jaxmoe.model import cache as cache_mod
+from jaxmoe.model import forward
 
 LOGIT_TOL = {"f32": 1e-4}  # by Native.numerics(): max |logit diff| / max |logit|
 
@@ -67,10 +64,10 @@ def test_placement_covers_every_large_matmul(tiny):
         assert isinstance(a.kv_b_proj, quant.DenseWeight) and a.kv_b_proj.weight.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("step", ["prefill", "decode"])
-def test_forward_on_cpu_kernels_matches_reference(tiny, step, exact_kernels):
+@pytest.mark.parametrize("form", ["expanded", "absorbed"])
+def test_forward_on_cpu_kernels_matches_reference(tiny, form, exact_kernels):
     cfg, weights, placed = tiny
-    fn = jax.jit(getattr(forward, step), static_argnums=0)
+    fn = jax.jit(getattr(forward, f"forward_{form}"), static_argnums=0)
     rng = np.random.default_rng(0)
     t = 40
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, t)), jnp.int32)
@@ -81,7 +78,7 @@ def test_forward_on_cpu_kernels_matches_reference(tiny, step, exact_kernels):
     scale = float(jnp.max(jnp.abs(want)))
     tol = logit_tol(exact_kernels)
     err = float(jnp.max(jnp.abs(got - want)))
-    assert err <= tol * scale, f"{step}: max |logit diff| {err:.3g} > {tol} x {scale:.3g}"
+    assert err <= tol * scale, f"{form}: max |logit diff| {err:.3g} > {tol} x {scale:.3g}"
     # the HLO really calls the kernels
     hlo = fn.lower(cfg, placed, cache, tokens, positions).as_text()
     assert "jaxmoe_cpu_moe" in hlo and "jaxmoe_cpu_linear" in hlo
@@ -113,10 +110,7 @@ def test_store_from_checkpoint_without_loading_experts(tmp_path):
 
 def test_decode_with_kv_b_on_host(tiny, exact_kernels):
     """With cfg, kv_b_proj becomes a HostKvB (per-head kernels through the model's absorb_q /
-    absorb_out hooks); decode and prefill still match the reference."""
-    mla = pytest.importorskip("jaxmoe.model.mla")
-    if not hasattr(mla, "absorb_q"):
-        pytest.skip("the model has no absorption hooks yet")
+    absorb_out hooks); both attention forms still match the reference."""
     from jaxmoe.cpu.attention import HostKvB
 
     cfg, weights, _ = tiny
@@ -127,13 +121,13 @@ def test_decode_with_kv_b_on_host(tiny, exact_kernels):
         tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, 33)), jnp.int32)
         positions = jnp.arange(33, dtype=jnp.int32)[None]
         cache = cache_mod.init_cache(cfg, 1, 64)
-        for step in ("decode", "prefill"):
-            fn = jax.jit(getattr(forward, step), static_argnums=0)
+        for form in ("absorbed", "expanded"):
+            fn = jax.jit(getattr(forward, f"forward_{form}"), static_argnums=0)
             want, _ = fn(cfg, weights, cache, tokens, positions)
             got, _ = fn(cfg, placed, cache, tokens, positions)
             tol = logit_tol(exact_kernels)
             err = float(jnp.max(jnp.abs(got - want)))
-            assert err <= tol * float(jnp.max(jnp.abs(want))), f"{step}: max |logit diff| {err:.3g}"
+            assert err <= tol * float(jnp.max(jnp.abs(want))), f"{form}: max |logit diff| {err:.3g}"
         hlo = jax.jit(forward.forward_absorbed, static_argnums=0).lower(cfg, placed, cache, tokens, positions).as_text()
         assert "jaxmoe_cpu_linear_grouped" in hlo
     finally:

@@ -148,7 +148,7 @@ def test_bad_marker_and_missing_expert_tensor(int4_dir, tmp_path):
     (bad / int4_format.MARKER).write_text(json.dumps({"format": "int4", "group_size": 32, "scale_rule": "nope"}))
     with pytest.raises(CheckpointError, match="not a valid INT4 marker.*scale rule"):
         open_checkpoint(bad)
-    (bad / int4_format.MARKER).write_text(json.dumps({"format": "int4", "group_size": 64}))  # no rule: absmax (old)
+    (bad / int4_format.MARKER).write_text(json.dumps({"format": "int4", "group_size": 64}))  # no rule: absmax
     with pytest.raises(CheckpointError, match=r"(?s)wrong shape.*scales.*expected \[32, 1\]"):
         open_checkpoint(bad)
 
