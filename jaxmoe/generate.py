@@ -28,6 +28,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.loading.expert_source import CheckpointExperts
 from jaxmoe.loading.loader import load_checkpoint, open_checkpoint
 from jaxmoe.model.weights import split_experts
+from jaxmoe.planning.strategies import PrefillStrategy
 from jaxmoe.serving.engine import Engine
 from jaxmoe.serving.presets import RuntimeConfig
 from jaxmoe.serving.prompt_runner import host_expert_source
@@ -96,7 +97,7 @@ class Model:
     def _expert_source(self) -> Any:
         """None when the engine streams from the weights' own host copy (the expert store's
         slabs that decode reads, or host arrays); else the checkpoint's mmap (e.g. INT4 stores)."""
-        if self.path is None or not self.runtime.accelerators or self.runtime.prefill_strategy == "cpu":
+        if self.path is None or not self.runtime.accelerators or self.runtime.prefill_strategy == PrefillStrategy.CPU:
             return None
         if host_expert_source(split_experts(self.weights)[1]) is not None:
             return None

@@ -38,12 +38,13 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.planning.cost_model import BF16, ModelCosts, model_costs
 from jaxmoe.planning.hardware import Hardware, load_hardware
 from jaxmoe.planning.kernel_model import KernelModel
-from jaxmoe.planning.strategies import FORCE_ENV, PLANNED, PrefillStrategy
+from jaxmoe.planning.strategies import FORCE_ENV, PLANNED, STREAMED, PrefillStrategy
 
 __all__ = ["STRATEGIES", "Hardware", "load_hardware", "PrefillEstimate", "Plan", "estimate_prefill", "plan_prefill",
            "prefill_threshold", "DecodeEstimate", "estimate_decode", "kernel_model"]
 STRATEGIES = PLANNED
-PREFERENCE = ("resident", "slp", "dslp", "cpu")  # on equal predicted time: fewer transfers, fewer GPUs
+# on equal predicted time: fewer transfers, fewer GPUs
+PREFERENCE = (PrefillStrategy.RESIDENT, PrefillStrategy.SLP, PrefillStrategy.DSLP, PrefillStrategy.CPU)
 PARTS = (1, 2, 4, 8, 16)
 BUFFERS = (2, 4, 8, 16, 32)
 MIN_CHUNK = 128
@@ -113,7 +114,7 @@ class PrefillEstimate:
         left too few stream buffers for the transfers to run ahead (e.g. through attention)."""
         if not self.feasible:
             return "infeasible"
-        if self.strategy not in ("slp", "dslp"):
+        if self.strategy not in STREAMED:
             return "compute"
         if self.seconds > 1.15 * max(self.transfer_s, self.compute_s):
             return "buffers"
@@ -170,7 +171,7 @@ def _chunks(n_tokens: int, chunk: int):
 
 def _stream(mc: ModelCosts, hw: Hardware, r: _Rates, n_tokens: int, n_dev: int, parts: int, buffers: int,
             attention: str, chunk: int | None, stream_dense: bool, scores: int) -> PrefillEstimate:
-    name = "slp" if n_dev == 1 else "dslp"
+    name = PrefillStrategy.SLP if n_dev == 1 else PrefillStrategy.DSLP
     g = hw.gpu
     e = mc.cfg.n_routed_experts
     window = -(-e // (parts * n_dev))
@@ -226,11 +227,11 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
     mc, r = model_costs(cfg), _rates(cfg, hw)
     scores = 0 if fused_attention else n_tokens
     inf = lambda why: PrefillEstimate(strategy, n_tokens, math.inf, reason=why)  # noqa: E731
-    if strategy == "cpu" and hw.gpu is None and hw.kernels is not None:
+    if strategy == PrefillStrategy.CPU and hw.gpu is None and hw.kernels is not None:
         chunk = chunk or cpu_chunk
         total, _ = kernel_model(cfg, hw).prefill(n_tokens, chunk)
-        return PrefillEstimate("cpu", n_tokens, total, chunk, compute_s=total)
-    if strategy == "cpu":
+        return PrefillEstimate(PrefillStrategy.CPU, n_tokens, total, chunk, compute_s=total)
+    if strategy == PrefillStrategy.CPU:
         total = 0.0
         chunk = chunk or cpu_chunk
         for s, n in _chunks(n_tokens, chunk):
@@ -241,11 +242,11 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
                     hop = 0.0 if hw.gpu is None else 2 * n * cfg.hidden_size * BF16 / r.pcie
                     total += hop + _cpu_routed_s(mc, r, n)
             total += mc.lm_head_flops() / r.gemm
-        return PrefillEstimate("cpu", n_tokens, total, chunk, compute_s=total)
+        return PrefillEstimate(PrefillStrategy.CPU, n_tokens, total, chunk, compute_s=total)
     need = PrefillStrategy(strategy).accelerators
     if hw.n_gpus < need:
         return inf(f"needs {need} GPU(s), {hw.name} has {hw.n_gpus}")
-    if strategy == "resident":
+    if strategy == PrefillStrategy.RESIDENT:
         free = (hw.gpu.memory_gb * 1e9 * hw.efficiency.gpu_usable_memory - mc.total_bytes
                 - n_tokens * mc.kv_bytes_per_token)
         limit = int(free // mc.activation_bytes_per_token(scores)) if free > 0 else 0
@@ -255,7 +256,7 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
         total = sum(_layer_s(mc, r, s, n, cfg.is_moe_layer(j)) + (_routed_s(mc, r, n, 1.0) if cfg.is_moe_layer(j) else 0)
                     for s, n in _chunks(n_tokens, chunk) for j in range(mc.n_layers))
         total += -(-n_tokens // chunk) * mc.lm_head_flops() / r.gemm
-        return PrefillEstimate("resident", n_tokens, total, chunk, compute_s=total)
+        return PrefillEstimate(PrefillStrategy.RESIDENT, n_tokens, total, chunk, compute_s=total)
     options = [(p, b) for p in ([parts_per_layer] if parts_per_layer else PARTS)
                for b in ([buffers] if buffers else BUFFERS) if buffers or b <= 2 * p]
     ests = [_stream(mc, hw, r, n_tokens, need, p, b, attention, chunk, stream_dense, scores) for p, b in options]

@@ -167,7 +167,7 @@ class StreamedPromptRunner:
         if strategy is not None:
             self.check(strategy, f"prefill_strategy={strategy!r}")
             mode = strategy
-        if mode == "cpu":
+        if mode == PrefillStrategy.CPU:
             return self.step_path, None
         if mode in STREAMED:  # forced: the profile only sizes parts and buffers
             est = _estimate(self.cfg, self.hardware, n_tokens, mode)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from jaxmoe.planning.strategies import STREAMED
 from jaxmoe.serving.sampling import SamplingParams
 
 _ids = itertools.count()
@@ -68,7 +69,7 @@ class Request:
     @property
     def streamed(self) -> bool:
         """Is the prompt prefilled by stream-loading (SLP/DSLP) instead of the engine's steps?"""
-        return self.prefill_strategy in ("slp", "dslp")
+        return self.prefill_strategy in STREAMED
 
     @property
     def next_position(self) -> int:

@@ -22,7 +22,7 @@ ALLOWED = {
     "planning": {"config", "step_shapes"},
     "streaming": BASE | {"model", "planning"},
     "serving": BASE | {"model", "loading", "cpu", "planning", "streaming"},
-    "generate": BASE | {"model", "loading", "cpu", "serving", "tokenizer"},
+    "generate": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer"},
     "cli": BASE | {"__init__", "loading", "generate", "tokenizer"},
     "__init__": {"config", "generate", "tokenizer"},
 }
