@@ -39,7 +39,10 @@ CC = os.environ.get("CC", "gcc")
 CXX = os.environ.get("CXX", "g++")
 BASE = ["-O2", "-g", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter", f"-I{INCLUDE}", f"-I{SRC}",
         *os.environ.get("JAXMOE_CPU_CFLAGS", "").split()]  # extra flags, e.g. -DJM_PF_DIST=8192
-CFLAGS = ["-std=gnu11", "-pthread"]
+# C only (g++ has no -Wmissing-prototypes): every external function is declared in a header
+# (include/jaxmoe_cpu.h for the ABI, internal.h / int4.h / store.h / moe.h inside), so a
+# definition and its callers cannot drift apart; a function without one is static.
+CFLAGS = ["-std=gnu11", "-pthread", "-Wmissing-prototypes", "-Werror=missing-prototypes"]
 ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl"],
@@ -83,7 +86,7 @@ def compile_commands(obj_dir: Path, variant: str, ffi_inc: str | None, sanitize:
         if src.suffix == ".cc":
             if ffi_inc is None:
                 continue
-            cmds.append([CXX, "-std=c++17", *BASE, *extra, f"-I{ffi_inc}", "-c", str(src), "-o", obj])
+            cmds.append([CXX, "-std=c++17", *BASE, *extra, f"-isystem{ffi_inc}", "-c", str(src), "-o", obj])
         elif src.suffix == ".c":
             flags = [*BASE, *CFLAGS, *extra]
             isa = src.stem.rsplit("_", 1)[-1]
@@ -92,7 +95,8 @@ def compile_commands(obj_dir: Path, variant: str, ffi_inc: str | None, sanitize:
                     inc = simde_include_dir()
                     if inc is None:
                         raise RuntimeError("emu512 build needs SIMDe headers (apt libsimde-dev or pip simde-py)")
-                    flags += [*ISA_FLAGS["avx2"], "-DJM_SIMDE", f"-isystem{inc}", "-Wno-unused-function"]
+                    flags += [*ISA_FLAGS["avx2"], "-DJM_SIMDE", f"-isystem{inc}", "-Wno-unused-function",
+                              "-Wno-psabi"]  # SIMDe's 64-byte vectors in static functions: no ABI to keep
                 else:
                     flags += ISA_FLAGS[isa]
             if variant == "emu512" and src.stem == "dispatch":

@@ -20,7 +20,7 @@
 #include <string.h>
 
 #include "int4.h"
-#include "store.h"
+#include "moe.h"
 
 
 typedef struct {

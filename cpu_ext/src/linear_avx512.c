@@ -85,8 +85,7 @@ AI void fold(const jm_matrix *w, const float *x, int64_t ldx, int m, float *xf, 
       __m512 v[2];
       for (int h = 0; h < 2; h++) {
         const int c = j + h * L;
-        const __mmask16 mk = c + L <= w->k ? (__mmask16)0xFFFF : (c < w->k ? (__mmask16)((1u << (w->k - c)) - 1) : 0);
-        v[h] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xi + c), f);
+        v[h] = _mm512_mul_ps(jm_load_tail16(xi + c, w->k - c), f);
       }
       _mm512_storeu_ps(o + j, _mm512_permutex2var_ps(v[0], ie, v[1]));
       _mm512_storeu_ps(o + j + L, _mm512_permutex2var_ps(v[0], io, v[1]));

@@ -61,8 +61,7 @@ AI void fold(const jm_matrix *w, const float *x, int64_t ldx, int m, uint16_t *x
     const float *xi = x + i * ldx;
     uint16_t *o = xf + (int64_t)i * w->k_pad;
     for (int j = 0; j < w->k_pad; j += 16) { /* zero past k */
-      const __mmask16 mk = j + 16 <= w->k ? (__mmask16)0xFFFF : (j < w->k ? (__mmask16)((1u << (w->k - j)) - 1) : 0);
-      _mm256_storeu_si256((__m256i *)(o + j), f32_to_bf16_16(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xi + j), f)));
+      _mm256_storeu_si256((__m256i *)(o + j), f32_to_bf16_16(_mm512_mul_ps(jm_load_tail16(xi + j, w->k - j), f)));
     }
   }
 }

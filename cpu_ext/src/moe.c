@@ -22,8 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
-#include "store.h"
+#include "int4.h" /* internal.h + jm_int4_gemm_min_rows */
+#include "moe.h"
 
 #define FOLD_BUDGET_DEFAULT (4u << 20) /* L3-resident between fold and use; env JAXMOE_CPU_MOE_BUDGET */
 #define COMBINE_COLS 256
@@ -142,12 +142,6 @@ static int64_t n_gate_up(const moe_ctx *c, const item_t *it) { return tile_tasks
 static int64_t n_fold_down(const moe_ctx *c, const item_t *it) { return 1; }
 static int64_t n_down(const moe_ctx *c, const item_t *it) { return tile_tasks(c->L->experts[it->expert].m[2]); }
 
-/* the INT4 GEMM path (int4_gemm_moe.c, threshold in int4_gemm.c) */
-int jm_int4_gemm_min_rows(void);
-int jm_int4_moe_gemm_usable(const jm_store_layer *L, const int32_t *order, int ne);
-int jm_int4_moe_gemm_call(const jm_store_layer *L, const void *x, int32_t x_dtype, int64_t t, const int32_t *tok,
-                          const float *wt, const int32_t *order, const int32_t *cnt, int ne, int64_t n_act, void *out,
-                          int32_t out_dtype);
 #define GEMM_H_ROWS 8192 /* assignment rows of h [rows][inter] per batch of experts (64 MB at inter 2048) */
 
 int32_t *jm_moe_starts(const int32_t *order, const int32_t *cnt, int ne, int64_t n_act, int inter, int *max_rows,

@@ -15,8 +15,7 @@
 #include <math.h>
 #include <stdlib.h>
 
-#include "internal.h"
-#include "store.h"
+#include "moe.h"
 
 typedef struct {
   const jm_kernels *K;

@@ -1,4 +1,4 @@
-/* store.h -- layout of the host expert store (shared by store.c and moe.c). */
+/* store.h -- layout of the host expert store (shared by store.c and the MoE files, moe.h). */
 #ifndef JM_STORE_H
 #define JM_STORE_H
 
@@ -30,19 +30,5 @@ struct jm_store {
   int32_t n_layers;
   jm_store_layer *layers;
 };
-
-/* moe.c, for both GEMM paths of the fused MoE: the assignment range [start[j], start[j+1]) of
- * each sorted expert j (malloc'd, NULL when out of memory), the largest expert's rows, and the
- * rows of h per batch of experts (env JAXMOE_CPU_MOE_BUDGET bytes, or 8192; at least max_rows) */
-int32_t *jm_moe_starts(const int32_t *order, const int32_t *cnt, int ne, int64_t n_act, int inter, int *max_rows,
-                       int64_t *h_rows);
-
-/* the fused MoE's FP8/BF16 GEMM path (moe_gemm.c): scratch bytes for t tokens, h_rows rows of
- * h per batch of experts, n_bufs threads and max_rows rows per expert; then the call */
-size_t jm_moe_gemm_scratch(const jm_kernels *K, const jm_store_layer *L, const int32_t *expert, int64_t t,
-                           int64_t h_rows, int n_bufs, int max_rows);
-int jm_moe_gemm(const jm_kernels *K, const jm_store_layer *L, const float *x, int64_t t, const int32_t *tok,
-                const float *wt, const int32_t *expert, const int32_t *start, int n_exp, float *out, float *h,
-                int64_t h_rows, uint8_t *scratch, int n_bufs, int max_rows);
 
 #endif

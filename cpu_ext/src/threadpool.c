@@ -45,7 +45,7 @@ static struct {
   void *ctx;
   _Atomic uint64_t next[MAX_NODES]; /* gen << GEN_SHIFT | next task index */
   int64_t end[MAX_NODES];
-} P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+} P = {.job_mu = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .cv_start = PTHREAD_COND_INITIALIZER};
 
 static int parse_cpulist(const char *path, cpu_set_t *set) {
   FILE *f = fopen(path, "r");
