@@ -26,7 +26,7 @@ from benchmarks import e2e
 
 def main(argv=None) -> dict:
     ap = H.parser(__doc__.splitlines()[0])
-    ap.add_argument("--config", default=None, help="configs/models name (default bench-v3-mid; tiny with --quick)")
+    ap.add_argument("--config", default=None, help="jaxmoe/configs/models name (default bench-v3-mid; tiny with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="alternated rounds (default 3; 1 with --quick)")
     ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens per round (default 16; 4 with --quick)")
     args = ap.parse_args(argv)

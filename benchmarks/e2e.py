@@ -275,7 +275,7 @@ def prefill(engine, cfg, n: int, repeats: int, rng, warmup: bool) -> dict:
 
 def main(argv=None) -> dict:
     ap = H.parser(__doc__.splitlines()[0])
-    ap.add_argument("--config", default=None, help="configs/models name (default bench-v3-mid; tiny with --quick)")
+    ap.add_argument("--config", default=None, help="jaxmoe/configs/models name (default bench-v3-mid; tiny with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps per batch size")
     ap.add_argument("--prefill-budget", type=float, default=900.0,
                     help="skip a prompt > 1024 tokens whose predicted time exceeds this many seconds (0: never skip)")

@@ -25,7 +25,10 @@ The env header names the CPU (model, class, flags).
 
     python -m benchmarks.kernels [--json PATH] [--quick] [--precision exact|bf16|both]
 
-Results: PATH if given, and benchmarks/results/kernels.json for a full (not --quick) run.
+Results: PATH if given, and benchmarks/results/kernels.json for a full (not --quick) run. A full
+run at the exact precision also writes the planner's calibration of this box
+(jaxmoe/planning/hardware.py `calibration_path()`: $JAXMOE_CALIBRATION, else
+<cache>/calibration/kernels.json with <cache> = $JAXMOE_CACHE_DIR or ~/.cache/jaxmoe).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def main(argv=None) -> dict:
     from jaxmoe.cpu import ops  # noqa: PLC0415
     from jaxmoe.cpu._lib import load  # noqa: PLC0415
     from jaxmoe.cpu.reference import fp8_decode  # noqa: PLC0415
+    from jaxmoe.planning.hardware import calibration_path  # noqa: PLC0415
 
     nat = load()
     lib = nat.lib
@@ -197,6 +201,9 @@ def main(argv=None) -> dict:
     doc = H.write(args.json, metrics, env, details)
     if not args.quick:
         H.write(H.default_result("kernels.json"), metrics, env, details)
+        if "fp8_gemv_m1_frac_of_read" in metrics:  # the exact-precision GEMV: this box's calibration
+            H.write(calibration_path(), metrics, env, details)
+            print(f"calibration for the planner written to {calibration_path()}")
     print({k: v for k, v in metrics.items()})
     store.free()
     return doc

@@ -93,7 +93,7 @@ def jaxmoe_side(name: str, root: Path, n_prompt: int):
 def main(argv=None) -> dict:
     ap = H.parser(__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="threads of both engines (llama-bench -t, JAXMOE_CPU_THREADS)")
-    ap.add_argument("--config", default=None, help="configs/models name (default bench-v3-mid; tiny with --quick)")
+    ap.add_argument("--config", default=None, help="jaxmoe/configs/models name (default bench-v3-mid; tiny with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3; 1 with --quick)")
     ap.add_argument("--prompt", type=int, default=None, help="prefill tokens (default 512; 64 with --quick)")
     ap.add_argument("--gen", type=int, default=None, help="llama-bench decode tokens (default 32; 8 with --quick)")

@@ -95,7 +95,7 @@ SWEEP = {"demo": "64,256,1024,2048,4000", "tiny": "16,64"}  # the cpu-only engin
 
 def main(argv=None) -> dict:
     ap = H.parser(__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="configs/models name (default: demo; tiny with --quick)")
+    ap.add_argument("--model", default=None, help="jaxmoe/configs/models name (default: demo; tiny with --quick)")
     ap.add_argument("--lengths", default=None, help="prompt lengths, comma-separated")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--strategies", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")

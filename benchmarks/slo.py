@@ -11,7 +11,7 @@ On a synthetic FP8 checkpoint placed on cpu_ext and served by `Engine(..., "cpu-
   prefills (chunked prefill shares the steps), and throughput during the window;
 - beside each measured curve, the performance model's prediction for this machine
   (jaxmoe.planning.planner.estimate_prefill "cpu" / estimate_decode with
-  configs/hardware/this-machine.json: its "cpu_kernels" step model); the planner has no
+  jaxmoe/configs/hardware/this-machine.json: its "cpu_kernels" step model); the planner has no
   mixed-load model.
 
 Default model: `demo` (4 layers, hidden 1024, 16 experts), fast enough on a 2-core box for
@@ -245,7 +245,7 @@ def _batch_ratio(res: dict, b: dict) -> dict:
 
 def main(argv=None) -> dict:
     ap = H.parser(__doc__.splitlines()[0])
-    ap.add_argument("--config", default=None, help="configs/models name (default demo; tiny with --quick)")
+    ap.add_argument("--config", default=None, help="jaxmoe/configs/models name (default demo; tiny with --quick)")
     ap.add_argument("--out-dir", default=None, help="where slo.md and the PNGs go")
     ap.add_argument("--render", metavar="JSON", default=None, help="only render the plots and table of a result")
     args = ap.parse_args(argv)
@@ -264,7 +264,7 @@ def main(argv=None) -> dict:
                       "native matrices (read_gb_s); tok_s = batch / median step",
             "mixed": "decoders' token gaps (TPOT) from the time after each engine step; 'during' = from the long "
                      "prompt's arrival to its first token; total_tok_s = (decoded + prompt tokens) / that window",
-            "predicted": "jaxmoe.planning.planner on configs/hardware/this-machine.json: estimate_prefill(strategy "
+            "predicted": "jaxmoe.planning.planner on jaxmoe/configs/hardware/this-machine.json: estimate_prefill(strategy "
                          "'cpu', cpu_chunk=engine chunk) and estimate_decode(context=prompt + warm + steps/2, "
                          "batch)"}}
         doc = H.write(None, {}, env, details)

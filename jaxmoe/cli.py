@@ -1,4 +1,4 @@
-"""Command line: `jaxmoe generate`, `jaxmoe demo`, `jaxmoe synth`, `jaxmoe convert`.
+"""Command line: `jaxmoe generate`, `jaxmoe serve`, `jaxmoe demo`, `jaxmoe synth`, `jaxmoe convert`.
 
 User errors (a bad path, a prompt too long, an invalid sampling parameter) print one line
 `jaxmoe: error: ...` on stderr and exit with status 2; no traceback.
@@ -28,6 +28,10 @@ def _add_sampling(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1 = off)")
     p.add_argument("--seed", type=int, default=0)
+    _add_runtime(p)
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of norms, embeddings, activations and the KV cache")
     p.add_argument("--cpu-kernels", choices=["auto", "on", "off"], default="auto",
@@ -55,15 +59,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    v = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    v.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors + tokenizer files)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=os.environ.get("JAXMOE_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on every endpoint but /health (default: $JAXMOE_API_KEY)")
+    v.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's name)")
+    v.add_argument("--max-queue", type=int, default=32,
+                   help="requests that may wait for a cache slot; beyond that the server answers 503 (default 32)")
+    v.add_argument("--n-slots", type=int, default=None, help="requests generated together (cache slots; default: the preset's)")
+    v.add_argument("--max-seq-len", type=int, default=None, help="cap the context length (prompt + completion)")
+    v.add_argument("--shutdown-timeout", type=int, default=30,
+                   help="on SIGTERM, seconds to let requests in flight finish before cancelling them")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_runtime(v)
+
     d = sub.add_parser("demo", help="write a synthetic checkpoint (once, cached) and generate from it")
-    d.add_argument("--config", default="demo", help="a config of configs/models (default: demo)")
+    d.add_argument("--config", default="demo", help="a config of jaxmoe/configs/models (default: demo)")
     d.add_argument("--fmt", choices=["fp8", "bf16", "f32"], default="fp8", help="weight format on disk")
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--cache-dir", default=None, help="where the checkpoint is kept (default $JAXMOE_CACHE_DIR or .cache)")
     _add_sampling(d, 32)
 
     s = sub.add_parser("synth", help="write a synthetic random-weight checkpoint")
-    s.add_argument("--config", required=True, help="a config name of configs/models, or a config.json path")
+    s.add_argument("--config", required=True, help="a config name of jaxmoe/configs/models, or a config.json path")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--fmt", choices=["fp8", "bf16", "f32"], default="fp8")
     s.add_argument("--seed", type=int, default=0)
@@ -99,7 +119,7 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
     return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
 
-def _load(path: Path, a: argparse.Namespace, max_seq_len: int | None = None):
+def _load(path: Path, a: argparse.Namespace, max_seq_len: int | None = None, **runtime_options):
     import jaxmoe
 
     if not path.is_dir():
@@ -107,7 +127,7 @@ def _load(path: Path, a: argparse.Namespace, max_seq_len: int | None = None):
     kernels = {"auto": None, "on": True, "off": False}[a.cpu_kernels]
     try:
         return jaxmoe.load(path, dtype=_dtype(a.dtype), max_seq_len=max_seq_len, cpu_kernels=kernels,
-                           cpu_precision=a.cpu_precision)
+                           cpu_precision=a.cpu_precision, **runtime_options)
     except RuntimeError as e:
         if kernels:  # --cpu-kernels on, where they cannot be built or loaded
             raise UserError(str(e)) from None
@@ -166,6 +186,26 @@ def cmd_generate(a: argparse.Namespace) -> int:
         print(r.text)
         print(f"[finish: {r.finish_reason}]", file=sys.stderr)
         _print_timings(r.timings, sys.stderr)
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    if not 0 <= a.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {a.port}")
+    if a.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {a.max_queue}")
+    if a.n_slots is not None and a.n_slots < 1:
+        raise UserError(f"--n-slots must be >= 1, got {a.n_slots}")
+    from jaxmoe.server.serve import serve
+
+    path = Path(a.model)
+    options = {} if a.n_slots is None else {"n_slots": a.n_slots}
+    model = _load(path, a, a.max_seq_len, **options)
+    name = a.served_model_name or path.resolve().name
+    print(f"jaxmoe serve: {name!r} from {path} ({model.engine.n_slots} slots, context {model.context_len} tokens) "
+          f"on http://{a.host}:{a.port}/v1" + (" (API key required)" if a.api_key else ""), file=sys.stderr, flush=True)
+    serve(model, host=a.host, port=a.port, served_model_name=name, api_key=a.api_key or None, max_queue=a.max_queue,
+          shutdown_timeout=a.shutdown_timeout, log_level=a.log_level)
     return 0
 
 
@@ -234,7 +274,7 @@ def model_device() -> str:
     return f"{d.platform} ({d.device_kind})"
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "synth": cmd_synth, "convert": cmd_convert}
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "demo": cmd_demo, "synth": cmd_synth, "convert": cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

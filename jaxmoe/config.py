@@ -8,27 +8,55 @@ routed-expert count (`n_routed_experts`, `num_local_experts`, `num_experts`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The configs shipped with the package (jaxmoe/configs/{models,runtime,hardware}/*.json, package
+# data), where they are on the file system; `named_config_path` reads them through
+# importlib.resources.
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
     """A config.json that is missing, unreadable or describes an unsupported model."""
 
 
+def cache_dir() -> Path:
+    """jaxmoe's per-user cache: $JAXMOE_CACHE_DIR, else ~/.cache/jaxmoe (measured calibrations,
+    native libraries rebuilt outside a read-only install, benchmark checkpoints)."""
+    env = os.environ.get("JAXMOE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "jaxmoe"
+
+
+def _packaged(kind: str):
+    return importlib.resources.files("jaxmoe").joinpath("configs").joinpath(kind)
+
+
+def known_config_names(kind: str) -> list[str]:
+    """The names of the packaged configs of one kind ("models", "runtime", "hardware")."""
+    folder = _packaged(kind)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
 def named_config_path(kind: str, name: str | Path, what: str) -> Path:
-    """configs/<kind>/<name>.json for a bare name, else `name` as a path; a clear error
-    listing the known names when it does not exist."""
-    path = Path(name)
-    if not path.suffix:
-        path = CONFIGS_DIR / kind / f"{name}.json"
-    if not path.exists():
-        known = sorted(p.stem for p in (CONFIGS_DIR / kind).glob("*.json"))
-        raise ConfigError(f"unknown {what} {str(name)!r}; known: {known}")
+    """A packaged config (jaxmoe/configs/<kind>/<name>.json) for a bare name (one path component
+    without ".json"), else `name` as a path; a ConfigError listing the known names when it does
+    not exist."""
+    s = str(name)
+    if Path(s).name == s and not s.endswith(".json") and s not in ("", ".", ".."):
+        res = _packaged(kind).joinpath(f"{s}.json")
+        path = res if isinstance(res, Path) and res.is_file() else None  # installed on the file system, not zipped
+    else:
+        path = Path(name).expanduser()
+        path = path if path.is_file() else None
+    if path is None:
+        raise ConfigError(f"unknown {what} {s!r}; known: {known_config_names(kind)}")
     return path
 
 
@@ -135,7 +163,8 @@ class ModelConfig:
 
     @classmethod
     def named(cls, name: str) -> ModelConfig:
-        """One of the configs shipped in configs/models/ (e.g. "tiny", "bench-v3-mid", "deepseek-v3")."""
+        """One of the configs shipped in jaxmoe/configs/models/ (e.g. "tiny", "bench-v3-mid", "deepseek-v3"),
+        or a config.json path."""
         return cls.from_file(named_config_path("models", name, "model config"))
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from jaxmoe.serving.presets import RuntimeConfig
 from jaxmoe.serving.prompt_runner import host_expert_source
 from jaxmoe.serving.sampling import SamplingParams
 from jaxmoe.serving.stopping import StopMatcher, normalize_stop
-from jaxmoe.tokenizer import Message, Tokenizer
+from jaxmoe.tokenizer import Message, Tokenizer, Tool
 
 DEFAULT_MAX_SEQ_LEN = 4096  # context per request unless max_seq_len says otherwise (cache memory)
 
@@ -138,12 +138,20 @@ class Model:
             pass
         return time.perf_counter() - t0
 
-    def encode_prompt(self, prompt: str | Sequence[int] | None = None, messages: Sequence[Message] | None = None) -> list[int]:
-        """Token ids of a text prompt, a token-id prompt or chat `messages`, validated."""
+    def encode_prompt(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        messages: Sequence[Message] | None = None,
+        tools: Sequence[Tool] | None = None,
+    ) -> list[int]:
+        """Token ids of a text prompt, a token-id prompt or chat `messages` (with OpenAI-style
+        `tools` rendered by the chat template), validated."""
         if (prompt is None) == (messages is None):
             raise ValueError("pass exactly one of `prompt` (text or token ids) or `messages`")
+        if tools is not None and messages is None:
+            raise ValueError("`tools` go with `messages` (the chat template renders them), not with a prompt")
         if messages is not None:
-            ids = self._require_tokenizer("messages").encode_chat(messages)
+            ids = self._require_tokenizer("messages").encode_chat(messages, tools=tools)
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
@@ -201,7 +209,7 @@ def load(
       the library's setting (env JAXMOE_CPU_PRECISION, else exact). Process-wide: it applies
       to every model of the process that runs on the kernels. Ignored without the kernels.
     progress: show a progress bar (None = only for slow loads on a terminal).
-    runtime: a runtime preset of configs/runtime/ (default: "cpu-only" without a GPU,
+    runtime: a runtime preset of jaxmoe/configs/runtime/ (default: "cpu-only" without a GPU,
       "gpu+cpu-experts" with one, "2gpu+cpu-experts" with two); runtime_options override
       its fields (n_slots, chunk_size, overlap, memory_budget_bytes, prefill_strategy
       ("auto" | "cpu" | "slp" | "dslp"), hardware, ...).
@@ -282,6 +290,8 @@ def stream_generate(
     seed: int = 0,
     stop: str | Sequence[str] | None = None,
     ignore_eos: bool = False,
+    keep_special_tokens: Sequence[str] = (),
+    on_submit: Callable[[Any], None] | None = None,
 ) -> Iterator[StreamResponse]:
     """Yield one `StreamResponse` per generated token; the last has its finish_reason set.
 
@@ -291,9 +301,13 @@ def stream_generate(
     sampled tokens. Generation ends at EOS (unless ignore_eos), at a stop string (which is not
     part of the text), or after max_new_tokens. Invalid arguments raise ValueError here,
     before anything runs.
+    keep_special_tokens: special tokens kept in the text (e.g. tool-call markers, for a parser
+    of them); the other special tokens are left out.
+    on_submit: called with the engine's request once it is submitted (in the iterating thread):
+    another thread may `cancel()` it, which ends this stream at the engine's next step.
     """
     req = _prepare(model, prompt, messages, max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos)
-    return _run(model, req)
+    return _run(model, req, keep_special_tokens, on_submit)
 
 
 @dataclass(frozen=True)
@@ -320,15 +334,18 @@ def _prepare(model, prompt, messages, max_new_tokens, temperature, top_k, top_p,
     return _Request(ids, int(max_new_tokens), params, stops, eos, time.perf_counter() - t0)
 
 
-def _run(model: Model, req: _Request) -> Iterator[StreamResponse]:
+def _run(model: Model, req: _Request, keep: Sequence[str] = (), on_submit: Callable[[Any], None] | None = None
+         ) -> Iterator[StreamResponse]:
     t0 = time.perf_counter() - req.prepare_s
     n, max_new = len(req.prompt_ids), req.max_new_tokens
-    detok = model.tokenizer.detokenizer() if model.tokenizer is not None else None
+    detok = model.tokenizer.detokenizer(keep=keep) if model.tokenizer is not None else None
     stopper = StopMatcher(req.stops)
     t_submit = time.perf_counter()
     handle = model.engine.submit(req.prompt_ids, max_new, req.params, eos_token_ids=sorted(req.eos))
     timings, t_first = Timings(prompt_tokens=n, prefill_strategy=handle.prefill_strategy or ""), 0.0
     try:
+        if on_submit is not None:
+            on_submit(handle)
         for ev in handle.events():
             if ev.token is None:  # the engine's closing event: every token was handled below
                 return

@@ -3,22 +3,32 @@ tokenizer_config.json (BOS/EOS tokens, whether to add BOS, the jinja2 chat templ
 
 `IncrementalDetokenizer` turns a growing list of token ids into text deltas for streaming,
 emitting only complete UTF-8 text (a multi-byte character split over several byte-level
-tokens comes out once its last byte arrives).
+tokens comes out once its last byte arrives). Both skip special tokens unless told otherwise;
+`keep` names special tokens to keep in the text while the others are skipped (the tool-call
+markers, which a tool-call parser reads from the text).
+
+Chat messages are OpenAI's: {"role": "system" | "user" | "assistant" | "tool", "content": ...},
+an assistant message may carry `tool_calls` ([{"id", "type": "function", "function": {"name",
+"arguments"}}], its content then optional), a tool message `tool_call_id`; `tools` (OpenAI's
+[{"type": "function", "function": {"name", "description", "parameters"}}]) go to the chat
+template as its `tools` variable.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import jinja2.sandbox
 import tokenizers
 
-Message = dict[str, Any]
+Message = dict[str, Any]  # OpenAI's chat message: role, content, and tool_calls / tool_call_id
+Tool = dict[str, Any]  # OpenAI's {"type": "function", "function": {"name", "description", "parameters"}}
 
 
 class TokenizerError(ValueError):
@@ -55,6 +65,9 @@ class Tokenizer:
         self.add_bos_token = bool(self.config.get("add_bos_token", self.bos_token_id is not None))
         self.chat_template = _chat_template(self.config)
         self._template: jinja2.Template | None = None
+        self._template_uses_tools = False
+        added = tokenizer.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, t in added.items() if t.special)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -90,20 +103,49 @@ class Tokenizer:
                 ids = [self.bos_token_id, *ids]
         return ids
 
-    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True, keep: Iterable[str] = frozenset()) -> str:
+        """Text of `ids`; with skip_special_tokens, special tokens are left out except those in `keep`."""
+        if skip_special_tokens and keep:
+            drop = self._special_ids - self.token_ids(keep)
+            return self._tok.decode([i for i in ids if i not in drop], skip_special_tokens=False)
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_ids(self, tokens: Iterable[str]) -> frozenset[int]:
+        """The ids of those of `tokens` that are single tokens of the vocabulary."""
+        return frozenset(i for t in tokens if (i := self._tok.token_to_id(t)) is not None)
+
     # ---- chat template ----------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role": ..., "content": ...}]) with the checkpoint's template."""
+    def apply_chat_template(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool = True, tools: Sequence[Tool] | None = None
+    ) -> str:
+        """Render `messages` (and `tools`, if any) with the checkpoint's template.
+
+        Raises ValueError on malformed messages or tools, and when `tools` are given but the
+        template never uses them (it would silently leave them out of the prompt)."""
         if self.chat_template is None:
             raise TokenizerError("this tokenizer has no chat_template in tokenizer_config.json; pass a prompt")
-        if isinstance(messages, (str, bytes)) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
+        messages = _checked_messages(messages)
+        tools = _checked_tools(tools)
+        template = self._compiled_template()
+        if tools and not self._template_uses_tools:
+            raise TokenizerError(
+                "this checkpoint's chat template does not render tools (it never uses the `tools` variable); "
+                "it cannot be given tools"
+            )
+        try:
+            return template.render(
+                messages=messages,
+                tools=tools or None,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except (jinja2.TemplateError, TypeError) as e:  # TypeError: e.g. a template adding None to a string
+            raise TokenizerError(f"cannot render chat template: {e}") from e
+
+    def _compiled_template(self) -> jinja2.Template:
         if self._template is None:
+            assert self.chat_template is not None
             env = jinja2.sandbox.ImmutableSandboxedEnvironment(
                 trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
             )
@@ -112,25 +154,60 @@ class Tokenizer:
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             try:
                 self._template = env.from_string(self.chat_template)
+                self._template_uses_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(self.chat_template))
             except jinja2.TemplateError as e:
                 raise TokenizerError(f"invalid chat template: {e}") from e
-        try:
-            return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
-        except jinja2.TemplateError as e:
-            raise TokenizerError(f"cannot render chat template: {e}") from e
+        return self._template
 
-    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool = True, tools: Sequence[Tool] | None = None
+    ) -> list[int]:
         """Token ids of the rendered chat (the template writes BOS itself if it wants one)."""
-        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         return self.encode(text, add_special_tokens=False)
 
-    def detokenizer(self) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self)
+    def detokenizer(self, *, skip_special_tokens: bool = True, keep: Iterable[str] = frozenset()) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens, keep=keep)
+
+
+def _checked_messages(messages: Sequence[Message]) -> list[Message]:
+    """`messages` checked; an assistant message with tool calls and no content gets content None."""
+    if isinstance(messages, (str, bytes)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant":
+                raise ValueError(f"messages[{i}]: only assistant messages have tool_calls, not {m['role']!r} ones")
+            if isinstance(calls, (str, bytes, dict)) or not isinstance(calls, Sequence):
+                raise ValueError(f"messages[{i}].tool_calls must be a list, got {calls!r}")
+            for j, c in enumerate(calls):
+                f = c.get("function") if isinstance(c, dict) else None
+                if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+                    raise ValueError(f"messages[{i}].tool_calls[{j}] must be {{'function': {{'name': ..., 'arguments': ...}}}}")
+                if not isinstance(f.get("arguments", ""), (str, dict)):
+                    raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON string")
+            if "content" not in m:
+                m = {**m, "content": None}
+        elif "content" not in m:
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")
+        out.append(m)
+    return out
+
+
+def _checked_tools(tools: Sequence[Tool] | None) -> list[Tool] | None:
+    if tools is None:
+        return None
+    if isinstance(tools, (str, bytes, dict)) or not isinstance(tools, Sequence):
+        raise ValueError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}} dicts, got {tools!r}")
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., ...}}}}, got {t!r}")
+    return list(tools)
 
 
 class IncrementalDetokenizer:
@@ -143,15 +220,16 @@ class IncrementalDetokenizer:
     dropped at the start of a text) agree on the shared prefix.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True, keep: Iterable[str] = frozenset()):
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._keep = frozenset(keep)  # special tokens kept in the text while the others are skipped
         self._ids: list[int] = []
         self._prefix = 0  # window start
         self._read = 0  # tokens before this one have been emitted
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=self._skip)
+        return self._tok.decode(ids, skip_special_tokens=self._skip, keep=self._keep)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly completed text (possibly empty)."""

@@ -1,9 +1,15 @@
 """Finds (building if needed) and loads the cpu_ext shared library through cffi (ABI mode).
 
-cffi declares exactly the public header `cpu_ext/include/jaxmoe_cpu.h`. The library lives in
-`jaxmoe/cpu/_native/` (built by `pip install` via setup.py, or here on first use when it is
-missing or older than its sources); if that folder is read-only, in `$JAXMOE_CPU_BUILD_DIR`
-or `~/.cache/jaxmoe/native`.
+cffi declares exactly the public header `cpu_ext/include/jaxmoe_cpu.h`. Where the library is:
+- a source checkout (editable install; `cpu_ext/` beside the package): `jaxmoe/cpu/_native/`,
+  built here on first use when it is missing or older than its sources;
+- an installed wheel: the library the wheel carries in `jaxmoe/cpu/_native/`, with a copy of
+  the header and of the cpu_ext sources (`_native/cpu_ext/`); rebuilt from those only when it
+  lacks the XLA FFI bindings (a wheel built where jax was not importable, e.g. pip's isolated
+  build) and jax is here now.
+A rebuild goes to `$JAXMOE_CPU_BUILD_DIR` if set, else into `jaxmoe/cpu/_native/` when that
+folder is writable, else `<cache>/native/<digest of the sources>/` (`<cache>`:
+$JAXMOE_CACHE_DIR or ~/.cache/jaxmoe), under a file lock.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import importlib.util
 import os
 import re
@@ -18,10 +25,13 @@ from pathlib import Path
 
 import cffi
 
+from jaxmoe.config import cache_dir
+
 _HERE = Path(__file__).resolve().parent
 _NATIVE = _HERE / "_native"
-_REPO = _HERE.parent.parent
-_CPU_EXT = _REPO / "cpu_ext"
+_REPO_CPU_EXT = _HERE.parent.parent / "cpu_ext"  # a source checkout
+_PACKAGED_CPU_EXT = _NATIVE / "cpu_ext"  # the copy an installed wheel carries
+_CPU_EXT = _REPO_CPU_EXT if (_REPO_CPU_EXT / "include" / "jaxmoe_cpu.h").exists() else _PACKAGED_CPU_EXT
 _HEADER_CANDIDATES = (_CPU_EXT / "include" / "jaxmoe_cpu.h", _NATIVE / "jaxmoe_cpu.h")
 
 ISA_NAMES = ("scalar", "avx2", "avx512")
@@ -64,13 +74,20 @@ def _builder():
     return mod
 
 
-def _out_dir() -> Path:
+def _sources_digest(b) -> str:
+    h = hashlib.sha256()
+    for p in b.sources():
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _out_dir(b) -> Path:
     env = os.environ.get("JAXMOE_CPU_BUILD_DIR")
     if env:
         return Path(env)
-    if os.access(_HERE, os.W_OK):
+    if os.access(_NATIVE if _NATIVE.exists() else _HERE, os.W_OK):
         return _NATIVE
-    return Path.home() / ".cache" / "jaxmoe" / "native"
+    return cache_dir() / "native" / _sources_digest(b)
 
 
 def library_path(variant: str = "native") -> Path:
@@ -81,14 +98,24 @@ def library_path(variant: str = "native") -> Path:
             raise CpuExtError(f"{lib} is missing and cpu_ext sources are not available to build it")
         return lib
     b = _builder()
-    out = _out_dir()
+    want_ffi = b.ffi_include_dir() is not None
+    installed = _CPU_EXT == _PACKAGED_CPU_EXT  # the sources are the wheel's own: no mtimes to compare
+
+    def usable(lib: Path) -> bool:
+        if want_ffi and not b.manifest(lib).get("ffi"):
+            return False
+        return lib.exists() if installed else not b.is_stale(lib)
+
+    shipped = _NATIVE / b.LIB_NAMES[variant]
+    if installed and usable(shipped):
+        return shipped
+    out = _out_dir(b)
     out.mkdir(parents=True, exist_ok=True)
     lib = out / b.LIB_NAMES[variant]
-    want_ffi = b.ffi_include_dir() is not None
-    if b.is_stale(lib) or (want_ffi and not b.manifest(lib).get("ffi")):
+    if not usable(lib):
         with open(out / ".build.lock", "w") as lk:
             fcntl.flock(lk, fcntl.LOCK_EX)
-            if b.is_stale(lib) or (want_ffi and not b.manifest(lib).get("ffi")):
+            if not usable(lib):
                 b.build(out, variant)
     return lib
 

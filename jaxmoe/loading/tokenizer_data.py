@@ -3,7 +3,10 @@
 Deterministic (same Python install -> same tokenizer) and fast enough to train whenever a
 synthetic checkpoint is written (docs/PERFORMANCE_MODEL.md, "Measurements behind design
 choices"). DeepSeek's special tokens sit at ids 0-3 (bos = 0, eos = 1, as in the real
-config), and `tokenizer_config.json` carries a DeepSeek-style jinja2 chat template.
+config, spelled with ASCII bars), DeepSeek-V3's tool-call and tool-output markers (spelled
+exactly as the real ones, full-width bars: `jaxmoe.server.tool_calls` parses them) are the
+last ids of the vocabulary, and `tokenizer_config.json` carries a DeepSeek-style jinja2
+chat template that renders tools, assistant tool calls and tool results.
 """
 
 from __future__ import annotations
@@ -12,27 +15,89 @@ import json
 import sysconfig
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS = "<|begin▁of▁sentence|>"
 EOS = "<|end▁of▁sentence|>"
 USER = "<|User|>"
 ASSISTANT = "<|Assistant|>"
 SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)
-MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
 
-# DeepSeek-V3's template, trimmed of tool calls: bos, the system prompt, then the turns.
+# DeepSeek-V3's tool markers, in the real vocabulary's order (ids 128806-128814 there)
+TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+TOOL_CALL_END = "<｜tool▁call▁end｜>"
+TOOL_OUTPUTS_BEGIN = "<｜tool▁outputs▁begin｜>"
+TOOL_OUTPUTS_END = "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
+TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+TOOL_TOKENS = (
+    TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END,
+    TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_SEP,
+)
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TOOL_TOKENS)  # the byte alphabet plus the special tokens
+
+
+def _q(s: str) -> str:
+    """`s` as a single-quoted jinja string literal."""
+    return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+# The tools section of the system prompt (DeepSeek's published tool prompt, with V3's call syntax)
+_TOOLS_INTRO = "## Tools\nYou have access to the following tools:\n"
+_TOOLS_FORMAT = (
+    "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
+    + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function" + TOOL_SEP + "tool_call_name\n```json\ntool_call_arguments\n```"
+    + TOOL_CALL_END + "{additional_tool_calls}" + TOOL_CALLS_END + "\n\nWhere:\n"
+    "- `tool_call_name` must be an exact match to one of the available tools\n"
+    "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
+    "- For multiple tool calls, separate them with a newline"
+)
+
+# DeepSeek-V3's template: bos, the system prompt(s) (and the tools), then the turns; an
+# assistant turn's tool calls in the call markup, tool results in the output markup (an
+# assistant turn after tool results continues after the outputs' end marker, no tag).
 CHAT_TEMPLATE = (
     "{% if add_generation_prompt is not defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(system_prompt='') %}"
+    "{% set ns = namespace(system_prompt='', first_sp=true, is_tool=false) %}"
     "{%- for message in messages %}{% if message['role'] == 'system' %}"
-    "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{% endif %}{% endfor -%}"
+    "{% if ns.first_sp %}{% set ns.system_prompt = message['content'] %}{% set ns.first_sp = false %}"
+    "{% else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{% endif %}"
+    "{% endif %}{% endfor -%}"
+    "{% if tools %}"
+    "{% set ns.system_prompt = (ns.system_prompt + '\\n\\n' if ns.system_prompt else '') + " + _q(_TOOLS_INTRO) + " %}"
+    "{% for tool in tools %}"
+    "{% set ns.system_prompt = ns.system_prompt + '\\n### ' + tool['function']['name']"
+    " + '\\nDescription: ' + (tool['function']['description'] or '')"
+    " + '\\n\\nParameters: ' + ((tool['function']['parameters'] or {}) | tojson) + '\\n' %}"
+    "{% endfor %}"
+    "{% set ns.system_prompt = ns.system_prompt + " + _q(_TOOLS_FORMAT) + " %}"
+    "{% endif %}"
     "{{ bos_token }}{{ ns.system_prompt }}"
     "{%- for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '" + USER + "' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + message['content'] + '" + EOS + "' }}"
+    "{% if message['role'] == 'user' %}"
+    "{% if ns.is_tool %}{{ '" + TOOL_OUTPUTS_END + "' }}{% set ns.is_tool = false %}{% endif %}"
+    "{{ '" + USER + "' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% if ns.is_tool %}{{ '" + TOOL_OUTPUTS_END + "' }}{% set ns.is_tool = false %}"
+    "{% else %}{{ '" + ASSISTANT + "' }}{% endif %}"
+    "{{ message['content'] or '' }}"
+    "{% if message['tool_calls'] %}{{ '" + TOOL_CALLS_BEGIN + "' }}"
+    "{% for call in message['tool_calls'] %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% set args = call['function']['arguments'] %}"
+    "{{ '" + TOOL_CALL_BEGIN + "' + (call['type'] or 'function') + '" + TOOL_SEP + "' + call['function']['name']"
+    " + '\\n```json\\n' + (args if args is string else args | tojson) + '\\n```" + TOOL_CALL_END + "' }}"
+    "{% endfor %}{{ '" + TOOL_CALLS_END + "' }}{% endif %}"
+    "{{ '" + EOS + "' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if ns.is_tool %}{{ '\\n" + TOOL_OUTPUT_BEGIN + "' }}"
+    "{% else %}{{ '" + TOOL_OUTPUTS_BEGIN + TOOL_OUTPUT_BEGIN + "' }}{% set ns.is_tool = true %}{% endif %}"
+    "{{ message['content'] + '" + TOOL_OUTPUT_END + "' }}"
     "{% endif %}{% endfor -%}"
-    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+    "{% if ns.is_tool %}{{ '" + TOOL_OUTPUTS_END + "' }}{% endif %}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{ '" + ASSISTANT + "' }}{% endif %}"
 )
 
 
@@ -57,19 +122,21 @@ def corpus(n_chars: int) -> list[str]:
 
 
 def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE of at most `vocab_size` tokens (ids 0-3 are the special tokens)."""
+    """A byte-level BPE of at most `vocab_size` tokens: ids 0-3 are the special tokens, the
+    tool markers come last (the merges before them are those of a BPE trained without them)."""
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size {vocab_size} too small for a byte-level tokenizer (>= {MIN_VOCAB})")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(TOOL_TOKENS),
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus(400_000 + 150 * vocab_size), trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TOOL_TOKENS])
     bos = tok.token_to_id(BOS)
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),

@@ -1,4 +1,4 @@
-"""Hardware profiles (configs/hardware/*.json) for the performance model of planning/planner.py.
+"""Hardware profiles (jaxmoe/configs/hardware/*.json) for the performance model of planning/planner.py.
 
 A profile: the CPU (cores, clock, FLOP/cycle in the expert kernels' arithmetic, read
 bandwidth), the GPUs (count, memory, BF16/FP8 dense peaks, memory bandwidth, effective
@@ -6,8 +6,12 @@ host->device PCIe rate), and the efficiencies that turn peaks into expected rate
 
 The efficiencies are constants, documented in each json's "sources", to be replaced by
 measured figures: a profile listing "kernels.json" in "calibrate_from" takes
-`cpu_gemv_frac_of_read` from benchmarks/results/kernels.json when that file exists
-(`Hardware.calibrated_from` records it). `Hardware.with_efficiency(...)` overrides any of them.
+`cpu_gemv_frac_of_read` from the calibration file when it exists (`Hardware.calibrated_from`
+records it); without one the profile's own figures apply. The calibration file
+(`calibration_path`): the `calibration=` argument of `load_hardware`, else $JAXMOE_CALIBRATION,
+else <cache>/calibration/kernels.json, <cache> being $JAXMOE_CACHE_DIR or ~/.cache/jaxmoe; a full
+run of `python -m benchmarks.kernels` writes it there (its {"metrics": {...}} JSON; the source
+tree is never read). `Hardware.with_efficiency(...)` overrides any of them.
 
 A profile measured on its box can add a "cpu_kernels" block: the coefficients of the CPU-only
 step model (planning/kernel_model.py; `Hardware.kernels`, `with_kernels(...)`), which the
@@ -18,13 +22,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-from jaxmoe.config import CONFIGS_DIR, named_config_path
+from jaxmoe.config import cache_dir, named_config_path
 from jaxmoe.planning.kernel_model import CpuKernels
 
-KERNELS_JSON = CONFIGS_DIR.parent / "benchmarks" / "results" / "kernels.json"
+CALIBRATION_ENV = "JAXMOE_CALIBRATION"
+
+
+def calibration_path(path: str | Path | None = None) -> Path:
+    """Where this box's measured calibration is (it may not exist): `path` if given, else
+    $JAXMOE_CALIBRATION, else <cache>/calibration/kernels.json (config.cache_dir())."""
+    if path is None:
+        path = os.environ.get(CALIBRATION_ENV) or cache_dir() / "calibration" / "kernels.json"
+    return Path(path).expanduser()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,17 +104,25 @@ class Hardware:
         return dataclasses.replace(self, gpu=dataclasses.replace(self.gpu, count=count))
 
 
-def load_hardware(name: str | Path = "reference-box", *, calibrate: bool = True) -> Hardware:
-    """A profile from configs/hardware/ (by name) or a json path."""
+def load_hardware(name: str | Path = "reference-box", *, calibrate: bool = True,
+                  calibration: str | Path | None = None) -> Hardware:
+    """A profile from jaxmoe/configs/hardware/ (by name) or a json path; calibrated from
+    `calibration_path(calibration)` when the profile asks for it, `calibrate` is set and the file
+    exists."""
     path = named_config_path("hardware", name, "hardware profile")
     d = json.loads(path.read_text())
     eff = d.get("efficiency", {})
     calibrated: list[str] = []
-    if calibrate and "kernels.json" in d.get("calibrate_from", ()) and KERNELS_JSON.exists():
-        frac = json.loads(KERNELS_JSON.read_text()).get("metrics", {}).get("fp8_gemv_m1_frac_of_read")
+    cal = calibration_path(calibration)
+    if calibrate and "kernels.json" in d.get("calibrate_from", ()) and cal.is_file():
+        try:
+            frac = json.loads(cal.read_text()).get("metrics", {}).get("fp8_gemv_m1_frac_of_read")
+        except (OSError, ValueError, AttributeError) as e:  # the profile's own figures, then
+            warnings.warn(f"jaxmoe: calibration {cal} not used: {e}", stacklevel=2)
+            frac = None
         if frac:
             eff = {**eff, "cpu_gemv_frac_of_read": min(1.0, max(0.2, float(frac)))}
-            calibrated.append(f"{KERNELS_JSON.name}: cpu_gemv_frac_of_read")
+            calibrated.append(f"{cal}: cpu_gemv_frac_of_read")
     gpu = d.get("gpu")
     return Hardware(
         name=d.get("name", path.stem), description=d.get("description", ""),

@@ -29,7 +29,7 @@ XLA. A step's time is the sum of:
 - **Fixed costs**: `layer_us` per layer per step (the small XLA ops, FFI hand-offs) and
   `token_layer_ns` per row per layer (norms, RoPE, router, residuals).
 
-The coefficients live in the profile's "cpu_kernels" block (configs/hardware/this-machine.json,
+The coefficients live in the profile's "cpu_kernels" block (jaxmoe/configs/hardware/this-machine.json,
 with where each comes from). Without that block the planner keeps its generic formulas.
 """
 

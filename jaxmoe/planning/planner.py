@@ -1,5 +1,5 @@
 """Performance model and planner: how long a prefill takes by strategy, which one to use,
-and how fast decode goes, for a checkpoint config on a box described in configs/hardware/.
+and how fast decode goes, for a checkpoint config on a box described in jaxmoe/configs/hardware/.
 
 Strategies of a prefill:
 - "cpu": routed experts on the CPU (our kernels), everything else on the GPU (or, with no

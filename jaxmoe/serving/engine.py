@@ -56,7 +56,7 @@ def cache_bytes_per_position(cfg: ModelConfig, dtype=jnp.float32) -> int:
 
 class Engine:
     """Serve requests on one model. `runtime` is a RuntimeConfig or a preset name
-    (configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
+    (jaxmoe/configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
     memory_budget_bytes, overlap, prefill_strategy, hardware, ...). `expert_source`: where
     stream-loaded prefill reads the routed experts (layer -> host arrays, e.g.
     `loading.expert_source.CheckpointExperts`); default: the weights' own experts when they are arrays."""

@@ -1,6 +1,6 @@
 """Runtime presets: where each part of the model lives, and the devices a preset resolves to.
 
-A `RuntimeConfig` comes from a preset in configs/runtime/ (`cpu-only`, `gpu+cpu-experts`,
+A `RuntimeConfig` comes from a preset in jaxmoe/configs/runtime/ (`cpu-only`, `gpu+cpu-experts`,
 `2gpu+cpu-experts`), overridable by keyword. Accelerators hold embeddings, MLA, dense
 layers, router, shared experts and lm_head; routed experts stay in host memory
 (`routed_experts="host"`) or, for a model that fits, on the accelerator too.
@@ -42,7 +42,7 @@ class RuntimeConfig:
     # prefill strategy per request: "auto" (the planner's choice on `hardware`; the environment
     # variable JAXMOE_PREFILL_STRATEGY forces one) | "cpu" (the step path) | "slp" | "dslp"
     prefill_strategy: str = "auto"
-    hardware: str | None = None  # configs/hardware profile for the planner (None: from the devices)
+    hardware: str | None = None  # jaxmoe/configs/hardware profile for the planner (None: from the devices)
     # precision of the CPU kernels' FP8/BF16 matmuls, process-wide: "exact" (exact weight decode,
     # f32 activations and sums, on every ISA) | "bf16" (activations rounded to bf16, bf16 dot
     # products where the CPU has them: AVX-512 BF16) | None (leave the library's setting: env

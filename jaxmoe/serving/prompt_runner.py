@@ -61,7 +61,7 @@ def requested_strategy(rc: RuntimeConfig) -> tuple[str, str]:
 
 
 def default_hardware(rc: RuntimeConfig, devices: Devices) -> str:
-    """The configs/hardware profile matching the devices in use."""
+    """The jaxmoe/configs/hardware profile matching the devices in use."""
     if rc.hardware:
         return rc.hardware
     accs = devices.accelerators

@@ -45,8 +45,8 @@ def validate_sampling(temperature: float, top_k: int, top_p: float, seed: int = 
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {top_k!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or not 0 <= top_k < 2**31:
+        raise ValueError(f"top_k must be an integer in [0, 2**31) (0 = disabled), got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     if not (0.0 < top_p <= 1.0):  # also rejects NaN

@@ -23,7 +23,8 @@ ALLOWED = {
     "streaming": BASE | {"model", "planning"},
     "serving": BASE | {"model", "loading", "cpu", "planning", "streaming"},
     "generate": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer"},
-    "cli": BASE | {"__init__", "loading", "generate", "tokenizer"},
+    "server": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer", "generate"},
+    "cli": BASE | {"__init__", "loading", "generate", "tokenizer", "server"},
     "__init__": {"config", "generate", "tokenizer"},
 }
 NO_JAX = ("planning", "step_shapes", "config")  # pure arithmetic on configs

@@ -142,17 +142,40 @@ def test_cpu_only_decode_counts_every_layer_and_the_attention():
 
 
 def test_hardware_profiles_and_calibration(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXMOE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("JAXMOE_CALIBRATION", raising=False)
     for name in ("reference-box", "h100-box", "this-machine", "this-machine-fake-devices"):
         load_hardware(name)
     ref = load_hardware("reference-box")
     assert (ref.n_gpus, ref.gpu.bf16_tflops, ref.gpu.fp8_tflops, ref.gpu.pcie_gbps, ref.gpu.memory_gb) == (2, 209.5, 419, 50, 32)
-    kernels = tmp_path / "kernels.json"
-    kernels.write_text(json.dumps({"metrics": {"fp8_gemv_m1_frac_of_read": 0.8}}))
-    monkeypatch.setattr(hardware, "KERNELS_JSON", kernels)
+    # no calibration file: the profile's shipped figures
+    cached = tmp_path / "cache" / "calibration" / "kernels.json"
+    assert hardware.calibration_path() == cached
+    assert load_hardware("this-machine").efficiency.cpu_gemv_frac_of_read == 0.9
+    assert not load_hardware("this-machine").calibrated_from
+    # the one a full `python -m benchmarks.kernels` leaves in the cache
+    cached.parent.mkdir(parents=True)
+    cached.write_text(json.dumps({"metrics": {"fp8_gemv_m1_frac_of_read": 0.8}}))
     here = load_hardware("this-machine")
-    assert here.efficiency.cpu_gemv_frac_of_read == 0.8 and here.calibrated_from
+    assert here.efficiency.cpu_gemv_frac_of_read == 0.8 and here.calibrated_from == (f"{cached}: cpu_gemv_frac_of_read",)
     assert load_hardware("this-machine", calibrate=False).efficiency.cpu_gemv_frac_of_read == 0.9
     assert not load_hardware("reference-box").calibrated_from  # not measured there
-    with pytest.raises(ValueError, match="unknown hardware profile"):
+    # an explicit file: the argument, then $JAXMOE_CALIBRATION, before the cache
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"metrics": {"fp8_gemv_m1_frac_of_read": 0.7}}))
+    assert load_hardware("this-machine", calibration=other).efficiency.cpu_gemv_frac_of_read == 0.7
+    monkeypatch.setenv("JAXMOE_CALIBRATION", str(other))
+    assert hardware.calibration_path() == other
+    assert load_hardware("this-machine").efficiency.cpu_gemv_frac_of_read == 0.7
+    assert load_hardware("this-machine", calibration=cached).efficiency.cpu_gemv_frac_of_read == 0.8
+    monkeypatch.setenv("JAXMOE_CALIBRATION", str(tmp_path / "missing.json"))
+    assert load_hardware("this-machine").efficiency.cpu_gemv_frac_of_read == 0.9  # named but absent: shipped figures
+    other.write_text("{not json")
+    with pytest.warns(UserWarning, match="not used"):
+        assert load_hardware("this-machine", calibration=other).efficiency.cpu_gemv_frac_of_read == 0.9
+    with pytest.raises(ValueError, match=r"unknown hardware profile 'no-such-box'; known: \['h100-box', 'reference-box'"):
         load_hardware("no-such-box")
+    mine = tmp_path / "my-box.json"  # a profile by path
+    mine.write_text(hardware.named_config_path("hardware", "h100-box", "profile").read_text())
+    assert load_hardware(mine).gpu == load_hardware(str(mine)).gpu == load_hardware("h100-box").gpu
     assert math.isinf(estimate_prefill(V3, here, 10, "resident").seconds)
