@@ -1,4 +1,4 @@
-"""Print the README's Performance table from the results JSONs (e2e, peer_llamacpp, slo,
+"""Print the README's Performance table from the results JSONs (e2e, peer_llamacpp, slo, serve,
 kernels, kernels_int4_gemm, quality, prefill), one row block per CPU class measured;
 with --write-readme, replace the table in README.md's "Performance" section (between the
 `<!-- perf-table -->` markers) with it.
@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks._cpu import CLASSES
 from benchmarks._harness import CLASS_DIRS, RESULTS_DIR
 
-NAMES = ("e2e", "peer_llamacpp", "slo", "kernels", "kernels_int4_gemm", "quality", "prefill")
+NAMES = ("e2e", "peer_llamacpp", "slo", "serve", "kernels", "kernels_int4_gemm", "quality", "prefill")
 CLASS_LABELS = {"avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX", "other": "other"}
 LEGACY_CLASS = "avx2"  # results whose env has no cpu_class: all from the AVX2 development box
 
@@ -95,7 +95,7 @@ def _rows(load: Loader) -> list[str]:
             f"| e2e | {d['model']} FP8 | prefill tok/s, 512-token prompt | {_f(m['prefill_tok_s_512'])} | {run} |",
             f"| e2e | {d['model']} FP8 | prefill tok/s, 4096-token prompt | {_f(m.get('prefill_tok_s_4096'))} | {run} |",
         ]
-    rows += _peer_rows(load) + _slo_rows(load) + _kernel_rows(load)
+    rows += _peer_rows(load) + _slo_rows(load) + _serve_rows(load) + _kernel_rows(load)
     k = load("kernels")
     if k:
         m, run = k["metrics"], _env(k)
@@ -202,6 +202,35 @@ def _slo_rows(load: Loader) -> list[str]:
         f"| SLO | {model} | mixed: {m['mixed_decoders']} decoders + a {m['mixed_long_prompt']}-token prompt: its TTFT s; "
         f"decoders' TPOT p50 / p99 ms (p50 alone) | {_f(m['mixed_ttft_s'], 2)}; {_f(1e3 * m['mixed_tpot_p50_s'], 1)} / "
         f"{_f(1e3 * m['mixed_tpot_p99_s'], 1)} ({_f(1e3 * m['mixed_tpot_before_p50_s'], 1)}) | {run} |",
+    ]
+
+
+def _serve_rows(load: Loader) -> list[str]:
+    """The load test of `jaxmoe serve` (benchmarks/serve.py): N concurrent streaming clients
+    over HTTP; TTFT / TPOT at the fewest and most clients, output tok/s at every N."""
+    d = load("serve")
+    if not d:
+        return []
+    m, run = d["metrics"], _env(d)
+    ns = m["clients"]
+    lo, hi = min(ns), max(ns)
+    model = f"{m['model']} FP8"
+    what = f"{m['prompt_tokens']}-token prompt, {m['max_tokens']} output tokens, {m.get('n_slots') or '?'} slots"
+
+    def ms(key: str) -> str:
+        return _f(None if m.get(key) is None else 1e3 * m[key], 1)
+
+    frac = m.get("decode_frac_of_read_c1")
+    return [
+        f"| serve (`jaxmoe serve`, streamed /v1/completions) | {model} | TTFT ms p50 / p99: {lo} / {hi} clients ({what}) | "
+        f"{ms(f'ttft_p50_s_c{lo}')} / {ms(f'ttft_p99_s_c{lo}')}; {ms(f'ttft_p50_s_c{hi}')} / {ms(f'ttft_p99_s_c{hi}')} | "
+        f"{run} |",
+        f"| serve | {model} | TPOT ms p50 / p99: {lo} / {hi} clients | {ms(f'tpot_p50_s_c{lo}')} / {ms(f'tpot_p99_s_c{lo}')}; "
+        f"{ms(f'tpot_p50_s_c{hi}')} / {ms(f'tpot_p99_s_c{hi}')} | "
+        + (f"decode at 1 client: {_f(frac, 3)} of the bandwidth bound; " if frac is not None else "") + f"{run} |",
+        f"| serve | {model} | output tok/s at {' / '.join(str(n) for n in ns)} clients | "
+        f"{' / '.join(_f(m.get(f'output_tok_s_c{n}')) for n in ns)} | read pass {_f(m.get('read_gb_s'))} GB/s; "
+        f"bench-v3-mid: `python -m benchmarks.serve --model bench-v3-mid`; {run} |",
     ]
 
 
