@@ -9,9 +9,14 @@ markers, which a tool-call parser reads from the text).
 
 Chat messages are OpenAI's: {"role": "system" | "user" | "assistant" | "tool", "content": ...},
 an assistant message may carry `tool_calls` ([{"id", "type": "function", "function": {"name",
-"arguments"}}], its content then optional), a tool message `tool_call_id`; `tools` (OpenAI's
+"arguments"}}], its content then optional), a tool message `tool_call_id`. `tools` (OpenAI's
 [{"type": "function", "function": {"name", "description", "parameters"}}]) go to the chat
-template as its `tools` variable.
+template as its `tools` variable when the template uses it. The official DeepSeek-V3, V3-0324
+and R1 templates never do (they render tool calls and results, not tool descriptions): for
+those the tools are described in the system prompt (`tools_system_prompt`, DeepSeek's "## Tools"
+section with V3's call syntax), merged into the first system message, and the checkpoint's own
+template renders that. A template that renders neither `tools` nor system messages cannot be
+given tools.
 """
 
 from __future__ import annotations
@@ -33,6 +38,60 @@ Tool = dict[str, Any]  # OpenAI's {"type": "function", "function": {"name", "des
 
 class TokenizerError(ValueError):
     """A tokenizer that is missing or unusable, or a chat template that cannot be rendered."""
+
+
+# ---- tools described in the system prompt ------------------------------------------------------
+# For a chat template that never uses `tools` (DeepSeek-V3's, V3-0324's, R1's). The structure is
+# DeepSeek's published tool-use system prompt (the DeepSeek-V3.1 model card's "## Tools" section:
+# the tools by name, description and parameter schema, then the exact call format); the call
+# format is V3's, the one `jaxmoe.server.tool_calls` parses (the markers are DeepSeek's special
+# tokens, spelled as in its vocabulary).
+TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+TOOL_CALL_END = "<｜tool▁call▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN = "<｜tool▁outputs▁begin｜>"
+TOOL_OUTPUTS_END = "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
+TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
+TOOLS_INTRO = "## Tools\nYou have access to the following tools:\n"
+TOOLS_FORMAT = (
+    "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
+    + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function" + TOOL_SEP + "tool_call_name\n```json\ntool_call_arguments\n```"
+    + TOOL_CALL_END + "{additional_tool_calls}" + TOOL_CALLS_END + "\n\nWhere:\n"
+    "- `tool_call_name` must be an exact match to one of the available tools\n"
+    "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
+    "- For multiple tool calls, separate them with a newline"
+)
+_SYSTEM_PROBE = "jaxmoe-system-probe-5e1f"  # rendered in a system message: does the template show it?
+
+
+def tools_system_prompt(tools: Sequence[Tool]) -> str:
+    """The "## Tools" section of a system prompt describing `tools` (checked OpenAI tools):
+    each tool's name, description and JSON parameter schema, then V3's tool-call format."""
+    parts = [TOOLS_INTRO]
+    for t in tools:
+        f = t["function"]
+        params = json.dumps(f.get("parameters") or {}, ensure_ascii=False)
+        parts.append(f"\n### {f['name']}\nDescription: {f.get('description') or ''}\n\nParameters: {params}\n")
+    parts.append(TOOLS_FORMAT)
+    return "".join(parts)
+
+
+def _with_tools_in_system(messages: list[Message], tools: Sequence[Tool]) -> list[Message]:
+    """`messages` with the tools section appended to the first system message (after a blank
+    line), or in a system message of its own first when there is none."""
+    section = tools_system_prompt(tools)
+    for i, m in enumerate(messages):
+        if m["role"] == "system":
+            content = m.get("content")
+            if content is not None and not isinstance(content, str):
+                raise ValueError(f"messages[{i}]: the tools are added to the system message, whose content must be a "
+                                 f"string, got {type(content).__name__}")
+            merged = f"{content}\n\n{section}" if content else section
+            return [*messages[:i], {**m, "content": merged}, *messages[i + 1 :]]
+    return [{"role": "system", "content": section}, *messages]
 
 
 def _token_content(tok: Any) -> str | None:
@@ -66,6 +125,7 @@ class Tokenizer:
         self.chat_template = _chat_template(self.config)
         self._template: jinja2.Template | None = None
         self._template_uses_tools = False
+        self._renders_system: bool | None = None  # does the template show a system message (probed once)
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
 
@@ -120,20 +180,28 @@ class Tokenizer:
     ) -> str:
         """Render `messages` (and `tools`, if any) with the checkpoint's template.
 
-        Raises ValueError on malformed messages or tools, and when `tools` are given but the
-        template never uses them (it would silently leave them out of the prompt)."""
+        A template that uses the `tools` variable renders the tools itself; for one that does
+        not (DeepSeek-V3's, R1's) they are described in the first system message
+        (`tools_system_prompt`). Raises ValueError on malformed messages or tools, and when
+        `tools` are given to a template that renders neither them nor system messages (they
+        would silently be left out of the prompt)."""
         if self.chat_template is None:
             raise TokenizerError("this tokenizer has no chat_template in tokenizer_config.json; pass a prompt")
         messages = _checked_messages(messages)
         tools = _checked_tools(tools)
-        template = self._compiled_template()
+        self._compiled_template()
         if tools and not self._template_uses_tools:
-            raise TokenizerError(
-                "this checkpoint's chat template does not render tools (it never uses the `tools` variable); "
-                "it cannot be given tools"
-            )
+            if not self._template_renders_system():
+                raise TokenizerError(
+                    "this checkpoint's chat template does not render tools (it never uses the `tools` variable) "
+                    "nor system messages (where they would be described); it cannot be given tools"
+                )
+            messages, tools = _with_tools_in_system(messages, tools), None
+        return self._render(messages, tools, add_generation_prompt)
+
+    def _render(self, messages: list[Message], tools: list[Tool] | None, add_generation_prompt: bool) -> str:
         try:
-            return template.render(
+            return self._compiled_template().render(
                 messages=messages,
                 tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
@@ -142,6 +210,17 @@ class Tokenizer:
             )
         except (jinja2.TemplateError, TypeError) as e:  # TypeError: e.g. a template adding None to a string
             raise TokenizerError(f"cannot render chat template: {e}") from e
+
+    def _template_renders_system(self) -> bool:
+        """Whether a system message's content shows in the rendered prompt (a template that
+        refuses system messages, raising, does not render them)."""
+        if self._renders_system is None:
+            probe = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+            try:
+                self._renders_system = _SYSTEM_PROBE in self._render(probe, None, True)
+            except (TokenizerError, KeyError):
+                self._renders_system = False
+        return self._renders_system
 
     def _compiled_template(self) -> jinja2.Template:
         if self._template is None:
@@ -171,7 +250,8 @@ class Tokenizer:
 
 
 def _checked_messages(messages: Sequence[Message]) -> list[Message]:
-    """`messages` checked; an assistant message with tool calls and no content gets content None."""
+    """`messages` checked; an assistant message with tool calls and no content (missing or empty,
+    as OpenAI clients send it) gets content None: DeepSeek-V3's template renders the calls only then."""
     if isinstance(messages, (str, bytes)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
@@ -190,7 +270,7 @@ def _checked_messages(messages: Sequence[Message]) -> list[Message]:
                     raise ValueError(f"messages[{i}].tool_calls[{j}] must be {{'function': {{'name': ..., 'arguments': ...}}}}")
                 if not isinstance(f.get("arguments", ""), (str, dict)):
                     raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON string")
-            if "content" not in m:
+            if m.get("content") in (None, ""):
                 m = {**m, "content": None}
         elif "content" not in m:
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {m!r}")

@@ -17,6 +17,20 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from jaxmoe.tokenizer import (
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_OUTPUT_BEGIN,
+    TOOL_OUTPUT_END,
+    TOOL_OUTPUTS_BEGIN,
+    TOOL_OUTPUTS_END,
+    TOOL_SEP,
+    TOOLS_FORMAT,
+    TOOLS_INTRO,
+)
+
 BOS = "<|begin▁of▁sentence|>"
 EOS = "<|end▁of▁sentence|>"
 USER = "<|User|>"
@@ -24,15 +38,6 @@ ASSISTANT = "<|Assistant|>"
 SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)
 
 # DeepSeek-V3's tool markers, in the real vocabulary's order (ids 128806-128814 there)
-TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
-TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
-TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
-TOOL_CALL_END = "<｜tool▁call▁end｜>"
-TOOL_OUTPUTS_BEGIN = "<｜tool▁outputs▁begin｜>"
-TOOL_OUTPUTS_END = "<｜tool▁outputs▁end｜>"
-TOOL_OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
-TOOL_OUTPUT_END = "<｜tool▁output▁end｜>"
-TOOL_SEP = "<｜tool▁sep｜>"
 TOOL_TOKENS = (
     TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END,
     TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_SEP,
@@ -46,15 +51,6 @@ def _q(s: str) -> str:
 
 
 # The tools section of the system prompt (DeepSeek's published tool prompt, with V3's call syntax)
-_TOOLS_INTRO = "## Tools\nYou have access to the following tools:\n"
-_TOOLS_FORMAT = (
-    "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
-    + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "function" + TOOL_SEP + "tool_call_name\n```json\ntool_call_arguments\n```"
-    + TOOL_CALL_END + "{additional_tool_calls}" + TOOL_CALLS_END + "\n\nWhere:\n"
-    "- `tool_call_name` must be an exact match to one of the available tools\n"
-    "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
-    "- For multiple tool calls, separate them with a newline"
-)
 
 # DeepSeek-V3's template: bos, the system prompt(s) (and the tools), then the turns; an
 # assistant turn's tool calls in the call markup, tool results in the output markup (an
@@ -67,13 +63,13 @@ CHAT_TEMPLATE = (
     "{% else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{% endif %}"
     "{% endif %}{% endfor -%}"
     "{% if tools %}"
-    "{% set ns.system_prompt = (ns.system_prompt + '\\n\\n' if ns.system_prompt else '') + " + _q(_TOOLS_INTRO) + " %}"
+    "{% set ns.system_prompt = (ns.system_prompt + '\\n\\n' if ns.system_prompt else '') + " + _q(TOOLS_INTRO) + " %}"
     "{% for tool in tools %}"
     "{% set ns.system_prompt = ns.system_prompt + '\\n### ' + tool['function']['name']"
     " + '\\nDescription: ' + (tool['function']['description'] or '')"
     " + '\\n\\nParameters: ' + ((tool['function']['parameters'] or {}) | tojson) + '\\n' %}"
     "{% endfor %}"
-    "{% set ns.system_prompt = ns.system_prompt + " + _q(_TOOLS_FORMAT) + " %}"
+    "{% set ns.system_prompt = ns.system_prompt + " + _q(TOOLS_FORMAT) + " %}"
     "{% endif %}"
     "{{ bos_token }}{{ ns.system_prompt }}"
     "{%- for message in messages %}"

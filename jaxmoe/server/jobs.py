@@ -5,8 +5,10 @@ text content parts are joined), `prompt` (one string or one list of token ids), 
 `max_completion_tokens` (default: the rest of the context), `temperature` (default 1, as
 OpenAI's), `top_p`, `top_k` (extension), `seed` (default: a random one when sampling),
 `stop`, `stream`, `stream_options.include_usage`, `ignore_eos` (extension), `tools` /
-`tool_choice` "auto" | "none" (tools rendered by the chat template, the model's tool-call
-markup parsed into `tool_calls`; "none" renders no tools). Refused with a 400 that names the parameter: `n` != 1,
+`tool_choice` "auto" | "none" (tools rendered by the chat template, or described in the
+system prompt when the template has no place for them: `Tokenizer.apply_chat_template`; the
+model's tool-call markup parsed into `tool_calls`; "none" renders no tools). Refused with a
+400 that names the parameter: `n` != 1,
 `logprobs` / `top_logprobs`, presence or frequency penalties, `logit_bias`, `echo`,
 `suffix`, `best_of` != 1, a `response_format` other than text, `tool_choice` "required" or a
 named function, several prompts in one request, a prompt that leaves no room in the context.

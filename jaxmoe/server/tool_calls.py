@@ -33,11 +33,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-TOOL_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
-TOOL_CALLS_END = "<｜tool▁calls▁end｜>"
-TOOL_CALL_BEGIN = "<｜tool▁call▁begin｜>"
-TOOL_CALL_END = "<｜tool▁call▁end｜>"
-TOOL_SEP = "<｜tool▁sep｜>"
+from jaxmoe.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
+
 # the markers the parser reads: keep these when detokenizing the model's output
 TOOL_MARKERS: tuple[str, ...] = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP)
 

@@ -1,7 +1,8 @@
 """Tool calls: DeepSeek-V3's call markup parsed from streamed text (any split of a text gives the
 one-shot result), tools / tool calls / tool results rendered by the chat template (checked
-against transformers), and the detokenizer keeping only the tool markers among the special
-tokens."""
+against transformers), tools described in the system prompt for a template that never uses
+`tools` (DeepSeek-V3's own), and the detokenizer keeping only the tool markers among the
+special tokens."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from jaxmoe.server.tool_calls import (
     ToolCallParser,
     parse_tool_calls,
 )
-from jaxmoe.tokenizer import Tokenizer, TokenizerError
+from jaxmoe.tokenizer import TOOLS_FORMAT, Tokenizer, TokenizerError, tools_system_prompt
 
 
 def v3_call(name: str, args: str, kind: str = "function") -> str:
@@ -209,7 +210,7 @@ def test_template_renders_tools_calls_and_results(tok):
     bos, eos = tok.bos_token, tok.eos_token
     assert text == (
         f"{bos}Be terse.\n\n## Tools\nYou have access to the following tools:\n\n### now\nDescription: \n\n"
-        'Parameters: {"type": "object", "properties": {}}\n' + tokenizer_data._TOOLS_FORMAT
+        'Parameters: {"type": "object", "properties": {}}\n' + tokenizer_data.TOOLS_FORMAT
         + "<|User|>Weather in Paris?<|Assistant|><｜tool▁calls▁begin｜>"
         '<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜>\n'
         "<｜tool▁call▁begin｜>function<｜tool▁sep｜>now\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>" + eos
@@ -258,15 +259,152 @@ def test_bad_tool_messages_and_tools_raise(tok, messages, tools, match):
         tok.apply_chat_template(messages, tools=tools)
 
 
-def test_a_template_without_tools_refuses_them(tmp_path, tiny_ckpt):
-    shutil.copy(tiny_ckpt / "tokenizer.json", tmp_path / "tokenizer.json")
-    template = "{{ bos_token }}{% for m in messages %}<|User|>{{ m['content'] }}{% endfor %}"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": tokenizer_data.BOS, "chat_template": template}))
-    tok = Tokenizer.from_dir(tmp_path)
+def tokenizer_with(path, tiny_ckpt, template: str) -> Tokenizer:
+    """A tokenizer directory at `path`: the synthetic tokenizer.json, `template` as the chat template."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tiny_ckpt / "tokenizer.json", path / "tokenizer.json")
+    config = {"bos_token": tokenizer_data.BOS, "eos_token": tokenizer_data.EOS, "chat_template": template}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return Tokenizer.from_dir(path)
+
+
+def _lit(s: str) -> str:
+    """`s` (no quote, backslash or newline in it) as a jinja string literal."""
+    return "'" + s + "'"
+
+
+# The official DeepSeek-V3 / R1 chat template's structure (tokenizer_config.json of the real
+# checkpoints; here with the synthetic vocabulary's USER / ASSISTANT / EOS spellings, and the
+# tool-calls end marker after the loop, as R1 has it): bos, the system messages joined, then the
+# turns; an assistant turn with content None is its tool calls, tool results go in the output
+# markup. It renders calls and results but never uses `tools`.
+U, A, E = _lit(tokenizer_data.USER), _lit(tokenizer_data.ASSISTANT), _lit(tokenizer_data.EOS)
+CALL_BODY = (f"{_lit(TOOL_CALL_BEGIN)} + tool['type'] + {_lit(TOOL_SEP)} + tool['function']['name'] + "
+             f"'\\n```json\\n' + tool['function']['arguments'] + '\\n```' + {_lit(TOOL_CALL_END)}")
+V3_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', is_first_sp=true) %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{%- if ns.is_first_sp %}{% set ns.system_prompt = ns.system_prompt + message['content'] %}"
+    "{% set ns.is_first_sp = false %}"
+    "{%- else %}{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}{{ " + U + " + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is none %}{%- set ns.is_tool = false -%}"
+    "{%- set ns.is_first = false -%}"
+    "{%- for tool in message['tool_calls'] %}"
+    "{%- if not ns.is_first %}{{ " + A + " + " + _lit(TOOL_CALLS_BEGIN) + " + " + CALL_BODY + " }}"
+    "{%- set ns.is_first = true -%}"
+    "{%- else %}{{ '\\n' + " + CALL_BODY + " }}{%- endif %}"
+    "{%- endfor %}{{ " + _lit(TOOL_CALLS_END) + " + " + E + " }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    "{%- if ns.is_tool %}{{ " + _lit(tokenizer_data.TOOL_OUTPUTS_END) + " + message['content'] + " + E + " }}"
+    "{%- set ns.is_tool = false -%}"
+    "{%- else %}{{ " + A + " + message['content'] + " + E + " }}{%- endif %}{%- endif %}"
+    "{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}"
+    "{%- if ns.is_output_first %}{{ " + _lit(tokenizer_data.TOOL_OUTPUTS_BEGIN + tokenizer_data.TOOL_OUTPUT_BEGIN)
+    + " + message['content'] + " + _lit(tokenizer_data.TOOL_OUTPUT_END) + " }}{%- set ns.is_output_first = false %}"
+    "{%- else %}{{ '\\n' + " + _lit(tokenizer_data.TOOL_OUTPUT_BEGIN) + " + message['content'] + "
+    + _lit(tokenizer_data.TOOL_OUTPUT_END) + " }}{%- endif %}{%- endif %}"
+    "{%- endfor -%}"
+    "{% if ns.is_tool %}{{ " + _lit(tokenizer_data.TOOL_OUTPUTS_END) + " }}{% endif %}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{ " + A + " }}{% endif %}"
+)
+
+# Our own text, in the structure of DeepSeek's published tool prompt ("## Tools"), V3's syntax
+TOOLS_SECTION = (
+    "## Tools\nYou have access to the following tools:\n"
+    "\n### get_weather\nDescription: The weather of a city\n\n"
+    'Parameters: {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}\n'
+    "\n### now\nDescription: \n\n"
+    'Parameters: {"type": "object", "properties": {}}\n'
+    "\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n"
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>tool_call_name\n```json\ntool_call_arguments\n```"
+    "<｜tool▁call▁end｜>{additional_tool_calls}<｜tool▁calls▁end｜>\n\n"
+    "Where:\n"
+    "- `tool_call_name` must be an exact match to one of the available tools\n"
+    "- `tool_call_arguments` must be valid JSON that strictly follows the tool's Parameters Schema\n"
+    "- For multiple tool calls, separate them with a newline"
+)
+
+
+@pytest.fixture(scope="module")
+def v3_tok(tmp_path_factory, tiny_ckpt) -> Tokenizer:
+    return tokenizer_with(tmp_path_factory.mktemp("v3-template"), tiny_ckpt, V3_TEMPLATE)
+
+
+def test_the_tools_section_and_its_call_format():
+    assert tools_system_prompt(TOOLS) == TOOLS_SECTION
+    # the stated call format is the one the parser reads
+    example = TOOLS_FORMAT[TOOLS_FORMAT.index(TOOL_CALLS_BEGIN): TOOLS_FORMAT.index(TOOL_CALLS_END) + len(TOOL_CALLS_END)]
+    call = example.replace("tool_call_name", "get_weather").replace("tool_call_arguments", WEATHER)
+    assert calls_of(parse_tool_calls(call.replace("{additional_tool_calls}", ""))) == ("", [("get_weather", WEATHER)])
+    two = call.replace("{additional_tool_calls}", "\n" + v3_call("now", "{}"))
+    assert calls_of(parse_tool_calls(two)) == ("", [("get_weather", WEATHER), ("now", "{}")])
+
+
+def test_a_v3_template_gets_the_tools_in_its_system_prompt(v3_tok):
+    bos = tokenizer_data.BOS
+    assert v3_tok.apply_chat_template(CONVERSATION[:2], tools=TOOLS) == (
+        f"{bos}Be terse.\n\n{TOOLS_SECTION}<|User|>Weather in Paris?<|Assistant|>")
+    user = CONVERSATION[1:2]
+    assert v3_tok.apply_chat_template(user, tools=TOOLS) == f"{bos}{TOOLS_SECTION}<|User|>Weather in Paris?<|Assistant|>"
+    # several system messages: the tools go with the first; the template joins them
+    two = [{"role": "system", "content": "A."}, *user, {"role": "system", "content": "B."}]
+    assert v3_tok.apply_chat_template(two, tools=TOOLS[1:]) == (
+        f"{bos}A.\n\n{tools_system_prompt(TOOLS[1:])}\n\nB.<|User|>Weather in Paris?<|Assistant|>")
+    empty = [{"role": "system", "content": ""}, *user]
+    assert v3_tok.apply_chat_template(empty, tools=TOOLS) == v3_tok.apply_chat_template(user, tools=TOOLS)
+    # no tools: the prompt as before
+    for tools in (None, []):
+        assert v3_tok.apply_chat_template(CONVERSATION[:2], tools=tools) == (
+            f"{bos}Be terse.<|User|>Weather in Paris?<|Assistant|>")
+    assert v3_tok.encode_chat(user, tools=TOOLS) == v3_tok.encode(
+        v3_tok.apply_chat_template(user, tools=TOOLS), add_special_tokens=False)
+    with pytest.raises(ValueError, match="must be a string"):
+        v3_tok.apply_chat_template([{"role": "system", "content": [{"type": "text", "text": "x"}]}, *user], tools=TOOLS)
+
+
+def test_a_v3_template_renders_the_round_trip_with_the_tools(v3_tok):
+    """Calls (content None, or "" as some clients send it) and their results, after the tools."""
+    calls_empty = {**CONVERSATION[2], "content": ""}
+    for msgs in (CONVERSATION[:5], [*CONVERSATION[:2], calls_empty, *CONVERSATION[3:5]]):
+        text = v3_tok.apply_chat_template(msgs, tools=TOOLS)
+        assert text == (
+            f"{tokenizer_data.BOS}Be terse.\n\n{TOOLS_SECTION}<|User|>Weather in Paris?<|Assistant|>"
+            + block(v3_call("get_weather", '{"city": "Paris"}'), v3_call("now", "{}")) + tokenizer_data.EOS
+            + "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>22C<｜tool▁output▁end｜>\n"
+            "<｜tool▁output▁begin｜>noon<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
+        )
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 6, 7, 9])
+def test_described_in_the_system_prompt_as_the_synthetic_template_renders_them(tmp_path, tiny_ckpt, tok, n):
+    """The synthetic template without its own tools block, given tools, renders what it renders with it."""
+    template = tokenizer_data.CHAT_TEMPLATE
+    without = template[: template.index("{% if tools %}")] + template[template.index("{{ bos_token }}"):]
+    assert "tools" not in without
+    bare = tokenizer_with(tmp_path, tiny_ckpt, without)
+    for msgs in (CONVERSATION[:n], CONVERSATION[1:n]):
+        for gen in (True, False):
+            expected = tok.apply_chat_template(msgs, tools=TOOLS, add_generation_prompt=gen)
+            assert bare.apply_chat_template(msgs, tools=TOOLS, add_generation_prompt=gen) == expected
+            assert TOOLS_SECTION in expected
+
+
+@pytest.mark.parametrize("template", [
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}{% endif %}{% endfor %}",
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+    "{% endif %}<|User|>{{ m['content'] }}{% endfor %}",
+])
+def test_a_template_without_tools_or_system_messages_refuses_tools(tmp_path, tiny_ckpt, template):
+    tok = tokenizer_with(tmp_path, tiny_ckpt, template)
     msgs = [{"role": "user", "content": "hi"}]
     with pytest.raises(TokenizerError, match="does not render tools") as e:
         tok.apply_chat_template(msgs, tools=TOOLS)
-    assert isinstance(e.value, ValueError)
+    assert isinstance(e.value, ValueError) and "nor system messages" in str(e.value)
     assert tok.apply_chat_template(msgs, tools=[]) == tok.apply_chat_template(msgs) == tokenizer_data.BOS + "<|User|>hi"
 
 

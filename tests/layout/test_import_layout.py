@@ -17,7 +17,7 @@ ALLOWED = {
     "step_shapes": {"config"},
     "tokenizer": set(),
     "model": BASE,
-    "loading": BASE | {"model"},
+    "loading": BASE | {"model", "tokenizer"},  # tokenizer_data: the synthetic tokenizer's markers
     "cpu": BASE | {"model", "loading"},
     "planning": {"config", "step_shapes"},
     "streaming": BASE | {"model", "planning"},

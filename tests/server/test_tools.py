@@ -1,4 +1,5 @@
-"""Tools: rendered into the prompt by the chat template (not with tool_choice "none"), and the
+"""Tools: rendered into the prompt by the chat template (not with tool_choice "none"), or, for
+a template that never uses `tools` (DeepSeek-V3's), described in its system prompt; and the
 model's tool-call markup answered as `tool_calls`, plain and streamed, finish_reason
 "tool_calls". The random tiny model never writes the markup, so those answers come from a
 scripted generation in place of stream_generate; the real model checks the prompts."""
@@ -6,11 +7,14 @@ scripted generation in place of stream_generate; the real model checks the promp
 from __future__ import annotations
 
 import json
+import shutil
 
+import openai
 import pytest
 
 import jaxmoe
 from jaxmoe.generate import StreamResponse, Timings
+from jaxmoe.loading import tokenizer_data
 from jaxmoe.server import state as state_module
 from jaxmoe.server.tool_calls import (
     TOOL_CALL_BEGIN,
@@ -21,6 +25,7 @@ from jaxmoe.server.tool_calls import (
     TOOL_SEP,
     parse_tool_calls,
 )
+from jaxmoe.tokenizer import Tokenizer, tools_system_prompt
 
 from .conftest import NAME
 
@@ -110,3 +115,50 @@ def test_without_tools_nothing_is_parsed(server, scripted):
     out = server.client().chat.completions.create(model=NAME, messages=MSGS, max_tokens=50)
     assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason == "stop"
     assert out.choices[0].message.content == SCRIPT and scripted == [()]
+
+
+def swap_template(model, monkeypatch, tmp_path, tiny_ckpt, template: str) -> Tokenizer:
+    """The served model's tokenizer swapped (for this test) for the same one with `template`."""
+    shutil.copy(tiny_ckpt / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((tiny_ckpt / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    tok = Tokenizer.from_dir(tmp_path)
+    monkeypatch.setattr(model, "tokenizer", tok)
+    return tok
+
+
+@pytest.fixture
+def v3_template(model, monkeypatch, tmp_path, tiny_ckpt) -> Tokenizer:
+    """A template like DeepSeek-V3's own: tool calls and results but no `tools` (the synthetic
+    template without its tools block)."""
+    t = tokenizer_data.CHAT_TEMPLATE
+    without = t[: t.index("{% if tools %}")] + t[t.index("{{ bos_token }}"):]
+    assert "tools" not in without
+    return swap_template(model, monkeypatch, tmp_path, tiny_ckpt, without)
+
+
+def test_a_v3_template_gets_the_tools_in_the_system_prompt(server, model, v3_template):
+    ids = model.encode_prompt(messages=MSGS, tools=TOOLS)
+    assert tools_system_prompt(TOOLS) in v3_template.apply_chat_template(MSGS, tools=TOOLS)
+    out = server.client().chat.completions.create(model=NAME, messages=MSGS, tools=TOOLS, max_tokens=2, temperature=0)
+    assert out.usage.prompt_tokens == len(ids) > len(model.encode_prompt(messages=MSGS))
+    none = server.client().chat.completions.create(model=NAME, messages=MSGS, tools=TOOLS, tool_choice="none",
+                                                   max_tokens=2, temperature=0)
+    assert none.usage.prompt_tokens == len(model.encode_prompt(messages=MSGS))
+
+
+def test_a_v3_template_answers_tool_calls(server, v3_template, scripted):
+    out = server.client().chat.completions.create(model=NAME, messages=MSGS, tools=TOOLS, max_tokens=50)
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for c in out.choices[0].message.tool_calls] == ["get_weather", "now"]
+
+
+def test_a_template_ignoring_system_messages_refuses_tools(server, model, monkeypatch, tmp_path, tiny_ckpt):
+    template = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|User|>{{ m['content'] }}{% endif %}" \
+               "{% endfor %}<|Assistant|>"
+    swap_template(model, monkeypatch, tmp_path, tiny_ckpt, template)
+    with pytest.raises(openai.BadRequestError, match="does not render tools") as e:
+        server.client().chat.completions.create(model=NAME, messages=MSGS, tools=TOOLS, max_tokens=2)
+    assert e.value.body["param"] == "tools"
+    ok = server.client().chat.completions.create(model=NAME, messages=MSGS, max_tokens=2)
+    assert ok.usage.prompt_tokens == len(model.encode_prompt(messages=MSGS))
