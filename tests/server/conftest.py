@@ -85,3 +85,20 @@ def model(tiny_ckpt) -> jaxmoe.Model:
 def server(model):
     with live(model) as s:
         yield s
+
+
+@pytest.fixture
+def held_engine(model, monkeypatch):
+    """The model's engine held after three more steps (a gate before each step) until the
+    returned event is set, so a request cannot finish by itself; released at the end."""
+    engine = model.engine
+    gate, step, start = threading.Event(), engine.step, engine.steps_run
+
+    def gated_step():
+        if engine.steps_run >= start + 3:
+            gate.wait()
+        return step()
+
+    monkeypatch.setattr(engine, "step", gated_step)
+    yield gate
+    gate.set()
