@@ -49,11 +49,19 @@ def layer_until_experts(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, l
     route to no expert.
     """
     x, h, cache = attention_block(cfg, lw, x, cache, layer, positions, cos, sin, form=form, kv_len=kv_len)
+    x, moe_in = mlp_until_experts(cfg, lw, x, h, positions < cache.max_len)
+    return x, moe_in, cache
+
+
+def mlp_until_experts(cfg: ModelConfig, lw: LayerWeights, x, h, real):
+    """The per-token part after attention: dense layer -> (x + MLP(h), None); MoE layer -> (x,
+    (h [N, H], topk ids, topk weights, shared experts' output)). real [B, T]: tokens that route
+    (padding routes to no expert)."""
     if not isinstance(lw.mlp, MoEWeights):
-        return x + mlp(lw.mlp, h), None, cache
+        return x + mlp(lw.mlp, h), None
     flat = h.reshape(-1, h.shape[-1])
-    ids, weights, shared = moe_prologue(cfg, lw.mlp, flat, (positions < cache.max_len).reshape(-1))
-    return x, (flat, ids, weights, shared), cache
+    ids, weights, shared = moe_prologue(cfg, lw.mlp, flat, real.reshape(-1))
+    return x, (flat, ids, weights, shared)
 
 
 def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *,

@@ -15,6 +15,11 @@ max and sum, flash-style) in float32 over key blocks with `lax.fori_loop`, so sc
 O(T x block) per head instead of O(T x S) -- a 32K prompt fits -- and, in the expanded form,
 keys and values are expanded from the latents one block at a time. One query per row
 (decode) attends in one piece.
+
+Each form is also split in two, "write latents" (`mla_latents`, then `cache.write_layer`)
+and "attend" (`attend_expanded` / `attend_absorbed`, over the cache as written), so a
+sequence split (streaming/sequence_split.py) can write the whole chunk's latents and attend
+for its share of the queries only; `mla_*` is exactly the two in a row.
 """
 
 from __future__ import annotations
@@ -44,13 +49,17 @@ def _queries(cfg: ModelConfig, w: MLAWeights, x: jax.Array, cos, sin) -> tuple[j
     return q_nope, apply_rope(q_pe, cos, sin, cfg.rope_interleave)
 
 
-def _write_latents(cfg, w, x, cache, layer, positions, cos, sin) -> KVCache:
+def mla_latents(cfg: ModelConfig, w: MLAWeights, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+    """The new tokens' latents, as the cache keeps them: x [B, T, H] -> (c_kv [B, T, r], k_pe
+    [B, T, rope] rotated). Per token: a sequence split may compute them on its share and gather."""
     kv = linear(x, w.kv_a_proj_with_mqa)
     c_kv = rms_norm(kv[..., : cfg.kv_lora_rank], w.kv_a_layernorm, cfg.rms_norm_eps)
     k_pe = apply_rope(kv[..., cfg.kv_lora_rank :], cos, sin, cfg.rope_interleave)
-    return write_layer(cache, layer, positions, c_kv, k_pe)
+    return c_kv, k_pe
 
 
+def _write_latents(cfg, w, x, cache, layer, positions, cos, sin) -> KVCache:
+    return write_layer(cache, layer, positions, *mla_latents(cfg, w, x, cos, sin))
 
 
 def _softmax(cfg: ModelConfig, scores: jax.Array, positions: jax.Array) -> jax.Array:
@@ -127,8 +136,16 @@ def mla_expanded(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, c
     blocked attention (None: `ATTENTION_KEY_BLOCK`); keys and values are then expanded one
     block at a time, so neither scores nor expanded K/V are ever whole-cache sized.
     """
-    q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)
+    return attend_expanded(cfg, w, x, cache, layer, positions, cos, sin, kv_len, block), cache
+
+
+def attend_expanded(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None,
+                    block: int | None = None):
+    """`mla_expanded` without writing: x's queries attend over the cache as it is (which must
+    already hold x's own latents, e.g. written with `mla_latents` + `write_layer`).
+    -> out [B, T, H]. x and positions may be any subset of the written tokens (a sequence split)."""
+    q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     c_kv, k_pe = _cached(cache, layer, kv_len, x.dtype)
     h, nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
 
@@ -151,7 +168,7 @@ def mla_expanded(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, c
             return scores_of(k_nope, _key_slice(k_pe, start, size)), v, lambda p, v: jnp.einsum("bths,bshd->bthd", p, v)
 
         out = key_blocked_attention(block_fn, positions, c_kv.shape[1], blk, (*x.shape[:2], h, cfg.v_head_dim), x.dtype)
-    return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache
+    return linear(out.reshape(*x.shape[:2], -1), w.o_proj)
 
 
 def _split_kv_b(kv_b_proj, cfg, dtype) -> tuple[jax.Array, jax.Array]:
@@ -188,8 +205,14 @@ def mla_absorbed(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, c
                block: int | None = None):
     """Attention in latent space with kv_b_proj absorbed. Same contract as `mla_expanded`
     (blocked over keys for chunks of several tokens, see the module docstring)."""
-    q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     cache = _write_latents(cfg, w, x, cache, layer, positions, cos, sin)
+    return attend_absorbed(cfg, w, x, cache, layer, positions, cos, sin, kv_len, block), cache
+
+
+def attend_absorbed(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, cos, sin, kv_len: int | None = None,
+                    block: int | None = None):
+    """`mla_absorbed` without writing (see `attend_expanded`). -> out [B, T, H]."""
+    q_nope, q_pe = _queries(cfg, w, x, cos, sin)
     c_kv, k_pe = _cached(cache, layer, kv_len, x.dtype)
     q_latent = absorb_q(w.kv_b_proj, q_nope, cfg)
 
@@ -209,4 +232,4 @@ def mla_absorbed(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions, c
         o_latent = key_blocked_attention(block_fn, positions, c_kv.shape[1], blk,
                                          (*x.shape[:2], cfg.num_attention_heads, cfg.kv_lora_rank), x.dtype)
     out = absorb_out(w.kv_b_proj, o_latent, cfg)
-    return linear(out.reshape(*x.shape[:2], -1), w.o_proj), cache
+    return linear(out.reshape(*x.shape[:2], -1), w.o_proj)

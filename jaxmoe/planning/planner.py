@@ -7,7 +7,8 @@ Strategies of a prefill:
 - "slp": stream-loading prefill on one GPU: per chunk, each MoE layer's experts go over PCIe
   (double-buffered: the transfer of unit u+1 overlaps the compute of unit u) and run there.
 - "dslp": SLP on two GPUs with SmallEP: each streams and computes half of every layer's
-  experts; attention replicated (as implemented) or split by sequence (modelled only).
+  experts; attention replicated on both or split by sequence (each device its share of the
+  chunk's tokens: streaming/sequence_split.py); the plan takes the faster (`attention="auto"`).
 - "resident": the whole model, experts included, fits on one GPU.
 
 Time per chunk comes from a small event simulation of the SLP pipeline (one copy engine and
@@ -48,6 +49,7 @@ PREFERENCE = (PrefillStrategy.RESIDENT, PrefillStrategy.SLP, PrefillStrategy.DSL
 PARTS = (1, 2, 4, 8, 16)
 BUFFERS = (2, 4, 8, 16, 32)
 MIN_CHUNK = 128
+ATTENTION = ("replicated", "sequence", "auto")  # dslp's attention; streaming/slp.py runs the first two
 
 
 # ---- rates ----------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ class PrefillEstimate:
     buffers: int = 2  # stream units resident at once
     transfer_s: float = 0.0  # copy-engine busy time (per GPU), all chunks
     compute_s: float = 0.0  # compute busy time (per GPU, or CPU), all chunks
-    attention: str = "replicated"  # dslp: "replicated" (implemented) or "sequence" (modelled)
+    attention: str = "replicated"  # dslp: "replicated" or "sequence" (split by tokens); streaming/slp.py reads it
     stream_dense: bool = False  # MLA/shared weights streamed with the experts (modelled only)
     reason: str = ""  # why infeasible
 
@@ -216,7 +218,9 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
     """Predicted prefill of one prompt of n_tokens by `strategy` (see the module docstring).
 
     chunk / parts_per_layer / buffers: fixed instead of searched. attention ("dslp"):
-    "replicated" (as implemented) or "sequence" (split by tokens: modelled only). stream_dense:
+    "replicated", "sequence" (attention and the per-token dense work split by tokens over the
+    two GPUs, plus an all-gather per layer) or "auto" (the faster of the two; ties: replicated;
+    other strategies: replicated). stream_dense:
     stream the MoE layers' MLA, router and shared experts with the experts instead of keeping
     them resident (modelled only: frees device memory for larger chunks and buffers).
     fused_attention=False: attention scores materialized per chunk over the whole context
@@ -224,6 +228,15 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
     memory."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown prefill strategy {strategy!r}; known: {STRATEGIES}")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "auto":
+        kw = dict(chunk=chunk, parts_per_layer=parts_per_layer, buffers=buffers, stream_dense=stream_dense,
+                  fused_attention=fused_attention, cpu_chunk=cpu_chunk)
+        if strategy != PrefillStrategy.DSLP:
+            return estimate_prefill(cfg, hw, n_tokens, strategy, attention="replicated", **kw)
+        ests = [estimate_prefill(cfg, hw, n_tokens, strategy, attention=a, **kw) for a in ATTENTION[:2]]
+        return min(ests, key=lambda e: float(f"{e.seconds:.6g}"))  # ties: the first, replicated
     mc, r = model_costs(cfg), _rates(cfg, hw)
     scores = 0 if fused_attention else n_tokens
     inf = lambda why: PrefillEstimate(strategy, n_tokens, math.inf, reason=why)  # noqa: E731
@@ -276,8 +289,9 @@ def plan_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, *, force: str | 
 
     force: a strategy to use whatever the model says (also from the environment variable
     JAXMOE_PREFILL_STRATEGY; "auto" there means no force); raises ValueError if that strategy
-    cannot run on `hw`.
+    cannot run on `hw`. dslp's attention is chosen ("auto") unless `attention=` is given.
     """
+    kw.setdefault("attention", "auto")
     force = force or os.environ.get(FORCE_ENV) or None
     if force == "auto":
         force = None

@@ -9,7 +9,8 @@ by the environment variable JAXMOE_PREFILL_STRATEGY):
 - "slp" / "dslp": the prompt's chunks go through `streaming.slp_prefill_chunk`, the routed
   experts streamed from the single host copy (the one the decode steps' host programs read:
   the expert store's slabs, see `cpu.tiled`; or an open checkpoint's mmap for formats the
-  slabs do not hold, e.g. INT4) to one / two accelerators;
+  slabs do not hold, e.g. INT4) to one / two accelerators; dslp's attention (replicated, or
+  split by sequence: `streaming.sequence_split`) is the planner's, carried by its estimate;
 - "auto": per request, `planner.plan_prefill` on the hardware profile (`RuntimeConfig.hardware`,
   default from the devices: this-machine-fake-devices for CPU devices standing in for
   accelerators, this-machine without any, h100-box / reference-box on GPUs) among the
@@ -243,4 +244,4 @@ def _plan(cfg, hw, n_tokens: int, strategies: tuple[str, ...]):
 
 @functools.lru_cache(maxsize=256)
 def _estimate(cfg, hw, n_tokens: int, strategy: str):
-    return estimate_prefill(cfg, hw, n_tokens, strategy)
+    return estimate_prefill(cfg, hw, n_tokens, strategy, attention="auto")  # dslp: the faster attention

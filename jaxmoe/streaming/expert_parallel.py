@@ -15,7 +15,9 @@ one expert transferred twice. A layer may also be split into `parts` sequential 
 bound device memory): windows j = part * n_devices + device.
 
 Attention and everything else outside the routed experts run replicated on the mesh (see
-docs/ARCHITECTURE.md, "Stream-loading prefill", for the choice).
+docs/ARCHITECTURE.md, "Stream-loading prefill", for the choice), or split by sequence with
+`attention="sequence"` (streaming/sequence_split.py: tokens all-gathered before the experts,
+the partial outputs reduce-scattered back to each device's share instead of the psum).
 """
 
 from __future__ import annotations
@@ -68,14 +70,19 @@ def _is_pinned(a: Any) -> bool:
     return isinstance(a, jax.Array) and getattr(a.sharding, "memory_kind", None) == "pinned_host"
 
 
-def _local_routed(acc, x, ids, weights, experts, bounds):
-    """Per device: its window's experts for all tokens; psum of the partial outputs, + acc."""
+def local_partial(x, ids, weights, experts, bounds):
+    """Per device: its window's experts for all tokens x [N, H] (ids, weights [N, k]) -> its
+    partial output [N, H], to be summed over the mesh."""
     offset, lo, hi = bounds[0, 0], bounds[0, 1], bounds[0, 2]
     mine = (ids >= lo) & (ids < hi)
     n_local = jax.tree.leaves(experts)[0].shape[0]
     local_ids = jnp.where(mine, ids - offset, n_local)  # out of range: counted in no group
-    y = routed_experts(experts, x, local_ids, jnp.where(mine, weights, 0.0))
-    return acc + jax.lax.psum(y, AXIS).astype(acc.dtype)
+    return routed_experts(experts, x, local_ids, jnp.where(mine, weights, 0.0))
+
+
+def _local_routed(acc, x, ids, weights, experts, bounds):
+    """Per device: its window's experts for all tokens; psum of the partial outputs, + acc."""
+    return acc + jax.lax.psum(local_partial(x, ids, weights, experts, bounds), AXIS).astype(acc.dtype)
 
 
 @functools.lru_cache(maxsize=8)

@@ -29,7 +29,10 @@ Transfers are staged through the pinned-host memory kind where the device offers
 part) for the tests.
 
 Strategies: "slp" streams all experts to one device; "dslp" streams each device only its
-windows of each layer (`streaming.expert_parallel`) and sums with one psum.
+windows of each layer (`streaming.expert_parallel`) and sums with one psum. attention=
+"replicated" (default): every device repeats attention and the dense work for the whole chunk;
+"sequence": each device does them for its share of the chunk's tokens
+(`streaming.sequence_split`; the planner's `PrefillEstimate.attention` when it is the strategy).
 Engine hook: `slp_prefill_chunk` (one chunk, the engine's shape); `slp_prefill` loops chunks.
 """
 
@@ -50,6 +53,7 @@ from jaxmoe.model.rope import rope_cos_sin
 from jaxmoe.model.weights import MoEWeights, Weights, split_experts
 from jaxmoe.planning.strategies import STREAMED, PrefillStrategy
 from jaxmoe.streaming.expert_parallel import ExpertMesh, expert_mesh
+from jaxmoe.streaming.sequence_split import SequenceSplit
 
 Event = tuple[str, int, int]  # (kind, layer, part)
 ExpertSource = Callable[[int], Any] | Sequence[Any]
@@ -98,6 +102,29 @@ def _final_program(cfg, weights, x, routed, logit_index):
 _embed_jit = jax.jit(_embed)
 _layer_jit = jax.jit(_layer_program, static_argnums=0, donate_argnums=4)
 _final_jit = jax.jit(_final_program, static_argnums=0)
+ATTENTION = ("replicated", "sequence")
+
+
+class _Replicated:
+    """The replicated programs (`SequenceSplit`'s interface)."""
+
+    def __init__(self, ep: ExpertMesh):
+        self.ep = ep
+
+    def pad(self, tokens, positions, max_len: int):
+        return self.ep.replicate((jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32)))
+
+    def embed(self, weights, tokens):
+        return _embed_jit(weights, tokens)
+
+    def layer(self, cfg, lw, x, routed, cache, layer, positions):
+        return _layer_jit(cfg, lw, x, routed, cache, layer, positions)
+
+    def routed(self, acc, x, ids, weights, experts, bounds):
+        return self.ep.routed(acc, x, ids, weights, experts, bounds)
+
+    def final(self, cfg, weights, x, routed, logit_index, n_tokens: int):
+        return _final_jit(cfg, weights, x, routed, logit_index)
 
 
 # ---- the pipeline -------------------------------------------------------------------------
@@ -110,17 +137,23 @@ class SlpPipeline:
     buffers: how many units may be resident at once (2: double buffering; more lets the
     transfers run further ahead, e.g. through a long attention, when units are small).
     The planner picks both from the device memory. pinned: see `ExpertMesh`.
+    attention: "replicated" or "sequence" (attention and the per-token dense work split over
+    the mesh by the chunk's tokens: `streaming.sequence_split`).
     """
 
     def __init__(self, cfg: ModelConfig, devices: Sequence[jax.Device], *, parts_per_layer: int = 1,
-                 buffers: int = 2, pinned: bool | None = None):
+                 buffers: int = 2, pinned: bool | None = None, attention: str = "replicated"):
         if parts_per_layer < 1 or buffers < 2:
             raise ValueError(f"need parts_per_layer >= 1 and buffers >= 2, got {parts_per_layer}, {buffers}")
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        self.attention = attention
         self.cfg = cfg
         self.parts = parts_per_layer
         self.buffers = buffers
         self.ep: ExpertMesh = expert_mesh(tuple(devices), pinned)
         self.moe_layers = tuple(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+        self.programs = SequenceSplit(self.ep.mesh) if attention == "sequence" else _Replicated(self.ep)
 
     def place(self, dense_weights: Weights) -> Weights:
         """The non-expert weights replicated on the mesh (a no-op when already there)."""
@@ -129,13 +162,15 @@ class SlpPipeline:
 
     def __call__(self, dense_weights: Weights, source: ExpertSource, cache: KVCache, tokens, positions, *,
                  logit_index=None, log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
-        cfg, ep = self.cfg, self.ep
+        cfg, ep, prog = self.cfg, self.ep, self.programs
         log = [] if log is None else log
         weights = self.place(dense_weights)
         for i, lw in enumerate(weights.layers):
             if isinstance(lw.mlp, MoEWeights) != (i in self.moe_layers):
                 raise ValueError(f"layer {i}: weights and config disagree on whether it is an MoE layer")
-        tokens, positions, cache = ep.replicate((jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), cache))
+        n_tokens = np.shape(tokens)[1]
+        cache = ep.replicate(cache)
+        tokens, positions = prog.pad(tokens, positions, cache.max_len)
         units = [(layer, part) for layer in self.moe_layers for part in range(self.parts)]
         loaded: dict[int, Any] = {}  # unit index -> device experts (at most `buffers`)
         computed: dict[int, jax.Array] = {}
@@ -154,30 +189,29 @@ class SlpPipeline:
 
         for v in range(self.buffers - 1):
             issue(v)
-        x, routed = _embed_jit(weights, tokens)
+        x, routed = prog.embed(weights, tokens)
         u = 0
         for i, lw in enumerate(weights.layers):
-            x, routed, moe_in, cache = _layer_jit(cfg, lw, x, routed, cache, np.int32(i), positions)
+            x, routed, moe_in, cache = prog.layer(cfg, lw, x, routed, cache, np.int32(i), positions)
             if moe_in is None:
                 continue
             flat, ids, gate_w = moe_in
             for part in range(self.parts):
                 bounds = ep.bounds(cfg.n_routed_experts, self.parts, part)
-                routed = ep.routed(routed, flat, ids, gate_w, loaded[u], bounds)
+                routed = prog.routed(routed, flat, ids, gate_w, loaded[u], bounds)
                 computed[u] = routed
                 log.append(("compute", i, part))
                 await_(u - 1)
                 issue(u + self.buffers - 1)
                 u += 1
         await_(u - 1)
-        logits = _final_jit(cfg, weights, x, routed, logit_index)
-        return logits, cache
+        return prog.final(cfg, weights, x, routed, logit_index, n_tokens), cache
 
 
 @functools.lru_cache(maxsize=8)
 def _streamer(cfg: ModelConfig, devices: tuple[jax.Device, ...], parts: int, buffers: int,
-              pinned: bool | None) -> SlpPipeline:
-    return SlpPipeline(cfg, devices, parts_per_layer=parts, buffers=buffers, pinned=pinned)
+              pinned: bool | None, attention: str) -> SlpPipeline:
+    return SlpPipeline(cfg, devices, parts_per_layer=parts, buffers=buffers, pinned=pinned, attention=attention)
 
 
 def _strategy_devices(strategy: Any, devices: Sequence[jax.Device]) -> tuple[jax.Device, ...]:
@@ -193,21 +227,24 @@ def _strategy_devices(strategy: Any, devices: Sequence[jax.Device]) -> tuple[jax
 def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
                       tokens, positions, *, devices: Sequence[jax.Device], strategy: Any = "slp",
                       logit_index=None, parts_per_layer: int | None = None, buffers: int | None = None,
-                      pinned: bool | None = None, log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
+                      pinned: bool | None = None, attention: str | None = None,
+                      log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
     """One prefill chunk, tokens/positions [B, T], with the routed experts streamed.
 
     dense_weights: the model without routed experts (`model.weights.split_experts(w)[0]`; experts,
     if present, are ignored), best placed once with `place_dense`. expert_source: layer ->
     that layer's experts on the host (numpy views, e.g. `loading.expert_source.CheckpointExperts`, or host jax arrays).
-    strategy: "slp" | "dslp" or a planner `PrefillEstimate` (its parts_per_layer and buffers are
-    used unless given). devices: the accelerators (the strategy takes the first 1 or 2).
+    strategy: "slp" | "dslp" or a planner `PrefillEstimate` (its parts_per_layer, buffers and
+    attention are used unless given). devices: the accelerators (the strategy takes the first 1
+    or 2). attention: "replicated" (default) or "sequence" (see `SlpPipeline`).
     Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index` [B]; the cache with the
     chunk's latents, replicated on the strategy's devices).
     """
     devs = _strategy_devices(strategy, devices)
     parts = parts_per_layer or getattr(strategy, "parts_per_layer", 1)
     buffers = buffers or getattr(strategy, "buffers", 2)
-    run = _streamer(cfg, devs, int(parts), int(buffers), pinned)
+    attention = attention or getattr(strategy, "attention", "replicated")
+    run = _streamer(cfg, devs, int(parts), int(buffers), pinned, attention)
     return run(dense_weights, expert_source, cache, tokens, positions, logit_index=logit_index, log=log)
 
 

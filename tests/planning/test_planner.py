@@ -87,6 +87,23 @@ def test_planner_choices_reference_box(ref):
     assert best.parts_per_layer > 1 and best.chunk_tokens >= 4096
 
 
+def test_dslp_attention_is_planned(ref):
+    """dslp's attention: the faster of replicated and sequence-split (ties: replicated) in the
+    plan and with attention="auto"; as given otherwise (estimate_prefill's default: replicated)."""
+    short = plan_prefill(V3, ref, 4096).estimates["dslp"]  # transfer-bound: splitting attention gains nothing
+    assert short.attention == "replicated"
+    assert short.seconds == estimate_prefill(V3, ref, 4096, "dslp", attention="sequence").seconds
+    long = plan_prefill(V3, ref, 32768)
+    rep, seq = (estimate_prefill(V3, ref, 32768, "dslp", attention=a) for a in ("replicated", "sequence"))
+    assert long.choice.strategy == "dslp" and long.choice.attention == "sequence"
+    assert long.choice.seconds == seq.seconds < 0.7 * rep.seconds and rep.attention == "replicated"
+    assert estimate_prefill(V3, ref, 32768, "dslp", attention="auto") == long.choice
+    assert plan_prefill(V3, ref, 32768, attention="replicated").choice == rep
+    assert estimate_prefill(V3, ref, 32768, "slp", attention="auto").attention == "replicated"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        estimate_prefill(V3, ref, 512, "dslp", attention="heads")
+
+
 def test_planner_choices_other_profiles():
     here = load_hardware("this-machine", calibrate=False)
     plan = plan_prefill(V3, here, 100_000)

@@ -9,6 +9,7 @@ and 50 tokens in chunks of 16 (3 and 4 streamed chunks; one prefill-cache window
 streaming programs compile once per strategy) and a 5-token one.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -82,10 +83,15 @@ def reference(tiny_model, prompts):
     return out
 
 
-@pytest.mark.parametrize("strategy", ["slp", "dslp"])
-def test_streamed_prompts_equal_resident_path_while_another_decodes(engine, prompts, reference, strategy):
+@pytest.mark.parametrize("strategy, attention", [("slp", "replicated"), ("dslp", "sequence"), ("dslp", "replicated")])
+def test_streamed_prompts_equal_resident_path_while_another_decodes(engine, prompts, reference, strategy, attention,
+                                                                    monkeypatch):
+    """dslp: the planner's estimate carries the attention (sequence-split: predicted faster on
+    these fake devices, whose compute is shared; replicated forced into the estimate)."""
     e, log = engine
     log.clear()
+    estimate = ps._estimate
+    monkeypatch.setattr(ps, "_estimate", lambda *a: dataclasses.replace(estimate(*a), attention=attention))
     short = e.submit(prompts[0], NEW, background=False, prefill_strategy=strategy)
     e.step()  # the short prompt: one streamed chunk, its first token
     assert short.output_ids and short.status.value == "decode"
@@ -93,6 +99,9 @@ def test_streamed_prompts_equal_resident_path_while_another_decodes(engine, prom
     e.run_until_idle()
     assert [r.output_ids for r in (short, *longs)] == reference
     assert [r.prefill_strategy for r in (short, *longs)] == [strategy] * 3
+    assert [r.prefill_plan.attention for r in (short, *longs)] == [attention] * 3
+    assert estimate(e.cfg, e.prefill.hardware, len(prompts[1]), strategy).attention == (
+        "sequence" if strategy == "dslp" else "replicated")  # the planner's own choice
     # every prompt chunk went through the streaming hook (oldest prompt first), none through
     # a step (only one-token decode rows there), and a decode step ran between any two
     # streamed chunks -- the short request's between the first long prompt's
