@@ -91,7 +91,7 @@ class PrefillEstimate:
     transfer_s: float = 0.0  # copy-engine busy time (per GPU), all chunks
     compute_s: float = 0.0  # compute busy time (per GPU, or CPU), all chunks
     attention: str = "replicated"  # dslp: "replicated" or "sequence" (split by tokens); streaming/slp.py reads it
-    stream_dense: bool = False  # MLA/shared weights streamed with the experts (modelled only)
+    stream_dense: bool = False  # MoE layers' MLA/router/shared weights streamed with the experts; streaming/slp.py reads it
     reason: str = ""  # why infeasible
 
     @property
@@ -138,25 +138,36 @@ def _cpu_routed_s(mc: ModelCosts, r: _Rates, n: int) -> float:
     return max(n * mc.routed_flops_per_layer / r.cpu, mc.touched_experts(n) * mc.expert_bytes / r.cpu_read)
 
 
-def _pipeline(items: list[tuple[float, float | None]], buffers: int = 2) -> tuple[float, float, float]:
+def _pipeline(items: list[tuple[float, float | None]], buffers: int = 2,
+              dense: dict[int, float] | None = None) -> tuple[float, float, float]:
     """Simulate one chunk: items in issue order, (compute s, None) or (compute s, transfer s) for
     a streamed unit, on one copy engine and one compute stream. T(v) starts when T(v-1) is done
     and C(v-buffers) has finished (its buffer freed), as streaming/slp.py issues them.
-    Returns (elapsed, copy busy, compute busy)."""
+    dense (stream_dense): streamed unit v -> seconds of its layer's non-expert weights, moved
+    first in T(v) (included in its transfer s); the unstreamed item just before unit v (the
+    layer's attention) waits for them. Returns (elapsed, copy busy, compute busy)."""
     transfers = [t for _, t in items if t is not None]
+    dense = dense or {}
     tr_end: list[float] = []
+    dense_end: dict[int, float] = {}
 
     def issue(v: int, after: float) -> None:
         if v < len(transfers):
-            tr_end.append(max(tr_end[-1] if tr_end else 0.0, after) + transfers[v])
+            start = max(tr_end[-1] if tr_end else 0.0, after)
+            if v in dense:
+                dense_end[v] = start + dense[v]
+            tr_end.append(start + transfers[v])
 
     for v in range(buffers - 1):
         issue(v, 0.0)
     comp_end: list[float] = []
     clock = busy = 0.0
-    for c, t in items:
+    for i, (c, t) in enumerate(items):
         busy += c
         if t is None:
+            u = len(comp_end)
+            if u in dense and i + 1 < len(items) and items[i + 1][1] is not None:  # the attention of unit u's layer
+                clock = max(clock, dense_end[u])
             clock += c
             continue
         u = len(comp_end)
@@ -179,16 +190,19 @@ def _stream(mc: ModelCosts, hw: Hardware, r: _Rates, n_tokens: int, n_dev: int, 
     window = -(-e // (parts * n_dev))
     unit_bytes = window * mc.expert_bytes
     resident = mc.resident_bytes
+    dense_bytes = 0.0  # stream_dense: per MoE layer, travelling with its first unit (streaming/slp.py)
     if stream_dense:  # MoE layers' MLA + router + shared experts travel with their experts
-        resident -= mc.moe_layers * mc.layer_resident_bytes(True)
-        unit_bytes += mc.layer_resident_bytes(True) / parts
+        dense_bytes = mc.layer_resident_bytes(True)
+        resident -= mc.moe_layers * dense_bytes
     split = attention == "sequence" and n_dev > 1
     act = mc.activation_bytes_per_token(scores) / (n_dev if split else 1)
+    in_window = min(buffers, -(-buffers // parts))  # first units among `buffers` resident ones, at most
     free = (g.memory_gb * 1e9 * hw.efficiency.gpu_usable_memory - resident - buffers * unit_bytes
-            - n_tokens * mc.kv_bytes_per_token)
+            - in_window * dense_bytes - n_tokens * mc.kv_bytes_per_token)
     limit = int(free // act) if free > 0 else 0
     if limit < min(MIN_CHUNK, n_tokens):
         return PrefillEstimate(name, n_tokens, math.inf, parts_per_layer=parts, buffers=buffers, attention=attention,
+                               stream_dense=stream_dense,
                                reason=f"{parts} part(s)/layer x {buffers} buffers: {free / 1e9:.1f} GB left "
                                       f"per GPU for activations")
     chunk = min(chunk or n_tokens, limit, n_tokens)
@@ -199,14 +213,17 @@ def _stream(mc: ModelCosts, hw: Hardware, r: _Rates, n_tokens: int, n_dev: int, 
     for s, n in _chunks(n_tokens, chunk):
         comm = n * mc.cfg.hidden_size * BF16 / r.pcie if n_dev > 1 else 0.0  # psum (and all-gather) of [n, H]
         items: list[tuple[float, float | None]] = []
+        dense: dict[int, float] = {}
         for layer in range(mc.n_layers):
             moe = mc.cfg.is_moe_layer(layer)
             items.append((serial * share * _layer_s(mc, r, s, n, moe) + (comm if split else 0.0), None))
             if moe:
                 unit = serial * _routed_s(mc, r, n, window / e) + comm
-                items += [(unit, unit_bytes / r.pcie)] * parts
+                if dense_bytes:
+                    dense[sum(t is not None for _, t in items)] = dense_bytes / r.pcie
+                items += [(unit, (unit_bytes + (dense_bytes if p == 0 else 0.0)) / r.pcie) for p in range(parts)]
         items.append((mc.lm_head_flops() / r.gemm, None))
-        t, c, b = _pipeline(items, buffers)
+        t, c, b = _pipeline(items, buffers, dense)
         total, copy, busy = total + t, copy + c, busy + b
     return PrefillEstimate(name, n_tokens, total, chunk, parts, buffers, copy, busy, attention,
                            stream_dense=stream_dense)
@@ -214,15 +231,18 @@ def _stream(mc: ModelCosts, hw: Hardware, r: _Rates, n_tokens: int, n_dev: int, 
 
 def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: str, *, chunk: int | None = None,
                      parts_per_layer: int | None = None, buffers: int | None = None, attention: str = "replicated",
-                     stream_dense: bool = False, fused_attention: bool = True, cpu_chunk: int = 256) -> PrefillEstimate:
+                     stream_dense: bool | str = False, fused_attention: bool = True,
+                     cpu_chunk: int = 256) -> PrefillEstimate:
     """Predicted prefill of one prompt of n_tokens by `strategy` (see the module docstring).
 
     chunk / parts_per_layer / buffers: fixed instead of searched. attention ("dslp"):
     "replicated", "sequence" (attention and the per-token dense work split by tokens over the
     two GPUs, plus an all-gather per layer) or "auto" (the faster of the two; ties: replicated;
     other strategies: replicated). stream_dense:
-    stream the MoE layers' MLA, router and shared experts with the experts instead of keeping
-    them resident (modelled only: frees device memory for larger chunks and buffers).
+    stream the MoE layers' MLA, router and shared experts with their first expert unit instead
+    of keeping them resident (streaming/slp.py: frees device memory for larger chunks and
+    buffers, costs their transfer per chunk), or "auto" (slp/dslp: True where predicted faster
+    -- ties: False --, e.g. where only it fits; recorded in the estimate).
     fused_attention=False: attention scores materialized per chunk over the whole context
     (modelled only: model/mla.py attends blocked over keys), which caps the chunk by device
     memory."""
@@ -230,6 +250,15 @@ def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: st
         raise ValueError(f"unknown prefill strategy {strategy!r}; known: {STRATEGIES}")
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if stream_dense not in (False, True, "auto"):
+        raise ValueError(f"stream_dense must be True, False or 'auto', got {stream_dense!r}")
+    if stream_dense == "auto" and attention != "auto":
+        kw = dict(chunk=chunk, parts_per_layer=parts_per_layer, buffers=buffers, attention=attention,
+                  fused_attention=fused_attention, cpu_chunk=cpu_chunk)
+        if strategy not in STREAMED:
+            return estimate_prefill(cfg, hw, n_tokens, strategy, stream_dense=False, **kw)
+        ests = [estimate_prefill(cfg, hw, n_tokens, strategy, stream_dense=d, **kw) for d in (False, True)]
+        return min(ests, key=lambda e: float(f"{e.seconds:.6g}"))  # ties: the first, resident
     if attention == "auto":
         kw = dict(chunk=chunk, parts_per_layer=parts_per_layer, buffers=buffers, stream_dense=stream_dense,
                   fused_attention=fused_attention, cpu_chunk=cpu_chunk)
@@ -289,9 +318,11 @@ def plan_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, *, force: str | 
 
     force: a strategy to use whatever the model says (also from the environment variable
     JAXMOE_PREFILL_STRATEGY; "auto" there means no force); raises ValueError if that strategy
-    cannot run on `hw`. dslp's attention is chosen ("auto") unless `attention=` is given.
+    cannot run on `hw`. dslp's attention, and whether slp/dslp stream the MoE layers' dense
+    weights, are chosen ("auto") unless `attention=` / `stream_dense=` is given.
     """
     kw.setdefault("attention", "auto")
+    kw.setdefault("stream_dense", "auto")
     force = force or os.environ.get(FORCE_ENV) or None
     if force == "auto":
         force = None

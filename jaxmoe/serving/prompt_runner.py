@@ -10,7 +10,10 @@ by the environment variable JAXMOE_PREFILL_STRATEGY):
   experts streamed from the single host copy (the one the decode steps' host programs read:
   the expert store's slabs, see `cpu.tiled`; or an open checkpoint's mmap for formats the
   slabs do not hold, e.g. INT4) to one / two accelerators; dslp's attention (replicated, or
-  split by sequence: `streaming.sequence_split`) is the planner's, carried by its estimate;
+  split by sequence: `streaming.sequence_split`) is the planner's, carried by its estimate, as
+  is `stream_dense` (the MoE layers' MLA, router and shared experts streamed with their first
+  expert unit from one host copy: the engine's dense weights where they are host arrays, else
+  one `jax.device_get` of those layers, made on first use);
 - "auto": per request, `planner.plan_prefill` on the hardware profile (`RuntimeConfig.hardware`,
   default from the devices: this-machine-fake-devices for CPU devices standing in for
   accelerators, this-machine without any, h100-box / reference-box on GPUs) among the
@@ -41,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache, init_cache
-from jaxmoe.model.weights import ExpertsWeights, split_experts
+from jaxmoe.model.weights import ExpertsWeights, MoEWeights, split_experts
 from jaxmoe.planning.planner import estimate_prefill, load_hardware, plan_prefill
 from jaxmoe.planning.strategies import FORCE_ENV, REQUESTABLE, STREAMED, PrefillStrategy
 from jaxmoe.serving.executors import Executor
@@ -139,7 +142,8 @@ class StreamedPromptRunner:
             if hw.gpu is not None and hw.n_gpus != n_acc:
                 hw = hw.with_gpus(n_acc)
             self.hardware = hw
-        self._dense: dict[str, Any] = {}
+        self._dense: dict[tuple[str, bool], Any] = {}
+        self._host_layers: tuple[Any, ...] | None = None
         self._cache: tuple[int, KVCache] | None = None  # (request id, its prefill cache)
 
     def check(self, name: str, origin: str) -> None:
@@ -185,12 +189,37 @@ class StreamedPromptRunner:
     def _strategy_devices(self, name: str) -> tuple[jax.Device, ...]:
         return tuple(self.devices.accelerators[: PrefillStrategy(name).accelerators])
 
-    def dense_weights(self, name: str) -> Any:
+    def dense_weights(self, name: str, stream_dense: bool = False) -> Any:
         """The non-expert weights replicated over the strategy's devices, from the executor's
-        copies where they already are."""
-        if name not in self._dense:
-            self._dense[name] = _replicated(self.executor.dense_copies(), self._strategy_devices(name), self._dense_fallback)
-        return self._dense[name]
+        copies where they already are; with stream_dense, the MoE layers' are their host copy
+        (`host_moe_layers`), streamed per chunk by the pipeline."""
+        key = (name, bool(stream_dense))
+        if key not in self._dense:
+            devs = self._strategy_devices(name)
+            if not stream_dense:
+                self._dense[key] = _replicated(self.executor.dense_copies(), devs, self._dense_fallback)
+            else:
+                host = self.host_moe_layers()
+                strip = lambda w: w.replace(layers=tuple(None if h is not None else lw  # noqa: E731
+                                                         for h, lw in zip(host, w.layers)))
+                copies = {d: strip(w) for d, w in self.executor.dense_copies().items()}
+                resident = _replicated(copies, devs, strip(self._dense_fallback))
+                self._dense[key] = resident.replace(layers=tuple(r if h is None else h for h, r in zip(host, resident.layers)))
+        return self._dense[key]
+
+    def host_moe_layers(self) -> tuple[Any, ...]:
+        """Per layer: the MoE layer's non-expert weights in host memory (None for dense layers):
+        the engine's own where they are not on an accelerator (CPU devices), else one copy fetched
+        from it once."""
+        if self._host_layers is None:
+            def host(lw):
+                on_acc = any(isinstance(a, jax.Array) and any(d.platform != "cpu" for d in a.devices())
+                             for a in jax.tree.leaves(lw))
+                return jax.device_get(lw) if on_acc else lw
+
+            self._host_layers = tuple(host(lw) if isinstance(lw.mlp, MoEWeights) else None
+                                      for lw in self._dense_fallback.layers)
+        return self._host_layers
 
     def run_chunk(self, row: Any) -> int | None:
         """One streamed chunk of `row.request`'s prompt (a scheduler RowPlan): latents into its
@@ -205,8 +234,9 @@ class StreamedPromptRunner:
         tokens = np.zeros((1, self.chunk_size), np.int32)
         positions = np.full((1, self.chunk_size), width, np.int32)  # padding: dropped, routed nowhere
         tokens[0, :n], positions[0, :n] = row.tokens, np.arange(start, start + n)
+        dense = self.dense_weights(name, getattr(est, "stream_dense", False))
         logits, cache = slp_prefill_chunk(
-            self.cfg, self.dense_weights(name), self.source, self._cache[1], tokens, positions,
+            self.cfg, dense, self.source, self._cache[1], tokens, positions,
             devices=self.devices.accelerators, strategy=est if est is not None else name,
             logit_index=np.array([n - 1], np.int32),
         )
@@ -244,4 +274,5 @@ def _plan(cfg, hw, n_tokens: int, strategies: tuple[str, ...]):
 
 @functools.lru_cache(maxsize=256)
 def _estimate(cfg, hw, n_tokens: int, strategy: str):
-    return estimate_prefill(cfg, hw, n_tokens, strategy, attention="auto")  # dslp: the faster attention
+    # dslp: the faster attention; slp/dslp: MLA streamed or resident, the faster
+    return estimate_prefill(cfg, hw, n_tokens, strategy, attention="auto", stream_dense="auto")

@@ -150,6 +150,17 @@ class ExpertMesh:
 
         return jax.tree.map(put_leaf, host_experts)
 
+    def put_replicated(self, host_tree: Any) -> Any:
+        """Issue the transfers of a pytree from its host copy to every device of the mesh, by the
+        experts' path (`put_part`: staged through pinned-host memory where the device offers it),
+        assembled replicated (e.g. one MoE layer's MLA, router and shared experts, `stream_dense`)."""
+
+        def put_leaf(a):
+            shards = [self._put(a, d) for d in self.devices]
+            return jax.make_array_from_single_device_arrays(np.shape(a), self.replicated, shards)
+
+        return jax.tree.map(put_leaf, host_tree)
+
     def replicate(self, tree: Any) -> Any:
         """Put a pytree (weights, cache, activations) replicated on every device of the mesh."""
         return jax.device_put(tree, self.replicated)

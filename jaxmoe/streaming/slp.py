@@ -28,6 +28,15 @@ Transfers are staged through the pinned-host memory kind where the device offers
 `ExpertMesh`). Every step is recorded in `log` as ("transfer" | "compute" | "await", layer,
 part) for the tests.
 
+stream_dense=True (the planner's `PrefillEstimate.stream_dense`, when device memory is better
+spent on buffers): each MoE layer's non-expert weights (MLA projections and norms, router,
+shared experts) are not resident either: they travel from their host copy (the dense weights
+as passed; `place_dense` leaves those layers where they are) with the layer's first unit, by
+the experts' path (`ExpertMesh.put_replicated`), logged ("dense", layer, 0) just before that
+unit's "transfer" -- so issued ahead of the layer's attention, in the same prefetch window --
+and dropped with that unit when it is awaited. Dense layers (first_k_dense_replace),
+embeddings, final norm and lm_head stay resident.
+
 Strategies: "slp" streams all experts to one device; "dslp" streams each device only its
 windows of each layer (`streaming.expert_parallel`) and sums with one psum. attention=
 "replicated" (default): every device repeats attention and the dense work for the whole chunk;
@@ -139,15 +148,19 @@ class SlpPipeline:
     The planner picks both from the device memory. pinned: see `ExpertMesh`.
     attention: "replicated" or "sequence" (attention and the per-token dense work split over
     the mesh by the chunk's tokens: `streaming.sequence_split`).
+    stream_dense: the MoE layers' non-expert weights streamed with their first unit instead of
+    resident (see the module docstring).
     """
 
     def __init__(self, cfg: ModelConfig, devices: Sequence[jax.Device], *, parts_per_layer: int = 1,
-                 buffers: int = 2, pinned: bool | None = None, attention: str = "replicated"):
+                 buffers: int = 2, pinned: bool | None = None, attention: str = "replicated",
+                 stream_dense: bool = False):
         if parts_per_layer < 1 or buffers < 2:
             raise ValueError(f"need parts_per_layer >= 1 and buffers >= 2, got {parts_per_layer}, {buffers}")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         self.attention = attention
+        self.stream_dense = bool(stream_dense)
         self.cfg = cfg
         self.parts = parts_per_layer
         self.buffers = buffers
@@ -156,9 +169,9 @@ class SlpPipeline:
         self.programs = SequenceSplit(self.ep.mesh) if attention == "sequence" else _Replicated(self.ep)
 
     def place(self, dense_weights: Weights) -> Weights:
-        """The non-expert weights replicated on the mesh (a no-op when already there)."""
-        dense, _ = split_experts(dense_weights)
-        return self.ep.replicate(dense)
+        """The non-expert weights replicated on the mesh (a no-op when already there); with
+        stream_dense, the MoE layers' stay where they are (their host copy, streamed per chunk)."""
+        return _place(self.ep, dense_weights, self.stream_dense)
 
     def __call__(self, dense_weights: Weights, source: ExpertSource, cache: KVCache, tokens, positions, *,
                  logit_index=None, log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
@@ -173,11 +186,15 @@ class SlpPipeline:
         tokens, positions = prog.pad(tokens, positions, cache.max_len)
         units = [(layer, part) for layer in self.moe_layers for part in range(self.parts)]
         loaded: dict[int, Any] = {}  # unit index -> device experts (at most `buffers`)
+        dense: dict[int, Any] = {}  # stream_dense: unit index -> its layer's streamed non-expert weights
         computed: dict[int, jax.Array] = {}
 
         def issue(u: int) -> None:
             if u < len(units):
                 layer, part = units[u]
+                if self.stream_dense and part == 0:
+                    dense[u] = ep.put_replicated(weights.layers[layer])
+                    log.append(("dense", layer, 0))
                 loaded[u] = ep.put_part(layer_experts(source, layer), self.parts, part)
                 log.append(("transfer", layer, part))
 
@@ -185,6 +202,7 @@ class SlpPipeline:
             if u in computed:
                 computed.pop(u).block_until_ready()
                 loaded.pop(u, None)
+                dense.pop(u, None)
                 log.append(("await", *units[u]))
 
         for v in range(self.buffers - 1):
@@ -192,6 +210,8 @@ class SlpPipeline:
         x, routed = prog.embed(weights, tokens)
         u = 0
         for i, lw in enumerate(weights.layers):
+            if self.stream_dense and i in self.moe_layers:
+                lw = dense[u]  # issued with the layer's first unit, ahead of this attention
             x, routed, moe_in, cache = prog.layer(cfg, lw, x, routed, cache, np.int32(i), positions)
             if moe_in is None:
                 continue
@@ -208,10 +228,24 @@ class SlpPipeline:
         return prog.final(cfg, weights, x, routed, logit_index, n_tokens), cache
 
 
+def _place(ep: ExpertMesh, dense_weights: Weights, stream_dense: bool) -> Weights:
+    dense, _ = split_experts(dense_weights)
+    if not stream_dense:
+        return ep.replicate(dense)
+    moe = [isinstance(lw.mlp, MoEWeights) for lw in dense.layers]
+    resident = ep.replicate(dense.replace(layers=tuple(None if m else lw for m, lw in zip(moe, dense.layers))))
+    return resident.replace(layers=tuple(lw if m else r for m, lw, r in zip(moe, dense.layers, resident.layers)))
+
+
 @functools.lru_cache(maxsize=8)
 def _streamer(cfg: ModelConfig, devices: tuple[jax.Device, ...], parts: int, buffers: int,
-              pinned: bool | None, attention: str) -> SlpPipeline:
-    return SlpPipeline(cfg, devices, parts_per_layer=parts, buffers=buffers, pinned=pinned, attention=attention)
+              pinned: bool | None, attention: str, stream_dense: bool = False) -> SlpPipeline:
+    return SlpPipeline(cfg, devices, parts_per_layer=parts, buffers=buffers, pinned=pinned, attention=attention,
+                       stream_dense=stream_dense)
+
+
+def _stream_dense(strategy: Any, stream_dense: bool | None) -> bool:
+    return bool(getattr(strategy, "stream_dense", False) if stream_dense is None else stream_dense)
 
 
 def _strategy_devices(strategy: Any, devices: Sequence[jax.Device]) -> tuple[jax.Device, ...]:
@@ -227,16 +261,18 @@ def _strategy_devices(strategy: Any, devices: Sequence[jax.Device]) -> tuple[jax
 def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
                       tokens, positions, *, devices: Sequence[jax.Device], strategy: Any = "slp",
                       logit_index=None, parts_per_layer: int | None = None, buffers: int | None = None,
-                      pinned: bool | None = None, attention: str | None = None,
+                      pinned: bool | None = None, attention: str | None = None, stream_dense: bool | None = None,
                       log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
     """One prefill chunk, tokens/positions [B, T], with the routed experts streamed.
 
     dense_weights: the model without routed experts (`model.weights.split_experts(w)[0]`; experts,
     if present, are ignored), best placed once with `place_dense`. expert_source: layer ->
     that layer's experts on the host (numpy views, e.g. `loading.expert_source.CheckpointExperts`, or host jax arrays).
-    strategy: "slp" | "dslp" or a planner `PrefillEstimate` (its parts_per_layer, buffers and
-    attention are used unless given). devices: the accelerators (the strategy takes the first 1
-    or 2). attention: "replicated" (default) or "sequence" (see `SlpPipeline`).
+    strategy: "slp" | "dslp" or a planner `PrefillEstimate` (its parts_per_layer, buffers,
+    attention and stream_dense are used unless given). stream_dense: the MoE layers' non-expert
+    weights streamed from `dense_weights` (their host copy; place with the same stream_dense).
+    devices: the accelerators (the strategy takes the first 1 or 2).
+    attention: "replicated" (default) or "sequence" (see `SlpPipeline`).
     Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index` [B]; the cache with the
     chunk's latents, replicated on the strategy's devices).
     """
@@ -244,14 +280,16 @@ def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: E
     parts = parts_per_layer or getattr(strategy, "parts_per_layer", 1)
     buffers = buffers or getattr(strategy, "buffers", 2)
     attention = attention or getattr(strategy, "attention", "replicated")
-    run = _streamer(cfg, devs, int(parts), int(buffers), pinned, attention)
+    run = _streamer(cfg, devs, int(parts), int(buffers), pinned, attention, _stream_dense(strategy, stream_dense))
     return run(dense_weights, expert_source, cache, tokens, positions, logit_index=logit_index, log=log)
 
 
-def place_dense(dense_weights: Weights, devices: Sequence[jax.Device], strategy: Any = "slp") -> Weights:
-    """Place the non-expert weights once where `slp_prefill_chunk` wants them."""
+def place_dense(dense_weights: Weights, devices: Sequence[jax.Device], strategy: Any = "slp", *,
+                stream_dense: bool | None = None) -> Weights:
+    """Place the non-expert weights once where `slp_prefill_chunk` wants them (with stream_dense,
+    from the strategy's estimate unless given, the MoE layers' stay where they are: the host copy)."""
     devs = _strategy_devices(strategy, devices)
-    return expert_mesh(devs).replicate(split_experts(dense_weights)[0])
+    return _place(expert_mesh(devs), dense_weights, _stream_dense(strategy, stream_dense))
 
 
 def slp_prefill(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
@@ -261,7 +299,7 @@ def slp_prefill(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertS
     chunk). Returns (logits [B, T, V], or [B, 1, V] at `logit_index` [B] -- then each chunk
     computes only one row of logits per sequence --, cache)."""
     tokens, positions = np.asarray(tokens, np.int32), np.asarray(positions, np.int32)
-    weights = place_dense(dense_weights, devices, strategy)
+    weights = place_dense(dense_weights, devices, strategy, stream_dense=kw.get("stream_dense"))
     index = None if logit_index is None else np.asarray(logit_index, np.int32)
     outs = []
     for s in range(0, tokens.shape[1], chunk_size):

@@ -90,18 +90,55 @@ def test_planner_choices_reference_box(ref):
 def test_dslp_attention_is_planned(ref):
     """dslp's attention: the faster of replicated and sequence-split (ties: replicated) in the
     plan and with attention="auto"; as given otherwise (estimate_prefill's default: replicated)."""
-    short = plan_prefill(V3, ref, 4096).estimates["dslp"]  # transfer-bound: splitting attention gains nothing
+    short = plan_prefill(V3, ref, 4096, stream_dense=False).estimates["dslp"]  # transfer-bound: splitting gains nothing
     assert short.attention == "replicated"
     assert short.seconds == estimate_prefill(V3, ref, 4096, "dslp", attention="sequence").seconds
-    long = plan_prefill(V3, ref, 32768)
+    long = plan_prefill(V3, ref, 32768, stream_dense=False)  # with the MLA resident (stream_dense: below)
     rep, seq = (estimate_prefill(V3, ref, 32768, "dslp", attention=a) for a in ("replicated", "sequence"))
     assert long.choice.strategy == "dslp" and long.choice.attention == "sequence"
     assert long.choice.seconds == seq.seconds < 0.7 * rep.seconds and rep.attention == "replicated"
     assert estimate_prefill(V3, ref, 32768, "dslp", attention="auto") == long.choice
-    assert plan_prefill(V3, ref, 32768, attention="replicated").choice == rep
+    assert plan_prefill(V3, ref, 32768, attention="replicated", stream_dense=False).choice == rep
     assert estimate_prefill(V3, ref, 32768, "slp", attention="auto").attention == "replicated"
     with pytest.raises(ValueError, match="attention must be one of"):
         estimate_prefill(V3, ref, 512, "dslp", attention="heads")
+
+
+def test_stream_dense_is_planned(ref):
+    """stream_dense (the MoE layers' MLA, router and shared experts streamed with their first
+    expert unit, streaming/slp.py): chosen where predicted faster (memory freed for longer chunks
+    and more buffers) or where only it fits; ties and short prompts keep them resident."""
+    one = ref.with_gpus(1)
+    short = plan_prefill(V3, ref, 4096)  # transfer-bound: streaming more only costs
+    assert short.choice.strategy == "dslp" and not short.choice.stream_dense
+    assert not short.estimates["slp"].stream_dense
+    long = plan_prefill(V3, ref, 32768)
+    kept = estimate_prefill(V3, ref, 32768, "dslp", attention="auto")
+    assert long.choice.strategy == "dslp" and long.choice.stream_dense and not kept.stream_dense
+    assert long.choice.seconds < 0.9 * kept.seconds and long.choice.chunk_tokens >= kept.chunk_tokens
+    assert estimate_prefill(V3, ref, 32768, "dslp", attention="auto", stream_dense="auto") == long.choice
+    streamed = estimate_prefill(V3, one, 32768, "slp", stream_dense=True)
+    resident = estimate_prefill(V3, one, 32768, "slp")  # two chunks: every expert streamed twice
+    assert streamed.stream_dense and streamed.chunk_tokens == 32768 > resident.chunk_tokens
+    assert streamed.transfer_s < resident.transfer_s and plan_prefill(V3, one, 32768).choice == streamed
+    # 128K tokens on one 32 GB card: the latent cache leaves no room beside the resident MLA
+    huge = (estimate_prefill(V3, one, 131072, "slp", stream_dense=d) for d in (False, True, "auto"))
+    kept, streamed, auto = huge
+    assert not kept.feasible and streamed.feasible and auto == streamed
+    assert not estimate_prefill(V3, ref, 512, "cpu", stream_dense="auto").stream_dense
+    with pytest.raises(ValueError, match="stream_dense must be"):
+        estimate_prefill(V3, ref, 512, "slp", stream_dense="yes")
+
+
+def test_dense_transfer_gates_attention():
+    """_pipeline with stream_dense: a layer's attention waits for its dense weights (moved first
+    in its first unit's transfer), not for the whole unit."""
+    items = [(1.0, None), (0.5, 3.0)]
+    assert _pipeline(items, 2) == (3.5, 3.0, 1.5)  # attention 0 -> 1 under T(0); C(0) 3 -> 3.5
+    assert _pipeline(items, 2, {0: 2.5}) == (4.0, 3.0, 1.5)  # attention after the dense 2.5 s: 2.5 -> 3.5
+    items = [(1.0, None), (1.0, 3.0), (1.0, None), (1.0, 3.0)]  # T(1) issued at 0, after T(0): 3 -> 6
+    assert _pipeline(items, 2) == (7.0, 6.0, 4.0)
+    assert _pipeline(items, 2, {0: 2.0, 1: 2.0}) == (7.0, 6.0, 4.0)  # attention 1 waits for 5, hidden by T(1)
 
 
 def test_planner_choices_other_profiles():

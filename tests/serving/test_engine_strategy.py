@@ -20,6 +20,7 @@ from jaxmoe.model.cache import init_cache
 from jaxmoe.model.forward import forward_absorbed, forward_expanded
 from jaxmoe.planning.cost_model import model_costs
 from jaxmoe.planning.planner import FORCE_ENV, load_hardware, prefill_threshold
+from jaxmoe.planning.strategies import PrefillStrategy
 from jaxmoe.serving import prompt_runner as ps
 from jaxmoe.serving.engine import Engine
 from jaxmoe.serving.presets import RuntimeConfig
@@ -83,15 +84,20 @@ def reference(tiny_model, prompts):
     return out
 
 
-@pytest.mark.parametrize("strategy, attention", [("slp", "replicated"), ("dslp", "sequence"), ("dslp", "replicated")])
+@pytest.mark.parametrize("strategy, attention, stream_dense", [
+    ("slp", "replicated", False), ("dslp", "sequence", False), ("dslp", "replicated", False),
+    ("slp", "replicated", True), ("dslp", "sequence", True), ("dslp", "replicated", True)])
 def test_streamed_prompts_equal_resident_path_while_another_decodes(engine, prompts, reference, strategy, attention,
-                                                                    monkeypatch):
+                                                                    stream_dense, monkeypatch):
     """dslp: the planner's estimate carries the attention (sequence-split: predicted faster on
-    these fake devices, whose compute is shared; replicated forced into the estimate)."""
+    these fake devices, whose compute is shared; replicated forced into the estimate), and
+    stream_dense (forced: the MoE layers' MLA, router and shared experts streamed from the
+    engine's host copy)."""
     e, log = engine
     log.clear()
     estimate = ps._estimate
-    monkeypatch.setattr(ps, "_estimate", lambda *a: dataclasses.replace(estimate(*a), attention=attention))
+    monkeypatch.setattr(ps, "_estimate", lambda *a: dataclasses.replace(estimate(*a), attention=attention,
+                                                                        stream_dense=stream_dense))
     short = e.submit(prompts[0], NEW, background=False, prefill_strategy=strategy)
     e.step()  # the short prompt: one streamed chunk, its first token
     assert short.output_ids and short.status.value == "decode"
@@ -100,6 +106,12 @@ def test_streamed_prompts_equal_resident_path_while_another_decodes(engine, prom
     assert [r.output_ids for r in (short, *longs)] == reference
     assert [r.prefill_strategy for r in (short, *longs)] == [strategy] * 3
     assert [r.prefill_plan.attention for r in (short, *longs)] == [attention] * 3
+    assert [r.prefill_plan.stream_dense for r in (short, *longs)] == [stream_dense] * 3
+    if stream_dense:  # the MoE layers' dense weights passed as their host copy, the others resident
+        dense = e.prefill.dense_weights(strategy, True)
+        moe = [i for i in range(e.cfg.num_hidden_layers) if e.cfg.is_moe_layer(i)]
+        assert all(dense.layers[i] is e.prefill.host_moe_layers()[i] for i in moe)
+        assert len(dense.embed_tokens.sharding.device_set) == PrefillStrategy(strategy).accelerators
     assert estimate(e.cfg, e.prefill.hardware, len(prompts[1]), strategy).attention == (
         "sequence" if strategy == "dslp" else "replicated")  # the planner's own choice
     # every prompt chunk went through the streaming hook (oldest prompt first), none through
