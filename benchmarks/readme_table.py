@@ -1,5 +1,5 @@
 """Print the README's Performance table from the results JSONs (e2e, peer_llamacpp, slo, serve,
-kernels, kernels_int4_gemm, quality, prefill), one row block per CPU class measured;
+load, kernels, kernels_int4_gemm, quality, prefill), one row block per CPU class measured;
 with --write-readme, replace the table in README.md's "Performance" section (between the
 `<!-- perf-table -->` markers) with it.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks._cpu import CLASSES
 from benchmarks._harness import CLASS_DIRS, RESULTS_DIR
 
-NAMES = ("e2e", "peer_llamacpp", "slo", "serve", "kernels", "kernels_int4_gemm", "quality", "prefill")
+NAMES = ("e2e", "peer_llamacpp", "slo", "serve", "load", "kernels", "kernels_int4_gemm", "quality", "prefill")
 CLASS_LABELS = {"avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX", "other": "other"}
 LEGACY_CLASS = "avx2"  # results whose env has no cpu_class: all from the AVX2 development box
 
@@ -95,7 +95,7 @@ def _rows(load: Loader) -> list[str]:
             f"| e2e | {d['model']} FP8 | prefill tok/s, 512-token prompt | {_f(m['prefill_tok_s_512'])} | {run} |",
             f"| e2e | {d['model']} FP8 | prefill tok/s, 4096-token prompt | {_f(m.get('prefill_tok_s_4096'))} | {run} |",
         ]
-    rows += _peer_rows(load) + _slo_rows(load) + _serve_rows(load) + _kernel_rows(load)
+    rows += _peer_rows(load) + _slo_rows(load) + _serve_rows(load) + _load_rows(load) + _kernel_rows(load)
     k = load("kernels")
     if k:
         m, run = k["metrics"], _env(k)
@@ -232,6 +232,22 @@ def _serve_rows(load: Loader) -> list[str]:
         f"{' / '.join(_f(m.get(f'output_tok_s_c{n}')) for n in ns)} | read pass {_f(m.get('read_gb_s'))} GB/s; "
         f"bench-v3-mid: `python -m benchmarks.serve --model bench-v3-mid`; {run} |",
     ]
+
+
+def _load_rows(load: Loader) -> list[str]:
+    """`jaxmoe.load` GB/s against a read-only pass over the checkpoint's files (benchmarks/load.py)."""
+    d = load("load")
+    if not d:
+        return []
+    m, run = d["metrics"], _env(d)
+    model = f"{m['model']} FP8, {m['checkpoint_bytes'] / 1e9:.1f} GB"
+    cold = (f"{_f(m['load_cold_gb_s'], 2)} GB/s, {_f(m['load_cold_frac_of_read'], 2)} of read pass "
+            f"{_f(m['read_cold_gb_s'], 2)} GB/s" if m.get("cold_effective") else "page cache drop not effective here")
+    cached = (f"; weights cache {_f(m['cached_load_gb_s'], 2)} GB/s ({_f(m['cached_frac_of_read'], 2)})"
+              if m.get("cached_load_gb_s") else "")
+    return [f"| load (`jaxmoe.load`, `cpu-only`) | {model} | GB/s warm (first load); fraction of the read pass | "
+            f"{_f(m['load_warm_gb_s'], 2)} ({_f(m['load_first_gb_s'], 2)}); {_f(m['load_warm_frac_of_read'], 2)} | "
+            f"read pass {_f(m['read_warm_gb_s'], 2)} GB/s; cold: {cold}{cached}; {run} |"]
 
 
 def write_readme() -> None:

@@ -1,4 +1,5 @@
-"""Command line: `jaxmoe generate`, `jaxmoe serve`, `jaxmoe demo`, `jaxmoe synth`, `jaxmoe convert`.
+"""Command line: `jaxmoe generate`, `jaxmoe serve`, `jaxmoe demo`, `jaxmoe synth`, `jaxmoe convert`,
+`jaxmoe cache` (the weights cache: list, verify, rm).
 
 User errors (a bad path, a prompt too long, an invalid sampling parameter) print one line
 `jaxmoe: error: ...` on stderr and exit with status 2; no traceback.
@@ -40,6 +41,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="the CPU kernels' FP8/BF16 arithmetic: exact (f32 activations and sums, every CPU) or bf16 "
                         "(bf16 activations and dot products where the CPU has AVX-512 BF16); default: the runtime "
                         "preset's, else $JAXMOE_CPU_PRECISION, else exact")
+    p.add_argument("--weights-cache", default=None, metavar="on|off|DIR",
+                   help="keep the CPU kernels' packed weights between loads (jaxmoe cache): on (under the user cache "
+                        "dir), off, or a directory; default: $JAXMOE_WEIGHTS_CACHE, else jaxmoe's default")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "absmax = amax/7 (the first rule); recorded in jaxmoe_int4.json")
     c.add_argument("--workers", type=int, default=None, help="conversion threads (default: the usable CPUs, at most 16)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    w = sub.add_parser("cache", help="the weights cache: list, verify or remove packed-weight caches")
+    w.add_argument("action", choices=["list", "verify", "rm"])
+    w.add_argument("key", nargs="?", default=None, help="a cache key (see `jaxmoe cache list`)")
+    w.add_argument("--all", action="store_true", help="verify / rm: every cache")
+    w.add_argument("--dir", default=None, help="the cache root (default: $JAXMOE_CACHE_DIR/weights or ~/.cache/jaxmoe/weights)")
     return parser
 
 
@@ -125,9 +135,11 @@ def _load(path: Path, a: argparse.Namespace, max_seq_len: int | None = None, **r
     if not path.is_dir():
         raise UserError(f"checkpoint directory {path} does not exist")
     kernels = {"auto": None, "on": True, "off": False}[a.cpu_kernels]
+    wc = getattr(a, "weights_cache", None)
+    wc = {"on": True, "off": False}.get(wc, wc)
     try:
         return jaxmoe.load(path, dtype=_dtype(a.dtype), max_seq_len=max_seq_len, cpu_kernels=kernels,
-                           cpu_precision=a.cpu_precision, **runtime_options)
+                           cpu_precision=a.cpu_precision, weights_cache=wc, **runtime_options)
     except RuntimeError as e:
         if kernels:  # --cpu-kernels on, where they cannot be built or loaded
             raise UserError(str(e)) from None
@@ -267,6 +279,39 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(a: argparse.Namespace) -> int:
+    from jaxmoe.cpu import weights_cache_format as wc
+
+    root = Path(a.dir).expanduser() if a.dir else wc.default_root()
+    if a.action == "list":
+        if a.key or a.all:
+            raise UserError("`jaxmoe cache list` takes no key")
+        rows = wc.list_caches(root)
+        for r in rows:
+            what = r.get("checkpoint") or ", ".join(r.get("files", [])) if r["ok"] else f"UNUSABLE: {r['error']}"
+            print(f"{r['key']}  {wc.human_bytes(r['bytes']):>12}  {what}")
+        print(f"{len(rows)} cache(s), {wc.human_bytes(sum(r['bytes'] for r in rows))} in {root}", file=sys.stderr)
+        return 0
+    if bool(a.key) == a.all:
+        raise UserError(f"`jaxmoe cache {a.action}` takes a KEY or --all")
+    keys = [r["key"] for r in wc.list_caches(root)] if a.all else [a.key]
+    if a.key and not (root / a.key).is_dir():
+        raise UserError(f"no cache {a.key!r} in {root}")
+    bad = 0
+    for key in keys:
+        if a.action == "rm":
+            wc.remove_cache(key, root)
+            print(f"removed {key}")
+            continue
+        try:
+            wc.verify_dir(root / key, "full", key)
+            print(f"{key}  ok")
+        except wc.CacheError as e:
+            bad += 1
+            print(f"{key}  BAD: {e}")
+    return 1 if bad else 0
+
+
 def model_device() -> str:
     import jax
 
@@ -274,7 +319,8 @@ def model_device() -> str:
     return f"{d.platform} ({d.device_kind})"
 
 
-COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "demo": cmd_demo, "synth": cmd_synth, "convert": cmd_convert}
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "demo": cmd_demo, "synth": cmd_synth, "convert": cmd_convert,
+            "cache": cmd_cache}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -83,7 +83,9 @@ int jm_fp8_decode(void);
 
 /* ---- matrices ---------------------------------------------------------------------------- */
 /* w: e4m3 bytes, row r at w + r*ldw; scale: f32 [ceil(n/128), ceil(k/128)], row j at
- * scale + j*lds. node: NUMA node for the repacked copy, -1 = any. The input is copied. */
+ * scale + j*lds. node: NUMA node for the repacked copy, -1 = any. The input is copied, tiles in
+ * parallel over the thread pool (as jm_store_pack and jm_matrix_create_int4 do): the same bytes
+ * on any thread count. Not to be called from inside a pool task. */
 jm_matrix *jm_matrix_create_fp8(const uint8_t *w, int64_t ldw, const float *scale, int64_t lds,
                                 int32_t n, int32_t k, int32_t node);
 /* w: bf16 bits, row r at w + r*ldw (in elements). */
@@ -163,6 +165,23 @@ int jm_store_layer_info(const jm_store *s, int32_t layer, int32_t *n_experts, in
 int64_t jm_store_bytes(const jm_store *s);
 /* borrowed pointer to one matrix of the store (which: 0 gate, 1 up, 2 down); NULL on error */
 const jm_matrix *jm_store_matrix(const jm_store *s, int32_t layer, int32_t expert, int32_t which);
+
+/* ---- packed weights from a file (src/store_map.c; the weights cache) ----------------------
+ * Adopting maps [offset, offset + bytes) of the open file fd read-only (offset a page multiple;
+ * the caller may close fd afterwards) and registers matrices that point into the mapping:
+ * the bytes must be exactly what pack.c / int4.c wrote (jm_matrix_packed / jm_store_slab),
+ * nothing is checked but sizes. The mapping is released with the matrix / store. FP8 block
+ * scales are copied. JM_EINVAL when the file is shorter than the range. */
+/* one matrix: n_tiles * tile_bytes bytes (jm_matrix_info's bytes); group: INT4 only */
+jm_matrix *jm_matrix_adopt(int32_t format, int32_t n, int32_t k, int32_t group, int32_t fd, int64_t offset,
+                           const float *scale, int32_t node);
+/* the slab of projection `which` of an initialised layer whose experts lack that projection:
+ * n_experts slots of slot_bytes (a 4 KiB multiple); FP8 scale: n_experts * scale_floats */
+int jm_store_adopt_slab(jm_store *s, int32_t layer, int32_t which, int32_t format, int32_t fd, int64_t offset,
+                        int64_t slot_bytes, const float *scale, int32_t node);
+/* a matrix's packed bytes (borrowed), its FP8 block scales (NULL otherwise) and INT4 group */
+int jm_matrix_packed(const jm_matrix *m, const uint8_t **data, int64_t *bytes, const float **scale,
+                     int64_t *scale_floats, int32_t *group);
 
 /* Fused routed MoE of one layer:
  * out[t, :] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = ids[t, j].

@@ -39,6 +39,49 @@ static inline int nibble(const uint8_t *row, int64_t col) {
   return (row[col >> 1] >> ((col & 1) * 4)) & 15;
 }
 
+/* packs the rows of a run of whole tiles (padding first: nibble 8 = 0 with scale 0); tasks of
+ * jm_matrix_create_int4 on the thread pool, each writing only its own tiles */
+typedef struct {
+  jm_matrix *m;
+  const uint8_t *q;
+  int64_t ldq;
+  const uint16_t *scale;
+  int64_t lds;
+  int32_t ng, tiles_per_task;
+} int4_fill_ctx;
+
+static void int4_fill_task(void *ctx, int64_t task, int thread) {
+  (void)thread;
+  const int4_fill_ctx *c = ctx;
+  const jm_matrix *m = c->m;
+  const int32_t group = m->group, k = m->k, ng = c->ng, n_sb = jm_int4_n_sb(m), V = group / 8;
+  const int64_t sbb = jm_int4_sb_bytes(m);
+  const int64_t t0 = task * c->tiles_per_task;
+  const int64_t t1 = t0 + c->tiles_per_task < m->n_tiles ? t0 + c->tiles_per_task : m->n_tiles;
+  memset(m->data + t0 * m->tile_bytes, 0x88, (size_t)((t1 - t0) * m->tile_bytes));
+  const int64_t r_end = t1 * JM_TILE_ROWS < m->n ? t1 * JM_TILE_ROWS : m->n;
+  for (int64_t r = t0 * JM_TILE_ROWS; r < r_end; r++) {
+    const uint8_t *src = c->q + r * c->ldq;
+    const uint16_t *sc = c->scale + r * c->lds;
+    uint8_t *tile = m->data + (r / JM_TILE_ROWS) * m->tile_bytes;
+    const int rr = (int)(r % JM_TILE_ROWS);
+    for (int sb = 0; sb < n_sb; sb++) {
+      uint8_t *nib = tile + sb * sbb + (int64_t)rr * 4 * group;
+      uint16_t *ss = (uint16_t *)(tile + sb * sbb + 16 * (int64_t)group + 16 * rr);
+      for (int l = 0; l < 8; l++) {
+        const int g = sb * 8 + l;
+        ss[l] = g < ng ? sc[g] : 0;
+        for (int v = 0; v < V; v++)
+          for (int j = 0; j < 4; j++) {
+            const int64_t c_lo = (int64_t)g * group + 8 * v + j, c_hi = c_lo + 4;
+            const int lo = c_lo < k ? nibble(src, c_lo) : 8, hi = c_hi < k ? nibble(src, c_hi) : 8;
+            nib[32 * v + 4 * l + j] = (uint8_t)(lo | hi << 4);
+          }
+      }
+    }
+  }
+}
+
 jm_matrix *jm_matrix_create_int4(const uint8_t *q, int64_t ldq, const uint16_t *scale, int64_t lds, int32_t n,
                                  int32_t k, int32_t group, int32_t node) {
   if (n <= 0 || k <= 0 || !q || !scale) {
@@ -71,28 +114,10 @@ jm_matrix *jm_matrix_create_int4(const uint8_t *q, int64_t ldq, const uint16_t *
   const size_t bytes = (size_t)m->n_tiles * (size_t)m->tile_bytes;
   m->data = jm_alloc_node(bytes, node, &m->data_alloc);
   if (!m->data) goto oom;
-  memset(m->data, 0x88, bytes); /* padding: nibble 8 = 0 with scale 0 */
-  const int V = group / 8;
-  for (int32_t r = 0; r < n; r++) {
-    const uint8_t *src = q + (int64_t)r * ldq;
-    const uint16_t *sc = scale + (int64_t)r * lds;
-    uint8_t *tile = m->data + (int64_t)(r / JM_TILE_ROWS) * m->tile_bytes;
-    const int rr = r % JM_TILE_ROWS;
-    for (int sb = 0; sb < n_sb; sb++) {
-      uint8_t *nib = tile + sb * sbb + (int64_t)rr * 4 * group;
-      uint16_t *ss = (uint16_t *)(tile + sb * sbb + 16 * (int64_t)group + 16 * rr);
-      for (int l = 0; l < 8; l++) {
-        const int g = sb * 8 + l;
-        ss[l] = g < ng ? sc[g] : 0;
-        for (int v = 0; v < V; v++)
-          for (int j = 0; j < 4; j++) {
-            const int64_t c_lo = (int64_t)g * group + 8 * v + j, c_hi = c_lo + 4;
-            const int lo = c_lo < k ? nibble(src, c_lo) : 8, hi = c_hi < k ? nibble(src, c_hi) : 8;
-            nib[32 * v + 4 * l + j] = (uint8_t)(lo | hi << 4);
-          }
-      }
-    }
-  }
+  int64_t per = (128 << 10) / m->tile_bytes; /* tiles per pool task: ~128 KiB of packed bytes */
+  per = per < 1 ? 1 : per;
+  int4_fill_ctx c = {m, q, ldq, scale, lds, ng, (int32_t)per};
+  jm_pool_run_sized((m->n_tiles + per - 1) / per, int4_fill_task, &c, (int64_t)bytes);
   if (jm_registry_add(m) != JM_OK) goto oom;
   return m;
 oom:

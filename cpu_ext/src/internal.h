@@ -52,6 +52,11 @@ jm_matrix *jm_matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uin
 int jm_matrix_check_source(int32_t format, const void *w, int64_t ldw, const float *scale, int64_t lds, int32_t n,
                            int32_t k, const char *fn);
 void jm_matrix_fill(jm_matrix *m, const void *w, int64_t ldw, const float *scale, int64_t lds);
+/* the same, unzeroed data in, same bytes out: jm_matrix_new_unzeroed leaves the data as it is
+ * and jm_matrix_fill_pool zeroes and fills it tile by tile over the thread pool (never call it
+ * from a pool task); jm_matrix_create_fp8/_bf16 and jm_store_pack use these two */
+jm_matrix *jm_matrix_new_unzeroed(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale);
+void jm_matrix_fill_pool(jm_matrix *m, const void *w, int64_t ldw, const float *scale, int64_t lds);
 
 /* Per-ISA kernels of the FP8 / BF16 formats (INT4 has its own tables in int4*.c).
  *

@@ -18,7 +18,8 @@ int64_t jm_matrix_packed_bytes(int32_t format, int32_t n, int32_t k) {
   return (int64_t)(n + JM_TILE_ROWS - 1) / JM_TILE_ROWS * JM_TILE_ROWS * k_pad * (format == JM_FMT_BF16 ? 2 : 1);
 }
 
-jm_matrix *jm_matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale) {
+static jm_matrix *matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale,
+                             int zero) {
   const int elem = format == JM_FMT_BF16 ? 2 : 1;
   jm_matrix *m = calloc(1, sizeof *m);
   if (!m) goto oom;
@@ -36,7 +37,7 @@ jm_matrix *jm_matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uin
   m->borrowed = data != NULL;
   m->data = data ? data : jm_alloc_node(bytes, node, &m->data_alloc);
   if (!m->data) goto oom;
-  memset(m->data, 0, bytes);
+  if (zero) memset(m->data, 0, bytes);
   if (format == JM_FMT_FP8) {
     m->scale = scale ? scale : malloc(sizeof(float) * (size_t)m->n_rb * (size_t)m->kb);
     if (!m->scale) goto oom;
@@ -51,6 +52,14 @@ oom:
   free(m);
   jm_error(JM_ENOMEM, "out of memory packing a [%d, %d] matrix", n, k);
   return NULL;
+}
+
+jm_matrix *jm_matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale) {
+  return matrix_new(format, n, k, node, data, scale, 1);
+}
+
+jm_matrix *jm_matrix_new_unzeroed(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale) {
+  return matrix_new(format, n, k, node, data, scale, 0);
 }
 
 /* copy row `row` (bytes src, row_bytes long) into its tile's interleaved segments */
@@ -80,18 +89,52 @@ void jm_matrix_fill(jm_matrix *m, const void *w, int64_t ldw, const float *scale
     for (int32_t i = 0; i < m->n_rb; i++) memcpy(m->scale + (int64_t)i * m->kb, scale + i * lds, sizeof(float) * (size_t)m->kb);
 }
 
+/* ---- the same bytes over the thread pool: each task zeroes and fills a run of whole tiles
+ * (rows 4t..4t+3 of its tiles), so the first touch of the destination pages (and of the
+ * source's file pages) is spread over the pool's threads; the result does not depend on
+ * the thread count or the order the tasks run in. */
+#define FILL_TASK_BYTES (128 << 10) /* packed bytes per task */
+
+typedef struct {
+  jm_matrix *m;
+  const uint8_t *w;
+  int64_t row_stride, row_bytes; /* bytes */
+  int32_t tiles_per_task;
+} fill_ctx;
+
+static void fill_task(void *ctx, int64_t task, int thread) {
+  (void)thread;
+  const fill_ctx *c = ctx;
+  jm_matrix *m = c->m;
+  const int64_t t0 = task * c->tiles_per_task;
+  const int64_t t1 = t0 + c->tiles_per_task < m->n_tiles ? t0 + c->tiles_per_task : m->n_tiles;
+  memset(m->data + t0 * m->tile_bytes, 0, (size_t)((t1 - t0) * m->tile_bytes));
+  const int64_t r_end = t1 * JM_TILE_ROWS < m->n ? t1 * JM_TILE_ROWS : m->n;
+  for (int64_t r = t0 * JM_TILE_ROWS; r < r_end; r++) put_row(m, (int32_t)r, c->w + r * c->row_stride, c->row_bytes);
+}
+
+void jm_matrix_fill_pool(jm_matrix *m, const void *w, int64_t ldw, const float *scale, int64_t lds) {
+  const int elem = m->format == JM_FMT_BF16 ? 2 : 1;
+  int64_t per = FILL_TASK_BYTES / m->tile_bytes;
+  per = per < 1 ? 1 : per;
+  fill_ctx c = {m, w, ldw * elem, (int64_t)m->k * elem, (int32_t)per};
+  jm_pool_run_sized((m->n_tiles + per - 1) / per, fill_task, &c, (int64_t)m->n_tiles * m->tile_bytes);
+  if (m->format == JM_FMT_FP8)
+    for (int32_t i = 0; i < m->n_rb; i++) memcpy(m->scale + (int64_t)i * m->kb, scale + i * lds, sizeof(float) * (size_t)m->kb);
+}
+
 jm_matrix *jm_matrix_create_fp8(const uint8_t *w, int64_t ldw, const float *scale, int64_t lds,
                                 int32_t n, int32_t k, int32_t node) {
   if (jm_matrix_check_source(JM_FMT_FP8, w, ldw, scale, lds, n, k, "jm_matrix_create_fp8")) return NULL;
-  jm_matrix *m = jm_matrix_new(JM_FMT_FP8, n, k, node, NULL, NULL);
-  if (m) jm_matrix_fill(m, w, ldw, scale, lds);
+  jm_matrix *m = jm_matrix_new_unzeroed(JM_FMT_FP8, n, k, node, NULL, NULL);
+  if (m) jm_matrix_fill_pool(m, w, ldw, scale, lds);
   return m;
 }
 
 jm_matrix *jm_matrix_create_bf16(const uint16_t *w, int64_t ldw, int32_t n, int32_t k, int32_t node) {
   if (jm_matrix_check_source(JM_FMT_BF16, w, ldw, NULL, 0, n, k, "jm_matrix_create_bf16")) return NULL;
-  jm_matrix *m = jm_matrix_new(JM_FMT_BF16, n, k, node, NULL, NULL);
-  if (m) jm_matrix_fill(m, w, ldw, NULL, 0);
+  jm_matrix *m = jm_matrix_new_unzeroed(JM_FMT_BF16, n, k, node, NULL, NULL);
+  if (m) jm_matrix_fill_pool(m, w, ldw, NULL, 0);
   return m;
 }
 

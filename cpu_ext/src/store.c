@@ -161,9 +161,9 @@ int jm_store_pack(jm_store *s, int32_t layer, int32_t expert, int32_t which, int
   jm_store_slab_mem *b = &l->slab[which];
   uint8_t *slot = b->data + (int64_t)expert * b->slot_bytes;
   if (b->alloc) jm_bind_node(slot, (size_t)b->slot_bytes, node); /* before the first touch */
-  jm_matrix *m = jm_matrix_new(format, n, k, node, slot, b->scale ? b->scale + expert * b->scale_floats : NULL);
+  jm_matrix *m = jm_matrix_new_unzeroed(format, n, k, node, slot, b->scale ? b->scale + expert * b->scale_floats : NULL);
   if (!m) return JM_ENOMEM;
-  jm_matrix_fill(m, w, ldw, scale, lds);
+  jm_matrix_fill_pool(m, w, ldw, scale, lds); /* over the thread pool: first touch there too */
   jm_matrix_free(l->experts[expert].m[which]);
   l->experts[expert].m[which] = m;
   return JM_OK;

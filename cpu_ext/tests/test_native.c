@@ -235,6 +235,88 @@ static void test_moe(int isa) {
   free(x), free(out);
 }
 
+/* store_map.c: packed bytes written to a file and adopted (mapped) give the same results */
+static int64_t put_aligned(FILE *f, const void *p, int64_t n) {
+  long pos = ftell(f);
+  while (pos % 4096) fputc(0, f), pos++;
+  fwrite(p, 1, (size_t)n, f);
+  return pos;
+}
+
+static void test_store_map(void) {
+  const int E = 3, H = 150, I = 70, T = 5, K = 2;
+  fp8_mat w[3][3];
+  jm_store *s = jm_store_create(1), *t = jm_store_create(1);
+  CHECK(s && t && jm_store_init_layer(s, 0, E, H, I) == JM_OK && jm_store_init_layer(t, 0, E, H, I) == JM_OK, "map: stores");
+  for (int e = 0; e < E; e++)
+    for (int j = 0; j < 3; j++) {
+      const int n = j < 2 ? I : H, k = j < 2 ? H : I;
+      w[e][j] = fp8_random(n, k);
+      CHECK(jm_store_pack(s, 0, e, j, JM_FMT_FP8, w[e][j].q, k, w[e][j].s, (k + 127) / 128, -1) == JM_OK, "map: pack");
+    }
+  FILE *f = tmpfile();
+  int64_t off[3], soff[3], slot[3], floats[3];
+  for (int j = 0; j < 3; j++) {
+    const uint8_t *data;
+    const float *sc;
+    int64_t packed;
+    int32_t fmt;
+    CHECK(jm_store_slab(s, 0, j, &data, &slot[j], &packed, &sc, &floats[j], &fmt) == JM_OK, "map: slab");
+    off[j] = put_aligned(f, data, slot[j] * E);
+    soff[j] = put_aligned(f, sc, (int64_t)sizeof(float) * floats[j] * E);
+  }
+  /* an INT4 matrix and an FP8 one, adopted one by one */
+  const int n4 = 9, k4 = 150, G = 32, ng = (k4 + G - 1) / G; /* k4 = H: x serves both */
+  uint8_t q4[9 * 75];
+  uint16_t s4[9 * 5];
+  for (int i = 0; i < n4 * 75; i++) q4[i] = (uint8_t)rnd();
+  for (int i = 0; i < n4 * ng; i++) s4[i] = (uint16_t)((5 + rnd() % 10) << 10);
+  jm_matrix *m4 = jm_matrix_create_int4(q4, 75, s4, ng, n4, k4, G, -1);
+  jm_matrix *m8 = jm_matrix_create_fp8(w[0][2].q, I, w[0][2].s, 1, H, I, -1);
+  const uint8_t *d4, *d8;
+  const float *sc8;
+  int64_t b4, b8, f8;
+  int32_t g4;
+  CHECK(m4 && m8 && jm_matrix_packed(m4, &d4, &b4, NULL, NULL, &g4) == JM_OK && g4 == G &&
+        jm_matrix_packed(m8, &d8, &b8, &sc8, &f8, NULL) == JM_OK && f8 == 2, "map: packed bytes");
+  const int64_t o4 = put_aligned(f, d4, b4), o8 = put_aligned(f, d8, b8);
+  fflush(f);
+  const int fd = fileno(f);
+  for (int j = 0; j < 3; j++) {
+    fseek(f, soff[j], SEEK_SET);
+    float *sc = malloc(sizeof(float) * (size_t)(floats[j] * E));
+    CHECK(fread(sc, sizeof(float), (size_t)(floats[j] * E), f) == (size_t)(floats[j] * E), "map: read scales");
+    CHECK(jm_store_adopt_slab(t, 0, j, JM_FMT_FP8, fd, off[j], slot[j], sc, -1) == JM_OK, "map: adopt slab %d", j);
+    CHECK(jm_store_adopt_slab(t, 0, j, JM_FMT_FP8, fd, off[j], slot[j], sc, -1) == JM_EINVAL, "map: slab taken");
+    free(sc);
+  }
+  CHECK(jm_store_slab(t, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL) == JM_OK, "map: adopted slab is a slab");
+  float x[5 * 150], y1[5 * 150], y2[5 * 150], wt[10];
+  int32_t ids[10];
+  for (int i = 0; i < T * H; i++) x[i] = (float)nrand();
+  for (int i = 0; i < T * K; i++) ids[i] = (int32_t)(rnd() % E), wt[i] = (float)urand();
+  CHECK(jm_moe(s, 0, x, JM_DT_F32, T, ids, wt, K, y1, JM_DT_F32) == JM_OK &&
+        jm_moe(t, 0, x, JM_DT_F32, T, ids, wt, K, y2, JM_DT_F32) == JM_OK && !memcmp(y1, y2, sizeof y1),
+        "map: adopted slabs == packed ones");
+  jm_matrix *a4 = jm_matrix_adopt(JM_FMT_INT4, n4, k4, G, fd, o4, NULL, -1);
+  jm_matrix *a8 = jm_matrix_adopt(JM_FMT_FP8, H, I, 0, fd, o8, sc8, -1);
+  CHECK(a4 && a8, "map: adopt matrices");
+  float z1[5 * 150], z2[5 * 150];
+  CHECK(jm_linear(m4, x, JM_DT_F32, T, z1, JM_DT_F32) == JM_OK && jm_linear(a4, x, JM_DT_F32, T, z2, JM_DT_F32) == JM_OK &&
+        !memcmp(z1, z2, sizeof(float) * T * n4), "map: adopted INT4 == packed");
+  CHECK(jm_linear(m8, x, JM_DT_F32, T, z1, JM_DT_F32) == JM_OK && jm_linear(a8, x, JM_DT_F32, T, z2, JM_DT_F32) == JM_OK &&
+        !memcmp(z1, z2, sizeof(float) * T * H), "map: adopted FP8 == packed");
+  CHECK(jm_matrix_adopt(JM_FMT_BF16, H, I, 0, fd, o8 + (1 << 20), NULL, -1) == NULL, "map: range past the end refused");
+  CHECK(jm_matrix_adopt(JM_FMT_BF16, H, I, 0, fd, 100, NULL, -1) == NULL, "map: unaligned offset refused");
+  CHECK(jm_matrix_adopt(JM_FMT_INT4, H, I, 7, fd, 0, NULL, -1) == NULL, "map: bad group refused");
+  fclose(f); /* the mappings outlive the file descriptor */
+  CHECK(jm_moe(t, 0, x, JM_DT_F32, T, ids, wt, K, y2, JM_DT_F32) == JM_OK && !memcmp(y1, y2, sizeof y1), "map: after close");
+  jm_matrix_free(a4), jm_matrix_free(a8), jm_matrix_free(m4), jm_matrix_free(m8);
+  jm_store_free(s), jm_store_free(t);
+  for (int e = 0; e < E; e++)
+    for (int j = 0; j < 3; j++) fp8_free(&w[e][j]);
+}
+
 static void test_errors(void) {
   uint8_t q[4] = {0};
   float sc = 1;
@@ -371,6 +453,43 @@ static void test_invariance(int isa) {
   free(x), free(solo), free(y), free(w.q), free(w.s), free(w.w);
 }
 
+/* packing runs over the thread pool (tiles split into tasks): a matrix packed on 1 and on 3
+ * threads gives bit-identical outputs, for odd shapes large enough to be split (FP8, BF16,
+ * INT4, and a store slab) */
+static void test_parallel_pack(void) {
+  const int n = 1031, k = 2177, m = 2, group = 32, ng = (k + group - 1) / group;
+  fp8_mat w = fp8_random(n, k);
+  uint16_t *wb = malloc(sizeof(uint16_t) * n * k), *s4 = malloc(sizeof(uint16_t) * n * ng);
+  uint8_t *q4 = malloc((size_t)n * ((k + 1) / 2));
+  float *x = malloc(sizeof(float) * m * k), *y[2][4];
+  for (int i = 0; i < n * k; i++) wb[i] = (uint16_t)(0x3c00 + (rnd() & 0x3ff) - 0x200 + ((rnd() & 1) << 15));
+  for (int i = 0; i < n * ((k + 1) / 2); i++) q4[i] = (uint8_t)rnd();
+  for (int i = 0; i < n * ng; i++) s4[i] = (uint16_t)(0x2000 + (rnd() & 0x3ff)); /* small positive f16 */
+  for (int i = 0; i < m * k; i++) x[i] = (float)nrand();
+  for (int t = 0; t < 2; t++) {
+    jm_set_num_threads(t ? 3 : 1);
+    jm_matrix *ms[3] = {jm_matrix_create_fp8(w.q, k, w.s, (k + 127) / 128, n, k, -1),
+                        jm_matrix_create_bf16(wb, k, n, k, -1),
+                        jm_matrix_create_int4(q4, (k + 1) / 2, s4, ng, n, k, group, -1)};
+    jm_store *st = jm_store_create(1);
+    CHECK(st && jm_store_init_layer(st, 0, 1, n, k) == JM_OK &&
+          jm_store_pack(st, 0, 0, 2, JM_FMT_FP8, w.q, k, w.s, (k + 127) / 128, -1) == JM_OK, "store pack [%d, %d]", n, k);
+    for (int j = 0; j < 4; j++) {
+      const jm_matrix *mat = j < 3 ? ms[j] : (st ? jm_store_matrix(st, 0, 0, 2) : NULL);
+      y[t][j] = calloc((size_t)m * n, sizeof(float));
+      CHECK(mat && jm_linear(mat, x, JM_DT_F32, m, y[t][j], JM_DT_F32) == JM_OK, "parallel pack linear %d", j);
+    }
+    for (int j = 0; j < 3; j++) jm_matrix_free(ms[j]);
+    jm_store_free(st);
+  }
+  for (int j = 0; j < 4; j++) {
+    CHECK(!memcmp(y[0][j], y[1][j], sizeof(float) * m * n), "matrix %d packed on 1 and 3 threads differs", j);
+    free(y[0][j]), free(y[1][j]);
+  }
+  free(wb), free(s4), free(q4), free(x);
+  fp8_free(&w);
+}
+
 int main(void) {
   for (int isa = JM_ISA_SCALAR; isa <= JM_ISA_AVX512; isa++) {
     if (!jm_isa_supported(isa)) {
@@ -400,7 +519,9 @@ int main(void) {
     }
     jm_set_gemm_min_rows(0);
   }
+  test_parallel_pack();
   test_errors();
+  test_store_map();
   jm_set_num_threads(0);
   printf("%d passed, %d failed\n", passed, failed);
   return failed != 0;

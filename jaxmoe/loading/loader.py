@@ -141,6 +141,18 @@ class Checkpoint:
                 out[f"{proj}_scale_inv"] = [self.array(s.scale_name) for s in specs]
         return out
 
+    def load_size(self, load_experts: bool = True) -> tuple[int, int]:
+        """(tensors, bytes) a load reads: every accounted tensor (no MTP tensors), its bytes with
+        those of its FP8 scales; without the routed experts when load_experts is False."""
+        n = nbytes = 0
+        for s in self.specs.values():
+            if s.name not in self.store or not (load_experts or s.expert is None):
+                continue
+            n, nbytes = n + 1, nbytes + self.store.info(s.name).nbytes
+            if s.kind == "linear" and s.scale_name in self.store:
+                nbytes += self.store.info(s.scale_name).nbytes
+        return n, nbytes
+
     def close(self) -> None:
         if hasattr(self, "store"):
             self.store.close()
@@ -158,39 +170,53 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_checkpoint(
-    path: str | Path,
+    path: str | Path | Checkpoint,
     *,
     dtype: Any = jnp.float32,
-    progress: bool | None = None,
+    progress: bool | Progress | None = None,
     device: jax.Device | None = None,
     load_experts: bool = True,
+    host_linears: bool = False,
 ) -> tuple[ModelConfig, Any]:
     """Read config.json and every tensor of a checkpoint into `(ModelConfig, Weights)`.
 
     dtype: for norms, embeddings and the router weight (Linears keep their stored format).
-    progress: a bar on stderr; None = only on a terminal and only once a load passes ~1 s.
+    path: a directory, or an open Checkpoint (left open).
+    progress: a bar on stderr with GiB/s and the time left; None = on a terminal once the load
+      passes ~1 s, elsewhere a line every 10 s of a long load; or a Progress to update (left
+      open: a caller's bar over more than this call).
     device: where the arrays go (default: JAX's default device).
     load_experts: False leaves `MoEWeights.experts = None` (a host expert store fills them in).
+    host_linears: Linears stay numpy arrays (values: zero-copy views of the files), for
+      a caller that repacks them for the CPU kernels straight from there (jaxmoe.load) and
+      puts the rest on a device itself; the views outlive the checkpoint's close.
     """
-    ck = Checkpoint(path)
+    own = not isinstance(path, Checkpoint)
+    ck = Checkpoint(path) if own else path
     try:
-        weights = _build(ck, np.dtype(dtype), device, progress, load_experts)
+        weights = _build(ck, np.dtype(dtype), device, progress, load_experts, host_linears)
     except BaseException as e:
         traceback.clear_frames(e.__traceback__)  # drop views held by the failed frames, so unmapping works
-        ck.close()
+        if own:
+            ck.close()
         raise
-    ck.close()
+    if own:
+        ck.close()
     return ck.cfg, weights
 
 
-def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | None, load_experts: bool):
+def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | Progress | None, load_experts: bool,
+           host_linears: bool = False):
     specs = [s for s in ck.specs.values() if s.name in ck.store and (load_experts or s.expert is None)]
-    nbytes = sum(ck.store.info(s.name).nbytes for s in specs)
-    bar = Progress(len(specs), nbytes, enabled=progress, label=f"loading {ck.path.name}")
+    if isinstance(progress, Progress):
+        bar, close_bar = progress, False
+    else:
+        bar, close_bar = Progress(*ck.load_size(load_experts), enabled=progress, label=f"loading {ck.path.name}"), True
 
-    def put(a: np.ndarray) -> jax.Array:
-        # A copy of mmap'd views: JAX on CPU would alias read-only arrays and pin the file mapping.
-        return jax.device_put(a if a.flags.owndata else np.array(a), device)
+    def put(a: np.ndarray, dt=None) -> jax.Array:
+        # One copy of mmap'd views (JAX on CPU would alias them and pin the file mapping), into a
+        # 64-byte aligned buffer that JAX on CPU then takes without a second copy.
+        return jax.device_put(host_copy(a, dt), device)
 
     leaves: dict[str, Any] = {}
     pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = defaultdict(list)
@@ -206,17 +232,47 @@ def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | None, load_
                 pending[s.target].append((w, scale))
                 if len(pending[s.target]) == n_experts:
                     ws, ss = zip(*pending.pop(s.target))
-                    leaves[s.target] = _linear(np.stack(ws), None if ss[0] is None else np.stack(ss), ck.block, put)
+                    leaves[s.target] = _linear(_stack(ws), None if ss[0] is None else np.stack(ss), ck.block, put)
             elif s.kind == "linear":
-                leaves[s.target] = _linear(w, scale, ck.block, put)
+                leaves[s.target] = _linear(w, scale, ck.block, _keep if host_linears else put)
             else:
-                leaves[s.target] = put(np.asarray(w, np.float32 if s.kind == "bias" else dtype))
-            bar.update(1, ck.store.info(s.name).nbytes)
+                leaves[s.target] = put(w, np.float32 if s.kind == "bias" else dtype)
+            bar.update(1, ck.store.info(s.name).nbytes + (ck.store.info(s.scale_name).nbytes if fp8 else 0))
     finally:
-        bar.close()
+        if close_bar:
+            bar.close()
     if "lm_head" not in leaves:  # tied embeddings
         leaves["lm_head"] = DenseWeight(leaves["embed_tokens"])
     return hf_map.assemble(ck.cfg, leaves)
+
+
+def _keep(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    buf = np.empty(nbytes + 64, np.uint8)
+    off = -buf.ctypes.data % 64
+    return buf[off : off + nbytes].view(dt).reshape(shape)
+
+
+def host_copy(a: np.ndarray, dtype=None) -> np.ndarray:
+    """A copy of `a` (cast to dtype) in a 64-byte aligned buffer of its own: what JAX on the CPU
+    takes as it is (jax.device_put aliases aligned host arrays), so a load copies a tensor once."""
+    a = np.asarray(a)
+    out = _aligned_empty(a.shape, dtype or a.dtype)
+    np.copyto(out, a, casting="unsafe")
+    return out
+
+
+def _stack(views: list[np.ndarray]) -> np.ndarray:
+    """np.stack into an aligned buffer (host_copy)."""
+    out = _aligned_empty((len(views), *views[0].shape), views[0].dtype)
+    for i, v in enumerate(views):
+        out[i] = v
+    return out
 
 
 def _linear(w: np.ndarray, scale: np.ndarray | None, block: tuple[int, int], put) -> Any:

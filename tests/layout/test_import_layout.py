@@ -24,7 +24,7 @@ ALLOWED = {
     "serving": BASE | {"model", "loading", "cpu", "planning", "streaming"},
     "generate": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer"},
     "server": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer", "generate"},
-    "cli": BASE | {"__init__", "loading", "generate", "tokenizer", "server"},
+    "cli": BASE | {"__init__", "loading", "cpu", "generate", "tokenizer", "server"},  # cpu: `jaxmoe cache`
     "__init__": {"config", "generate", "tokenizer"},
 }
 NO_JAX = ("planning", "step_shapes", "config")  # pure arithmetic on configs
