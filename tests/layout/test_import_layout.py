@@ -22,9 +22,10 @@ ALLOWED = {
     "planning": {"config", "step_shapes"},
     "streaming": BASE | {"model", "planning"},
     "serving": BASE | {"model", "loading", "cpu", "planning", "streaming"},
-    "generate": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer"},
-    "server": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer", "generate"},
-    "cli": BASE | {"__init__", "loading", "cpu", "generate", "tokenizer", "server"},  # cpu: `jaxmoe cache`
+    "loaded_model": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer"},
+    "generate": BASE | {"loaded_model", "serving", "tokenizer"},
+    "server": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer", "loaded_model", "generate"},
+    "cli": BASE | {"__init__", "loading", "cpu", "loaded_model", "generate", "tokenizer", "server"},  # cpu: `jaxmoe cache`
     "__init__": {"config", "generate", "tokenizer"},
 }
 NO_JAX = ("planning", "step_shapes", "config")  # pure arithmetic on configs

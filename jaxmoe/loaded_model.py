@@ -1,0 +1,322 @@
+"""A loaded checkpoint and how it is loaded: `load` -> `Model`.
+
+`load` reads the checkpoint (`loading`), decides where each part lives from the runtime
+preset (the CPU kernels' placement: `cpu.placement`, the optional persistent weights cache:
+`cpu.weights_cache`), and returns a `Model`: config, weights, tokenizer, runtime, and its
+serving engine, created on first use. Generation over a `Model` is `generate.py`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.config import ModelConfig
+from jaxmoe.loading.expert_source import CheckpointExperts
+from jaxmoe.loading.loader import load_checkpoint, open_checkpoint
+from jaxmoe.model.weights import split_experts
+from jaxmoe.planning.strategies import PrefillStrategy
+from jaxmoe.serving.engine import Engine
+from jaxmoe.serving.presets import RuntimeConfig
+from jaxmoe.serving.prompt_runner import host_expert_source
+from jaxmoe.tokenizer import Message, Tokenizer, Tool
+
+DEFAULT_MAX_SEQ_LEN = 4096  # context per request unless max_seq_len says otherwise (cache memory)
+# load(weights_cache=None) without $JAXMOE_WEIGHTS_CACHE. Off for now: the first load also
+# writes the packed weights (about the experts' size on disk, e.g. 4 GiB: 6 s -> 16 s for
+# bench-v3-mid), and the load path and its benchmarks are being reworked; True makes the
+# user-cache default the issue asks for.
+DEFAULT_WEIGHTS_CACHE: bool = False
+
+
+
+# ---- the loaded model -------------------------------------------------------------------------
+@dataclass(eq=False)
+class Model:
+    """A loaded checkpoint: config, weights pytree, tokenizer (None without tokenizer.json)."""
+
+    cfg: ModelConfig = field(repr=False)
+    weights: Any = field(repr=False)
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
+    max_seq_len: int | None = None  # a cap on the context below max_position_embeddings
+    path: Path | None = None
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    cpu_kernels: bool = False  # large matmuls and/or routed experts run on cpu_ext
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    _engine: Engine | None = field(default=None, init=False, repr=False)
+    _checkpoint: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def engine(self) -> Engine:
+        """The serving engine of this model (created on first use). With accelerators, its
+        stream-loading prefill reads the routed experts from the host copy decode reads."""
+        if self._engine is None:
+            self._engine = Engine(self.cfg, self.weights, self.runtime, max_len=self.context_len,
+                                  expert_source=self._expert_source())
+        return self._engine
+
+    def _expert_source(self) -> Any:
+        """None when the engine streams from the weights' own host copy (the expert store's
+        slabs that decode reads, or host arrays); else the checkpoint's mmap (e.g. INT4 stores)."""
+        if self.path is None or not self.runtime.accelerators or self.runtime.prefill_strategy == PrefillStrategy.CPU:
+            return None
+        if host_expert_source(split_experts(self.weights)[1]) is not None:
+            return None
+        if self._checkpoint is None:
+            self._checkpoint = open_checkpoint(self.path)
+        return CheckpointExperts(self._checkpoint)
+
+    def close(self) -> None:
+        """Free the native memory of CPU-kernel weights now (rather than at exit)."""
+        self._engine = None
+        if self._checkpoint is not None:
+            self._checkpoint.close()
+            self._checkpoint = None
+        if self.cpu_kernels:
+            from jaxmoe.cpu.placement import release  # noqa: PLC0415  (cffi only where the kernels ran)
+
+            release(self.weights)
+            self.cpu_kernels, self.weights = False, None
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """Activation and KV-cache dtype (that of the embeddings)."""
+        return self.weights.embed_tokens.dtype
+
+    @property
+    def context_len(self) -> int:
+        """Most positions one request may use (prompt + generated tokens): max_seq_len
+        (default DEFAULT_MAX_SEQ_LEN) capped by max_position_embeddings."""
+        return min(self.cfg.max_position_embeddings, self.max_seq_len or DEFAULT_MAX_SEQ_LEN)
+
+    def compile(self, prompt_tokens: int, max_new_tokens: int = 2) -> float:
+        """Warm the engine's step programs with a throwaway request of this prompt length
+        (seconds taken); requests of similar sizes then start without compiling."""
+        t0 = time.perf_counter()
+        self.check_fits(prompt_tokens, max_new_tokens)
+        req = self.engine.submit([0] * prompt_tokens, min(max_new_tokens, 2))
+        for _ in req.events():
+            pass
+        return time.perf_counter() - t0
+
+    def encode_prompt(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        messages: Sequence[Message] | None = None,
+        tools: Sequence[Tool] | None = None,
+    ) -> list[int]:
+        """Token ids of a text prompt, a token-id prompt or chat `messages` (with OpenAI-style
+        `tools` rendered by the chat template), validated."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("pass exactly one of `prompt` (text or token ids) or `messages`")
+        if tools is not None and messages is None:
+            raise ValueError("`tools` go with `messages` (the chat template renders them), not with a prompt")
+        if messages is not None:
+            ids = self._require_tokenizer("messages").encode_chat(messages, tools=tools)
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self._require_tokenizer("a text prompt").encode(prompt)
+        else:
+            ids = _token_ids(prompt)
+        if not ids:
+            raise ValueError("prompt is empty (0 tokens)")
+        vocab = self.cfg.vocab_size
+        for i, t in enumerate(ids):
+            if not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t} at index {i} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, and {self.path} has no tokenizer.json; pass token ids")
+        return self.tokenizer
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        total, limit = prompt_tokens + max_new_tokens, self.context_len
+        if total > limit:
+            why = f"max_position_embeddings={self.cfg.max_position_embeddings})"
+            if limit < self.cfg.max_position_embeddings:
+                why = f"max_seq_len={limit}); load() with a larger max_seq_len for more"
+            raise ValueError(
+                f"prompt too long: {prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} = "
+                f"{total} tokens exceeds the model's context of {limit} tokens ({why}"
+            )
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: Any = jnp.float32,
+    max_seq_len: int | None = None,
+    cpu_kernels: bool | None = None,
+    cpu_precision: str | None = None,
+    progress: Any = None,
+    runtime: str | None = None,
+    weights_cache: bool | str | Path | None = None,
+    **runtime_options: Any,
+) -> Model:
+    """Load a checkpoint directory (config.json, safetensors, optional tokenizer files).
+
+    dtype: the dtype of norms, embeddings, activations and the KV cache (Linears keep their
+      stored format: FP8 stays FP8).
+    max_seq_len: cap the context (prompt + generated tokens) below max_position_embeddings.
+    cpu_kernels: run the large matmuls and the routed experts through jaxmoe's native CPU
+      kernels (cpu_ext). None (default) = when JAX runs on the CPU and the kernels load;
+      True = required; False = the pure JAX path.
+    cpu_precision: arithmetic of those kernels' FP8/BF16 matmuls: "exact" (weights decoded
+      exactly, f32 activations and sums, on every CPU) or "bf16" (activations rounded to bf16
+      and bf16 dot products where the CPU has them, AVX-512 BF16: ~2e-3 relative error per
+      output; elsewhere exact). None (default) = the runtime preset's `cpu_precision`, else
+      the library's setting (env JAXMOE_CPU_PRECISION, else exact). Process-wide: it applies
+      to every model of the process that runs on the kernels. Ignored without the kernels.
+    progress: show a progress bar with GiB/s and the time left (None = on a terminal once the
+      load passes 1 s; elsewhere a line every 10 s of a long load).
+    runtime: a runtime preset of jaxmoe/configs/runtime/ (default: "cpu-only" without a GPU,
+      "gpu+cpu-experts" with one, "2gpu+cpu-experts" with two); runtime_options override
+      its fields (n_slots, chunk_size, overlap, memory_budget_bytes, prefill_strategy
+      ("auto" | "cpu" | "slp" | "dslp"), hardware, ...).
+    weights_cache: where the CPU kernels' packed weights are kept between loads
+      (jaxmoe.cpu.weights_cache: written once, then mapped instead of repacked): a directory,
+      True (the default root, jaxmoe.config.cache_dir() / "weights"), False (off). None
+      (default): $JAXMOE_WEIGHTS_CACHE ("0"/"off" disables, "1"/"on" or a path enables), else
+      DEFAULT_WEIGHTS_CACHE. Only where the routed experts go to the kernels.
+    """
+    if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
+        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    rc = RuntimeConfig.load(runtime or _default_preset(), cpu_precision=cpu_precision, **runtime_options)
+    path = Path(path)
+    host_experts = _experts_to_host(cpu_kernels, rc)
+    root = _weights_cache_root(weights_cache) if host_experts and (path / "config.json").is_file() else None
+    if root is not None:
+        from jaxmoe.cpu import weights_cache as wc  # noqa: PLC0415
+
+        cfg, weights = wc.load_placed(path, root=root, dtype=dtype, progress=progress, experts_only=rc.staged,
+                                      load=lambda: _load_weights(path, dtype, progress, True,
+                                                                 host_linears=not rc.staged),
+                                      place=lambda c, w, s: _place(c, w, cpu_kernels, rc, s)[0])
+        on_kernels = True
+    else:
+        cfg, weights, store = _load_weights(path, dtype, progress, host_experts,
+                                            host_linears=host_experts and not rc.staged)
+        weights, on_kernels = _place(cfg, weights, cpu_kernels, rc, store)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    eos = set(cfg.eos_token_id)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return Model(cfg, weights, tokenizer, max_seq_len, path, frozenset(eos), on_kernels, rc)
+
+
+def _default_preset() -> str:
+    n_gpus = len(jax.devices()) if jax.default_backend() == "gpu" else 0
+    return {0: "cpu-only", 1: "gpu+cpu-experts"}.get(n_gpus, "2gpu+cpu-experts")
+
+
+def _weights_cache_root(weights_cache: bool | str | Path | None) -> Path | None:
+    """The weights cache's root for load(weights_cache=...), None when off."""
+    if weights_cache is None:
+        env = os.environ.get("JAXMOE_WEIGHTS_CACHE", "").strip()
+        if env.lower() in ("0", "off", "false", "no"):
+            weights_cache = False
+        elif env.lower() in ("1", "on", "true", "yes"):
+            weights_cache = True
+        else:
+            weights_cache = env or DEFAULT_WEIGHTS_CACHE
+    if weights_cache is False:
+        return None
+    if weights_cache is True:
+        from jaxmoe.cpu.weights_cache import default_root  # noqa: PLC0415
+
+        return default_root()
+    return Path(weights_cache).expanduser()
+
+
+def _experts_to_host(cpu_kernels: bool | None, rc: RuntimeConfig) -> bool:
+    """Whether `_place` puts the routed experts in a host ExpertStore and the kernels load here."""
+    if cpu_kernels is False or rc.routed_experts == "accelerator":
+        return False
+    if cpu_kernels is None and not rc.staged and jax.default_backend() != "cpu":
+        return False
+    try:
+        from jaxmoe.cpu import _lib  # noqa: PLC0415
+
+        _lib.load()
+        return True
+    except (ImportError, OSError, RuntimeError):  # _place says why (or falls back)
+        return False
+
+
+def _load_weights(path: Path, dtype: Any, progress: Any, host_experts: bool,
+                  host_linears: bool = False) -> tuple[ModelConfig, Any, Any]:
+    """(cfg, weights, ExpertStore or None). With host_experts the routed experts are packed
+    straight from the checkpoint's mapping into the store (on the native thread pool, reading
+    ahead: ExpertStore.from_checkpoint), not stacked into arrays first; one progress bar.
+    host_linears: the other Linears stay views of the files too, for _place to pack them for
+    the kernels from there (what stays with XLA it puts on the device)."""
+    if not host_experts:
+        return (*load_checkpoint(path, dtype=dtype, progress=progress), None)
+    from jaxmoe.cpu.expert_store import ExpertStore  # noqa: PLC0415
+    from jaxmoe.loading.progress import Progress  # noqa: PLC0415
+
+    with open_checkpoint(path) as ck:
+        bar = Progress(*ck.load_size(), enabled=progress, label=f"loading {path.name}")
+        try:
+            store = ExpertStore.from_checkpoint(ck, progress=bar)
+            try:
+                cfg, weights = load_checkpoint(ck, dtype=dtype, progress=bar, load_experts=False,
+                                               host_linears=host_linears)
+            except BaseException:
+                store.free()
+                raise
+        finally:
+            bar.close()
+    return cfg, weights, store
+
+
+def _place(cfg: ModelConfig, weights: Any, cpu_kernels: bool | None, rc: RuntimeConfig,
+           store: Any = None) -> tuple[Any, bool]:
+    """(weights, whether cpu_ext runs some of them). cpu-only: every large matmul on the CPU
+    kernels; staged presets: only the routed experts (the rest goes to the accelerators);
+    routed experts on the accelerator: none. store: the ExpertStore holding the routed experts
+    when the weights were loaded without them (_load_weights)."""
+    if cpu_kernels is False or rc.routed_experts == "accelerator":
+        return weights, False
+    if cpu_kernels is None and not rc.staged and jax.default_backend() != "cpu":
+        return weights, False
+    try:
+        from jaxmoe.cpu import _lib, placement  # noqa: PLC0415  (cffi and the native build only when used)
+
+        if rc.cpu_precision is not None:  # process-wide, before any kernel runs
+            _lib.load().set_precision(rc.cpu_precision)
+        experts_only = {"min_elements": 1 << 62} if rc.staged else {}
+        placed = placement.to_cpu_placement(weights, cfg=cfg, store=store, **experts_only)
+        return _device_leaves(placed), True
+    except (ImportError, OSError, RuntimeError) as e:  # the native library cannot be built or loaded here
+        if cpu_kernels or store is not None:
+            raise RuntimeError(f"cpu_kernels=True, but jaxmoe's CPU kernels are unavailable: {e}") from e
+        warnings.warn(f"jaxmoe's CPU kernels are unavailable ({e}); running the pure JAX path", stacklevel=3)
+        return weights, False
+
+
+def _device_leaves(weights: Any) -> Any:
+    """numpy leaves (views of the files left by load_checkpoint(host_linears=True) that stay
+    with XLA, e.g. float32 Linears or FP8 scales) as device arrays."""
+    from jaxmoe.loading.loader import host_copy  # noqa: PLC0415
+
+    return jax.tree_util.tree_map(lambda x: jax.device_put(host_copy(x)) if isinstance(x, np.ndarray) else x, weights)
+
+
+def _token_ids(prompt: Any) -> list[int]:
+    arr = np.asarray(prompt)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"prompt must be a string or a 1-D sequence of integer token ids, got {type(prompt).__name__}")
+    return [int(t) for t in arr]
