@@ -30,7 +30,8 @@ def build_store(rng, draw: str = "checkpoint_like", n_experts: int = N_EXPERTS):
     dequantize baselines, the draw's code distribution {"draw", "codes", "subnormal_frac",
     "zero_frac"})."""
     from jaxmoe import quant  # noqa: PLC0415
-    from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix  # noqa: PLC0415
+    from jaxmoe.cpu.expert_store import ExpertStore  # noqa: PLC0415
+    from jaxmoe.cpu.host_matrix import HostMatrix  # noqa: PLC0415
 
     store = ExpertStore(1)
     store.init_layer(0, n_experts, HIDDEN, INTER)
@@ -50,7 +51,8 @@ def build_store(rng, draw: str = "checkpoint_like", n_experts: int = N_EXPERTS):
 def build_int4_store(rng, n_experts: int = N_EXPERTS):
     """An ExpertStore with one layer of `n_experts` INT4 experts at SHAPES: uniform codes,
     f16 scales ~1e-2 x U(0.5, 2) per group of INT4_GROUP along K."""
-    from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix  # noqa: PLC0415
+    from jaxmoe.cpu.expert_store import ExpertStore  # noqa: PLC0415
+    from jaxmoe.cpu.host_matrix import HostMatrix  # noqa: PLC0415
 
     store = ExpertStore(1)
     store.init_layer(0, n_experts, HIDDEN, INTER)

@@ -99,7 +99,7 @@ def token_matrices(weights, nat) -> tuple[list, list, int]:
     import jax  # noqa: PLC0415
 
     from jaxmoe import quant  # noqa: PLC0415
-    from jaxmoe.cpu.expert_store import HostExperts, HostGroupedLinear, HostLinear  # noqa: PLC0415
+    from jaxmoe.cpu.handles import HostExperts, HostGroupedLinear, HostLinear  # noqa: PLC0415
 
     lib = nat.lib
     host = (HostLinear, HostGroupedLinear, HostExperts, quant.DenseWeight)
@@ -146,9 +146,9 @@ def read_fn(nat, mats):
 def kernels_fn(nat, calls, top_k: int):
     """The token's kernels called directly (one token, f32): what the step would cost with
     no XLA and no Python around them."""
-    from jaxmoe.cpu.expert_store import _dtype_code  # noqa: PLC0415
+    from jaxmoe.cpu.host_matrix import dtype_code  # noqa: PLC0415
 
-    lib, ffi, f32 = nat.lib, nat.ffi, _dtype_code(np.float32)
+    lib, ffi, f32 = nat.lib, nat.ffi, dtype_code(np.float32)
     rng = np.random.default_rng(1)
     keep, ops = [], []
     ids = np.arange(top_k, dtype=np.int32)[None]

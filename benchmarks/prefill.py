@@ -339,7 +339,7 @@ class _GemmYardstick:
     def __init__(self, hw):
         from jaxmoe.config import ModelConfig  # noqa: PLC0415
         from jaxmoe.cpu._lib import load  # noqa: PLC0415
-        from jaxmoe.cpu.expert_store import HostMatrix  # noqa: PLC0415
+        from jaxmoe.cpu.host_matrix import HostMatrix  # noqa: PLC0415
         from jaxmoe.planning.planner import kernel_model  # noqa: PLC0415
 
         rng = np.random.default_rng(1)

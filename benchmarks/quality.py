@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
                            "trained model's (flat next-token distributions flip top-1 easily); perplexity is not "
                            "meaningful; the round-trip MSE is a property of the format on the stated distributions"
                            if synthetic else "trained weights: all figures meaningful")}
-    env = H.env_info(isa=jcpu.expert_store.load().selected_isa(), quick=args.quick)
+    env = H.env_info(isa=jcpu._lib.load().selected_isa(), quick=args.quick)
     doc = H.write(args.json, metrics, env, details)
     if not args.quick and not args.checkpoint and model == "demo":  # the default run is the committed one
         H.write(H.default_result("quality.json"), metrics, env, details)

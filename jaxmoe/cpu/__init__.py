@@ -1,7 +1,7 @@
 """jaxmoe.cpu: the FP8/BF16 CPU expert engine (cpu_ext) for jaxmoe.
 
-- `HostMatrix` / `ExpertStore` (expert_store.py): weights repacked in host memory, explicit
-  create/free, integer handles; `HostLinear` / `HostExperts` are their leafless pytrees.
+- `HostMatrix` (host_matrix.py) / `ExpertStore` (expert_store.py): weights repacked in host
+  memory, explicit create/free, integer handles; `HostLinear` / `HostExperts` are their leafless pytrees.
 - `linear(x, w)` / `moe_experts(x, ids, weights, layer)` (ops.py): XLA custom calls that work
   inside `jax.jit` on the CPU platform.
 - `to_cpu_placement(weights)` / `release(weights)` (placement.py): a loaded model whose large
@@ -9,7 +9,9 @@
 - `reference` (reference.py): float64 numpy references and error bounds; `_lib`: build + load.
 """
 
-from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, HostLinear, HostMatrix, free_all
+from jaxmoe.cpu.expert_store import ExpertStore
+from jaxmoe.cpu.handles import HostExperts, HostLinear
+from jaxmoe.cpu.host_matrix import HostMatrix, free_all
 from jaxmoe.cpu.ops import linear, moe_experts
 from jaxmoe.cpu.placement import release, to_cpu_placement
 

@@ -26,7 +26,8 @@ from flax import struct
 
 from jaxmoe import quant
 from jaxmoe.cpu import ops
-from jaxmoe.cpu.expert_store import HostGroup, HostGroupedLinear, HostLinear, HostMatrix
+from jaxmoe.cpu.handles import HostGroupedLinear, HostLinear
+from jaxmoe.cpu.host_matrix import HostGroup, HostMatrix
 from jaxmoe.model import mla
 
 BLOCK = 128

@@ -1,7 +1,8 @@
 """Pytrees that name native host-resident weights inside a Weights pytree.
 
 They carry only the integer handle and shapes as static (non-leaf) data, so they pass through
-`jax.jit` and `jax.tree_util` unchanged; the owners (and the memory) are in `expert_store.py`.
+`jax.jit` and `jax.tree_util` unchanged; the owners (and the memory) are in `host_matrix.py`
+and `expert_store.py`.
 """
 
 from __future__ import annotations

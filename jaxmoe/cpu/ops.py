@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.cpu._lib import CpuExtError, load
-from jaxmoe.cpu.expert_store import HostExperts, HostGroupedLinear, HostLinear
+from jaxmoe.cpu.handles import HostExperts, HostGroupedLinear, HostLinear
 
 LINEAR_TARGET = "jaxmoe_cpu_linear"
 GROUPED_TARGET = "jaxmoe_cpu_linear_grouped"

@@ -30,7 +30,9 @@ import numpy as np
 
 from jaxmoe import quant
 from jaxmoe.cpu import attention, ops
-from jaxmoe.cpu.expert_store import ExpertStore, HostExperts, HostGroupedLinear, HostLinear, HostMatrix, _live
+from jaxmoe.cpu.expert_store import ExpertStore
+from jaxmoe.cpu.handles import HostExperts, HostGroupedLinear, HostLinear
+from jaxmoe.cpu.host_matrix import HostMatrix, live_owners
 from jaxmoe.model import moe
 from jaxmoe.model.weights import MLAWeights, MLPWeights, MoEWeights
 
@@ -127,6 +129,6 @@ def release(weights) -> None:
         elif isinstance(leaf, HostExperts):
             handles.add(leaf.store)
     for hd in handles:
-        owner = _live.get(hd)
+        owner = live_owners.get(hd)
         if owner is not None:
             owner.free()

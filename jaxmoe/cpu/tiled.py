@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxmoe import quant
-from jaxmoe.cpu.expert_store import ExpertStore, _live
+from jaxmoe.cpu.expert_store import ExpertStore
 from jaxmoe.cpu.handles import HostExperts
+from jaxmoe.cpu.host_matrix import live_owners
 from jaxmoe.model.weights import ExpertsWeights
 
 TILE_ROWS, SEGMENT, KBLOCK = 4, 64, 128
@@ -99,7 +100,7 @@ class StoreExperts:
         if not handles or not all(isinstance(e, HostExperts) for e in handles):
             return None
         stores = {e.store for e in handles}
-        store = _live.get(stores.pop()) if len(stores) == 1 else None
+        store = live_owners.get(stores.pop()) if len(stores) == 1 else None
         if not isinstance(store, ExpertStore) or store._ptr is None:
             return None
         if any(store.slab(e.layer, j) is None for e in handles for j in range(3)):

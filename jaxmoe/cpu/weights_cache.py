@@ -116,7 +116,7 @@ class _Adopted:
 
     def __call__(self, w, node, native, make):
         from jaxmoe import quant  # noqa: PLC0415
-        from jaxmoe.cpu.expert_store import FMT_BF16, FMT_FP8  # noqa: PLC0415
+        from jaxmoe.cpu.host_matrix import FMT_BF16, FMT_FP8  # noqa: PLC0415
 
         if self.i >= len(self.entries):
             raise CacheError("the placement asks for more host matrices than the cache holds")
@@ -142,7 +142,7 @@ def _scale_ptr(nat, scales, e):
 def _adopt_matrix(nat, e, fd, scales, node=-1):
     """The HostMatrix of one cached matrix entry, mapped from data.bin."""
     from jaxmoe.cpu._lib import CpuExtError  # noqa: PLC0415
-    from jaxmoe.cpu.expert_store import HostMatrix  # noqa: PLC0415
+    from jaxmoe.cpu.host_matrix import HostMatrix  # noqa: PLC0415
 
     ptr = nat.lib.jm_matrix_adopt(e["format"], e["n"], e["k"], e.get("group", 0), fd, e["offset"],
                                   _scale_ptr(nat, scales, e), node)
@@ -299,7 +299,7 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
     says why an existing cache was not used). load() -> (cfg, weights without the routed
     experts, ExpertStore holding them) and place(cfg, weights, store) -> placed weights are the
     uncached load (jaxmoe.generate). verify: VERIFY_MODES; None: $JAXMOE_WEIGHTS_CACHE_VERIFY, else "sample"."""
-    from jaxmoe.cpu import expert_store  # noqa: PLC0415
+    from jaxmoe.cpu import host_matrix  # noqa: PLC0415
     from jaxmoe.loading.loader import load_checkpoint  # noqa: PLC0415
 
     root = root_or_default(root)
@@ -315,7 +315,7 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
         else:
             try:
                 cfg, weights = load_checkpoint(path, dtype=dtype, progress=progress, load_experts=False)
-                with expert_store.from_weight_hook(hook):
+                with host_matrix.from_weight_hook(hook):
                     placed = place(cfg, weights, store)
                 if hook.i != len(hook.entries):
                     raise CacheError(f"the cache holds {len(hook.entries)} host matrices, the placement used {hook.i}")
@@ -334,7 +334,7 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
                 os.close(fd)
     cfg, weights, store = load()
     rec = _Recorder()
-    with expert_store.from_weight_hook(rec):
+    with host_matrix.from_weight_hook(rec):
         placed = place(cfg, weights, store)
     store = store or _store_of(placed)
     if store is None:
@@ -353,9 +353,10 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
 def _store_of(placed):
     import jax  # noqa: PLC0415
 
-    from jaxmoe.cpu.expert_store import HostExperts, _live  # noqa: PLC0415
+    from jaxmoe.cpu.handles import HostExperts  # noqa: PLC0415
+    from jaxmoe.cpu.host_matrix import live_owners  # noqa: PLC0415
 
     for leaf in jax.tree_util.tree_leaves(placed, is_leaf=lambda x: isinstance(x, HostExperts)):
         if isinstance(leaf, HostExperts):
-            return _live.get(leaf.store)
+            return live_owners.get(leaf.store)
     return None

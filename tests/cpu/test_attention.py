@@ -16,7 +16,7 @@ from jaxmoe.cpu import ops
 from jaxmoe.cpu import reference as R
 from jaxmoe.cpu._lib import PRECISION_NAMES
 from jaxmoe.cpu.attention import absorb_out, absorb_q, host_kv_b
-from jaxmoe.cpu.expert_store import HostGroup, _live
+from jaxmoe.cpu.host_matrix import HostGroup, live_owners
 
 
 def random_group(rng, g, n, k):
@@ -90,7 +90,7 @@ def test_kv_b_on_host_matches_einsum(heads, nope, v, r, precision):
     finally:
         for o in owners:
             o.free()
-    assert not any(h in _live for h in (kvb.linear.handle, kvb.uk_t.handle, kvb.uv.handle))
+    assert not any(h in live_owners for h in (kvb.linear.handle, kvb.uk_t.handle, kvb.uv.handle))
 
 
 def test_kv_b_not_block_aligned_stays_as_is():

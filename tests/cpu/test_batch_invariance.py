@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from jaxmoe import quant_int4 as Q
-from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix
+from jaxmoe.cpu.expert_store import ExpertStore
+from jaxmoe.cpu.host_matrix import HostMatrix
 from tests.cpu.conftest import native_for
 from tests.cpu.test_kernels import gemm_rows, random_fp8
 from tests.cpu.test_moe import make_experts

@@ -11,7 +11,8 @@ import pytest
 
 from jaxmoe import quant
 from jaxmoe.cpu import ops
-from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix
+from jaxmoe.cpu.expert_store import ExpertStore
+from jaxmoe.cpu.host_matrix import HostMatrix
 
 
 @pytest.fixture(scope="module")

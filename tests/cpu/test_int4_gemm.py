@@ -24,7 +24,8 @@ import pytest
 
 from jaxmoe import quant_int4 as Q
 from jaxmoe.cpu import _lib
-from jaxmoe.cpu.expert_store import ExpertStore, HostGroup, HostMatrix
+from jaxmoe.cpu.expert_store import ExpertStore
+from jaxmoe.cpu.host_matrix import HostGroup, HostMatrix
 from tests.cpu.test_int4_kernels import check, references
 from tests.cpu.test_int4_moe import case
 from tests.cpu.test_kernels import gemm_rows

@@ -16,7 +16,7 @@ import pytest
 
 from jaxmoe import quant_int4 as Q
 from jaxmoe.cpu._lib import CpuExtError
-from jaxmoe.cpu.expert_store import HostMatrix
+from jaxmoe.cpu.host_matrix import HostMatrix
 
 U32 = 2.0**-24
 SHAPES = [  # (n, k, group, m): K and N off multiples of 32/128, M from 1 to 64

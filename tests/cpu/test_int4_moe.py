@@ -110,7 +110,7 @@ def test_mixed_formats_refused():
         store.add_layer(0, g, u, d)
         w = rng.standard_normal((2, 64, 32)).astype(np.float32)
         fp8 = [quant.quantize_fp8_blocks(w[e]) for e in range(2)]
-        from jaxmoe.cpu.expert_store import HostMatrix
+        from jaxmoe.cpu.host_matrix import HostMatrix
 
         store.set_expert(0, 1, HostMatrix.int4(np.asarray(g.qweight)[1], np.asarray(g.scales)[1], 64),
                          HostMatrix.int4(np.asarray(u.qweight)[1], np.asarray(u.scales)[1], 64),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxmoe import quant_int4 as Q
-from jaxmoe.cpu.expert_store import HostMatrix
+from jaxmoe.cpu.host_matrix import HostMatrix
 from tests.cpu.test_int4_kernels import check, references
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from jaxmoe.cpu import _lib
 from jaxmoe.cpu import reference as R
 from jaxmoe.cpu._lib import CpuExtError
-from jaxmoe.cpu.expert_store import HostMatrix
+from jaxmoe.cpu.host_matrix import HostMatrix
 
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -231,7 +231,7 @@ def test_profile_counters():
     code = """
 import numpy as np
 from jaxmoe.cpu import _lib
-from jaxmoe.cpu.expert_store import HostMatrix
+from jaxmoe.cpu.host_matrix import HostMatrix
 nat = _lib.load()
 lib, ffi = nat.lib, nat.ffi
 q = np.random.default_rng(0).integers(0, 256, (70, 130), dtype=np.uint8)

@@ -19,7 +19,7 @@ import pytest
 import jaxmoe.cpu as jcpu
 from jaxmoe import quant
 from jaxmoe.config import ModelConfig
-from jaxmoe.cpu.expert_store import HostExperts, HostLinear
+from jaxmoe.cpu.handles import HostExperts, HostLinear
 from jaxmoe.loading import loader, synthetic
 from jaxmoe.model import cache as cache_mod
 from jaxmoe.model import forward
@@ -30,7 +30,7 @@ LOGIT_TOL = {"f32": 1e-4}  # by Native.numerics(): max |logit diff| / max |logit
 @pytest.fixture(autouse=True)
 def exact_kernels():
     """Every test of this module in exact precision, whatever JAXMOE_CPU_PRECISION says."""
-    nat = jcpu.expert_store.load()
+    nat = jcpu._lib.load()
     with nat.use_precision("exact"):
         assert nat.numerics() == "f32"
         yield nat
@@ -101,7 +101,7 @@ def test_store_from_checkpoint_without_loading_experts(tmp_path):
         w = np.ones((3, 2), np.float32)
         for la, lb in zip(a.layers, b.layers):
             if isinstance(getattr(lb.mlp, "experts", None), HostExperts):
-                sa = jcpu.expert_store._live[la.mlp.experts.store]
+                sa = jcpu.host_matrix.live_owners[la.mlp.experts.store]
                 np.testing.assert_array_equal(sa.moe(la.mlp.experts.layer, x, ids, w), store.moe(lb.mlp.experts.layer, x, ids, w))
     finally:
         jcpu.release(a)

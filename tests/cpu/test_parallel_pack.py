@@ -11,7 +11,8 @@ import pytest
 
 from jaxmoe import quant
 from jaxmoe.cpu._lib import load
-from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix
+from jaxmoe.cpu.expert_store import ExpertStore
+from jaxmoe.cpu.host_matrix import HostMatrix
 
 SHAPES = [(1, 1), (13, 200), (130, 385), (517, 1000), (1031, 2177)]  # the last two run as several tasks
 THREADS = (1, 2, 5)

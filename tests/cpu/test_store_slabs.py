@@ -12,7 +12,8 @@ import pytest
 
 from jaxmoe import quant
 from jaxmoe.cpu._lib import CpuExtError
-from jaxmoe.cpu.expert_store import ExpertStore, HostMatrix
+from jaxmoe.cpu.expert_store import ExpertStore
+from jaxmoe.cpu.host_matrix import HostMatrix
 from jaxmoe.cpu.tiled import StoreExperts, TiledWeight
 from jaxmoe.model.weights import ExpertsWeights
 from jaxmoe.quant_int4 import Int4Weight

@@ -23,7 +23,8 @@ import jaxmoe
 from jaxmoe.cli import main
 from jaxmoe.config import ModelConfig
 from jaxmoe.cpu import weights_cache as wc
-from jaxmoe.cpu.expert_store import HostExperts, HostLinear, _live
+from jaxmoe.cpu.handles import HostExperts, HostLinear
+from jaxmoe.cpu.host_matrix import live_owners
 from jaxmoe.loading import convert
 from jaxmoe.loading.synthetic import write_synthetic_checkpoint
 
@@ -53,12 +54,12 @@ def _outputs(model) -> dict:
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, HostLinear):
             x = rng.standard_normal((3, leaf.k)).astype(np.float32)
-            out[f"linear{i}"] = _live[leaf.handle].linear(x)
+            out[f"linear{i}"] = live_owners[leaf.handle].linear(x)
         elif isinstance(leaf, HostExperts):
             x = rng.standard_normal((4, leaf.hidden)).astype(ml_dtypes.bfloat16)
             ids = rng.integers(0, leaf.n_experts, (4, 2), dtype=np.int32)
             w = rng.random((4, 2), dtype=np.float32)
-            out[f"moe{leaf.layer}"] = _live[leaf.store].moe(leaf.layer, x, ids, w, np.float32)
+            out[f"moe{leaf.layer}"] = live_owners[leaf.store].moe(leaf.layer, x, ids, w, np.float32)
     out["tokens"] = np.array(jaxmoe.generate(model, PROMPT, max_new_tokens=6).token_ids)
     return out
 
