@@ -4,7 +4,7 @@ alone: measuring and drawing stay apart (`python -m benchmarks.slo --render slo.
 Files: slo_ttft.png (TTFT vs prompt length, measured and predicted), slo_decode_context.png
 (decode tok/s vs context, measured and predicted), slo_decode_batch.png (decode tok/s vs
 batch), slo_mixed.png (the decoders' time per output token before and during a long
-prefill) and slo.md.
+prefill, and during it under `tpot_target_ms` where measured) and slo.md.
 """
 
 from __future__ import annotations
@@ -96,13 +96,20 @@ def plot_mixed(doc: dict, path: Path) -> Path:
     keys = ("p50", "p90", "p99")
     before = [1e3 * (m["tpot_before_s"][k] or 0) for k in keys]
     during = [1e3 * (m["tpot_during_s"][k] or 0) for k in keys]
+    mt = doc["details"]["results"].get("mixed_target")
     fig, ax = plt.subplots(figsize=(6, 4))
     x = range(len(keys))
-    ax.bar([i - 0.2 for i in x], before, 0.4, label="decoders alone")
-    ax.bar([i + 0.2 for i in x], during, 0.4, label=f"while a {m['long_prompt']}-token prompt prefills")
+    bw = 0.27 if mt else 0.4
+    ax.bar([i - bw / (1 if mt else 2) for i in x], before, bw, label="decoders alone")
+    ax.bar([i + (0 if mt else bw / 2) for i in x], during, bw, label=f"while a {m['long_prompt']}-token prompt prefills")
+    title = f"Mixed load: {m['decoders']} decoders, long prompt TTFT {m['ttft_s']:.2f} s"
+    if mt:
+        target = [1e3 * (mt["tpot_during_s"][k] or 0) for k in keys]
+        ax.bar([i + bw for i in x], target, bw, label=f"the same, tpot_target_ms {mt['tpot_target_ms']:.1f}")
+        title += f" ({mt['ttft_s']:.2f} s with the target)"
     ax.set_xticks(list(x), keys)
     ax.set_ylabel("time per output token (ms)")
-    ax.set_title(_title(doc, f"Mixed load: {m['decoders']} decoders, long prompt TTFT {m['ttft_s']:.2f} s"), fontsize=9)
+    ax.set_title(_title(doc, title), fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -152,7 +159,19 @@ def markdown(doc: dict) -> str:
         lines.append(f"| decoders' TPOT {when} the prefill, p50 / p90 / p99 (ms) | {_f(1e3 * t['p50'] if t['p50'] else None, 1)}"
                      f" / {_f(1e3 * t['p90'] if t['p90'] else None, 1)} / {_f(1e3 * t['p99'] if t['p99'] else None, 1)} |")
     lines += [f"| decoded tok/s during the prefill | {_f(m['decode_tok_s_in_window'], 1)} |",
-              f"| total tok/s (decoded + prompt) during the prefill | {_f(m['total_tok_s_in_window'], 1)} |", "",
+              f"| total tok/s (decoded + prompt) during the prefill | {_f(m['total_tok_s_in_window'], 1)} |"]
+    mt = r.get("mixed_target")
+    if mt:
+        t = mt["tpot_during_s"]
+        lines += [f"| with tpot_target_ms {_f(mt['tpot_target_ms'], 1)} (2x the TPOT alone): TTFT of the long prompt (s) | "
+                  f"{_f(mt['ttft_s'])} |",
+                  f"| with the target: decoders' TPOT during the prefill, p50 / p90 / p99 (ms) | "
+                  f"{_f(1e3 * t['p50'] if t['p50'] else None, 1)} / {_f(1e3 * t['p90'] if t['p90'] else None, 1)} / "
+                  f"{_f(1e3 * t['p99'] if t['p99'] else None, 1)} |",
+                  f"| with the target: prompt chunks (tokens: steps) | "
+                  f"{', '.join(f'{k}: {v}' for k, v in mt.get('prompt_chunks', {}).items())} |",
+                  f"| with the target: total tok/s during the prefill | {_f(mt['total_tok_s_in_window'], 1)} |"]
+    lines += ["",
               "![TTFT](slo_ttft.png) ![decode vs context](slo_decode_context.png)",
               "![decode vs batch](slo_decode_batch.png) ![mixed](slo_mixed.png)", ""]
     return "\n".join(lines)

@@ -8,7 +8,9 @@ On a synthetic FP8 checkpoint placed on cpu_ext and served by `Engine(..., "cpu-
   native matrices of one token (benchmarks/e2e.decode);
 - a mixed workload: `decoders` requests decoding when one long prompt arrives: TTFT of the
   long one, time per output token (TPOT) of the decoders p50/p90/p99 before it and while it
-  prefills (chunked prefill shares the steps), and throughput during the window;
+  prefills (chunked prefill shares the steps), and throughput during the window; then the
+  same workload with `tpot_target_ms` = 2x the decoders' TPOT alone measured just before
+  (`mixed_target`: the planner's step model sizes the prompt chunks beside the decoders);
 - beside each measured curve, the performance model's prediction for this machine
   (jaxmoe.planning.planner.estimate_prefill "cpu" / estimate_decode with
   jaxmoe/configs/hardware/this-machine.json: its "cpu_kernels" step model); the planner has no
@@ -22,7 +24,8 @@ there (use --config bench-v3-mid on a bigger machine; docs/PERFORMANCE_MODEL.md,
     python -m benchmarks.slo [--quick] [--config demo] [--json PATH] [--out-dir DIR]
     python -m benchmarks.slo --render PATH.json [--out-dir DIR]   # plots + table only
 
-Writes slo.json, slo.md and slo_*.png into benchmarks/results/ (a full run) or --out-dir
+Writes slo.json, slo.md and slo_*.png into benchmarks/results/ (per CPU class:
+_harness.default_result; a full run) or --out-dir
 (--quick: beside --json, or a temporary directory). Plotting: benchmarks/_plots.py.
 """
 
@@ -92,8 +95,11 @@ def mixed(engine, cfg, decoders: int, long_n: int, rng, before_steps: int = 6) -
     t_arrive = time.perf_counter()
     long = engine.submit(rng.integers(2, cfg.vocab_size, long_n).tolist(), 1, eos_token_ids=(), background=False)
     tok0 = sum(counts)
+    chunks: list[int] = []  # the long prompt's tokens per step
     while long.first_token_at is None:
+        done = long.n_prefilled
         step()
+        chunks.append(long.n_prefilled - done)
     t_end = time.perf_counter()
     decoded = sum(counts) - tok0
     for r in decs:
@@ -106,6 +112,7 @@ def mixed(engine, cfg, decoders: int, long_n: int, rng, before_steps: int = 6) -
     return {"decoders": decoders, "long_prompt": long_n, "ttft_s": long.first_token_at - long.submitted_at,
             "tpot_before_s": percentiles(gaps_before), "tpot_during_s": percentiles(gaps_during),
             "window_s": window, "decoded_tokens_in_window": decoded,
+            "prompt_steps": len(chunks), "prompt_chunks": {str(c): chunks.count(c) for c in sorted(set(chunks))},
             "decode_tok_s_in_window": decoded / window, "prompt_tok_s_in_window": long_n / window,
             "total_tok_s_in_window": (decoded + long_n) / window}
 
@@ -200,6 +207,16 @@ def measure(args) -> dict:
     mx = out["mixed"]
     print(f"mixed: {decoders} decoders + a {mx['long_prompt']}-token prompt: TTFT {mx['ttft_s']:.2f} s; decoders' "
           f"TPOT p50 {mx['tpot_during_s']['p50']:.3f} s (before {mx['tpot_before_s']['p50']:.3f} s)", flush=True)
+    alone = mx["tpot_before_s"]["p50"]
+    target_ms = 2e3 * alone
+    engine.set_tpot_target(target_ms)
+    mixed(engine, cfg, decoders, sz["mixed_long"], rng)  # warm-up: the narrower chunks' shapes
+    out["mixed_target"] = {"tpot_target_ms": target_ms, "alone_tpot_s": alone,
+                           **mixed(engine, cfg, decoders, sz["mixed_long"], rng)}
+    engine.set_tpot_target(None)
+    mt = out["mixed_target"]
+    print(f"mixed, tpot_target_ms {target_ms:.1f}: TTFT {mt['ttft_s']:.2f} s; decoders' TPOT p50 / p99 "
+          f"{mt['tpot_during_s']['p50']:.3f} / {mt['tpot_during_s']['p99']:.3f} s; chunks {mt['prompt_chunks']}", flush=True)
     out["predicted"] = predicted(cfg, hw, engine.chunk_size, sz["ttft"], sz["context"],
                                  [x["batch"] for x in out["decode_batch"]], steps=sz["steps"], warm=sz["warm"],
                                  n_slots=engine.n_slots)
@@ -234,7 +251,17 @@ def summary(res: dict) -> dict:
             res["decode_context"][0]["tok_s"] / pd[res["decode_context"][0]["context"]], 3),
         "decode_measured_over_predicted_ctx_last": round(
             res["decode_context"][-1]["tok_s"] / pd[res["decode_context"][-1]["context"]], 3),
-    } | _batch_ratio(res, b)
+    } | _batch_ratio(res, b) | _target(res)
+
+
+def _target(res: dict) -> dict:
+    """The mixed workload under tpot_target_ms (2x the TPOT alone), where measured."""
+    mt = res.get("mixed_target")
+    if not mt:
+        return {}
+    return {"mixed_target_tpot_ms": round(mt["tpot_target_ms"], 2), "mixed_target_ttft_s": round(mt["ttft_s"], 3),
+            "mixed_target_tpot_p50_s": round(mt["tpot_during_s"]["p50"], 4),
+            "mixed_target_tpot_p99_s": round(mt["tpot_during_s"]["p99"], 4)}
 
 
 def _batch_ratio(res: dict, b: dict) -> dict:
@@ -264,6 +291,9 @@ def main(argv=None) -> dict:
                       "native matrices (read_gb_s); tok_s = batch / median step",
             "mixed": "decoders' token gaps (TPOT) from the time after each engine step; 'during' = from the long "
                      "prompt's arrival to its first token; total_tok_s = (decoded + prompt tokens) / that window",
+            "mixed_target": "the same workload on the same engine with tpot_target_ms = 2 x mixed.tpot_before_s.p50 "
+                            "(alone_tpot_s): each step's prompt chunk beside the decoders sized by the planner's CPU "
+                            "step model (KernelModel.mixed_step, this-machine profile); prompt_chunks: tokens -> steps",
             "predicted": "jaxmoe.planning.planner on jaxmoe/configs/hardware/this-machine.json: estimate_prefill(strategy "
                          "'cpu', cpu_chunk=engine chunk) and estimate_decode(context=prompt + warm + steps/2, "
                          "batch)"}}
@@ -272,7 +302,7 @@ def main(argv=None) -> dict:
         if args.quick:
             out_dir = Path(args.out_dir) if args.out_dir else (Path(args.json).parent if args.json else None)
         else:
-            out_dir = Path(args.out_dir or H.RESULTS_DIR)
+            out_dir = Path(args.out_dir) if args.out_dir else H.default_result("slo.json").parent
         for p in ([args.json] if args.json else []) + ([] if args.quick else [out_dir / "slo.json"]):
             H.write(p, doc["metrics"], doc["env"], doc["details"])
     if out_dir is not None:

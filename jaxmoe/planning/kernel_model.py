@@ -40,7 +40,7 @@ import dataclasses
 from jaxmoe import step_shapes
 from jaxmoe.config import ModelConfig
 from jaxmoe.planning.cost_model import ModelCosts, model_costs
-from jaxmoe.step_shapes import ATTENTION_KEY_BLOCK, expanded_is_cheaper, width_bucket
+from jaxmoe.step_shapes import ATTENTION_KEY_BLOCK, expanded_is_cheaper, row_bucket, width_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,3 +187,24 @@ class KernelModel:
         if n_slots:
             rows = min(rows, n_slots)
         return self.step(rows, batch, kv_window(context + 1, max_len), rows, slots=rows)
+
+    def mixed_step(self, decoders: int, chunks: list[int], window: int, n_slots: int | None = None,
+                   max_width: int | None = None) -> StepTime:
+        """One engine step carrying `decoders` decode rows and prompt chunks of `chunks` tokens (one
+        row each), all over a key window of `window` slots: the fused executor runs it as two
+        programs (serving/executors.FusedStep), the one-token rows (row bucket x 1 column, a logit
+        each) and the chunks (row bucket x the width bucket of the longest chunk, <= max_width,
+        one logit row each; a one-token chunk runs with the decode rows). Either part is absent
+        when it has no row."""
+        slots = n_slots or 1 << 30
+        decoders += sum(1 for n in chunks if n == 1)
+        chunks = [n for n in chunks if n > 1]
+        parts = []
+        if decoders:
+            rows = row_bucket(decoders, slots)
+            parts.append(self.step(rows, decoders, window, rows, slots=rows))
+        if chunks:
+            rows = row_bucket(len(chunks), slots)
+            w = width_bucket(max(chunks), max_width or max(chunks))
+            parts.append(self.step(rows * w, sum(chunks), window, rows, slots=rows))
+        return StepTime(*(sum(getattr(p, f) for p in parts) for f in ("linears", "experts", "attention", "fixed")))

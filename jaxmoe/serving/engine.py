@@ -23,6 +23,11 @@ stored, and each row samples with its own request's parameters and key: the requ
 a step change a request's tokens at most through rounding (they set the step's width and key
 window, so the form its rows attend in).
 
+With `tpot_target_ms` (RuntimeConfig, cpu-only) the scheduler sizes the prompt chunk of each
+step that also carries decode rows from the hardware profile's CPU step model
+(`planning.kernel_model.KernelModel.mixed_step`): the widest width bucket whose predicted step
+time stays within the target, at least the smallest (scheduler.py).
+
 Prefill strategy per request (`serving.prompt_runner`): at `submit` the planner (or the
 user: `prefill_strategy=`, JAXMOE_PREFILL_STRATEGY) decides whether the prompt runs through
 the steps ("cpu") or is stream-loaded ("slp" / "dslp": routed experts streamed from host
@@ -33,6 +38,7 @@ the other slots keep decoding). `Request.prefill_strategy` records the choice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -43,7 +49,7 @@ import numpy as np
 from jaxmoe.config import ModelConfig
 from jaxmoe.serving.executors import make_executor
 from jaxmoe.serving.presets import RuntimeConfig, resolve_devices
-from jaxmoe.serving.prompt_runner import StreamedPromptRunner
+from jaxmoe.serving.prompt_runner import StreamedPromptRunner, default_hardware
 from jaxmoe.serving.request import Request, RequestRefused
 from jaxmoe.serving.sampling import SamplingParams
 from jaxmoe.serving.scheduler import Scheduler, StepPlan
@@ -57,7 +63,7 @@ def cache_bytes_per_position(cfg: ModelConfig, dtype=jnp.float32) -> int:
 class Engine:
     """Serve requests on one model. `runtime` is a RuntimeConfig or a preset name
     (jaxmoe/configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
-    memory_budget_bytes, overlap, prefill_strategy, hardware, ...). `expert_source`: where
+    memory_budget_bytes, overlap, prefill_strategy, hardware, tpot_target_ms, ...). `expert_source`: where
     stream-loaded prefill reads the routed experts (layer -> host arrays, e.g.
     `loading.expert_source.CheckpointExperts`); default: the weights' own experts when they are arrays."""
 
@@ -85,10 +91,47 @@ class Engine:
         self.executor = make_executor(cfg, weights, rc, self.devices, max_len, cache_dtype)
         self.prefill = StreamedPromptRunner(cfg, rc, self.devices, self.executor, weights, expert_source, self.chunk_size,
                                        max_len, cache_dtype)
+        self._cache_dtype = cache_dtype
+        self.step_model = None  # predicted seconds of a mixed step, where the TPOT target needs it
         self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size, decode_chunk_size=rc.decode_chunk_size)
         self._lock = threading.RLock()
+        self.set_tpot_target(rc.tpot_target_ms)
         self._thread: threading.Thread | None = None
         self.steps_run = 0
+
+    def set_tpot_target(self, ms: float | None) -> None:
+        """Set (or clear: None) the decoders' TPOT target (RuntimeConfig.tpot_target_ms) from the next step on."""
+        with self._lock:
+            self.runtime = dataclasses.replace(self.runtime, tpot_target_ms=ms)  # validates it
+            if ms is not None and self.step_model is None:
+                self.step_model = self._step_model(self._cache_dtype)
+            self.scheduler.step_time = self.step_model
+            self.scheduler.tpot_target_s = None if ms is None else ms * 1e-3
+
+    def _step_model(self, cache_dtype):
+        """step_time(decode rows, prompt chunks, end) -> seconds from the hardware profile's CPU step
+        model (planning.kernel_model), memoised per shape."""
+        from jaxmoe.planning.hardware import load_hardware  # noqa: PLC0415
+        from jaxmoe.planning.planner import kernel_model  # noqa: PLC0415
+
+        rc = self.runtime
+        if rc.accelerators:
+            raise ValueError(f"tpot_target_ms is modelled for the cpu-only runtime only, not {rc.preset!r}")
+        hw = load_hardware(default_hardware(rc, self.devices))
+        if hw.kernels is None:
+            raise ValueError(f"tpot_target_ms needs a hardware profile with a cpu_kernels block; {hw.name} has none")
+        km = kernel_model(self.cfg, hw)
+        km.cache_itemsize = jnp.dtype(cache_dtype).itemsize
+        n_slots, max_len, cap = self.n_slots, self.max_len, self.scheduler.decode_chunk_size
+
+        @functools.lru_cache(maxsize=4096)
+        def predict(decoders: int, chunks: tuple[int, ...], window: int) -> float:
+            return km.mixed_step(decoders, list(chunks), window, n_slots, cap).seconds
+
+        def step_time(decoders: int, chunks: list[int], end: int) -> float:
+            return predict(decoders, tuple(chunks), kv_window(end, max_len))
+
+        return step_time
 
     # ---- requests -------------------------------------------------------------------------
     def submit(

@@ -36,6 +36,11 @@ class RuntimeConfig:
     # prompt tokens per step while other requests decode (they wait for the step: smaller
     # means a lower time per output token for them); None: chunk_size
     decode_chunk_size: int | None = None
+    # time per output token the decoders should keep while a prompt prefills beside them (ms;
+    # cpu-only): each such step's prompt chunk is the widest width bucket <= decode_chunk_size
+    # whose time, predicted by the hardware profile's CPU step model, fits (at least the smallest
+    # bucket: the prompt always advances). Changes the chunking, never the tokens. None: off
+    tpot_target_ms: float | None = None
     max_len: int | None = None
     memory_budget_bytes: int | None = None
     simulate_accelerators: bool = False
@@ -60,6 +65,8 @@ class RuntimeConfig:
             raise ValueError(f"accelerators must be 0, 1 or 2, got {self.accelerators}")
         if self.chunk_size < 1 or (self.decode_chunk_size is not None and self.decode_chunk_size < 1):
             raise ValueError(f"chunk_size and decode_chunk_size must be >= 1, got {self.chunk_size}, {self.decode_chunk_size}")
+        if self.tpot_target_ms is not None and not self.tpot_target_ms > 0:
+            raise ValueError(f"tpot_target_ms must be > 0 (or None), got {self.tpot_target_ms}")
         if self.n_slots < 1 or (self.staged and self.n_slots < 2):
             raise ValueError(f"n_slots={self.n_slots} too small (staged execution needs >= 2: one per micro-batch)")
 

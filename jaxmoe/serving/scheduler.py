@@ -9,6 +9,12 @@ reports the sampled tokens back. Policy:
 - prefilling requests get the rest of the step's token budget in chunks of at most
   `chunk_size` tokens (chunked prefill), or `decode_chunk_size` while other requests decode
   (they wait for the step), so a long prompt never stalls the decoders for long;
+- with a TPOT target (`tpot_target_s` and a `step_time` model: the engine passes the planner's
+  CPU step model, `planning.kernel_model.KernelModel.mixed_step`), a step that carries decode
+  rows takes the widest prompt chunk among the width buckets (`step_shapes.width_bucket`:
+  MIN_WIDTH_BUCKET, 2x, ... up to `decode_chunk_size`) whose predicted step time (decode rows +
+  the chunk) stays within the target, and at least the smallest bucket, so the prompt always
+  advances; without decoders the chunk is `chunk_size`. Only the chunking changes, never a token;
 - a step with any prefill work is `chunk_size` (or `decode_chunk_size`) wide, a pure decode
   step is 1 wide: at most three planned widths (the fused executor narrows them to
   the buckets of `step_shapes`);
@@ -21,8 +27,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 
 from jaxmoe.serving.request import Request, RequestRefused, Status
+from jaxmoe.step_shapes import MIN_WIDTH_BUCKET
 
 
 @dataclasses.dataclass
@@ -38,17 +46,40 @@ class StepPlan:
     width: int
     rows: dict[int, RowPlan]  # slot -> work
     streamed: dict[int, RowPlan] = dataclasses.field(default_factory=dict)  # slot -> a stream-loaded chunk
+    predicted_s: float | None = None  # the step model's time of the step, where the TPOT target sized its chunk
 
     @property
     def n_tokens(self) -> int:
         return sum(len(r.tokens) for r in self.rows.values())
 
 
+# step_time(decode rows, prompt tokens per prompt row, end of the longest row) -> predicted seconds of the step
+StepTimeModel = Callable[[int, list[int], int], float]
+
+
+def chunk_buckets(cap: int) -> list[int]:
+    """The prompt chunks a step with decode rows may take under a TPOT target: the width buckets
+    the executor compiles for steps of at most `cap` columns (MIN_WIDTH_BUCKET, 2x, ... below
+    `cap`, then `cap`), smallest first."""
+    out, b = [], MIN_WIDTH_BUCKET
+    while b < cap:
+        out.append(b)
+        b *= 2
+    return [*out, cap]
+
+
 class Scheduler:
+    """`tpot_target_s` with `step_time`: size the prompt chunk of steps with decode rows so that
+    the predicted step time stays within the target (module docstring)."""
+
     def __init__(self, n_slots: int, max_len: int, chunk_size: int, token_budget: int | None = None,
-                 decode_chunk_size: int | None = None):
+                 decode_chunk_size: int | None = None, *, tpot_target_s: float | None = None,
+                 step_time: StepTimeModel | None = None):
         if n_slots < 1 or chunk_size < 1 or (decode_chunk_size is not None and decode_chunk_size < 1):
             raise ValueError("n_slots, chunk_size and decode_chunk_size must be >= 1")
+        if tpot_target_s is not None and (tpot_target_s <= 0 or step_time is None):
+            raise ValueError("tpot_target_s must be > 0 and comes with a step_time model")
+        self.tpot_target_s, self.step_time = tpot_target_s, step_time
         self.n_slots = n_slots
         self.max_len = max_len
         self.chunk_size = chunk_size
@@ -112,20 +143,47 @@ class Scheduler:
                 rows[slot] = RowPlan(req, [req.output_ids[-1]], req.next_position - 1, True)
                 budget -= 1
         chunk = self.decode_chunk_size if rows else self.chunk_size
-        if rows:
-            budget = min(budget, chunk)
         streamed: dict[int, RowPlan] = {}
+        prompts = []  # (slot, request) prefilling through the step, oldest first
         for slot, req in sorted(self.running.items(), key=lambda kv: kv[1].id):
             if req.status is Status.PREFILL and req.streamed:
                 if not streamed:  # one streamed chunk per step, oldest prompt first
                     streamed[slot] = self._chunk(req, self.chunk_size)
-                continue
-            if req.status is not Status.PREFILL or budget <= 0:
-                continue
-            rows[slot] = self._chunk(req, min(chunk, budget))
-            budget -= len(rows[slot].tokens)
+            elif req.status is Status.PREFILL:
+                prompts.append((slot, req))
+        predicted = None
+        if rows and prompts and self.tpot_target_s is not None:
+            chunks, predicted = self._sized_chunks(rows, prompts, chunk, budget)
+        else:
+            chunks = self._chunks(prompts, chunk, min(budget, chunk) if rows else budget)
+        rows.update(chunks)
         width = 1 if all(len(r.tokens) == 1 and r.request.status is Status.DECODE for r in rows.values()) else chunk
-        return StepPlan(width, rows, streamed)
+        return StepPlan(width, rows, streamed, predicted)
+
+    def _chunks(self, prompts, limit: int, budget: int) -> dict[int, RowPlan]:
+        """Chunks of at most `limit` tokens for the prompts in order while `budget` lasts."""
+        out = {}
+        for slot, req in prompts:
+            if budget <= 0:
+                break
+            out[slot] = self._chunk(req, min(limit, budget))
+            budget -= len(out[slot].tokens)
+        return out
+
+    def _sized_chunks(self, decode: dict[int, RowPlan], prompts, cap: int, budget: int):
+        """The prompt chunks of a step with decode rows under the TPOT target: the widest bucket
+        whose predicted step time fits, else the smallest. Returns (chunks, predicted seconds)."""
+        end = max((r.start + 1 for r in decode.values()), default=0)
+        best = None
+        for c in chunk_buckets(cap):
+            chunks = self._chunks(prompts, c, min(budget, c))
+            n = [len(r.tokens) for r in chunks.values()]
+            t = self.step_time(len(decode), n, max([end, *(r.start + len(r.tokens) for r in chunks.values())]))
+            if best is None or t <= self.tpot_target_s:
+                best = (chunks, t)
+            if t > self.tpot_target_s or sum(n) < min(budget, c):  # too slow, or wider takes no more tokens
+                break
+        return best
 
     @staticmethod
     def _chunk(req: Request, limit: int) -> RowPlan:

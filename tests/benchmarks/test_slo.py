@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks import _harness as H  # noqa: E402
 from benchmarks import _plots  # noqa: E402
 from benchmarks.slo import percentiles, summary  # noqa: E402
 
@@ -38,6 +39,11 @@ def _doc() -> dict:
                   "tpot_before_s": percentiles([0.01, 0.011, 0.012]), "tpot_during_s": percentiles([0.2, 0.25, 0.3]),
                   "window_s": 12.0, "decoded_tokens_in_window": 150, "decode_tok_s_in_window": 12.5,
                   "prompt_tok_s_in_window": 85.3, "total_tok_s_in_window": 97.8},
+        "mixed_target": {"tpot_target_ms": 22.0, "alone_tpot_s": 0.011, "decoders": 3, "long_prompt": 1024,
+                         "ttft_s": 15.0, "tpot_before_s": percentiles([0.01, 0.011, 0.012]),
+                         "tpot_during_s": percentiles([0.04, 0.05, 0.06]), "window_s": 15.0,
+                         "decoded_tokens_in_window": 300, "decode_tok_s_in_window": 20.0, "prompt_tok_s_in_window": 68.3,
+                         "total_tok_s_in_window": 88.3, "prompt_steps": 64, "prompt_chunks": {"16": 64}},
         "predicted": {"hardware": "this-machine", "calibrated_from": [], "ttft_s": {"64": 0.7, "1024": 14.3},
                       "decode_tok_s": {"64": 778.0, "2048": 700.0},
                       "decode_batch_tok_s": {"1": 100.0, "2": 200.0, "4": 300.0}},
@@ -60,6 +66,7 @@ def test_summary_and_render(tmp_path):
     assert m["ttft_s_1024"] == 9.0 and m["ttft_shortest_prompt"] == 64 and m["decode_tok_s_b4"] == 360.0
     assert m["mixed_tpot_p50_s"] == 0.25 and m["mixed_tpot_before_p50_s"] == 0.011
     assert m["ttft_measured_over_predicted_longest"] == round(9.0 / 14.3, 3)
+    assert m["mixed_target_tpot_ms"] == 22.0 and m["mixed_target_tpot_p50_s"] == 0.05 and m["mixed_target_ttft_s"] == 15.0
     files = _plots.render(doc, tmp_path)
     assert [f.name for f in files] == list(_plots.FILES)
     for f in files[:-1]:
@@ -71,11 +78,17 @@ def test_summary_and_render(tmp_path):
     assert m["decode_measured_over_predicted_b4"] == 1.2
     assert "p50 / p90 / p99 (ms) | 250.0 / 290.0 / 299.0 |" in md
     assert "slo_mixed.png" in md
+    assert "| with the target: decoders' TPOT during the prefill, p50 / p90 / p99 (ms) | 50.0 / 58.0 / 59.8 |" in md
+    assert "| with the target: prompt chunks (tokens: steps) | 16: 64 |" in md
+    del doc["details"]["results"]["mixed_target"]  # a result from before the target: same layout, no target rows
+    assert "mixed_target_ttft_s" not in summary(doc["details"]["results"])
+    _plots.render(doc, tmp_path)
+    assert "with the target" not in (tmp_path / "slo.md").read_text()
 
 
 def test_slo_quick(tmp_path):
     out = tmp_path / "slo.json"
-    results = ROOT / "benchmarks" / "results" / "slo.json"
+    results = H.default_result("slo.json")
     before = results.read_bytes() if results.exists() else None
     proc = subprocess.run([sys.executable, "-m", "benchmarks.slo", "--quick", "--json", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
@@ -86,13 +99,17 @@ def test_slo_quick(tmp_path):
     m = doc["metrics"]
     assert m["model"] == "tiny"
     for k in ("ttft_s_shortest", "decode_tok_s_b1", "mixed_ttft_s", "mixed_tpot_p50_s", "mixed_total_tok_s",
-              "ttft_measured_over_predicted_longest"):
+              "ttft_measured_over_predicted_longest", "mixed_target_tpot_ms", "mixed_target_ttft_s",
+              "mixed_target_tpot_p50_s", "mixed_target_tpot_p99_s"):
         assert isinstance(m[k], (int, float)) and math.isfinite(m[k]) and m[k] > 0, (k, m[k])
     r = doc["details"]["results"]
     assert [x["prompt"] for x in r["ttft"]] == [16, 32, 48]
     assert all(x["min"] <= x["s"] <= x["max"] for x in r["ttft"])
     assert [x["batch"] for x in r["decode_batch"]] == [1, 2, 4]
     assert r["mixed"]["tpot_during_s"]["n"] > 0 and r["mixed"]["tpot_before_s"]["n"] > 0
+    mt = r["mixed_target"]
+    assert mt["tpot_target_ms"] == pytest.approx(2e3 * r["mixed"]["tpot_before_s"]["p50"])
+    assert mt["tpot_during_s"]["n"] > 0 and sum(int(k) * v for k, v in mt["prompt_chunks"].items()) == mt["long_prompt"]
     assert set(r["predicted"]["ttft_s"]) == {"16", "32", "48"}
     assert set(r["predicted"]["decode_batch_tok_s"]) == {"1", "2", "4"}
     for name in _plots.FILES:

@@ -105,3 +105,47 @@ def test_cancellation_frees_the_slot_and_ends_the_stream():
     assert list(plan.rows.values())[0].request is b
     events = list(a.events(timeout=1))
     assert events[-1].finish_reason == "cancelled" and [e.token for e in events[:-1]] == [7]
+
+
+def fake_step_time(decoders, chunks, end):
+    """Seconds: 1 per decode row + 0.1 per prompt token (no dependence on the window)."""
+    return decoders + 0.1 * sum(chunks)
+
+
+def test_tpot_target_sizes_the_chunk_of_steps_with_decoders():
+    """With decoders, the chunk is the widest width bucket (16, 32, ... up to decode_chunk_size)
+    whose predicted step fits the target; alone, the prompt takes chunk_size."""
+    s = Scheduler(n_slots=2, max_len=512, chunk_size=128, decode_chunk_size=64, tpot_target_s=5.0,
+                  step_time=fake_step_time)
+    a = req(3, max_new=50)
+    s.add(a)
+    run_step(s)  # a decodes from here
+    b = req(200, max_new=2)
+    s.add(b)
+    plan, _ = run_step(s)
+    assert plan.width == 64  # the planned width stays the cap: the executor narrows to the bucket
+    assert sorted(len(r.tokens) for r in plan.rows.values()) == [1, 32]  # 1 + 3.2 <= 5 < 1 + 6.4
+    assert plan.predicted_s == pytest.approx(4.2) and plan.predicted_s <= s.tpot_target_s
+    a.cancel()
+    plan, _ = run_step(s)  # b alone: a full chunk
+    assert [len(r.tokens) for r in plan.rows.values()] == [128] and plan.predicted_s is None
+
+
+def test_impossible_tpot_target_still_advances_the_prompt():
+    s = Scheduler(n_slots=2, max_len=512, chunk_size=128, decode_chunk_size=64, tpot_target_s=1e-6,
+                  step_time=fake_step_time)
+    a, b = req(3, max_new=60), req(100, max_new=2)
+    s.add(a)
+    run_step(s)
+    s.add(b)
+    chunks = []
+    while b.status is not Status.DECODE and b.finish_reason is None:
+        plan, _ = run_step(s)
+        chunks.append(len(plan.rows[b.slot].tokens))
+    assert chunks == [16] * 6 + [4]  # the smallest bucket per step, until the prompt is done
+    assert b.output_ids == [7]
+
+
+def test_tpot_target_needs_a_step_model():
+    with pytest.raises(ValueError, match="step_time"):
+        Scheduler(n_slots=2, max_len=64, chunk_size=8, tpot_target_s=0.02)
