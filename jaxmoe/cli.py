@@ -44,6 +44,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-cache", default=None, metavar="on|off|DIR",
                    help="keep the CPU kernels' packed weights between loads (jaxmoe cache): on (under the user cache "
                         "dir), off, or a directory; default: $JAXMOE_WEIGHTS_CACHE, else jaxmoe's default")
+    p.add_argument("--tpot-target-ms", type=float, default=None, metavar="MS",
+                   help="cpu-only: while requests decode, size prompt chunks so that a step is predicted to take at "
+                        "most MS ms (decoders' time per output token); default: off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +142,8 @@ def _load(path: Path, a: argparse.Namespace, max_seq_len: int | None = None, **r
     wc = {"on": True, "off": False}.get(wc, wc)
     try:
         return jaxmoe.load(path, dtype=_dtype(a.dtype), max_seq_len=max_seq_len, cpu_kernels=kernels,
-                           cpu_precision=a.cpu_precision, weights_cache=wc, **runtime_options)
+                           cpu_precision=a.cpu_precision, weights_cache=wc,
+                           tpot_target_ms=getattr(a, "tpot_target_ms", None), **runtime_options)
     except RuntimeError as e:
         if kernels:  # --cpu-kernels on, where they cannot be built or loaded
             raise UserError(str(e)) from None

@@ -31,6 +31,22 @@ def test_generate_json_matches_the_api(capsys, tiny_ckpt, jax_model):
     assert set(got["timings"]) >= {"ttft_s", "prefill_tok_s", "decode_tok_s"}
 
 
+def test_generate_takes_a_tpot_target(capsys, tiny_ckpt, jax_model, monkeypatch):
+    """--tpot-target-ms reaches the model's runtime (it only changes prompt chunking: same tokens)."""
+    loaded, real_load = [], jaxmoe.load
+
+    def spy(*args, **kw):
+        loaded.append(real_load(*args, **kw))
+        return loaded[-1]
+
+    monkeypatch.setattr(jaxmoe, "load", spy)
+    rc, out, err = run(capsys, "generate", "--model", str(tiny_ckpt), "--prompt", "Hello", "--max-new-tokens", "4",
+                       "--tpot-target-ms", "50", "--json")
+    assert rc == 0, err
+    assert [m.runtime.tpot_target_ms for m in loaded] == [50.0]
+    assert json.loads(out)["token_ids"] == jaxmoe.generate(jax_model, "Hello", max_new_tokens=4).token_ids
+
+
 def test_generate_plain_and_stream_print_the_same_text(capsys, tiny_ckpt, jax_model):
     r = jaxmoe.generate(jax_model, "Hello", max_new_tokens=8)
     for extra in ((), ("--stream",)):
