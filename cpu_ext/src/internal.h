@@ -48,6 +48,8 @@ struct jm_matrix {
  * ceil(n/128) * ceil(k/128) floats), zeroes the data and registers the header;
  * jm_matrix_fill packs rows w[r * ldw] (elements) and copies the block scales. */
 int64_t jm_matrix_packed_bytes(int32_t format, int32_t n, int32_t k);
+/* a matrix's header and geometry (FP8/BF16 tiles), no data yet; NULL when out of memory */
+jm_matrix *jm_matrix_header(int32_t format, int32_t n, int32_t k, int32_t node);
 jm_matrix *jm_matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale);
 int jm_matrix_check_source(int32_t format, const void *w, int64_t ldw, const float *scale, int64_t lds, int32_t n,
                            int32_t k, const char *fn);

@@ -18,11 +18,9 @@ int64_t jm_matrix_packed_bytes(int32_t format, int32_t n, int32_t k) {
   return (int64_t)(n + JM_TILE_ROWS - 1) / JM_TILE_ROWS * JM_TILE_ROWS * k_pad * (format == JM_FMT_BF16 ? 2 : 1);
 }
 
-static jm_matrix *matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale,
-                             int zero) {
-  const int elem = format == JM_FMT_BF16 ? 2 : 1;
+jm_matrix *jm_matrix_header(int32_t format, int32_t n, int32_t k, int32_t node) {
   jm_matrix *m = calloc(1, sizeof *m);
-  if (!m) goto oom;
+  if (!m) return NULL;
   m->magic = JM_MATRIX_MAGIC;
   m->format = format;
   m->n = n;
@@ -32,7 +30,14 @@ static jm_matrix *matrix_new(int32_t format, int32_t n, int32_t k, int32_t node,
   m->kb = (k + JM_KBLOCK - 1) / JM_KBLOCK;
   m->k_pad = m->kb * JM_KBLOCK;
   m->n_rb = format == JM_FMT_FP8 ? (n + JM_KBLOCK - 1) / JM_KBLOCK : 1;
-  m->tile_bytes = (int64_t)JM_TILE_ROWS * m->k_pad * elem;
+  m->tile_bytes = (int64_t)JM_TILE_ROWS * m->k_pad * (format == JM_FMT_BF16 ? 2 : 1);
+  return m;
+}
+
+static jm_matrix *matrix_new(int32_t format, int32_t n, int32_t k, int32_t node, uint8_t *data, float *scale,
+                             int zero) {
+  jm_matrix *m = jm_matrix_header(format, n, k, node);
+  if (!m) goto oom;
   const size_t bytes = (size_t)m->n_tiles * (size_t)m->tile_bytes;
   m->borrowed = data != NULL;
   m->data = data ? data : jm_alloc_node(bytes, node, &m->data_alloc);

@@ -25,16 +25,10 @@
 #include "internal.h"
 #include "store.h"
 
-/* header of a packed matrix over existing bytes (pack.c's jm_matrix_new without the zeroing) */
+/* header of a packed matrix over existing bytes: pack.c's geometry, INT4's as int4.c sets it */
 static jm_matrix *matrix_header(int32_t format, int32_t n, int32_t k, int32_t group, int32_t node) {
-  jm_matrix *m = calloc(1, sizeof *m);
+  jm_matrix *m = jm_matrix_header(format, n, k, node);
   if (!m) return NULL;
-  m->magic = JM_MATRIX_MAGIC;
-  m->format = format;
-  m->n = n;
-  m->k = k;
-  m->node = node;
-  m->n_tiles = (n + JM_TILE_ROWS - 1) / JM_TILE_ROWS;
   if (format == JM_FMT_INT4) { /* int4.c: jm_matrix_create_int4 */
     const int32_t sbc = 8 * group;
     m->group = group;
@@ -42,12 +36,6 @@ static jm_matrix *matrix_header(int32_t format, int32_t n, int32_t k, int32_t gr
     m->kb = m->k_pad / JM_KBLOCK;
     m->n_rb = 1;
     m->tile_bytes = (int64_t)jm_int4_n_sb(m) * jm_int4_sb_bytes(m);
-  } else {
-    const int elem = format == JM_FMT_BF16 ? 2 : 1;
-    m->kb = (k + JM_KBLOCK - 1) / JM_KBLOCK;
-    m->k_pad = m->kb * JM_KBLOCK;
-    m->n_rb = format == JM_FMT_FP8 ? (n + JM_KBLOCK - 1) / JM_KBLOCK : 1;
-    m->tile_bytes = (int64_t)JM_TILE_ROWS * m->k_pad * elem;
   }
   return m;
 }
