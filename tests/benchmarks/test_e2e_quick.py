@@ -3,9 +3,7 @@ values. No timing assertions (the machine is shared)."""
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,16 +12,10 @@ REQUIRED = ("decode_tok_s_b1", "decode_frac_of_read_b1", "decode_tok_s_b4", "pre
             "read_gb_s")
 
 
-def test_e2e_quick(tmp_path):
-    out = tmp_path / "e2e.json"
+def test_e2e_quick(tmp_path, run_quick):
     results = ROOT / "benchmarks" / "results" / "e2e.json"
     before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.e2e", "--quick", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                             "JAXMOE_CACHE_DIR": str(tmp_path)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert set(doc) == {"metrics", "env", "details"}
+    doc = run_quick("e2e", tmp_path)
     m = doc["metrics"]
     for k in REQUIRED:
         assert k in m, k

@@ -4,26 +4,17 @@ per precision measured). No timing assertions (the machine is shared)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PATH_KEYS = {"isa", "precision", "bf16_dot", "kernel_path"}
 
 
-def test_kernels_quick(tmp_path):
-    out = tmp_path / "kernels.json"
+def test_kernels_quick(tmp_path, run_quick):
     results = ROOT / "benchmarks" / "results" / "kernels.json"
     before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--quick", "--no-int4", "--repeats", "1",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "JAXMOE_CACHE_DIR": str(tmp_path)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    doc = run_quick("kernels", tmp_path, "--no-int4", "--repeats", "1", timeout=600)
     env, m, d = doc["env"], doc["metrics"], doc["details"]
     assert env["cpu"] and env["cpu_class"] in ("avx2", "avx512", "avx512+amx", "other")
     assert isinstance(env["cpu_flags"], list) and env["quick"] is True

@@ -3,11 +3,7 @@ values. No timing assertions (the machine is shared)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,16 +11,10 @@ POSITIVE = ("checkpoint_bytes", "load_first_s", "load_warm_s", "load_warm_gb_s",
             "load_warm_frac_of_read", "load_cold_s", "load_cold_gb_s", "read_cold_gb_s", "load_cold_frac_of_read")
 
 
-def test_load_quick(tmp_path):
-    out = tmp_path / "load.json"
+def test_load_quick(tmp_path, run_quick):
     results = ROOT / "benchmarks" / "results"
     before = {p: p.read_bytes() for p in results.rglob("load.json")}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.load", "--quick", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAXMOE_CACHE_DIR": str(tmp_path)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert set(doc) == {"metrics", "env", "details"}
+    doc = run_quick("load", tmp_path)
     m = doc["metrics"]
     assert m["model"] == "tiny" and doc["env"]["quick"] is True
     for k in POSITIVE:

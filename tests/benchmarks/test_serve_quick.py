@@ -4,10 +4,7 @@ the README rows come from that JSON. Layout only: no timing assertions (the mach
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,16 +24,10 @@ def test_percentiles():
     assert percentiles([])["p50"] is None and percentiles([])["n"] == 0
 
 
-def test_serve_quick(tmp_path):
-    out = tmp_path / "serve.json"
+def test_serve_quick(tmp_path, run_quick):
     committed = sorted((ROOT / "benchmarks" / "results").rglob("serve*.json"))
     before = {p: p.read_bytes() for p in committed}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve", "--quick", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "JAXMOE_CACHE_DIR": str(tmp_path / "cache")})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert set(doc) == {"metrics", "env", "details"}
+    doc = run_quick("serve", tmp_path, timeout=240, cache_dir=tmp_path / "cache")
     m, r = doc["metrics"], doc["details"]["results"]
     assert m["model"] == "tiny" and m["clients"] == [1, 2] and m["failed_requests"] == 0
     assert m["max_tokens"] == 8 and m["prompt_tokens"] == 16 and m["n_slots"] >= 1
@@ -69,7 +60,7 @@ def test_serve_quick(tmp_path):
     # the README rows of this result: three serve rows under its CPU class, six cells each
     results = tmp_path / "results"
     (results / "avx512").mkdir(parents=True)
-    (results / "avx512" / "serve.json").write_text(out.read_text())
+    (results / "avx512" / "serve.json").write_text((tmp_path / "serve.json").read_text())
     lines = RT.table(results).splitlines()
     rows = [line for line in lines if line.startswith("| serve")]
     assert len(rows) == 3 and all(line.count("|") == 6 for line in lines), lines

@@ -4,10 +4,7 @@ JSON alone. No timing assertions (the machine is shared)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -86,16 +83,10 @@ def test_summary_and_render(tmp_path):
     assert "with the target" not in (tmp_path / "slo.md").read_text()
 
 
-def test_slo_quick(tmp_path):
-    out = tmp_path / "slo.json"
+def test_slo_quick(tmp_path, run_quick):
     results = H.default_result("slo.json")
     before = results.read_bytes() if results.exists() else None
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.slo", "--quick", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAXMOE_CACHE_DIR": str(tmp_path)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert set(doc) == {"metrics", "env", "details"}
+    doc = run_quick("slo", tmp_path)
     m = doc["metrics"]
     assert m["model"] == "tiny"
     for k in ("ttft_s_shortest", "decode_tok_s_b1", "mixed_ttft_s", "mixed_tpot_p50_s", "mixed_total_tok_s",
