@@ -47,6 +47,11 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-target-ms", type=float, default=None, metavar="MS",
                    help="cpu-only: while requests decode, size prompt chunks so that a step is predicted to take at "
                         "most MS ms (decoders' time per output token); default: off")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not share the KV cache blocks of common prompt prefixes between requests (shared by default)")
+    p.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
+                   help="also keep the prefix cache's blocks on disk in DIR, so a restart starts from the prefixes "
+                        "computed before (fingerprinted by checkpoint, config and cache layout; default: memory only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +148,9 @@ def _load(path: Path, a: argparse.Namespace, max_seq_len: int | None = None, **r
     try:
         return jaxmoe.load(path, dtype=_dtype(a.dtype), max_seq_len=max_seq_len, cpu_kernels=kernels,
                            cpu_precision=a.cpu_precision, weights_cache=wc,
-                           tpot_target_ms=getattr(a, "tpot_target_ms", None), **runtime_options)
+                           tpot_target_ms=getattr(a, "tpot_target_ms", None),
+                           prefix_caching=False if getattr(a, "no_prefix_cache", False) else None,
+                           prefix_cache_dir=getattr(a, "prefix_cache_dir", None), **runtime_options)
     except RuntimeError as e:
         if kernels:  # --cpu-kernels on, where they cannot be built or loaded
             raise UserError(str(e)) from None

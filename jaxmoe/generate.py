@@ -34,6 +34,7 @@ class Timings:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_strategy: str = ""  # how the engine prefilled the prompt: "cpu" | "resident" | "slp" | "dslp"
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (not computed)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,8 @@ def _run(model: Model, req: _Request, keep: Sequence[str] = (), on_submit: Calla
             step, tok = ev.index + 1, ev.token  # `tok` is generated token number `step`
             if step == 1:
                 t_first = ev.time
-                timings = replace(timings, ttft_s=t_first - t0, prefill_tok_s=n / max(t_first - t_submit, 1e-9))
+                timings = replace(timings, ttft_s=t_first - t0, prefill_tok_s=n / max(t_first - t_submit, 1e-9),
+                                  cached_tokens=handle.cached_tokens)
             is_eos = tok in req.eos
             finish = "eos" if is_eos else ("length" if step == max_new else None)
             text = ""

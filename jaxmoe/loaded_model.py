@@ -8,6 +8,7 @@ serving engine, created on first use. Generation over a `Model` is `generate.py`
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -52,6 +53,7 @@ class Model:
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
     cpu_kernels: bool = False  # large matmuls and/or routed experts run on cpu_ext
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    prefix_cache_dir: Path | None = None  # the prefix cache's blocks on disk too (Engine's prefix_cache_dir)
     _engine: Engine | None = field(default=None, init=False, repr=False)
     _checkpoint: Any = field(default=None, init=False, repr=False)
 
@@ -61,8 +63,20 @@ class Model:
         stream-loading prefill reads the routed experts from the host copy decode reads."""
         if self._engine is None:
             self._engine = Engine(self.cfg, self.weights, self.runtime, max_len=self.context_len,
-                                  expert_source=self._expert_source())
+                                  expert_source=self._expert_source(), prefix_cache_dir=self.prefix_cache_dir,
+                                  weights_identity=self.weights_identity() if self.prefix_cache_dir else None)
         return self._engine
+
+    def weights_identity(self) -> str:
+        """What names these weights for the prefix store: the checkpoint's files (names, sizes,
+        mtimes, safetensors header hashes), where they run and the kernels' precision."""
+        if self.path is None:
+            raise ValueError("a prefix cache directory needs a model loaded from a checkpoint directory")
+        from jaxmoe.cpu.weights_cache import checkpoint_identity  # noqa: PLC0415  (no native code)
+
+        return json.dumps({"checkpoint": checkpoint_identity(self.path), "cpu_kernels": self.cpu_kernels,
+                           "cpu_precision": self.runtime.cpu_precision or os.environ.get("JAXMOE_CPU_PRECISION", "exact")},
+                          sort_keys=True)
 
     def _expert_source(self) -> Any:
         """None when the engine streams from the weights' own host copy (the expert store's
@@ -163,6 +177,7 @@ def load(
     progress: Any = None,
     runtime: str | None = None,
     weights_cache: bool | str | Path | None = None,
+    prefix_cache_dir: str | Path | None = None,
     **runtime_options: Any,
 ) -> Model:
     """Load a checkpoint directory (config.json, safetensors, optional tokenizer files).
@@ -190,6 +205,10 @@ def load(
       True (the default root, jaxmoe.config.cache_dir() / "weights"), False (off). None
       (default): $JAXMOE_WEIGHTS_CACHE ("0"/"off" disables, "1"/"on" or a path enables), else
       DEFAULT_WEIGHTS_CACHE. Only where the routed experts go to the kernels.
+    prefix_cache_dir: also keep the prefix cache's full KV blocks on disk in this directory
+      (written atomically, fingerprinted by checkpoint, config, cache dtype and block size,
+      bounded in bytes), so a later load starts from the prefixes computed before. The
+      in-memory prefix cache is on by default (`prefix_caching=False` turns it off).
     """
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2):
         raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
@@ -213,7 +232,8 @@ def load(
     eos = set(cfg.eos_token_id)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    return Model(cfg, weights, tokenizer, max_seq_len, path, frozenset(eos), on_kernels, rc)
+    return Model(cfg, weights, tokenizer, max_seq_len, path, frozenset(eos), on_kernels, rc,
+                 None if prefix_cache_dir is None else Path(prefix_cache_dir).expanduser())
 
 
 def _default_preset() -> str:

@@ -12,6 +12,9 @@ ordered like the safetensors library does (itemsize descending: aligned, no hole
 order within an itemsize, so evenly sized tensors of one kind are evenly spaced
 (`safetensors_index.stacked_view`). Everything goes to a temporary sibling directory renamed
 into place at the end, so a failed or interrupted write leaves nothing behind.
+
+`write_safetensors(file, arrays, metadata=..., fsync=True)` writes one file (no directory, no
+atomicity of its own: callers write a temporary name and rename it).
 """
 
 from __future__ import annotations
@@ -113,11 +116,30 @@ def _plan_shards(groups: Sequence[TensorGroup], max_shard_bytes: int | None) -> 
     return shards
 
 
-def _write_shard(file: Path, groups: list[TensorGroup], bar: Progress) -> None:
-    """Header first (all shapes are known), then each group's data at its offsets as it is made."""
+def write_safetensors(file: str | Path, arrays: dict[str, np.ndarray], *, metadata: dict[str, str] | None = None,
+                      fsync: bool = False) -> int:
+    """Write `arrays` as the one safetensors file `file` (replaced if it exists); returns its size in bytes.
+
+    metadata: extra `__metadata__` entries (str -> str, beside "format": "pt"). fsync: flush the
+    data to disk before returning. Raises ValueError for a dtype safetensors cannot name.
+    """
+    bad = {n: a.dtype for n, a in arrays.items() if a.dtype not in DTYPE_NAMES}
+    if bad:
+        raise ValueError(f"no safetensors dtype for {bad}")
+    group = TensorGroup([(n, a.dtype, a.shape) for n, a in arrays.items()], lambda: arrays)
+    return _write_shard(Path(file), [group], None, metadata=metadata, fsync=fsync)
+
+
+def _write_shard(file: Path, groups: list[TensorGroup], bar: Progress | None, *,
+                 metadata: dict[str, str] | None = None, fsync: bool = False) -> int:
+    """Header first (all shapes are known), then each group's data at its offsets as it is made.
+    Returns the file's size."""
     entries = [t for g in groups for t in g.tensors]
     entries.sort(key=lambda t: -t[1].itemsize)  # stable: group order within an itemsize
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    meta = {"format": "pt", **(metadata or {})}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise TypeError(f"safetensors metadata must map str to str, got {meta!r}")
+    header: dict[str, Any] = {"__metadata__": meta}
     offsets, pos = {}, 0
     for name, dtype, shape in entries:
         n = math.prod(shape) * dtype.itemsize
@@ -138,4 +160,9 @@ def _write_shard(file: Path, groups: list[TensorGroup], bar: Progress) -> None:
                     raise ValueError(f"{name}: made {a.dtype} {a.shape}, planned {dtype} {shape}")
                 f.seek(start + offsets[name])
                 f.write(a.reshape(-1).view(np.uint8).data)
-            bar.update(1, g.nbytes)
+            if bar is not None:
+                bar.update(1, g.nbytes)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return start + pos

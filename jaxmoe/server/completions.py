@@ -37,6 +37,7 @@ from jaxmoe.server.protocol import (
     ChatDelta,
     Completion,
     CompletionChoice,
+    PromptTokensDetails,
     ToolCallDelta,
     ToolCallFunction,
     ToolCallOut,
@@ -87,7 +88,9 @@ class Output:
     def usage(self) -> Usage:
         n_prompt = len(self.job.prompt_ids)
         n_gen = self.last.timings.generated_tokens if self.last is not None else 0
-        return Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen)
+        cached = self.last.timings.cached_tokens if self.last is not None else 0
+        return Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     def record(self, state: ServerState, reason: str | None = None) -> None:
         state.metrics.generation(self.job.endpoint, reason or self.finish_reason, len(self.job.prompt_ids),

@@ -113,10 +113,15 @@ class CompletionRequest(_Sampling):
 
 
 # ---- responses --------------------------------------------------------------------------------
+class PromptTokensDetails(_Response):
+    cached_tokens: int  # prompt tokens served from the prefix cache
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ToolCallFunction(_Response):

@@ -12,9 +12,13 @@ Each step is schedule -> execute -> update:
   (`step_shapes`), so each shape compiles once;
 - update: tokens are handed to their requests, stop conditions checked, slots freed.
 
-The latent KV cache is slotted: [layers, n_slots, max_len, .], sized from `max_len` or
-from a memory budget. Concurrent callers `submit()` from any thread; a background thread
-drives the steps while there is work (or call `step()` / `run_until_idle()` yourself).
+The latent KV cache is paged (`model.cache`, `serving.kv_blocks`): a pool of blocks of
+`kv_block_size` positions, sized from the memory budget (else n_slots x max_len positions); each
+request reserves the blocks its prompt + max_new_tokens can fill when it takes a slot, and with
+`prefix_caching` (the default) starts from the longest run of full blocks another request
+already computed for the same leading tokens (`Request.cached_tokens`), prefilling only the rest.
+Concurrent callers `submit()` from any thread; a background thread drives the steps while
+there is work (or call `step()` / `run_until_idle()` yourself).
 A step attends in the form `step_shapes.attention_form` gives for its width and key window:
 in latent space (absorbed MLA) when it is 1 wide (decode) or narrow, expanded (keys and values
 through kv_b_proj) when it is wide enough that expanding the window's keys once costs fewer
@@ -39,8 +43,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -48,6 +54,8 @@ import numpy as np
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.serving.executors import make_executor
+from jaxmoe.serving.kv_blocks import KVBlocks
+from jaxmoe.serving.prefix_store import PrefixStore, prefix_fingerprint
 from jaxmoe.serving.presets import RuntimeConfig, resolve_devices
 from jaxmoe.serving.prompt_runner import StreamedPromptRunner, default_hardware
 from jaxmoe.serving.request import Request, RequestRefused
@@ -65,35 +73,54 @@ class Engine:
     (jaxmoe/configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
     memory_budget_bytes, overlap, prefill_strategy, hardware, tpot_target_ms, ...). `expert_source`: where
     stream-loaded prefill reads the routed experts (layer -> host arrays, e.g.
-    `loading.expert_source.CheckpointExperts`); default: the weights' own experts when they are arrays."""
+    `loading.expert_source.CheckpointExperts`); default: the weights' own experts when they are arrays.
+    `prefix_cache_dir`: keep the prefix cache's full blocks on disk there too (at most
+    `prefix_cache_bytes`, least recently used out), so later engines start from them;
+    `weights_identity` names the weights (with the config, cache dtype and block size it
+    fingerprints every block: required with a directory)."""
 
     def __init__(self, cfg: ModelConfig, weights: Any, runtime: RuntimeConfig | str = "cpu-only", *, cache_dtype=None,
-                 expert_source: Any = None, **overrides):
+                 expert_source: Any = None, prefix_cache_dir: str | Path | None = None, prefix_cache_bytes: int = 8 << 30,
+                 weights_identity: str | None = None, **overrides):
         rc = runtime if isinstance(runtime, RuntimeConfig) else RuntimeConfig.load(runtime, **overrides)
         if isinstance(runtime, RuntimeConfig) and overrides:
             rc = dataclasses.replace(rc, **overrides)
         cache_dtype = cache_dtype or weights.embed_tokens.dtype
+        budget_positions = None
+        if rc.memory_budget_bytes is not None:
+            budget_positions = rc.memory_budget_bytes // cache_bytes_per_position(cfg, cache_dtype)
         max_len = rc.max_len
         if max_len is None:
-            if rc.memory_budget_bytes is not None:
-                max_len = rc.memory_budget_bytes // (rc.n_slots * cache_bytes_per_position(cfg, cache_dtype))
-            else:
-                max_len = min(cfg.max_position_embeddings, 4096)
+            max_len = min(cfg.max_position_embeddings, 4096) if budget_positions is None else budget_positions
         max_len = min(int(max_len), cfg.max_position_embeddings)
         if max_len < 2:
-            raise ValueError(f"cache of {max_len} positions per slot is too small (memory budget too low?)")
+            raise ValueError(f"cache of {max_len} positions per sequence is too small (memory budget too low?)")
+        cache_positions = rc.n_slots * max_len if budget_positions is None else budget_positions
         self.cfg = cfg
         self.runtime = rc
         self.max_len = max_len
         self.n_slots = rc.n_slots
         self.chunk_size = min(rc.chunk_size, max_len)
         self.devices = resolve_devices(rc)
-        self.executor = make_executor(cfg, weights, rc, self.devices, max_len, cache_dtype)
+        self.executor = make_executor(cfg, weights, rc, self.devices, max_len, cache_dtype, cache_positions=cache_positions)
+        seed = prefix_fingerprint(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str), jnp.dtype(cache_dtype).name,
+                                  str(rc.kv_block_size), weights_identity or "")
+        store = None
+        if prefix_cache_dir is not None:
+            if not rc.prefix_caching:
+                raise ValueError("prefix_cache_dir needs prefix_caching (it stores the prefix cache's blocks)")
+            if not weights_identity:
+                raise ValueError("prefix_cache_dir needs weights_identity= (what names these weights: jaxmoe.load passes "
+                                 "the checkpoint's), so that blocks of other weights are never served")
+            store = PrefixStore(prefix_cache_dir, seed, max_bytes=prefix_cache_bytes)
+        self.blocks = KVBlocks(self.executor.pool_blocks, self.executor.slot_pool, rc.kv_block_size, max_len,
+                               prefix_caching=rc.prefix_caching, seed=seed, store=store, io=self.executor)
         self.prefill = StreamedPromptRunner(cfg, rc, self.devices, self.executor, weights, expert_source, self.chunk_size,
                                        max_len, cache_dtype)
         self._cache_dtype = cache_dtype
         self.step_model = None  # predicted seconds of a mixed step, where the TPOT target needs it
-        self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size, decode_chunk_size=rc.decode_chunk_size)
+        self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size, decode_chunk_size=rc.decode_chunk_size,
+                                   blocks=self.blocks)
         self._lock = threading.RLock()
         self.set_tpot_target(rc.tpot_target_ms)
         self._thread: threading.Thread | None = None
@@ -194,7 +221,7 @@ class Engine:
                 sampled = self._execute(plan)
             except BaseException as e:  # a failed step fails the requests in it, not the engine
                 for row in [*plan.streamed.values(), *plan.rows.values()]:
-                    self.scheduler.running.pop(row.request.slot, None)
+                    self.scheduler.forget(row.request)
                     self.prefill.drop(row.request)
                     row.request.fail(e)
                 raise
@@ -209,7 +236,7 @@ class Engine:
     def _execute(self, plan: StepPlan) -> dict[int, int]:
         sampled = {}
         for slot, row in plan.streamed.items():  # stream-loaded chunks first, then the other slots' step
-            token = self.prefill.run_chunk(row)
+            token = self.prefill.run_chunk(row, self.blocks.table(row.request))
             if token is not None:
                 sampled[slot] = token
         if plan.rows:
@@ -236,7 +263,8 @@ class Engine:
             temperature[slot], top_k[slot], top_p[slot] = s.temperature, s.top_k, s.top_p
         end = max(row.start + len(row.tokens) for row in plan.rows.values())
         next_tokens = self.executor(
-            tokens, positions, last, seeds, steps, temperature, top_k, top_p, kv_len=kv_window(end, self.max_len)
+            tokens, positions, last, seeds, steps, temperature, top_k, top_p, kv_len=kv_window(end, self.max_len),
+            block_tables=self.blocks.tables({s: r.request for s, r in plan.rows.items()}, b),
         )
         return {slot: int(next_tokens[slot]) for slot, row in plan.rows.items() if row.samples}
 

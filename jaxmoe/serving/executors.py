@@ -16,12 +16,15 @@
   Each micro-batch runs all its slots at the step's width; one with no busy slot is skipped
   (a lone request costs one pass, not two).
 
-Both implement `Executor`: the step itself, and what the engine's streamed-prompt runner asks
+Both implement `Executor`: the step itself, the paged cache's pools (`model.cache`: blocks of
+`block_size` positions; each step reads and writes through the rows' block tables, which the
+engine's `serving.kv_blocks.KVBlocks` fills), and what the engine's streamed-prompt runner asks
 of them (the weights already on each device, the host copy of the routed experts, a slot's
-device, and writing a slot's latents). Attention takes the form `step_shapes.attention_form`
-gives for the step's width and key window: absorbed (latent space) for decode and narrow
-chunks, expanded for prompt chunks wide enough that expanding the window's keys once costs
-fewer multiply-adds than absorbing every query.
+device, and writing a request's latents through its block table). FusedStep has one pool;
+StagedStep one per accelerator its micro-batches use (one GPU: both share one pool).
+Attention takes the form `step_shapes.attention_form` gives for the step's width and key
+window: absorbed (latent space) for decode and narrow chunks, expanded for prompt chunks wide
+enough that expanding the window's keys once costs fewer multiply-adds than absorbing every query.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import jax
 import numpy as np
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.cache import KVCache, init_cache
+from jaxmoe.model.cache import KVCache, init_paged_cache, paged_slots
 from jaxmoe.model.forward import final_logits, forward_absorbed, forward_expanded, layer_until_experts
 from jaxmoe.model.moe import routed_experts
 from jaxmoe.model.rope import rope_cos_sin
@@ -46,13 +49,18 @@ from jaxmoe.step_shapes import attention_form, row_bucket, width_bucket
 class Executor(Protocol):
     """What the engine needs of a step executor."""
 
-    max_len: int  # cache positions per slot; a position >= max_len is padding (never stored)
+    max_len: int  # cache positions per sequence; a position >= max_len is padding (never stored)
+    pool_blocks: list[int]  # blocks in each pool (block 0 of each is the null block)
 
     def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *,
-                 kv_len: int) -> np.ndarray:
+                 kv_len: int, block_tables: np.ndarray) -> np.ndarray:
         """Run one step over numpy [n_slots, width] tokens and positions (per-slot sampling
-        parameters [n_slots]; kv_len static: attend over that many cache slots) -> the next
-        token of every slot, numpy int32 [n_slots]."""
+        parameters [n_slots]; block_tables [n_slots, blocks per sequence], ids in the slot's
+        pool; kv_len static: attend over that many positions) -> the next token of every slot,
+        numpy int32 [n_slots]."""
+
+    def slot_pool(self, slot: int) -> int:
+        """The pool `slot`'s blocks come from."""
 
     def dense_copies(self) -> dict[jax.Device, Weights]:
         """The non-expert weights already placed on each device (no copy is made)."""
@@ -63,23 +71,56 @@ class Executor(Protocol):
     def slot_device(self, slot: int) -> jax.Device:
         """The device holding `slot`'s latent cache."""
 
-    def write_latents(self, slot: int, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array) -> None:
-        """Write latents [L, T, .] into `slot` at positions [T] (on `slot_device`); positions
-        >= max_len are dropped."""
+    def write_latents(self, slot: int, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array, table: np.ndarray) -> None:
+        """Write latents [L, T, .] at positions [T] (on `slot_device`) through block table [n]
+        (the slot's pool); positions >= max_len are dropped."""
+
+    def read_block(self, pool: int, block: int) -> dict[str, np.ndarray]:
+        """One block's contents in host memory: {"c_kv": [L, block_size, r], "k_pe": [L, block_size, rope]}."""
+
+    def write_block(self, pool: int, block: int, arrays: dict[str, np.ndarray]) -> None:
+        """Fill one block with contents `read_block` gave (ValueError if their shapes or dtypes differ)."""
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _write_slot(cache: KVCache, c_kv, k_pe, slot, positions) -> KVCache:
+def _write_blocks(cache: KVCache, c_kv, k_pe, table, positions) -> KVCache:
+    block, offset = paged_slots(cache.replace(block_table=table[None]), positions[None])
     return cache.replace(
-        c_kv=cache.c_kv.at[:, slot, positions].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
-        k_pe=cache.k_pe.at[:, slot, positions].set(k_pe.astype(cache.k_pe.dtype), mode="drop"),
+        c_kv=cache.c_kv.at[:, block[0], offset[0]].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
+        k_pe=cache.k_pe.at[:, block[0], offset[0]].set(k_pe.astype(cache.k_pe.dtype), mode="drop"),
     )
 
 
-def _fused_program(cfg, weights, cache, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len):
+@functools.partial(jax.jit, donate_argnums=0)
+def _fill_block(cache: KVCache, block, c_kv, k_pe) -> KVCache:
+    return cache.replace(c_kv=cache.c_kv.at[:, block].set(c_kv), k_pe=cache.k_pe.at[:, block].set(k_pe))
+
+
+def read_block(cache: KVCache, block: int) -> dict[str, np.ndarray]:
+    return {"c_kv": np.asarray(cache.c_kv[:, block]), "k_pe": np.asarray(cache.k_pe[:, block])}
+
+
+def write_block(cache: KVCache, block: int, arrays: dict[str, np.ndarray]) -> KVCache:
+    """`cache` with one block replaced by `arrays` (as `read_block` gives them)."""
+    for name in ("c_kv", "k_pe"):
+        want, got = getattr(cache, name)[:, block], arrays.get(name)
+        if got is None or tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+            found = None if got is None else (tuple(got.shape), str(got.dtype))
+            raise ValueError(f"cache block {name}: expected {tuple(want.shape)} {want.dtype}, got {found}")
+    return _fill_block(cache, np.int32(block), arrays["c_kv"], arrays["k_pe"])
+
+
+def paged_pool(cfg: ModelConfig, positions: int, block_size: int, max_len: int, cache_dtype) -> KVCache:
+    """A pool holding `positions` cache positions (rounded up to blocks) plus the null block."""
+    return init_paged_cache(cfg, -(-positions // block_size) + 1, block_size, max_len, cache_dtype)
+
+
+def _fused_program(cfg, weights, cache, table, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *,
+                   kv_len):
     forward = forward_absorbed if attention_form(cfg, tokens.shape[1], kv_len) == "absorbed" else forward_expanded
-    logits, cache = forward(cfg, weights, cache, tokens, positions, logit_index=last_index, kv_len=kv_len)
-    return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
+    logits, cache = forward(cfg, weights, cache.replace(block_table=table), tokens, positions, logit_index=last_index,
+                            kv_len=kv_len)
+    return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache.replace(block_table=None)
 
 
 def active_rows(busy: np.ndarray) -> np.ndarray:
@@ -91,21 +132,26 @@ def active_rows(busy: np.ndarray) -> np.ndarray:
 
 
 class FusedStep:
-    """Runs only the busy slots (`active_rows`) through the jitted program: their cache slots
-    are addressed through `KVCache.rows`, so kernels, attention and MoE see `bucket` rows, and
+    """Runs only the busy slots (`active_rows`) through the jitted program, with their block
+    tables, so kernels, attention and MoE see `bucket` rows, and
     only as many columns as their longest row needs (`width_bucket`). A step that mixes
     one-token rows (decode) with prompt chunks runs them as two programs, width 1 and the
     chunks' width, so no padded token of a decode row goes through the kernels."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, device: jax.Device, n_slots: int, max_len: int, cache_dtype):
+    def __init__(self, cfg: ModelConfig, weights: Weights, device: jax.Device, max_len: int, cache_dtype, *,
+                 cache_positions: int, block_size: int):
         self.cfg, self.device = cfg, device
         self.weights = jax.device_put(weights, device)
-        self.cache = jax.device_put(init_cache(cfg, n_slots, max_len, cache_dtype), device)
+        self.cache = jax.device_put(paged_pool(cfg, cache_positions, block_size, max_len, cache_dtype), device)
+        self.pool_blocks = [int(self.cache.c_kv.shape[1])]
         self._program = jax.jit(_fused_program, static_argnums=0, static_argnames="kv_len", donate_argnums=2)
 
     @property
     def max_len(self) -> int:
         return self.cache.max_len
+
+    def slot_pool(self, slot: int) -> int:
+        return 0
 
     def dense_copies(self) -> dict[jax.Device, Weights]:
         return {self.device: split_experts(self.weights)[0]}
@@ -116,14 +162,22 @@ class FusedStep:
     def slot_device(self, slot: int) -> jax.Device:
         return self.device
 
-    def write_latents(self, slot: int, c_kv, k_pe, positions) -> None:
-        self.cache = _write_slot(self.cache, c_kv, k_pe, np.int32(slot), positions)
+    def write_latents(self, slot: int, c_kv, k_pe, positions, table) -> None:
+        self.cache = _write_blocks(self.cache, c_kv, k_pe, np.asarray(table, np.int32), positions)
 
-    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int) -> np.ndarray:
+    def read_block(self, pool: int, block: int) -> dict[str, np.ndarray]:
+        return read_block(self.cache, block)
+
+    def write_block(self, pool: int, block: int, arrays) -> None:
+        self.cache = write_block(self.cache, block, arrays)
+
+    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int,
+                 block_tables: np.ndarray) -> np.ndarray:
         busy = positions[:, 0] < self.cache.max_len
         one = busy & (last_index == 0)  # rows with one real token: decode (or a prompt's last token)
         long = busy & ~one
         per_slot = (last_index, seeds, steps, temperature, top_k, top_p)
+        self._tables = block_tables
         runs = []  # (rows, which are real, their next tokens): dispatched first, awaited together
         if one.any() or not long.any():
             runs.append(self._run(one, tokens[:, :1], positions[:, :1], per_slot, kv_len))
@@ -141,23 +195,23 @@ class FusedStep:
         pos = positions[rows, :w].copy()
         pos[~real] = self.cache.max_len  # padding rows (maybe slots busy in the other run): never stored
         args = [tokens[rows, :w], pos, *(a[rows] for a in per_slot)]
-        out, cache = self._program(self.cfg, self.weights, self.cache.replace(rows=rows), *args, kv_len=kv_len)
-        self.cache = cache.replace(rows=None)
+        out, self.cache = self._program(self.cfg, self.weights, self.cache, self._tables[rows], *args, kv_len=kv_len)
         return rows, real, out
 
 
 # ---- staged execution ---------------------------------------------------------------------
 
 
-def _layer_program(cfg, lw, x, routed, cache, layer, positions, *, kv_len: int):
+def _layer_program(cfg, lw, x, routed, cache, table, layer, positions, *, kv_len: int):
     """Accelerator side of one layer: add the previous layer's routed output, then
     `layer_until_experts` (attention absorbed or expanded: `attention_form`); the shared experts'
     output joins x here."""
     if routed is not None:
         x = x + routed.reshape(x.shape).astype(x.dtype)
     cos, sin = rope_cos_sin(cfg, positions)
-    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin,
+    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache.replace(block_table=table), layer, positions, cos, sin,
                                            form=attention_form(cfg, x.shape[1], kv_len), kv_len=kv_len)
+    cache = cache.replace(block_table=None)
     if moe_in is None:
         return x, None, cache
     flat, ids, weights, shared = moe_in
@@ -176,7 +230,7 @@ class StagedStep:
     two micro-batches (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig, weights: Weights, devices: Devices, n_slots: int, max_len: int, cache_dtype, *,
-                 overlap: bool):
+                 overlap: bool, cache_positions: int, block_size: int):
         self.cfg, self.devices, self.overlap = cfg, devices, overlap
         dense, experts = split_experts(weights)
         accs = devices.accelerators
@@ -186,10 +240,13 @@ class StagedStep:
         per_device = {d: jax.device_put(dense, d) for d in set(self.mb_device)}
         self.weights = [per_device[d] for d in self.mb_device]
         self.experts = [None if e is None else jax.device_put(e, devices.host) for e in experts]
+        pool_devices = list(dict.fromkeys(self.mb_device))  # one pool per distinct accelerator
+        self.mb_pool = [pool_devices.index(d) for d in self.mb_device]
         self.caches = [
-            jax.device_put(init_cache(cfg, hi - lo, max_len, cache_dtype), d)
-            for (lo, hi), d in zip(self.mb_slots, self.mb_device)
+            jax.device_put(paged_pool(cfg, -(-cache_positions // len(pool_devices)), block_size, max_len, cache_dtype), d)
+            for d in pool_devices
         ]
+        self.pool_blocks = [int(c.c_kv.shape[1]) for c in self.caches]
         self._layer = jax.jit(_layer_program, static_argnums=0, static_argnames="kv_len", donate_argnums=4)
         self._experts = jax.jit(lambda e, flat, ids, w: routed_experts(e, flat, ids, w))
         self._final = jax.jit(_final_program, static_argnums=0)
@@ -215,23 +272,31 @@ class StagedStep:
     def slot_device(self, slot: int) -> jax.Device:
         return self.mb_device[self._micro_batch(slot)[0]]
 
-    def write_latents(self, slot: int, c_kv, k_pe, positions) -> None:
-        mb, row = self._micro_batch(slot)
-        self.caches[mb] = _write_slot(self.caches[mb], c_kv, k_pe, np.int32(row), positions)
+    def slot_pool(self, slot: int) -> int:
+        return self.mb_pool[self._micro_batch(slot)[0]]
 
-    def _start(self, mb: int, tokens, positions):
+    def write_latents(self, slot: int, c_kv, k_pe, positions, table) -> None:
+        p = self.slot_pool(slot)
+        self.caches[p] = _write_blocks(self.caches[p], c_kv, k_pe, np.asarray(table, np.int32), positions)
+
+    def read_block(self, pool: int, block: int) -> dict[str, np.ndarray]:
+        return read_block(self.caches[pool], block)
+
+    def write_block(self, pool: int, block: int, arrays) -> None:
+        self.caches[pool] = write_block(self.caches[pool], block, arrays)
+
+    def _start(self, mb: int, tokens, positions, block_tables):
         lo, hi = self.mb_slots[mb]
-        dev = self.mb_device[mb]
-        tok = jax.device_put(tokens[lo:hi], dev)
-        pos = jax.device_put(positions[lo:hi], dev)
-        return {"x": self.weights[mb].embed_tokens[tok], "routed": None, "positions": pos}
+        tok, pos, table = jax.device_put((tokens[lo:hi], positions[lo:hi], block_tables[lo:hi]), self.mb_device[mb])
+        return {"x": self.weights[mb].embed_tokens[tok], "routed": None, "positions": pos, "table": table}
 
     def _layer_step(self, mb: int, layer: int, st: dict, kv_len: int) -> None:
         w = self.weights[mb].layers[layer]
         dense = self.experts[layer] is None
         self.dispatch_log.append(("attention", mb, layer))
-        st["x"], moe_in, self.caches[mb] = self._layer(
-            self.cfg, w, st["x"], st["routed"], self.caches[mb], np.int32(layer), st["positions"], kv_len=kv_len
+        p = self.mb_pool[mb]
+        st["x"], moe_in, self.caches[p] = self._layer(
+            self.cfg, w, st["x"], st["routed"], self.caches[p], st["table"], np.int32(layer), st["positions"], kv_len=kv_len
         )
         st["routed"] = None
         if not dense:
@@ -246,12 +311,13 @@ class StagedStep:
         self.dispatch_log.append(("final", mb, -1))
         return self._final(self.cfg, self.weights[mb], st["x"], st["routed"], *rows)
 
-    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int) -> np.ndarray:
+    def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int,
+                 block_tables: np.ndarray) -> np.ndarray:
         self.dispatch_log.clear()
         n_layers = self.cfg.num_hidden_layers
         busy = positions[:, 0] < self.caches[0].max_len
         active = [mb for mb, (lo, hi) in enumerate(self.mb_slots) if busy[lo:hi].any()] or [0]  # idle: skipped
-        states = {mb: self._start(mb, tokens, positions) for mb in active}
+        states = {mb: self._start(mb, tokens, positions, block_tables) for mb in active}
         if self.overlap:
             for layer in range(n_layers):
                 for mb in active:
@@ -268,7 +334,11 @@ class StagedStep:
         return next_tokens
 
 
-def make_executor(cfg: ModelConfig, weights: Weights, rc: Any, devices: Devices, max_len: int, cache_dtype) -> Executor:
+def make_executor(cfg: ModelConfig, weights: Weights, rc: Any, devices: Devices, max_len: int, cache_dtype, *,
+                  cache_positions: int) -> Executor:
+    """cache_positions: the paged cache's size in positions, over all pools."""
     if rc.staged:
-        return StagedStep(cfg, weights, devices, rc.n_slots, max_len, cache_dtype, overlap=rc.overlap)
-    return FusedStep(cfg, weights, devices.main, rc.n_slots, max_len, cache_dtype)
+        return StagedStep(cfg, weights, devices, rc.n_slots, max_len, cache_dtype, overlap=rc.overlap,
+                          cache_positions=cache_positions, block_size=rc.kv_block_size)
+    return FusedStep(cfg, weights, devices.main, max_len, cache_dtype, cache_positions=cache_positions,
+                     block_size=rc.kv_block_size)

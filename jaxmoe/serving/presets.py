@@ -41,8 +41,11 @@ class RuntimeConfig:
     # whose time, predicted by the hardware profile's CPU step model, fits (at least the smallest
     # bucket: the prompt always advances). Changes the chunking, never the tokens. None: off
     tpot_target_ms: float | None = None
-    max_len: int | None = None
-    memory_budget_bytes: int | None = None
+    max_len: int | None = None  # positions per sequence (None: from the memory budget, else min(model's, 4096))
+    memory_budget_bytes: int | None = None  # the paged KV cache's bytes (None: n_slots x max_len positions)
+    kv_block_size: int = 64  # positions per block of the paged KV cache
+    # share full cache blocks between requests with the same prefix (serving/kv_blocks.py)
+    prefix_caching: bool = True
     simulate_accelerators: bool = False
     # prefill strategy per request: "auto" (the planner's choice on `hardware`; the environment
     # variable JAXMOE_PREFILL_STRATEGY forces one) | "cpu" (the step path) | "slp" | "dslp"
@@ -65,6 +68,8 @@ class RuntimeConfig:
             raise ValueError(f"accelerators must be 0, 1 or 2, got {self.accelerators}")
         if self.chunk_size < 1 or (self.decode_chunk_size is not None and self.decode_chunk_size < 1):
             raise ValueError(f"chunk_size and decode_chunk_size must be >= 1, got {self.chunk_size}, {self.decode_chunk_size}")
+        if isinstance(self.kv_block_size, bool) or not isinstance(self.kv_block_size, int) or self.kv_block_size < 1:
+            raise ValueError(f"kv_block_size must be an integer >= 1, got {self.kv_block_size!r}")
         if self.tpot_target_ms is not None and not self.tpot_target_ms > 0:
             raise ValueError(f"tpot_target_ms must be > 0 (or None), got {self.tpot_target_ms}")
         if self.n_slots < 1 or (self.staged and self.n_slots < 2):

@@ -221,9 +221,9 @@ class StreamedPromptRunner:
                                       for lw in self._dense_fallback.layers)
         return self._host_layers
 
-    def run_chunk(self, row: Any) -> int | None:
-        """One streamed chunk of `row.request`'s prompt (a scheduler RowPlan): latents into its
-        slot of the engine's cache; returns the sampled first token when the chunk ends the prompt."""
+    def run_chunk(self, row: Any, table: Any) -> int | None:
+        """One streamed chunk of `row.request`'s prompt (a scheduler RowPlan): latents into the
+        engine's cache through the request's block table; returns the sampled first token when the chunk ends the prompt."""
         req = row.request
         name = req.prefill_strategy
         est = req.prefill_plan
@@ -246,7 +246,7 @@ class StreamedPromptRunner:
         dst[:n] = np.arange(start, start + n)
         c_kv, k_pe = _chunk_latents(cache, dst, width)
         c_kv, k_pe, dst_dev = jax.device_put((c_kv, k_pe, dst), self.executor.slot_device(req.slot))
-        self.executor.write_latents(req.slot, c_kv, k_pe, dst_dev)
+        self.executor.write_latents(req.slot, c_kv, k_pe, dst_dev, table)
         if not row.samples:
             return None
         self._cache = None  # the prompt is done: its prefill cache goes

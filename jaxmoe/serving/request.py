@@ -53,6 +53,7 @@ class Request:
     status: Status = Status.WAITING
     slot: int | None = None
     n_prefilled: int = 0
+    cached_tokens: int = 0  # prompt positions taken from the prefix cache, not computed
     output_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)

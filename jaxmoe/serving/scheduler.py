@@ -3,8 +3,12 @@
 Pure bookkeeping, no arrays and no clock: the engine asks for a `StepPlan`, runs it, and
 reports the sampled tokens back. Policy:
 
-- requests wait in FIFO order and take a free slot as soon as one exists; a request that
-  can never fit (prompt + max_new_tokens > cache length) is refused when it is added;
+- requests wait in FIFO order and take a free slot as soon as one exists and (with `blocks`,
+  the paged cache's `serving.kv_blocks.KVBlocks`) the cache blocks for prompt + max_new_tokens
+  can be reserved -- sharing the longest cached prefix of its prompt, whose positions then
+  count as prefilled; a request that can never fit (prompt + max_new_tokens > cache length,
+  or more blocks than a pool has) is refused when it is added; blocks are given back when a
+  request finishes, and its full blocks are registered for sharing as they fill;
 - every decoding request advances one token per step;
 - prefilling requests get the rest of the step's token budget in chunks of at most
   `chunk_size` tokens (chunked prefill), or `decode_chunk_size` while other requests decode
@@ -74,7 +78,7 @@ class Scheduler:
 
     def __init__(self, n_slots: int, max_len: int, chunk_size: int, token_budget: int | None = None,
                  decode_chunk_size: int | None = None, *, tpot_target_s: float | None = None,
-                 step_time: StepTimeModel | None = None):
+                 step_time: StepTimeModel | None = None, blocks=None):
         if n_slots < 1 or chunk_size < 1 or (decode_chunk_size is not None and decode_chunk_size < 1):
             raise ValueError("n_slots, chunk_size and decode_chunk_size must be >= 1")
         if tpot_target_s is not None and (tpot_target_s <= 0 or step_time is None):
@@ -85,6 +89,7 @@ class Scheduler:
         self.chunk_size = chunk_size
         self.decode_chunk_size = min(decode_chunk_size or chunk_size, chunk_size)
         self.token_budget = token_budget or max(chunk_size, n_slots)
+        self.blocks = blocks  # KVBlocks, or None: no block accounting (slots only)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}
 
@@ -97,6 +102,11 @@ class Scheduler:
                 f"request needs {len(req.prompt_ids)} prompt + {req.max_new_tokens} new = "
                 f"{req.total_len} positions but the engine's cache holds {self.max_len} per sequence"
             )
+        if self.blocks is not None and not self.blocks.fits_ever(req.total_len):
+            raise RequestRefused(
+                f"request needs {req.total_len} positions ({self.blocks.blocks_needed(req.total_len)} cache blocks) but "
+                f"the engine's paged cache has fewer blocks (raise memory_budget_bytes)"
+            )
         self.waiting.append(req)
 
     def has_work(self) -> bool:
@@ -105,10 +115,14 @@ class Scheduler:
     def _admit(self) -> None:
         free = [s for s in range(self.n_slots) if s not in self.running]
         while free and self.waiting:
-            req = self.waiting.popleft()
+            req = self.waiting[0]
             if req.cancelled:
+                self.waiting.popleft()
                 req.finish("cancelled")
                 continue
+            if self.blocks is not None and not self.blocks.admit(req, free[0], share=not req.streamed):
+                break  # the pool is short: it waits (first in, first out) for blocks to come back
+            self.waiting.popleft()
             req.slot, req.status = free.pop(0), Status.PREFILL
             self.running[req.slot] = req
 
@@ -127,8 +141,15 @@ class Scheduler:
         return gone
 
     def release(self, req: Request, reason: str) -> None:
-        self.running.pop(req.slot, None)
+        self.forget(req)
         req.finish(reason)
+
+    def forget(self, req: Request) -> None:
+        """Take a request out of its slot and give back its cache blocks (without finishing it)."""
+        if self.running.get(req.slot) is req:
+            del self.running[req.slot]
+        if self.blocks is not None:
+            self.blocks.release(req)
 
     # ---- planning -------------------------------------------------------------------------
     def plan(self) -> StepPlan | None:
@@ -198,10 +219,13 @@ class Scheduler:
             req = row.request
             if req.status is Status.PREFILL:
                 req.n_prefilled += len(row.tokens)
+            if row.samples:
+                req.status = Status.DECODE
+                req.emit(sampled[slot])
+            if self.blocks is not None:  # positions written so far: the prompt's, then each token fed back
+                self.blocks.commit(req, req.n_prefilled + max(len(req.output_ids) - 1, 0))
             if not row.samples:
                 continue
-            req.status = Status.DECODE
-            req.emit(sampled[slot])
             reason = req.check_stop()
             if reason is not None:
                 self.release(req, reason)

@@ -218,3 +218,21 @@ def test_cpu_kernel_path_agrees_with_the_pure_jax_path(tiny_ckpt, model, jax_mod
     m = jaxmoe.load(tiny_ckpt)
     m.close()
     assert m.weights is None and not m.cpu_kernels
+
+
+def test_prefix_cache_on_disk_survives_a_reload(tiny_ckpt, tmp_path):
+    """jaxmoe.load(prefix_cache_dir=...): a second load of the checkpoint starts a resent prompt
+    from the blocks the first wrote (Timings.cached_tokens), with the same tokens; without the
+    directory nothing is reused across loads."""
+    prompt = [(7 * i) % 300 + 3 for i in range(150)]
+    first = jaxmoe.load(tiny_ckpt, cpu_kernels=False, prefix_cache_dir=tmp_path)
+    a = jaxmoe.generate(first, prompt, max_new_tokens=6, ignore_eos=True)
+    assert a.timings.cached_tokens == 0
+    first.engine.blocks.flush()
+    block = first.engine.blocks.block_size
+    again = jaxmoe.load(tiny_ckpt, cpu_kernels=False, prefix_cache_dir=tmp_path)
+    b = jaxmoe.generate(again, prompt, max_new_tokens=6, ignore_eos=True)
+    assert b.timings.cached_tokens == (len(prompt) - 1) // block * block > 0
+    assert b.token_ids == a.token_ids
+    plain = jaxmoe.load(tiny_ckpt, cpu_kernels=False)
+    assert jaxmoe.generate(plain, prompt, max_new_tokens=6, ignore_eos=True).timings.cached_tokens == 0

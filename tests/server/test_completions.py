@@ -144,3 +144,20 @@ def test_a_huge_top_k_keeps_every_token(server, model):
     out = server.client().completions.create(model=NAME, prompt="Hi", max_tokens=4, temperature=0.9, seed=5,
                                              extra_body={"top_k": 10**12})
     assert out.choices[0].text == r.text
+
+
+def test_a_resent_chat_history_reports_its_cached_prompt_tokens(server, model):
+    """The second turn resends the first: usage.prompt_tokens_details.cached_tokens counts the
+    prompt tokens served from the prefix cache (whole cache blocks), and the reply is the one
+    `generate` gives for the same messages."""
+    block = model.engine.blocks.block_size
+    system = {"role": "system", "content": "You answer in short sentences. " * 8}
+    first = [system, {"role": "user", "content": "Hello there"}]
+    client = server.client()
+    out1 = client.chat.completions.create(model=NAME, messages=first, max_tokens=4, temperature=0)
+    second = [*first, {"role": "assistant", "content": out1.choices[0].message.content},
+              {"role": "user", "content": "And then?"}]
+    out2 = client.chat.completions.create(model=NAME, messages=second, max_tokens=4, temperature=0)
+    cached = out2.usage.prompt_tokens_details.cached_tokens
+    assert cached > 0 and cached % block == 0 and cached < out2.usage.prompt_tokens
+    assert out2.choices[0].message.content == jaxmoe.generate(model, messages=second, max_new_tokens=4).text

@@ -136,8 +136,9 @@ def test_kv_window_follows_the_longest_sequence():
 def test_memory_budget_sizes_the_cache(tiny_model):
     cfg, w = tiny_model
     per_pos = cache_bytes_per_position(cfg)
-    e = Engine(cfg, w, n_slots=2, memory_budget_bytes=2 * 48 * per_pos)
-    assert e.max_len == 48
+    e = Engine(cfg, w, n_slots=2, memory_budget_bytes=2 * 48 * per_pos, kv_block_size=16)
+    assert e.max_len == 96  # one request may fill the whole pool
+    assert e.executor.pool_blocks == [96 // 16 + 1]  # + the null block
 
 
 def test_cancellation_and_stop_tokens(tiny_model, prompts, reference):
@@ -183,7 +184,8 @@ def test_no_recompilation_in_steady_state(tiny_model, prompts):
 
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
-        run_all(e, prompts[::-1])  # same lengths, other order and slot mix
+        # same lengths, other order and slot mix, other tokens (no cached prefix shortens a prompt)
+        run_all(e, [[(t + 1) % cfg.vocab_size for t in p] for p in prompts[::-1]])
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert compiles == []

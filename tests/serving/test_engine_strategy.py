@@ -41,9 +41,9 @@ def traced(engine):
     log = []
     run_chunk, step = engine.prefill.run_chunk, engine._execute_step
 
-    def chunk(row):
+    def chunk(row, table):
         log.append(("stream", row.request.id, row.start))
-        return run_chunk(row)
+        return run_chunk(row, table)
 
     def execute(plan):
         log.append(("step", {s: (r.request.id, len(r.tokens)) for s, r in plan.rows.items()}))

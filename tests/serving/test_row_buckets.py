@@ -68,9 +68,12 @@ def spy_engine(cfg, w, chunk_size=8):
     seen = []
     program = eng.executor._program
 
-    def spy(cfg_, weights, cache, tokens, *rest, **kw):
-        seen.append((tokens.shape, cache.rows.tolist()))
-        return program(cfg_, weights, cache, tokens, *rest, **kw)
+    def spy(cfg_, weights, cache, table, tokens, *rest, **kw):
+        # the slot of each row, from its block table (-1: a padding row's null table)
+        running = {tuple(eng.blocks.table(r)): s for s, r in eng.scheduler.running.items()}
+        rows = [running.get(tuple(t[: len(next(iter(running)))]), -1) for t in np.asarray(table)]
+        seen.append((tokens.shape, rows))
+        return program(cfg_, weights, cache, table, tokens, *rest, **kw)
 
     eng.executor._program = spy
     return eng, seen
