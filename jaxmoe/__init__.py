@@ -1,4 +1,5 @@
-"""jaxmoe: DeepSeek-V3-family MoE inference on JAX/XLA.
+"""jaxmoe: MoE inference on JAX/XLA: the DeepSeek-V3 family (DeepSeek-V3/R1, Kimi-K2) and Qwen3-MoE
+(jaxmoe.models.registry).
 
     import jaxmoe
     model = jaxmoe.load("path/to/checkpoint")

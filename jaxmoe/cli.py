@@ -121,10 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- helpers ----------------------------------------------------------------------------------
 def _config(name: str):
-    from jaxmoe.config import ModelConfig
+    """A packaged config name or a config.json path, parsed by its model family (jaxmoe.models.registry)."""
+    from jaxmoe.models.registry import read_config
 
-    p = Path(name)
-    return ModelConfig.from_file(p) if p.suffix == ".json" or p.is_dir() else ModelConfig.named(name)
+    return read_config(name)
 
 
 def _dtype(name: str):
@@ -170,9 +170,9 @@ def _print_timings(t, out=None) -> None:
 def _write_synthetic(out: Path, cfg, fmt: str, seed: int = 0) -> None:
     """The writer goes through a temporary sibling directory and renames it into place, so
     an interrupted write never leaves a half-written checkpoint behind."""
-    from jaxmoe.loading.synthetic import write_synthetic_checkpoint
+    from jaxmoe.models.registry import family_of
 
-    write_synthetic_checkpoint(out, cfg, fmt=fmt, seed=seed, with_tokenizer=True)
+    family_of(cfg).write_synthetic(out, cfg, fmt=fmt, seed=seed, with_tokenizer=True)
 
 
 # ---- commands ---------------------------------------------------------------------------------
@@ -240,7 +240,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     root = Path(a.cache_dir or os.environ.get("JAXMOE_CACHE_DIR") or ".cache")
     ckpt = root / f"demo-{a.config}-{a.fmt}-{digest}"
     print(f"jaxmoe {jaxmoe.__version__} demo: config {a.config!r} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}), {a.fmt} weights")
+          f"{getattr(cfg, 'n_routed_experts', None) or cfg.num_experts} routed experts, top-{cfg.num_experts_per_tok}, "
+          f"vocab {cfg.vocab_size}), {a.fmt} weights")
     if not (ckpt / "config.json").is_file():
         print(f"writing synthetic checkpoint to {ckpt} ...", flush=True)
         t0 = time.perf_counter()

@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A config.json that is missing, unreadable or describes an unsupported model."""
 
 
+# what a DeepSeek-V3-family config.json says it is (Kimi-K2: model_type "kimi_k2", DeepSeek-V3's architecture);
+# a config naming neither is taken as DeepSeek-V3 (the configs jaxmoe wrote before other families)
+DEEPSEEK_V3_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+DEEPSEEK_V3_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+
+
 def cache_dir() -> Path:
     """jaxmoe's per-user cache: $JAXMOE_CACHE_DIR, else ~/.cache/jaxmoe (measured calibrations,
     native libraries rebuilt outside a read-only install, benchmark checkpoints)."""
@@ -272,6 +278,11 @@ def _parse_quant(d: dict[str, Any], source: str) -> QuantConfig | None:
 def _parse(d: dict[str, Any], source: str) -> ModelConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a JSON object")
+    model_type, archs = d.get("model_type"), list(d.get("architectures") or ())
+    if (model_type not in (None, *DEEPSEEK_V3_MODEL_TYPES)
+            or (model_type is None and archs and not set(archs) & set(DEEPSEEK_V3_ARCHITECTURES))):
+        raise ConfigError(f"{source}: model_type {model_type!r} (architectures {archs}) is not of the DeepSeek-V3 family "
+                          f"{list(DEEPSEEK_V3_MODEL_TYPES)}; jaxmoe.load reads other families (jaxmoe.models.registry)")
     missing = [k for k in _REQUIRED if k not in d]
     if missing:
         raise ConfigError(f"{source}: missing required keys {missing}")

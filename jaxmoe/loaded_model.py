@@ -1,6 +1,7 @@
 """A loaded checkpoint and how it is loaded: `load` -> `Model`.
 
-`load` reads the checkpoint (`loading`), decides where each part lives from the runtime
+`load` finds the checkpoint's model family (`models.registry`), reads it (`loading`; other
+families through their own loader, on the pure JAX path for now), decides where each part lives from the runtime
 preset (the CPU kernels' placement: `cpu.placement`, the optional persistent weights cache:
 `cpu.weights_cache`), and returns a `Model`: config, weights, tokenizer, runtime, and its
 serving engine, created on first use. Generation over a `Model` is `generate.py`'s.
@@ -21,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.loading.expert_source import CheckpointExperts
 from jaxmoe.loading.loader import load_checkpoint, open_checkpoint
 from jaxmoe.model.weights import split_experts
+from jaxmoe.models.registry import DEEPSEEK_V3, ModelFamily, family_of, read_config_dict
 from jaxmoe.planning.strategies import PrefillStrategy
 from jaxmoe.serving.engine import Engine
 from jaxmoe.serving.presets import RuntimeConfig
@@ -43,9 +45,10 @@ DEFAULT_WEIGHTS_CACHE: bool = False
 # ---- the loaded model -------------------------------------------------------------------------
 @dataclass(eq=False)
 class Model:
-    """A loaded checkpoint: config, weights pytree, tokenizer (None without tokenizer.json)."""
+    """A loaded checkpoint: config (of its family, `models.registry`), weights pytree, tokenizer
+    (None without tokenizer.json)."""
 
-    cfg: ModelConfig = field(repr=False)
+    cfg: ModelConfig | Any = field(repr=False)
     weights: Any = field(repr=False)
     tokenizer: Tokenizer | None = field(default=None, repr=False)
     max_seq_len: int | None = None  # a cap on the context below max_position_embeddings
@@ -82,6 +85,8 @@ class Model:
         """None when the engine streams from the weights' own host copy (the expert store's
         slabs that decode reads, or host arrays); else the checkpoint's mmap (e.g. INT4 stores)."""
         if self.path is None or not self.runtime.accelerators or self.runtime.prefill_strategy == PrefillStrategy.CPU:
+            return None
+        if "streamed_prefill" not in family_of(self.cfg).supports:  # the engine says why, if asked to stream
             return None
         if host_expert_source(split_experts(self.weights)[1]) is not None:
             return None
@@ -187,7 +192,9 @@ def load(
     max_seq_len: cap the context (prompt + generated tokens) below max_position_embeddings.
     cpu_kernels: run the large matmuls and the routed experts through jaxmoe's native CPU
       kernels (cpu_ext). None (default) = when JAX runs on the CPU and the kernels load;
-      True = required; False = the pure JAX path.
+      True = required; False = the pure JAX path. DeepSeek-V3-family checkpoints only for now:
+      other families (`models.registry`, chosen by config.json's model_type / architectures)
+      load on the pure JAX path (True raises ValueError).
     cpu_precision: arithmetic of those kernels' FP8/BF16 matmuls: "exact" (weights decoded
       exactly, f32 activations and sums, on every CPU) or "bf16" (activations rounded to bf16
       and bf16 dot products where the CPU has them, AVX-512 BF16: ~2e-3 relative error per
@@ -214,6 +221,13 @@ def load(
         raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
     rc = RuntimeConfig.load(runtime or _default_preset(), cpu_precision=cpu_precision, **runtime_options)
     path = Path(path)
+    family = _family(path)
+    if "cpu_kernels" not in family.supports:  # the pure JAX path (cpu/placement.py is DeepSeek-V3's)
+        if cpu_kernels:
+            raise ValueError(f"cpu_kernels=True: jaxmoe's CPU kernels do not run {family.name} models yet "
+                             f"(pass cpu_kernels=False or None: the pure JAX path)")
+        cfg, weights = family.load_checkpoint(path, dtype=dtype)
+        return _model(path, cfg, weights, max_seq_len, False, rc, prefix_cache_dir)
     host_experts = _experts_to_host(cpu_kernels, rc)
     root = _weights_cache_root(weights_cache) if host_experts and (path / "config.json").is_file() else None
     if root is not None:
@@ -228,6 +242,23 @@ def load(
         cfg, weights, store = _load_weights(path, dtype, progress, host_experts,
                                             host_linears=host_experts and not rc.staged)
         weights, on_kernels = _place(cfg, weights, cpu_kernels, rc, store)
+    return _model(path, cfg, weights, max_seq_len, on_kernels, rc, prefix_cache_dir)
+
+
+def _family(path: Path) -> ModelFamily:
+    """The model family of the checkpoint at `path` (its config.json's model_type / architectures;
+    ConfigError for an unsupported one). A missing or unreadable config.json: DeepSeek-V3's
+    loader reports it."""
+    try:
+        d, _ = read_config_dict(path)
+    except ConfigError:
+        return DEEPSEEK_V3
+    return family_of(d)
+
+
+def _model(path: Path, cfg: Any, weights: Any, max_seq_len: int | None, on_kernels: bool, rc: RuntimeConfig,
+           prefix_cache_dir: str | Path | None) -> Model:
+    """The Model, with the tokenizer files of `path` (if any) and the EOS ids of config and tokenizer."""
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     eos = set(cfg.eos_token_id)
     if tokenizer is not None and tokenizer.eos_token_id is not None:

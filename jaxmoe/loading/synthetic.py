@@ -2,6 +2,8 @@
 
 - `write_synthetic_checkpoint(path, cfg, fmt="fp8")`: random weights for any config, streamed
   tensor by tensor (bench-sized models never sit in RAM), plus a trained tokenizer.
+- `write_random_checkpoint(path, config, specs, block)`: the same for any family's tensor map
+  (jaxmoe/models/<family>/synthetic.py builds on it).
 - `write_checkpoint(path, cfg, tensors)`: any named numpy tensors + config.json.
 - `quantize_linears(tensors, cfg)`: every Linear `.weight` except lm_head -> e4m3 + `.weight_scale_inv`.
 - `synthetic_tensors(cfg, fmt)`: the random tensors in memory (small configs, tests).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +72,34 @@ def write_synthetic_checkpoint(
     progress: bool | None = None,
 ) -> Path:
     """A random-weight checkpoint of `cfg` in format "fp8" | "bf16" | "f32" (+ tokenizer files)."""
-    groups = _synthetic_groups(cfg, fmt, seed)
+    config = hf_config(cfg, fp8=fmt == "fp8", dtype="float32" if fmt == "f32" else "bfloat16")
+    return write_random_checkpoint(path, config, hf_map.expected_tensors(cfg).values(), hf_map.quant_block(cfg), fmt=fmt,
+                                   seed=seed, max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress,
+                                   tokenizer=(cfg.vocab_size, cfg.max_position_embeddings) if with_tokenizer else None)
+
+
+def write_random_checkpoint(
+    path: str | Path,
+    config: dict[str, Any],
+    specs: Iterable[hf_map.TensorSpec],
+    block: tuple[int, int],
+    *,
+    fmt: str = "fp8",
+    seed: int = 0,
+    max_shard_bytes: int | None = DEFAULT_SHARD_BYTES,
+    tokenizer: tuple[int, int] | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Path:
+    """Random tensors for `specs` (any family's tensor map) in format "fp8" | "bf16" | "f32" (FP8
+    Linears with `block` scales), `config` as config.json, and with `tokenizer` = (vocab_size,
+    model_max_length) the trained tokenizer's files."""
+    groups = spec_groups(specs, block, fmt, seed)
     extra: Callable[[Path], dict] | None = None
-    if with_tokenizer:
+    if tokenizer is not None:
         from jaxmoe.loading.tokenizer_data import write_tokenizer  # noqa: PLC0415  (the tokenizers package only here)
 
-        extra = lambda d: write_tokenizer(d, cfg.vocab_size, model_max_length=cfg.max_position_embeddings)  # noqa: E731
-    config = hf_config(cfg, fp8=fmt == "fp8", dtype="float32" if fmt == "f32" else "bfloat16")
+        extra = lambda d: write_tokenizer(d, tokenizer[0], model_max_length=tokenizer[1])  # noqa: E731
     return write_tensor_groups(path, config, groups, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
                                extra=extra, progress=progress)
 
@@ -84,7 +107,7 @@ def write_synthetic_checkpoint(
 def synthetic_tensors(cfg: ModelConfig, *, fmt: str = "f32", seed: int = 0) -> dict[str, np.ndarray]:
     """The tensors `write_synthetic_checkpoint` writes, in memory (use for small configs)."""
     out: dict[str, np.ndarray] = {}
-    for g in _synthetic_groups(cfg, fmt, seed):
+    for g in spec_groups(hf_map.expected_tensors(cfg).values(), hf_map.quant_block(cfg), fmt, seed):
         out.update(g.make())
     return out
 
@@ -124,14 +147,13 @@ def hf_config(cfg: ModelConfig, *, fp8: bool | None = None, dtype: str | None = 
 # ---- random init ----------------------------------------------------------------------------
 
 
-def _synthetic_groups(cfg: ModelConfig, fmt: str, seed: int) -> list[TensorGroup]:
+def spec_groups(specs: Iterable[hf_map.TensorSpec], block: tuple[int, int], fmt: str, seed: int) -> list[TensorGroup]:
     """Random tensors scaled so activations stay O(1): Linear ~ N(0, 1/fan_in), norms ~ 1."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     dense = F32 if fmt == "f32" else BF16
-    block = hf_map.quant_block(cfg)
     groups = []
-    for spec in hf_map.expected_tensors(cfg).values():
+    for spec in specs:
         if spec.optional:  # tied lm_head
             continue
         rng = lambda s=spec: np.random.default_rng([seed, zlib.crc32(s.name.encode())])  # noqa: E731
@@ -178,6 +200,8 @@ def _random_fp8(spec: hf_map.TensorSpec, std: float, block: tuple[int, int], rng
 def _float_init(spec: hf_map.TensorSpec, rng: np.random.Generator) -> np.ndarray:
     if spec.target == "embed_tokens":
         return rng.standard_normal(spec.shape, np.float32)
+    if spec.target.endswith("_bias"):  # attention biases (Qwen3-MoE's attention_bias)
+        return 0.01 * rng.standard_normal(spec.shape, np.float32)
     if spec.target.endswith("gate.weight"):  # router: logits ~ N(0, 1)
         return rng.standard_normal(spec.shape, np.float32) / np.float32(math.sqrt(spec.shape[1]))
     return 1.0 + 0.05 * rng.standard_normal(spec.shape, np.float32)  # RMSNorm weights

@@ -18,14 +18,17 @@ ALLOWED = {
     "tokenizer": set(),
     "model": BASE,
     "loading": BASE | {"model", "tokenizer"},  # tokenizer_data: the synthetic tokenizer's markers
+    "layers": BASE | {"model"},  # blocks shared by the model families
+    "models": BASE | {"model", "layers", "loading"},  # one package per model family: config, forward, checkpoint map
     "cpu": BASE | {"model", "loading"},
     "planning": {"config", "step_shapes"},
     "streaming": BASE | {"model", "planning"},
-    "serving": BASE | {"model", "loading", "cpu", "planning", "streaming"},
-    "loaded_model": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer"},
+    "serving": BASE | {"model", "models", "loading", "cpu", "planning", "streaming"},  # models: the family registry
+    "loaded_model": BASE | {"model", "models", "loading", "cpu", "planning", "serving", "tokenizer"},
     "generate": BASE | {"loaded_model", "serving", "tokenizer"},
     "server": BASE | {"model", "loading", "cpu", "planning", "serving", "tokenizer", "loaded_model", "generate"},
-    "cli": BASE | {"__init__", "loading", "cpu", "loaded_model", "generate", "tokenizer", "server"},  # cpu: `jaxmoe cache`
+    # cpu: `jaxmoe cache`; models: configs and synthetic checkpoints of every family
+    "cli": BASE | {"__init__", "models", "loading", "cpu", "loaded_model", "generate", "tokenizer", "server"},
     "__init__": {"config", "generate", "tokenizer"},
 }
 NO_JAX = ("planning", "step_shapes", "config")  # pure arithmetic on configs

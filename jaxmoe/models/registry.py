@@ -1,0 +1,156 @@
+"""The model families jaxmoe runs, and how a checkpoint finds its family.
+
+A `ModelFamily` is everything the runtime asks of one architecture today: its config parser,
+the two per-layer widths of the KV cache (`model.cache`'s `c_kv` / `k_pe` pools: MLA's latent
+and rope key, GQA's keys and values), the forward of an engine step, the checkpoint loader and
+the synthetic writer, and which runtime features beyond the cpu-only fused step it supports
+(`supports`: "staged" presets, "streamed_prefill" (SLP / DSLP), the "planner", the native
+"cpu_kernels"; the others raise a ValueError naming what is not supported yet).
+
+`family_of(config)` dispatches a config.json dict on `model_type`, then `architectures` (a
+config naming neither is DeepSeek-V3: the configs jaxmoe wrote before other families), and a
+parsed config on its type; anything else raises `ConfigError` naming the supported families.
+
+    family = family_of(json.load(open("config.json")))
+    cfg = family.parse_config(d, "config.json")
+    cfg = read_config("qwen3-moe-tiny")   # a packaged name, a config.json, or a checkpoint directory
+
+Families: DeepSeek-V3 (model_type "deepseek_v3", Kimi-K2's "kimi_k2"; `DeepseekV3ForCausalLM`:
+jaxmoe/model/) and Qwen3-MoE ("qwen3_moe", `Qwen3MoeForCausalLM`: jaxmoe/models/qwen3_moe/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxmoe.config import DEEPSEEK_V3_ARCHITECTURES, DEEPSEEK_V3_MODEL_TYPES, ConfigError, ModelConfig, named_config_path
+from jaxmoe.loading import loader, synthetic
+from jaxmoe.model import forward as deepseek_forward
+from jaxmoe.model.cache import cache_widths as mla_cache_widths
+from jaxmoe.models import qwen3_moe
+from jaxmoe.models.qwen3_moe import synthetic as qwen3_synthetic
+from jaxmoe.models.qwen3_moe.config import ARCHITECTURE as QWEN3_ARCHITECTURE
+from jaxmoe.models.qwen3_moe.config import MODEL_TYPE as QWEN3_MODEL_TYPE
+from jaxmoe.models.qwen3_moe.forward import forward as qwen3_forward
+from jaxmoe.step_shapes import attention_form
+
+FEATURES = ("staged", "streamed_prefill", "planner", "cpu_kernels")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    name: str
+    model_types: tuple[str, ...]  # config.json `model_type`s of this family
+    architectures: tuple[str, ...]  # config.json `architectures` of this family
+    config_type: type  # the parsed config's class (a frozen, hashable dataclass: a static jit argument)
+    parse_config: Callable[[dict[str, Any], str], Any]  # (config.json dict, source for errors) -> config
+    cache_widths: Callable[[Any], tuple[int, int]]  # config -> numbers per position per layer in c_kv, k_pe
+    step_forward: Callable[[Any, int, int], Callable]  # (config, step width, kv_len) -> forward(cfg, w, cache, ...)
+    load_checkpoint: Callable[..., tuple[Any, Any]]  # (path, *, dtype) -> (config, weights)
+    write_synthetic: Callable[..., Path]  # (path, config, *, fmt, seed, ...) -> path
+    supports: frozenset[str] = frozenset()  # of FEATURES
+
+    def require(self, feature: str, what: str) -> None:
+        """ValueError naming `what` unless this family supports `feature`."""
+        if feature not in self.supports:
+            raise ValueError(f"{what} is not supported yet for {self.name} models (they run the fused step only: the "
+                             f"cpu-only preset or routed_experts='accelerator', prefill on the step path, pure JAX)")
+
+
+def _deepseek_step_forward(cfg: ModelConfig, width: int, kv_len: int) -> Callable:
+    """Absorbed MLA for decode and narrow chunks, expanded where that costs fewer multiply-adds."""
+    if attention_form(cfg, width, kv_len) == "absorbed":
+        return deepseek_forward.forward_absorbed
+    return deepseek_forward.forward_expanded
+
+
+DEEPSEEK_V3 = ModelFamily(
+    name="DeepSeek-V3",
+    model_types=DEEPSEEK_V3_MODEL_TYPES,
+    architectures=DEEPSEEK_V3_ARCHITECTURES,
+    config_type=ModelConfig,
+    parse_config=lambda d, source: ModelConfig.from_dict(d, source=source),
+    cache_widths=mla_cache_widths,
+    step_forward=_deepseek_step_forward,
+    load_checkpoint=lambda path, *, dtype=jnp.float32: loader.load_checkpoint(path, dtype=dtype),
+    write_synthetic=synthetic.write_synthetic_checkpoint,
+    supports=frozenset(FEATURES),
+)
+
+QWEN3_MOE = ModelFamily(
+    name="Qwen3-MoE",
+    model_types=(QWEN3_MODEL_TYPE,),
+    architectures=(QWEN3_ARCHITECTURE,),
+    config_type=qwen3_moe.Qwen3MoeConfig,
+    parse_config=lambda d, source: qwen3_moe.Qwen3MoeConfig.from_dict(d, source=source),
+    cache_widths=lambda cfg: (cfg.attention.kv_width, cfg.attention.kv_width),  # keys, values
+    step_forward=lambda cfg, width, kv_len: qwen3_forward,
+    load_checkpoint=lambda path, *, dtype=jnp.float32: qwen3_moe.load_checkpoint(path, dtype=dtype),
+    write_synthetic=qwen3_synthetic.write_synthetic_checkpoint,
+)
+
+FAMILIES: tuple[ModelFamily, ...] = (DEEPSEEK_V3, QWEN3_MOE)
+
+
+def supported() -> str:
+    """The supported families, their model_types and architectures, for error messages."""
+    return "; ".join(f"{f.name}: model_type {list(f.model_types)}, architectures {list(f.architectures)}" for f in FAMILIES)
+
+
+def family_of(config: dict[str, Any] | Any) -> ModelFamily:
+    """The family of a config.json dict (by `model_type`, else `architectures`) or of a parsed config
+    (by its type). ConfigError naming the supported families when none matches."""
+    if not isinstance(config, dict):
+        for f in FAMILIES:
+            if isinstance(config, f.config_type):
+                return f
+        raise ConfigError(f"{type(config).__name__} is the config of no supported model family ({supported()})")
+    model_type, archs = config.get("model_type"), list(config.get("architectures") or ())
+    if model_type is not None:
+        for f in FAMILIES:
+            if model_type in f.model_types:
+                return f
+    for f in FAMILIES:
+        if set(archs) & set(f.architectures):
+            return f
+    if model_type is None and not archs:
+        return DEEPSEEK_V3
+    raise ConfigError(f"unsupported architecture: model_type {model_type!r}, architectures {archs}; "
+                      f"supported: {supported()}")
+
+
+def read_config_dict(path: str | Path) -> tuple[dict[str, Any], str]:
+    """(config.json dict, its path) of a checkpoint directory or config file (ConfigError if unreadable)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"missing config: {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return d, str(path)
+
+
+def read_config(name: str | Path) -> Any:
+    """The config of a packaged name (jaxmoe/configs/models), a config.json path or a checkpoint
+    directory, parsed by its family."""
+    p = Path(name)
+    if not (p.suffix == ".json" or p.is_dir()):
+        p = named_config_path("models", str(name), "model config")
+    d, source = read_config_dict(p)
+    return family_of(d).parse_config(d, source)
+
+
+def cache_bytes_per_position(cfg: Any, dtype: Any = jnp.float32) -> int:
+    """KV-cache bytes one position of one sequence takes over all layers."""
+    return cfg.num_hidden_layers * sum(family_of(cfg).cache_widths(cfg)) * jnp.dtype(dtype).itemsize
