@@ -5,6 +5,6 @@ executors behind the `executors.Executor` protocol, the streamed-prompt runner t
 request its prefill strategy (`prompt_runner`), sampling, stop conditions and the runtime
 presets (`presets`). Everything here knows about time: devices, dispatch, threads.
 
-May import: config, quant, step_shapes, model, loading, cpu, planning, streaming.
+May import: config, quant, step_shapes, model, models (the family registry), loading, cpu, planning, streaming.
 Imported by: generate, cli (and the benchmarks). Nothing below it imports it.
 """

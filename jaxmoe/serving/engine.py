@@ -53,8 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.models import registry
 from jaxmoe.serving.executors import make_executor
 from jaxmoe.serving.kv_blocks import KVBlocks
+from jaxmoe.serving.prefill_worker import PrefillWorker
 from jaxmoe.serving.prefix_store import PrefixStore, prefix_fingerprint
 from jaxmoe.serving.presets import RuntimeConfig, resolve_devices
 from jaxmoe.serving.prompt_runner import StreamedPromptRunner, default_hardware
@@ -64,12 +66,14 @@ from jaxmoe.serving.scheduler import Scheduler, StepPlan
 from jaxmoe.step_shapes import kv_window
 
 
-def cache_bytes_per_position(cfg: ModelConfig, dtype=jnp.float32) -> int:
-    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+def cache_bytes_per_position(cfg: Any, dtype=jnp.float32) -> int:
+    """KV-cache bytes per position of one sequence, over all layers, at the widths of cfg's family."""
+    return registry.cache_bytes_per_position(cfg, dtype)
 
 
 class Engine:
-    """Serve requests on one model. `runtime` is a RuntimeConfig or a preset name
+    """Serve requests on one model: `cfg` of any family of `models.registry` (DeepSeek-V3's
+    ModelConfig, Qwen3MoeConfig: the fused step only for now), `weights` its pytree. `runtime` is a RuntimeConfig or a preset name
     (jaxmoe/configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
     memory_budget_bytes, overlap, prefill_strategy, hardware, tpot_target_ms, ...). `expert_source`: where
     stream-loaded prefill reads the routed experts (layer -> host arrays, e.g.
@@ -79,7 +83,7 @@ class Engine:
     `weights_identity` names the weights (with the config, cache dtype and block size it
     fingerprints every block: required with a directory)."""
 
-    def __init__(self, cfg: ModelConfig, weights: Any, runtime: RuntimeConfig | str = "cpu-only", *, cache_dtype=None,
+    def __init__(self, cfg: ModelConfig | Any, weights: Any, runtime: RuntimeConfig | str = "cpu-only", *, cache_dtype=None,
                  expert_source: Any = None, prefix_cache_dir: str | Path | None = None, prefix_cache_bytes: int = 8 << 30,
                  weights_identity: str | None = None, **overrides):
         rc = runtime if isinstance(runtime, RuntimeConfig) else RuntimeConfig.load(runtime, **overrides)
@@ -121,6 +125,10 @@ class Engine:
         self.step_model = None  # predicted seconds of a mixed step, where the TPOT target needs it
         self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size, decode_chunk_size=rc.decode_chunk_size,
                                    blocks=self.blocks)
+        self.worker = None  # streamed prompts beside the decode steps (prefill_beside_decode)
+        if rc.prefill_beside_decode and self.prefill.possible:
+            self.worker = PrefillWorker(self.prefill, self.chunk_size)
+            self.scheduler.stream_chunks = False
         self._lock = threading.RLock()
         self.set_tpot_target(rc.tpot_target_ms)
         self._thread: threading.Thread | None = None
@@ -144,6 +152,7 @@ class Engine:
         rc = self.runtime
         if rc.accelerators:
             raise ValueError(f"tpot_target_ms is modelled for the cpu-only runtime only, not {rc.preset!r}")
+        registry.family_of(self.cfg).require("planner", "tpot_target_ms (sized by the planner's CPU step model)")
         hw = load_hardware(default_hardware(rc, self.devices))
         if hw.kernels is None:
             raise ValueError(f"tpot_target_ms needs a hardware profile with a cpu_kernels block; {hw.name} has none")
@@ -204,7 +213,7 @@ class Engine:
     def _drive(self) -> None:
         while True:
             with self._lock:
-                if not self.scheduler.has_work():
+                if not self.scheduler.has_work() and not (self.worker is not None and self.worker.busy):
                     self._thread = None
                     return
             self.step()
@@ -213,8 +222,17 @@ class Engine:
     def step(self) -> bool:
         """Run one scheduled step. Returns False when there was nothing to do."""
         with self._lock:
+            if self.worker is not None:
+                self.worker.collect(self.scheduler, self.blocks.table, wait=False)
             plan = self.scheduler.plan()
-            self.prefill.retain(self.scheduler.running.values())
+            if self.worker is None:
+                self.prefill.retain(self.scheduler.running.values())
+            if self.worker is not None:
+                if plan is not None:
+                    self.worker.start_next(self.scheduler, self.blocks.table)
+                if (plan is None or not plan.rows) and self.worker.busy:  # only the worker has work: wait for it
+                    self.worker.collect(self.scheduler, self.blocks.table, wait=True)
+                    return True
             if plan is None:
                 return False
             try:

@@ -5,7 +5,8 @@
   per-layer Python in the hot loop. It runs only the busy slots, padded to a power-of-two row
   bucket, over the columns their longest row needs (`step_shapes.width_bucket`); a step that
   mixes decode rows with prompt chunks runs as two programs, width 1 and the chunks' width.
-- `StagedStep` (routed experts on the host): per layer, an accelerator program (attention,
+  Any model family: the forward and the cache widths are the family's (`models.registry`).
+- `StagedStep` (routed experts on the host; DeepSeek-V3 family only for now): per layer, an accelerator program (attention,
   router, shared experts, and the previous layer's combine), a host program (routed
   experts), and a final program (lm_head + sampling). The slots form two micro-batches,
   each with its own latent cache on its own accelerator (one GPU: both on it). With
@@ -37,10 +38,11 @@ import numpy as np
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache, init_paged_cache, paged_slots
-from jaxmoe.model.forward import final_logits, forward_absorbed, forward_expanded, layer_until_experts
+from jaxmoe.model.forward import final_logits, layer_until_experts
 from jaxmoe.model.moe import routed_experts
 from jaxmoe.model.rope import rope_cos_sin
 from jaxmoe.model.weights import Weights, split_experts
+from jaxmoe.models.registry import family_of
 from jaxmoe.serving.presets import Devices
 from jaxmoe.serving.sampling import sample_rows
 from jaxmoe.step_shapes import attention_form, row_bucket, width_bucket
@@ -75,6 +77,10 @@ class Executor(Protocol):
         """Write latents [L, T, .] at positions [T] (on `slot_device`) through block table [n]
         (the slot's pool); positions >= max_len are dropped."""
 
+    def read_latents(self, slot: int, table: np.ndarray, n: int) -> tuple[jax.Array, jax.Array]:
+        """The first n positions' latents through block table [n_blocks] of `slot`'s pool (on its
+        device): c_kv [L, n, .], k_pe [L, n, .]."""
+
     def read_block(self, pool: int, block: int) -> dict[str, np.ndarray]:
         """One block's contents in host memory: {"c_kv": [L, block_size, r], "k_pe": [L, block_size, rope]}."""
 
@@ -96,6 +102,15 @@ def _fill_block(cache: KVCache, block, c_kv, k_pe) -> KVCache:
     return cache.replace(c_kv=cache.c_kv.at[:, block].set(c_kv), k_pe=cache.k_pe.at[:, block].set(k_pe))
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def read_latents(cache: KVCache, table, n: int) -> tuple[jax.Array, jax.Array]:
+    def seq(a):
+        a = a[:, table[: -(-n // a.shape[2])]]  # [L, nb, bs, d]
+        return a.reshape(a.shape[0], -1, a.shape[-1])[:, :n]
+
+    return seq(cache.c_kv), seq(cache.k_pe)
+
+
 def read_block(cache: KVCache, block: int) -> dict[str, np.ndarray]:
     return {"c_kv": np.asarray(cache.c_kv[:, block]), "k_pe": np.asarray(cache.k_pe[:, block])}
 
@@ -110,14 +125,16 @@ def write_block(cache: KVCache, block: int, arrays: dict[str, np.ndarray]) -> KV
     return _fill_block(cache, np.int32(block), arrays["c_kv"], arrays["k_pe"])
 
 
-def paged_pool(cfg: ModelConfig, positions: int, block_size: int, max_len: int, cache_dtype) -> KVCache:
-    """A pool holding `positions` cache positions (rounded up to blocks) plus the null block."""
-    return init_paged_cache(cfg, -(-positions // block_size) + 1, block_size, max_len, cache_dtype)
+def paged_pool(cfg: Any, positions: int, block_size: int, max_len: int, cache_dtype) -> KVCache:
+    """A pool holding `positions` cache positions (rounded up to blocks) plus the null block, at
+    the widths of cfg's family."""
+    return init_paged_cache(cfg, -(-positions // block_size) + 1, block_size, max_len, cache_dtype,
+                            widths=family_of(cfg).cache_widths(cfg))
 
 
 def _fused_program(cfg, weights, cache, table, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *,
                    kv_len):
-    forward = forward_absorbed if attention_form(cfg, tokens.shape[1], kv_len) == "absorbed" else forward_expanded
+    forward = family_of(cfg).step_forward(cfg, tokens.shape[1], kv_len)  # DeepSeek: absorbed or expanded MLA
     logits, cache = forward(cfg, weights, cache.replace(block_table=table), tokens, positions, logit_index=last_index,
                             kv_len=kv_len)
     return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache.replace(block_table=None)
@@ -138,7 +155,7 @@ class FusedStep:
     one-token rows (decode) with prompt chunks runs them as two programs, width 1 and the
     chunks' width, so no padded token of a decode row goes through the kernels."""
 
-    def __init__(self, cfg: ModelConfig, weights: Weights, device: jax.Device, max_len: int, cache_dtype, *,
+    def __init__(self, cfg: Any, weights: Any, device: jax.Device, max_len: int, cache_dtype, *,
                  cache_positions: int, block_size: int):
         self.cfg, self.device = cfg, device
         self.weights = jax.device_put(weights, device)
@@ -164,6 +181,9 @@ class FusedStep:
 
     def write_latents(self, slot: int, c_kv, k_pe, positions, table) -> None:
         self.cache = _write_blocks(self.cache, c_kv, k_pe, np.asarray(table, np.int32), positions)
+
+    def read_latents(self, slot: int, table, n: int):
+        return read_latents(self.cache, np.asarray(table, np.int32), n)
 
     def read_block(self, pool: int, block: int) -> dict[str, np.ndarray]:
         return read_block(self.cache, block)
@@ -279,6 +299,9 @@ class StagedStep:
         p = self.slot_pool(slot)
         self.caches[p] = _write_blocks(self.caches[p], c_kv, k_pe, np.asarray(table, np.int32), positions)
 
+    def read_latents(self, slot: int, table, n: int):
+        return read_latents(self.caches[self.slot_pool(slot)], np.asarray(table, np.int32), n)
+
     def read_block(self, pool: int, block: int) -> dict[str, np.ndarray]:
         return read_block(self.caches[pool], block)
 
@@ -334,10 +357,12 @@ class StagedStep:
         return next_tokens
 
 
-def make_executor(cfg: ModelConfig, weights: Weights, rc: Any, devices: Devices, max_len: int, cache_dtype, *,
+def make_executor(cfg: Any, weights: Any, rc: Any, devices: Devices, max_len: int, cache_dtype, *,
                   cache_positions: int) -> Executor:
     """cache_positions: the paged cache's size in positions, over all pools."""
     if rc.staged:
+        family_of(cfg).require("staged", f"runtime preset {rc.preset!r} (staged: routed experts on the host, the rest "
+                                         f"on accelerators)")
         return StagedStep(cfg, weights, devices, rc.n_slots, max_len, cache_dtype, overlap=rc.overlap,
                           cache_positions=cache_positions, block_size=rc.kv_block_size)
     return FusedStep(cfg, weights, devices.main, max_len, cache_dtype, cache_positions=cache_positions,

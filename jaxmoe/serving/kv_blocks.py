@@ -126,7 +126,9 @@ class KVBlocks:
         if store is not None and (io is None or not prefix_caching):
             raise ValueError("a prefix store needs prefix_caching and the executor's block io")
         self.store, self.io = store, io
-        self._writes = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmoe-prefix-store") if store is not None else None
+        self._writes = None  # one writer thread: blocks go to disk in the order they were registered
+        if store is not None:
+            self._writes = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmoe-prefix-store")
         self.disk_hits = 0  # blocks loaded from the store
         self.pools = [BlockPool(n) for n in pools]
         self.slot_pool = slot_pool
@@ -145,16 +147,16 @@ class KVBlocks:
         """Could a request of n_positions ever get its blocks (in the smallest pool, all free)?"""
         return self.blocks_needed(n_positions) <= min(p.n_blocks - 1 for p in self.pools)
 
-    def admit(self, req, slot: int, *, share: bool = True) -> bool:
+    def admit(self, req, slot: int) -> bool:
         """Reserve `req`'s blocks in the slot's pool, taking the longest registered prefix of its
-        prompt when `share`; sets req.n_prefilled / req.cached_tokens to the shared positions.
+        prompt; sets req.n_prefilled / req.cached_tokens to the shared positions.
         False (nothing reserved) when the pool is short now."""
         pool_id = self.slot_pool(slot)
         pool = self.pools[pool_id]
         hashes = block_hashes(req.prompt_ids, self.block_size, self.seed) if self.prefix_caching else []
         limit = (len(req.prompt_ids) - 1) // self.block_size
-        shared = pool.match(hashes[:limit]) if share else []
-        stored = self._stored(hashes[len(shared):limit]) if share else []
+        shared = pool.match(hashes[:limit])
+        stored = self._stored(hashes[len(shared):limit])
         need = self.blocks_needed(req.total_len)
         table = pool.take(shared, need - len(shared))
         if table is None:

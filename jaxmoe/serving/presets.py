@@ -51,6 +51,9 @@ class RuntimeConfig:
     # variable JAXMOE_PREFILL_STRATEGY forces one) | "cpu" (the step path) | "slp" | "dslp"
     prefill_strategy: str = "auto"
     hardware: str | None = None  # jaxmoe/configs/hardware profile for the planner (None: from the devices)
+    # stream-loaded prompts run in a worker thread beside the decode steps (serving/prefill_worker.py),
+    # instead of one chunk per engine step before the other slots' step
+    prefill_beside_decode: bool = False
     # precision of the CPU kernels' FP8/BF16 matmuls, process-wide: "exact" (exact weight decode,
     # f32 activations and sums, on every ISA) | "bf16" (activations rounded to bf16, bf16 dot
     # products where the CPU has them: AVX-512 BF16) | None (leave the library's setting: env

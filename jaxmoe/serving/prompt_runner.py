@@ -17,15 +17,18 @@ by the environment variable JAXMOE_PREFILL_STRATEGY):
 - "auto": per request, `planner.plan_prefill` on the hardware profile (`RuntimeConfig.hardware`,
   default from the devices: this-machine-fake-devices for CPU devices standing in for
   accelerators, this-machine without any, h100-box / reference-box on GPUs) among the
-  strategies this engine can run.
+  strategies this engine can run; the step path, without the planner, where nothing can stream
+  (e.g. a model family without streamed prefill yet, `models.registry`).
 An impossible forced choice (dslp on one accelerator, slp without an accelerator or without
-a host expert source) raises ValueError naming `prefill_strategy` when the engine is built.
+a host expert source, slp / dslp for a family without streamed prefill) raises ValueError naming
+`prefill_strategy` when the engine is built.
 
 Execution (`StreamedPromptRunner.run_chunk`): a streaming request owns a batch-1 latent cache on
 the strategy's devices for its prompt (a power-of-two window >= the prompt, so attention
-costs what the prompt needs); each chunk -- the engine's chunk shape, padded -- runs through
-the SLP pipeline (`streaming.slp`), and its latents are then written into the request's slot of the
-engine's cache. Between two streamed chunks the engine runs a normal step for the other
+costs what the prompt needs; a prefix taken from the prefix cache is copied in from the
+engine's pool, and streaming starts after it); each chunk -- the engine's chunk shape,
+padded -- runs through the SLP pipeline (`streaming.slp`), and its latents are then written
+into the engine's cache through the request's block table. Between two streamed chunks the engine runs a normal step for the other
 slots (their decode continues); the request joins the normal steps once its first token is
 sampled from the last chunk's logits (same sampling program and key as a normal step).
 """
@@ -45,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache, init_cache
 from jaxmoe.model.weights import ExpertsWeights, MoEWeights, split_experts
+from jaxmoe.models.registry import family_of
 from jaxmoe.planning.planner import estimate_prefill, load_hardware, plan_prefill
 from jaxmoe.planning.strategies import FORCE_ENV, REQUESTABLE, STREAMED, PrefillStrategy
 from jaxmoe.serving.executors import Executor
@@ -113,6 +117,14 @@ def _chunk_latents(cache: KVCache, positions, width: int):
     return cache.c_kv[:, 0, idx], cache.k_pe[:, 0, idx]
 
 
+@jax.jit
+def _seed(cache: KVCache, c_kv, k_pe) -> KVCache:
+    """Row 0's first positions set to latents [L, n, .]."""
+    n = c_kv.shape[1]
+    return cache.replace(c_kv=cache.c_kv.at[:, 0, :n].set(c_kv.astype(cache.c_kv.dtype)),
+                         k_pe=cache.k_pe.at[:, 0, :n].set(k_pe.astype(cache.k_pe.dtype)))
+
+
 _sample_jit = jax.jit(sample_rows)
 
 
@@ -131,7 +143,9 @@ class StreamedPromptRunner:
         if expert_source is None and rc.routed_experts == "host":  # experts resident on an accelerator: nothing to stream
             self.source = host_expert_source(executor.host_experts() or experts)
         n_acc = len(devices.accelerators)
-        self.possible = tuple(s for s in STREAMED if n_acc >= s.accelerators and self.source is not None)
+        self.family = family_of(cfg)
+        streams = self.source is not None and "streamed_prefill" in self.family.supports
+        self.possible = tuple(s for s in STREAMED if n_acc >= s.accelerators and streams)
         self._preset, self._kinds = rc.preset, sorted({type(e).__name__ for e in experts if e is not None})
         self._resident = rc.routed_experts != "host"
         self.check(self.mode, origin)
@@ -152,6 +166,7 @@ class StreamedPromptRunner:
             raise ValueError(f"{origin}: prefill_strategy must be one of {REQUESTABLE}, got {name!r}")
         if name not in STREAMED or name in self.possible:
             return
+        self.family.require("streamed_prefill", f"{origin} (stream-loaded prefill)")
         need, n_acc = PrefillStrategy(name).accelerators, len(self.devices.accelerators)
         if n_acc < need:
             why = f"needs {need} accelerator(s) to stream the routed experts to; runtime preset {self._preset!r} has {n_acc}"
@@ -223,14 +238,31 @@ class StreamedPromptRunner:
 
     def run_chunk(self, row: Any, table: Any) -> int | None:
         """One streamed chunk of `row.request`'s prompt (a scheduler RowPlan): latents into the
-        engine's cache through the request's block table; returns the sampled first token when the chunk ends the prompt."""
+        engine's cache through the request's block table; returns the sampled first token when
+        the chunk ends the prompt."""
+        self.prepare(row.request, table)
+        latents, token = self.compute_chunk(row)
+        self.executor.write_latents(row.request.slot, *latents, table)
+        return token
+
+    def prepare(self, req: Any, table: Any) -> None:
+        """Make `req`'s batch-1 prefill cache (with its cached prefix read from the engine's pool:
+        call it where the pool may be read, the engine's thread) unless it exists."""
+        if self._cache is None or self._cache[0] != req.id:
+            self._cache = (req.id, self._prefill_cache(req, table, kv_window(len(req.prompt_ids), self.max_len)))
+
+    def compute_chunk(self, row: Any) -> tuple[tuple[jax.Array, jax.Array, jax.Array], int | None]:
+        """Stream one chunk through the SLP pipeline into the prepared prefill cache (touches
+        neither the engine's pool nor its executor's state: may run in another thread).
+        Returns ((c_kv [L, C, .], k_pe, positions [C]) on the slot's device, for
+        `Executor.write_latents`; padding positions are max_len) and the sampled first token
+        when the chunk ends the prompt, else None."""
         req = row.request
-        name = req.prefill_strategy
-        est = req.prefill_plan
+        name, est = req.prefill_strategy, req.prefill_plan
         n, start = len(row.tokens), row.start
         width = kv_window(len(req.prompt_ids), self.max_len)
         if self._cache is None or self._cache[0] != req.id:
-            self._cache = (req.id, init_cache(self.cfg, 1, width, self.cache_dtype))
+            raise RuntimeError(f"request {req.id}: prefill cache not prepared")
         tokens = np.zeros((1, self.chunk_size), np.int32)
         positions = np.full((1, self.chunk_size), width, np.int32)  # padding: dropped, routed nowhere
         tokens[0, :n], positions[0, :n] = row.tokens, np.arange(start, start + n)
@@ -241,20 +273,27 @@ class StreamedPromptRunner:
             logit_index=np.array([n - 1], np.int32),
         )
         self._cache = (req.id, cache)
-        # the chunk's latents into the request's slot of the engine's cache
         dst = np.full(self.chunk_size, self.max_len, np.int32)
         dst[:n] = np.arange(start, start + n)
         c_kv, k_pe = _chunk_latents(cache, dst, width)
-        c_kv, k_pe, dst_dev = jax.device_put((c_kv, k_pe, dst), self.executor.slot_device(req.slot))
-        self.executor.write_latents(req.slot, c_kv, k_pe, dst_dev, table)
+        latents = jax.device_put((c_kv, k_pe, dst), self.executor.slot_device(req.slot))
         if not row.samples:
-            return None
+            return latents, None
         self._cache = None  # the prompt is done: its prefill cache goes
         s = req.sampling
         out = _sample_jit(logits, np.array([s.seed], np.uint32), np.zeros(1, np.int32),
                           np.array([s.temperature], np.float32), np.array([s.top_k], np.int32),
                           np.array([s.top_p], np.float32))
-        return int(np.asarray(out)[0])
+        return latents, int(np.asarray(out)[0])
+
+    def _prefill_cache(self, req: Any, table: Any, width: int) -> KVCache:
+        """The request's batch-1 prefill cache, holding the latents of its cached prefix (read
+        from the engine's pool through its block table) when it has one."""
+        cache = init_cache(self.cfg, 1, width, self.cache_dtype)
+        if req.cached_tokens:
+            c_kv, k_pe = jax.device_get(self.executor.read_latents(req.slot, table, req.cached_tokens))
+            cache = _seed(cache, c_kv, k_pe)
+        return cache
 
     def drop(self, req: Any) -> None:
         """Forget a request's prefill cache (failed)."""

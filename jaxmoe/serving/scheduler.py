@@ -90,6 +90,7 @@ class Scheduler:
         self.decode_chunk_size = min(decode_chunk_size or chunk_size, chunk_size)
         self.token_budget = token_budget or max(chunk_size, n_slots)
         self.blocks = blocks  # KVBlocks, or None: no block accounting (slots only)
+        self.stream_chunks = True  # hand streamed prompts' chunks to the steps (False: the engine's prefill worker runs them)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}
 
@@ -120,7 +121,7 @@ class Scheduler:
                 self.waiting.popleft()
                 req.finish("cancelled")
                 continue
-            if self.blocks is not None and not self.blocks.admit(req, free[0], share=not req.streamed):
+            if self.blocks is not None and not self.blocks.admit(req, free[0]):
                 break  # the pool is short: it waits (first in, first out) for blocks to come back
             self.waiting.popleft()
             req.slot, req.status = free.pop(0), Status.PREFILL
@@ -168,7 +169,7 @@ class Scheduler:
         prompts = []  # (slot, request) prefilling through the step, oldest first
         for slot, req in sorted(self.running.items(), key=lambda kv: kv[1].id):
             if req.status is Status.PREFILL and req.streamed:
-                if not streamed:  # one streamed chunk per step, oldest prompt first
+                if self.stream_chunks and not streamed:  # one streamed chunk per step, oldest prompt first
                     streamed[slot] = self._chunk(req, self.chunk_size)
             elif req.status is Status.PREFILL:
                 prompts.append((slot, req))

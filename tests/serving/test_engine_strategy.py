@@ -56,7 +56,8 @@ def traced(engine):
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     cfg, w = tiny_model
-    e = Engine(cfg, w, "2gpu+cpu-experts", n_slots=2, max_len=MAX_LEN, chunk_size=CHUNK, simulate_accelerators=True)
+    e = Engine(cfg, w, "2gpu+cpu-experts", n_slots=2, max_len=MAX_LEN, chunk_size=CHUNK, simulate_accelerators=True,
+               prefill_beside_decode=False)  # one streamed chunk per step: the interleaving these tests trace
     return e, traced(e)
 
 

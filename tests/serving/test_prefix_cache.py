@@ -302,3 +302,44 @@ def test_a_corrupt_block_on_disk_is_recomputed(tiny_model, texts, tmp_path):
 def test_a_prefix_directory_needs_an_identity(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="weights_identity"):
         engine(tiny_model, prefix_cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["gpu+cpu-experts", "2gpu+cpu-experts"])
+def test_staged_presets_share_prefixes_within_their_pools(tiny_model, texts, preset):
+    """Staged execution: one pool for both micro-batches on one accelerator, one per
+    accelerator on two (slot 0 and slot 1 are in different micro-batches); a shared prefix
+    gives the cold tokens either way."""
+    system, (x, y, z) = texts
+    kw = dict(runtime=preset, simulate_accelerators=True, prefill_strategy="cpu")
+    cold = engine(tiny_model, prefix_caching=False, **kw)
+    ref = [run(cold, p).output_ids for p in (system + x, system + y, z, system + y)]
+    e = engine(tiny_model, **kw)
+    assert len(e.executor.pool_blocks) == (1 if preset == "gpu+cpu-experts" else 2)
+    a = run(e, system + x)  # slot 0
+    b = run(e, system + y)  # slot 0 again: the same pool
+    c = e.submit(z, NEW, background=False)  # holds slot 0 ...
+    d = e.submit(system + y, NEW, background=False)  # ... so this one takes slot 1
+    e.step()
+    assert (c.slot, d.slot) == (0, 1) and b.cached_tokens == 2 * BS
+    assert d.cached_tokens == ((len(system + y) - 1) // BS * BS if preset == "gpu+cpu-experts" else 0)  # b's blocks
+    e.run_until_idle()
+    assert [r.output_ids for r in (a, b, c, d)] == ref
+
+
+@pytest.mark.parametrize("strategy", ["slp", "dslp"])
+def test_a_streamed_prompt_resumes_after_its_cached_prefix(tiny_model, texts, strategy):
+    """SLP/DSLP: the cached prefix's latents are copied from the pool into the streamed
+    prompt's own cache and streaming starts after them: the cold tokens, fewer chunks."""
+    system, (x, y, _) = texts
+    kw = dict(runtime="2gpu+cpu-experts", simulate_accelerators=True, prefill_strategy=strategy)
+    cold = engine(tiny_model, prefix_caching=False, **kw)
+    ref = run(cold, system + y).output_ids
+    e = engine(tiny_model, **kw)
+    run(e, system + x)
+    starts = []
+    compute = e.prefill.compute_chunk  # both ways of running streamed chunks (beside decode: the presets' default)
+    e.prefill.compute_chunk = lambda row: starts.append(row.start) or compute(row)
+    r = run(e, system + y)
+    assert r.prefill_strategy == strategy and r.cached_tokens == 2 * BS
+    assert starts == list(range(2 * BS, len(system + y), BS))
+    assert r.output_ids == ref
