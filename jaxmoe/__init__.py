@@ -1,5 +1,5 @@
-"""jaxmoe: MoE inference on JAX/XLA: the DeepSeek-V3 family (DeepSeek-V3/R1, Kimi-K2) and Qwen3-MoE
-(jaxmoe.models.registry).
+"""jaxmoe: MoE inference on JAX/XLA: the DeepSeek-V3 family (DeepSeek-V3/R1, Kimi-K2), Qwen3-MoE and
+GLM-4.5 (jaxmoe.models.registry).
 
     import jaxmoe
     model = jaxmoe.load("path/to/checkpoint")

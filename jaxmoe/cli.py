@@ -55,7 +55,8 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxmoe", description="DeepSeek-V3-family MoE inference on JAX/XLA")
+    parser = argparse.ArgumentParser(prog="jaxmoe",
+                                     description="MoE inference on JAX/XLA (DeepSeek-V3, Kimi-K2, Qwen3-MoE, GLM-4.5)")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -6,4 +6,5 @@ and `jaxmoe.loading`; imported by serving, loaded_model and cli.
 
 - registry: `ModelFamily`, `family_of`, `read_config`, `cache_bytes_per_position`
 - qwen3_moe: Qwen3MoeForCausalLM (Qwen3-30B-A3B, Qwen3-235B-A22B)
+- glm4_moe: Glm4MoeForCausalLM (GLM-4.5, GLM-4.5-Air)
 """

@@ -16,7 +16,9 @@ parsed config on its type; anything else raises `ConfigError` naming the support
     cfg = read_config("qwen3-moe-tiny")   # a packaged name, a config.json, or a checkpoint directory
 
 Families: DeepSeek-V3 (model_type "deepseek_v3", Kimi-K2's "kimi_k2"; `DeepseekV3ForCausalLM`:
-jaxmoe/model/) and Qwen3-MoE ("qwen3_moe", `Qwen3MoeForCausalLM`: jaxmoe/models/qwen3_moe/).
+jaxmoe/model/), Qwen3-MoE ("qwen3_moe", `Qwen3MoeForCausalLM`: jaxmoe/models/qwen3_moe/) and
+GLM-4.5 ("glm4_moe", `Glm4MoeForCausalLM`: jaxmoe/models/glm4_moe/; GLM-4.5, GLM-4.5-Air).
+Qwen3-MoE and GLM-4.5 run the fused step only for now (`supports` empty).
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ from jaxmoe.config import DEEPSEEK_V3_ARCHITECTURES, DEEPSEEK_V3_MODEL_TYPES, Co
 from jaxmoe.loading import loader, synthetic
 from jaxmoe.model import forward as deepseek_forward
 from jaxmoe.model.cache import cache_widths as mla_cache_widths
-from jaxmoe.models import qwen3_moe
+from jaxmoe.models import glm4_moe, qwen3_moe
+from jaxmoe.models.glm4_moe import synthetic as glm4_synthetic
+from jaxmoe.models.glm4_moe.config import ARCHITECTURE as GLM4_ARCHITECTURE
+from jaxmoe.models.glm4_moe.config import MODEL_TYPE as GLM4_MODEL_TYPE
+from jaxmoe.models.glm4_moe.forward import forward as glm4_forward
 from jaxmoe.models.qwen3_moe import synthetic as qwen3_synthetic
 from jaxmoe.models.qwen3_moe.config import ARCHITECTURE as QWEN3_ARCHITECTURE
 from jaxmoe.models.qwen3_moe.config import MODEL_TYPE as QWEN3_MODEL_TYPE
@@ -95,7 +101,19 @@ QWEN3_MOE = ModelFamily(
     write_synthetic=qwen3_synthetic.write_synthetic_checkpoint,
 )
 
-FAMILIES: tuple[ModelFamily, ...] = (DEEPSEEK_V3, QWEN3_MOE)
+GLM4_MOE = ModelFamily(
+    name="GLM-4.5",
+    model_types=(GLM4_MODEL_TYPE,),
+    architectures=(GLM4_ARCHITECTURE,),
+    config_type=glm4_moe.Glm4MoeConfig,
+    parse_config=lambda d, source: glm4_moe.Glm4MoeConfig.from_dict(d, source=source),
+    cache_widths=lambda cfg: (cfg.attention.kv_width, cfg.attention.kv_width),  # keys, values
+    step_forward=lambda cfg, width, kv_len: glm4_forward,
+    load_checkpoint=lambda path, *, dtype=jnp.float32: glm4_moe.load_checkpoint(path, dtype=dtype),
+    write_synthetic=glm4_synthetic.write_synthetic_checkpoint,
+)
+
+FAMILIES: tuple[ModelFamily, ...] = (DEEPSEEK_V3, QWEN3_MOE, GLM4_MOE)
 
 
 def supported() -> str:

@@ -73,9 +73,10 @@ def cache_bytes_per_position(cfg: Any, dtype=jnp.float32) -> int:
 
 class Engine:
     """Serve requests on one model: `cfg` of any family of `models.registry` (DeepSeek-V3's
-    ModelConfig, Qwen3MoeConfig: the fused step only for now), `weights` its pytree. `runtime` is a RuntimeConfig or a preset name
-    (jaxmoe/configs/runtime/), `overrides` replace its fields (n_slots, chunk_size, max_len,
-    memory_budget_bytes, overlap, prefill_strategy, hardware, tpot_target_ms, ...). `expert_source`: where
+    ModelConfig; Qwen3MoeConfig and Glm4MoeConfig run the fused step only for now), `weights`
+    its pytree. `runtime` is a RuntimeConfig or a preset name (jaxmoe/configs/runtime/),
+    `overrides` replace its fields (n_slots, chunk_size, max_len, memory_budget_bytes, overlap,
+    prefill_strategy, hardware, tpot_target_ms, ...). `expert_source`: where
     stream-loaded prefill reads the routed experts (layer -> host arrays, e.g.
     `loading.expert_source.CheckpointExperts`); default: the weights' own experts when they are arrays.
     `prefix_cache_dir`: keep the prefix cache's full blocks on disk there too (at most

@@ -1,27 +1,43 @@
-"""Session fixtures for the model-family tests: tiny synthetic Qwen3-MoE checkpoints (qwen3-moe-tiny,
-FP8 and bf16, with tokenizer) written by the family's synthetic writer and loaded by `jaxmoe.load`
-(the pure JAX path: the CPU kernels are DeepSeek-V3's for now)."""
+"""Session fixtures for the model-family tests, parametrized over the families beside DeepSeek-V3
+(`TINY`: qwen3-moe-tiny, glm4-moe-tiny): the tiny config, synthetic checkpoints (FP8 and bf16,
+with tokenizer) written by the family's synthetic writer, and one model loaded by `jaxmoe.load`
+(the pure JAX path: the CPU kernels are DeepSeek-V3's for now). A test taking one of them runs
+once per family; pytest groups the tests by family, so one family's model (and its compiled
+steps) serves all of its tests before the next family's is loaded."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
 import jaxmoe
-from jaxmoe.models.qwen3_moe import Qwen3MoeConfig
-from jaxmoe.models.qwen3_moe.synthetic import write_synthetic_checkpoint
+from jaxmoe.models.registry import ModelFamily, family_of, read_config
+
+TINY = ("qwen3-moe-tiny", "glm4-moe-tiny")  # the packaged tiny config of each family
+
+
+@pytest.fixture(scope="session", params=TINY)
+def tiny_name(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="session")
-def qwen3_cfg() -> Qwen3MoeConfig:
-    return Qwen3MoeConfig.named("qwen3-moe-tiny")
+def tiny_cfg(tiny_name) -> Any:
+    return read_config(tiny_name)
 
 
 @pytest.fixture(scope="session")
-def qwen3_ckpts(tmp_path_factory, qwen3_cfg):
-    root = tmp_path_factory.mktemp("qwen3")
-    return {fmt: write_synthetic_checkpoint(root / f"tiny-{fmt}", qwen3_cfg, fmt=fmt, seed=3) for fmt in ("fp8", "bf16")}
+def tiny_family(tiny_cfg) -> ModelFamily:
+    return family_of(tiny_cfg)
 
 
 @pytest.fixture(scope="session")
-def qwen3_model(qwen3_ckpts) -> jaxmoe.Model:
-    return jaxmoe.load(qwen3_ckpts["fp8"], n_slots=3, chunk_size=16, kv_block_size=16)
+def tiny_ckpts(tmp_path_factory, tiny_name, tiny_cfg, tiny_family):
+    root = tmp_path_factory.mktemp(tiny_name)
+    return {fmt: tiny_family.write_synthetic(root / f"tiny-{fmt}", tiny_cfg, fmt=fmt, seed=3) for fmt in ("fp8", "bf16")}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpts) -> jaxmoe.Model:
+    return jaxmoe.load(tiny_ckpts["fp8"], n_slots=3, chunk_size=16, kv_block_size=16)

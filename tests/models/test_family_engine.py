@@ -1,12 +1,16 @@
-"""Qwen3-MoE end to end: synthetic checkpoint -> jaxmoe.load -> jaxmoe.generate / the engine / the
-server, against a plain argmax loop over `models.qwen3_moe.forward` with a contiguous cache.
-The engine runs its fused step with Qwen3's forward on the paged GQA cache (keys in `c_kv`,
+"""The model families beside DeepSeek-V3 end to end, each test once per family (conftest's `TINY`:
+Qwen3-MoE's qwen3-moe-tiny, GLM-4.5's glm4-moe-tiny): synthetic checkpoint -> jaxmoe.load ->
+jaxmoe.generate / the engine / the server, against a plain argmax loop over the family's own
+forward (`models.qwen3_moe.forward`, `models.glm4_moe.forward`) with a contiguous cache.
+The engine runs its fused step with the family's forward on the paged GQA cache (keys in `c_kv`,
 values in `k_pe`): continuous batching, chunked prefill, prefix sharing. What is not supported
-yet (staged presets, streamed prefill, the planner's step model) is refused with a ValueError."""
+yet (staged presets, streamed prefill, the planner's step model) is refused with a ValueError
+naming the family."""
 
 from __future__ import annotations
 
 import functools
+import re
 import threading
 
 import jax
@@ -15,22 +19,28 @@ import numpy as np
 import pytest
 
 import jaxmoe
-from jaxmoe.models.qwen3_moe import forward, init_cache
+from jaxmoe.models import glm4_moe, qwen3_moe
 from jaxmoe.serving.engine import Engine
 
 NEW = 6
 BS = 16  # kv_block_size = chunk_size
+REF_LEN = 128  # the plain loop's contiguous cache: one length for every prompt here, so its decode step compiles once
+
+
+# each family's package: its own forward and contiguous cache (not the engine's paged path)
+PACKAGES = {qwen3_moe.Qwen3MoeConfig: qwen3_moe, glm4_moe.Glm4MoeConfig: glm4_moe}
 
 
 @functools.cache
-def _jit_forward():
+def _jit_forward(forward):
     return jax.jit(forward, static_argnums=0)
 
 
 def solo_greedy(cfg, weights, prompt: list[int], n: int, dtype=jnp.float32) -> list[int]:
     """The plain loop: prefill the whole prompt into a contiguous cache, then one token at a time."""
-    step = _jit_forward()
-    cache = init_cache(cfg, 1, len(prompt) + n, dtype)
+    package = PACKAGES[type(cfg)]
+    step = _jit_forward(package.forward)
+    cache = package.init_cache(cfg, 1, max(REF_LEN, len(prompt) + n), dtype)
     logits, cache = step(cfg, weights, cache, np.array([prompt], np.int32), np.arange(len(prompt), dtype=np.int32)[None])
     out = [int(jnp.argmax(logits[0, -1]))]
     for i in range(n - 1):
@@ -45,8 +55,8 @@ def prompts(vocab: int, lengths, seed: int = 7) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "bf16"])
-def test_generate_greedy_equals_a_plain_argmax_loop(qwen3_ckpts, fmt):
-    model = jaxmoe.load(qwen3_ckpts[fmt], chunk_size=16)
+def test_generate_greedy_equals_a_plain_argmax_loop(tiny_ckpts, fmt):
+    model = jaxmoe.load(tiny_ckpts[fmt], chunk_size=16)
     ids = model.encode_prompt("The quick brown fox jumps over the lazy dog, again and again and again.")
     assert len(ids) > 16  # the prompt runs in several chunks
     r = jaxmoe.generate(model, ids, max_new_tokens=10, ignore_eos=True)
@@ -56,13 +66,13 @@ def test_generate_greedy_equals_a_plain_argmax_loop(qwen3_ckpts, fmt):
     assert streamed == r.token_ids
 
 
-def test_concurrent_requests_get_their_solo_tokens(qwen3_model):
+def test_concurrent_requests_get_their_solo_tokens(tiny_model):
     """Three requests batched together, prompts longer than chunk_size (chunked prefill beside
     decode rows): each gets exactly what it gets alone."""
-    cfg, w = qwen3_model.cfg, qwen3_model.weights
+    cfg, w = tiny_model.cfg, tiny_model.weights
     ps = prompts(cfg.vocab_size, (37, 21, 50))
     solo = [solo_greedy(cfg, w, p, NEW) for p in ps]
-    e = qwen3_model.engine
+    e = tiny_model.engine
     assert e.n_slots == 3 and e.chunk_size == BS
     reqs = [e.submit(p, NEW, background=False) for p in ps]
     assert e.step()
@@ -75,13 +85,13 @@ def test_concurrent_requests_get_their_solo_tokens(qwen3_model):
     assert all(r.prefill_strategy == "cpu" for r in reqs)  # "auto" resolved to the step path
 
 
-def test_concurrent_generate_calls_from_threads(qwen3_model):
-    ps = prompts(qwen3_model.cfg.vocab_size, (19, 33), seed=11)
-    solo = [solo_greedy(qwen3_model.cfg, qwen3_model.weights, p, NEW) for p in ps]
+def test_concurrent_generate_calls_from_threads(tiny_model):
+    ps = prompts(tiny_model.cfg.vocab_size, (19, 33), seed=11)
+    solo = [solo_greedy(tiny_model.cfg, tiny_model.weights, p, NEW) for p in ps]
     out: dict[int, list[int]] = {}
 
     def run(i):
-        out[i] = jaxmoe.generate(qwen3_model, ps[i], max_new_tokens=NEW, ignore_eos=True).token_ids
+        out[i] = jaxmoe.generate(tiny_model, ps[i], max_new_tokens=NEW, ignore_eos=True).token_ids
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(ps))]
     for t in threads:
@@ -91,8 +101,8 @@ def test_concurrent_generate_calls_from_threads(qwen3_model):
     assert [out[i] for i in range(len(ps))] == solo
 
 
-def test_prefix_cache_shares_blocks_and_keeps_the_cold_tokens(qwen3_model):
-    cfg, w = qwen3_model.cfg, qwen3_model.weights
+def test_prefix_cache_shares_blocks_and_keeps_the_cold_tokens(tiny_model):
+    cfg, w = tiny_model.cfg, tiny_model.weights
     system, x, y = prompts(cfg.vocab_size, (2 * BS + 5, 9, 13), seed=5)
     e = Engine(cfg, w, "cpu-only", n_slots=2, max_len=128, chunk_size=BS, kv_block_size=BS)
     first = e.submit(system + x, NEW, background=False)
@@ -108,27 +118,28 @@ def test_prefix_cache_shares_blocks_and_keeps_the_cold_tokens(qwen3_model):
     assert again.cached_tokens == 0 and again.output_ids == second.output_ids
 
 
-def test_the_pool_has_the_gqa_widths(qwen3_model):
-    e = qwen3_model.engine
-    kv = qwen3_model.cfg.num_key_value_heads * qwen3_model.cfg.head_dim
+def test_the_pool_has_the_gqa_widths(tiny_model):
+    e = tiny_model.engine
+    kv = tiny_model.cfg.num_key_value_heads * tiny_model.cfg.head_dim
     pool = e.executor.cache
-    assert pool.c_kv.shape[-1] == pool.k_pe.shape[-1] == kv and pool.c_kv.shape[0] == qwen3_model.cfg.num_hidden_layers
+    assert pool.c_kv.shape[-1] == pool.k_pe.shape[-1] == kv and pool.c_kv.shape[0] == tiny_model.cfg.num_hidden_layers
 
 
 # ---- not supported yet: refused clearly -------------------------------------------------------
 
 
-def test_staged_presets_are_refused(qwen3_model):
-    with pytest.raises(ValueError, match=r"runtime preset 'gpu\+cpu-experts'.*not supported yet for Qwen3-MoE"):
-        Engine(qwen3_model.cfg, qwen3_model.weights, "gpu+cpu-experts", simulate_accelerators=True)
+def test_staged_presets_are_refused(tiny_model, tiny_family):
+    name = re.escape(tiny_family.name)
+    with pytest.raises(ValueError, match=rf"runtime preset 'gpu\+cpu-experts'.*not supported yet for {name}"):
+        Engine(tiny_model.cfg, tiny_model.weights, "gpu+cpu-experts", simulate_accelerators=True)
 
 
 @pytest.mark.parametrize("strategy", ["slp", "dslp"])
-def test_streamed_prefill_is_refused(qwen3_model, strategy, monkeypatch):
-    cfg, w = qwen3_model.cfg, qwen3_model.weights
-    with pytest.raises(ValueError, match=f"prefill_strategy='{strategy}'.*not supported yet for Qwen3-MoE"):
+def test_streamed_prefill_is_refused(tiny_model, tiny_family, strategy, monkeypatch):
+    cfg, w, name = tiny_model.cfg, tiny_model.weights, re.escape(tiny_family.name)
+    with pytest.raises(ValueError, match=f"prefill_strategy='{strategy}'.*not supported yet for {name}"):
         Engine(cfg, w, "cpu-only", prefill_strategy=strategy)
-    with pytest.raises(ValueError, match="not supported yet for Qwen3-MoE"):  # resident experts on an accelerator
+    with pytest.raises(ValueError, match=f"not supported yet for {name}"):  # resident experts on an accelerator
         Engine(cfg, w, "cpu-only", accelerators=1, routed_experts="accelerator", simulate_accelerators=True,
                prefill_strategy=strategy)
     e = Engine(cfg, w, "cpu-only", n_slots=1, max_len=64)
@@ -139,7 +150,7 @@ def test_streamed_prefill_is_refused(qwen3_model, strategy, monkeypatch):
         Engine(cfg, w, "cpu-only")
 
 
-def test_auto_on_an_accelerator_resolves_to_the_step_path_without_the_planner(qwen3_model, monkeypatch):
+def test_auto_on_an_accelerator_resolves_to_the_step_path_without_the_planner(tiny_model, monkeypatch):
     import jaxmoe.serving.prompt_runner as runner
 
     def no_planner(*a, **k):
@@ -147,7 +158,7 @@ def test_auto_on_an_accelerator_resolves_to_the_step_path_without_the_planner(qw
 
     monkeypatch.setattr(runner, "plan_prefill", no_planner)
     monkeypatch.setattr(runner, "estimate_prefill", no_planner)
-    cfg, w = qwen3_model.cfg, qwen3_model.weights
+    cfg, w = tiny_model.cfg, tiny_model.weights
     e = Engine(cfg, w, "cpu-only", accelerators=1, routed_experts="accelerator", simulate_accelerators=True,
                n_slots=1, max_len=64, chunk_size=BS)
     p = prompts(cfg.vocab_size, (20,), seed=2)[0]
@@ -156,20 +167,20 @@ def test_auto_on_an_accelerator_resolves_to_the_step_path_without_the_planner(qw
     assert r.prefill_strategy == "resident" and r.output_ids == solo_greedy(cfg, w, p, 3)
 
 
-def test_tpot_target_is_refused(qwen3_model):
-    with pytest.raises(ValueError, match="tpot_target_ms.*not supported yet for Qwen3-MoE"):
-        Engine(qwen3_model.cfg, qwen3_model.weights, "cpu-only", tpot_target_ms=50.0)
+def test_tpot_target_is_refused(tiny_model, tiny_family):
+    with pytest.raises(ValueError, match=f"tpot_target_ms.*not supported yet for {re.escape(tiny_family.name)}"):
+        Engine(tiny_model.cfg, tiny_model.weights, "cpu-only", tpot_target_ms=50.0)
 
 
-def test_the_server_answers_with_a_qwen3_model(qwen3_model):
+def test_the_server_answers(tiny_model, tiny_name):
     from fastapi.testclient import TestClient
 
     from jaxmoe.server.app import create_app
 
     prompt = "Once upon a time"
-    expected = jaxmoe.generate(qwen3_model, prompt, max_new_tokens=5, ignore_eos=True)
-    with TestClient(create_app(qwen3_model, served_model_name="qwen3-tiny")) as client:
-        resp = client.post("/v1/completions", json={"model": "qwen3-tiny", "prompt": prompt, "max_tokens": 5,
+    expected = jaxmoe.generate(tiny_model, prompt, max_new_tokens=5, ignore_eos=True)
+    with TestClient(create_app(tiny_model, served_model_name=tiny_name)) as client:
+        resp = client.post("/v1/completions", json={"model": tiny_name, "prompt": prompt, "max_tokens": 5,
                                                     "temperature": 0, "ignore_eos": True})
     assert resp.status_code == 200, resp.text
     body = resp.json()
