@@ -87,6 +87,9 @@ class Executor(Protocol):
     def write_block(self, pool: int, block: int, arrays: dict[str, np.ndarray]) -> None:
         """Fill one block with contents `read_block` gave (ValueError if their shapes or dtypes differ)."""
 
+    def copy_block(self, pool: int, src: int, dst: int) -> None:
+        """Copy block `src`'s contents into block `dst` (same pool, on its device)."""
+
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_blocks(cache: KVCache, c_kv, k_pe, table, positions) -> KVCache:
@@ -109,6 +112,11 @@ def read_latents(cache: KVCache, table, n: int) -> tuple[jax.Array, jax.Array]:
         return a.reshape(a.shape[0], -1, a.shape[-1])[:, :n]
 
     return seq(cache.c_kv), seq(cache.k_pe)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def copy_block(cache: KVCache, src, dst) -> KVCache:
+    return cache.replace(c_kv=cache.c_kv.at[:, dst].set(cache.c_kv[:, src]), k_pe=cache.k_pe.at[:, dst].set(cache.k_pe[:, src]))
 
 
 def read_block(cache: KVCache, block: int) -> dict[str, np.ndarray]:
@@ -190,6 +198,9 @@ class FusedStep:
 
     def write_block(self, pool: int, block: int, arrays) -> None:
         self.cache = write_block(self.cache, block, arrays)
+
+    def copy_block(self, pool: int, src: int, dst: int) -> None:
+        self.cache = copy_block(self.cache, np.int32(src), np.int32(dst))
 
     def __call__(self, tokens, positions, last_index, seeds, steps, temperature, top_k, top_p, *, kv_len: int,
                  block_tables: np.ndarray) -> np.ndarray:
@@ -307,6 +318,9 @@ class StagedStep:
 
     def write_block(self, pool: int, block: int, arrays) -> None:
         self.caches[pool] = write_block(self.caches[pool], block, arrays)
+
+    def copy_block(self, pool: int, src: int, dst: int) -> None:
+        self.caches[pool] = copy_block(self.caches[pool], np.int32(src), np.int32(dst))
 
     def _start(self, mb: int, tokens, positions, block_tables):
         lo, hi = self.mb_slots[mb]

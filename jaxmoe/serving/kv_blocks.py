@@ -15,6 +15,11 @@ block table); this module decides which block ids each request's table lists.
   last prompt token, so its first token is still sampled from its own step.
 - A registered block whose last holder finishes stays cached (least recently used first out)
   until the pool needs it for a new reservation.
+- The partly filled last block of a finished request is kept too, named by the hash of the
+  full blocks before it and the tokens it holds: a later prompt that goes on with those
+  tokens (a chat resending its history: the previous reply ends mid-block) gets a copy of it
+  in a fresh block of its own and resumes after them, so prefixes are shared to the token,
+  not only to the block.
 - On disk (`store`, a `serving.prefix_store.PrefixStore`, with `io`: the executor's
   read_block / write_block): every registered block is also written to the store (in a
   background thread, from a host copy taken when it is registered), and an admission that
@@ -61,7 +66,9 @@ class BlockPool:
         self.refs = np.zeros(n_blocks, np.int32)
         self.by_hash: dict[str, int] = {}
         self.hash_of: dict[int, str] = {}
-        self.idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # registered, unreferenced: LRU first
+        self.partials: dict[str, dict[int, tuple[int, ...]]] = {}  # parent hash -> {block: the tokens it holds}
+        self.parent_of: dict[int, str] = {}  # partial block -> its parent hash
+        self.idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, unreferenced: LRU first
 
     @property
     def usable(self) -> int:
@@ -93,22 +100,47 @@ class BlockPool:
                 b = self.free.popleft()
             else:
                 b, _ = self.idle.popitem(last=False)
-                del self.by_hash[self.hash_of.pop(b)]
+                self._forget(b)
             self.refs[b] = 1
             new.append(b)
         return [*shared, *new]
+
+    def _forget(self, b: int) -> None:
+        """Drop a cached block's name (it is being reused)."""
+        if b in self.hash_of:
+            del self.by_hash[self.hash_of.pop(b)]
+        else:
+            del self.partials[self.parent_of.pop(b)][b]
 
     def register(self, block: int, h: str) -> None:
         """Name a full block by its hash (first come: an equal block registered earlier keeps the name)."""
         if h not in self.by_hash and block not in self.hash_of:
             self.by_hash[h], self.hash_of[block] = block, h
 
+    def register_partial(self, block: int, parent: str, tokens: Sequence[int]) -> None:
+        """Keep a partly filled block, holding `tokens` after the full blocks named `parent`
+        (unless an equal one is kept already)."""
+        same = self.partials.setdefault(parent, {})
+        if block in self.hash_of or block in self.parent_of or tuple(tokens) in same.values():
+            return
+        same[block], self.parent_of[block] = tuple(tokens), parent
+
+    def match_partial(self, parent: str, upcoming: Sequence[int]) -> tuple[int, int] | None:
+        """(block, n) of the kept partial block after `parent` holding the longest run of
+        `upcoming`'s first tokens (all of its tokens must match), or None."""
+        best = None
+        for b, toks in self.partials.get(parent, {}).items():
+            n = len(toks)
+            if n <= len(upcoming) and tuple(upcoming[:n]) == toks and (best is None or n > best[1]):
+                best = (b, n)
+        return best
+
     def release(self, blocks: Sequence[int]) -> None:
         for b in blocks:
             self.refs[b] -= 1
             if self.refs[b] > 0:
                 continue
-            if b in self.hash_of:
+            if b in self.hash_of or b in self.parent_of:
                 self.idle[b] = None  # most recently used last
             else:
                 self.free.append(b)
@@ -130,6 +162,7 @@ class KVBlocks:
         if store is not None:
             self._writes = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxmoe-prefix-store")
         self.disk_hits = 0  # blocks loaded from the store
+        self.partial_hits = 0  # partly filled blocks copied for a request
         self.pools = [BlockPool(n) for n in pools]
         self.slot_pool = slot_pool
         self.block_size = block_size
@@ -158,10 +191,22 @@ class KVBlocks:
         shared = pool.match(hashes[:limit])
         stored = self._stored(hashes[len(shared):limit])
         need = self.blocks_needed(req.total_len)
-        table = pool.take(shared, need - len(shared))
+        partial = None
+        if self.prefix_caching and not stored:  # after the shared full blocks: maybe more in a kept partial block
+            n = len(shared)
+            parent = hashes[n - 1] if n else self.seed
+            partial = pool.match_partial(parent, req.prompt_ids[n * self.block_size: len(req.prompt_ids) - 1])
+        table = pool.take([*shared, partial[0]] if partial else shared, need - len(shared))
         if table is None:
             return False
         n = len(shared)
+        tail = 0
+        if partial is not None:  # copied into the request's own next block (it writes on after the copied tokens)
+            src = table.pop(n)
+            self.io.copy_block(pool_id, src, table[n])
+            pool.release([src])
+            tail = partial[1]
+            self.partial_hits += 1
         for h, arrays in stored:  # loaded into the first fresh blocks, then shared like the others
             try:
                 self.io.write_block(pool_id, table[n], arrays)
@@ -174,7 +219,7 @@ class KVBlocks:
         self._held[req.id] = (pool_id, table)
         self._hashes[req.id] = hashes
         self._registered[req.id] = n
-        req.n_prefilled = req.cached_tokens = n * self.block_size
+        req.n_prefilled = req.cached_tokens = n * self.block_size + tail
         return True
 
     def _stored(self, hashes: Sequence[str]) -> list[tuple[str, dict]]:
@@ -216,13 +261,23 @@ class KVBlocks:
         if self._writes is not None:
             self._writes.submit(lambda: None).result()
 
-    def release(self, req) -> None:
-        """Give back the request's blocks (finished, cancelled or failed)."""
+    def release(self, req, *, reusable: bool = False) -> None:
+        """Give back the request's blocks (finished, cancelled or failed). `reusable`: its cache
+        holds every position it reports written (not a failed step): keep its partly filled
+        last block for prefixes that go on with its tokens."""
         held = self._held.pop(req.id, None)
         self._hashes.pop(req.id, None)
         self._registered.pop(req.id, None)
-        if held is not None:
-            self.pools[held[0]].release(held[1])
+        if held is None:
+            return
+        pool_id, table = held
+        written = req.n_prefilled + max(len(req.output_ids) - 1, 0)
+        full, k = divmod(written, self.block_size)
+        if reusable and self.prefix_caching and k and full < len(table):
+            ids = [*req.prompt_ids, *req.output_ids]
+            parent = block_hashes(ids[: full * self.block_size], self.block_size, self.seed)[-1] if full else self.seed
+            self.pools[pool_id].register_partial(table[full], parent, ids[full * self.block_size: written])
+        self.pools[pool_id].release(table)
 
     def tables(self, slots: dict[int, object], n_slots: int) -> np.ndarray:
         """int32 [n_slots, table_width]: each running slot's block table, the null block elsewhere."""

@@ -142,15 +142,16 @@ class Scheduler:
         return gone
 
     def release(self, req: Request, reason: str) -> None:
-        self.forget(req)
+        self.forget(req, reusable=True)
         req.finish(reason)
 
-    def forget(self, req: Request) -> None:
-        """Take a request out of its slot and give back its cache blocks (without finishing it)."""
+    def forget(self, req: Request, *, reusable: bool = False) -> None:
+        """Take a request out of its slot and give back its cache blocks (without finishing it);
+        `reusable`: its cache positions are whole (not a failed step), keep them for prefixes."""
         if self.running.get(req.slot) is req:
             del self.running[req.slot]
         if self.blocks is not None:
-            self.blocks.release(req)
+            self.blocks.release(req, reusable=reusable)
 
     # ---- planning -------------------------------------------------------------------------
     def plan(self) -> StepPlan | None:

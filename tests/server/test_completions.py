@@ -148,7 +148,7 @@ def test_a_huge_top_k_keeps_every_token(server, model):
 
 def test_a_resent_chat_history_reports_its_cached_prompt_tokens(server, model):
     """The second turn resends the first: usage.prompt_tokens_details.cached_tokens counts the
-    prompt tokens served from the prefix cache (whole cache blocks), and the reply is the one
+    prompt tokens served from the prefix cache (at least a whole cache block), and the reply is the one
     `generate` gives for the same messages."""
     block = model.engine.blocks.block_size
     system = {"role": "system", "content": "You answer in short sentences. " * 8}
@@ -159,5 +159,5 @@ def test_a_resent_chat_history_reports_its_cached_prompt_tokens(server, model):
               {"role": "user", "content": "And then?"}]
     out2 = client.chat.completions.create(model=NAME, messages=second, max_tokens=4, temperature=0)
     cached = out2.usage.prompt_tokens_details.cached_tokens
-    assert cached > 0 and cached % block == 0 and cached < out2.usage.prompt_tokens
+    assert block <= cached < out2.usage.prompt_tokens
     assert out2.choices[0].message.content == jaxmoe.generate(model, messages=second, max_new_tokens=4).text

@@ -68,6 +68,22 @@ def test_pool_shares_evicts_least_recently_used_and_refuses_without_change():
     assert pool.usable == 4
 
 
+def test_partial_blocks_match_only_when_all_their_tokens_do():
+    pool = BlockPool(6)
+    a, b = pool.take([], 2)
+    pool.register_partial(a, "p", [5, 6, 7])
+    pool.register_partial(b, "p", [5, 6])
+    pool.register_partial(b, "q", [5, 6, 7])  # a block is kept under one name only
+    pool.release([a, b])
+    assert pool.usable == 5 and set(pool.idle) == {a, b}
+    assert pool.match_partial("p", [5, 6, 7, 8]) == (a, 3)  # the longest that fits
+    assert pool.match_partial("p", [5, 6, 9]) == (b, 2)
+    assert pool.match_partial("p", [5, 6]) == (b, 2) and pool.match_partial("p", [5]) is None
+    assert pool.match_partial("q", [5, 6, 7]) is None
+    taken = pool.take([], 5)  # evicts both: their names go
+    assert set(taken) >= {a, b} and pool.match_partial("p", [5, 6, 7]) is None
+
+
 def test_admission_reserves_only_what_the_request_needs():
     blocks = KVBlocks([1 + 6], lambda s: 0, 16, 96)
     r1, r2, r3 = Request(list(range(20)), 12), Request(list(range(30)), 30), Request(list(range(5)), 60)
@@ -169,7 +185,8 @@ def test_chat_turn_reuses_the_previous_turn_including_its_reply(tiny_model, text
     history = system + x + t1.output_ids
     t2 = run(e, history + y)
     written = len(system + x) + len(t1.output_ids) - 1  # the last reply token was never fed back
-    assert t2.cached_tokens == written // BS * BS > len(system + x) // BS * BS
+    assert written % BS  # the reply ends mid-block: that block's tokens come from the kept partial block
+    assert t2.cached_tokens == written and e.blocks.partial_hits == 1
     cold = engine(tiny_model, prefix_caching=False)
     assert run(cold, history + y).output_ids == t2.output_ids  # reply blocks: decode-form latents, same greedy tokens
 
