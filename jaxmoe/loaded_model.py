@@ -1,7 +1,7 @@
 """A loaded checkpoint and how it is loaded: `load` -> `Model`.
 
 `load` finds the checkpoint's model family (`models.registry`), reads it (`loading`; other
-families through their own loader, on the pure JAX path for now), decides where each part lives from the runtime
+families through their own loader and checkpoint class), decides where each part lives from the runtime
 preset (the CPU kernels' placement: `cpu.placement`, the optional persistent weights cache:
 `cpu.weights_cache`), and returns a `Model`: config, weights, tokenizer, runtime, and its
 serving engine, created on first use. Generation over a `Model` is `generate.py`'s.
@@ -192,9 +192,9 @@ def load(
     max_seq_len: cap the context (prompt + generated tokens) below max_position_embeddings.
     cpu_kernels: run the large matmuls and the routed experts through jaxmoe's native CPU
       kernels (cpu_ext). None (default) = when JAX runs on the CPU and the kernels load;
-      True = required; False = the pure JAX path. DeepSeek-V3-family checkpoints only for now:
-      other families (`models.registry`, chosen by config.json's model_type / architectures)
-      load on the pure JAX path (True raises ValueError).
+      True = required; False = the pure JAX path. Every family whose `models.registry` entry
+      supports "cpu_kernels" (DeepSeek-V3, Qwen3-MoE, GLM-4.5; chosen by config.json's
+      model_type / architectures); for a family without it True raises ValueError.
     cpu_precision: arithmetic of those kernels' FP8/BF16 matmuls: "exact" (weights decoded
       exactly, f32 activations and sums, on every CPU) or "bf16" (activations rounded to bf16
       and bf16 dot products where the CPU has them, AVX-512 BF16: ~2e-3 relative error per
@@ -222,7 +222,7 @@ def load(
     rc = RuntimeConfig.load(runtime or _default_preset(), cpu_precision=cpu_precision, **runtime_options)
     path = Path(path)
     family = _family(path)
-    if "cpu_kernels" not in family.supports:  # the pure JAX path (cpu/placement.py is DeepSeek-V3's)
+    if "cpu_kernels" not in family.supports:  # the pure JAX path
         if cpu_kernels:
             raise ValueError(f"cpu_kernels=True: jaxmoe's CPU kernels do not run {family.name} models yet "
                              f"(pass cpu_kernels=False or None: the pure JAX path)")
@@ -233,14 +233,17 @@ def load(
     if root is not None:
         from jaxmoe.cpu import weights_cache as wc  # noqa: PLC0415
 
+        load_rest = None  # a cache hit reads the rest with DeepSeek-V3's loader; another family's with its own
+        if family is not DEEPSEEK_V3:
+            load_rest = lambda: family.load_checkpoint(path, dtype=dtype, load_experts=False)  # noqa: E731
         cfg, weights = wc.load_placed(path, root=root, dtype=dtype, progress=progress, experts_only=rc.staged,
                                       load=lambda: _load_weights(path, dtype, progress, True,
-                                                                 host_linears=not rc.staged),
-                                      place=lambda c, w, s: _place(c, w, cpu_kernels, rc, s)[0])
+                                                                 host_linears=not rc.staged, family=family),
+                                      place=lambda c, w, s: _place(c, w, cpu_kernels, rc, s)[0], load_rest=load_rest)
         on_kernels = True
     else:
         cfg, weights, store = _load_weights(path, dtype, progress, host_experts,
-                                            host_linears=host_experts and not rc.staged)
+                                            host_linears=host_experts and not rc.staged, family=family)
         weights, on_kernels = _place(cfg, weights, cpu_kernels, rc, store)
     return _model(path, cfg, weights, max_seq_len, on_kernels, rc, prefix_cache_dir)
 
@@ -307,24 +310,32 @@ def _experts_to_host(cpu_kernels: bool | None, rc: RuntimeConfig) -> bool:
 
 
 def _load_weights(path: Path, dtype: Any, progress: Any, host_experts: bool,
-                  host_linears: bool = False) -> tuple[ModelConfig, Any, Any]:
+                  host_linears: bool = False, family: ModelFamily = DEEPSEEK_V3) -> tuple[ModelConfig, Any, Any]:
     """(cfg, weights, ExpertStore or None). With host_experts the routed experts are packed
     straight from the checkpoint's mapping into the store (on the native thread pool, reading
-    ahead: ExpertStore.from_checkpoint), not stacked into arrays first; one progress bar.
-    host_linears: the other Linears stay views of the files too, for _place to pack them for
-    the kernels from there (what stays with XLA it puts on the device)."""
+    ahead: ExpertStore.from_checkpoint, from the family's checkpoint class), not stacked into
+    arrays first; one progress bar. host_linears (DeepSeek-V3): the other Linears stay views of
+    the files too, for _place to pack them for the kernels from there (what stays with XLA it
+    puts on the device); another family's loader reads them into arrays, which _place packs."""
+    deepseek = family is DEEPSEEK_V3
     if not host_experts:
-        return (*load_checkpoint(path, dtype=dtype, progress=progress), None)
+        if deepseek:
+            return (*load_checkpoint(path, dtype=dtype, progress=progress), None)
+        return (*family.load_checkpoint(path, dtype=dtype), None)
     from jaxmoe.cpu.expert_store import ExpertStore  # noqa: PLC0415
     from jaxmoe.loading.progress import Progress  # noqa: PLC0415
 
-    with open_checkpoint(path) as ck:
+    with (open_checkpoint(path) if deepseek else family.open_checkpoint(path)) as ck:
         bar = Progress(*ck.load_size(), enabled=progress, label=f"loading {path.name}")
         try:
             store = ExpertStore.from_checkpoint(ck, progress=bar)
             try:
-                cfg, weights = load_checkpoint(ck, dtype=dtype, progress=bar, load_experts=False,
-                                               host_linears=host_linears)
+                if deepseek:
+                    cfg, weights = load_checkpoint(ck, dtype=dtype, progress=bar, load_experts=False,
+                                                   host_linears=host_linears)
+                else:
+                    cfg, weights = family.load_checkpoint(ck, dtype=dtype, load_experts=False)
+                    bar.update(*ck.load_size(load_experts=False))
             except BaseException:
                 store.free()
                 raise

@@ -1,12 +1,17 @@
 """Placing a loaded model on the CPU kernels: every large matmul goes through cpu_ext.
 
-`to_cpu_placement(weights)` returns a Weights pytree in which
-- attention projections (q_a/q_b/q, kv_a_proj_with_mqa, o_proj), dense MLPs, shared experts
-  and lm_head are `HostLinear` handles (repacked FP8 or BF16 in host memory; float32 Linears
-  stay with XLA, whose f32 dot is its fast path),
-- each MoE layer's routed experts are one `HostExperts` layer of an `ExpertStore` (FP8 as
-  stored; unquantized experts are stored as bf16),
-- norms, embeddings and the router stay as they are; `kv_b_proj` becomes a `HostKvB` (per-head
+`to_cpu_placement(weights)` returns a weights pytree (of any model family: `layers` of
+`self_attn` + `mlp`, and `lm_head`) in which
+- attention projections (MLA: q_a/q_b/q, kv_a_proj_with_mqa, o_proj; any other attention
+  dataclass, e.g. GQA's `GQAWeights`: every field holding a Linear, q/k/v/o_proj), dense MLPs,
+  shared experts and lm_head are `HostLinear` handles (repacked FP8 or BF16 in host memory;
+  float32 Linears stay with XLA, whose f32 dot is its fast path),
+- each MoE layer's routed experts (the `experts` field of its MoE block: DeepSeek-V3's and
+  GLM-4.5's `MoEWeights`, Qwen3-MoE's sparse block) are one `HostExperts` layer of an
+  `ExpertStore` (FP8 as stored; unquantized experts are stored as bf16),
+- norms, embeddings, attention biases, q/k norms and the routers stay as they are (the routers
+  mark padding tokens with expert id -1 and weight 0, which the fused MoE kernel skips, as the
+  JAX reference does); MLA's `kv_b_proj` becomes a `HostKvB` (per-head
   kernels, attention.py) when `cfg` is given and the model has the absorption hooks, else a
   float32 DenseWeight dequantized once here (the absorbed decode would otherwise dequantize it
   at every step, and XLA's FP8->f32 conversion on the CPU is slow enough to dominate the step:
@@ -34,7 +39,7 @@ from jaxmoe.cpu.expert_store import ExpertStore
 from jaxmoe.cpu.handles import HostExperts, HostGroupedLinear, HostLinear
 from jaxmoe.cpu.host_matrix import HostMatrix, live_owners
 from jaxmoe.model import moe
-from jaxmoe.model.weights import MLAWeights, MLPWeights, MoEWeights
+from jaxmoe.model.weights import MLAWeights, MLPWeights
 
 
 @quant.linear_for.register
@@ -51,6 +56,12 @@ def _(w: HostLinear, dtype=None):
 @moe.routed_experts.register
 def _(experts: HostExperts, x: jax.Array, ids: jax.Array, weights: jax.Array) -> jax.Array:
     return ops.moe_experts(x, ids, weights, experts)
+
+
+def _is_linear(w: Any) -> bool:
+    """A Linear weight of jaxmoe.quant (or one already placed), as opposed to a plain array
+    (bias, norm) or None."""
+    return isinstance(w, (quant.DenseWeight, quant.Fp8Weight, HostLinear)) or type(w).__name__ == "Int4Weight"
 
 
 def _large(w: Any, min_elements: int) -> bool:
@@ -79,12 +90,13 @@ def _dense_f32(w: Any, min_elements: int) -> Any:
 
 
 def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | None = None, cfg=None):
-    """A Weights pytree whose large matmuls run on cpu_ext (see module docstring).
+    """A weights pytree (of any model family) whose large matmuls run on cpu_ext (see module docstring).
 
     min_elements: Linears smaller than this stay as they are. store: the ExpertStore to fill
     (default: a new one with one slot per layer); for weights loaded with load_experts=False,
     one built by `ExpertStore.from_checkpoint` (MoE layers without experts are taken from it).
-    cfg: the ModelConfig; with it kv_b_proj becomes a HostKvB (per-head kernels for the absorbed decode)."""
+    cfg: the model's config; with a DeepSeek-V3 ModelConfig kv_b_proj becomes a HostKvB (per-head kernels
+    for the absorbed decode)."""
     store = store or ExpertStore(len(weights.layers))
     h = lambda w: _host(w, min_elements)  # noqa: E731
 
@@ -99,23 +111,34 @@ def to_cpu_placement(weights, *, min_elements: int = 0, store: ExpertStore | Non
     def mlp(m: MLPWeights) -> MLPWeights:
         return MLPWeights(gate_proj=h(m.gate_proj), up_proj=h(m.up_proj), down_proj=h(m.down_proj))
 
+    def self_attn(a):
+        if isinstance(a, MLAWeights):  # DeepSeek-V3 (this order: the weights cache's host matrices follow it)
+            return dataclasses.replace(a, q_a_proj=h(a.q_a_proj), q_b_proj=h(a.q_b_proj), q_proj=h(a.q_proj),
+                                       kv_a_proj_with_mqa=h(a.kv_a_proj_with_mqa), o_proj=h(a.o_proj),
+                                       kv_b_proj=kv_b(a.kv_b_proj))
+        # any other attention (GQA: q/k/v/o_proj): every field holding a Linear, in field order;
+        # biases and norms are plain arrays and stay
+        return dataclasses.replace(a, **{f.name: h(getattr(a, f.name)) for f in dataclasses.fields(a)
+                                         if _is_linear(getattr(a, f.name))})
+
+    def ffn(i: int, m):
+        if isinstance(m, MLPWeights):
+            return mlp(m)
+        # a MoE block (MoEWeights, Qwen3's sparse block, ...): its routed experts into the store,
+        # its shared experts (if it has any) like a dense MLP, the router as it is
+        ex = m.experts
+        if ex is None:  # loaded with load_experts=False: the store must already hold them
+            ex = store.layer(i)
+        elif not isinstance(ex, HostExperts):
+            ex = store.add_layer(i, ex.gate_proj, ex.up_proj, ex.down_proj)
+        changes = {"experts": ex}
+        if getattr(m, "shared_experts", None) is not None:
+            changes["shared_experts"] = mlp(m.shared_experts)
+        return dataclasses.replace(m, **changes)
+
     layers = []
     for i, lw in enumerate(weights.layers):
-        a: MLAWeights = lw.self_attn
-        attn = dataclasses.replace(a, q_a_proj=h(a.q_a_proj), q_b_proj=h(a.q_b_proj), q_proj=h(a.q_proj),
-                                   kv_a_proj_with_mqa=h(a.kv_a_proj_with_mqa), o_proj=h(a.o_proj),
-                                   kv_b_proj=kv_b(a.kv_b_proj))
-        if isinstance(lw.mlp, MoEWeights):
-            ex = lw.mlp.experts
-            if ex is None:  # loaded with load_experts=False: the store must already hold them
-                ex = store.layer(i)
-            elif not isinstance(ex, HostExperts):
-                ex = store.add_layer(i, ex.gate_proj, ex.up_proj, ex.down_proj)
-            shared = mlp(lw.mlp.shared_experts) if lw.mlp.shared_experts is not None else None
-            ffn = dataclasses.replace(lw.mlp, experts=ex, shared_experts=shared)
-        else:
-            ffn = mlp(lw.mlp)
-        layers.append(dataclasses.replace(lw, self_attn=attn, mlp=ffn))
+        layers.append(dataclasses.replace(lw, self_attn=self_attn(lw.self_attn), mlp=ffn(i, lw.mlp)))
     return dataclasses.replace(weights, layers=tuple(layers), lm_head=h(weights.lm_head))
 
 

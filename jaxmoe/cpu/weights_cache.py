@@ -293,12 +293,15 @@ class _Recorder:
 
 
 def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_only: bool, root: Path | None = None,
-                verify: str | None = None, native=None):
+                verify: str | None = None, native=None, load_rest=None):
     """(cfg, placed weights) through the cache at `root` (default: default_root()): mapped from
     a sound cache, else loaded and placed as without a cache and then written to it (a warning
     says why an existing cache was not used). load() -> (cfg, weights without the routed
     experts, ExpertStore holding them) and place(cfg, weights, store) -> placed weights are the
-    uncached load (jaxmoe.generate). verify: VERIFY_MODES; None: $JAXMOE_WEIGHTS_CACHE_VERIFY, else "sample"."""
+    uncached load (jaxmoe.generate). load_rest() -> (cfg, weights without the routed experts):
+    what a cache hit reads from the checkpoint (default: DeepSeek-V3's loader with load_experts=False;
+    another model family passes its own). verify: VERIFY_MODES; None: $JAXMOE_WEIGHTS_CACHE_VERIFY,
+    else "sample"."""
     from jaxmoe.cpu import host_matrix  # noqa: PLC0415
     from jaxmoe.loading.loader import load_checkpoint  # noqa: PLC0415
 
@@ -314,7 +317,10 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
             warnings.warn(f"weights cache {root / key} is not usable, rebuilding it: {e}", stacklevel=3)
         else:
             try:
-                cfg, weights = load_checkpoint(path, dtype=dtype, progress=progress, load_experts=False)
+                if load_rest is None:
+                    cfg, weights = load_checkpoint(path, dtype=dtype, progress=progress, load_experts=False)
+                else:
+                    cfg, weights = load_rest()
                 with host_matrix.from_weight_hook(hook):
                     placed = place(cfg, weights, store)
                 if hook.i != len(hook.entries):

@@ -5,7 +5,10 @@ the two per-layer widths of the KV cache (`model.cache`'s `c_kv` / `k_pe` pools:
 and rope key, GQA's keys and values), the forward of an engine step, the checkpoint loader and
 the synthetic writer, and which runtime features beyond the cpu-only fused step it supports
 (`supports`: "staged" presets, "streamed_prefill" (SLP / DSLP), the "planner", the native
-"cpu_kernels"; the others raise a ValueError naming what is not supported yet).
+"cpu_kernels"; the others raise a ValueError naming what is not supported yet), and how to open
+its checkpoint without loading it (`open_checkpoint`: the accounted `loading.loader.Checkpoint`
+of its tensor map, what `cpu.expert_store.ExpertStore.from_checkpoint` packs the routed
+experts from).
 
 `family_of(config)` dispatches a config.json dict on `model_type`, then `architectures` (a
 config naming neither is DeepSeek-V3: the configs jaxmoe wrote before other families), and a
@@ -18,7 +21,8 @@ parsed config on its type; anything else raises `ConfigError` naming the support
 Families: DeepSeek-V3 (model_type "deepseek_v3", Kimi-K2's "kimi_k2"; `DeepseekV3ForCausalLM`:
 jaxmoe/model/), Qwen3-MoE ("qwen3_moe", `Qwen3MoeForCausalLM`: jaxmoe/models/qwen3_moe/) and
 GLM-4.5 ("glm4_moe", `Glm4MoeForCausalLM`: jaxmoe/models/glm4_moe/; GLM-4.5, GLM-4.5-Air).
-Qwen3-MoE and GLM-4.5 run the fused step only for now (`supports` empty).
+Qwen3-MoE and GLM-4.5 run the fused step only for now, on the pure JAX path or with the CPU
+kernels (`supports`: "cpu_kernels").
 """
 
 from __future__ import annotations
@@ -58,15 +62,19 @@ class ModelFamily:
     parse_config: Callable[[dict[str, Any], str], Any]  # (config.json dict, source for errors) -> config
     cache_widths: Callable[[Any], tuple[int, int]]  # config -> numbers per position per layer in c_kv, k_pe
     step_forward: Callable[[Any, int, int], Callable]  # (config, step width, kv_len) -> forward(cfg, w, cache, ...)
-    load_checkpoint: Callable[..., tuple[Any, Any]]  # (path, *, dtype) -> (config, weights)
+    # (path or open checkpoint, *, dtype, load_experts=True) -> (config, weights); load_experts=False
+    # leaves the MoE blocks' routed `experts` None (for an ExpertStore filled from the checkpoint)
+    load_checkpoint: Callable[..., tuple[Any, Any]]
     write_synthetic: Callable[..., Path]  # (path, config, *, fmt, seed, ...) -> path
+    open_checkpoint: Callable[[Path], Any]  # path -> open, accounted loading.loader.Checkpoint (close it)
     supports: frozenset[str] = frozenset()  # of FEATURES
 
     def require(self, feature: str, what: str) -> None:
         """ValueError naming `what` unless this family supports `feature`."""
         if feature not in self.supports:
             raise ValueError(f"{what} is not supported yet for {self.name} models (they run the fused step only: the "
-                             f"cpu-only preset or routed_experts='accelerator', prefill on the step path, pure JAX)")
+                             f"cpu-only preset (pure JAX or the CPU kernels) or routed_experts='accelerator', prefill on "
+                             f"the step path)")
 
 
 def _deepseek_step_forward(cfg: ModelConfig, width: int, kv_len: int) -> Callable:
@@ -84,8 +92,10 @@ DEEPSEEK_V3 = ModelFamily(
     parse_config=lambda d, source: ModelConfig.from_dict(d, source=source),
     cache_widths=mla_cache_widths,
     step_forward=_deepseek_step_forward,
-    load_checkpoint=lambda path, *, dtype=jnp.float32: loader.load_checkpoint(path, dtype=dtype),
+    load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: loader.load_checkpoint(
+        path, dtype=dtype, load_experts=load_experts),
     write_synthetic=synthetic.write_synthetic_checkpoint,
+    open_checkpoint=loader.open_checkpoint,
     supports=frozenset(FEATURES),
 )
 
@@ -97,8 +107,11 @@ QWEN3_MOE = ModelFamily(
     parse_config=lambda d, source: qwen3_moe.Qwen3MoeConfig.from_dict(d, source=source),
     cache_widths=lambda cfg: (cfg.attention.kv_width, cfg.attention.kv_width),  # keys, values
     step_forward=lambda cfg, width, kv_len: qwen3_forward,
-    load_checkpoint=lambda path, *, dtype=jnp.float32: qwen3_moe.load_checkpoint(path, dtype=dtype),
+    load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: qwen3_moe.load_checkpoint(
+        path, dtype=dtype, load_experts=load_experts),
     write_synthetic=qwen3_synthetic.write_synthetic_checkpoint,
+    open_checkpoint=qwen3_moe.Qwen3MoeCheckpoint,
+    supports=frozenset({"cpu_kernels"}),
 )
 
 GLM4_MOE = ModelFamily(
@@ -109,8 +122,11 @@ GLM4_MOE = ModelFamily(
     parse_config=lambda d, source: glm4_moe.Glm4MoeConfig.from_dict(d, source=source),
     cache_widths=lambda cfg: (cfg.attention.kv_width, cfg.attention.kv_width),  # keys, values
     step_forward=lambda cfg, width, kv_len: glm4_forward,
-    load_checkpoint=lambda path, *, dtype=jnp.float32: glm4_moe.load_checkpoint(path, dtype=dtype),
+    load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: glm4_moe.load_checkpoint(
+        path, dtype=dtype, load_experts=load_experts),
     write_synthetic=glm4_synthetic.write_synthetic_checkpoint,
+    open_checkpoint=glm4_moe.Glm4MoeCheckpoint,
+    supports=frozenset({"cpu_kernels"}),
 )
 
 FAMILIES: tuple[ModelFamily, ...] = (DEEPSEEK_V3, QWEN3_MOE, GLM4_MOE)

@@ -1,9 +1,10 @@
 """Session fixtures for the model-family tests, parametrized over the families beside DeepSeek-V3
 (`TINY`: qwen3-moe-tiny, glm4-moe-tiny): the tiny config, synthetic checkpoints (FP8 and bf16,
-with tokenizer) written by the family's synthetic writer, and one model loaded by `jaxmoe.load`
-(the pure JAX path: the CPU kernels are DeepSeek-V3's for now). A test taking one of them runs
-once per family; pytest groups the tests by family, so one family's model (and its compiled
-steps) serves all of its tests before the next family's is loaded."""
+with tokenizer) written by the family's synthetic writer, one model loaded by `jaxmoe.load` on the
+pure JAX path (`tiny_model`: cpu_kernels=False) and the same checkpoints loaded onto jaxmoe's CPU
+kernels (`tiny_kernel_models`: cpu_kernels=True, exact precision). A test taking one of them runs
+once per family; pytest groups the tests by family, so one family's models (and their compiled
+steps) serve all of its tests before the next family's are loaded."""
 
 from __future__ import annotations
 
@@ -40,4 +41,14 @@ def tiny_ckpts(tmp_path_factory, tiny_name, tiny_cfg, tiny_family):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_ckpts) -> jaxmoe.Model:
-    return jaxmoe.load(tiny_ckpts["fp8"], n_slots=3, chunk_size=16, kv_block_size=16)
+    return jaxmoe.load(tiny_ckpts["fp8"], cpu_kernels=False, n_slots=3, chunk_size=16, kv_block_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_kernel_models(tiny_ckpts) -> dict[str, jaxmoe.Model]:
+    """{fmt: the checkpoint on the CPU kernels} (exact precision: f32 activations and sums)."""
+    models = {fmt: jaxmoe.load(path, cpu_kernels=True, cpu_precision="exact", n_slots=3, chunk_size=16, kv_block_size=16)
+              for fmt, path in tiny_ckpts.items()}
+    yield models
+    for m in models.values():
+        m.close()

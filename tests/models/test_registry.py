@@ -1,10 +1,11 @@
 """The family registry: dispatch by model_type / architectures / config type, the error for an
 unsupported architecture, the cache widths and bytes per family, the synthetic writer through
-`jaxmoe synth`, and what `jaxmoe.load` refuses for a family without the CPU kernels (Qwen3-MoE,
-GLM-4.5: the tests taking conftest's `tiny_*` fixtures run once per family)."""
+`jaxmoe synth`, and what `jaxmoe.load` refuses for a family without the CPU kernels (the tests
+taking conftest's `tiny_*` fixtures run once per family: Qwen3-MoE, GLM-4.5)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -32,6 +33,7 @@ def _packaged(name: str) -> dict:
 @pytest.mark.parametrize(("name", "family"), [("tiny", DEEPSEEK_V3), ("deepseek-v3", DEEPSEEK_V3), ("kimi-k2", DEEPSEEK_V3),
                                               ("kimi-k2-tiny", DEEPSEEK_V3), ("qwen3-moe-tiny", QWEN3_MOE),
                                               ("qwen3-30b-a3b", QWEN3_MOE), ("qwen3-235b-a22b", QWEN3_MOE),
+                                              ("qwen3-moe-mid", QWEN3_MOE),
                                               ("glm4-moe-tiny", GLM4_MOE), ("glm-4.5", GLM4_MOE), ("glm-4.5-air", GLM4_MOE)])
 def test_packaged_configs_find_their_family(name, family):
     d = _packaged(name)
@@ -139,11 +141,16 @@ def test_synth_cli_writes_a_checkpoint_that_loads(tmp_path, fmt, tiny_name, tiny
     assert cfg.replace(bos_token_id=None, eos_token_id=(), quantization=None, dtype="bfloat16") == tiny_cfg.replace(
         bos_token_id=None, eos_token_id=())
     m = jaxmoe.load(out)
-    assert isinstance(m.cfg, tiny_family.config_type) and not m.cpu_kernels and m.tokenizer is not None
+    assert isinstance(m.cfg, tiny_family.config_type) and m.cpu_kernels and m.tokenizer is not None  # JAX on the CPU
     assert m.eos_token_ids  # from the config and the tokenizer
 
 
-def test_cpu_kernels_are_refused(tiny_ckpts, tiny_family):
+def test_cpu_kernels_are_refused_for_a_family_without_them(tiny_ckpts, tiny_family, monkeypatch):
+    import jaxmoe.loaded_model as lm
+
+    assert "cpu_kernels" in tiny_family.supports  # tests/models/test_family_cpu_kernels.py runs them
+    without = dataclasses.replace(tiny_family, supports=tiny_family.supports - {"cpu_kernels"})
+    monkeypatch.setattr(lm, "_family", lambda path: without)
     with pytest.raises(ValueError, match=f"CPU kernels do not run {re.escape(tiny_family.name)} models yet"):
         jaxmoe.load(tiny_ckpts["bf16"], cpu_kernels=True)
     assert not jaxmoe.load(tiny_ckpts["bf16"], cpu_kernels=None).cpu_kernels
