@@ -5,10 +5,12 @@ The user's jaxmoe cache ($JAXMOE_CACHE_DIR, ~/.cache/jaxmoe) is out of the tests
 (and the processes they start) see an empty temporary one and no $JAXMOE_CALIBRATION, so a
 calibration measured on this box never changes a prediction under test."""
 
+import gc
 import os
 import tempfile
 
 import jax
+import pytest
 
 N_CPU_DEVICES = 4
 jax.config.update("jax_num_cpu_devices", N_CPU_DEVICES)
@@ -16,3 +18,14 @@ jax.config.update("jax_num_cpu_devices", N_CPU_DEVICES)
 _CACHE = tempfile.TemporaryDirectory(prefix="jaxmoe-test-cache-")  # removed when the session ends
 os.environ["JAXMOE_CACHE_DIR"] = _CACHE.name
 os.environ.pop("JAXMOE_CALIBRATION", None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """After each test module: drop JAX's compiled programs. Every loaded model's step programs
+    compile anew (its host handles are static arguments) and each executable keeps its code
+    mmaps until the caches are cleared; over the whole suite they would pass the kernel's
+    vm.max_map_count (65530), and the next compilation would fail inside LLVM."""
+    yield
+    jax.clear_caches()
+    gc.collect()

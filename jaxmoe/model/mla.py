@@ -13,8 +13,10 @@ Both attend blocked over the keys when a step has several queries (a prompt chun
 than `block` cache slots (default `ATTENTION_KEY_BLOCK`, static): an online softmax (running
 max and sum, flash-style) in float32 over key blocks with `lax.fori_loop`, so scores take
 O(T x block) per head instead of O(T x S) -- a 32K prompt fits -- and, in the expanded form,
-keys and values are expanded from the latents one block at a time. One query per row
-(decode) attends in one piece.
+keys and values are expanded from the latents one block at a time. The loop stops after the
+last block any query reaches (a traced trip count), so a chunk costs the keys up to its last
+position rather than its whole power-of-two key window. One query per row (decode) attends in
+one piece.
 
 Each form is also split in two, "write latents" (`mla_latents`, then `cache.write_layer`)
 and "attend" (`attend_expanded` / `attend_absorbed`, over the cache as written), so a
@@ -110,7 +112,12 @@ def key_blocked_attention(block_fn, positions: jax.Array, n_keys: int, block: in
 
     n_full = n_keys // block
     if n_full:
-        carry = jax.lax.fori_loop(0, n_full, lambda i, c: update(c, i * block, block), carry)
+        # Full blocks past the furthest slot any query sees (queries at positions >= n_keys are
+        # padding) would add exactly nothing (p = 0, alpha = 1): the loop stops before them, so a
+        # step costs the keys its rows reach, not its whole power-of-two window.
+        last = jnp.max(jnp.where(positions < n_keys, positions, -1))
+        n_used = jnp.clip(last // block + 1, 0, n_full)
+        carry = jax.lax.fori_loop(0, n_used, lambda i, c: update(c, i * block, block), carry)
     if n_keys % block:
         carry = update(carry, n_full * block, n_keys % block)
     _, denom, acc = carry

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -131,11 +132,7 @@ def test_foreign_version_key_and_layout_are_rejected(ckpts, tmp_path, monkeypatc
         wc.cache_key(fields)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt", "no_manifest", "bad_json"])
-def test_damaged_cache_is_rebuilt_with_a_warning(ckpts, tmp_path, damage):
-    root = tmp_path / "wcache"
-    want = _tokens(_load(ckpts["bf16"], root))
-    d = _cache_dir(root)
+def _damage(d, damage: str) -> None:
     data = d / "data.bin"
     size = data.stat().st_size
     if damage == "truncate":
@@ -150,9 +147,27 @@ def test_damaged_cache_is_rebuilt_with_a_warning(ckpts, tmp_path, damage):
         (d / "manifest.json").unlink()
     else:
         (d / "manifest.json").write_text("{not json")
-    assert _rebuilt_with_warning(ckpts["bf16"], root, "not usable") == want
-    assert data.stat().st_size == size
-    wc.verify_dir(d, "full", d.name)
+
+
+def test_damaged_cache_is_rebuilt_with_a_warning(ckpts, tmp_path):
+    """Each damage makes the cache unsound (CacheError); a load then rebuilds it with a warning
+    (end to end for a damaged data file, truncated then corrupted: one cache, rebuilt twice) and
+    gives the fresh load's tokens; the rebuilt cache verifies in full and maps without a warning."""
+    root = tmp_path / "wcache"
+    want = _tokens(_load(ckpts["bf16"], root))
+    d = _cache_dir(root)
+    size = (d / "data.bin").stat().st_size
+    for damage in ("no_manifest", "bad_json", "truncate", "corrupt"):
+        copy = tmp_path / damage / d.name
+        shutil.copytree(d, copy)
+        _damage(copy, damage)
+        with pytest.raises(wc.CacheError):
+            wc.verify_dir(copy, "full", d.name)
+    for damage in ("truncate", "corrupt"):
+        _damage(d, damage)
+        assert _rebuilt_with_warning(ckpts["bf16"], root, "not usable") == want, damage
+        assert (d / "data.bin").stat().st_size == size
+        wc.verify_dir(d, "full", d.name)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _tokens(_load(ckpts["bf16"], root)) == want

@@ -3,8 +3,9 @@
 with tokenizer) written by the family's synthetic writer, one model loaded by `jaxmoe.load` on the
 pure JAX path (`tiny_model`: cpu_kernels=False) and the same checkpoints loaded onto jaxmoe's CPU
 kernels (`tiny_kernel_models`: cpu_kernels=True, exact precision). A test taking one of them runs
-once per family; pytest groups the tests by family, so one family's models (and their compiled
-steps) serve all of its tests before the next family's are loaded."""
+once per family (`one_family`: once, on the family it names); pytest groups the tests by family,
+so one family's models (and their compiled steps) serve all of its tests before the next family's
+are loaded."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ import jaxmoe
 from jaxmoe.models.registry import ModelFamily, family_of, read_config
 
 TINY = ("qwen3-moe-tiny", "glm4-moe-tiny")  # the packaged tiny config of each family
+
+
+def one_family(name: str):
+    """For a test of family-agnostic machinery (batching, prefix sharing, the weights cache):
+    run it on one family only (the families take turns), keeping the suite's time in bounds."""
+    return pytest.mark.parametrize("tiny_name", [name], indirect=True)
 
 
 @pytest.fixture(scope="session", params=TINY)

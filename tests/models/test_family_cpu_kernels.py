@@ -22,6 +22,7 @@ from jaxmoe.model.moe import routed_experts
 from jaxmoe.model.weights import MLPWeights
 from jaxmoe.models.registry import read_config
 from jaxmoe.serving.engine import Engine
+from tests.models.conftest import one_family
 from tests.models.test_family_engine import BS, NEW, prompts, solo_greedy
 
 FMTS = ("fp8", "bf16")
@@ -93,6 +94,7 @@ def test_load_default_turns_the_kernels_on_where_jax_runs_on_the_cpu(tiny_ckpts,
     assert not jaxmoe.load(tiny_ckpts["bf16"], cpu_kernels=False).cpu_kernels
 
 
+@one_family("glm4-moe-tiny")
 def test_concurrent_requests_on_the_kernels_get_their_solo_tokens(tiny_kernel_models):
     """Three requests in one engine's steps (chunked prefill beside decode rows, padded row
     buckets) get what each gets alone (the plain loop over the same placed weights)."""
@@ -109,6 +111,7 @@ def test_concurrent_requests_on_the_kernels_get_their_solo_tokens(tiny_kernel_mo
     assert [r.output_ids for r in reqs] == solo
 
 
+@one_family("qwen3-moe-tiny")
 def test_prefix_cache_on_the_kernels(tiny_kernel_models):
     m = tiny_kernel_models["bf16"]
     cfg, w = m.cfg, m.weights
@@ -145,6 +148,7 @@ def test_router_padding_runs_no_expert_on_the_kernels(tiny_kernel_models, tiny_c
         np.testing.assert_allclose(out, np.asarray(routed_experts(pure[i].experts, x, ids, wts)), rtol=2e-4, atol=2e-5)
 
 
+@one_family("qwen3-moe-tiny")
 def test_the_weights_cache_maps_the_second_load(tiny_ckpts, tiny_family, tmp_path, caplog):
     """weights_cache=: the first load packs and writes the store and host matrices, the second
     maps them (and reads the rest with the family's own loader); same tokens as the pure JAX path."""

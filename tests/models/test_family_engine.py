@@ -21,6 +21,7 @@ import pytest
 import jaxmoe
 from jaxmoe.models import glm4_moe, qwen3_moe
 from jaxmoe.serving.engine import Engine
+from tests.models.conftest import one_family
 
 NEW = 6
 BS = 16  # kv_block_size = chunk_size
@@ -66,6 +67,7 @@ def test_generate_greedy_equals_a_plain_argmax_loop(tiny_ckpts, fmt):
     assert streamed == r.token_ids
 
 
+@one_family("qwen3-moe-tiny")
 def test_concurrent_requests_get_their_solo_tokens(tiny_model):
     """Three requests batched together, prompts longer than chunk_size (chunked prefill beside
     decode rows): each gets exactly what it gets alone."""
@@ -101,6 +103,7 @@ def test_concurrent_generate_calls_from_threads(tiny_model):
     assert [out[i] for i in range(len(ps))] == solo
 
 
+@one_family("glm4-moe-tiny")
 def test_prefix_cache_shares_blocks_and_keeps_the_cold_tokens(tiny_model):
     cfg, w = tiny_model.cfg, tiny_model.weights
     system, x, y = prompts(cfg.vocab_size, (2 * BS + 5, 9, 13), seed=5)
@@ -150,6 +153,7 @@ def test_streamed_prefill_is_refused(tiny_model, tiny_family, strategy, monkeypa
         Engine(cfg, w, "cpu-only")
 
 
+@one_family("qwen3-moe-tiny")
 def test_auto_on_an_accelerator_resolves_to_the_step_path_without_the_planner(tiny_model, monkeypatch):
     import jaxmoe.serving.prompt_runner as runner
 

@@ -52,8 +52,8 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXMOE_REPO", str(ROOT))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    # 03_benchmarks: run kernels and prefill live (--quick); e2e has its own quick test (tests/benchmarks).
-    monkeypatch.setenv("JAXMOE_NB_BENCHES", "kernels,prefill")
+    # 03_benchmarks: run prefill live (--quick); e2e and kernels have their own quick tests (tests/benchmarks).
+    monkeypatch.setenv("JAXMOE_NB_BENCHES", "prefill")
     nb = jupytext.read(path)  # an nbformat v4 notebook, without outputs
     # The kernel must be this interpreter (jupyter_client maps a kernelspec's "python" to sys.executable).
     check = nbformat.v4.new_code_cell(
