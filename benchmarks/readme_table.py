@@ -1,5 +1,5 @@
 """Print the README's Performance table from the results JSONs (e2e, peer_llamacpp, slo, serve,
-load, kernels, kernels_int4_gemm, quality, prefill), one row block per CPU class measured;
+load, prefix, kernels, kernels_int4_gemm, quality, prefill), one row block per CPU class measured;
 with --write-readme, replace the table in README.md's "Performance" section (between the
 `<!-- perf-table -->` markers) with it.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from benchmarks._cpu import CLASSES
 from benchmarks._harness import CLASS_DIRS, RESULTS_DIR
 
-NAMES = ("e2e", "peer_llamacpp", "slo", "serve", "load", "kernels", "kernels_int4_gemm", "quality", "prefill")
+NAMES = ("e2e", "peer_llamacpp", "slo", "serve", "load", "prefix", "kernels", "kernels_int4_gemm", "quality", "prefill")
 CLASS_LABELS = {"avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX", "other": "other"}
 LEGACY_CLASS = "avx2"  # results whose env has no cpu_class: all from the AVX2 development box
 
@@ -95,7 +95,7 @@ def _rows(load: Loader) -> list[str]:
             f"| e2e | {d['model']} FP8 | prefill tok/s, 512-token prompt | {_f(m['prefill_tok_s_512'])} | {run} |",
             f"| e2e | {d['model']} FP8 | prefill tok/s, 4096-token prompt | {_f(m.get('prefill_tok_s_4096'))} | {run} |",
         ]
-    rows += _peer_rows(load) + _slo_rows(load) + _serve_rows(load) + _load_rows(load) + _kernel_rows(load)
+    rows += _peer_rows(load) + _slo_rows(load) + _serve_rows(load) + _load_rows(load) + _prefix_rows(load) + _kernel_rows(load)
     k = load("kernels")
     if k:
         m, run = k["metrics"], _env(k)
@@ -248,6 +248,24 @@ def _load_rows(load: Loader) -> list[str]:
     return [f"| load (`jaxmoe.load`, `cpu-only`) | {model} | GB/s warm (first load); fraction of the read pass | "
             f"{_f(m['load_warm_gb_s'], 2)} ({_f(m['load_first_gb_s'], 2)}); {_f(m['load_warm_frac_of_read'], 2)} | "
             f"read pass {_f(m['read_warm_gb_s'], 2)} GB/s; cold: {cold}{cached}; {run} |"]
+
+
+def _prefix_rows(load: Loader) -> list[str]:
+    """Prefix caching (benchmarks/prefix.py): TTFT with the prefix cache over TTFT without, per
+    turn / call from the second on, and the prefill tokens each engine computed."""
+    d = load("prefix")
+    if not d:
+        return []
+    m, run = d["metrics"], _env(d)
+    rows = []
+    for w, what in (("chat", "chat turns resending their history"), ("agent", "agent calls sharing a prefix")):
+        if f"{w}_ttft_ratios" not in m:
+            continue
+        rows.append(f"| prefix (`cpu-only`) | {m['model']} FP8 | {what}: TTFT cached / uncached from the 2nd on "
+                    f"(target <= {m['target_ttft_ratio']}) | {', '.join(_f(x, 3) for x in m[f'{w}_ttft_ratios'])} | "
+                    f"prefill tokens computed {m[f'{w}_prefill_tokens_computed_cached']} vs "
+                    f"{m[f'{w}_prefill_tokens_computed_uncached']}; same tokens: {m[f'{w}_same_tokens']}; {run} |")
+    return rows
 
 
 def write_readme() -> None:

@@ -80,3 +80,15 @@ def test_committed_results_render():
     if kernels.is_file():
         m = json.loads(kernels.read_text())["metrics"]
         assert f"{m['fp8_gemv_m1_frac_of_read']:.3f}" in text
+
+
+def test_prefix_rows(tmp_path):
+    """benchmarks.prefix: one row per workload measured, its ratios and tokens computed."""
+    env = {"date": "2026-12-05T01:00:00+00:00", "cpu": "AMD EPYC", "cores": 2, "cpu_class": "avx2", "loadavg_1m": 1.0,
+           "commit": "abc1234"}
+    m = {"model": "bench-v3-mid", "target_ttft_ratio": 0.15, "chat_ttft_ratios": [0.12, 0.1],
+         "chat_prefill_tokens_computed_cached": 1500, "chat_prefill_tokens_computed_uncached": 7750, "chat_same_tokens": True}
+    _write(tmp_path / "prefix.json", {"metrics": m, "env": env, "details": {}})
+    rows = [r for r in RT.table(tmp_path).splitlines() if r.startswith("| prefix")]
+    assert len(rows) == 1 and "chat turns" in rows[0] and "| 0.120, 0.100 |" in rows[0] and "1500 vs 7750" in rows[0]
+    assert rows[0].count("|") == 6
