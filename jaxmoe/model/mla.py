@@ -112,9 +112,7 @@ def key_blocked_attention(block_fn, positions: jax.Array, n_keys: int, block: in
 
     n_full = n_keys // block
     if n_full:
-        # Full blocks past the furthest slot any query sees (queries at positions >= n_keys are
-        # padding) would add exactly nothing (p = 0, alpha = 1): the loop stops before them, so a
-        # step costs the keys its rows reach, not its whole power-of-two window.
+        # blocks past the furthest slot a real query (position < n_keys) sees add p = 0, alpha = 1: skipped
         last = jnp.max(jnp.where(positions < n_keys, positions, -1))
         n_used = jnp.clip(last // block + 1, 0, n_full)
         carry = jax.lax.fori_loop(0, n_used, lambda i, c: update(c, i * block, block), carry)
