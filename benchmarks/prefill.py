@@ -294,11 +294,9 @@ class _Strategies:
         run = self._in_engine(engine, None)
         out = {}
         if warm:  # the longest prompt compiles the full-chunk programs of every key window; a
-            # prompt whose last chunk is narrower (width bucket) compiles its own once
-            from jaxmoe.step_shapes import width_bucket  # noqa: PLC0415
-
+            # prompt with a partial last chunk (cut into narrower buckets: next_chunk) compiles its own once
             for n in sorted(lengths, reverse=True):
-                if n == max(lengths) or width_bucket(n % chunk or chunk, chunk) != chunk:
+                if n == max(lengths) or n % chunk:
                     run(self.rng.integers(0, self.cfg.vocab_size, (1, n), dtype=np.int32))
         yard = _GemmYardstick(hw) if hw.kernels is not None else None
         for n in lengths:

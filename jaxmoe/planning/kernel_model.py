@@ -40,7 +40,7 @@ import dataclasses
 from jaxmoe import step_shapes
 from jaxmoe.config import ModelConfig
 from jaxmoe.planning.cost_model import ModelCosts, model_costs
-from jaxmoe.step_shapes import ATTENTION_KEY_BLOCK, expanded_is_cheaper, row_bucket, width_bucket
+from jaxmoe.step_shapes import ATTENTION_KEY_BLOCK, expanded_is_cheaper, next_chunk, row_bucket, width_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,10 +174,11 @@ class KernelModel:
 
     def prefill(self, n_tokens: int, chunk: int, max_len: int | None = None) -> tuple[float, list[StepTime]]:
         """One request's prompt in chunks of `chunk` (alone in the engine: one row per step)."""
-        steps = []
-        for s in range(0, n_tokens, chunk):
-            n = min(chunk, n_tokens - s)
-            steps.append(self.step(width_bucket(n, chunk), n, kv_window(s + n, max_len), 1))
+        steps, s = [], 0
+        while s < n_tokens:  # the scheduler's cut of the cpu-only engine (step_shapes.next_chunk)
+            n = next_chunk(n_tokens - s, chunk)
+            s += n
+            steps.append(self.step(width_bucket(n, chunk), n, kv_window(s, max_len), 1))
         return sum(x.seconds for x in steps), steps
 
     def decode(self, batch: int, context: int, n_slots: int | None = None, max_len: int | None = None) -> StepTime:

@@ -63,7 +63,7 @@ from jaxmoe.serving.prompt_runner import StreamedPromptRunner, default_hardware
 from jaxmoe.serving.request import Request, RequestRefused
 from jaxmoe.serving.sampling import SamplingParams
 from jaxmoe.serving.scheduler import Scheduler, StepPlan
-from jaxmoe.step_shapes import kv_window
+from jaxmoe.step_shapes import STEP_OVERHEAD_COLUMNS, kv_window
 
 
 def cache_bytes_per_position(cfg: Any, dtype=jnp.float32) -> int:
@@ -124,8 +124,9 @@ class Engine:
                                        max_len, cache_dtype)
         self._cache_dtype = cache_dtype
         self.step_model = None  # predicted seconds of a mixed step, where the TPOT target needs it
+        # the cpu-only engine computes a step's padding in its dense Linears: cut prompts' last tokens
         self.scheduler = Scheduler(self.n_slots, max_len, self.chunk_size, decode_chunk_size=rc.decode_chunk_size,
-                                   blocks=self.blocks)
+                                   blocks=self.blocks, step_overhead=None if rc.accelerators else STEP_OVERHEAD_COLUMNS)
         self.worker = None  # streamed prompts beside the decode steps (prefill_beside_decode)
         if rc.prefill_beside_decode and self.prefill.possible:
             self.worker = PrefillWorker(self.prefill, self.chunk_size)

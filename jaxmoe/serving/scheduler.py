@@ -12,7 +12,10 @@ reports the sampled tokens back. Policy:
 - every decoding request advances one token per step;
 - prefilling requests get the rest of the step's token budget in chunks of at most
   `chunk_size` tokens (chunked prefill), or `decode_chunk_size` while other requests decode
-  (they wait for the step), so a long prompt never stalls the decoders for long;
+  (they wait for the step), so a long prompt never stalls the decoders for long; with
+  `step_overhead` (columns: the cpu-only engine, whose dense Linears compute a step's padding)
+  a prompt's last tokens are cut where the padding of one step would cost more than another
+  step (`step_shapes.next_chunk`: 151 tokens run as 128 + 23, not in one 256-wide step);
 - with a TPOT target (`tpot_target_s` and a `step_time` model: the engine passes the planner's
   CPU step model, `planning.kernel_model.KernelModel.mixed_step`), a step that carries decode
   rows takes the widest prompt chunk among the width buckets (`step_shapes.width_bucket`:
@@ -34,7 +37,7 @@ import dataclasses
 from collections.abc import Callable
 
 from jaxmoe.serving.request import Request, RequestRefused, Status
-from jaxmoe.step_shapes import MIN_WIDTH_BUCKET
+from jaxmoe.step_shapes import MIN_WIDTH_BUCKET, next_chunk
 
 
 @dataclasses.dataclass
@@ -78,7 +81,7 @@ class Scheduler:
 
     def __init__(self, n_slots: int, max_len: int, chunk_size: int, token_budget: int | None = None,
                  decode_chunk_size: int | None = None, *, tpot_target_s: float | None = None,
-                 step_time: StepTimeModel | None = None, blocks=None):
+                 step_time: StepTimeModel | None = None, blocks=None, step_overhead: int | None = None):
         if n_slots < 1 or chunk_size < 1 or (decode_chunk_size is not None and decode_chunk_size < 1):
             raise ValueError("n_slots, chunk_size and decode_chunk_size must be >= 1")
         if tpot_target_s is not None and (tpot_target_s <= 0 or step_time is None):
@@ -90,6 +93,7 @@ class Scheduler:
         self.decode_chunk_size = min(decode_chunk_size or chunk_size, chunk_size)
         self.token_budget = token_budget or max(chunk_size, n_slots)
         self.blocks = blocks  # KVBlocks, or None: no block accounting (slots only)
+        self.step_overhead = step_overhead  # a step's fixed cost in columns: cut prompts' last tokens (None: never)
         self.stream_chunks = True  # hand streamed prompts' chunks to the steps (False: the engine's prefill worker runs them)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}
@@ -189,7 +193,7 @@ class Scheduler:
         for slot, req in prompts:
             if budget <= 0:
                 break
-            out[slot] = self._chunk(req, min(limit, budget))
+            out[slot] = self._chunk(req, min(limit, budget), self.step_overhead)
             budget -= len(out[slot].tokens)
         return out
 
@@ -209,8 +213,8 @@ class Scheduler:
         return best
 
     @staticmethod
-    def _chunk(req: Request, limit: int) -> RowPlan:
-        n = min(limit, len(req.prompt_ids) - req.n_prefilled)
+    def _chunk(req: Request, limit: int, overhead: int | None = None) -> RowPlan:
+        n = next_chunk(len(req.prompt_ids) - req.n_prefilled, limit, overhead)
         toks = req.prompt_ids[req.n_prefilled : req.n_prefilled + n]
         return RowPlan(req, toks, req.n_prefilled, req.n_prefilled + n == len(req.prompt_ids))
 

@@ -9,7 +9,7 @@ from jaxmoe.model.cache import init_cache
 from jaxmoe.model.forward import forward_absorbed, forward_expanded
 from jaxmoe.serving.engine import Engine
 from jaxmoe.serving.executors import active_rows
-from jaxmoe.step_shapes import row_bucket, width_bucket
+from jaxmoe.step_shapes import MIN_WIDTH_BUCKET, STEP_OVERHEAD_COLUMNS, next_chunk, remainder_chunks, row_bucket, width_bucket
 
 MAX_LEN = 32
 _prefill = jax.jit(forward_expanded, static_argnums=0)
@@ -63,8 +63,8 @@ def test_rows_address_cache_slots(tiny_model):
     np.testing.assert_allclose(s_logits, d_logits, atol=1e-6, rtol=0)
 
 
-def spy_engine(cfg, w, chunk_size=8):
-    eng = Engine(cfg, w, "cpu-only", n_slots=4, max_len=MAX_LEN, chunk_size=chunk_size, decode_chunk_size=None)
+def spy_engine(cfg, w, chunk_size=8, max_len=MAX_LEN):
+    eng = Engine(cfg, w, "cpu-only", n_slots=4, max_len=max_len, chunk_size=chunk_size, decode_chunk_size=None)
     seen = []
     program = eng.executor._program
 
@@ -116,3 +116,58 @@ def test_mixed_step_runs_decode_rows_at_width_one(tiny_model):
     assert sorted(seen) == [((1, 1), [0]), ((1, 8), [1])]
     eng.run_until_idle()
     assert [a.output_ids, b.output_ids] == solo
+
+
+def _cost(chunks, width, overhead):
+    return sum(overhead + width_bucket(c, width) for c in chunks)
+
+
+def _cheapest(n, width, overhead, memo={}):  # noqa: B006  (a memo across calls)
+    """Brute force over every cut of n tokens into steps of <= width columns, each chunk but the
+    last at least MIN_WIDTH_BUCKET (a 1-token step is not 1 column's cost): the least cost."""
+    key = (n, width, overhead)
+    if key not in memo:
+        memo[key] = min([overhead + width_bucket(n, width)]
+                        + [overhead + width_bucket(c, width) + _cheapest(n - c, width, overhead)
+                           for c in range(MIN_WIDTH_BUCKET, min(n - 1, width) + 1)])
+    return memo[key]
+
+
+@pytest.mark.parametrize("width,overhead", [(256, 16), (64, 16), (256, 4), (100, 16)])
+def test_remainder_chunks_cost_the_least(width, overhead):
+    """Every remainder is cut at the least cost of any cut into steps (brute force over all cuts),
+    its chunks cover it exactly, only the last one partly fills its bucket, and ties go to fewer steps."""
+    for n in range(1, width + 1):
+        chunks = remainder_chunks(n, width, overhead)
+        assert sum(chunks) == n and all(0 < c <= width for c in chunks), (n, chunks)
+        assert all(width_bucket(c, width) == c for c in chunks[:-1]), (n, chunks)
+        assert _cost(chunks, width, overhead) == _cheapest(n, width, overhead), (n, chunks)
+        if _cost((n,), width, overhead) == _cheapest(n, width, overhead):
+            assert chunks == (n,)
+
+
+def test_next_chunk():
+    assert remainder_chunks(151, 256) == (128, 23)  # 160 columns in two steps, not 256 in one
+    assert next_chunk(1000, 256) == 256 and next_chunk(151, 256) == 128 and next_chunk(23, 256) == 23
+    assert next_chunk(151, 256, None) == 151 and next_chunk(250, 256) == 250
+    with pytest.raises(ValueError, match="do not fit"):
+        remainder_chunks(300, 256)
+
+
+def test_cpu_engine_cuts_a_prompt_tail_into_buckets(tiny_model):
+    """The cpu-only engine runs a 151-token prompt in 256-wide steps as 128 + 23 (steps of 128 and
+    32 columns, not one of 256) and generates the tokens of the same engine told not to cut
+    (`step_overhead` None: what the accelerator presets do, whose padding costs next to nothing)."""
+    cfg, w = tiny_model
+    prompt = [int(t) for t in np.random.default_rng(3).integers(2, cfg.vocab_size, 151)]
+    out = {}
+    for overhead in (STEP_OVERHEAD_COLUMNS, None):
+        eng, seen = spy_engine(cfg, w, chunk_size=256, max_len=256)
+        assert eng.scheduler.step_overhead == STEP_OVERHEAD_COLUMNS
+        eng.scheduler.step_overhead = overhead
+        r = eng.submit(prompt, 3, background=False)
+        eng.run_until_idle()
+        out[overhead] = r.output_ids
+        want = [(1, 128), (1, 32)] if overhead else [(1, 256)]
+        assert [shape for shape, _ in seen] == [*want, (1, 1), (1, 1)]
+    assert out[STEP_OVERHEAD_COLUMNS] == out[None] and len(out[None]) == 3
