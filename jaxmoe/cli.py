@@ -280,13 +280,15 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from jaxmoe.loading.convert import convert_int4
+    from jaxmoe.models import registry
 
     src = Path(a.src)
     if not src.is_dir():
         raise UserError(f"checkpoint directory {src} does not exist")
     t0 = time.perf_counter()
+    family = registry.family_of(registry.read_config_dict(src)[0])
     out = convert_int4(src, a.dst, group=a.group, scale_rule=a.int4_scale, overwrite=a.overwrite, progress=True,
-                       workers=a.workers)
+                       workers=a.workers, open_checkpoint=family.open_checkpoint)
     print(f"wrote {out}: routed experts INT4 (group {a.group}, {a.int4_scale} scales), other weights as in {src}, "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -3,7 +3,8 @@
     jaxmoe convert --to int4 SRC DST [--group 32] [--int4-scale search|signed|absmax] [--workers N]
     convert_int4("path/to/fp8-or-bf16", "path/to/int4", group=32, scale_rule="search")
 
-The source is opened with the loader's strict accounting. Every routed-expert Linear
+The source is opened with the loader's strict accounting (its family's: DeepSeek-V3 / Kimi-K2,
+Qwen3-MoE, GLM-4.5). Every routed-expert Linear
 (`model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`, from FP8 with its
 `weight_scale_inv` blocks dequantized first (`expert_float`), or bf16/f16/f32) becomes the
 `<prefix>.qweight` / `<prefix>.scales` pair of int4_format.py, group-quantized by
@@ -25,6 +26,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +69,13 @@ class _Ahead:
 
 def convert_int4(src: str | Path, dst: str | Path, *, group: int = quant_int4.DEFAULT_GROUP,
                  scale_rule: str = quant_int4.DEFAULT_SCALE_RULE, overwrite: bool = False,
-                 progress: bool | None = None, max_shard_bytes: int | None = None, workers: int | None = None) -> Path:
+                 progress: bool | None = None, max_shard_bytes: int | None = None, workers: int | None = None,
+                 open_checkpoint: Callable[[Path], Checkpoint] = open_checkpoint) -> Path:
     """Writes `dst`: `src` with its routed experts group-quantized to INT4 (module docstring).
     workers: conversion threads (default: the CPUs this process may use, at most 16; each holds
-    about 2.5x an expert matrix in f32 while it works)."""
+    about 2.5x an expert matrix in f32 while it works). open_checkpoint: the family's accounted
+    opener (DeepSeek-V3's by default; `jaxmoe convert` passes the family of src's config.json,
+    models.registry)."""
     group = quant_int4.check_group(group)
     scale_rule = quant_int4.check_scale_rule(scale_rule)
     workers = workers or min(16, len(os.sched_getaffinity(0)))

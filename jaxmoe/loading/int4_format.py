@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from jaxmoe import quant_int4
-from jaxmoe.config import ModelConfig
 from jaxmoe.loading import hf_map
 from jaxmoe.loading.safetensors_index import CheckpointError
 
@@ -119,11 +118,13 @@ def collect_int4(leaves: dict, pending: dict, spec: Int4Spec, array: np.ndarray,
         leaves[spec.target] = quant_int4.Int4Weight(qweight=put(q), scales=put(s), k=spec.k, group=spec.group)
 
 
-def int4_expert_arrays(cfg: ModelConfig, layer: int, array: Callable[[str], np.ndarray]) -> dict[str, list[np.ndarray]]:
-    """One MoE layer's routed experts of a converted checkpoint, read with `array(name)`:
+def int4_expert_arrays(experts: dict[str, list[hf_map.TensorSpec]],
+                       array: Callable[[str], np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """One MoE layer's routed experts of a converted checkpoint ({proj: the unconverted specs of
+    expert 0, 1, ...}, as `expert_tensors` gives them), read with `array(name)`:
     {"gate_proj": [qweight views], "gate_proj_scales": [scale views], ...}."""
     out: dict[str, list[np.ndarray]] = {}
-    for proj, specs in hf_map.expert_tensors(cfg, layer).items():
+    for proj, specs in experts.items():
         names = [int4_names(s.name) for s in specs]
         out[proj] = [array(q) for q, _ in names]
         out[f"{proj}_scales"] = [array(s) for _, s in names]

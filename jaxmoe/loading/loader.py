@@ -41,15 +41,27 @@ log = logging.getLogger("jaxmoe.loading")
 
 
 class Checkpoint:
-    """An opened, fully accounted checkpoint: its config and zero-copy views of its tensors."""
+    """An opened, fully accounted checkpoint: its config and zero-copy views of its tensors.
+
+    DeepSeek-V3's here; another family (jaxmoe/models/<family>/hf_map.py) subclasses it with its
+    own `config_type` (`from_file`), `expected_tensors(cfg)`, `expert_tensors(cfg, layer)` and
+    `assemble(cfg, leaves)`, and `n_experts` where its config names the routed experts otherwise.
+    `mtp_needs_config`: tensors of the layers after the last (an MTP module) are an error unless
+    the config declares `num_nextn_predict_layers` (else they are skipped whatever it says)."""
+
+    config_type: Any = ModelConfig
+    expected_tensors = staticmethod(hf_map.expected_tensors)
+    expert_tensors = staticmethod(hf_map.expert_tensors)
+    assemble = staticmethod(hf_map.assemble)
+    mtp_needs_config = False
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self.cfg = ModelConfig.from_file(self.path)
+            self.cfg = self.config_type.from_file(self.path)
         except ConfigError as e:
             raise CheckpointError(str(e)) from e
-        self.specs = hf_map.expected_tensors(self.cfg)
+        self.specs = self.expected_tensors(self.cfg)
         self.int4_group = int4_format.read_marker(self.path)  # None unless the routed experts are INT4
         if self.int4_group is not None:
             self.specs = int4_format.int4_specs(self.specs, self.int4_group)
@@ -57,6 +69,9 @@ class Checkpoint:
         self.store = SafetensorsCheckpoint(self.path)
         try:
             self.skipped = self._account()
+            if self.skipped and self.mtp_needs_config and not self.cfg.num_nextn_predict_layers:
+                raise CheckpointError.collect(f"checkpoint {self.path}",
+                                              {"unexpected (num_nextn_predict_layers is 0)": [repr(n) for n in self.skipped]})
         except BaseException:
             self.close()
             raise
@@ -133,13 +148,18 @@ class Checkpoint:
         layout allows it.
         """
         if self.int4_group is not None:  # {"gate_proj": qweights, "gate_proj_scales": ...}
-            return int4_format.int4_expert_arrays(self.cfg, layer, self.array)
+            return int4_format.int4_expert_arrays(self.expert_tensors(self.cfg, layer), self.array)
         out: dict[str, list[np.ndarray]] = {}
-        for proj, specs in hf_map.expert_tensors(self.cfg, layer).items():
+        for proj, specs in self.expert_tensors(self.cfg, layer).items():
             out[proj] = [self.array(s.name) for s in specs]
             if self.is_fp8(specs[0].name):
                 out[f"{proj}_scale_inv"] = [self.array(s.scale_name) for s in specs]
         return out
+
+    @property
+    def n_experts(self) -> int:
+        """Routed experts per MoE layer."""
+        return self.cfg.n_routed_experts
 
     def load_size(self, load_experts: bool = True) -> tuple[int, int]:
         """(tensors, bytes) a load reads: every accounted tensor (no MTP tensors), its bytes with
@@ -177,8 +197,10 @@ def load_checkpoint(
     device: jax.Device | None = None,
     load_experts: bool = True,
     host_linears: bool = False,
+    checkpoint_type: type[Checkpoint] = Checkpoint,
 ) -> tuple[ModelConfig, Any]:
-    """Read config.json and every tensor of a checkpoint into `(ModelConfig, Weights)`.
+    """Read config.json and every tensor of a checkpoint into `(ModelConfig, Weights)` (another
+    family's config and pytree with its `checkpoint_type`).
 
     dtype: for norms, embeddings and the router weight (Linears keep their stored format).
     path: a directory, or an open Checkpoint (left open).
@@ -192,7 +214,7 @@ def load_checkpoint(
       puts the rest on a device itself; the views outlive the checkpoint's close.
     """
     own = not isinstance(path, Checkpoint)
-    ck = Checkpoint(path) if own else path
+    ck = checkpoint_type(path) if own else path
     try:
         weights = _build(ck, np.dtype(dtype), device, progress, load_experts, host_linears)
     except BaseException as e:
@@ -220,7 +242,7 @@ def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | Progress | 
 
     leaves: dict[str, Any] = {}
     pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = defaultdict(list)
-    n_experts = ck.cfg.n_routed_experts
+    n_experts = ck.n_experts
     try:
         for s in specs:
             w = ck.array(s.name)
@@ -243,7 +265,7 @@ def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | Progress | 
             bar.close()
     if "lm_head" not in leaves:  # tied embeddings
         leaves["lm_head"] = DenseWeight(leaves["embed_tokens"])
-    return hf_map.assemble(ck.cfg, leaves)
+    return ck.assemble(ck.cfg, leaves)
 
 
 def _keep(a: np.ndarray) -> np.ndarray:

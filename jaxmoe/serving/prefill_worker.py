@@ -47,7 +47,9 @@ class PromptLeft:
 
 class PrefillWorker:
     """Streams one prompt at a time in a daemon thread; results in `results` (a queue of
-    ChunkDone, PromptFailed, PromptLeft)."""
+    ChunkDone, PromptFailed, PromptLeft). The thread ends when it has no prompt left (it holds
+    the runner, and through it the weights: an engine let go keeps none of it alive) and starts
+    again with the next one."""
 
     def __init__(self, runner: Any, chunk_size: int):
         self.runner, self.chunk_size = runner, chunk_size
@@ -55,6 +57,7 @@ class PrefillWorker:
         self.current: Any = None  # the request being streamed (until its PromptLeft is collected)
         self._jobs: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # the thread's end against the next start
 
     @property
     def busy(self) -> bool:
@@ -66,10 +69,11 @@ class PrefillWorker:
             raise RuntimeError("the prefill worker streams one prompt at a time")
         self.runner.prepare(req, table)
         self.current = req
-        self._jobs.put(req)
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name="jaxmoe-prefill", daemon=True)
-            self._thread.start()
+        with self._lock:
+            self._jobs.put(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="jaxmoe-prefill", daemon=True)
+                self._thread.start()
 
     def start_next(self, scheduler: Scheduler, table_of) -> None:
         """While idle, start the oldest running request whose prompt is streamed (engine's thread)."""
@@ -109,7 +113,11 @@ class PrefillWorker:
 
     def _loop(self) -> None:
         while True:
-            req = self._jobs.get()
+            with self._lock:
+                if self._jobs.empty():
+                    self._thread = None
+                    return
+                req = self._jobs.get_nowait()
             try:
                 pos, n_prompt = req.n_prefilled, len(req.prompt_ids)
                 while pos < n_prompt and not req.cancelled:

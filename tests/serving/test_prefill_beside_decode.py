@@ -52,6 +52,18 @@ def test_streamed_prompt_beside_decode_gives_the_resident_tokens(tiny_model, pro
     e.run_until_idle()
     assert [short.output_ids, long.output_ids] == reference
     assert long.prefill_strategy == strategy and not e.worker.busy
+    _worker_thread_ends(e)  # with the last prompt (it holds the weights)
+    again = e.submit(prompts[1][::-1], NEW, background=False, prefill_strategy=strategy)  # and starts for the next
+    e.run_until_idle()
+    assert len(again.output_ids) == NEW and again.cached_tokens == 0
+    _worker_thread_ends(e)
+
+
+def _worker_thread_ends(e):
+    t = e.worker._thread
+    if t is not None:
+        t.join(30)
+    assert e.worker._thread is None
 
 
 def test_decoders_do_not_wait_for_a_streamed_prompt(tiny_model, prompts, reference):

@@ -19,9 +19,6 @@ stacked on a leading expert axis.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import traceback
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.config import ConfigError
 from jaxmoe.layers.gqa import GQAWeights
-from jaxmoe.loading.hf_map import PROJS, TensorSpec, mtp_layer, quant_block
-from jaxmoe.loading.loader import Checkpoint, _linear, _stack, host_copy
-from jaxmoe.loading.safetensors_index import CheckpointError, SafetensorsCheckpoint
+from jaxmoe.loading import loader
+from jaxmoe.loading.hf_map import PROJS, TensorSpec
+from jaxmoe.loading.loader import Checkpoint
 from jaxmoe.model.weights import ExpertsWeights, MLPWeights, MoEWeights, RouterWeights
 from jaxmoe.models.glm4_moe.config import Glm4MoeConfig
 from jaxmoe.models.glm4_moe.weights import Glm4MoeLayerWeights, Glm4MoeWeights
-from jaxmoe.quant import DenseWeight, quantize_fp8_blocks
-
-log = logging.getLogger("jaxmoe.loading")
+from jaxmoe.quant import quantize_fp8_blocks
 
 
 def _mlp(prefix: str, target: str, hidden: int, inter: int, expert: int | None = None) -> list[TensorSpec]:
@@ -149,36 +143,11 @@ class Glm4MoeCheckpoint(Checkpoint):
     accounting and access, with this family's config and tensor map); `skipped` lists the MTP
     module's tensors."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self.cfg = Glm4MoeConfig.from_file(self.path)
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from e
-        self.specs = expected_tensors(self.cfg)
-        self.int4_group = None
-        self.block = quant_block(self.cfg)
-        self.store = SafetensorsCheckpoint(self.path)
-        try:
-            self.skipped = self._account()  # names of layers L .. L + max(nextn, 1) - 1
-            if self.skipped and not self.cfg.num_nextn_predict_layers:
-                raise CheckpointError.collect(f"checkpoint {self.path}",
-                                              {"unexpected (num_nextn_predict_layers is 0)": [repr(n) for n in self.skipped]})
-        except BaseException:
-            self.close()
-            raise
-        if self.skipped:
-            layers = sorted({mtp_layer(n, self.cfg) for n in self.skipped})
-            log.info("%s: skipping %d tensors of the MTP module (layers %s)", self.path, len(self.skipped), layers)
-
-    def expert_arrays(self, layer: int) -> dict[str, list[np.ndarray]]:
-        """Zero-copy views of one MoE layer's routed experts (and "<proj>_scale_inv" when FP8)."""
-        out: dict[str, list[np.ndarray]] = {}
-        for proj, specs in expert_tensors(self.cfg, layer).items():
-            out[proj] = [self.array(s.name) for s in specs]
-            if self.is_fp8(specs[0].name):
-                out[f"{proj}_scale_inv"] = [self.array(s.scale_name) for s in specs]
-        return out
+    config_type = Glm4MoeConfig
+    expected_tensors = staticmethod(expected_tensors)
+    expert_tensors = staticmethod(expert_tensors)
+    assemble = staticmethod(assemble)
+    mtp_needs_config = True
 
 
 def load_checkpoint(path: str | Path | Glm4MoeCheckpoint, *, dtype: Any = jnp.float32, device: jax.Device | None = None,
@@ -190,41 +159,4 @@ def load_checkpoint(path: str | Path | Glm4MoeCheckpoint, *, dtype: Any = jnp.fl
     path: a directory, or an open Glm4MoeCheckpoint (left open).
     load_experts: False leaves the sparse layers' `experts` None.
     """
-    own = not isinstance(path, Glm4MoeCheckpoint)
-    ck = Glm4MoeCheckpoint(path) if own else path
-    try:
-        weights = _build(ck, np.dtype(dtype), device, load_experts)
-    except BaseException as e:
-        traceback.clear_frames(e.__traceback__)  # drop views held by the failed frames, so unmapping works
-        if own:
-            ck.close()
-        raise
-    if own:
-        ck.close()
-    return ck.cfg, weights
-
-
-def _build(ck: Glm4MoeCheckpoint, dtype: np.dtype, device, load_experts: bool) -> Glm4MoeWeights:
-    def put(a: np.ndarray, dt=None) -> jax.Array:
-        return jax.device_put(host_copy(a, dt), device)
-
-    leaves: dict[str, Any] = {}
-    pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = defaultdict(list)
-    for s in ck.specs.values():
-        if s.name not in ck.store or not (load_experts or s.expert is None):
-            continue
-        w = ck.array(s.name)
-        fp8 = s.kind == "linear" and ck.is_fp8(s.name)
-        scale = ck.array(s.scale_name).astype(np.float32) if fp8 else None
-        if s.expert is not None:
-            pending[s.target].append((w, scale))
-            if len(pending[s.target]) == ck.cfg.n_routed_experts:
-                ws, ss = zip(*pending.pop(s.target))
-                leaves[s.target] = _linear(_stack(ws), None if ss[0] is None else np.stack(ss), ck.block, put)
-        elif s.kind == "linear":
-            leaves[s.target] = _linear(w, scale, ck.block, put)
-        else:
-            leaves[s.target] = put(w, np.float32 if s.kind == "bias" else dtype)
-    if "lm_head" not in leaves:  # tied embeddings
-        leaves["lm_head"] = DenseWeight(leaves["embed_tokens"])
-    return assemble(ck.cfg, leaves)
+    return loader.load_checkpoint(path, dtype=dtype, device=device, load_experts=load_experts, checkpoint_type=Glm4MoeCheckpoint)

@@ -16,8 +16,6 @@ tensors are cast to `dtype`, routed experts are stacked on a leading expert axis
 from __future__ import annotations
 
 import dataclasses
-import traceback
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.config import ConfigError
 from jaxmoe.layers.gqa import GQAWeights
 from jaxmoe.layers.softmax_router import SoftmaxRouterWeights
-from jaxmoe.loading.hf_map import PROJS, TensorSpec, quant_block
-from jaxmoe.loading.loader import Checkpoint, _linear, _stack, host_copy
-from jaxmoe.loading.safetensors_index import CheckpointError, SafetensorsCheckpoint
+from jaxmoe.loading import loader
+from jaxmoe.loading.hf_map import PROJS, TensorSpec
+from jaxmoe.loading.loader import Checkpoint
 from jaxmoe.model.weights import ExpertsWeights, MLPWeights
 from jaxmoe.models.qwen3_moe.config import Qwen3MoeConfig
 from jaxmoe.models.qwen3_moe.weights import Qwen3MoeLayerWeights, Qwen3MoeSparseMoeWeights, Qwen3MoeWeights
-from jaxmoe.quant import DenseWeight, quantize_fp8_blocks
+from jaxmoe.quant import quantize_fp8_blocks
 
 
 def _mlp(prefix: str, target: str, hidden: int, inter: int, expert: int | None = None) -> list[TensorSpec]:
@@ -131,33 +128,15 @@ class Qwen3MoeCheckpoint(Checkpoint):
     """An opened, fully accounted Qwen3-MoE checkpoint (jaxmoe.loading.loader.Checkpoint's
     accounting and access, with this family's config and tensor map)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self.cfg = Qwen3MoeConfig.from_file(self.path)
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from e
-        self.specs = expected_tensors(self.cfg)
-        self.int4_group = None
-        self.block = quant_block(self.cfg)
-        self.store = SafetensorsCheckpoint(self.path)
-        try:
-            stray = self._account()  # what the DeepSeek accounting would skip as MTP layers: none here
-            if stray:
-                raise CheckpointError.collect(f"checkpoint {self.path}", {"unexpected": [repr(n) for n in stray]})
-        except BaseException:
-            self.close()
-            raise
-        self.skipped = []
+    config_type = Qwen3MoeConfig
+    expected_tensors = staticmethod(expected_tensors)
+    expert_tensors = staticmethod(expert_tensors)
+    assemble = staticmethod(assemble)
+    mtp_needs_config = True
 
-    def expert_arrays(self, layer: int) -> dict[str, list[np.ndarray]]:
-        """Zero-copy views of one MoE layer's routed experts (and "<proj>_scale_inv" when FP8)."""
-        out: dict[str, list[np.ndarray]] = {}
-        for proj, specs in expert_tensors(self.cfg, layer).items():
-            out[proj] = [self.array(s.name) for s in specs]
-            if self.is_fp8(specs[0].name):
-                out[f"{proj}_scale_inv"] = [self.array(s.scale_name) for s in specs]
-        return out
+    @property
+    def n_experts(self) -> int:
+        return self.cfg.num_experts
 
 
 def load_checkpoint(path: str | Path | Qwen3MoeCheckpoint, *, dtype: Any = jnp.float32, device: jax.Device | None = None,
@@ -168,41 +147,4 @@ def load_checkpoint(path: str | Path | Qwen3MoeCheckpoint, *, dtype: Any = jnp.f
     path: a directory, or an open Qwen3MoeCheckpoint (left open).
     load_experts: False leaves the sparse layers' `experts` None.
     """
-    own = not isinstance(path, Qwen3MoeCheckpoint)
-    ck = Qwen3MoeCheckpoint(path) if own else path
-    try:
-        weights = _build(ck, np.dtype(dtype), device, load_experts)
-    except BaseException as e:
-        traceback.clear_frames(e.__traceback__)  # drop views held by the failed frames, so unmapping works
-        if own:
-            ck.close()
-        raise
-    if own:
-        ck.close()
-    return ck.cfg, weights
-
-
-def _build(ck: Qwen3MoeCheckpoint, dtype: np.dtype, device, load_experts: bool) -> Qwen3MoeWeights:
-    def put(a: np.ndarray, dt=None) -> jax.Array:
-        return jax.device_put(host_copy(a, dt), device)
-
-    leaves: dict[str, Any] = {}
-    pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = defaultdict(list)
-    for s in ck.specs.values():
-        if s.name not in ck.store or not (load_experts or s.expert is None):
-            continue
-        w = ck.array(s.name)
-        fp8 = s.kind == "linear" and ck.is_fp8(s.name)
-        scale = ck.array(s.scale_name).astype(np.float32) if fp8 else None
-        if s.expert is not None:
-            pending[s.target].append((w, scale))
-            if len(pending[s.target]) == ck.cfg.num_experts:
-                ws, ss = zip(*pending.pop(s.target))
-                leaves[s.target] = _linear(_stack(ws), None if ss[0] is None else np.stack(ss), ck.block, put)
-        elif s.kind == "linear":
-            leaves[s.target] = _linear(w, scale, ck.block, put)
-        else:
-            leaves[s.target] = put(w, dtype)
-    if "lm_head" not in leaves:  # tied embeddings
-        leaves["lm_head"] = DenseWeight(leaves["embed_tokens"])
-    return assemble(ck.cfg, leaves)
+    return loader.load_checkpoint(path, dtype=dtype, device=device, load_experts=load_experts, checkpoint_type=Qwen3MoeCheckpoint)

@@ -1,0 +1,68 @@
+"""The decoder of the grouped-query-attention families (Qwen3-MoE, GLM-4.5) as a pure function
+of (weights, cache, tokens, positions); each family brings its sparse-MoE block.
+
+Same contract as jaxmoe.model.forward: `cfg` is static (jit with `static_argnums=0`),
+activations take the embedding's dtype, logits are float32.
+
+tokens, positions: int32 [B, T]. A position >= cache.max_len marks a padding token: it is
+computed but neither stored in the cache nor seen by other tokens, and routes to no expert.
+`logit_index` [B] (optional): return logits [B, 1, V] at that index of each row only.
+`kv_len` (optional, static): attend over the first kv_len cache slots only -- every real
+token's position must be below it; None = the whole cache.
+
+Per layer: x + GQA(input_layernorm(x)), then x + MLP(post_attention_layernorm(x)): a dense
+SwiGLU MLP where the layer's `mlp` is `MLPWeights`, else the family's `sparse_moe(cfg, mlp, h,
+valid)`. The config carries `attention` (GQAConfig), `rms_norm_eps`, `num_hidden_layers` and
+`max_position_embeddings`; the weights `embed_tokens`, `layers`, `norm` and `lm_head`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.layers.gqa import gqa, init_gqa_cache, rope_cos_sin
+from jaxmoe.model.cache import KVCache
+from jaxmoe.model.forward import final_logits
+from jaxmoe.model.moe import mlp
+from jaxmoe.model.norm import rms_norm
+from jaxmoe.model.weights import MLPWeights
+
+# sparse_moe(cfg, the layer's MoE weights, x [..., H], valid [...] or None) -> [..., H]
+SparseMoe = Callable[[Any, Any, jax.Array, jax.Array | None], jax.Array]
+
+
+def init_cache(cfg: Any, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` positions (keys in `c_kv`,
+    values in `k_pe`, [L, batch, max_len, kv_heads * head_dim] each)."""
+    if max_len > cfg.max_position_embeddings:
+        raise ValueError(f"cache max_len {max_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    return init_gqa_cache(cfg.num_hidden_layers, cfg.attention, batch, max_len, dtype)
+
+
+def decoder_layer(cfg: Any, sparse_moe: SparseMoe, lw: Any, x, cache: KVCache, layer: int, positions, cos, sin,
+                  kv_len: int | None = None, block: int | None = None):
+    """One decoder layer: -> (x, cache with the layer's new keys and values)."""
+    h, cache = gqa(cfg.attention, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer,
+                   positions, cos, sin, kv_len, block)
+    x = x + h
+    h = rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps)
+    if isinstance(lw.mlp, MLPWeights):
+        return x + mlp(lw.mlp, h), cache
+    return x + sparse_moe(cfg, lw.mlp, h, positions < cache.max_len), cache
+
+
+def forward(cfg: Any, sparse_moe: SparseMoe, weights: Any, cache: KVCache, tokens, positions, logit_index=None,
+            kv_len=None) -> tuple[jax.Array, KVCache]:
+    """Logits [B, T, V] (float32; [B, 1, V] with logit_index) for a chunk of tokens, and the cache."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    x = weights.embed_tokens[tokens]
+    cos, sin = rope_cos_sin(cfg.attention, positions)
+    for i, lw in enumerate(weights.layers):
+        x, cache = decoder_layer(cfg, sparse_moe, lw, x, cache, i, positions, cos, sin, kv_len)
+    return final_logits(cfg, weights, x, logit_index), cache
