@@ -11,9 +11,13 @@ computed but neither stored in the cache nor seen by other tokens, and routes to
 token's position must be below it; None = the whole cache.
 
 Per layer: x + GQA(input_layernorm(x)), then x + MLP(post_attention_layernorm(x)): a dense
-SwiGLU MLP where the layer's `mlp` is `MLPWeights`, else the family's `sparse_moe(cfg, mlp, h,
-valid)`. The config carries `attention` (GQAConfig), `rms_norm_eps`, `num_hidden_layers` and
-`max_position_embeddings`; the weights `embed_tokens`, `layers`, `norm` and `lm_head`.
+SwiGLU MLP where the layer's `mlp` is `MLPWeights`, else the sparse-MoE block: the family's
+`moe_prologue(cfg, mlp, h [N, H], valid [N]) -> (topk ids, topk weights, shared experts'
+output)` (its router, and its shared experts or zeros), then the routed experts
+(`model.moe.routed_experts`) plus that shared output. `stage_layer` is one layer up to its
+routed experts, for the staged executor (routed experts on the host, the rest on an
+accelerator). The config carries `attention` (GQAConfig), `rms_norm_eps`, `num_hidden_layers`
+and `max_position_embeddings`; the weights `embed_tokens`, `layers`, `norm` and `lm_head`.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import jax.numpy as jnp
 from jaxmoe.layers.gqa import gqa, init_gqa_cache, rope_cos_sin
 from jaxmoe.model.cache import KVCache
 from jaxmoe.model.forward import final_logits
-from jaxmoe.model.moe import mlp
+from jaxmoe.model.moe import mlp, routed_experts
 from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.weights import MLPWeights
 
-# sparse_moe(cfg, the layer's MoE weights, x [..., H], valid [...] or None) -> [..., H]
-SparseMoe = Callable[[Any, Any, jax.Array, jax.Array | None], jax.Array]
+# moe_prologue(cfg, the layer's MoE weights, x [N, H], valid [N] or None) -> (topk ids [N, k],
+# topk weights [N, k], shared experts' output [N, H]); padding (valid False) gets ids -1, weight 0
+MoePrologue = Callable[[Any, Any, jax.Array, jax.Array | None], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def init_cache(cfg: Any, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -44,19 +49,47 @@ def init_cache(cfg: Any, batch: int, max_len: int, dtype=jnp.float32) -> KVCache
     return init_gqa_cache(cfg.num_hidden_layers, cfg.attention, batch, max_len, dtype)
 
 
-def decoder_layer(cfg: Any, sparse_moe: SparseMoe, lw: Any, x, cache: KVCache, layer: int, positions, cos, sin,
-                  kv_len: int | None = None, block: int | None = None):
-    """One decoder layer: -> (x, cache with the layer's new keys and values)."""
+def sparse_moe(cfg: Any, prologue: MoePrologue, w: Any, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """The sparse-MoE block of x [..., H]: routed experts plus the prologue's shared output;
+    `valid` [...] marks real tokens (padding runs no routed expert)."""
+    flat = x.reshape(-1, x.shape[-1])
+    ids, weights, shared = prologue(cfg, w, flat, None if valid is None else valid.reshape(-1))
+    return (routed_experts(w.experts, flat, ids, weights) + shared).reshape(x.shape)
+
+
+def layer_until_experts(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, layer: int, positions, cos, sin,
+                        kv_len: int | None = None, block: int | None = None):
+    """One layer up to its routed experts. Dense layer: (x + attention + MLP, None, cache); MoE
+    layer: (x + attention, (h [N, H], topk ids, topk weights, shared output), cache), whose output
+    is then x + routed_experts(h, ids, weights) + shared. Padding routes to no expert."""
     h, cache = gqa(cfg.attention, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer,
                    positions, cos, sin, kv_len, block)
     x = x + h
     h = rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps)
     if isinstance(lw.mlp, MLPWeights):
-        return x + mlp(lw.mlp, h), cache
-    return x + sparse_moe(cfg, lw.mlp, h, positions < cache.max_len), cache
+        return x + mlp(lw.mlp, h), None, cache
+    flat = h.reshape(-1, h.shape[-1])
+    ids, weights, shared = prologue(cfg, lw.mlp, flat, (positions < cache.max_len).reshape(-1))
+    return x, (flat, ids, weights, shared), cache
 
 
-def forward(cfg: Any, sparse_moe: SparseMoe, weights: Any, cache: KVCache, tokens, positions, logit_index=None,
+def stage_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, layer: int, positions, kv_len: int):
+    """`layer_until_experts` with the rotary tables of `positions` (the staged executor's layer)."""
+    cos, sin = rope_cos_sin(cfg.attention, positions)
+    return layer_until_experts(cfg, prologue, lw, x, cache, layer, positions, cos, sin, kv_len)
+
+
+def decoder_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, layer: int, positions, cos, sin,
+                  kv_len: int | None = None, block: int | None = None):
+    """One decoder layer: -> (x, cache with the layer's new keys and values)."""
+    x, moe_in, cache = layer_until_experts(cfg, prologue, lw, x, cache, layer, positions, cos, sin, kv_len, block)
+    if moe_in is None:
+        return x, cache
+    flat, ids, weights, shared = moe_in
+    return x + (routed_experts(lw.mlp.experts, flat, ids, weights) + shared).reshape(x.shape), cache
+
+
+def forward(cfg: Any, prologue: MoePrologue, weights: Any, cache: KVCache, tokens, positions, logit_index=None,
             kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32; [B, 1, V] with logit_index) for a chunk of tokens, and the cache."""
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -64,5 +97,5 @@ def forward(cfg: Any, sparse_moe: SparseMoe, weights: Any, cache: KVCache, token
     x = weights.embed_tokens[tokens]
     cos, sin = rope_cos_sin(cfg.attention, positions)
     for i, lw in enumerate(weights.layers):
-        x, cache = decoder_layer(cfg, sparse_moe, lw, x, cache, i, positions, cos, sin, kv_len)
+        x, cache = decoder_layer(cfg, prologue, lw, x, cache, i, positions, cos, sin, kv_len)
     return final_logits(cfg, weights, x, logit_index), cache

@@ -26,7 +26,7 @@ from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.rope import rope_cos_sin
 from jaxmoe.model.weights import LayerWeights, MoEWeights, Weights
 from jaxmoe.quant import linear
-from jaxmoe.step_shapes import AttentionForm
+from jaxmoe.step_shapes import AttentionForm, attention_form
 
 
 def attention_block(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *,
@@ -62,6 +62,15 @@ def mlp_until_experts(cfg: ModelConfig, lw: LayerWeights, x, h, real):
     flat = h.reshape(-1, h.shape[-1])
     ids, weights, shared = moe_prologue(cfg, lw.mlp, flat, real.reshape(-1))
     return x, (flat, ids, weights, shared)
+
+
+def stage_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, kv_len: int):
+    """`layer_until_experts` in the attention form of the step's width and key window
+    (`step_shapes.attention_form`), with the rotary tables of `positions`: the staged
+    executor's layer on the accelerator."""
+    cos, sin = rope_cos_sin(cfg, positions)
+    return layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin,
+                               form=attention_form(cfg, x.shape[1], kv_len), kv_len=kv_len)
 
 
 def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *,

@@ -92,10 +92,11 @@ class Weights:
 
 
 def split_experts(weights: Weights) -> tuple[Weights, tuple[Any, ...]]:
-    """(weights without routed experts, per-layer routed experts (None for dense layers))."""
+    """(weights without routed experts, per-layer routed experts (None for dense layers)), for
+    any family's pytree: a sparse block is one with `experts` (MoEWeights, Qwen3-MoE's)."""
     experts, layers = [], []
     for lw in weights.layers:
-        if isinstance(lw.mlp, MoEWeights):
+        if hasattr(lw.mlp, "experts"):
             experts.append(lw.mlp.experts)
             lw = lw.replace(mlp=lw.mlp.replace(experts=None))
         else:

@@ -3,7 +3,8 @@
 A `ModelFamily` is everything the runtime asks of one architecture today: its config parser,
 the two per-layer widths of the KV cache (`model.cache`'s `c_kv` / `k_pe` pools: MLA's latent
 and rope key, GQA's keys and values), the forward of an engine step, the checkpoint loader and
-the synthetic writer, and which runtime features beyond the cpu-only fused step it supports
+the synthetic writer, one layer up to its routed experts for the staged executor
+(`stage_layer`), and which runtime features beyond the cpu-only fused step it supports
 (`supports`: "staged" presets, "streamed_prefill" (SLP / DSLP), the "planner", the native
 "cpu_kernels"; the others raise a ValueError naming what is not supported yet), and how to open
 its checkpoint without loading it (`open_checkpoint`: the accounted `loading.loader.Checkpoint`
@@ -21,8 +22,9 @@ parsed config on its type; anything else raises `ConfigError` naming the support
 Families: DeepSeek-V3 (model_type "deepseek_v3", Kimi-K2's "kimi_k2"; `DeepseekV3ForCausalLM`:
 jaxmoe/model/), Qwen3-MoE ("qwen3_moe", `Qwen3MoeForCausalLM`: jaxmoe/models/qwen3_moe/) and
 GLM-4.5 ("glm4_moe", `Glm4MoeForCausalLM`: jaxmoe/models/glm4_moe/; GLM-4.5, GLM-4.5-Air).
-Qwen3-MoE and GLM-4.5 run the fused step only for now, on the pure JAX path or with the CPU
-kernels (`supports`: "cpu_kernels").
+Qwen3-MoE and GLM-4.5 run the engine's steps (the fused step on the pure JAX path or with the
+CPU kernels, and the staged presets: `supports` "cpu_kernels", "staged"); their prompts
+prefill on the step path (no stream-loaded prefill or planner model yet).
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ from jaxmoe.models.glm4_moe import synthetic as glm4_synthetic
 from jaxmoe.models.glm4_moe.config import ARCHITECTURE as GLM4_ARCHITECTURE
 from jaxmoe.models.glm4_moe.config import MODEL_TYPE as GLM4_MODEL_TYPE
 from jaxmoe.models.glm4_moe.forward import forward as glm4_forward
+from jaxmoe.models.glm4_moe.forward import stage_layer as glm4_stage_layer
 from jaxmoe.models.qwen3_moe import synthetic as qwen3_synthetic
 from jaxmoe.models.qwen3_moe.config import ARCHITECTURE as QWEN3_ARCHITECTURE
 from jaxmoe.models.qwen3_moe.config import MODEL_TYPE as QWEN3_MODEL_TYPE
 from jaxmoe.models.qwen3_moe.forward import forward as qwen3_forward
+from jaxmoe.models.qwen3_moe.forward import stage_layer as qwen3_stage_layer
 from jaxmoe.step_shapes import attention_form
 
 FEATURES = ("staged", "streamed_prefill", "planner", "cpu_kernels")
@@ -62,6 +66,9 @@ class ModelFamily:
     parse_config: Callable[[dict[str, Any], str], Any]  # (config.json dict, source for errors) -> config
     cache_widths: Callable[[Any], tuple[int, int]]  # config -> numbers per position per layer in c_kv, k_pe
     step_forward: Callable[[Any, int, int], Callable]  # (config, step width, kv_len) -> forward(cfg, w, cache, ...)
+    # (config, layer weights, x, cache, layer, positions, kv_len) -> (x, None | (h, ids, weights, shared), cache):
+    # one layer up to its routed experts, for the staged executor
+    stage_layer: Callable[..., Any]
     # (path or open checkpoint, *, dtype, load_experts=True) -> (config, weights); load_experts=False
     # leaves the MoE blocks' routed `experts` None (for an ExpertStore filled from the checkpoint)
     load_checkpoint: Callable[..., tuple[Any, Any]]
@@ -72,9 +79,9 @@ class ModelFamily:
     def require(self, feature: str, what: str) -> None:
         """ValueError naming `what` unless this family supports `feature`."""
         if feature not in self.supports:
-            raise ValueError(f"{what} is not supported yet for {self.name} models (they run the fused step only: the "
-                             f"cpu-only preset (pure JAX or the CPU kernels) or routed_experts='accelerator', prefill on "
-                             f"the step path)")
+            raise ValueError(f"{what} is not supported yet for {self.name} models (they run the engine's steps: the "
+                             f"cpu-only preset (pure JAX or the CPU kernels), the staged presets or "
+                             f"routed_experts='accelerator', prefill on the step path)")
 
 
 def _deepseek_step_forward(cfg: ModelConfig, width: int, kv_len: int) -> Callable:
@@ -92,6 +99,7 @@ DEEPSEEK_V3 = ModelFamily(
     parse_config=lambda d, source: ModelConfig.from_dict(d, source=source),
     cache_widths=mla_cache_widths,
     step_forward=_deepseek_step_forward,
+    stage_layer=deepseek_forward.stage_layer,
     load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: loader.load_checkpoint(
         path, dtype=dtype, load_experts=load_experts),
     write_synthetic=synthetic.write_synthetic_checkpoint,
@@ -107,11 +115,12 @@ QWEN3_MOE = ModelFamily(
     parse_config=lambda d, source: qwen3_moe.Qwen3MoeConfig.from_dict(d, source=source),
     cache_widths=lambda cfg: (cfg.attention.kv_width, cfg.attention.kv_width),  # keys, values
     step_forward=lambda cfg, width, kv_len: qwen3_forward,
+    stage_layer=qwen3_stage_layer,
     load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: qwen3_moe.load_checkpoint(
         path, dtype=dtype, load_experts=load_experts),
     write_synthetic=qwen3_synthetic.write_synthetic_checkpoint,
     open_checkpoint=qwen3_moe.Qwen3MoeCheckpoint,
-    supports=frozenset({"cpu_kernels"}),
+    supports=frozenset({"cpu_kernels", "staged"}),
 )
 
 GLM4_MOE = ModelFamily(
@@ -122,11 +131,12 @@ GLM4_MOE = ModelFamily(
     parse_config=lambda d, source: glm4_moe.Glm4MoeConfig.from_dict(d, source=source),
     cache_widths=lambda cfg: (cfg.attention.kv_width, cfg.attention.kv_width),  # keys, values
     step_forward=lambda cfg, width, kv_len: glm4_forward,
+    stage_layer=glm4_stage_layer,
     load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: glm4_moe.load_checkpoint(
         path, dtype=dtype, load_experts=load_experts),
     write_synthetic=glm4_synthetic.write_synthetic_checkpoint,
     open_checkpoint=glm4_moe.Glm4MoeCheckpoint,
-    supports=frozenset({"cpu_kernels"}),
+    supports=frozenset({"cpu_kernels", "staged"}),
 )
 
 FAMILIES: tuple[ModelFamily, ...] = (DEEPSEEK_V3, QWEN3_MOE, GLM4_MOE)

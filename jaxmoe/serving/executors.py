@@ -6,7 +6,7 @@
   bucket, over the columns their longest row needs (`step_shapes.width_bucket`); a step that
   mixes decode rows with prompt chunks runs as two programs, width 1 and the chunks' width.
   Any model family: the forward and the cache widths are the family's (`models.registry`).
-- `StagedStep` (routed experts on the host; DeepSeek-V3 family only for now): per layer, an accelerator program (attention,
+- `StagedStep` (routed experts on the host; any family: its `stage_layer`): per layer, an accelerator program (attention,
   router, shared experts, and the previous layer's combine), a host program (routed
   experts), and a final program (lm_head + sampling). The slots form two micro-batches,
   each with its own latent cache on its own accelerator (one GPU: both on it). With
@@ -38,14 +38,13 @@ import numpy as np
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache, init_paged_cache, paged_slots
-from jaxmoe.model.forward import final_logits, layer_until_experts
+from jaxmoe.model.forward import final_logits
 from jaxmoe.model.moe import routed_experts
-from jaxmoe.model.rope import rope_cos_sin
 from jaxmoe.model.weights import Weights, split_experts
 from jaxmoe.models.registry import family_of
 from jaxmoe.serving.presets import Devices
 from jaxmoe.serving.sampling import sample_rows
-from jaxmoe.step_shapes import attention_form, row_bucket, width_bucket
+from jaxmoe.step_shapes import row_bucket, width_bucket
 
 
 class Executor(Protocol):
@@ -234,14 +233,13 @@ class FusedStep:
 
 
 def _layer_program(cfg, lw, x, routed, cache, table, layer, positions, *, kv_len: int):
-    """Accelerator side of one layer: add the previous layer's routed output, then
-    `layer_until_experts` (attention absorbed or expanded: `attention_form`); the shared experts'
-    output joins x here."""
+    """Accelerator side of one layer: add the previous layer's routed output, then the family's
+    `stage_layer` (DeepSeek-V3: `model.forward.layer_until_experts`, attention absorbed or
+    expanded by `attention_form`; GQA families: `layers.gqa_decoder`); the shared experts' output
+    joins x here."""
     if routed is not None:
         x = x + routed.reshape(x.shape).astype(x.dtype)
-    cos, sin = rope_cos_sin(cfg, positions)
-    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache.replace(block_table=table), layer, positions, cos, sin,
-                                           form=attention_form(cfg, x.shape[1], kv_len), kv_len=kv_len)
+    x, moe_in, cache = family_of(cfg).stage_layer(cfg, lw, x, cache.replace(block_table=table), layer, positions, kv_len)
     cache = cache.replace(block_table=None)
     if moe_in is None:
         return x, None, cache

@@ -3,9 +3,9 @@ Qwen3-MoE's qwen3-moe-tiny, GLM-4.5's glm4-moe-tiny): synthetic checkpoint -> ja
 jaxmoe.generate / the engine / the server, against a plain argmax loop over the family's own
 forward (`models.qwen3_moe.forward`, `models.glm4_moe.forward`) with a contiguous cache.
 The engine runs its fused step with the family's forward on the paged GQA cache (keys in `c_kv`,
-values in `k_pe`): continuous batching, chunked prefill, prefix sharing. What is not supported
-yet (staged presets, streamed prefill, the planner's step model) is refused with a ValueError
-naming the family."""
+values in `k_pe`): continuous batching, chunked prefill, prefix sharing; and the staged presets
+(routed experts on the host, the rest on simulated accelerators). What is not supported yet
+(streamed prefill, the planner's step model) is refused with a ValueError naming the family."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import pytest
 import jaxmoe
 from jaxmoe.models import glm4_moe, qwen3_moe
 from jaxmoe.serving.engine import Engine
+from jaxmoe.serving.executors import StagedStep
 from tests.models.conftest import one_family
 
 NEW = 6
@@ -131,10 +132,23 @@ def test_the_pool_has_the_gqa_widths(tiny_model):
 # ---- not supported yet: refused clearly -------------------------------------------------------
 
 
-def test_staged_presets_are_refused(tiny_model, tiny_family):
-    name = re.escape(tiny_family.name)
-    with pytest.raises(ValueError, match=rf"runtime preset 'gpu\+cpu-experts'.*not supported yet for {name}"):
-        Engine(tiny_model.cfg, tiny_model.weights, "gpu+cpu-experts", simulate_accelerators=True)
+@pytest.mark.parametrize("preset", ["gpu+cpu-experts", "2gpu+cpu-experts"])
+def test_staged_presets_give_the_plain_loop_tokens(tiny_model, preset):
+    """Routed experts on the host, the rest on (simulated) accelerators, the slots in two
+    micro-batches (one per accelerator with two): three requests batched, prompts over several
+    chunks, each gets the plain loop's tokens; the host program ran the routed experts."""
+    cfg, w = tiny_model.cfg, tiny_model.weights
+    ps = prompts(cfg.vocab_size, (37, 21, 50), seed=11)
+    e = Engine(cfg, w, preset, n_slots=4, max_len=128, chunk_size=BS, kv_block_size=BS, simulate_accelerators=True)
+    assert isinstance(e.executor, StagedStep)
+    assert [x is not None for x in e.executor.experts] == [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
+    reqs = [e.submit(p, NEW, background=False) for p in ps]
+    ran = set()
+    while e.step():
+        ran |= {mb for stage, mb, _ in e.executor.dispatch_log if stage == "experts"}
+    assert ran == {0, 1}
+    assert [r.output_ids for r in reqs] == [solo_greedy(cfg, w, p, NEW) for p in ps]
+    assert {r.prefill_strategy for r in reqs} == {"cpu"}
 
 
 @pytest.mark.parametrize("strategy", ["slp", "dslp"])

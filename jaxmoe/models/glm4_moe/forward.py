@@ -15,7 +15,7 @@ import jax
 
 from jaxmoe.layers import gqa_decoder
 from jaxmoe.model.cache import KVCache
-from jaxmoe.model.moe import moe
+from jaxmoe.model.moe import moe_prologue  # DeepSeek-V3's router and shared experts
 from jaxmoe.model.weights import MoEWeights
 from jaxmoe.models.glm4_moe.config import Glm4MoeConfig
 from jaxmoe.models.glm4_moe.weights import Glm4MoeWeights
@@ -26,10 +26,15 @@ init_cache = gqa_decoder.init_cache
 def sparse_moe(cfg: Glm4MoeConfig, w: MoEWeights, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """Routed experts plus shared experts of x [..., H]; `valid` [...] marks real tokens (padding
     runs no routed expert). The router is jaxmoe.model.router.route, reading cfg's router fields."""
-    return moe(cfg, w, x, valid)
+    return gqa_decoder.sparse_moe(cfg, moe_prologue, w, x, valid)
+
+
+def stage_layer(cfg: Glm4MoeConfig, lw, x, cache: KVCache, layer: int, positions, kv_len: int):
+    """One layer up to its routed experts, for the staged executor (`gqa_decoder.stage_layer`)."""
+    return gqa_decoder.stage_layer(cfg, moe_prologue, lw, x, cache, layer, positions, kv_len)
 
 
 def forward(cfg: Glm4MoeConfig, weights: Glm4MoeWeights, cache: KVCache, tokens, positions, logit_index=None,
             kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32; [B, 1, V] with logit_index) for a chunk of tokens, and the cache."""
-    return gqa_decoder.forward(cfg, sparse_moe, weights, cache, tokens, positions, logit_index, kv_len)
+    return gqa_decoder.forward(cfg, moe_prologue, weights, cache, tokens, positions, logit_index, kv_len)

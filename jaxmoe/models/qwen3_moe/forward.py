@@ -10,27 +10,35 @@ router, routed experts, no shared expert).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxmoe.layers import gqa_decoder
 from jaxmoe.layers.softmax_router import route_softmax
 from jaxmoe.model.cache import KVCache
-from jaxmoe.model.moe import routed_experts
 from jaxmoe.models.qwen3_moe.config import Qwen3MoeConfig
 from jaxmoe.models.qwen3_moe.weights import Qwen3MoeSparseMoeWeights, Qwen3MoeWeights
 
 init_cache = gqa_decoder.init_cache
 
 
+def moe_prologue(cfg: Qwen3MoeConfig, w: Qwen3MoeSparseMoeWeights, x: jax.Array, valid: jax.Array | None = None):
+    """x [N, H] -> (topk ids, topk weights, zeros: no shared expert): the softmax top-k router."""
+    ids, weights = route_softmax(w.gate, x, cfg.num_experts_per_tok, cfg.norm_topk_prob, valid)
+    return ids, weights, jnp.zeros_like(x)
+
+
 def sparse_moe(cfg: Qwen3MoeConfig, w: Qwen3MoeSparseMoeWeights, x: jax.Array, valid: jax.Array | None = None):
     """Routed experts (top-k of num_experts, softmax router) of x [..., H]; `valid` [...]
     marks real tokens (padding runs no expert)."""
-    flat = x.reshape(-1, x.shape[-1])
-    ids, weights = route_softmax(w.gate, flat, cfg.num_experts_per_tok, cfg.norm_topk_prob,
-                                 None if valid is None else valid.reshape(-1))
-    return routed_experts(w.experts, flat, ids, weights).reshape(x.shape)
+    return gqa_decoder.sparse_moe(cfg, moe_prologue, w, x, valid)
+
+
+def stage_layer(cfg: Qwen3MoeConfig, lw, x, cache: KVCache, layer: int, positions, kv_len: int):
+    """One layer up to its routed experts, for the staged executor (`gqa_decoder.stage_layer`)."""
+    return gqa_decoder.stage_layer(cfg, moe_prologue, lw, x, cache, layer, positions, kv_len)
 
 
 def forward(cfg: Qwen3MoeConfig, weights: Qwen3MoeWeights, cache: KVCache, tokens, positions, logit_index=None,
             kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32; [B, 1, V] with logit_index) for a chunk of tokens, and the cache."""
-    return gqa_decoder.forward(cfg, sparse_moe, weights, cache, tokens, positions, logit_index, kv_len)
+    return gqa_decoder.forward(cfg, moe_prologue, weights, cache, tokens, positions, logit_index, kv_len)
