@@ -46,9 +46,9 @@ def cache_dir() -> Path:
 
 
 def checkpoint(name: str, root: Path) -> tuple[Path, bool]:
-    """The synthetic FP8 checkpoint of config `name` under root, written once (atomically)."""
-    from jaxmoe.config import ModelConfig  # noqa: PLC0415
-    from jaxmoe.loading.synthetic import write_synthetic_checkpoint  # noqa: PLC0415
+    """The synthetic FP8 checkpoint of config `name` (any family's: models.registry) under root,
+    written once (atomically)."""
+    from jaxmoe.models.registry import family_of, read_config  # noqa: PLC0415
 
     path = root / f"{name}-fp8-s0"
     if (path / "config.json").is_file():
@@ -56,7 +56,8 @@ def checkpoint(name: str, root: Path) -> tuple[Path, bool]:
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}-fp8-s0.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_synthetic_checkpoint(tmp, ModelConfig.named(name), fmt="fp8", seed=0, overwrite=True)
+    cfg = read_config(name)
+    family_of(cfg).write_synthetic(tmp, cfg, fmt="fp8", seed=0, overwrite=True)
     try:
         tmp.rename(path)
     except OSError:  # someone else finished first

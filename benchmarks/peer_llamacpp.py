@@ -19,7 +19,10 @@ each round too (same round = the same load on the shared machine).
 
 --quick (CI): the tiny model; llama.cpp only if a built llama-bench is already in the cache
 (never downloads or builds), else the peer is recorded as skipped with the reason.
-Results: PATH if given, and benchmarks/results/peer_llamacpp.json for a full run.
+    python -m benchmarks.peer_llamacpp --config qwen3-moe-mid   # Qwen3-MoE (llama.cpp's qwen3moe)
+
+Results: PATH if given, and benchmarks/results/peer_llamacpp.json for a full run
+(peer_llamacpp-<model>.json with another --config).
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ from benchmarks._llamacpp import convert as LC
 from benchmarks._llamacpp import fetch as LF
 
 TARGETS = {"ratio_decode_vs_q8_0": 1.3, "ratio_prefill{n}_vs_q8_0": 1.0}
+
+
+DEFAULT_MODEL = "bench-v3-mid"
+
+
+def result_name(model: str) -> str:
+    """The results file's stem: peer_llamacpp for the default model, peer_llamacpp-<model> for another."""
+    return "peer_llamacpp" if model == DEFAULT_MODEL else f"peer_llamacpp-{model}"
 
 
 def _median(xs: list[float]) -> float | None:
@@ -102,7 +113,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-fetch", action="store_true", help="never download or build llama.cpp (--quick implies it)")
     args = ap.parse_args(argv)
     quick = args.quick
-    name = args.config or ("tiny" if quick else "bench-v3-mid")
+    name = args.config or ("tiny" if quick else DEFAULT_MODEL)
     rounds = args.rounds or (1 if quick else 3)
     n_prompt = args.prompt or (64 if quick else 512)
     n_gen = args.gen or (8 if quick else 32)
@@ -216,7 +227,7 @@ def main(argv=None) -> dict:
                      machine="shared 2-core box, loaded by other engineers' runs")
     doc = H.write(args.json, metrics, env, details)
     if not quick:
-        H.write(H.default_result("peer_llamacpp.json"), metrics, env, details)
+        H.write(H.default_result(result_name(name) + ".json"), metrics, env, details)
     print("metrics: " + ", ".join(f"{k} {v}" for k, v in metrics.items()), flush=True)
     engine = None
     model.close()

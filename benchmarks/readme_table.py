@@ -23,7 +23,9 @@ from pathlib import Path
 from benchmarks._cpu import CLASSES
 from benchmarks._harness import CLASS_DIRS, RESULTS_DIR
 
-NAMES = ("e2e", "peer_llamacpp", "slo", "serve", "load", "prefix", "kernels", "kernels_int4_gemm", "quality", "prefill")
+PEER_QWEN3 = "peer_llamacpp-qwen3-moe-mid"  # benchmarks.peer_llamacpp --config qwen3-moe-mid
+NAMES = ("e2e", "peer_llamacpp", PEER_QWEN3, "slo", "serve", "load", "prefix", "kernels", "kernels_int4_gemm", "quality",
+         "prefill")
 CLASS_LABELS = {"avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX", "other": "other"}
 LEGACY_CLASS = "avx2"  # results whose env has no cpu_class: all from the AVX2 development box
 
@@ -95,7 +97,8 @@ def _rows(load: Loader) -> list[str]:
             f"| e2e | {d['model']} FP8 | prefill tok/s, 512-token prompt | {_f(m['prefill_tok_s_512'])} | {run} |",
             f"| e2e | {d['model']} FP8 | prefill tok/s, 4096-token prompt | {_f(m.get('prefill_tok_s_4096'))} | {run} |",
         ]
-    rows += _peer_rows(load) + _slo_rows(load) + _serve_rows(load) + _load_rows(load) + _prefix_rows(load) + _kernel_rows(load)
+    rows += _peer_rows(load) + _peer_rows(load, PEER_QWEN3) + _slo_rows(load) + _serve_rows(load) + _load_rows(load)
+    rows += _prefix_rows(load) + _kernel_rows(load)
     k = load("kernels")
     if k:
         m, run = k["metrics"], _env(k)
@@ -158,9 +161,9 @@ def _kernel_rows(load: Loader) -> list[str]:
     return rows
 
 
-def _peer_rows(load: Loader) -> list[str]:
+def _peer_rows(load: Loader, name: str = "peer_llamacpp") -> list[str]:
     """jaxmoe vs llama.cpp on the same model, threads and run (benchmarks/peer_llamacpp.py)."""
-    d = load("peer_llamacpp")
+    d = load(name)
     if not d:
         return []
     m, det, run = d["metrics"], d["details"], _env(d)

@@ -9,6 +9,7 @@ The traps (DESIGN.md section 4) and how they are met:
   script (`_convert_entry.py`) maps an unrecognised one to "gpt-2";
 - the FP8 weights with `weight_scale_inv`: the converter dequantizes them itself
   (quantization_config.quant_method == "fp8"), kept as is.
+Qwen3-MoE checkpoints (`qwen3moe` in llama.cpp) need none of the config fixes.
 
 The checkpoint is staged in the cache (symlinks to its safetensors, a fixed config.json),
 never modified in place.
@@ -24,6 +25,8 @@ import sys
 from pathlib import Path
 
 OUTTYPES = ("q8_0", "bf16")
+DEEPSEEK = ("deepseek_v3", "deepseek_v2")  # model_types whose config needs the fixes below
+AS_IS = ("qwen3_moe",)  # converted as they are (softmax routing is the converter's default and Qwen3-MoE's own)
 LITE_LAYER_COUNTS = (26, 27)
 ENTRY = Path(__file__).with_name("_convert_entry.py")
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -33,8 +36,11 @@ def fix_config(cfg: dict) -> tuple[dict, list[str]]:
     """config.json as llama.cpp's converter must see it, and what was changed (in words)."""
     cfg = dict(cfg)
     notes = []
-    if cfg.get("model_type") not in ("deepseek_v3", "deepseek_v2"):
-        raise ValueError(f"config.json: model_type {cfg.get('model_type')!r} is not a DeepSeek V2/V3 checkpoint")
+    if cfg.get("model_type") not in (*DEEPSEEK, *AS_IS):
+        raise ValueError(f"config.json: model_type {cfg.get('model_type')!r} is not one the peer converts "
+                         f"({', '.join((*DEEPSEEK, *AS_IS))})")
+    if cfg["model_type"] in AS_IS:
+        return cfg, notes
     if "scoring_func" not in cfg:
         cfg["scoring_func"] = "sigmoid"
         notes.append("scoring_func: missing -> 'sigmoid' (DeepSeek-V3 routing; the converter would use softmax)")

@@ -73,8 +73,10 @@ def layer_until_experts(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCa
     return x, (flat, ids, weights, shared), cache
 
 
-def stage_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, layer: int, positions, kv_len: int):
-    """`layer_until_experts` with the rotary tables of `positions` (the staged executor's layer)."""
+def stage_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, layer: int, positions,
+                kv_len: int | None = None):
+    """`layer_until_experts` with the rotary tables of `positions`: the staged executor's layer
+    (over kv_len keys) and the streamed prefill's (kv_len None: the whole prefill cache)."""
     cos, sin = rope_cos_sin(cfg.attention, positions)
     return layer_until_experts(cfg, prologue, lw, x, cache, layer, positions, cos, sin, kv_len)
 

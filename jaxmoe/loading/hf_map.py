@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -84,7 +85,8 @@ def mtp_layer(name: str, cfg: ModelConfig) -> int | None:
     return i if n <= i < n + max(cfg.num_nextn_predict_layers, 1) else None
 
 
-def _mlp(prefix: str, target: str, hidden: int, inter: int, expert: int | None = None) -> list[TensorSpec]:
+def mlp_tensors(prefix: str, target: str, hidden: int, inter: int, expert: int | None = None) -> list[TensorSpec]:
+    """A SwiGLU MLP's three Linears (every family's dense MLPs, routed and shared experts)."""
     shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
     return [
         TensorSpec(f"{prefix}.{p}.weight", shapes[p], "linear", f"{target}.{p}", expert) for p in PROJS
@@ -114,7 +116,7 @@ def layer_tensors(cfg: ModelConfig, i: int) -> list[TensorSpec]:
         lin("self_attn.o_proj", (h, heads * cfg.v_head_dim)),
     ]
     if not cfg.is_moe_layer(i):
-        return out + _mlp(f"{pre}.mlp", f"{tgt}.mlp", h, cfg.intermediate_size)
+        return out + mlp_tensors(f"{pre}.mlp", f"{tgt}.mlp", h, cfg.intermediate_size)
     e = cfg.n_routed_experts
     out += [
         TensorSpec(f"{pre}.mlp.gate.weight", (e, h), "float", f"{tgt}.mlp.gate.weight"),
@@ -122,10 +124,10 @@ def layer_tensors(cfg: ModelConfig, i: int) -> list[TensorSpec]:
                    f"{tgt}.mlp.gate.e_score_correction_bias"),
     ]
     for x in range(e):
-        out += _mlp(f"{pre}.mlp.experts.{x}", f"{tgt}.mlp.experts", h, cfg.moe_intermediate_size, x)
+        out += mlp_tensors(f"{pre}.mlp.experts.{x}", f"{tgt}.mlp.experts", h, cfg.moe_intermediate_size, x)
     if cfg.n_shared_experts:
         width = cfg.n_shared_experts * cfg.moe_intermediate_size
-        out += _mlp(f"{pre}.mlp.shared_experts", f"{tgt}.mlp.shared_experts", h, width)
+        out += mlp_tensors(f"{pre}.mlp.shared_experts", f"{tgt}.mlp.shared_experts", h, width)
     return out
 
 
@@ -144,6 +146,12 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
 
 def expert_tensors(cfg: ModelConfig, layer: int) -> dict[str, list[TensorSpec]]:
     """{proj: [spec of expert 0, 1, ...]} for the routed experts of one MoE layer."""
+    return routed_expert_tensors(cfg, layer, layer_tensors)
+
+
+def routed_expert_tensors(cfg: Any, layer: int, layer_tensors: Callable[[Any, int], list[TensorSpec]]
+                          ) -> dict[str, list[TensorSpec]]:
+    """{proj: [spec of expert 0, 1, ...]} of one MoE layer from any family's `layer_tensors`."""
     if not 0 <= layer < cfg.num_hidden_layers or not cfg.is_moe_layer(layer):
         raise ValueError(f"layer {layer} is not a MoE layer of this model")
     out: dict[str, list[TensorSpec]] = {p: [] for p in PROJS}

@@ -45,7 +45,7 @@ class Checkpoint:
 
     DeepSeek-V3's here; another family (jaxmoe/models/<family>/hf_map.py) subclasses it with its
     own `config_type` (`from_file`), `expected_tensors(cfg)`, `expert_tensors(cfg, layer)` and
-    `assemble(cfg, leaves)`, and `n_experts` where its config names the routed experts otherwise.
+    `assemble(cfg, leaves)`; its config names the routed experts per layer `n_routed_experts`.
     `mtp_needs_config`: tensors of the layers after the last (an MTP module) are an error unless
     the config declares `num_nextn_predict_layers` (else they are skipped whatever it says)."""
 
@@ -156,11 +156,6 @@ class Checkpoint:
                 out[f"{proj}_scale_inv"] = [self.array(s.scale_name) for s in specs]
         return out
 
-    @property
-    def n_experts(self) -> int:
-        """Routed experts per MoE layer."""
-        return self.cfg.n_routed_experts
-
     def load_size(self, load_experts: bool = True) -> tuple[int, int]:
         """(tensors, bytes) a load reads: every accounted tensor (no MTP tensors), its bytes with
         those of its FP8 scales; without the routed experts when load_experts is False."""
@@ -242,7 +237,7 @@ def _build(ck: Checkpoint, dtype: np.dtype, device, progress: bool | Progress | 
 
     leaves: dict[str, Any] = {}
     pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = defaultdict(list)
-    n_experts = ck.n_experts
+    n_experts = ck.cfg.n_routed_experts
     try:
         for s in specs:
             w = ck.array(s.name)

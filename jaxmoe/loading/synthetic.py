@@ -114,8 +114,12 @@ def synthetic_tensors(cfg: ModelConfig, *, fmt: str = "f32", seed: int = 0) -> d
 
 def quantize_linears(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
     """A copy of `tensors` with every Linear `.weight` (lm_head excepted) as e4m3 + `.weight_scale_inv`."""
-    specs = hf_map.expected_tensors(cfg)
-    block = hf_map.quant_block(cfg)
+    return linears_to_fp8(tensors, hf_map.expected_tensors(cfg), hf_map.quant_block(cfg))
+
+
+def linears_to_fp8(tensors: dict[str, np.ndarray], specs: dict[str, hf_map.TensorSpec],
+                   block: tuple[int, int]) -> dict[str, np.ndarray]:
+    """`quantize_linears` for any family's tensor map (`specs`: its expected_tensors)."""
     out: dict[str, np.ndarray] = {}
     for name, a in tensors.items():
         spec = specs.get(name)

@@ -73,6 +73,13 @@ def stage_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, po
                                form=attention_form(cfg, x.shape[1], kv_len), kv_len=kv_len)
 
 
+def prefill_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions):
+    """`layer_until_experts` with expanded attention over the whole cache: the streamed
+    prefill's layer (streaming.slp; prompt chunks are wide)."""
+    cos, sin = rope_cos_sin(cfg, positions)
+    return layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, form="expanded")
+
+
 def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *,
                   form: AttentionForm, kv_len=None):
     x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, form=form, kv_len=kv_len)

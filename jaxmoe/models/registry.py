@@ -4,7 +4,8 @@ A `ModelFamily` is everything the runtime asks of one architecture today: its co
 the two per-layer widths of the KV cache (`model.cache`'s `c_kv` / `k_pe` pools: MLA's latent
 and rope key, GQA's keys and values), the forward of an engine step, the checkpoint loader and
 the synthetic writer, one layer up to its routed experts for the staged executor
-(`stage_layer`), and which runtime features beyond the cpu-only fused step it supports
+(`stage_layer`) and for stream-loaded prefill (`prefill_layer`), and which runtime features
+beyond the cpu-only fused step it supports
 (`supports`: "staged" presets, "streamed_prefill" (SLP / DSLP), the "planner", the native
 "cpu_kernels"; the others raise a ValueError naming what is not supported yet), and how to open
 its checkpoint without loading it (`open_checkpoint`: the accounted `loading.loader.Checkpoint`
@@ -23,8 +24,9 @@ Families: DeepSeek-V3 (model_type "deepseek_v3", Kimi-K2's "kimi_k2"; `DeepseekV
 jaxmoe/model/), Qwen3-MoE ("qwen3_moe", `Qwen3MoeForCausalLM`: jaxmoe/models/qwen3_moe/) and
 GLM-4.5 ("glm4_moe", `Glm4MoeForCausalLM`: jaxmoe/models/glm4_moe/; GLM-4.5, GLM-4.5-Air).
 Qwen3-MoE and GLM-4.5 run the engine's steps (the fused step on the pure JAX path or with the
-CPU kernels, and the staged presets: `supports` "cpu_kernels", "staged"); their prompts
-prefill on the step path (no stream-loaded prefill or planner model yet).
+CPU kernels, and the staged presets) and stream-loaded prefill when it is asked for (`supports`
+"cpu_kernels", "staged", "streamed_prefill"); the planner does not model them yet, so "auto"
+prefills on the step path.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class ModelFamily:
     # (config, layer weights, x, cache, layer, positions, kv_len) -> (x, None | (h, ids, weights, shared), cache):
     # one layer up to its routed experts, for the staged executor
     stage_layer: Callable[..., Any]
+    # (config, layer weights, x, cache, layer, positions) -> the same: the streamed prefill's layer (slp)
+    prefill_layer: Callable[..., Any]
     # (path or open checkpoint, *, dtype, load_experts=True) -> (config, weights); load_experts=False
     # leaves the MoE blocks' routed `experts` None (for an ExpertStore filled from the checkpoint)
     load_checkpoint: Callable[..., tuple[Any, Any]]
@@ -79,9 +83,8 @@ class ModelFamily:
     def require(self, feature: str, what: str) -> None:
         """ValueError naming `what` unless this family supports `feature`."""
         if feature not in self.supports:
-            raise ValueError(f"{what} is not supported yet for {self.name} models (they run the engine's steps: the "
-                             f"cpu-only preset (pure JAX or the CPU kernels), the staged presets or "
-                             f"routed_experts='accelerator', prefill on the step path)")
+            raise ValueError(f"{what} is not supported yet for {self.name} models (supported: "
+                             f"{', '.join(sorted(self.supports)) or 'the fused step only'})")
 
 
 def _deepseek_step_forward(cfg: ModelConfig, width: int, kv_len: int) -> Callable:
@@ -100,6 +103,7 @@ DEEPSEEK_V3 = ModelFamily(
     cache_widths=mla_cache_widths,
     step_forward=_deepseek_step_forward,
     stage_layer=deepseek_forward.stage_layer,
+    prefill_layer=deepseek_forward.prefill_layer,
     load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: loader.load_checkpoint(
         path, dtype=dtype, load_experts=load_experts),
     write_synthetic=synthetic.write_synthetic_checkpoint,
@@ -116,11 +120,12 @@ QWEN3_MOE = ModelFamily(
     cache_widths=lambda cfg: (cfg.attention.kv_width, cfg.attention.kv_width),  # keys, values
     step_forward=lambda cfg, width, kv_len: qwen3_forward,
     stage_layer=qwen3_stage_layer,
+    prefill_layer=qwen3_stage_layer,  # kv_len None: the whole prefill cache
     load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: qwen3_moe.load_checkpoint(
         path, dtype=dtype, load_experts=load_experts),
     write_synthetic=qwen3_synthetic.write_synthetic_checkpoint,
     open_checkpoint=qwen3_moe.Qwen3MoeCheckpoint,
-    supports=frozenset({"cpu_kernels", "staged"}),
+    supports=frozenset({"cpu_kernels", "staged", "streamed_prefill"}),
 )
 
 GLM4_MOE = ModelFamily(
@@ -132,11 +137,12 @@ GLM4_MOE = ModelFamily(
     cache_widths=lambda cfg: (cfg.attention.kv_width, cfg.attention.kv_width),  # keys, values
     step_forward=lambda cfg, width, kv_len: glm4_forward,
     stage_layer=glm4_stage_layer,
+    prefill_layer=glm4_stage_layer,
     load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: glm4_moe.load_checkpoint(
         path, dtype=dtype, load_experts=load_experts),
     write_synthetic=glm4_synthetic.write_synthetic_checkpoint,
     open_checkpoint=glm4_moe.Glm4MoeCheckpoint,
-    supports=frozenset({"cpu_kernels", "staged"}),
+    supports=frozenset({"cpu_kernels", "staged", "streamed_prefill"}),
 )
 
 FAMILIES: tuple[ModelFamily, ...] = (DEEPSEEK_V3, QWEN3_MOE, GLM4_MOE)

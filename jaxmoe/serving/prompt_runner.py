@@ -18,7 +18,8 @@ by the environment variable JAXMOE_PREFILL_STRATEGY):
   default from the devices: this-machine-fake-devices for CPU devices standing in for
   accelerators, this-machine without any, h100-box / reference-box on GPUs) among the
   strategies this engine can run; the step path, without the planner, where nothing can stream
-  (e.g. a model family without streamed prefill yet, `models.registry`).
+  or the planner does not model the family (`models.registry`: Qwen3-MoE and GLM-4.5 stream a
+  forced "slp" / "dslp", replicated attention, one unit per layer, double-buffered).
 An impossible forced choice (dslp on one accelerator, slp without an accelerator or without
 a host expert source, slp / dslp for a family without streamed prefill) raises ValueError naming
 `prefill_strategy` when the engine is built.
@@ -47,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache, init_cache
-from jaxmoe.model.weights import ExpertsWeights, MoEWeights, split_experts
+from jaxmoe.model.weights import ExpertsWeights, split_experts
 from jaxmoe.models.registry import family_of
 from jaxmoe.planning.planner import estimate_prefill, load_hardware, plan_prefill
 from jaxmoe.planning.strategies import FORCE_ENV, REQUESTABLE, STREAMED, PrefillStrategy
@@ -146,12 +147,13 @@ class StreamedPromptRunner:
         self.family = family_of(cfg)
         streams = self.source is not None and "streamed_prefill" in self.family.supports
         self.possible = tuple(s for s in STREAMED if n_acc >= s.accelerators and streams)
+        self.planned = "planner" in self.family.supports  # else "auto" is the step path, a forced stream runs unsized
         self._preset, self._kinds = rc.preset, sorted({type(e).__name__ for e in experts if e is not None})
         self._resident = rc.routed_experts != "host"
         self.check(self.mode, origin)
         self.candidates = (self.step_path, *self.possible)  # what "auto" chooses among (planner names)
         self.hardware = None  # the planner's profile, where a choice or a stream plan needs it
-        if self.possible:
+        if self.possible and self.planned:
             hw = load_hardware(default_hardware(rc, devices))
             if hw.gpu is not None and hw.n_gpus != n_acc:
                 hw = hw.with_gpus(n_acc)
@@ -189,10 +191,12 @@ class StreamedPromptRunner:
             mode = strategy
         if mode == PrefillStrategy.CPU:
             return self.step_path, None
-        if mode in STREAMED:  # forced: the profile only sizes parts and buffers
+        if mode in STREAMED:  # forced: the profile only sizes parts and buffers (where the planner models the family)
+            if not self.planned:
+                return mode, None
             est = _estimate(self.cfg, self.hardware, n_tokens, mode)
             return mode, (est if est.feasible else None)
-        if len(self.candidates) < 2:
+        if len(self.candidates) < 2 or not self.planned:  # nothing to choose, or no model to choose by
             return self.step_path, None
         try:
             choice = _plan(self.cfg, self.hardware, n_tokens, self.candidates).choice
@@ -232,7 +236,7 @@ class StreamedPromptRunner:
                              for a in jax.tree.leaves(lw))
                 return jax.device_get(lw) if on_acc else lw
 
-            self._host_layers = tuple(host(lw) if isinstance(lw.mlp, MoEWeights) else None
+            self._host_layers = tuple(host(lw) if hasattr(lw.mlp, "experts") else None
                                       for lw in self._dense_fallback.layers)
         return self._host_layers
 
@@ -270,7 +274,7 @@ class StreamedPromptRunner:
         logits, cache = slp_prefill_chunk(
             self.cfg, dense, self.source, self._cache[1], tokens, positions,
             devices=self.devices.accelerators, strategy=est if est is not None else name,
-            logit_index=np.array([n - 1], np.int32),
+            logit_index=np.array([n - 1], np.int32), prefill_layer=self.family.prefill_layer,
         )
         self._cache = (req.id, cache)
         dst = np.full(self.chunk_size, self.max_len, np.int32)
@@ -289,7 +293,7 @@ class StreamedPromptRunner:
     def _prefill_cache(self, req: Any, table: Any, width: int) -> KVCache:
         """The request's batch-1 prefill cache, holding the latents of its cached prefix (read
         from the engine's pool through its block table) when it has one."""
-        cache = init_cache(self.cfg, 1, width, self.cache_dtype)
+        cache = init_cache(self.cfg, 1, width, self.cache_dtype, widths=self.family.cache_widths(self.cfg))
         if req.cached_tokens:
             c_kv, k_pe = jax.device_get(self.executor.read_latents(req.slot, table, req.cached_tokens))
             cache = _seed(cache, c_kv, k_pe)

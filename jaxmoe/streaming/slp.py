@@ -56,10 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.config import ModelConfig
+from jaxmoe.model import forward
 from jaxmoe.model.cache import KVCache
-from jaxmoe.model.forward import final_logits, layer_until_experts
-from jaxmoe.model.rope import rope_cos_sin
-from jaxmoe.model.weights import MoEWeights, Weights, split_experts
+from jaxmoe.model.forward import final_logits
+from jaxmoe.model.weights import Weights, split_experts
 from jaxmoe.planning.strategies import STREAMED, PrefillStrategy
 from jaxmoe.streaming.expert_parallel import ExpertMesh, expert_mesh
 from jaxmoe.streaming.sequence_split import SequenceSplit
@@ -90,13 +90,13 @@ def _embed(weights: Weights, tokens):
     return x, _no_moe(x)
 
 
-def _layer_program(cfg, lw, x, routed, cache, layer, positions):
+def _layer_program(cfg, prefill_layer, lw, x, routed, cache, layer, positions):
     """One layer minus its routed experts: add the previous layer's MoE output (shared +
-    routed), then `layer_until_experts` (expanded attention, as in prefill).
+    routed), then the family's `prefill_layer` (DeepSeek-V3: `layer_until_experts` with expanded
+    attention, as in prefill).
     -> (x, MoE output so far: zeros or the shared experts', routing or None, cache)."""
     x = x + routed.reshape(x.shape).astype(x.dtype)
-    cos, sin = rope_cos_sin(cfg, positions)
-    x, moe_in, cache = layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, form="expanded")
+    x, moe_in, cache = prefill_layer(cfg, lw, x, cache, layer, positions)
     if moe_in is None:
         return x, _no_moe(x), None, cache
     flat, ids, weights, shared = moe_in
@@ -109,7 +109,7 @@ def _final_program(cfg, weights, x, routed, logit_index):
 
 
 _embed_jit = jax.jit(_embed)
-_layer_jit = jax.jit(_layer_program, static_argnums=0, donate_argnums=4)
+_layer_jit = jax.jit(_layer_program, static_argnums=(0, 1), donate_argnums=5)
 _final_jit = jax.jit(_final_program, static_argnums=0)
 ATTENTION = ("replicated", "sequence")
 
@@ -117,8 +117,8 @@ ATTENTION = ("replicated", "sequence")
 class _Replicated:
     """The replicated programs (`SequenceSplit`'s interface)."""
 
-    def __init__(self, ep: ExpertMesh):
-        self.ep = ep
+    def __init__(self, ep: ExpertMesh, prefill_layer: Callable = forward.prefill_layer):
+        self.ep, self.prefill_layer = ep, prefill_layer
 
     def pad(self, tokens, positions, max_len: int):
         return self.ep.replicate((jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32)))
@@ -127,7 +127,7 @@ class _Replicated:
         return _embed_jit(weights, tokens)
 
     def layer(self, cfg, lw, x, routed, cache, layer, positions):
-        return _layer_jit(cfg, lw, x, routed, cache, layer, positions)
+        return _layer_jit(cfg, self.prefill_layer, lw, x, routed, cache, layer, positions)
 
     def routed(self, acc, x, ids, weights, experts, bounds):
         return self.ep.routed(acc, x, ids, weights, experts, bounds)
@@ -150,15 +150,21 @@ class SlpPipeline:
     the mesh by the chunk's tokens: `streaming.sequence_split`).
     stream_dense: the MoE layers' non-expert weights streamed with their first unit instead of
     resident (see the module docstring).
+    prefill_layer: the model family's layer up to its routed experts, (cfg, layer weights, x,
+    cache, layer, positions) -> (x, None | (h, ids, weights, shared), cache) (`models.registry`;
+    default DeepSeek-V3's, `model.forward.prefill_layer`); "sequence" attention is MLA's only.
     """
 
-    def __init__(self, cfg: ModelConfig, devices: Sequence[jax.Device], *, parts_per_layer: int = 1,
+    def __init__(self, cfg: Any, devices: Sequence[jax.Device], *, parts_per_layer: int = 1,
                  buffers: int = 2, pinned: bool | None = None, attention: str = "replicated",
-                 stream_dense: bool = False):
+                 stream_dense: bool = False, prefill_layer: Callable = forward.prefill_layer):
         if parts_per_layer < 1 or buffers < 2:
             raise ValueError(f"need parts_per_layer >= 1 and buffers >= 2, got {parts_per_layer}, {buffers}")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if attention == "sequence" and prefill_layer is not forward.prefill_layer:
+            raise ValueError("attention='sequence' splits MLA (DeepSeek-V3's attention) only; this family's prefill "
+                             "runs attention='replicated'")
         self.attention = attention
         self.stream_dense = bool(stream_dense)
         self.cfg = cfg
@@ -166,7 +172,7 @@ class SlpPipeline:
         self.buffers = buffers
         self.ep: ExpertMesh = expert_mesh(tuple(devices), pinned)
         self.moe_layers = tuple(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
-        self.programs = SequenceSplit(self.ep.mesh) if attention == "sequence" else _Replicated(self.ep)
+        self.programs = SequenceSplit(self.ep.mesh) if attention == "sequence" else _Replicated(self.ep, prefill_layer)
 
     def place(self, dense_weights: Weights) -> Weights:
         """The non-expert weights replicated on the mesh (a no-op when already there); with
@@ -179,7 +185,7 @@ class SlpPipeline:
         log = [] if log is None else log
         weights = self.place(dense_weights)
         for i, lw in enumerate(weights.layers):
-            if isinstance(lw.mlp, MoEWeights) != (i in self.moe_layers):
+            if hasattr(lw.mlp, "experts") != (i in self.moe_layers):
                 raise ValueError(f"layer {i}: weights and config disagree on whether it is an MoE layer")
         n_tokens = np.shape(tokens)[1]
         cache = ep.replicate(cache)
@@ -232,16 +238,16 @@ def _place(ep: ExpertMesh, dense_weights: Weights, stream_dense: bool) -> Weight
     dense, _ = split_experts(dense_weights)
     if not stream_dense:
         return ep.replicate(dense)
-    moe = [isinstance(lw.mlp, MoEWeights) for lw in dense.layers]
+    moe = [hasattr(lw.mlp, "experts") for lw in dense.layers]
     resident = ep.replicate(dense.replace(layers=tuple(None if m else lw for m, lw in zip(moe, dense.layers))))
     return resident.replace(layers=tuple(lw if m else r for m, lw, r in zip(moe, dense.layers, resident.layers)))
 
 
 @functools.lru_cache(maxsize=8)
-def _streamer(cfg: ModelConfig, devices: tuple[jax.Device, ...], parts: int, buffers: int,
-              pinned: bool | None, attention: str, stream_dense: bool = False) -> SlpPipeline:
+def _streamer(cfg: Any, devices: tuple[jax.Device, ...], parts: int, buffers: int, pinned: bool | None,
+              attention: str, stream_dense: bool = False, prefill_layer: Callable = forward.prefill_layer) -> SlpPipeline:
     return SlpPipeline(cfg, devices, parts_per_layer=parts, buffers=buffers, pinned=pinned, attention=attention,
-                       stream_dense=stream_dense)
+                       stream_dense=stream_dense, prefill_layer=prefill_layer)
 
 
 def _stream_dense(strategy: Any, stream_dense: bool | None) -> bool:
@@ -262,6 +268,7 @@ def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: E
                       tokens, positions, *, devices: Sequence[jax.Device], strategy: Any = "slp",
                       logit_index=None, parts_per_layer: int | None = None, buffers: int | None = None,
                       pinned: bool | None = None, attention: str | None = None, stream_dense: bool | None = None,
+                      prefill_layer: Callable = forward.prefill_layer,
                       log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
     """One prefill chunk, tokens/positions [B, T], with the routed experts streamed.
 
@@ -272,7 +279,8 @@ def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: E
     attention and stream_dense are used unless given). stream_dense: the MoE layers' non-expert
     weights streamed from `dense_weights` (their host copy; place with the same stream_dense).
     devices: the accelerators (the strategy takes the first 1 or 2).
-    attention: "replicated" (default) or "sequence" (see `SlpPipeline`).
+    attention: "replicated" (default) or "sequence" (see `SlpPipeline`). prefill_layer: the
+    model family's (`SlpPipeline`; default DeepSeek-V3's).
     Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index` [B]; the cache with the
     chunk's latents, replicated on the strategy's devices).
     """
@@ -280,7 +288,8 @@ def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: E
     parts = parts_per_layer or getattr(strategy, "parts_per_layer", 1)
     buffers = buffers or getattr(strategy, "buffers", 2)
     attention = attention or getattr(strategy, "attention", "replicated")
-    run = _streamer(cfg, devs, int(parts), int(buffers), pinned, attention, _stream_dense(strategy, stream_dense))
+    run = _streamer(cfg, devs, int(parts), int(buffers), pinned, attention, _stream_dense(strategy, stream_dense),
+                    prefill_layer)
     return run(dense_weights, expert_source, cache, tokens, positions, logit_index=logit_index, log=log)
 
 

@@ -284,6 +284,8 @@ def test_fix_config():
           "rope_parameters": {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 40.0}}
     cfg, notes = LC.fix_config(rp)
     assert cfg["rope_theta"] == 10000.0 and cfg["rope_scaling"]["type"] == "yarn" and cfg["rope_scaling"]["factor"] == 40.0
+    qwen = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_hidden_layers": 27}
+    assert LC.fix_config(qwen) == (qwen, [])  # converted as it is: no DeepSeek fix, no Lite layer count
 
 
 def test_stage_and_convert_cmd(tmp_path):

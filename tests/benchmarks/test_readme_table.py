@@ -92,3 +92,20 @@ def test_prefix_rows(tmp_path):
     rows = [r for r in RT.table(tmp_path).splitlines() if r.startswith("| prefix")]
     assert len(rows) == 1 and "chat turns" in rows[0] and "| 0.120, 0.100 |" in rows[0] and "1500 vs 7750" in rows[0]
     assert rows[0].count("|") == 6
+
+
+def test_qwen3_peer_rows_beside_deepseeks(tmp_path):
+    """`peer_llamacpp --config qwen3-moe-mid` writes its own file; its rows follow DeepSeek-V3's."""
+    from benchmarks.peer_llamacpp import result_name
+
+    assert result_name("bench-v3-mid") == "peer_llamacpp" and result_name("qwen3-moe-mid") == RT.PEER_QWEN3
+    env = {"date": "2026-12-05T04:00:00+00:00", "cpu": "AMD EPYC", "cores": 2, "cpu_class": "avx2", "loadavg_1m": 2.0,
+           "commit": "abc1234"}
+    qwen = _peer(env, None)
+    qwen["details"]["model"] = "qwen3-moe-mid"
+    _write(tmp_path / "peer_llamacpp.json", _peer(env, None))
+    _write(tmp_path / f"{RT.PEER_QWEN3}.json", qwen)
+    rows = [r for r in RT.table(tmp_path).splitlines() if r.startswith("| peer |")]
+    models = [r.split("|")[2].strip().split(",")[0] for r in rows]
+    assert models == ["bench-v3-mid"] * 3 + ["qwen3-moe-mid"] * 3
+    assert any("qwen3-moe-mid" in r and "ratio jaxmoe / llama.cpp q8_0" in r and "| 1.34, 0.90 |" in r for r in rows)

@@ -4,8 +4,9 @@ jaxmoe.generate / the engine / the server, against a plain argmax loop over the 
 forward (`models.qwen3_moe.forward`, `models.glm4_moe.forward`) with a contiguous cache.
 The engine runs its fused step with the family's forward on the paged GQA cache (keys in `c_kv`,
 values in `k_pe`): continuous batching, chunked prefill, prefix sharing; and the staged presets
-(routed experts on the host, the rest on simulated accelerators). What is not supported yet
-(streamed prefill, the planner's step model) is refused with a ValueError naming the family."""
+(routed experts on the host, the rest on simulated accelerators) and a forced stream-loaded
+prefill (SLP / DSLP). What is not supported yet (the planner's models: "auto" prefills on the
+step path, no TPOT target; MLA's sequence-split attention) is refused with a ValueError."""
 
 from __future__ import annotations
 
@@ -129,7 +130,6 @@ def test_the_pool_has_the_gqa_widths(tiny_model):
     assert pool.c_kv.shape[-1] == pool.k_pe.shape[-1] == kv and pool.c_kv.shape[0] == tiny_model.cfg.num_hidden_layers
 
 
-# ---- not supported yet: refused clearly -------------------------------------------------------
 
 
 @pytest.mark.parametrize("preset", ["gpu+cpu-experts", "2gpu+cpu-experts"])
@@ -152,19 +152,45 @@ def test_staged_presets_give_the_plain_loop_tokens(tiny_model, preset):
 
 
 @pytest.mark.parametrize("strategy", ["slp", "dslp"])
-def test_streamed_prefill_is_refused(tiny_model, tiny_family, strategy, monkeypatch):
-    cfg, w, name = tiny_model.cfg, tiny_model.weights, re.escape(tiny_family.name)
-    with pytest.raises(ValueError, match=f"prefill_strategy='{strategy}'.*not supported yet for {name}"):
-        Engine(cfg, w, "cpu-only", prefill_strategy=strategy)
-    with pytest.raises(ValueError, match=f"not supported yet for {name}"):  # resident experts on an accelerator
-        Engine(cfg, w, "cpu-only", accelerators=1, routed_experts="accelerator", simulate_accelerators=True,
-               prefill_strategy=strategy)
-    e = Engine(cfg, w, "cpu-only", n_slots=1, max_len=64)
-    with pytest.raises(ValueError, match="stream-loaded prefill.*not supported yet"):
-        e.submit([3, 4, 5], 2, prefill_strategy=strategy, background=False)
-    monkeypatch.setenv("JAXMOE_PREFILL_STRATEGY", strategy)
-    with pytest.raises(ValueError, match=f"JAXMOE_PREFILL_STRATEGY={strategy}.*not supported yet"):
+def test_streamed_prefill_gives_the_plain_loop_tokens(tiny_model, tiny_family, strategy, monkeypatch):
+    """A forced slp / dslp prompt streams the routed experts from the host copy to the (simulated)
+    accelerators through the family's prefill_layer, chunk after chunk, beside another request
+    on the step path: both get the plain loop's tokens. The planner does not model these
+    families: it is never asked (the forced stream runs one unit per layer, double-buffered)."""
+    import jaxmoe.serving.prompt_runner as runner
+
+    def no_planner(*a, **k):
+        raise AssertionError("the planner was asked")
+
+    monkeypatch.setattr(runner, "plan_prefill", no_planner)
+    monkeypatch.setattr(runner, "estimate_prefill", no_planner)
+    cfg, w = tiny_model.cfg, tiny_model.weights
+    long, short = prompts(cfg.vocab_size, (50, 21), seed=13)
+    e = Engine(cfg, w, "2gpu+cpu-experts", n_slots=2, max_len=128, chunk_size=BS, kv_block_size=BS,
+               simulate_accelerators=True, prefill_beside_decode=False)
+    assert strategy in e.prefill.possible and not e.prefill.planned
+    a = e.submit(short, NEW, background=False)  # auto: the step path
+    b = e.submit(long, NEW, background=False, prefill_strategy=strategy)
+    e.run_until_idle()
+    assert (a.prefill_strategy, b.prefill_strategy) == ("cpu", strategy) and b.prefill_plan is None
+    assert [a.output_ids, b.output_ids] == [solo_greedy(cfg, w, short, NEW), solo_greedy(cfg, w, long, NEW)]
+
+
+def test_what_the_families_cannot_stream_is_refused(tiny_model, tiny_family, monkeypatch):
+    """No accelerator to stream to; MLA's sequence-split attention; the planner's TPOT target."""
+    from jaxmoe.streaming.slp import SlpPipeline
+
+    cfg, w = tiny_model.cfg, tiny_model.weights
+    with pytest.raises(ValueError, match="prefill_strategy='slp'.*impossible here: needs 1 accelerator"):
+        Engine(cfg, w, "cpu-only", prefill_strategy="slp")
+    monkeypatch.setenv("JAXMOE_PREFILL_STRATEGY", "dslp")
+    with pytest.raises(ValueError, match="JAXMOE_PREFILL_STRATEGY=dslp.*impossible here"):
         Engine(cfg, w, "cpu-only")
+    monkeypatch.delenv("JAXMOE_PREFILL_STRATEGY")
+    with pytest.raises(ValueError, match="attention='sequence' splits MLA"):
+        SlpPipeline(cfg, jax.devices()[:2], attention="sequence", prefill_layer=tiny_family.prefill_layer)
+    with pytest.raises(ValueError, match=f"tpot_target_ms.*not supported yet for {re.escape(tiny_family.name)}"):
+        Engine(cfg, w, "cpu-only", tpot_target_ms=50.0)
 
 
 @one_family("qwen3-moe-tiny")
@@ -183,11 +209,6 @@ def test_auto_on_an_accelerator_resolves_to_the_step_path_without_the_planner(ti
     r = e.submit(p, 3, background=False)
     e.run_until_idle()
     assert r.prefill_strategy == "resident" and r.output_ids == solo_greedy(cfg, w, p, 3)
-
-
-def test_tpot_target_is_refused(tiny_model, tiny_family):
-    with pytest.raises(ValueError, match=f"tpot_target_ms.*not supported yet for {re.escape(tiny_family.name)}"):
-        Engine(tiny_model.cfg, tiny_model.weights, "cpu-only", tpot_target_ms=50.0)
 
 
 def test_the_server_answers(tiny_model, tiny_name):

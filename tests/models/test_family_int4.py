@@ -36,14 +36,14 @@ def _moe_layers(cfg):
 def test_converted_checkpoint_holds_int4_experts_and_the_rest_as_it_was(tiny_ckpts, int4_ckpt, tiny_family, tiny_cfg):
     src_dir = tiny_ckpts["fp8"]
     with tiny_family.open_checkpoint(src_dir) as src, tiny_family.open_checkpoint(int4_ckpt) as dst:
-        assert src.int4_group is None and dst.int4_group == GROUP and dst.n_experts == src.n_experts > 0
+        assert src.int4_group is None and dst.int4_group == GROUP and dst.cfg.n_routed_experts == src.cfg.n_routed_experts > 0
         layer = _moe_layers(tiny_cfg)[-1]
         views = dst.expert_arrays(layer)
         assert sorted(views) == ["down_proj", "down_proj_scales", "gate_proj", "gate_proj_scales", "up_proj",
                                  "up_proj_scales"]
-        assert all(len(v) == dst.n_experts for v in views.values())
+        assert all(len(v) == dst.cfg.n_routed_experts for v in views.values())
         for proj, specs in src.expert_tensors(src.cfg, layer).items():
-            for e in (0, dst.n_experts - 1):
+            for e in (0, dst.cfg.n_routed_experts - 1):
                 name = specs[e].name
                 assert name not in dst.store and specs[e].scale_name not in dst.store
                 q, s = quant_int4.quantize_int4(expert_float(src, name), GROUP, name)

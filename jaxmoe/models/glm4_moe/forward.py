@@ -29,8 +29,9 @@ def sparse_moe(cfg: Glm4MoeConfig, w: MoEWeights, x: jax.Array, valid: jax.Array
     return gqa_decoder.sparse_moe(cfg, moe_prologue, w, x, valid)
 
 
-def stage_layer(cfg: Glm4MoeConfig, lw, x, cache: KVCache, layer: int, positions, kv_len: int):
-    """One layer up to its routed experts, for the staged executor (`gqa_decoder.stage_layer`)."""
+def stage_layer(cfg: Glm4MoeConfig, lw, x, cache: KVCache, layer: int, positions, kv_len: int | None = None):
+    """One layer up to its routed experts (`gqa_decoder.stage_layer`): the staged executor's and,
+    with kv_len None, the streamed prefill's."""
     return gqa_decoder.stage_layer(cfg, moe_prologue, lw, x, cache, layer, positions, kv_len)
 
 

@@ -28,17 +28,12 @@ import numpy as np
 
 from jaxmoe.layers.gqa import GQAWeights
 from jaxmoe.loading import loader
-from jaxmoe.loading.hf_map import PROJS, TensorSpec
+from jaxmoe.loading.hf_map import PROJS, TensorSpec, mlp_tensors, routed_expert_tensors
 from jaxmoe.loading.loader import Checkpoint
+from jaxmoe.loading.synthetic import linears_to_fp8
 from jaxmoe.model.weights import ExpertsWeights, MLPWeights, MoEWeights, RouterWeights
 from jaxmoe.models.glm4_moe.config import Glm4MoeConfig
 from jaxmoe.models.glm4_moe.weights import Glm4MoeLayerWeights, Glm4MoeWeights
-from jaxmoe.quant import quantize_fp8_blocks
-
-
-def _mlp(prefix: str, target: str, hidden: int, inter: int, expert: int | None = None) -> list[TensorSpec]:
-    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-    return [TensorSpec(f"{prefix}.{p}.weight", shapes[p], "linear", f"{target}.{p}", expert) for p in PROJS]
 
 
 def layer_tensors(cfg: Glm4MoeConfig, i: int) -> list[TensorSpec]:
@@ -64,15 +59,15 @@ def layer_tensors(cfg: Glm4MoeConfig, i: int) -> list[TensorSpec]:
         out += [vec(f"self_attn.{p}.bias", f"self_attn.{p}_bias", n)
                 for p, n in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out))]
     if not cfg.is_moe_layer(i):
-        return out + _mlp(f"{pre}.mlp", f"{tgt}.mlp", h, cfg.intermediate_size)
+        return out + mlp_tensors(f"{pre}.mlp", f"{tgt}.mlp", h, cfg.intermediate_size)
     e = cfg.n_routed_experts
     out += [TensorSpec(f"{pre}.mlp.gate.weight", (e, h), "float", f"{tgt}.mlp.gate.weight"),
             vec("mlp.gate.e_score_correction_bias", "mlp.gate.e_score_correction_bias", e, "bias")]
     for x in range(e):
-        out += _mlp(f"{pre}.mlp.experts.{x}", f"{tgt}.mlp.experts", h, cfg.moe_intermediate_size, x)
+        out += mlp_tensors(f"{pre}.mlp.experts.{x}", f"{tgt}.mlp.experts", h, cfg.moe_intermediate_size, x)
     if cfg.n_shared_experts:
         width = cfg.n_shared_experts * cfg.moe_intermediate_size
-        out += _mlp(f"{pre}.mlp.shared_experts", f"{tgt}.mlp.shared_experts", h, width)
+        out += mlp_tensors(f"{pre}.mlp.shared_experts", f"{tgt}.mlp.shared_experts", h, width)
     return out
 
 
@@ -91,13 +86,7 @@ def expected_tensors(cfg: Glm4MoeConfig) -> dict[str, TensorSpec]:
 
 def expert_tensors(cfg: Glm4MoeConfig, layer: int) -> dict[str, list[TensorSpec]]:
     """{proj: [spec of expert 0, 1, ...]} for the routed experts of one MoE layer."""
-    if not 0 <= layer < cfg.num_hidden_layers or not cfg.is_moe_layer(layer):
-        raise ValueError(f"layer {layer} is not a MoE layer of this model")
-    out: dict[str, list[TensorSpec]] = {p: [] for p in PROJS}
-    for s in layer_tensors(cfg, layer):
-        if s.expert is not None:
-            out[s.target.rsplit(".", 1)[1]].append(s)
-    return out
+    return routed_expert_tensors(cfg, layer, layer_tensors)
 
 
 def assemble(cfg: Glm4MoeConfig, leaves: dict[str, Any]) -> Glm4MoeWeights:
@@ -127,15 +116,7 @@ def assemble(cfg: Glm4MoeConfig, leaves: dict[str, Any]) -> Glm4MoeWeights:
 def quantize_linears(cfg: Glm4MoeConfig, tensors: dict[str, np.ndarray],
                      block: tuple[int, int] = (128, 128)) -> dict[str, np.ndarray]:
     """A copy of `tensors` with every Linear `.weight` (lm_head excepted) as e4m3 + `.weight_scale_inv`."""
-    specs = expected_tensors(cfg)
-    out: dict[str, np.ndarray] = {}
-    for name, a in tensors.items():
-        spec = specs.get(name)
-        if spec is None or spec.kind != "linear" or spec.target == "lm_head":
-            out[name] = a
-            continue
-        out[name], out[spec.scale_name] = quantize_fp8_blocks(np.asarray(a, np.float32), block)
-    return out
+    return linears_to_fp8(tensors, expected_tensors(cfg), block)
 
 
 class Glm4MoeCheckpoint(Checkpoint):

@@ -68,6 +68,11 @@ class Qwen3MoeConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
+    def n_routed_experts(self) -> int:
+        """num_experts under DeepSeek-V3's name (read by the family-agnostic streaming and loading code)."""
+        return self.num_experts
+
+    @property
     def num_nextn_predict_layers(self) -> int:
         """No multi-token-prediction layers (read by the shared checkpoint accounting)."""
         return 0

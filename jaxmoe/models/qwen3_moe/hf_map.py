@@ -26,17 +26,12 @@ import numpy as np
 from jaxmoe.layers.gqa import GQAWeights
 from jaxmoe.layers.softmax_router import SoftmaxRouterWeights
 from jaxmoe.loading import loader
-from jaxmoe.loading.hf_map import PROJS, TensorSpec
+from jaxmoe.loading.hf_map import PROJS, TensorSpec, mlp_tensors, routed_expert_tensors
 from jaxmoe.loading.loader import Checkpoint
+from jaxmoe.loading.synthetic import linears_to_fp8
 from jaxmoe.model.weights import ExpertsWeights, MLPWeights
 from jaxmoe.models.qwen3_moe.config import Qwen3MoeConfig
 from jaxmoe.models.qwen3_moe.weights import Qwen3MoeLayerWeights, Qwen3MoeSparseMoeWeights, Qwen3MoeWeights
-from jaxmoe.quant import quantize_fp8_blocks
-
-
-def _mlp(prefix: str, target: str, hidden: int, inter: int, expert: int | None = None) -> list[TensorSpec]:
-    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-    return [TensorSpec(f"{prefix}.{p}.weight", shapes[p], "linear", f"{target}.{p}", expert) for p in PROJS]
 
 
 def layer_tensors(cfg: Qwen3MoeConfig, i: int) -> list[TensorSpec]:
@@ -62,10 +57,10 @@ def layer_tensors(cfg: Qwen3MoeConfig, i: int) -> list[TensorSpec]:
         out += [vec(f"self_attn.{p}.bias", f"self_attn.{p}_bias", n)
                 for p, n in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out), ("o_proj", h))]
     if not cfg.is_moe_layer(i):
-        return out + _mlp(f"{pre}.mlp", f"{tgt}.mlp", h, cfg.intermediate_size)
+        return out + mlp_tensors(f"{pre}.mlp", f"{tgt}.mlp", h, cfg.intermediate_size)
     out.append(TensorSpec(f"{pre}.mlp.gate.weight", (cfg.num_experts, h), "float", f"{tgt}.mlp.gate.weight"))
     for e in range(cfg.num_experts):
-        out += _mlp(f"{pre}.mlp.experts.{e}", f"{tgt}.mlp.experts", h, cfg.moe_intermediate_size, e)
+        out += mlp_tensors(f"{pre}.mlp.experts.{e}", f"{tgt}.mlp.experts", h, cfg.moe_intermediate_size, e)
     return out
 
 
@@ -84,13 +79,7 @@ def expected_tensors(cfg: Qwen3MoeConfig) -> dict[str, TensorSpec]:
 
 def expert_tensors(cfg: Qwen3MoeConfig, layer: int) -> dict[str, list[TensorSpec]]:
     """{proj: [spec of expert 0, 1, ...]} for the routed experts of one MoE layer."""
-    if not 0 <= layer < cfg.num_hidden_layers or not cfg.is_moe_layer(layer):
-        raise ValueError(f"layer {layer} is not a MoE layer of this model")
-    out: dict[str, list[TensorSpec]] = {p: [] for p in PROJS}
-    for s in layer_tensors(cfg, layer):
-        if s.expert is not None:
-            out[s.target.rsplit(".", 1)[1]].append(s)
-    return out
+    return routed_expert_tensors(cfg, layer, layer_tensors)
 
 
 def assemble(cfg: Qwen3MoeConfig, leaves: dict[str, Any]) -> Qwen3MoeWeights:
@@ -113,15 +102,7 @@ def assemble(cfg: Qwen3MoeConfig, leaves: dict[str, Any]) -> Qwen3MoeWeights:
 def quantize_linears(cfg: Qwen3MoeConfig, tensors: dict[str, np.ndarray],
                      block: tuple[int, int] = (128, 128)) -> dict[str, np.ndarray]:
     """A copy of `tensors` with every Linear `.weight` (lm_head excepted) as e4m3 + `.weight_scale_inv`."""
-    specs = expected_tensors(cfg)
-    out: dict[str, np.ndarray] = {}
-    for name, a in tensors.items():
-        spec = specs.get(name)
-        if spec is None or spec.kind != "linear" or spec.target == "lm_head":
-            out[name] = a
-            continue
-        out[name], out[spec.scale_name] = quantize_fp8_blocks(np.asarray(a, np.float32), block)
-    return out
+    return linears_to_fp8(tensors, expected_tensors(cfg), block)
 
 
 class Qwen3MoeCheckpoint(Checkpoint):
@@ -133,10 +114,6 @@ class Qwen3MoeCheckpoint(Checkpoint):
     expert_tensors = staticmethod(expert_tensors)
     assemble = staticmethod(assemble)
     mtp_needs_config = True
-
-    @property
-    def n_experts(self) -> int:
-        return self.cfg.num_experts
 
 
 def load_checkpoint(path: str | Path | Qwen3MoeCheckpoint, *, dtype: Any = jnp.float32, device: jax.Device | None = None,
