@@ -155,19 +155,20 @@ def test_next_chunk():
 
 
 def test_cpu_engine_cuts_a_prompt_tail_into_buckets(tiny_model):
-    """The cpu-only engine runs a 151-token prompt in 256-wide steps as 128 + 23 (steps of 128 and
-    32 columns, not one of 256) and generates the tokens of the same engine told not to cut
+    """The cpu-only engine runs a 72-token prompt in 128-wide steps as 64 + 8 (steps of 64 and
+    16 columns, not one of 128) and generates the tokens of the same engine told not to cut
     (`step_overhead` None: what the accelerator presets do, whose padding costs next to nothing)."""
     cfg, w = tiny_model
-    prompt = [int(t) for t in np.random.default_rng(3).integers(2, cfg.vocab_size, 151)]
+    assert remainder_chunks(72, 128) == (64, 8)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(2, cfg.vocab_size, 72)]
     out = {}
     for overhead in (STEP_OVERHEAD_COLUMNS, None):
-        eng, seen = spy_engine(cfg, w, chunk_size=256, max_len=256)
+        eng, seen = spy_engine(cfg, w, chunk_size=128, max_len=128)
         assert eng.scheduler.step_overhead == STEP_OVERHEAD_COLUMNS
         eng.scheduler.step_overhead = overhead
         r = eng.submit(prompt, 3, background=False)
         eng.run_until_idle()
         out[overhead] = r.output_ids
-        want = [(1, 128), (1, 32)] if overhead else [(1, 256)]
+        want = [(1, 64), (1, 16)] if overhead else [(1, 128)]
         assert [shape for shape, _ in seen] == [*want, (1, 1), (1, 1)]
     assert out[STEP_OVERHEAD_COLUMNS] == out[None] and len(out[None]) == 3
