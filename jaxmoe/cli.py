@@ -241,7 +241,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     root = Path(a.cache_dir or os.environ.get("JAXMOE_CACHE_DIR") or ".cache")
     ckpt = root / f"demo-{a.config}-{a.fmt}-{digest}"
     print(f"jaxmoe {jaxmoe.__version__} demo: config {a.config!r} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{getattr(cfg, 'n_routed_experts', None) or cfg.num_experts} routed experts, top-{cfg.num_experts_per_tok}, "
+          f"{cfg.n_routed_experts} routed experts, top-{cfg.num_experts_per_tok}, "
           f"vocab {cfg.vocab_size}), {a.fmt} weights")
     if not (ckpt / "config.json").is_file():
         print(f"writing synthetic checkpoint to {ckpt} ...", flush=True)

@@ -53,7 +53,6 @@ def width_bucket(n_tokens: int, width: int) -> int:
     return min(width, max(MIN_WIDTH_BUCKET, 1 << (n_tokens - 1).bit_length()))
 
 
-@functools.lru_cache(maxsize=4096)
 def remainder_chunks(n_tokens: int, width: int, overhead: int = STEP_OVERHEAD_COLUMNS) -> tuple[int, ...]:
     """The chunks that prefill a prompt's last `n_tokens` (<= width) at the least cost when every
     column a step runs costs one (padding too: the dense Linears and attention compute it) and each
@@ -62,16 +61,21 @@ def remainder_chunks(n_tokens: int, width: int, overhead: int = STEP_OVERHEAD_CO
     steps instead of 256 in one; 250: (250,); ties go to fewer steps."""
     if n_tokens > width:
         raise ValueError(f"remainder_chunks: {n_tokens} tokens do not fit a step of {width} columns")
+    return _cheapest_cut(n_tokens, width, overhead)[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _cheapest_cut(n_tokens: int, width: int, overhead: int) -> tuple[int, tuple[int, ...]]:
+    """(cost, chunks) of `remainder_chunks`."""
+    best = (overhead + width_bucket(n_tokens, width), (n_tokens,))
     if n_tokens <= MIN_WIDTH_BUCKET:
-        return (n_tokens,)
-    best_cost, best = overhead + width_bucket(n_tokens, width), (n_tokens,)
+        return best
     b = 1 << (n_tokens - 1).bit_length() - 1  # the largest power of two below n_tokens
     while b >= MIN_WIDTH_BUCKET:
         if b <= width:
-            rest = remainder_chunks(n_tokens - b, width, overhead)
-            cost = overhead + b + sum(overhead + width_bucket(c, width) for c in rest)
-            if cost < best_cost:
-                best_cost, best = cost, (b, *rest)
+            cost, rest = _cheapest_cut(n_tokens - b, width, overhead)
+            if overhead + b + cost < best[0]:
+                best = (overhead + b + cost, (b, *rest))
         b //= 2
     return best
 

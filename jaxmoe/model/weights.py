@@ -91,12 +91,18 @@ class Weights:
     lm_head: Linear  # [V, H]
 
 
+def has_routed_experts(mlp: Any) -> bool:
+    """Whether a layer's MLP block is sparse, in any family's pytree: one with routed `experts`
+    (MoEWeights, Qwen3-MoE's block; the field may be None once split off)."""
+    return hasattr(mlp, "experts")
+
+
 def split_experts(weights: Weights) -> tuple[Weights, tuple[Any, ...]]:
     """(weights without routed experts, per-layer routed experts (None for dense layers)), for
     any family's pytree: a sparse block is one with `experts` (MoEWeights, Qwen3-MoE's)."""
     experts, layers = [], []
     for lw in weights.layers:
-        if hasattr(lw.mlp, "experts"):
+        if has_routed_experts(lw.mlp):
             experts.append(lw.mlp.experts)
             lw = lw.replace(mlp=lw.mlp.replace(experts=None))
         else:

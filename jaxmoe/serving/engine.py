@@ -73,7 +73,7 @@ def cache_bytes_per_position(cfg: Any, dtype=jnp.float32) -> int:
 
 class Engine:
     """Serve requests on one model: `cfg` of any family of `models.registry` (DeepSeek-V3's
-    ModelConfig; Qwen3MoeConfig and Glm4MoeConfig: no stream-loaded prefill yet), `weights`
+    ModelConfig; Qwen3MoeConfig and Glm4MoeConfig: no planner model yet), `weights`
     its pytree. `runtime` is a RuntimeConfig or a preset name (jaxmoe/configs/runtime/),
     `overrides` replace its fields (n_slots, chunk_size, max_len, memory_budget_bytes, overlap,
     prefill_strategy, hardware, tpot_target_ms, ...). `expert_source`: where

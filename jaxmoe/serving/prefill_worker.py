@@ -18,6 +18,7 @@ starts (it reads the pool). One prompt at a time, oldest first.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
@@ -55,7 +56,7 @@ class PrefillWorker:
         self.runner, self.chunk_size = runner, chunk_size
         self.results: queue.Queue = queue.Queue()
         self.current: Any = None  # the request being streamed (until its PromptLeft is collected)
-        self._jobs: queue.Queue = queue.Queue()
+        self._jobs: collections.deque = collections.deque()  # guarded by _lock
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the thread's end against the next start
 
@@ -70,7 +71,7 @@ class PrefillWorker:
         self.runner.prepare(req, table)
         self.current = req
         with self._lock:
-            self._jobs.put(req)
+            self._jobs.append(req)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="jaxmoe-prefill", daemon=True)
                 self._thread.start()
@@ -114,10 +115,10 @@ class PrefillWorker:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                if self._jobs.empty():
+                if not self._jobs:
                     self._thread = None
                     return
-                req = self._jobs.get_nowait()
+                req = self._jobs.popleft()
             try:
                 pos, n_prompt = req.n_prefilled, len(req.prompt_ids)
                 while pos < n_prompt and not req.cancelled:

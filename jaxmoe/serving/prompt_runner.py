@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache, init_cache
-from jaxmoe.model.weights import ExpertsWeights, split_experts
+from jaxmoe.model.weights import ExpertsWeights, has_routed_experts, split_experts
 from jaxmoe.models.registry import family_of
 from jaxmoe.planning.planner import estimate_prefill, load_hardware, plan_prefill
 from jaxmoe.planning.strategies import FORCE_ENV, REQUESTABLE, STREAMED, PrefillStrategy
@@ -236,7 +236,7 @@ class StreamedPromptRunner:
                              for a in jax.tree.leaves(lw))
                 return jax.device_get(lw) if on_acc else lw
 
-            self._host_layers = tuple(host(lw) if hasattr(lw.mlp, "experts") else None
+            self._host_layers = tuple(host(lw) if has_routed_experts(lw.mlp) else None
                                       for lw in self._dense_fallback.layers)
         return self._host_layers
 

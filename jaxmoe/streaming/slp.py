@@ -59,7 +59,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.model import forward
 from jaxmoe.model.cache import KVCache
 from jaxmoe.model.forward import final_logits
-from jaxmoe.model.weights import Weights, split_experts
+from jaxmoe.model.weights import Weights, has_routed_experts, split_experts
 from jaxmoe.planning.strategies import STREAMED, PrefillStrategy
 from jaxmoe.streaming.expert_parallel import ExpertMesh, expert_mesh
 from jaxmoe.streaming.sequence_split import SequenceSplit
@@ -185,7 +185,7 @@ class SlpPipeline:
         log = [] if log is None else log
         weights = self.place(dense_weights)
         for i, lw in enumerate(weights.layers):
-            if hasattr(lw.mlp, "experts") != (i in self.moe_layers):
+            if has_routed_experts(lw.mlp) != (i in self.moe_layers):
                 raise ValueError(f"layer {i}: weights and config disagree on whether it is an MoE layer")
         n_tokens = np.shape(tokens)[1]
         cache = ep.replicate(cache)
@@ -238,7 +238,7 @@ def _place(ep: ExpertMesh, dense_weights: Weights, stream_dense: bool) -> Weight
     dense, _ = split_experts(dense_weights)
     if not stream_dense:
         return ep.replicate(dense)
-    moe = [hasattr(lw.mlp, "experts") for lw in dense.layers]
+    moe = [has_routed_experts(lw.mlp) for lw in dense.layers]
     resident = ep.replicate(dense.replace(layers=tuple(None if m else lw for m, lw in zip(moe, dense.layers))))
     return resident.replace(layers=tuple(lw if m else r for m, lw, r in zip(moe, dense.layers, resident.layers)))
 

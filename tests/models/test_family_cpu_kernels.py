@@ -64,7 +64,7 @@ def test_the_placed_weights_are_host_handles(tiny_kernel_models, tiny_cfg, fmt):
         ex = lw.mlp.experts
         assert isinstance(ex, HostExperts) and ex.layer == i
         assert (ex.n_experts, ex.hidden, ex.inter) == (
-            getattr(tiny_cfg, "num_experts", None) or tiny_cfg.n_routed_experts, tiny_cfg.hidden_size,
+            tiny_cfg.n_routed_experts, tiny_cfg.hidden_size,
             tiny_cfg.moe_intermediate_size)
         assert isinstance(lw.mlp.gate.weight, jax.Array)
         shared = getattr(lw.mlp, "shared_experts", None)  # GLM-4.5's
