@@ -11,7 +11,7 @@ and the execution cannot drift apart.
   another step (`next_chunk`);
 - keys: a power-of-two window over the cache (`kv_window`);
 - attention form: absorbed (latent space) or expanded (keys and values expanded through
-  kv_b_proj), whichever takes fewer multiply-adds (`expanded_is_cheaper`, `attention_form`).
+  kv_b_proj), whichever costs less (`expanded_is_cheaper`, `attention_form`).
 """
 
 from __future__ import annotations
@@ -23,13 +23,27 @@ from jaxmoe.config import ModelConfig
 
 AttentionForm = Literal["absorbed", "expanded"]
 
-ATTENTION_KEY_BLOCK = 512  # key slots per block of the blocked (online-softmax) attention
+ATTENTION_KEY_BLOCK = 512  # key slots per block of the blocked (online-softmax) attention, accelerators
+# ... and on the CPU, where a block's scores ((queries x heads) x 128 floats) stay in cache: one
+# layer of bench-v3-mid's absorbed attention, 128 queries over 1,327 keys, takes 0.40 s in blocks
+# of 128 against 0.49 s in blocks of 512 (2 AVX2 cores; docs/PERFORMANCE_MODEL.md)
+CPU_ATTENTION_KEY_BLOCK = 128
+# The absorbed form's multiply-adds run this much faster than the expanded form's on the CPU (plain
+# dots in key blocks against kv_b_proj's expansion and per-head dots): bench-v3-mid's 1,350-token
+# prompt in 256-token chunks, where expanded takes 1.46x fewer of them, prefills in 56 s absorbed
+# against 61 s expanded (2 AVX2 cores), so the speed-up is above 1.46.
+CPU_ABSORBED_SPEEDUP = 1.5
 MIN_KV_WINDOW = 64
 MIN_WIDTH_BUCKET = 16
 # A CPU step's fixed cost in columns (weights read once per step, per-layer dispatch): bench-v3-mid
 # on 2 AVX2 cores costs ~0.25 s + 0.053 s per column over a 1,200-token prefix, ~5 columns; the
 # bound is set at a whole smallest bucket, so a cut must save at least that much padding.
 STEP_OVERHEAD_COLUMNS = MIN_WIDTH_BUCKET
+
+
+def attention_key_block(backend: str) -> int:
+    """Key slots per block of the blocked attention on a JAX backend ("cpu", "gpu", ...)."""
+    return CPU_ATTENTION_KEY_BLOCK if backend == "cpu" else ATTENTION_KEY_BLOCK
 
 
 def kv_window(end: int, max_len: int) -> int:
@@ -89,22 +103,25 @@ def next_chunk(n_left: int, width: int, overhead: int | None = STEP_OVERHEAD_COL
     return remainder_chunks(n_left, width, overhead)[0]
 
 
-def expanded_is_cheaper(cfg: ModelConfig, n_queries: int, n_keys: int) -> bool:
-    """Whether expanded attention (keys/values expanded once per step) takes fewer multiply-adds
-    than absorbed attention (queries and outputs absorbed) for n_queries per row over n_keys
-    cache slots. Per row and head:
+def expanded_is_cheaper(cfg: ModelConfig, n_queries: int, n_keys: int, on_cpu: bool = False) -> bool:
+    """Whether expanded attention (keys/values expanded once per step) costs less than absorbed
+    attention (queries and outputs absorbed) for n_queries per row over n_keys cache slots, in
+    multiply-adds per row and head:
         expanded: (nope + rope + v) * S * T  +  (nope + v) * r * S   (expanding S keys)
         absorbed: (2 r + rope)      * S * T  +  (nope + v) * r * T   (absorbing T queries)
     DeepSeek-V3 (r 512, nope = v 128, rope 64): expanded wins from ~100 queries over 256 keys
-    and ~170 over long contexts, i.e. for prompt chunks, never for decode."""
+    and ~170 over long contexts, i.e. for prompt chunks, never for decode. on_cpu: the absorbed
+    form's multiply-adds count 1 / CPU_ABSORBED_SPEEDUP (XLA's CPU runs its plain dots faster than
+    the expanded form's): expanded from ~270 queries over 1,024 keys and ~325 over long contexts."""
     r, rope, nope, v = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
     s, t = n_keys, n_queries
     expanded = (nope + rope + v) * s * t + (nope + v) * r * s
     absorbed = (2 * r + rope) * s * t + (nope + v) * r * t
-    return expanded < absorbed
+    return expanded * (CPU_ABSORBED_SPEEDUP if on_cpu else 1) < absorbed
 
 
-def attention_form(cfg: ModelConfig, width: int, kv_len: int) -> AttentionForm:
+def attention_form(cfg: ModelConfig, width: int, kv_len: int, on_cpu: bool = False) -> AttentionForm:
     """The form a step of `width` columns over `kv_len` keys attends in: absorbed for decode
-    and narrow chunks, expanded where that costs fewer multiply-adds. Both give the same logits."""
-    return "expanded" if expanded_is_cheaper(cfg, width, kv_len) else "absorbed"
+    and narrow chunks, expanded where that costs less (`expanded_is_cheaper`; on_cpu: attention
+    runs on the CPU). Both give the same logits."""
+    return "expanded" if expanded_is_cheaper(cfg, width, kv_len, on_cpu) else "absorbed"

@@ -26,7 +26,7 @@ from jaxmoe.model.mla import key_blocked_attention
 from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.rope import apply_rope
 from jaxmoe.quant import linear
-from jaxmoe.step_shapes import ATTENTION_KEY_BLOCK
+from jaxmoe.step_shapes import attention_key_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,7 @@ def gqa(c: GQAConfig, w: GQAWeights, x: jax.Array, cache: KVCache, layer: int, p
     dropped: padding), then attend over the cache. -> (out [B, T, H], cache).
 
     kv_len (static): attend over the first kv_len cache slots only; None = all.
-    block (static): key slots per block of the blocked attention (None: ATTENTION_KEY_BLOCK).
+    block (static): key slots per block of the blocked attention (None: step_shapes.attention_key_block).
     """
     q, k, v = gqa_qkv(c, w, x, cos, sin)
     b, t = x.shape[:2]
@@ -150,7 +150,7 @@ def attend(c: GQAConfig, w: GQAWeights, q: jax.Array, cache: KVCache, layer: int
         p = p.reshape(b, t, kvh, groups, v.shape[1])
         return jnp.einsum("btkgs,bskd->btkgd", p, v).reshape(b, t, h, d)
 
-    blk = ATTENTION_KEY_BLOCK if block is None else int(block)
+    blk = attention_key_block(jax.default_backend()) if block is None else int(block)
     if blk < 1:
         raise ValueError(f"attention key block must be >= 1, got {blk}")
     if t > 1 and n_keys > blk:

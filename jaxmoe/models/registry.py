@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jaxmoe.config import DEEPSEEK_V3_ARCHITECTURES, DEEPSEEK_V3_MODEL_TYPES, ConfigError, ModelConfig, named_config_path
@@ -88,8 +89,9 @@ class ModelFamily:
 
 
 def _deepseek_step_forward(cfg: ModelConfig, width: int, kv_len: int) -> Callable:
-    """Absorbed MLA for decode and narrow chunks, expanded where that costs fewer multiply-adds."""
-    if attention_form(cfg, width, kv_len) == "absorbed":
+    """Absorbed MLA for decode and narrow chunks, expanded where that costs less (the fused step
+    runs where JAX's default backend is: on_cpu when that is the CPU)."""
+    if attention_form(cfg, width, kv_len, on_cpu=jax.default_backend() == "cpu") == "absorbed":
         return deepseek_forward.forward_absorbed
     return deepseek_forward.forward_expanded
 

@@ -40,7 +40,7 @@ import dataclasses
 from jaxmoe import step_shapes
 from jaxmoe.config import ModelConfig
 from jaxmoe.planning.cost_model import ModelCosts, model_costs
-from jaxmoe.step_shapes import ATTENTION_KEY_BLOCK, expanded_is_cheaper, next_chunk, row_bucket, width_bucket
+from jaxmoe.step_shapes import CPU_ATTENTION_KEY_BLOCK, expanded_is_cheaper, next_chunk, row_bucket, width_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,14 +148,14 @@ class KernelModel:
         through lm_head."""
         cfg, mc, k = self.cfg, self.mc, self.k
         layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
-        expanded = rows > slots and expanded_is_cheaper(cfg, rows // slots, window)
+        expanded = rows > slots and expanded_is_cheaper(cfg, rows // slots, window, on_cpu=True)
         lin = exp = 0.0
         for layer in range(layers):
             moe = cfg.is_moe_layer(layer)
             lin += sum(self.linear(n * kk, rows) for n, kk in mc.layer_matrices(moe))
             if expanded:  # the window's latents through kv_b_proj, one call per key block
-                blocks = -(-window // ATTENTION_KEY_BLOCK) if window > ATTENTION_KEY_BLOCK else 1
-                lin += slots * blocks * self.linear(sum(mc.kv_b_groups), min(window, ATTENTION_KEY_BLOCK))
+                blocks = -(-window // CPU_ATTENTION_KEY_BLOCK) if window > CPU_ATTENTION_KEY_BLOCK else 1
+                lin += slots * blocks * self.linear(sum(mc.kv_b_groups), min(window, CPU_ATTENTION_KEY_BLOCK))
             else:  # queries and outputs through kv_b_proj's two halves
                 lin += sum(self.linear(w, rows) for w in mc.kv_b_groups)
             if moe:

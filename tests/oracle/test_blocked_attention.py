@@ -83,7 +83,9 @@ def test_the_cheaper_attention_form_by_hand():
     """DeepSeek-V3 dims (r 512, nope = v 128, rope 64), per row and head:
     expanded 320 S T + 131072 S, absorbed 1088 S T + 131072 T. Over S = 256 keys the forms
     cost the same at T = 33554432 / 327680 = 102.4 queries; over long contexts expanded wins
-    from T > 131072 / 768 = 170.7. Decode (T = 1) stays absorbed over 2 keys or more."""
+    from T > 131072 / 768 = 170.7. Decode (T = 1) stays absorbed over 2 keys or more. On the CPU
+    the expanded form costs 1.5x per multiply-add: over long contexts it wins from
+    T > 1.5 x 131072 / (1088 - 1.5 x 320) = 323.4."""
     from jaxmoe.config import ModelConfig
 
     v3 = ModelConfig.named("deepseek-v3")
@@ -92,3 +94,6 @@ def test_the_cheaper_attention_form_by_hand():
     assert not step_shapes.expanded_is_cheaper(v3, 170, 1 << 20) and step_shapes.expanded_is_cheaper(v3, 171, 1 << 20)
     assert not any(step_shapes.expanded_is_cheaper(v3, 1, s) for s in (2, 64, 4096, 1 << 17))
     assert step_shapes.expanded_is_cheaper(v3, 256, 512) and not step_shapes.expanded_is_cheaper(v3, 64, 512)
+    assert step_shapes.CPU_ABSORBED_SPEEDUP == 1.5
+    long = 1 << 20
+    assert not step_shapes.expanded_is_cheaper(v3, 323, long, on_cpu=True) and step_shapes.expanded_is_cheaper(v3, 324, long, on_cpu=True)

@@ -110,17 +110,21 @@ def test_planner_uses_the_kernel_model_on_this_machine():
 
 
 def test_wide_chunks_attend_expanded(km):
-    """A 256-row chunk over 1024 keys: expanded (192 MACs per score per head + the window's
-    latents through kv_b_proj, two 512-key blocks) is cheaper than absorbed (576 per score)."""
+    """A 256-row chunk over 1024 keys: on the CPU expanded (192 MACs per score per head + the
+    window's latents through kv_b_proj, eight 128-key blocks) costs less than absorbed (576 per
+    score, at 1 / CPU_ABSORBED_SPEEDUP); a 128-row chunk attends absorbed there."""
     from jaxmoe.step_shapes import expanded_is_cheaper  # the engine's rule, which the model uses
 
-    assert expanded_is_cheaper(DEMO, 256, 1024) and not expanded_is_cheaper(DEMO, 1, 1024)
+    assert expanded_is_cheaper(DEMO, 256, 1024, on_cpu=True) and not expanded_is_cheaper(DEMO, 1, 1024, on_cpu=True)
+    assert expanded_is_cheaper(DEMO, 128, 1024) and not expanded_is_cheaper(DEMO, 128, 1024, on_cpu=True)
     wide, narrow = km.step(256, 256, 1024, 1), km.step(1, 1, 1024, 1)
     scores = 256 * 1024 * 8 * 4
     assert wide.attention == pytest.approx(scores * (2 * 192 / 16e9 + 2e-9))
+    mid = km.step(128, 128, 1024, 1)
+    assert mid.attention == pytest.approx(128 * 1024 * 8 * 4 * (2 * 576 / 16e9 + 2e-9))
     mats = km.mc.layer_matrices(False), km.mc.layer_matrices(True)
     rest = lambda rows: sum(km.linear(n * k, rows) for j in range(4) for n, k in mats[j > 0])  # noqa: E731
     lm_head = km.linear(8192 * 1024, 1, 2)
-    kv_b = 8 * (64 + 64) * 256  # kv_b_proj, applied to two 512-key blocks per layer
-    assert wide.linears == pytest.approx(rest(256) + 4 * 2 * km.linear(kv_b, 512) + lm_head)
+    kv_b = 8 * (64 + 64) * 256  # kv_b_proj, applied to eight 128-key blocks per layer
+    assert wide.linears == pytest.approx(rest(256) + 4 * 8 * km.linear(kv_b, 128) + lm_head)
     assert narrow.linears == pytest.approx(rest(1) + 4 * 2 * km.linear(kv_b // 2, 1) + lm_head)
