@@ -168,7 +168,8 @@ def test_step_forward_per_family():
     assert DEEPSEEK_V3.step_forward(ds, 1, 4096) is forward_absorbed
     assert attention_form(ds, 256, 4096) == "expanded"  # on an accelerator
     # the tests' backend is the CPU, where absorbed attention runs faster per multiply-add
-    assert attention_form(ds, 256, 4096, on_cpu=True) == "absorbed" and DEEPSEEK_V3.step_forward(ds, 256, 4096) is forward_absorbed
+    assert attention_form(ds, 256, 4096, on_cpu=True) == "absorbed"
+    assert DEEPSEEK_V3.step_forward(ds, 256, 4096) is forward_absorbed
     assert DEEPSEEK_V3.step_forward(ds, 512, 4096) is forward_expanded
     qwen3_cfg, glm_cfg = Qwen3MoeConfig.named("qwen3-moe-tiny"), Glm4MoeConfig.named("glm4-moe-tiny")
     assert QWEN3_MOE.step_forward(qwen3_cfg, 1, 64) is QWEN3_MOE.step_forward(qwen3_cfg, 256, 4096) is forward
