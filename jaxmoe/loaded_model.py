@@ -34,10 +34,11 @@ from jaxmoe.serving.prompt_runner import host_expert_source
 from jaxmoe.tokenizer import Message, Tokenizer, Tool
 
 DEFAULT_MAX_SEQ_LEN = 4096  # context per request unless max_seq_len says otherwise (cache memory)
-# load(weights_cache=None) without $JAXMOE_WEIGHTS_CACHE. Off for now: the first load also
-# writes the packed weights (about the experts' size on disk, e.g. 4 GiB: 6 s -> 16 s for
-# bench-v3-mid), and the load path and its benchmarks are being reworked; True makes the
-# user-cache default the issue asks for.
+# load(weights_cache=None) without $JAXMOE_WEIGHTS_CACHE. Off for now: the kernels run ~6 % slower
+# on the mapped cache's 4 KiB file pages than on the packed store's anonymous huge pages
+# (bench-v3-mid decode 6.7-7.1 vs 7.3-7.4 tok/s, three pairs back to back, 2 AVX2 cores; the
+# TLB, under a VM's nested paging: docs/PERFORMANCE_MODEL.md). A default cache (None: this or
+# $JAXMOE_WEIGHTS_CACHE) is written in the background, so it never slows the load that packs.
 DEFAULT_WEIGHTS_CACHE: bool = False
 
 
@@ -58,6 +59,7 @@ class Model:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     prefix_cache_dir: Path | None = None  # the prefix cache's blocks on disk too (Engine's prefix_cache_dir)
     _engine: Engine | None = field(default=None, init=False, repr=False)
+    _cache_write: Any = field(default=None, init=False, repr=False)  # cpu.weights_cache.BackgroundWrite
     _checkpoint: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -95,7 +97,11 @@ class Model:
         return CheckpointExperts(self._checkpoint)
 
     def close(self) -> None:
-        """Free the native memory of CPU-kernel weights now (rather than at exit)."""
+        """Free the native memory of CPU-kernel weights now (rather than at exit); a weights cache
+        still being written from them is cancelled first (none is left half-written)."""
+        if self._cache_write is not None:
+            self._cache_write.stop()
+            self._cache_write = None
         self._engine = None
         if self._checkpoint is not None:
             self._checkpoint.close()
@@ -236,15 +242,17 @@ def load(
         load_rest = None  # a cache hit reads the rest with DeepSeek-V3's loader; another family's with its own
         if family is not DEEPSEEK_V3:
             load_rest = lambda: family.load_checkpoint(path, dtype=dtype, load_experts=False)  # noqa: E731
-        cfg, weights = wc.load_placed(path, root=root, dtype=dtype, progress=progress, experts_only=rc.staged,
-                                      load=lambda: _load_weights(path, dtype, progress, True,
-                                                                 host_linears=not rc.staged, family=family),
-                                      place=lambda c, w, s: _place(c, w, cpu_kernels, rc, s)[0], load_rest=load_rest)
-        on_kernels = True
-    else:
-        cfg, weights, store = _load_weights(path, dtype, progress, host_experts,
-                                            host_linears=host_experts and not rc.staged, family=family)
-        weights, on_kernels = _place(cfg, weights, cpu_kernels, rc, store)
+        cfg, weights, writing = wc.load_placed(
+            path, root=root, dtype=dtype, progress=progress, experts_only=rc.staged,
+            load=lambda: _load_weights(path, dtype, progress, True, host_linears=not rc.staged, family=family),
+            place=lambda c, w, s: _place(c, w, cpu_kernels, rc, s)[0], load_rest=load_rest,
+            background=weights_cache is None)
+        model = _model(path, cfg, weights, max_seq_len, True, rc, prefix_cache_dir)
+        model._cache_write = writing
+        return model
+    cfg, weights, store = _load_weights(path, dtype, progress, host_experts,
+                                        host_linears=host_experts and not rc.staged, family=family)
+    weights, on_kernels = _place(cfg, weights, cpu_kernels, rc, store)
     return _model(path, cfg, weights, max_seq_len, on_kernels, rc, prefix_cache_dir)
 
 

@@ -3,7 +3,9 @@ parallelism). This must run before JAX creates its backends, hence here, first.
 
 The user's jaxmoe cache ($JAXMOE_CACHE_DIR, ~/.cache/jaxmoe) is out of the tests' reach: they
 (and the processes they start) see an empty temporary one and no $JAXMOE_CALIBRATION, so a
-calibration measured on this box never changes a prediction under test."""
+calibration measured on this box never changes a prediction under test. The packed-weights
+cache is off unless a test asks for it ($JAXMOE_WEIGHTS_CACHE=off): a load under test packs the
+checkpoint it names rather than mapping what an earlier test wrote."""
 
 import gc
 import os
@@ -18,6 +20,7 @@ jax.config.update("jax_num_cpu_devices", N_CPU_DEVICES)
 _CACHE = tempfile.TemporaryDirectory(prefix="jaxmoe-test-cache-")  # removed when the session ends
 os.environ["JAXMOE_CACHE_DIR"] = _CACHE.name
 os.environ.pop("JAXMOE_CALIBRATION", None)
+os.environ["JAXMOE_WEIGHTS_CACHE"] = "off"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -26,6 +26,7 @@ size and format come from the checkpoint files, which the key covers.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -33,6 +34,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -59,7 +61,8 @@ from jaxmoe.cpu.weights_cache_format import (
 )
 
 __all__ = [  # with weights_cache_format's public names, as before the split
-    "LAYOUT", "MAX_MAPPINGS", "PACK_FORMAT_VERSION", "VERIFY_MODES", "CacheError", "cache_key", "checkpoint_identity",
+    "LAYOUT", "MAX_MAPPINGS", "PACK_FORMAT_VERSION", "VERIFY_MODES", "BackgroundWrite", "CacheError", "cache_key",
+    "checkpoint_identity",
     "default_root", "human_bytes", "key_fields", "list_caches", "load_placed", "open_cached", "read_manifest",
     "remove_cache", "verify_dir", "write_cache",
 ]
@@ -259,9 +262,10 @@ def _cache_bytes(store, host_matrices) -> int:
 
 
 def write_cache(root: Path, key: str, fields: dict, store, host_matrices, verify: str = "sample",
-                source: Path | None = None) -> Path | None:
+                source: Path | None = None, cancel=None) -> Path | None:
     """Writes the cache of a placed model atomically; None when a sound one (checked as `verify`
-    says) is there already, e.g. written by another process while this one waited for the lock."""
+    says) is there already, e.g. written by another process while this one waited for the lock.
+    cancel: a threading.Event that stops the write (CacheError, nothing left behind)."""
     with locked(root, key, exclusive=True):
         with contextlib.suppress(CacheError):
             verify_dir(root / key, verify, key)
@@ -276,7 +280,58 @@ def write_cache(root: Path, key: str, fields: dict, store, host_matrices, verify
         if free < need + max(need // 10, 1 << 30):  # leave the disk some room
             raise CacheError(f"not enough free disk space ({human_bytes(free)} free, the cache needs "
                              f"{human_bytes(need)})")
-        return write_dir(root, key, fields, source, lambda w: _write_contents(w, store, host_matrices))
+        return write_dir(root, key, fields, source, lambda w: _write_contents(w, store, host_matrices), cancel)
+
+
+class BackgroundWrite:
+    """`write_cache` on a thread of its own, so that the load which packed the weights returns at
+    once and serves while they are written. The thread holds the store and host matrices until it
+    ends; `stop()` (Model.close, and at the interpreter's exit) cancels it and waits, leaving
+    either a whole cache or none. A write that fails warns, as a synchronous one does."""
+
+    def __init__(self, root: Path, key: str, write):
+        self.root, self.key, self.path, self.cancel = root, key, None, threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(write,), name="jaxmoe-weights-cache-write", daemon=True)
+        with _writes_lock:
+            _writes.add(self)
+        self._thread.start()
+
+    def _run(self, write) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.path = write(self.cancel)
+        except (OSError, CacheError) as e:
+            if not self.cancel.is_set():
+                warnings.warn(f"could not write the weights cache under {self.root}: {e}", stacklevel=1)
+        else:
+            if self.path is not None:
+                log.info("weights cache: wrote %s (%s) in %.2f s, in the background", self.path,
+                         human_bytes((self.path / "data.bin").stat().st_size), time.perf_counter() - t0)
+        finally:
+            with _writes_lock:
+                _writes.discard(self)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Waits for the write; whether it has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Cancels the write (if it is still going) and waits for the thread."""
+        self.cancel.set()
+        self._thread.join()
+
+
+_writes: set[BackgroundWrite] = set()
+_writes_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_writes() -> None:
+    with _writes_lock:
+        live = list(_writes)
+    for w in live:
+        w.stop()
 
 
 # ---- the load path -------------------------------------------------------------------------
@@ -293,10 +348,12 @@ class _Recorder:
 
 
 def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_only: bool, root: Path | None = None,
-                verify: str | None = None, native=None, load_rest=None):
-    """(cfg, placed weights) through the cache at `root` (default: default_root()): mapped from
-    a sound cache, else loaded and placed as without a cache and then written to it (a warning
-    says why an existing cache was not used). load() -> (cfg, weights without the routed
+                verify: str | None = None, native=None, load_rest=None, background: bool = False):
+    """(cfg, placed weights, BackgroundWrite or None) through the cache at `root` (default:
+    default_root()): mapped from a sound cache, else loaded and placed as without a cache and then
+    written to it (a warning says why an existing cache was not used); background: that write runs
+    on a thread (the BackgroundWrite; its owner stops it before freeing the weights), else before
+    this returns. load() -> (cfg, weights without the routed
     experts, ExpertStore holding them) and place(cfg, weights, store) -> placed weights are the
     uncached load (jaxmoe.generate). load_rest() -> (cfg, weights without the routed experts):
     what a cache hit reads from the checkpoint (default: DeepSeek-V3's loader with load_experts=False;
@@ -335,7 +392,7 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
             else:
                 log.info("weights cache: mapped %s (%s) in %.2f s", root / key, human_bytes(m["data_bytes"]),
                          time.perf_counter() - t0)
-                return cfg, placed
+                return cfg, placed, None
             finally:
                 os.close(fd)
     cfg, weights, store = load()
@@ -344,16 +401,22 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
         placed = place(cfg, weights, store)
     store = store or _store_of(placed)
     if store is None:
-        return cfg, placed
+        return cfg, placed, None
+    source = Path(path).resolve()
+    if background:
+        log.info("weights cache: writing %s (about %s) in the background; weights_cache=False (or "
+                 "JAXMOE_WEIGHTS_CACHE=off) turns the cache off", root / key, human_bytes(_cache_bytes(store, rec.made)))
+        return cfg, placed, BackgroundWrite(root, key, lambda cancel: write_cache(root, key, fields, store, rec.made, verify,
+                                                                               source, cancel=cancel))
     try:
-        d = write_cache(root, key, fields, store, rec.made, verify, Path(path).resolve())
+        d = write_cache(root, key, fields, store, rec.made, verify, source)
     except (OSError, CacheError) as e:
         warnings.warn(f"could not write the weights cache under {root}: {e}", stacklevel=3)
     else:
         if d is not None:
             log.info("weights cache: wrote %s (%s) in %.2f s", d, human_bytes((d / "data.bin").stat().st_size),
                      time.perf_counter() - t0)
-    return cfg, placed
+    return cfg, placed, None
 
 
 def _store_of(placed):

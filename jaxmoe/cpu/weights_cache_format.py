@@ -122,17 +122,20 @@ def verify_dir(d: Path, verify: str = "sample", key: str | None = None) -> dict:
 class DataWriter:
     """data.bin as it is written: ALIGN-aligned ranges and a crc32 per CHUNK bytes."""
 
-    def __init__(self, f):
+    def __init__(self, f, cancel=None):
         self.f, self.pos, self.crcs, self.crc, self.in_chunk = f, 0, [], 0, 0
+        self.cancel = cancel  # a threading.Event: set, the next chunk raises CacheError
 
     def _write(self, b) -> None:
-        self.f.write(b)
         mv = memoryview(b).cast("B")
-        self.pos += len(mv)
         while len(mv):
+            if self.cancel is not None and self.cancel.is_set():
+                raise CacheError("the write was cancelled")
             take = min(len(mv), CHUNK - self.in_chunk)
+            self.f.write(mv[:take])
             self.crc = zlib.crc32(mv[:take], self.crc)
             self.in_chunk += take
+            self.pos += take
             mv = mv[take:]
             if self.in_chunk == CHUNK:
                 self.crcs.append(self.crc)
@@ -174,16 +177,17 @@ def remove_partial(root: Path, key: str) -> None:
 
 
 def write_dir(root: Path, key: str, fields: dict, source: Path | None,
-              fill: Callable[[DataWriter], dict]) -> Path:
+              fill: Callable[[DataWriter], dict], cancel=None) -> Path:
     """Writes `<root>/<key>/` atomically, replacing what is there: data.bin through fill(writer)
     -> the entries, then the manifest (fields: what the key covers; source: the checkpoint).
-    The caller holds the exclusive lock."""
+    The caller holds the exclusive lock. cancel: a threading.Event that stops the write (CacheError,
+    nothing left behind)."""
     d = root / key
     tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         with open(tmp / "data.bin", "wb") as f:
-            w = DataWriter(f)
+            w = DataWriter(f, cancel)
             contents = fill(w)
             crcs = w.finish()
             _fsync(f)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 
 import jax
@@ -233,8 +234,51 @@ def test_weights_cache_off_and_default_root(ckpts, monkeypatch, tmp_path):
     _tokens(_load(ckpts["fp8"], True))
     assert len(wc.list_caches()) == 1 and wc.default_root() == tmp_path / "user-cache" / "weights"
     monkeypatch.setenv("JAXMOE_WEIGHTS_CACHE", str(tmp_path / "env-root"))
-    _tokens(_load(ckpts["fp8"], None))
+    model = _load(ckpts["fp8"], None)  # not asked for by the call: written in the background
+    assert model._cache_write is not None and model._cache_write.join(60)
+    model.close()
     assert len(wc.list_caches(tmp_path / "env-root")) == 1
+
+
+def test_background_write_serves_meanwhile_and_close_cancels_it(ckpts, tmp_path, monkeypatch):
+    """The default cache is written on a thread after load returns: the model generates its own
+    tokens meanwhile, a later load maps the finished cache; close() during a write cancels it and
+    leaves no cache and no partial directory."""
+    root = tmp_path / "bg"
+    monkeypatch.setenv("JAXMOE_WEIGHTS_CACHE", str(root))
+    want = _tokens(_load(ckpts["fp8"], False))
+    real, started = wc.write_cache, threading.Event()
+
+    def held(*a, cancel=None, **kw):  # the write waits until the model is closed
+        started.set()
+        cancel.wait(60)
+        return real(*a, cancel=cancel, **kw)
+
+    monkeypatch.setattr(wc, "write_cache", lambda *a, **kw: held(*a, **kw))
+    model = _load(ckpts["fp8"], None)
+    assert started.wait(60) and _tokens(model) == want  # generates while the write waits; closes the model
+    assert model._cache_write is None
+    assert not [d for d in root.iterdir() if d.is_dir()] if root.exists() else True  # no cache, no .tmp-*
+    monkeypatch.setattr(wc, "write_cache", real)
+    model = _load(ckpts["fp8"], None)
+    writing = model._cache_write
+    assert writing is not None and writing.join(60) and _tokens(model) == want
+    d = _cache_dir(root)
+    model = _load(ckpts["fp8"], None)  # mapped: nothing to write
+    assert model._cache_write is None and _tokens(model) == want and _cache_dir(root) == d
+
+
+def test_a_cancelled_write_raises_and_leaves_nothing(tmp_path):
+    from jaxmoe.cpu.weights_cache_format import DataWriter, write_dir
+
+    stop = threading.Event()
+    stop.set()
+    with open(tmp_path / "f", "wb") as f, pytest.raises(wc.CacheError, match="cancelled"):
+        DataWriter(f, stop).put(b"x" * 10)
+    (tmp_path / "root").mkdir()
+    with pytest.raises(wc.CacheError, match="cancelled"):
+        write_dir(tmp_path / "root", "k", {}, None, lambda w: {"at": w.put(b"x")}, stop)
+    assert not list((tmp_path / "root").iterdir())
 
 
 def test_too_many_mappings_or_no_disk_room_skip_the_write(ckpts, tmp_path, monkeypatch):
