@@ -18,8 +18,8 @@ XLA. A step's time is the sum of:
   whole power-of-two key window of the step (`kv_window`: padding and masked keys cost the
   same as visible ones), absorbed (decode, narrow chunks: kv_b_proj's halves applied to the
   queries and outputs as two grouped kernel calls) or expanded (wide prompt chunks, where it
-  takes fewer multiply-adds: the window's latents through kv_b_proj, one kernel call per
-  512-key block):
+  costs less, `step_shapes.expanded_is_cheaper` on the CPU: the window's latents through
+  kv_b_proj, one kernel call per 128-key block):
     2 x rows x window x heads x F FLOPs / (peak x eff),  F = 2 kv_lora_rank + rope, eff =
       attention (absorbed) or F = nope + rope + v, eff = attention_expanded (expanded)
     + rows x window x heads x score_ns                                   (mask, exp, online softmax)
