@@ -22,8 +22,9 @@ from pathlib import Path
 
 from benchmarks._cpu import CLASSES
 from benchmarks._harness import CLASS_DIRS, RESULTS_DIR
+from benchmarks.peer_llamacpp import result_name
 
-PEER_QWEN3 = "peer_llamacpp-qwen3-moe-mid"  # benchmarks.peer_llamacpp --config qwen3-moe-mid
+PEER_QWEN3 = result_name("qwen3-moe-mid")  # benchmarks.peer_llamacpp --config qwen3-moe-mid
 NAMES = ("e2e", "peer_llamacpp", PEER_QWEN3, "slo", "serve", "load", "prefix", "kernels", "kernels_int4_gemm", "quality",
          "prefill")
 CLASS_LABELS = {"avx2": "AVX2", "avx512": "AVX-512", "avx512+amx": "AVX-512+AMX", "other": "other"}

@@ -22,11 +22,10 @@ import numpy as np
 from flax import struct
 
 from jaxmoe.model.cache import KVCache, read_layer, write_layer
-from jaxmoe.model.mla import key_blocked_attention
+from jaxmoe.model.mla import key_block_for, key_blocked_attention
 from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.rope import apply_rope
 from jaxmoe.quant import linear
-from jaxmoe.step_shapes import attention_key_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +149,8 @@ def attend(c: GQAConfig, w: GQAWeights, q: jax.Array, cache: KVCache, layer: int
         p = p.reshape(b, t, kvh, groups, v.shape[1])
         return jnp.einsum("btkgs,bskd->btkgd", p, v).reshape(b, t, h, d)
 
-    blk = attention_key_block(jax.default_backend()) if block is None else int(block)
-    if blk < 1:
-        raise ValueError(f"attention key block must be >= 1, got {blk}")
-    if t > 1 and n_keys > blk:
+    blk = key_block_for(t, n_keys, block)
+    if blk is not None:
 
         def block_fn(start, size):
             k = jax.lax.dynamic_slice_in_dim(keys, start, size, axis=1)

@@ -75,8 +75,10 @@ def _softmax(cfg: ModelConfig, scores: jax.Array, positions: jax.Array) -> jax.A
     return jax.nn.softmax(scores, axis=-1)
 
 
-def _use_blocks(n_queries: int, n_keys: int, block: int | None) -> int | None:
-    """The key block size to use (None: attend in one piece)."""
+def key_block_for(n_queries: int, n_keys: int, block: int | None) -> int | None:
+    """The key block size a step of n_queries per row over n_keys attends in (None: in one
+    piece); block None: `step_shapes.attention_key_block` of JAX's default backend. MLA's and
+    GQA's (`layers.gqa`) rule."""
     block = attention_key_block(jax.default_backend()) if block is None else int(block)
     if block < 1:
         raise ValueError(f"attention key block must be >= 1, got {block}")
@@ -161,7 +163,7 @@ def attend_expanded(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions
     def scores_of(k_nope, kp):
         return (jnp.einsum("bthd,bshd->bths", q_nope, k_nope) + jnp.einsum("bthd,bsd->bths", q_pe, kp)) * cfg.softmax_scale
 
-    blk = _use_blocks(x.shape[1], c_kv.shape[1], block)
+    blk = key_block_for(x.shape[1], c_kv.shape[1], block)
     if blk is None:
         k_nope, v = expand(c_kv)
         p = _softmax(cfg, scores_of(k_nope, k_pe), positions).astype(x.dtype)
@@ -224,7 +226,7 @@ def attend_absorbed(cfg, w: MLAWeights, x, cache: KVCache, layer: int, positions
     def scores_of(c, kp):
         return (_latent_scores(q_latent, c) + _latent_scores(q_pe, kp)) * cfg.softmax_scale
 
-    blk = _use_blocks(x.shape[1], c_kv.shape[1], block)
+    blk = key_block_for(x.shape[1], c_kv.shape[1], block)
     if blk is None:
         p = _softmax(cfg, scores_of(c_kv, k_pe), positions).astype(x.dtype)
         o_latent = jnp.einsum("bths,bsr->bthr", p, c_kv)

@@ -59,10 +59,10 @@ def test_blocked_equals_one_piece(qlora, form, kv_len, block):
 
 
 def test_one_query_per_row_attends_in_one_piece():
-    assert mla._use_blocks(1, 10_000, 16) is None
-    assert mla._use_blocks(8, 16, 16) is None and mla._use_blocks(8, 17, 16) == 16
+    assert mla.key_block_for(1, 10_000, 16) is None
+    assert mla.key_block_for(8, 16, 16) is None and mla.key_block_for(8, 17, 16) == 16
     with pytest.raises(ValueError, match="key block"):
-        mla._use_blocks(8, 17, 0)
+        mla.key_block_for(8, 17, 0)
 
 
 def test_blocked_attention_matches_hf(qlora):
