@@ -6,11 +6,11 @@ cpu_ext and run by `Engine(..., "cpu-only")` (the preset's 4 slots):
 - decode tok/s at batch 1 and batch 4 (greedy, EOS ignored, short prompt): the steady-state
   steps after prefill, each timed alone, interleaved with a read-only pass over the bytes one
   decoded token must read (same run, same kernels' thread pool);
-- bytes per decoded token, from the config, in the checkpoint's stored formats: per layer the
-  attention projections (FP8 + block scales, kv_b_proj included), the dense MLP or the
-  shared expert(s) plus num_experts_per_tok routed experts x 3 matrices; plus lm_head (bf16).
-  Not counted: the embedding row, norms, the router (f32, small) and the latent KV cache
-  (short contexts here). What the placed model holds (the kernels' packed bytes, plus any
+- bytes per decoded token, from the config (`planning.cost_model`, any family), in the
+  checkpoint's stored formats: per layer the attention projections (FP8 + block scales; MLA's
+  kv_b_proj included), the dense MLP or the router and shared expert(s) plus
+  num_experts_per_tok routed experts x 3 matrices; plus lm_head (bf16). Not counted: the
+  embedding row, norms and the KV cache (short contexts here). What the placed model holds (the kernels' packed bytes, plus any
   Linear left to XLA in f32): `details.bytes_per_token_as_placed`;
 - the decode fraction of the bandwidth bound: (bytes_per_token / read GB/s) / step time;
 - a per-step breakdown for batch 1: the engine's Python (scheduling, host arrays), the
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import _harness as H
+from jaxmoe.planning.cost_model import model_costs
 
 READ_PASS_MAX = 64  # jm_read_pass takes at most 64 matrices per call
 
@@ -65,29 +66,14 @@ def checkpoint(name: str, root: Path) -> tuple[Path, bool]:
     return path, False
 
 
-def _fp8_bytes(n: int, k: int) -> int:
-    return n * k + 4 * (-(-n // 128)) * (-(-k // 128))
-
-
 def bytes_per_token(cfg) -> dict:
-    """Bytes one decoded token reads, in the checkpoint's stored formats (see module doc)."""
-    h, L = cfg.hidden_size, cfg.num_hidden_layers
-    nh, nope, rope, vdim = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    qk = nope + rope
-    if cfg.q_lora_rank:
-        q = _fp8_bytes(cfg.q_lora_rank, h) + _fp8_bytes(nh * qk, cfg.q_lora_rank)
-    else:
-        q = _fp8_bytes(nh * qk, h)
-    attn = (q + _fp8_bytes(cfg.kv_lora_rank + rope, h) + _fp8_bytes(nh * (nope + vdim), cfg.kv_lora_rank)
-            + _fp8_bytes(h, nh * vdim))
-    mlp = lambda inter: 2 * _fp8_bytes(inter, h) + _fp8_bytes(h, inter)  # noqa: E731
-    n_dense = min(cfg.first_k_dense_replace, L)
-    n_moe = L - n_dense
-    shared = mlp(cfg.moe_intermediate_size * (cfg.n_shared_experts or 0)) if cfg.n_shared_experts else 0
-    routed = cfg.num_experts_per_tok * mlp(cfg.moe_intermediate_size)
-    lm_head = cfg.vocab_size * h * 2  # bf16
-    parts = {"attention": L * attn, "dense_mlp": n_dense * mlp(cfg.intermediate_size), "shared_experts": n_moe * shared,
-             "routed_experts": n_moe * routed, "lm_head": lm_head}
+    """Bytes one decoded token reads, in the checkpoint's stored formats (see module doc), from
+    the planner's cost model (any family: its attention's projections by `attention_costs`)."""
+    mc = model_costs(cfg)
+    parts = {"attention": mc.n_layers * mc.attn_bytes, "dense_mlp": mc.dense_layers * mc.dense_mlp_bytes,
+             "shared_experts": mc.moe_layers * mc.moe_resident_bytes,  # with the router
+             "routed_experts": mc.moe_layers * cfg.num_experts_per_tok * mc.expert_bytes,
+             "lm_head": mc.lm_head_bytes}
     parts["total"] = sum(parts.values())
     return parts
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # The configs shipped with the package (jaxmoe/configs/{models,runtime,hardware}/*.json, package
 # data), where they are on the file system; `named_config_path` reads them through
@@ -92,6 +92,9 @@ class QuantConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    # the attention this family's layers have ("mla" | "gqa"): which planning.attention_costs prices them
+    ATTENTION_KIND: ClassVar[str] = "mla"
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int

@@ -16,8 +16,9 @@ SwiGLU MLP where the layer's `mlp` is `MLPWeights`, else the sparse-MoE block: t
 output)` (its router, and its shared experts or zeros), then the routed experts
 (`model.moe.routed_experts`) plus that shared output. `stage_layer` is one layer up to its
 routed experts, for the staged executor (routed experts on the host, the rest on an
-accelerator). The config carries `attention` (GQAConfig), `rms_norm_eps`, `num_hidden_layers`
-and `max_position_embeddings`; the weights `embed_tokens`, `layers`, `norm` and `lm_head`.
+accelerator), `split_layer` the same for one share of a chunk's tokens (sequence-split DSLP).
+The config carries `attention` (GQAConfig), `rms_norm_eps`, `num_hidden_layers` and
+`max_position_embeddings`; the weights `embed_tokens`, `layers`, `norm` and `lm_head`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxmoe.layers.gqa import gqa, init_gqa_cache, rope_cos_sin
-from jaxmoe.model.cache import KVCache
+from jaxmoe.layers.gqa import attend, gqa, gqa_qkv, init_gqa_cache, rope_cos_sin
+from jaxmoe.model.cache import KVCache, write_layer
 from jaxmoe.model.forward import final_logits
 from jaxmoe.model.moe import mlp, routed_experts
 from jaxmoe.model.norm import rms_norm
@@ -64,13 +65,35 @@ def layer_until_experts(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCa
     is then x + routed_experts(h, ids, weights) + shared. Padding routes to no expert."""
     h, cache = gqa(cfg.attention, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer,
                    positions, cos, sin, kv_len, block)
-    x = x + h
+    x, moe_in = _mlp_until_experts(cfg, prologue, lw, x + h, positions < cache.max_len)
+    return x, moe_in, cache
+
+
+def _mlp_until_experts(cfg: Any, prologue: MoePrologue, lw: Any, x, real):
+    """After attention: dense layer -> (x + MLP, None); MoE layer -> (x, (h [N, H], topk ids,
+    topk weights, shared output)). real [B, T]: the tokens that route."""
     h = rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps)
     if isinstance(lw.mlp, MLPWeights):
-        return x + mlp(lw.mlp, h), None, cache
+        return x + mlp(lw.mlp, h), None
     flat = h.reshape(-1, h.shape[-1])
-    ids, weights, shared = prologue(cfg, lw.mlp, flat, (positions < cache.max_len).reshape(-1))
-    return x, (flat, ids, weights, shared), cache
+    ids, weights, shared = prologue(cfg, lw.mlp, flat, real.reshape(-1))
+    return x, (flat, ids, weights, shared)
+
+
+def split_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, layer: int, positions, mine, gather):
+    """`stage_layer` (kv_len None) for one share of a chunk's tokens (sequence-split attention,
+    streaming/sequence_split.py): x, mine [B, T/n, ...] are the share's activations and positions,
+    positions [B, T] the whole chunk's. The share's new keys and values go through `gather` (an
+    all-gather over the sequence) so the whole chunk's are written, then the share's queries
+    attend over the cache. -> (x, moe_in or None, cache) for the share's tokens."""
+    c = cfg.attention
+    cos, sin = rope_cos_sin(c, mine)
+    q, k, v = gqa_qkv(c, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cos, sin)
+    b, t = x.shape[:2]
+    cache = write_layer(cache, layer, positions, gather(k.reshape(b, t, -1)), gather(v.reshape(b, t, -1)))
+    x, moe_in = _mlp_until_experts(cfg, prologue, lw, x + attend(c, lw.self_attn, q, cache, layer, mine),
+                                   mine < cache.max_len)
+    return x, moe_in, cache
 
 
 def stage_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, layer: int, positions,

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.cache import KVCache
-from jaxmoe.model.mla import mla_absorbed, mla_expanded
+from jaxmoe.model.cache import KVCache, write_layer
+from jaxmoe.model.mla import attend_expanded, mla_absorbed, mla_expanded, mla_latents
 from jaxmoe.model.moe import mlp, moe_prologue, routed_experts
 from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.rope import rope_cos_sin
@@ -78,6 +78,23 @@ def prefill_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, 
     prefill's layer (streaming.slp; prompt chunks are wide)."""
     cos, sin = rope_cos_sin(cfg, positions)
     return layer_until_experts(cfg, lw, x, cache, layer, positions, cos, sin, form="expanded")
+
+
+def split_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, mine, gather):
+    """`prefill_layer` for one share of a chunk's tokens (sequence-split attention,
+    streaming/sequence_split.py): x, mine [B, T/n, ...] are the share's activations and
+    positions, positions [B, T] the whole chunk's. The share's new latents go through
+    `gather` (an all-gather over the sequence) so the whole chunk's are written, then the
+    share's queries attend (expanded) over the cache. -> (x, moe_in or None, cache) as
+    `layer_until_experts`, for the share's tokens."""
+    cos, sin = rope_cos_sin(cfg, mine)
+    normed = rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps)
+    c_kv, k_pe = mla_latents(cfg, lw.self_attn, normed, cos, sin)
+    cache = write_layer(cache, layer, positions, gather(c_kv), gather(k_pe))
+    x = x + attend_expanded(cfg, lw.self_attn, normed, cache, layer, mine, cos, sin)
+    x, moe_in = mlp_until_experts(cfg, lw, x, rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps),
+                                  mine < cache.max_len)
+    return x, moe_in, cache
 
 
 def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, cache: KVCache, layer, positions, cos, sin, *,

@@ -4,7 +4,8 @@ A `ModelFamily` is everything the runtime asks of one architecture today: its co
 the two per-layer widths of the KV cache (`model.cache`'s `c_kv` / `k_pe` pools: MLA's latent
 and rope key, GQA's keys and values), the forward of an engine step, the checkpoint loader and
 the synthetic writer, one layer up to its routed experts for the staged executor
-(`stage_layer`) and for stream-loaded prefill (`prefill_layer`), and which runtime features
+(`stage_layer`), for stream-loaded prefill (`prefill_layer`) and for one share of a chunk's
+tokens in sequence-split DSLP (`split_layer`), which runtime features
 beyond the cpu-only fused step it supports
 (`supports`: "staged" presets, "streamed_prefill" (SLP / DSLP), the "planner", the native
 "cpu_kernels"; the others raise a ValueError naming what is not supported yet), and how to open
@@ -23,10 +24,9 @@ parsed config on its type; anything else raises `ConfigError` naming the support
 Families: DeepSeek-V3 (model_type "deepseek_v3", Kimi-K2's "kimi_k2"; `DeepseekV3ForCausalLM`:
 jaxmoe/model/), Qwen3-MoE ("qwen3_moe", `Qwen3MoeForCausalLM`: jaxmoe/models/qwen3_moe/) and
 GLM-4.5 ("glm4_moe", `Glm4MoeForCausalLM`: jaxmoe/models/glm4_moe/; GLM-4.5, GLM-4.5-Air).
-Qwen3-MoE and GLM-4.5 run the engine's steps (the fused step on the pure JAX path or with the
-CPU kernels, and the staged presets) and stream-loaded prefill when it is asked for (`supports`
-"cpu_kernels", "staged", "streamed_prefill"); the planner does not model them yet, so "auto"
-prefills on the step path.
+Every family supports every feature: the fused step (on the pure JAX path or with the CPU
+kernels), the staged presets, stream-loaded prefill (replicated or sequence-split attention)
+and the planner ("auto" prefill, the CPU step model's TPOT target).
 """
 
 from __future__ import annotations
@@ -49,11 +49,13 @@ from jaxmoe.models.glm4_moe import synthetic as glm4_synthetic
 from jaxmoe.models.glm4_moe.config import ARCHITECTURE as GLM4_ARCHITECTURE
 from jaxmoe.models.glm4_moe.config import MODEL_TYPE as GLM4_MODEL_TYPE
 from jaxmoe.models.glm4_moe.forward import forward as glm4_forward
+from jaxmoe.models.glm4_moe.forward import split_layer as glm4_split_layer
 from jaxmoe.models.glm4_moe.forward import stage_layer as glm4_stage_layer
 from jaxmoe.models.qwen3_moe import synthetic as qwen3_synthetic
 from jaxmoe.models.qwen3_moe.config import ARCHITECTURE as QWEN3_ARCHITECTURE
 from jaxmoe.models.qwen3_moe.config import MODEL_TYPE as QWEN3_MODEL_TYPE
 from jaxmoe.models.qwen3_moe.forward import forward as qwen3_forward
+from jaxmoe.models.qwen3_moe.forward import split_layer as qwen3_split_layer
 from jaxmoe.models.qwen3_moe.forward import stage_layer as qwen3_stage_layer
 from jaxmoe.step_shapes import attention_form
 
@@ -74,6 +76,9 @@ class ModelFamily:
     stage_layer: Callable[..., Any]
     # (config, layer weights, x, cache, layer, positions) -> the same: the streamed prefill's layer (slp)
     prefill_layer: Callable[..., Any]
+    # (cfg, lw, x, cache, layer, positions, mine, gather) -> prefill_layer's result for one share of
+    # a chunk's tokens: sequence-split DSLP (streaming/sequence_split.py)
+    split_layer: Callable[..., Any]
     # (path or open checkpoint, *, dtype, load_experts=True) -> (config, weights); load_experts=False
     # leaves the MoE blocks' routed `experts` None (for an ExpertStore filled from the checkpoint)
     load_checkpoint: Callable[..., tuple[Any, Any]]
@@ -106,6 +111,7 @@ DEEPSEEK_V3 = ModelFamily(
     step_forward=_deepseek_step_forward,
     stage_layer=deepseek_forward.stage_layer,
     prefill_layer=deepseek_forward.prefill_layer,
+    split_layer=deepseek_forward.split_layer,
     load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: loader.load_checkpoint(
         path, dtype=dtype, load_experts=load_experts),
     write_synthetic=synthetic.write_synthetic_checkpoint,
@@ -123,11 +129,12 @@ QWEN3_MOE = ModelFamily(
     step_forward=lambda cfg, width, kv_len: qwen3_forward,
     stage_layer=qwen3_stage_layer,
     prefill_layer=qwen3_stage_layer,  # kv_len None: the whole prefill cache
+    split_layer=qwen3_split_layer,
     load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: qwen3_moe.load_checkpoint(
         path, dtype=dtype, load_experts=load_experts),
     write_synthetic=qwen3_synthetic.write_synthetic_checkpoint,
     open_checkpoint=qwen3_moe.Qwen3MoeCheckpoint,
-    supports=frozenset({"cpu_kernels", "staged", "streamed_prefill"}),
+    supports=frozenset(FEATURES),
 )
 
 GLM4_MOE = ModelFamily(
@@ -140,11 +147,12 @@ GLM4_MOE = ModelFamily(
     step_forward=lambda cfg, width, kv_len: glm4_forward,
     stage_layer=glm4_stage_layer,
     prefill_layer=glm4_stage_layer,
+    split_layer=glm4_split_layer,
     load_checkpoint=lambda path, *, dtype=jnp.float32, load_experts=True: glm4_moe.load_checkpoint(
         path, dtype=dtype, load_experts=load_experts),
     write_synthetic=glm4_synthetic.write_synthetic_checkpoint,
     open_checkpoint=glm4_moe.Glm4MoeCheckpoint,
-    supports=frozenset({"cpu_kernels", "staged", "streamed_prefill"}),
+    supports=frozenset(FEATURES),
 )
 
 FAMILIES: tuple[ModelFamily, ...] = (DEEPSEEK_V3, QWEN3_MOE, GLM4_MOE)

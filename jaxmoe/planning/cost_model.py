@@ -1,22 +1,27 @@
-"""What a DeepSeek-V3-family model costs: bytes and FLOPs per token, per layer, per chunk.
+"""What a routed-expert model costs: bytes and FLOPs per token, per layer, per chunk.
 
-Pure arithmetic on a `ModelConfig` (no hardware here; planning/planner.py turns these into
-seconds). Bytes are as stored: FP8 Linears 1 byte/weight + fp32 block scales, everything else
-bf16. FLOPs count a multiply-add as 2. Attention FLOPs assume causal skipping (a query at
-position p sees p + 1 keys), as a fused prefill kernel does.
+Pure arithmetic on a family's config (no hardware here; planning/planner.py turns these into
+seconds). The attention's share comes from the config's attention kind
+(planning/attention_costs.py: MLA or GQA); the rest (dense MLPs, routers, shared and routed
+experts, embeddings, lm_head) is common to every family. Bytes are as stored: FP8 Linears 1
+byte/weight + fp32 block scales, everything else bf16. FLOPs count a multiply-add as 2.
+Attention FLOPs assume causal skipping (a query at position p sees p + 1 keys), as a fused
+prefill kernel does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
-from jaxmoe.config import ModelConfig
+from jaxmoe.planning import attention_costs
+from jaxmoe.planning.attention_costs import AttentionCosts
 
 BF16 = 2
 
 
-def linear_bytes(cfg: ModelConfig, n: int, k: int) -> int:
+def linear_bytes(cfg: Any, n: int, k: int) -> int:
     """A stored [n, k] Linear: FP8 values + fp32 scales per block, or bf16."""
     if cfg.quantization is None:
         return n * k * BF16
@@ -24,23 +29,16 @@ def linear_bytes(cfg: ModelConfig, n: int, k: int) -> int:
     return n * k + 4 * math.ceil(n / bn) * math.ceil(k / bk)
 
 
-def _attention_linears(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """[n, k] of the MLA projections applied per token (kv_b_proj excluded: it expands the cache)."""
-    h, heads = cfg.hidden_size, cfg.num_attention_heads
-    q = ([(cfg.q_lora_rank, h), (heads * cfg.qk_head_dim, cfg.q_lora_rank)] if cfg.q_lora_rank
-         else [(heads * cfg.qk_head_dim, h)])
-    return q + [(cfg.kv_lora_rank + cfg.qk_rope_head_dim, h), (h, heads * cfg.v_head_dim)]
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelCosts:
     """Per-token FLOPs and stored bytes, by layer kind (a "dense" layer has an MLP, an "MoE"
     layer a router, shared experts and routed experts)."""
 
-    cfg: ModelConfig
+    cfg: Any
+    attn: AttentionCosts
     n_layers: int
     moe_layers: int
-    attn_bytes: int  # MLA projections of one layer
+    attn_bytes: int  # attention projections of one layer (MLA: kv_b_proj included)
     dense_mlp_bytes: int
     moe_resident_bytes: int  # router + shared experts of one MoE layer
     expert_bytes: int  # one routed expert (gate + up + down)
@@ -67,7 +65,7 @@ class ModelCosts:
 
     @property
     def resident_bytes(self) -> int:
-        """Everything but the routed experts: embeddings, MLA, dense MLPs, routers, shared experts, lm_head."""
+        """Everything but the routed experts: embeddings, attention, dense MLPs, routers, shared experts, lm_head."""
         return (self.embed_bytes + self.lm_head_bytes + self.moe_layers * self.layer_resident_bytes(True)
                 + self.dense_layers * self.layer_resident_bytes(False))
 
@@ -86,8 +84,8 @@ class ModelCosts:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Latent cache (bf16), all layers."""
-        return self.n_layers * (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim) * BF16
+        """KV cache (bf16; MLA: the latent and rope key), all layers."""
+        return self.n_layers * self.attn.kv_width * BF16
 
     @property
     def flops_per_token(self) -> float:
@@ -97,18 +95,16 @@ class ModelCosts:
 
     def attention_flops(self, start: int, n: int) -> float:
         """One layer, queries at positions [start, start + n): scores + weighted values, causal,
-        plus the expansion of the start + n cached latents through kv_b_proj."""
-        c = self.cfg
+        plus (MLA) the expansion of the start + n cached latents through kv_b_proj."""
+        a = self.attn
         pairs = n * start + n * (n + 1) / 2
-        per_pair = 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
-        expand = 2 * (start + n) * c.kv_lora_rank * c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim)
-        return pairs * per_pair + expand
+        return pairs * a.heads * a.score_flops + (start + n) * a.expand_flops_per_key
 
     def absorbed_attention_flops(self, context: int) -> float:
-        """One layer, one decoded token over `context` cached latents, attending in latent
-        space (kv_b_proj absorbed): scores over kv_lora_rank + rope, values over kv_lora_rank."""
-        c = self.cfg
-        return 2.0 * context * c.num_attention_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
+        """One layer, one decoded token over `context` cached positions, as decode attends (MLA:
+        in latent space, kv_b_proj absorbed: scores over kv_lora_rank + rope, values over
+        kv_lora_rank; GQA: over the cached keys and values)."""
+        return float(context * self.attn.heads * self.attn.absorbed_score_flops)
 
     def lm_head_flops(self) -> float:
         return 2.0 * self.cfg.vocab_size * self.cfg.hidden_size
@@ -122,8 +118,8 @@ class ModelCosts:
         is blocked)."""
         c = self.cfg
         k = c.num_experts_per_tok
-        return (BF16 * (6 * c.hidden_size + k * c.hidden_size + c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
-                        + 2 * k * c.moe_intermediate_size) + 8 * c.num_attention_heads * scores_context)
+        return (BF16 * (6 * c.hidden_size + k * c.hidden_size + self.attn.act_width + 2 * k * c.moe_intermediate_size)
+                + 8 * self.attn.heads * scores_context)
 
     @property
     def expert_weights(self) -> int:
@@ -131,21 +127,13 @@ class ModelCosts:
         return 3 * self.cfg.hidden_size * self.cfg.moe_intermediate_size
 
     def layer_matrices(self, moe: bool) -> list[tuple[int, int]]:
-        """[n, k] of the Linears one layer applies per token as separate kernel calls: the MLA
-        projections (kv_b_proj excluded: `kv_b_groups`), then the dense MLP's or the shared
-        experts' gate, up and down."""
+        """[n, k] of the Linears one layer applies per token as separate kernel calls: the
+        attention projections (MLA's kv_b_proj excluded: `attn.absorbed_groups`), then the dense
+        MLP's or the shared experts' gate, up and down."""
         c = self.cfg
-        inter = c.moe_intermediate_size * c.n_shared_experts if moe else c.intermediate_size
+        inter = c.moe_intermediate_size * shared_experts(c) if moe else c.intermediate_size
         mlp = [(inter, c.hidden_size), (inter, c.hidden_size), (c.hidden_size, inter)] if inter else []
-        return _attention_linears(c) + mlp
-
-    @property
-    def kv_b_groups(self) -> tuple[int, int]:
-        """Weights of kv_b_proj's two absorbed halves (W_UK, W_UV: per-head matrices applied to
-        the queries and to the latent attention output)."""
-        c = self.cfg
-        return (c.num_attention_heads * c.qk_nope_head_dim * c.kv_lora_rank,
-                c.num_attention_heads * c.v_head_dim * c.kv_lora_rank)
+        return list(self.attn.linears) + mlp
 
     def touched_experts(self, n_tokens: int) -> float:
         """Expected number of distinct experts a layer routes n tokens to (uniform routing)."""
@@ -153,24 +141,30 @@ class ModelCosts:
         return e * (1.0 - (1.0 - k / e) ** n_tokens)
 
 
-def model_costs(cfg: ModelConfig) -> ModelCosts:
+def shared_experts(cfg: Any) -> int:
+    """Shared experts per MoE layer (0 for a family without: Qwen3-MoE)."""
+    return getattr(cfg, "n_shared_experts", 0) or 0
+
+
+def model_costs(cfg: Any) -> ModelCosts:
+    """The costs of a config of any family (its attention's by `attention_costs.of`)."""
+    a = attention_costs.of(cfg)
     h, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
     lb = lambda n, k: linear_bytes(cfg, n, k)  # noqa: E731
-    attn = _attention_linears(cfg)
-    kv_b = (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
-    shared_i = i * cfg.n_shared_experts
+    shared_i = i * shared_experts(cfg)
     inter = cfg.intermediate_size
     return ModelCosts(
         cfg=cfg,
+        attn=a,
         n_layers=cfg.num_hidden_layers,
         moe_layers=sum(cfg.is_moe_layer(j) for j in range(cfg.num_hidden_layers)),
-        attn_bytes=sum(lb(n, k) for n, k in attn + [kv_b]),
+        attn_bytes=sum(lb(n, k) for n, k in a.linears + a.cache_matrices),
         dense_mlp_bytes=(2 * lb(inter, h) + lb(h, inter)) if inter else 0,
         moe_resident_bytes=((2 * lb(shared_i, h) + lb(h, shared_i)) if shared_i else 0) + e * h * BF16 + 4 * e,
         expert_bytes=2 * lb(i, h) + lb(h, i),
         embed_bytes=cfg.vocab_size * h * BF16,
         lm_head_bytes=cfg.vocab_size * h * BF16,
-        attn_linear_flops=2.0 * sum(n * k for n, k in attn),
+        attn_linear_flops=2.0 * sum(n * k for n, k in a.linears),
         dense_mlp_flops=6.0 * h * inter,
         moe_resident_flops=6.0 * h * shared_i + 2.0 * h * e,
         routed_flops_per_layer=6.0 * h * i * cfg.num_experts_per_tok,

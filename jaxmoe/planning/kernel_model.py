@@ -14,17 +14,19 @@ XLA. A step's time is the sum of:
   plus `call_us` per kernel call. W = weights of the matrix, peak = cores x GHz x FLOP/cycle.
   The dense Linears see every row of the step, padding included (width and row buckets); the
   MoE sees only real tokens, spread over the touched experts (uniform routing).
-- **Attention** (MLA over the latent cache, XLA f32 dots): every query row attends over the
+- **Attention** (XLA f32 dots; the family's `attention_costs`): every query row attends over the
   whole power-of-two key window of the step (`kv_window`: padding and masked keys cost the
-  same as visible ones), absorbed (decode, narrow chunks: kv_b_proj's halves applied to the
-  queries and outputs as two grouped kernel calls) or expanded (wide prompt chunks, where it
-  costs less, `step_shapes.expanded_is_cheaper` on the CPU: the window's latents through
-  kv_b_proj, one kernel call per 128-key block):
+  same as visible ones). MLA attends absorbed (decode, narrow chunks: kv_b_proj's halves
+  applied to the queries and outputs as two grouped kernel calls) or expanded (wide prompt
+  chunks, where it costs less, `step_shapes.expanded_is_cheaper` on the CPU: the window's
+  latents through kv_b_proj, one kernel call per 128-key block); GQA attends over its cached
+  keys and values with per-head batched dots, as MLA's expanded form:
     2 x rows x window x heads x F FLOPs / (peak x eff),  F = 2 kv_lora_rank + rope, eff =
-      attention (absorbed) or F = nope + rope + v, eff = attention_expanded (expanded)
+      attention (MLA absorbed) or F = nope + rope + v (MLA expanded), 2 head_dim (GQA),
+      eff = attention_expanded
     + rows x window x heads x score_ns                                   (mask, exp, online softmax)
-    + slots x window x layers x (kv_lora_rank + rope) x cache itemsize / cache_gbps
-  (the last: each sequence's latent window read through the attention's passes -- what a
+    + slots x window x layers x cache numbers per position x cache itemsize / cache_gbps
+  (the last: each sequence's cache window read through the attention's passes -- what a
   decode step at long context pays; f32 cache, jaxmoe.load's default dtype).
 - **Fixed costs**: `layer_us` per layer per step (the small XLA ops, FFI hand-offs) and
   `token_layer_ns` per row per layer (norms, RoPE, router, residuals).
@@ -36,9 +38,9 @@ with where each comes from). Without that block the planner keeps its generic fo
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from jaxmoe import step_shapes
-from jaxmoe.config import ModelConfig
 from jaxmoe.planning.cost_model import ModelCosts, model_costs
 from jaxmoe.step_shapes import CPU_ATTENTION_KEY_BLOCK, expanded_is_cheaper, next_chunk, row_bucket, width_bucket
 
@@ -99,7 +101,7 @@ class KernelModel:
     """The step model for one config on one CPU (`cpu`: hardware.Cpu; `read`: B/s the GEMV
     can stream, i.e. read bandwidth x cpu_gemv_frac_of_read)."""
 
-    def __init__(self, cfg: ModelConfig, cpu, kernels: CpuKernels, read: float, cache_itemsize: int = 4):
+    def __init__(self, cfg: Any, cpu, kernels: CpuKernels, read: float, cache_itemsize: int = 4):
         self.cfg, self.k, self.read, self.cache_itemsize = cfg, kernels, read, cache_itemsize
         self.mc: ModelCosts = model_costs(cfg)
         self.cycles = cpu.cores * cpu.ghz * 1e9  # core-cycles per second
@@ -146,29 +148,28 @@ class KernelModel:
         slots' columns, padding included), `tokens` real tokens through the routed experts,
         keys over `window` cache slots of each of `slots` sequences, `logit_rows` rows
         through lm_head."""
-        cfg, mc, k = self.cfg, self.mc, self.k
-        layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
-        expanded = rows > slots and expanded_is_cheaper(cfg, rows // slots, window, on_cpu=True)
+        cfg, mc, k, a = self.cfg, self.mc, self.k, self.mc.attn
+        layers, heads = cfg.num_hidden_layers, a.heads
+        expanded = a.absorbs and rows > slots and expanded_is_cheaper(cfg, rows // slots, window, on_cpu=True)
         lin = exp = 0.0
         for layer in range(layers):
             moe = cfg.is_moe_layer(layer)
             lin += sum(self.linear(n * kk, rows) for n, kk in mc.layer_matrices(moe))
             if expanded:  # the window's latents through kv_b_proj, one call per key block
                 blocks = -(-window // CPU_ATTENTION_KEY_BLOCK) if window > CPU_ATTENTION_KEY_BLOCK else 1
-                lin += slots * blocks * self.linear(sum(mc.kv_b_groups), min(window, CPU_ATTENTION_KEY_BLOCK))
-            else:  # queries and outputs through kv_b_proj's two halves
-                lin += sum(self.linear(w, rows) for w in mc.kv_b_groups)
+                lin += slots * blocks * self.linear(sum(a.absorbed_groups), min(window, CPU_ATTENTION_KEY_BLOCK))
+            elif a.absorbs:  # queries and outputs through kv_b_proj's two halves
+                lin += sum(self.linear(w, rows) for w in a.absorbed_groups)
             if moe:
                 exp += self.experts(tokens)
         lin += self.linear(cfg.vocab_size * cfg.hidden_size, logit_rows, 2)
         scores = rows * window * heads * layers
-        per_score = 2 * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim if expanded
-                         else 2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        eff = (k.attention_expanded or k.attention) if expanded else k.attention
+        plain = expanded or not a.absorbs  # GQA: per-head batched dots, as MLA's expanded form
+        per_score = a.score_flops if plain else a.absorbed_score_flops
+        eff = (k.attention_expanded or k.attention) if plain else k.attention
         attn = scores * (per_score / (self.peak * eff) + k.score_ns * 1e-9)
         if k.cache_gbps:
-            key_bytes = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * self.cache_itemsize
-            attn += slots * window * layers * key_bytes / (k.cache_gbps * 1e9)
+            attn += slots * window * layers * a.kv_width * self.cache_itemsize / (k.cache_gbps * 1e9)
         fixed = cfg.num_hidden_layers * (k.layer_us * 1e-6 + rows * k.token_layer_ns * 1e-9)
         return StepTime(lin, exp, attn, fixed)
 

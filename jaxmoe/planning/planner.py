@@ -34,8 +34,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import Any
 
-from jaxmoe.config import ModelConfig
 from jaxmoe.planning.cost_model import BF16, ModelCosts, model_costs
 from jaxmoe.planning.hardware import Hardware, load_hardware
 from jaxmoe.planning.kernel_model import KernelModel
@@ -66,7 +66,7 @@ class _Rates:
     overhead: float  # s per layer per chunk
 
 
-def _rates(cfg: ModelConfig, hw: Hardware) -> _Rates:
+def _rates(cfg: Any, hw: Hardware) -> _Rates:
     e, c, g = hw.efficiency, hw.cpu, hw.gpu
     cpu = c.cores * c.ghz * 1e9 * c.flops_per_cycle * e.cpu_gemm
     cpu_read = c.read_gbps * 1e9 * e.cpu_gemv_frac_of_read
@@ -229,7 +229,7 @@ def _stream(mc: ModelCosts, hw: Hardware, r: _Rates, n_tokens: int, n_dev: int, 
                            stream_dense=stream_dense)
 
 
-def estimate_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, strategy: str, *, chunk: int | None = None,
+def estimate_prefill(cfg: Any, hw: Hardware, n_tokens: int, strategy: str, *, chunk: int | None = None,
                      parts_per_layer: int | None = None, buffers: int | None = None, attention: str = "replicated",
                      stream_dense: bool | str = False, fused_attention: bool = True,
                      cpu_chunk: int = 256) -> PrefillEstimate:
@@ -312,7 +312,7 @@ class Plan:
     forced: bool = False
 
 
-def plan_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, *, force: str | None = None,
+def plan_prefill(cfg: Any, hw: Hardware, n_tokens: int, *, force: str | None = None,
                  strategies: tuple[str, ...] = STRATEGIES, **kw) -> Plan:
     """The fastest feasible strategy for a prompt of n_tokens (ties broken by `PREFERENCE`).
 
@@ -340,7 +340,7 @@ def plan_prefill(cfg: ModelConfig, hw: Hardware, n_tokens: int, *, force: str | 
     return Plan(best, ests)
 
 
-def prefill_threshold(cfg: ModelConfig, hw: Hardware, strategy: str = "slp", against: str = "cpu",
+def prefill_threshold(cfg: Any, hw: Hardware, strategy: str = "slp", against: str = "cpu",
                       max_tokens: int | None = None) -> int | None:
     """Smallest prompt length from which `strategy` beats `against` (None: never, up to max_tokens)."""
     top = max_tokens or cfg.max_position_embeddings
@@ -384,14 +384,14 @@ class DecodeEstimate:
         return 1.0 / self.seconds
 
 
-def kernel_model(cfg: ModelConfig, hw: Hardware) -> KernelModel:
+def kernel_model(cfg: Any, hw: Hardware) -> KernelModel:
     """The CPU-only step model of `hw` (its "cpu_kernels" block) for `cfg`."""
     if hw.kernels is None:
         raise ValueError(f"hardware profile {hw.name} has no cpu_kernels block")
     return KernelModel(cfg, hw.cpu, hw.kernels, hw.cpu.read_gbps * 1e9 * hw.efficiency.cpu_gemv_frac_of_read)
 
 
-def estimate_decode(cfg: ModelConfig, hw: Hardware, *, context: int = 4096, batch: int = 1,
+def estimate_decode(cfg: Any, hw: Hardware, *, context: int = 4096, batch: int = 1,
                     n_slots: int | None = None) -> DecodeEstimate:
     """`batch` requests decoding at `context` tokens each.
 

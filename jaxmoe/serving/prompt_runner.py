@@ -274,7 +274,7 @@ class StreamedPromptRunner:
         logits, cache = slp_prefill_chunk(
             self.cfg, dense, self.source, self._cache[1], tokens, positions,
             devices=self.devices.accelerators, strategy=est if est is not None else name,
-            logit_index=np.array([n - 1], np.int32), prefill_layer=self.family.prefill_layer,
+            logit_index=np.array([n - 1], np.int32), family=self.family,
         )
         self._cache = (req.id, cache)
         dst = np.full(self.chunk_size, self.max_len, np.int32)

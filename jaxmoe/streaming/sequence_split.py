@@ -33,12 +33,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmoe.model.cache import write_layer
-from jaxmoe.model.forward import final_logits, mlp_until_experts
-from jaxmoe.model.mla import attend_expanded, mla_latents
-from jaxmoe.model.norm import rms_norm
-from jaxmoe.model.rope import rope_cos_sin
-from jaxmoe.model.weights import MoEWeights
+from jaxmoe.model.forward import final_logits
+from jaxmoe.model.weights import has_routed_experts
 from jaxmoe.streaming.expert_parallel import AXIS, local_partial
 
 SEQ = P(None, AXIS)  # [B, T, ...] split over the sequence
@@ -61,17 +57,11 @@ def _embed_local(weights, tokens):
     return x, jnp.zeros_like(x)
 
 
-def _layer_local(cfg, lw, x, routed, cache, layer, positions, mine):
+def _layer_local(cfg, split_layer, lw, x, routed, cache, layer, positions, mine):
     """One layer minus its routed experts for this device's tokens (x, routed, mine: [B, T/n, .]);
-    positions [B, T]: the whole chunk's, where its gathered latents go."""
+    positions [B, T]: the whole chunk's, where its gathered cache entries go."""
     x = x + routed.astype(x.dtype)
-    cos, sin = rope_cos_sin(cfg, mine)
-    normed = rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps)
-    c_kv, k_pe = mla_latents(cfg, lw.self_attn, normed, cos, sin)
-    cache = write_layer(cache, layer, positions, _gather(c_kv), _gather(k_pe))
-    x = x + attend_expanded(cfg, lw.self_attn, normed, cache, layer, mine, cos, sin)
-    h = rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps)
-    x, moe_in = mlp_until_experts(cfg, lw, x, h, mine < cache.max_len)
+    x, moe_in, cache = split_layer(cfg, lw, x, cache, layer, positions, mine, _gather)
     if moe_in is None:
         return x, jnp.zeros_like(x), (), cache
     flat, ids, weights, shared = moe_in
@@ -94,9 +84,9 @@ def _embed(mesh, weights, tokens):
     return _shard(_embed_local, mesh, (P(), SEQ), (SEQ, SEQ))(weights, tokens)
 
 
-def _layer(cfg, mesh, lw, x, routed, cache, layer, positions):
-    moe = isinstance(lw.mlp, MoEWeights)
-    f = _shard(functools.partial(_layer_local, cfg), mesh, (P(), SEQ, SEQ, P(), P(), P(), SEQ),
+def _layer(cfg, split_layer, mesh, lw, x, routed, cache, layer, positions):
+    moe = has_routed_experts(lw.mlp)
+    f = _shard(functools.partial(_layer_local, cfg, split_layer), mesh, (P(), SEQ, SEQ, P(), P(), P(), SEQ),
                (SEQ, SEQ, (P(), P(), P()) if moe else (), P()))
     return f(lw, x, routed, cache, layer, positions, positions)
 
@@ -111,17 +101,18 @@ def _final(cfg, weights, x, routed, logit_index):
 
 
 _embed_jit = jax.jit(_embed, static_argnums=0)
-_layer_jit = jax.jit(_layer, static_argnums=(0, 1), donate_argnums=5)
+_layer_jit = jax.jit(_layer, static_argnums=(0, 1, 2), donate_argnums=6)
 _routed_jit = jax.jit(_routed, static_argnums=0)
 _final_jit = jax.jit(_final, static_argnums=0)
 
 
 class SequenceSplit:
     """The sequence-split programs on one expert mesh, with `streaming.slp`'s replicated
-    programs' interface (`embed`, `layer`, `routed`, `final`) plus the chunk's padding (`pad`)."""
+    programs' interface (`embed`, `layer`, `routed`, `final`) plus the chunk's padding (`pad`);
+    `split_layer` is the model family's (see the module doc)."""
 
-    def __init__(self, mesh: Mesh):
-        self.mesh = mesh
+    def __init__(self, mesh: Mesh, split_layer):
+        self.mesh, self.split_layer = mesh, split_layer
         self.n = int(mesh.devices.size)
         self.seq = NamedSharding(mesh, SEQ)
         self.replicated = NamedSharding(mesh, P())
@@ -140,7 +131,7 @@ class SequenceSplit:
         return _embed_jit(self.mesh, weights, tokens)
 
     def layer(self, cfg, lw, x, routed, cache, layer, positions):
-        x, routed, moe_in, cache = _layer_jit(cfg, self.mesh, lw, x, routed, cache, layer, positions)
+        x, routed, moe_in, cache = _layer_jit(cfg, self.split_layer, self.mesh, lw, x, routed, cache, layer, positions)
         return x, routed, (moe_in or None), cache
 
     def routed(self, acc, x, ids, weights, experts, bounds):

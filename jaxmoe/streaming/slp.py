@@ -55,7 +55,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.config import ModelConfig
 from jaxmoe.model import forward
 from jaxmoe.model.cache import KVCache
 from jaxmoe.model.forward import final_logits
@@ -117,7 +116,7 @@ ATTENTION = ("replicated", "sequence")
 class _Replicated:
     """The replicated programs (`SequenceSplit`'s interface)."""
 
-    def __init__(self, ep: ExpertMesh, prefill_layer: Callable = forward.prefill_layer):
+    def __init__(self, ep: ExpertMesh, prefill_layer: Callable):
         self.ep, self.prefill_layer = ep, prefill_layer
 
     def pad(self, tokens, positions, max_len: int):
@@ -150,21 +149,19 @@ class SlpPipeline:
     the mesh by the chunk's tokens: `streaming.sequence_split`).
     stream_dense: the MoE layers' non-expert weights streamed with their first unit instead of
     resident (see the module docstring).
-    prefill_layer: the model family's layer up to its routed experts, (cfg, layer weights, x,
-    cache, layer, positions) -> (x, None | (h, ids, weights, shared), cache) (`models.registry`;
-    default DeepSeek-V3's, `model.forward.prefill_layer`); "sequence" attention is MLA's only.
+    family: the model family's layers (`models.registry.ModelFamily`, or anything with these two):
+    `prefill_layer`, (cfg, layer weights, x, cache, layer, positions) -> (x, None | (h, ids,
+    weights, shared), cache), and for "sequence" attention `split_layer` (the same for one share
+    of the chunk's tokens); None: DeepSeek-V3's (`model.forward`).
     """
 
     def __init__(self, cfg: Any, devices: Sequence[jax.Device], *, parts_per_layer: int = 1,
                  buffers: int = 2, pinned: bool | None = None, attention: str = "replicated",
-                 stream_dense: bool = False, prefill_layer: Callable = forward.prefill_layer):
+                 stream_dense: bool = False, family: Any = None):
         if parts_per_layer < 1 or buffers < 2:
             raise ValueError(f"need parts_per_layer >= 1 and buffers >= 2, got {parts_per_layer}, {buffers}")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-        if attention == "sequence" and prefill_layer is not forward.prefill_layer:
-            raise ValueError("attention='sequence' splits MLA (DeepSeek-V3's attention) only; this family's prefill "
-                             "runs attention='replicated'")
         self.attention = attention
         self.stream_dense = bool(stream_dense)
         self.cfg = cfg
@@ -172,7 +169,9 @@ class SlpPipeline:
         self.buffers = buffers
         self.ep: ExpertMesh = expert_mesh(tuple(devices), pinned)
         self.moe_layers = tuple(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
-        self.programs = SequenceSplit(self.ep.mesh) if attention == "sequence" else _Replicated(self.ep, prefill_layer)
+        layers = family or forward
+        self.programs = (SequenceSplit(self.ep.mesh, layers.split_layer) if attention == "sequence"
+                         else _Replicated(self.ep, layers.prefill_layer))
 
     def place(self, dense_weights: Weights) -> Weights:
         """The non-expert weights replicated on the mesh (a no-op when already there); with
@@ -245,9 +244,9 @@ def _place(ep: ExpertMesh, dense_weights: Weights, stream_dense: bool) -> Weight
 
 @functools.lru_cache(maxsize=8)
 def _streamer(cfg: Any, devices: tuple[jax.Device, ...], parts: int, buffers: int, pinned: bool | None,
-              attention: str, stream_dense: bool = False, prefill_layer: Callable = forward.prefill_layer) -> SlpPipeline:
+              attention: str, stream_dense: bool = False, family: Any = None) -> SlpPipeline:
     return SlpPipeline(cfg, devices, parts_per_layer=parts, buffers=buffers, pinned=pinned, attention=attention,
-                       stream_dense=stream_dense, prefill_layer=prefill_layer)
+                       stream_dense=stream_dense, family=family)
 
 
 def _stream_dense(strategy: Any, stream_dense: bool | None) -> bool:
@@ -264,12 +263,11 @@ def _strategy_devices(strategy: Any, devices: Sequence[jax.Device]) -> tuple[jax
     return tuple(devices[:n])
 
 
-def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
+def slp_prefill_chunk(cfg: Any, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
                       tokens, positions, *, devices: Sequence[jax.Device], strategy: Any = "slp",
                       logit_index=None, parts_per_layer: int | None = None, buffers: int | None = None,
                       pinned: bool | None = None, attention: str | None = None, stream_dense: bool | None = None,
-                      prefill_layer: Callable = forward.prefill_layer,
-                      log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
+                      family: Any = None, log: list[Event] | None = None) -> tuple[jax.Array, KVCache]:
     """One prefill chunk, tokens/positions [B, T], with the routed experts streamed.
 
     dense_weights: the model without routed experts (`model.weights.split_experts(w)[0]`; experts,
@@ -279,8 +277,8 @@ def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: E
     attention and stream_dense are used unless given). stream_dense: the MoE layers' non-expert
     weights streamed from `dense_weights` (their host copy; place with the same stream_dense).
     devices: the accelerators (the strategy takes the first 1 or 2).
-    attention: "replicated" (default) or "sequence" (see `SlpPipeline`). prefill_layer: the
-    model family's (`SlpPipeline`; default DeepSeek-V3's).
+    attention: "replicated" (default) or "sequence"; family: the model family's layers (see
+    `SlpPipeline`; None: DeepSeek-V3's).
     Returns (float32 logits [B, T, V], or [B, 1, V] at `logit_index` [B]; the cache with the
     chunk's latents, replicated on the strategy's devices).
     """
@@ -289,7 +287,7 @@ def slp_prefill_chunk(cfg: ModelConfig, dense_weights: Weights, expert_source: E
     buffers = buffers or getattr(strategy, "buffers", 2)
     attention = attention or getattr(strategy, "attention", "replicated")
     run = _streamer(cfg, devs, int(parts), int(buffers), pinned, attention, _stream_dense(strategy, stream_dense),
-                    prefill_layer)
+                    family)
     return run(dense_weights, expert_source, cache, tokens, positions, logit_index=logit_index, log=log)
 
 
@@ -301,7 +299,7 @@ def place_dense(dense_weights: Weights, devices: Sequence[jax.Device], strategy:
     return _place(expert_mesh(devs), dense_weights, _stream_dense(strategy, stream_dense))
 
 
-def slp_prefill(cfg: ModelConfig, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
+def slp_prefill(cfg: Any, dense_weights: Weights, expert_source: ExpertSource, cache: KVCache,
                 tokens, positions, *, chunk_size: int, devices: Sequence[jax.Device], strategy: Any = "slp",
                 logit_index=None, **kw) -> tuple[jax.Array, KVCache]:
     """A whole prompt [B, T] in chunks of `chunk_size` tokens (the weights streamed once per

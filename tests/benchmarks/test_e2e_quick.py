@@ -27,9 +27,9 @@ def test_e2e_quick(tmp_path, run_quick):
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from benchmarks.e2e import bytes_per_token  # the repository's benchmarks package (no tests/benchmarks/__init__.py)
-    from jaxmoe.config import ModelConfig
+    from jaxmoe.config import ModelConfig, QuantConfig
 
-    parts = bytes_per_token(ModelConfig.named("tiny"))
+    parts = bytes_per_token(ModelConfig.named("tiny").replace(quantization=QuantConfig()))  # the FP8 checkpoint
     assert m["bytes_per_token"] == parts["total"]
     assert parts["lm_head"] == 512 * 64 * 2
     assert parts["routed_experts"] == 2 * 2 * (3 * 32 * 64 + 3 * 4)  # 2 layers x top-2 x 3 matrices (+ 1 scale each)

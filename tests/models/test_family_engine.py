@@ -4,14 +4,14 @@ jaxmoe.generate / the engine / the server, against a plain argmax loop over the 
 forward (`models.qwen3_moe.forward`, `models.glm4_moe.forward`) with a contiguous cache.
 The engine runs its fused step with the family's forward on the paged GQA cache (keys in `c_kv`,
 values in `k_pe`): continuous batching, chunked prefill, prefix sharing; and the staged presets
-(routed experts on the host, the rest on simulated accelerators) and a forced stream-loaded
-prefill (SLP / DSLP). What is not supported yet (the planner's models: "auto" prefills on the
-step path, no TPOT target; MLA's sequence-split attention) is refused with a ValueError."""
+(routed experts on the host, the rest on simulated accelerators), a forced stream-loaded
+prefill (SLP / DSLP) sized by the planner (with the family's attention costs: GQA), and the
+CPU step model's TPOT target. A stream with no accelerator to stream to is refused with a
+ValueError. Sequence-split DSLP against the family's forward: test_family_sequence_split.py."""
 
 from __future__ import annotations
 
 import functools
-import re
 import threading
 
 import jax
@@ -141,10 +141,12 @@ STREAMED = {"qwen3-moe-tiny": "slp", "glm4-moe-tiny": "dslp"}
 def test_staged_presets_give_the_plain_loop_tokens(tiny_model, tiny_name):
     """Routed experts on the host, the rest on (simulated) accelerators, the slots in two
     micro-batches (one per accelerator with two): three requests batched, prompts over several
-    chunks, each gets the plain loop's tokens; the host program ran the routed experts."""
+    chunks, each gets the plain loop's tokens; the host program ran the routed experts. The
+    prompts run on the staged step path ("cpu": the planner would stream them, see below)."""
     cfg, w, preset = tiny_model.cfg, tiny_model.weights, STAGED[tiny_name]
     ps = prompts(cfg.vocab_size, (37, 21, 50), seed=11)
-    e = Engine(cfg, w, preset, n_slots=4, max_len=128, chunk_size=BS, kv_block_size=BS, simulate_accelerators=True)
+    e = Engine(cfg, w, preset, n_slots=4, max_len=128, chunk_size=BS, kv_block_size=BS, simulate_accelerators=True,
+               prefill_strategy="cpu")
     assert isinstance(e.executor, StagedStep)
     assert [x is not None for x in e.executor.experts] == [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
     reqs = [e.submit(p, NEW, background=False) for p in ps]
@@ -156,45 +158,51 @@ def test_staged_presets_give_the_plain_loop_tokens(tiny_model, tiny_name):
     assert {r.prefill_strategy for r in reqs} == {"cpu"}
 
 
-def test_streamed_prefill_gives_the_plain_loop_tokens(tiny_model, tiny_name, monkeypatch):
+def test_streamed_prefill_gives_the_plain_loop_tokens(tiny_model, tiny_name):
     """A forced slp / dslp prompt streams the routed experts from the host copy to the (simulated)
-    accelerators through the family's prefill_layer, chunk after chunk, beside another request
-    on the step path: both get the plain loop's tokens. The planner does not model these
-    families: it is never asked (the forced stream runs one unit per layer, double-buffered)."""
-    import jaxmoe.serving.prompt_runner as runner
-
-    def no_planner(*a, **k):
-        raise AssertionError("the planner was asked")
-
-    monkeypatch.setattr(runner, "plan_prefill", no_planner)
-    monkeypatch.setattr(runner, "estimate_prefill", no_planner)
+    accelerators through the family's layers, chunk after chunk, beside another request on the
+    step path: both get the plain loop's tokens. The planner sizes the stream (parts, buffers,
+    and for dslp the attention split) from the family's costs."""
     cfg, w, strategy = tiny_model.cfg, tiny_model.weights, STREAMED[tiny_name]
     long, short = prompts(cfg.vocab_size, (50, 21), seed=13)
     e = Engine(cfg, w, "2gpu+cpu-experts", n_slots=2, max_len=128, chunk_size=BS, kv_block_size=BS,
                simulate_accelerators=True, prefill_beside_decode=False)
-    assert strategy in e.prefill.possible and not e.prefill.planned
-    a = e.submit(short, NEW, background=False)  # auto: the step path
+    assert strategy in e.prefill.possible and e.prefill.planned
+    a = e.submit(short, NEW, background=False)
     b = e.submit(long, NEW, background=False, prefill_strategy=strategy)
     e.run_until_idle()
-    assert (a.prefill_strategy, b.prefill_strategy) == ("cpu", strategy) and b.prefill_plan is None
+    assert b.prefill_strategy == strategy and b.prefill_plan is not None and b.prefill_plan.strategy == strategy
     assert [a.output_ids, b.output_ids] == [solo_greedy(cfg, w, short, NEW), solo_greedy(cfg, w, long, NEW)]
 
 
-def test_what_the_families_cannot_stream_is_refused(tiny_model, tiny_family, monkeypatch):
-    """No accelerator to stream to; MLA's sequence-split attention; the planner's TPOT target."""
-    from jaxmoe.streaming.slp import SlpPipeline
-
+def test_streaming_without_an_accelerator_is_refused(tiny_model):
     cfg, w = tiny_model.cfg, tiny_model.weights
     with pytest.raises(ValueError, match="prefill_strategy='slp'.*impossible here: needs 1 accelerator"):
         Engine(cfg, w, "cpu-only", prefill_strategy="slp")
-    monkeypatch.setenv("JAXMOE_PREFILL_STRATEGY", "dslp")
-    with pytest.raises(ValueError, match="JAXMOE_PREFILL_STRATEGY=dslp.*impossible here"):
-        Engine(cfg, w, "cpu-only")
-    monkeypatch.delenv("JAXMOE_PREFILL_STRATEGY")
-    with pytest.raises(ValueError, match="attention='sequence' splits MLA"):
-        SlpPipeline(cfg, jax.devices()[:2], attention="sequence", prefill_layer=tiny_family.prefill_layer)
-    with pytest.raises(ValueError, match=f"tpot_target_ms.*not supported yet for {re.escape(tiny_family.name)}"):
-        Engine(cfg, w, "cpu-only", tpot_target_ms=50.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAXMOE_PREFILL_STRATEGY", "dslp")
+        with pytest.raises(ValueError, match="JAXMOE_PREFILL_STRATEGY=dslp.*impossible here"):
+            Engine(cfg, w, "cpu-only")
+
+
+@one_family("glm4-moe-tiny")
+def test_a_tpot_target_sizes_the_chunks_and_keeps_the_tokens(tiny_model):
+    """tpot_target_ms on the cpu-only engine: the CPU step model (with the family's GQA costs)
+    sizes a prompt's chunks beside a decoding request. A target between the predicted steps of a
+    32- and a 64-token chunk cuts the 70-token prompt in 32s; the tokens stay the plain loop's."""
+    from tests.serving.test_tpot_target import NEW as N
+    from tests.serving.test_tpot_target import run_mixed
+
+    cfg, w = tiny_model.cfg, tiny_model.weights
+    e = Engine(cfg, w, "cpu-only", n_slots=2, max_len=128, chunk_size=64, decode_chunk_size=64, tpot_target_ms=1000.0)
+    t32, t64 = e.step_model(1, [32], 64), e.step_model(1, [64], 64)
+    assert t32 < t64
+    e.scheduler.tpot_target_s = (t32 + t64) / 2
+    ps = prompts(cfg.vocab_size, (5, 70), seed=3)
+    out, chunks, predicted = run_mixed(e, ps)
+    assert chunks == [32, 32, 6] and len(predicted) == 3
+    assert all(t <= e.scheduler.tpot_target_s for t, _ in predicted)
+    assert out == [solo_greedy(cfg, w, p, N) for p in ps]
 
 
 @one_family("qwen3-moe-tiny")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from jaxmoe.config import ConfigError, QuantConfig, _first, _parse_quant, named_config_path
 from jaxmoe.layers.gqa import GQAConfig
@@ -38,6 +38,9 @@ _REQUIRED = (
 
 @dataclasses.dataclass(frozen=True)
 class Glm4MoeConfig:
+    # the attention this family's layers have ("mla" | "gqa"): which planning.attention_costs prices them
+    ATTENTION_KIND: ClassVar[str] = "gqa"
+
     vocab_size: int
     hidden_size: int
     num_hidden_layers: int

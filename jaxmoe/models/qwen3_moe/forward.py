@@ -39,6 +39,11 @@ def stage_layer(cfg: Qwen3MoeConfig, lw, x, cache: KVCache, layer: int, position
     return gqa_decoder.stage_layer(cfg, moe_prologue, lw, x, cache, layer, positions, kv_len)
 
 
+def split_layer(cfg: Qwen3MoeConfig, lw, x, cache: KVCache, layer: int, positions, mine, gather):
+    """`stage_layer` for one share of a chunk's tokens (`gqa_decoder.split_layer`: sequence-split DSLP)."""
+    return gqa_decoder.split_layer(cfg, moe_prologue, lw, x, cache, layer, positions, mine, gather)
+
+
 def forward(cfg: Qwen3MoeConfig, weights: Qwen3MoeWeights, cache: KVCache, tokens, positions, logit_index=None,
             kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32; [B, 1, V] with logit_index) for a chunk of tokens, and the cache."""
