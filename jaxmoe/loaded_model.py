@@ -332,8 +332,10 @@ def _load_weights(path: Path, dtype: Any, progress: Any, host_experts: bool,
         return (*family.load_checkpoint(path, dtype=dtype), None)
     from jaxmoe.cpu.expert_store import ExpertStore  # noqa: PLC0415
     from jaxmoe.loading.progress import Progress  # noqa: PLC0415
+    from jaxmoe.loading.readahead import will_need  # noqa: PLC0415
 
     with (open_checkpoint(path) if deepseek else family.open_checkpoint(path)) as ck:
+        will_need(ck.resident_arrays())  # the disk reads the other tensors while the experts pack
         bar = Progress(*ck.load_size(), enabled=progress, label=f"loading {path.name}")
         try:
             store = ExpertStore.from_checkpoint(ck, progress=bar)
@@ -390,3 +392,4 @@ def _token_ids(prompt: Any) -> list[int]:
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"prompt must be a string or a 1-D sequence of integer token ids, got {type(prompt).__name__}")
     return [int(t) for t in arr]
+

@@ -10,9 +10,7 @@ registry that keeps every live native owner (stores included) alive until `.free
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import sys
 
 import numpy as np
 
@@ -29,6 +27,7 @@ from jaxmoe.cpu.host_matrix import (
     register_owner,
     unregister_owner,
 )
+from jaxmoe.loading.readahead import will_need
 
 
 class ExpertStore:
@@ -142,10 +141,10 @@ class ExpertStore:
                 jobs += [(li, e, {key: views[e] for key, views in arrays.items()}) for e in range(n_experts)]
                 del arrays
             for job in jobs[:READAHEAD_EXPERTS]:
-                _will_need(job[2].values())
+                will_need(job[2].values())
             for i, (li, e, ws) in enumerate(jobs):
                 if i + READAHEAD_EXPERTS < len(jobs):
-                    _will_need(jobs[i + READAHEAD_EXPERTS][2].values())
+                    will_need(jobs[i + READAHEAD_EXPERTS][2].values())
                 node = node_of(li, e)
                 if "gate_proj_scales" in ws:  # INT4 (a converted checkpoint): matrices of their own
                     store.set_expert(li, e, *[
@@ -212,31 +211,6 @@ class ExpertStore:
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 READAHEAD_EXPERTS = 4  # experts whose pages ExpertStore.from_checkpoint asks the kernel to read ahead
-_MADV_WILLNEED, _PAGE = 3, 4096
-
-
-def _madvise():
-    try:
-        f = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return f
-
-
-_madvise_fn = _madvise() if sys.platform.startswith("linux") else None
-
-
-def _will_need(views) -> None:
-    """Starts the kernel's readahead of the pages under memory-mapped views (advice only:
-    nothing is copied, cached pages cost nothing)."""
-    if _madvise_fn is None:
-        return
-    for a in views:
-        if a.nbytes:
-            addr = a.ctypes.data
-            start = addr - addr % _PAGE
-            _madvise_fn(start, addr + a.nbytes - start, _MADV_WILLNEED)
 
 
 

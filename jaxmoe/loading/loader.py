@@ -156,17 +156,23 @@ class Checkpoint:
                 out[f"{proj}_scale_inv"] = [self.array(s.scale_name) for s in specs]
         return out
 
+    def _loaded(self, load_experts: bool):
+        """(spec, [its name, and its FP8 scales' where stored]) of every tensor a load reads (no MTP
+        tensors); without the routed experts when load_experts is False."""
+        for s in self.specs.values():
+            if s.name in self.store and (load_experts or s.expert is None):
+                yield s, [s.name] + ([s.scale_name] if s.kind == "linear" and s.scale_name in self.store else [])
+
     def load_size(self, load_experts: bool = True) -> tuple[int, int]:
         """(tensors, bytes) a load reads: every accounted tensor (no MTP tensors), its bytes with
         those of its FP8 scales; without the routed experts when load_experts is False."""
-        n = nbytes = 0
-        for s in self.specs.values():
-            if s.name not in self.store or not (load_experts or s.expert is None):
-                continue
-            n, nbytes = n + 1, nbytes + self.store.info(s.name).nbytes
-            if s.kind == "linear" and s.scale_name in self.store:
-                nbytes += self.store.info(s.scale_name).nbytes
-        return n, nbytes
+        loaded = list(self._loaded(load_experts))
+        return len(loaded), sum(self.store.info(n).nbytes for _, names in loaded for n in names)
+
+    def resident_arrays(self) -> list[np.ndarray]:
+        """Zero-copy views of every tensor a load reads besides the routed experts (with their FP8
+        scales): what the loader asks the disk for (`loading.readahead`) while the experts pack."""
+        return [self.array(n) for _, names in self._loaded(False) for n in names]
 
     def close(self) -> None:
         if hasattr(self, "store"):
