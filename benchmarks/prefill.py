@@ -51,12 +51,13 @@ PUBLISHED = {"slp_1gpu_tok_s": 1200, "dslp_2gpu_tok_s": 1800, "ttft_32k_1gpu_s":
              "decode_fp8_tok_s": 21.5}
 
 
-def reference_table() -> dict:
-    """The planner's DeepSeek-V3 predictions on the reference box (1 and 2 RTX 5090)."""
-    from jaxmoe.config import ModelConfig  # noqa: PLC0415
+def reference_table(model: str = "deepseek-v3") -> dict:
+    """The planner's predictions for `model` (any family's config name; DeepSeek-V3 by default)
+    on the reference box (1 and 2 RTX 5090)."""
+    from jaxmoe.models.registry import read_config  # noqa: PLC0415
     from jaxmoe.planning.planner import estimate_decode, estimate_prefill, load_hardware, prefill_threshold  # noqa: PLC0415
 
-    cfg, hw = ModelConfig.named("deepseek-v3"), load_hardware("reference-box", calibrate=False)
+    cfg, hw = read_config(model), load_hardware("reference-box", calibrate=False)
     one = hw.with_gpus(1)
     variants = {  # (strategy, hardware, options)
         "cpu-experts": ("cpu", hw, {}),
@@ -76,7 +77,8 @@ def reference_table() -> dict:
                          "transfer_s": round(e.transfer_s, 1), "compute_s": round(e.compute_s, 1), "bound": e.bound})
     decode = {c: round(estimate_decode(cfg, hw, context=c).tok_per_s, 1) for c in (1024, 4096, 32768)}
     thresholds = {"slp_vs_cpu_1gpu": prefill_threshold(cfg, one, "slp"), "dslp_vs_cpu_2gpu": prefill_threshold(cfg, hw, "dslp")}
-    return {"model": "deepseek-v3", "hardware": "reference-box", "published": PUBLISHED, "prefill": rows,
+    return {"model": model, "hardware": "reference-box", "published": PUBLISHED if model == "deepseek-v3" else None,
+            "prefill": rows,
             "decode_tok_s_by_context": decode, "thresholds_tokens": thresholds}
 
 
@@ -103,12 +105,14 @@ def main(argv=None) -> dict:
                     "last chunk partial), after the strategies: measured vs planner (default: demo "
                     f"{SWEEP['demo']}; 'none' to skip)")
     ap.add_argument("--hardware", default=None, help="planner profile for a GPU box (default: this-machine*)")
-    ap.add_argument("--table", action="store_true", help="only print the DeepSeek-V3 reference-box predictions")
+    ap.add_argument("--table", action="store_true", help="only print the reference-box predictions (of --model, "
+                    "default deepseek-v3: any family's config)")
     args = ap.parse_args(argv)
-    table = reference_table()
     if args.table:
+        table = reference_table(args.model or "deepseek-v3")
         print_table(table)
         return table
+    table = reference_table()
 
     import jax  # noqa: PLC0415
 

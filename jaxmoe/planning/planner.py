@@ -342,11 +342,13 @@ def plan_prefill(cfg: Any, hw: Hardware, n_tokens: int, *, force: str | None = N
 
 def prefill_threshold(cfg: Any, hw: Hardware, strategy: str = "slp", against: str = "cpu",
                       max_tokens: int | None = None) -> int | None:
-    """Smallest prompt length from which `strategy` beats `against` (None: never, up to max_tokens)."""
+    """Smallest prompt length from which `strategy` beats `against` (None: never, up to max_tokens),
+    each in its best form as a plan takes it (dslp's attention and the streamed dense weights
+    chosen: "auto")."""
     top = max_tokens or cfg.max_position_embeddings
 
     def wins(n: int) -> bool:
-        a, b = estimate_prefill(cfg, hw, n, strategy), estimate_prefill(cfg, hw, n, against)
+        a, b = (estimate_prefill(cfg, hw, n, s, attention="auto", stream_dense="auto") for s in (strategy, against))
         return a.seconds < b.seconds
 
     hi = 1
