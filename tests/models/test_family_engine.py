@@ -188,21 +188,29 @@ def test_streaming_without_an_accelerator_is_refused(tiny_model):
 @one_family("glm4-moe-tiny")
 def test_a_tpot_target_sizes_the_chunks_and_keeps_the_tokens(tiny_model):
     """tpot_target_ms on the cpu-only engine: the CPU step model (with the family's GQA costs)
-    sizes a prompt's chunks beside a decoding request. A target between the predicted steps of a
-    32- and a 64-token chunk cuts the 70-token prompt in 32s; the tokens stay the plain loop's."""
-    from tests.serving.test_tpot_target import NEW as N
-    from tests.serving.test_tpot_target import run_mixed
-
+    sizes a prompt's chunks beside a decoding request. A wider chunk is predicted slower; a
+    target below any step leaves the smallest width bucket (16) per step, to the end of the
+    70-token prompt; the tokens are the plain loop's."""
     cfg, w = tiny_model.cfg, tiny_model.weights
-    e = Engine(cfg, w, "cpu-only", n_slots=2, max_len=128, chunk_size=64, decode_chunk_size=64, tpot_target_ms=1000.0)
-    t32, t64 = e.step_model(1, [32], 64), e.step_model(1, [64], 64)
-    assert t32 < t64
-    e.scheduler.tpot_target_s = (t32 + t64) / 2
-    ps = prompts(cfg.vocab_size, (5, 70), seed=3)
-    out, chunks, predicted = run_mixed(e, ps)
-    assert chunks == [32, 32, 6] and len(predicted) == 3
-    assert all(t <= e.scheduler.tpot_target_s for t, _ in predicted)
-    assert out == [solo_greedy(cfg, w, p, N) for p in ps]
+    e = Engine(cfg, w, "cpu-only", n_slots=2, max_len=128, chunk_size=64, decode_chunk_size=64, tpot_target_ms=1e-3)
+    assert 0 < e.step_model(1, [16], 64) < e.step_model(1, [32], 64) < e.step_model(1, [64], 64)
+    short, long = prompts(cfg.vocab_size, (5, 70), seed=3)
+    a = e.submit(short, NEW + 4, background=False)
+    while not a.output_ids:
+        e.step()
+    b = e.submit(long, NEW, background=False)
+    chunks, plan = [], e.scheduler.plan
+
+    def spy():
+        p = plan()
+        if p is not None and b.slot in p.rows and not b.output_ids:
+            chunks.append(len(p.rows[b.slot].tokens))
+        return p
+
+    e.scheduler.plan = spy
+    e.run_until_idle()
+    assert chunks == [16, 16, 16, 16, 6]
+    assert [a.output_ids, b.output_ids] == [solo_greedy(cfg, w, short, NEW + 4), solo_greedy(cfg, w, long, NEW)]
 
 
 @one_family("qwen3-moe-tiny")
