@@ -17,11 +17,10 @@ import pytest
 
 from jaxmoe.model.weights import split_experts
 from jaxmoe.models import glm4_moe, qwen3_moe
-from jaxmoe.streaming import sequence_split
 from jaxmoe.streaming.slp import SlpPipeline
+from tests.streaming.test_sequence_split import check_equal, layer_calls  # noqa: F401 (layer_calls: a fixture)
+from tests.streaming.test_slp import MAX_LEN, REAL, T
 
-T, MAX_LEN, REAL = 48, 64, (48, 40)
-TOL = dict(atol=1e-5, rtol=1e-5)
 PACKAGES = {qwen3_moe.Qwen3MoeConfig: qwen3_moe, glm4_moe.Glm4MoeConfig: glm4_moe}
 
 
@@ -41,21 +40,8 @@ def resident(tiny_model):
                 logits=np.asarray(logits), cache=cache)
 
 
-@pytest.fixture
-def split_calls(monkeypatch):
-    calls = []
-    layer = sequence_split.SequenceSplit.layer
-
-    def spy(self, *a):
-        calls.append(self.n)
-        return layer(self, *a)
-
-    monkeypatch.setattr(sequence_split.SequenceSplit, "layer", spy)
-    return calls
-
-
 @pytest.mark.parametrize("n_dev,chunk", [(2, 15), (4, 13)])
-def test_sequence_split_equals_the_resident_forward(resident, tiny_family, split_calls, n_dev, chunk):
+def test_sequence_split_equals_the_resident_forward(resident, tiny_family, layer_calls, n_dev, chunk):  # noqa: F811
     """The pipeline on an n-device expert mesh (DSLP's is 2; 4: the same programs, the chunk split in 4)."""
     m, devs = resident, jax.devices()[:n_dev]
     cfg = m["cfg"]
@@ -64,11 +50,5 @@ def test_sequence_split_equals_the_resident_forward(resident, tiny_family, split
     for s in range(0, T, chunk):
         out, cache = run(dense, m["experts"], cache, m["tokens"][:, s : s + chunk], m["positions"][:, s : s + chunk])
         outs.append(np.asarray(out))
-    logits = np.concatenate(outs, axis=1)
-    for row, n in enumerate(REAL):
-        np.testing.assert_allclose(logits[row, :n], m["logits"][row, :n], **TOL)
-        np.testing.assert_array_equal(logits[row, :n].argmax(-1), m["logits"][row, :n].argmax(-1))
-    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(m["cache"])):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
-        assert got.sharding.device_set == set(devs) and got.sharding.is_fully_replicated
-    assert split_calls == [n_dev] * (-(-T // chunk) * cfg.num_hidden_layers)  # every chunk, every layer split
+    check_equal(m, np.concatenate(outs, axis=1), cache, devs)
+    assert layer_calls == [n_dev] * (-(-T // chunk) * cfg.num_hidden_layers)  # every chunk, every layer split
