@@ -42,7 +42,6 @@ DEFAULT_MAX_SEQ_LEN = 4096  # context per request unless max_seq_len says otherw
 DEFAULT_WEIGHTS_CACHE: bool = False
 
 
-
 # ---- the loaded model -------------------------------------------------------------------------
 @dataclass(eq=False)
 class Model:
@@ -392,4 +391,3 @@ def _token_ids(prompt: Any) -> list[int]:
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"prompt must be a string or a 1-D sequence of integer token ids, got {type(prompt).__name__}")
     return [int(t) for t in arr]
-

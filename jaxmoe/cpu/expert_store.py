@@ -213,7 +213,6 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 READAHEAD_EXPERTS = 4  # experts whose pages ExpertStore.from_checkpoint asks the kernel to read ahead
 
 
-
 def _expert_slice(w, e: int):
     from jaxmoe import quant  # noqa: PLC0415
 

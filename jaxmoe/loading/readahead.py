@@ -37,4 +37,3 @@ def will_need(views: Iterable[np.ndarray]) -> None:
             addr = a.ctypes.data
             start = addr - addr % _PAGE
             _madvise_fn(start, addr + a.nbytes - start, _MADV_WILLNEED)
-

@@ -3,7 +3,8 @@ differs between MLA (DeepSeek-V3, Kimi-K2) and grouped-query attention (Qwen3-Mo
 
 Pure arithmetic on a config (no hardware). A family's config class names its attention
 (`ATTENTION_KIND`: "mla" or "gqa"); `of(cfg)` prices it, and planning/cost_model.py builds the
-rest of the model's costs around it. FLOPs count a multiply-add as 2; "per score" is one (query, head, key) triple.
+rest of the model's costs around it. FLOPs count a multiply-add as 2; "per score" is one
+(query, head, key) triple.
 """
 
 from __future__ import annotations
