@@ -185,8 +185,9 @@ def main(argv=None) -> dict:
             lefts.append(resident_fraction(files))
             cold_pairs.append((t_load, read_pass(files)[0]))
         cold_load, cold_read = sorted(cold_pairs, key=lambda p: p[1] / p[0])[len(cold_pairs) // 2]
-        left, left_read = max(lefts[0::2], default=None), max(lefts[1::2], default=None)
-        effective = None not in lefts and max(lefts) < 0.1
+        known = None not in lefts  # mincore could be asked
+        left, left_read = (max(lefts[0::2]), max(lefts[1::2])) if known else (None, None)
+        effective = known and max(lefts) < 0.1
 
         cached = {"available": has_cache}
         if has_cache:

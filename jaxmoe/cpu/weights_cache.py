@@ -297,16 +297,8 @@ class BackgroundWrite:
         self._thread.start()
 
     def _run(self, write) -> None:
-        t0 = time.perf_counter()
         try:
-            self.path = write(self.cancel)
-        except (OSError, CacheError) as e:
-            if not self.cancel.is_set():
-                warnings.warn(f"could not write the weights cache under {self.root}: {e}", stacklevel=1)
-        else:
-            if self.path is not None:
-                log.info("weights cache: wrote %s (%s) in %.2f s, in the background", self.path,
-                         human_bytes((self.path / "data.bin").stat().st_size), time.perf_counter() - t0)
+            self.path = _write_reported(self.root, write, self.cancel)
         finally:
             with _writes_lock:
                 _writes.discard(self)
@@ -320,6 +312,22 @@ class BackgroundWrite:
         """Cancels the write (if it is still going) and waits for the thread."""
         self.cancel.set()
         self._thread.join()
+
+
+def _write_reported(root: Path, write, cancel=None) -> Path | None:
+    """write(cancel) -> the cache directory or None (a sound one was there); logs what it wrote,
+    warns when it could not write (not when it was cancelled). Never raises OSError / CacheError."""
+    t0 = time.perf_counter()
+    try:
+        d = write(cancel)
+    except (OSError, CacheError) as e:
+        if cancel is None or not cancel.is_set():
+            warnings.warn(f"could not write the weights cache under {root}: {e}", stacklevel=2)
+        return None
+    if d is not None:
+        log.info("weights cache: wrote %s (%s) in %.2f s%s", d, human_bytes((d / "data.bin").stat().st_size),
+                 time.perf_counter() - t0, ", in the background" if cancel is not None else "")
+    return d
 
 
 _writes: set[BackgroundWrite] = set()
@@ -403,19 +411,15 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
     if store is None:
         return cfg, placed, None
     source = Path(path).resolve()
+
+    def write(cancel):
+        return write_cache(root, key, fields, store, rec.made, verify, source, cancel=cancel)
+
     if background:
         log.info("weights cache: writing %s (about %s) in the background; weights_cache=False (or "
                  "JAXMOE_WEIGHTS_CACHE=off) turns the cache off", root / key, human_bytes(_cache_bytes(store, rec.made)))
-        return cfg, placed, BackgroundWrite(root, key, lambda cancel: write_cache(root, key, fields, store, rec.made, verify,
-                                                                               source, cancel=cancel))
-    try:
-        d = write_cache(root, key, fields, store, rec.made, verify, source)
-    except (OSError, CacheError) as e:
-        warnings.warn(f"could not write the weights cache under {root}: {e}", stacklevel=3)
-    else:
-        if d is not None:
-            log.info("weights cache: wrote %s (%s) in %.2f s", d, human_bytes((d / "data.bin").stat().st_size),
-                     time.perf_counter() - t0)
+        return cfg, placed, BackgroundWrite(root, key, write)
+    _write_reported(root, write)
     return cfg, placed, None
 
 

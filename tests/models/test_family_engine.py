@@ -24,6 +24,7 @@ from jaxmoe.models import glm4_moe, qwen3_moe
 from jaxmoe.serving.engine import Engine
 from jaxmoe.serving.executors import StagedStep
 from tests.models.conftest import one_family
+from tests.serving import test_tpot_target as tpot
 
 NEW = 6
 BS = 16  # kv_block_size = chunk_size
@@ -194,23 +195,11 @@ def test_a_tpot_target_sizes_the_chunks_and_keeps_the_tokens(tiny_model):
     cfg, w = tiny_model.cfg, tiny_model.weights
     e = Engine(cfg, w, "cpu-only", n_slots=2, max_len=128, chunk_size=64, decode_chunk_size=64, tpot_target_ms=1e-3)
     assert 0 < e.step_model(1, [16], 64) < e.step_model(1, [32], 64) < e.step_model(1, [64], 64)
-    short, long = prompts(cfg.vocab_size, (5, 70), seed=3)
-    a = e.submit(short, NEW + 4, background=False)
-    while not a.output_ids:
-        e.step()
-    b = e.submit(long, NEW, background=False)
-    chunks, plan = [], e.scheduler.plan
-
-    def spy():
-        p = plan()
-        if p is not None and b.slot in p.rows and not b.output_ids:
-            chunks.append(len(p.rows[b.slot].tokens))
-        return p
-
-    e.scheduler.plan = spy
-    e.run_until_idle()
+    ps = prompts(cfg.vocab_size, (5, 70), seed=3)
+    out, chunks, predicted = tpot.run_mixed(e, ps, short_new=tpot.NEW + 4)  # the decoder outlives the 5 prompt steps
     assert chunks == [16, 16, 16, 16, 6]
-    assert [a.output_ids, b.output_ids] == [solo_greedy(cfg, w, short, NEW + 4), solo_greedy(cfg, w, long, NEW)]
+    assert len(predicted) == 5 and all(t > e.scheduler.tpot_target_s for t, _ in predicted)
+    assert out == [solo_greedy(cfg, w, p, tpot.NEW) for p in ps]  # run_mixed's NEW tokens of each
 
 
 @one_family("qwen3-moe-tiny")

@@ -19,10 +19,11 @@ def two_prompts(tiny_model):
     return prompts, [greedy_reference(cfg, w, p, NEW) for p in prompts]
 
 
-def run_mixed(engine, prompts):
-    """The short prompt decodes when the long one arrives. Returns (outputs, the long prompt's
-    chunk per step, (predicted seconds, chunk) of the steps the target sized)."""
-    short = engine.submit(prompts[0], 40, background=False)
+def run_mixed(engine, prompts, short_new: int = 40):
+    """The short prompt (short_new tokens to generate) decodes when the long one arrives. Returns
+    (the first NEW tokens of each, the long prompt's chunk per step, (predicted seconds, chunk) of
+    the steps the target sized)."""
+    short = engine.submit(prompts[0], short_new, background=False)
     while short.status is not Status.DECODE:
         engine.step()
     long = engine.submit(prompts[1], NEW, background=False)
