@@ -2,8 +2,8 @@
 
 Owns `ExpertStore` (per-layer-projection slabs of FP8 / BF16 experts, INT4 experts as matrices
 of their own; `handle` is what the XLA call takes), its packing from stacked weights
-(`add_layer`) or straight from a checkpoint's memory-mapped tensors (`from_checkpoint`, with
-madvise readahead), and the fused MoE call. The host matrices it is filled from, and the
+(`add_layer`) or straight from a checkpoint's memory-mapped tensors (`from_checkpoint`, read
+ahead on a thread: `loading.readahead`), and the fused MoE call. The host matrices it is filled from, and the
 registry that keeps every live native owner (stores included) alive until `.free()`, are in
 `host_matrix.py`; the pytree naming a store's layer (`HostExperts`) is in `handles.py`.
 """
@@ -11,6 +11,7 @@ registry that keeps every live native owner (stores included) alive until `.free
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from jaxmoe.cpu.host_matrix import (
     register_owner,
     unregister_owner,
 )
-from jaxmoe.loading.readahead import will_need
+from jaxmoe.loading.readahead import ReadAhead, readahead_unit
 
 
 class ExpertStore:
@@ -107,44 +108,48 @@ class ExpertStore:
                 self.pack(layer, e, j, *pack_args(w), node=node_of(e))
         return self.layer(layer)
 
+    @staticmethod
+    def checkpoint_jobs(ck, layers=None) -> list[tuple[int, int, dict[str, np.ndarray]]]:
+        """(layer, expert, {name: view of that expert's tensor}) of every routed expert that
+        `from_checkpoint` packs from an open Checkpoint, in its order (the files' order)."""
+        jobs = []
+        for li in layers if layers is not None else range(ck.cfg.num_hidden_layers):
+            if ck.cfg.is_moe_layer(li):
+                arrays = ck.expert_arrays(li)
+                jobs += [(li, e, {key: views[e] for key, views in arrays.items()}) for e in range(len(arrays["gate_proj"]))]
+        return jobs
+
     @classmethod
     def from_checkpoint(cls, checkpoint, layers=None, node_of=lambda layer, e: -1, native=None,
-                        progress=None) -> ExpertStore:
+                        progress=None, readahead=None) -> ExpertStore:
         """All (or `layers`) MoE layers' routed experts, repacked straight from the checkpoint's
         memory-mapped tensors (jaxmoe.loading: a path or an open Checkpoint): the FP8 bytes are
         read once, into the kernels' layout, with no intermediate copy. Pair it with
         `load_checkpoint(..., load_experts=False)` and `to_cpu_placement(weights, store=...)`.
 
         The packing of each tensor runs on the native thread pool (tiles in parallel; the same
-        bytes as a one-thread packing). Reading overlaps it: while expert e is packed, the
-        kernel reads ahead the pages of the next READAHEAD_EXPERTS experts (madvise WILLNEED
-        on their mapped ranges). Nothing is copied out of the mapping, so the peak memory
-        beyond the store itself is that window of page cache, READAHEAD_EXPERTS experts'
-        tensors (4 x 44 MB FP8 for DeepSeek-V3 and bench-v3-mid), and no anonymous memory.
+        bytes as a one-thread packing). Reading overlaps it: a `loading.readahead.ReadAhead`
+        thread has the kernel read the experts' pages ahead of the packer, at most its window
+        (512 MiB) beyond the expert being packed. Nothing is copied out of the mapping, so the
+        peak memory beyond the store itself is that window of page cache, and no anonymous
+        memory. readahead: a ReadAhead over `checkpoint_jobs`' views (then others; the loader's,
+        which reads the other tensors after the experts), told of every expert packed; None:
+        one of its own over the experts.
         progress: an object with update(tensors, nbytes) (jaxmoe.loading.progress.Progress),
         told after every expert."""
         from jaxmoe.loading.loader import Checkpoint, open_checkpoint  # noqa: PLC0415
 
         ck = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
-        store = None
+        store = ra = None
         try:
+            jobs = cls.checkpoint_jobs(ck, layers)
+            ra = readahead or ReadAhead((a for job in jobs for a in job[2].values()), unit=readahead_unit(ck.path))
             cfg = ck.cfg
             store = cls(cfg.num_hidden_layers, native)
             inter, hidden = cfg.moe_intermediate_size, cfg.hidden_size
-            jobs = []  # (layer, expert, {name: view of that expert's tensor})
-            for li in layers if layers is not None else range(cfg.num_hidden_layers):
-                if not cfg.is_moe_layer(li):
-                    continue
-                arrays = ck.expert_arrays(li)
-                n_experts = len(arrays["gate_proj"])
+            for li, n_experts in sorted(Counter(job[0] for job in jobs).items()):
                 store.init_layer(li, n_experts, hidden, inter)
-                jobs += [(li, e, {key: views[e] for key, views in arrays.items()}) for e in range(n_experts)]
-                del arrays
-            for job in jobs[:READAHEAD_EXPERTS]:
-                will_need(job[2].values())
             for i, (li, e, ws) in enumerate(jobs):
-                if i + READAHEAD_EXPERTS < len(jobs):
-                    will_need(jobs[i + READAHEAD_EXPERTS][2].values())
                 node = node_of(li, e)
                 if "gate_proj_scales" in ws:  # INT4 (a converted checkpoint): matrices of their own
                     store.set_expert(li, e, *[
@@ -154,14 +159,18 @@ class ExpertStore:
                     for j, p in enumerate(PROJECTIONS):  # FP8 / bf16: straight into the slabs
                         store.pack(li, e, j, ws[p], ws.get(f"{p}_scale_inv"), node)
                 jobs[i] = None  # drop the views as we go
+                nbytes = sum(int(a.nbytes) for a in ws.values())
+                ra.consumed(nbytes)
                 if progress is not None:
-                    progress.update(sum(not k.endswith("_scale_inv") for k in ws), sum(int(a.nbytes) for a in ws.values()))
+                    progress.update(sum(not k.endswith("_scale_inv") for k in ws), nbytes)
             del jobs
         except BaseException:
             if store is not None:
                 store.free()  # nothing half-loaded survives
             raise
         finally:
+            if ra is not None and ra is not readahead:
+                ra.close()
             if ck is not checkpoint:
                 ck.close()
         return store
@@ -210,7 +219,6 @@ class ExpertStore:
 
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-READAHEAD_EXPERTS = 4  # experts whose pages ExpertStore.from_checkpoint asks the kernel to read ahead
 
 
 def _expert_slice(w, e: int):
