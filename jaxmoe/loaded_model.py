@@ -34,12 +34,11 @@ from jaxmoe.serving.prompt_runner import host_expert_source
 from jaxmoe.tokenizer import Message, Tokenizer, Tool
 
 DEFAULT_MAX_SEQ_LEN = 4096  # context per request unless max_seq_len says otherwise (cache memory)
-# load(weights_cache=None) without $JAXMOE_WEIGHTS_CACHE. Off for now: the kernels run ~6 % slower
-# on the mapped cache's 4 KiB file pages than on the packed store's anonymous huge pages
-# (bench-v3-mid decode 6.7-7.1 vs 7.3-7.4 tok/s, three pairs back to back, 2 AVX2 cores; likely
-# the TLB: docs/PERFORMANCE_MODEL.md, "The price of mapping"). A default cache (None: this or
-# $JAXMOE_WEIGHTS_CACHE) is written in the background, so it never slows the load that packs.
-DEFAULT_WEIGHTS_CACHE: bool = False
+# load(weights_cache=None) without $JAXMOE_WEIGHTS_CACHE: on, at the default root. Written in
+# the background after the load that packs (so it never slows that load), mapped by the loads
+# after it. The mapped slabs decode as fast as the packed store's in one process, alternated
+# (bench-v3-mid, 2 AVX2 cores: docs/PERFORMANCE_MODEL.md, "The price of mapping").
+DEFAULT_WEIGHTS_CACHE: bool = True
 
 
 # ---- the loaded model -------------------------------------------------------------------------

@@ -3,8 +3,9 @@
  *
  * The cache holds the bytes the kernels read (jm_store_slab's slabs, a matrix's tile stream)
  * exactly as pack.c / int4.c laid them out. Adopting maps that range of an open file read-only
- * (MAP_PRIVATE, PROT_READ) and registers matrix headers that point into the mapping: no copy,
- * pages come from the page cache on first touch. The mapping is owned like jm_alloc_node's
+ * (MAP_PRIVATE, PROT_READ; 2 MiB pages where the page cache has them: map_huge_congruent) and
+ * registers matrix headers that point into the mapping: no copy, pages come from the page cache
+ * on first touch. The mapping is owned like jm_alloc_node's
  * memory (data + mapping length, munmap'ed by jm_free_node), so jm_store_free and
  * jm_matrix_free release it unchanged. FP8 block scales (small) are copied into malloc'ed
  * memory, again as store.c / pack.c own them.
@@ -44,6 +45,33 @@ static int64_t scale_floats_of(int32_t format, int32_t n, int32_t k) {
   return format == JM_FMT_FP8 ? (int64_t)((n + JM_KBLOCK - 1) / JM_KBLOCK) * ((k + JM_KBLOCK - 1) / JM_KBLOCK) : 0;
 }
 
+/* mmap of [offset, offset + len) of fd at an address congruent to offset modulo 2 MiB, advised
+ * MADV_HUGEPAGE: where the page cache holds the file in 2 MiB folios (a fault of such a mapping
+ * reads them so; the cache's 16 MiB writes leave them so) the kernel maps them with one TLB
+ * entry each, as the store's own anonymous huge pages are. On 4 KiB file pages the kernels
+ * decoded ~6 % slower (bench-v3-mid, docs/PERFORMANCE_MODEL.md, "The price of mapping").
+ * A reservation of len + 2 MiB is made and trimmed around the mapping, which then is exactly
+ * [p, p + len), as jm_free_node unmaps it. Below 2 MiB, or where the reservation fails, a
+ * plain mapping. */
+static void *map_huge_congruent(int fd, int64_t offset, int64_t len) {
+  const size_t huge = (size_t)2 << 20, n = (size_t)len;
+  if (n < huge) return mmap(NULL, n, PROT_READ, MAP_PRIVATE, fd, (off_t)offset);
+  uint8_t *r = mmap(NULL, n + huge, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (r == MAP_FAILED) return mmap(NULL, n, PROT_READ, MAP_PRIVATE, fd, (off_t)offset);
+  const size_t lead = ((size_t)offset - (size_t)(uintptr_t)r) & (huge - 1); /* a page multiple */
+  uint8_t *p = mmap(r + lead, n, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, (off_t)offset);
+  if (p == MAP_FAILED) {
+    munmap(r, n + huge);
+    return MAP_FAILED;
+  }
+  if (lead) munmap(r, lead);
+  if (huge - lead) munmap(p + n, huge - lead);
+#ifdef MADV_HUGEPAGE
+  madvise(p, n, MADV_HUGEPAGE);
+#endif
+  return p;
+}
+
 /* maps [offset, offset + len) of fd read-only; checks that the file holds the range */
 static uint8_t *map_range(int fd, int64_t offset, int64_t len, int32_t node, const char *fn) {
   struct stat st;
@@ -62,7 +90,7 @@ static uint8_t *map_range(int fd, int64_t offset, int64_t len, int32_t node, con
              (long long)st.st_size, (long long)(offset + len));
     return NULL;
   }
-  void *p = mmap(NULL, (size_t)len, PROT_READ, MAP_PRIVATE, fd, (off_t)offset);
+  void *p = map_huge_congruent(fd, offset, len);
   if (p == MAP_FAILED) {
     jm_error(JM_ENOMEM, "%s: mmap of %lld bytes failed", fn, (long long)len);
     return NULL;

@@ -317,6 +317,37 @@ static void test_store_map(void) {
     for (int j = 0; j < 3; j++) fp8_free(&w[e][j]);
 }
 
+/* store_map.c: a range of 2 MiB and more is mapped at an address congruent to its file offset
+ * modulo 2 MiB (so the page cache's 2 MiB folios can be mapped whole), trimmed to exactly its
+ * length (jm_matrix_free unmaps it), and reads the same bytes */
+static void test_store_map_huge(void) {
+  const int N = 1024, Kd = 2304, T = 2; /* 2.4 MB packed */
+  fp8_mat w = fp8_random(N, Kd);
+  jm_matrix *m = jm_matrix_create_fp8(w.q, Kd, w.s, (Kd + 127) / 128, N, Kd, -1);
+  const uint8_t *d, *da;
+  const float *sc;
+  int64_t b, f, ba;
+  CHECK(m && jm_matrix_packed(m, &d, &b, &sc, &f, NULL) == JM_OK && b >= (2 << 20), "map huge: packed");
+  FILE *fl = tmpfile();
+  static const uint8_t zero[3 * 4096 + 1];
+  fwrite(zero, 1, sizeof zero, fl); /* the range starts 4 KiB-aligned, not 2 MiB-aligned */
+  const int64_t off = put_aligned(fl, d, b);
+  fflush(fl);
+  jm_matrix *a = jm_matrix_adopt(JM_FMT_FP8, N, Kd, 0, fileno(fl), off, sc, -1);
+  CHECK(a && jm_matrix_packed(a, &da, &ba, NULL, NULL, NULL) == JM_OK && ba == b, "map huge: adopt");
+  CHECK(((uintptr_t)da - (uintptr_t)off) % (2u << 20) == 0, "map huge: address %p not congruent to offset %lld",
+        (const void *)da, (long long)off);
+  CHECK(!memcmp(da, d, (size_t)b), "map huge: same bytes");
+  float *x = malloc(sizeof(float) * T * Kd), *y1 = malloc(sizeof(float) * T * N), *y2 = malloc(sizeof(float) * T * N);
+  for (int i = 0; i < T * Kd; i++) x[i] = (float)nrand();
+  CHECK(jm_linear(m, x, JM_DT_F32, T, y1, JM_DT_F32) == JM_OK && jm_linear(a, x, JM_DT_F32, T, y2, JM_DT_F32) == JM_OK &&
+        !memcmp(y1, y2, sizeof(float) * T * N), "map huge: adopted == packed");
+  fclose(fl);
+  jm_matrix_free(a), jm_matrix_free(m);
+  free(x), free(y1), free(y2);
+  fp8_free(&w);
+}
+
 static void test_errors(void) {
   uint8_t q[4] = {0};
   float sc = 1;
@@ -522,6 +553,7 @@ int main(void) {
   test_parallel_pack();
   test_errors();
   test_store_map();
+  test_store_map_huge();
   jm_set_num_threads(0);
   printf("%d passed, %d failed\n", passed, failed);
   return failed != 0;

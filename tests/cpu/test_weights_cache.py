@@ -231,8 +231,15 @@ def test_weights_cache_off_and_default_root(ckpts, monkeypatch, tmp_path):
     monkeypatch.setenv("JAXMOE_CACHE_DIR", str(tmp_path / "user-cache"))
     _tokens(_load(ckpts["fp8"], False))
     assert not (tmp_path / "user-cache" / "weights").exists()
-    _tokens(_load(ckpts["fp8"], True))
+    monkeypatch.delenv("JAXMOE_WEIGHTS_CACHE")  # jaxmoe's own default: on, at the default root
+    model = _load(ckpts["fp8"], None)  # written in the background
+    assert model._cache_write is not None and model._cache_write.join(60)
+    model.close()
     assert len(wc.list_caches()) == 1 and wc.default_root() == tmp_path / "user-cache" / "weights"
+    model = _load(ckpts["fp8"], True)  # maps it: nothing more written
+    assert model._cache_write is None
+    _tokens(model)
+    assert len(wc.list_caches()) == 1
     monkeypatch.setenv("JAXMOE_WEIGHTS_CACHE", str(tmp_path / "env-root"))
     model = _load(ckpts["fp8"], None)  # not asked for by the call: written in the background
     assert model._cache_write is not None and model._cache_write.join(60)
