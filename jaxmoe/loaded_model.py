@@ -58,6 +58,7 @@ class Model:
     prefix_cache_dir: Path | None = None  # the prefix cache's blocks on disk too (Engine's prefix_cache_dir)
     _engine: Engine | None = field(default=None, init=False, repr=False)
     _cache_write: Any = field(default=None, init=False, repr=False)  # cpu.weights_cache.BackgroundWrite
+    _cache_read: Any = field(default=None, init=False, repr=False)  # loading.readahead.ReadAhead of a mapped cache
     _checkpoint: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -96,7 +97,11 @@ class Model:
 
     def close(self) -> None:
         """Free the native memory of CPU-kernel weights now (rather than at exit); a weights cache
-        still being written from them is cancelled first (none is left half-written)."""
+        still being written from them is cancelled first (none is left half-written), and the
+        reading of a mapped cache stopped."""
+        if self._cache_read is not None:
+            self._cache_read.close()
+            self._cache_read = None
         if self._cache_write is not None:
             self._cache_write.stop()
             self._cache_write = None
@@ -240,13 +245,13 @@ def load(
         load_rest = None  # a cache hit reads the rest with DeepSeek-V3's loader; another family's with its own
         if family is not DEEPSEEK_V3:
             load_rest = lambda: family.load_checkpoint(path, dtype=dtype, load_experts=False)  # noqa: E731
-        cfg, weights, writing = wc.load_placed(
+        cfg, weights, writing, reading = wc.load_placed(
             path, root=root, dtype=dtype, progress=progress, experts_only=rc.staged,
             load=lambda: _load_weights(path, dtype, progress, True, host_linears=not rc.staged, family=family),
             place=lambda c, w, s: _place(c, w, cpu_kernels, rc, s)[0], load_rest=load_rest,
             background=weights_cache is None)
         model = _model(path, cfg, weights, max_seq_len, True, rc, prefix_cache_dir)
-        model._cache_write = writing
+        model._cache_write, model._cache_read = writing, reading
         return model
     cfg, weights, store = _load_weights(path, dtype, progress, host_experts,
                                         host_linears=host_experts and not rc.staged, family=family)

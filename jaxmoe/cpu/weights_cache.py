@@ -208,7 +208,9 @@ def _put(w: DataWriter, e: dict, data, scale) -> dict:
     return e
 
 
-def _put_matrix(w: DataWriter, nat, ptr) -> dict:
+def _packed(nat, ptr) -> tuple[dict, Any, Any]:
+    """(entry: format, n, k, group, bytes; its packed bytes; its float32 block scales or None) of
+    a native matrix, the buffers borrowing its memory."""
     fmt, n, k = nat.ffi.new("int32_t *"), nat.ffi.new("int32_t *"), nat.ffi.new("int32_t *")
     nat.check(nat.lib.jm_matrix_info(ptr, fmt, n, k, nat.ffi.NULL))
     p = [nat.ffi.new("const uint8_t **"), nat.ffi.new("int64_t *"), nat.ffi.new("const float **"),
@@ -217,8 +219,29 @@ def _put_matrix(w: DataWriter, nat, ptr) -> dict:
     data = nat.ffi.buffer(p[0][0], int(p[1][0]))
     floats = int(p[3][0])
     scale = nat.ffi.buffer(p[2][0], 4 * floats) if floats else None
-    e = {"format": int(fmt[0]), "n": int(n[0]), "k": int(k[0]), "group": int(p[4][0]), "bytes": len(data)}
-    return _put(w, e, data, scale)
+    return {"format": int(fmt[0]), "n": int(n[0]), "k": int(k[0]), "group": int(p[4][0]), "bytes": len(data)}, data, scale
+
+
+def _put_matrix(w: DataWriter, nat, ptr) -> dict:
+    return _put(w, *_packed(nat, ptr))
+
+
+def _read_ahead(d: Path, store, host_matrices):
+    """A ReadAhead (loading.readahead) over what a cache hit mapped: the host matrices (every
+    token reads them), then the expert slabs and loose expert matrices, as fast as the disk gives
+    them. A cold cache is then read sequentially in the background instead of a page fault at a
+    time by the first tokens; a resident one costs the mapping of its pages."""
+    from jaxmoe.loading.readahead import ReadAhead, readahead_unit  # noqa: PLC0415
+
+    nat = store._nat
+    ptrs = [hm._ptr for hm in host_matrices]
+    views = []
+    for li, n_experts, _, _, layer_slabs in _layers(store):
+        views += [s[0] for s in layer_slabs if s is not None]
+        if any(s is None for s in layer_slabs):
+            ptrs += [nat.lib.jm_store_matrix(store._live_ptr(), li, x, j) for x in range(n_experts) for j in range(3)]
+    mats = [np.frombuffer(_packed(nat, p)[1], np.uint8) for p in ptrs]
+    return ReadAhead(mats + views, unit=readahead_unit(d / "data.bin"), window=1 << 62)
 
 
 def _layers(store):
@@ -357,11 +380,12 @@ class _Recorder:
 
 def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_only: bool, root: Path | None = None,
                 verify: str | None = None, native=None, load_rest=None, background: bool = False):
-    """(cfg, placed weights, BackgroundWrite or None) through the cache at `root` (default:
-    default_root()): mapped from a sound cache, else loaded and placed as without a cache and then
-    written to it (a warning says why an existing cache was not used); background: that write runs
-    on a thread (the BackgroundWrite; its owner stops it before freeing the weights), else before
-    this returns. load() -> (cfg, weights without the routed
+    """(cfg, placed weights, BackgroundWrite or None, ReadAhead or None) through the cache at
+    `root` (default: default_root()): mapped from a sound cache (with a ReadAhead reading what
+    was mapped: `_read_ahead`), else loaded and placed as without a cache and then written to it
+    (a warning says why an existing cache was not used); background: that write runs on a thread
+    (the BackgroundWrite), else before this returns. The owner stops either thread before
+    freeing the weights. load() -> (cfg, weights without the routed
     experts, ExpertStore holding them) and place(cfg, weights, store) -> placed weights are the
     uncached load (jaxmoe.generate). load_rest() -> (cfg, weights without the routed experts):
     what a cache hit reads from the checkpoint (default: DeepSeek-V3's loader with load_experts=False;
@@ -400,7 +424,7 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
             else:
                 log.info("weights cache: mapped %s (%s) in %.2f s", root / key, human_bytes(m["data_bytes"]),
                          time.perf_counter() - t0)
-                return cfg, placed, None
+                return cfg, placed, None, _read_ahead(root / key, store, hook.made)
             finally:
                 os.close(fd)
     cfg, weights, store = load()
@@ -409,7 +433,7 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
         placed = place(cfg, weights, store)
     store = store or _store_of(placed)
     if store is None:
-        return cfg, placed, None
+        return cfg, placed, None, None
     source = Path(path).resolve()
 
     def write(cancel):
@@ -418,9 +442,9 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
     if background:
         log.info("weights cache: writing %s (about %s) in the background; weights_cache=False (or "
                  "JAXMOE_WEIGHTS_CACHE=off) turns the cache off", root / key, human_bytes(_cache_bytes(store, rec.made)))
-        return cfg, placed, BackgroundWrite(root, key, write)
+        return cfg, placed, BackgroundWrite(root, key, write), None
     _write_reported(root, write)
-    return cfg, placed, None
+    return cfg, placed, None, None
 
 
 def _store_of(placed):

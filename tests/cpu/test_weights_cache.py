@@ -6,8 +6,10 @@ verifies and removes caches."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
 import os
 import shutil
 import subprocess
@@ -84,11 +86,17 @@ def test_cached_load_is_bit_identical(ckpts, tmp_path, caplog, fmt):
         got_first = _outputs(first)
         first.close()
         caplog.clear()
+        data = _cache_dir(root) / "data.bin"
+        _drop_pages(data)
         cached = _load(ckpts[fmt], root)  # maps
         assert any("mapped" in r.message for r in caplog.records)
+    m = wc.read_manifest(_cache_dir(root))
+    ra = cached._cache_read  # reads what it mapped in the background: matrices, slabs, INT4 experts
+    ra._thread.join(60)
+    assert ra.advised == ra.total == _mapped_bytes(m) and _resident(data) >= _mapped_bytes(m) / m["data_bytes"] - 0.01
     got = _outputs(cached)
     cached.close()
-    m = wc.read_manifest(_cache_dir(root))
+    assert cached._cache_read is None
     assert m["host_matrices"] and m["layers"]
     assert (bool(m["slabs"]), any(lay.get("experts") for lay in m["layers"])) == ((True, False) if fmt != "int4"
                                                                                   else (False, True))
@@ -96,6 +104,35 @@ def test_cached_load_is_bit_identical(ckpts, tmp_path, caplog, fmt):
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
         np.testing.assert_array_equal(got_first[k], want[k], err_msg=k)
+
+
+def _mapped_bytes(m) -> int:
+    """Bytes of data.bin that a hit maps (all but the block scales, which it copies)."""
+    n_experts = {lay["layer"]: lay["n_experts"] for lay in m["layers"]}
+    return (sum(h["bytes"] for h in m["host_matrices"]) + sum(e["slot_bytes"] * n_experts[e["layer"]] for e in m["slabs"])
+            + sum(e["bytes"] for lay in m["layers"] for trio in lay.get("experts") or [] for e in trio))
+
+
+def _drop_pages(f) -> None:
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _resident(f) -> float:
+    """Fraction of f's pages in the page cache (mincore)."""
+    libc = ctypes.CDLL(None)
+    with open(f, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        a = np.frombuffer(mm, np.uint8)
+        pages = -(-a.nbytes // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(ctypes.c_void_p(a.ctypes.data), ctypes.c_size_t(a.nbytes), vec) == 0
+        del a
+        mm.close()
+    return sum(v & 1 for v in vec) / pages
 
 
 def _tokens(model):
