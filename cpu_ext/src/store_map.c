@@ -48,8 +48,8 @@ static int64_t scale_floats_of(int32_t format, int32_t n, int32_t k) {
 /* mmap of [offset, offset + len) of fd at an address congruent to offset modulo 2 MiB, advised
  * MADV_HUGEPAGE: where the page cache holds the file in 2 MiB folios (a fault of such a mapping
  * reads them so; the cache's 16 MiB writes leave them so) the kernel maps them with one TLB
- * entry each, as the store's own anonymous huge pages are. On 4 KiB file pages the kernels
- * decoded ~6 % slower (bench-v3-mid, docs/PERFORMANCE_MODEL.md, "The price of mapping").
+ * entry each, as the store's own anonymous huge pages are (docs/PERFORMANCE_MODEL.md, "The
+ * price of mapping": what 4 KiB and 2 MiB mappings measured against the packed store).
  * A reservation of len + 2 MiB is made and trimmed around the mapping, which then is exactly
  * [p, p + len), as jm_free_node unmaps it. Below 2 MiB, or where the reservation fails, a
  * plain mapping. */

@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -439,9 +440,12 @@ def load_placed(path: Path, *, load, place, dtype: Any, progress: Any, experts_o
     def write(cancel):
         return write_cache(root, key, fields, store, rec.made, verify, source, cancel=cancel)
 
-    if background:
-        log.info("weights cache: writing %s (about %s) in the background; weights_cache=False (or "
-                 "JAXMOE_WEIGHTS_CACHE=off) turns the cache off", root / key, human_bytes(_cache_bytes(store, rec.made)))
+    if background:  # the default cache: said where the progress bar speaks (stderr), not only logged
+        note = (f"weights cache: writing {root / key} (about {human_bytes(_cache_bytes(store, rec.made))}) in the "
+                f"background; weights_cache=False (or JAXMOE_WEIGHTS_CACHE=off) turns the cache off")
+        log.info("%s", note)
+        if progress is not False:
+            print(f"jaxmoe: {note}", file=sys.stderr, flush=True)
         return cfg, placed, BackgroundWrite(root, key, write), None
     _write_reported(root, write)
     return cfg, placed, None, None

@@ -264,12 +264,14 @@ def test_cache_cli_list_verify_rm(ckpts, tmp_path, capsys):
     assert not [d for d in root.iterdir() if d.is_dir()]
 
 
-def test_weights_cache_off_and_default_root(ckpts, monkeypatch, tmp_path):
+def test_weights_cache_off_and_default_root(ckpts, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("JAXMOE_CACHE_DIR", str(tmp_path / "user-cache"))
     _tokens(_load(ckpts["fp8"], False))
     assert not (tmp_path / "user-cache" / "weights").exists()
     monkeypatch.delenv("JAXMOE_WEIGHTS_CACHE")  # jaxmoe's own default: on, at the default root
-    model = _load(ckpts["fp8"], None)  # written in the background
+    capsys.readouterr()
+    model = _load(ckpts["fp8"], None)  # written in the background, and the user is told where
+    assert f"jaxmoe: weights cache: writing {tmp_path / 'user-cache' / 'weights'}" in capsys.readouterr().err
     assert model._cache_write is not None and model._cache_write.join(60)
     model.close()
     assert len(wc.list_caches()) == 1 and wc.default_root() == tmp_path / "user-cache" / "weights"
