@@ -12,11 +12,11 @@ CPU; WILLNEED in pieces 2.0-2.1 s with 1.6 core-s; read() into a 1 MiB buffer 1.
 0.4-0.9 core-s. On two cores that the packing needs, the CPU the reading takes is what counts.
 Facts of Linux behind it:
 - POPULATE_READ (5.14+) returns when the pages are read: the thread is paced by the disk.
-  Where the kernel lacks it (EINVAL) the thread falls back to MADV_WILLNEED, which only starts
-  the reads, and reads at most the device's readahead unit (the block device's
-  `read_ahead_kb`: 8 MiB on the VM, 128 KiB by default) from the start of the range it is
-  given (`force_page_cache_ra` clamps it). Hence the pieces of that unit: a single WILLNEED
-  over a 458 MB lm_head read 8 MB of it.
+  Its pieces are the readahead unit but at least POPULATE_PIECE. Where the kernel lacks it
+  (EINVAL) the thread falls back to MADV_WILLNEED, which only starts the reads, and reads at
+  most the device's readahead unit (the block device's `read_ahead_kb`: 8 MiB on the VM,
+  128 KiB by default) from the start of the range it is given (`force_page_cache_ra` clamps
+  it). Hence pieces of that unit there: a single WILLNEED over a 458 MB lm_head read 8 MB of it.
 - Either blocks while the device's queue is full. On the loader's own thread that stalled the
   packing (0.4 s of a 3.5 s cold load); here it paces the reading thread to the disk.
 
@@ -37,6 +37,7 @@ import numpy as np
 _MADV_WILLNEED, _MADV_POPULATE_READ, _EINVAL, _PAGE = 3, 22, 22, 4096
 DEFAULT_UNIT = 128 << 10  # Linux's default read_ahead_kb
 DEFAULT_WINDOW = 512 << 20  # bytes advised beyond what the consumer has reported
+POPULATE_PIECE = 8 << 20  # bytes per POPULATE_READ at least (it reads all it is given; 2-32 MiB read alike)
 
 
 def _madvise():
@@ -132,17 +133,19 @@ class ReadAhead:
         self.close()
 
     def _run(self) -> None:
-        advice = _MADV_POPULATE_READ
+        advice, step = _MADV_POPULATE_READ, max(self.unit, POPULATE_PIECE)
         for i, (start, n, _) in enumerate(self._ranges):
-            for off in range(0, n, self.unit):
-                k = min(self.unit, n - off)
+            off = 0
+            while off < n:
+                k = min(step, n - off)
                 with self._cv:
                     self._cv.wait_for(lambda: self._stop or self.advised - self._consumed < self.window)
                     if self._stop:
                         return
                 # ctypes lets go of the GIL; errors (a mapping gone) only cost the advice
                 if _madvise_fn(start + off, k, advice) and advice == _MADV_POPULATE_READ and ctypes.get_errno() == _EINVAL:
-                    advice = _MADV_WILLNEED  # a kernel before 5.14
-                    _madvise_fn(start + off, k, advice)
+                    advice, step = _MADV_WILLNEED, self.unit  # a kernel before 5.14: WILLNEED reads one unit
+                    continue
+                off += k
                 self.advised += k
             self._ranges[i] = None  # its views may go

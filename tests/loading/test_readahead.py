@@ -45,7 +45,8 @@ def _resident(view: np.ndarray) -> float:
     return sum(v & 1 for v in vec) / pages
 
 
-def test_window_paces_the_thread_and_unbounded_lets_it_finish(tmp_path):
+def test_window_paces_the_thread_and_unbounded_lets_it_finish(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "POPULATE_PIECE", 0)  # pieces of the unit
     _, mm, a = _mapped(tmp_path)
     unit, window = 64 << 10, 256 << 10
     views = [a[i * MIB:(i + 1) * MIB] for i in range(4)]  # adjacent: merged into one range
@@ -89,7 +90,8 @@ def test_falls_back_to_willneed_where_populate_is_unknown(tmp_path, monkeypatch)
     mm.close()
 
 
-def test_close_stops_it_and_it_keeps_the_mapping_alive(tmp_path):
+def test_close_stops_it_and_it_keeps_the_mapping_alive(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "POPULATE_PIECE", 0)
     _, mm, a = _mapped(tmp_path)
     ra = R.ReadAhead([a], unit=64 << 10, window=128 << 10)
     assert _settle(ra) == 128 << 10
