@@ -52,12 +52,14 @@ def run_bench(name, *extra):
 # $JAXMOE_NB_BENCHES (comma-separated) limits which run live; the others show the committed
 # full run from benchmarks/results/ when there is one (the test suite runs e2e's quick mode
 # in its own test, so the notebook test skips it to stay fast).
+# $JAXMOE_NB_PREFILL_LENGTHS (e.g. "64") narrows the live prefill run's prompt lengths.
 LIVE = os.environ.get("JAXMOE_NB_BENCHES", ",".join(BENCHES)).split(",")
+EXTRA = {"prefill": ["--lengths", os.environ["JAXMOE_NB_PREFILL_LENGTHS"]] if os.environ.get("JAXMOE_NB_PREFILL_LENGTHS") else []}
 results, source = {}, {}
 for name in BENCHES:
     committed = ROOT / "benchmarks" / "results" / f"{name}.json"
     if name in LIVE:
-        results[name], source[name] = run_bench(name), "this run, --quick"
+        results[name], source[name] = run_bench(name, *EXTRA.get(name, [])), "this run, --quick"
     elif committed.is_file():
         results[name], source[name] = json.loads(committed.read_text()), f"committed {committed.relative_to(ROOT)}"
 for name, doc in results.items():

@@ -54,6 +54,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # 03_benchmarks: run prefill live (--quick); e2e and kernels have their own quick tests (tests/benchmarks).
     monkeypatch.setenv("JAXMOE_NB_BENCHES", "prefill")
+    monkeypatch.setenv("JAXMOE_NB_PREFILL_LENGTHS", "64")  # one prompt length: 25 s instead of 43
     nb = jupytext.read(path)  # an nbformat v4 notebook, without outputs
     # The kernel must be this interpreter (jupyter_client maps a kernelspec's "python" to sys.executable).
     check = nbformat.v4.new_code_cell(
