@@ -6,8 +6,8 @@ GB/s, the figure to compare across runs (a shared machine drifts).
 - warm: the page cache holds the files (a read pass just read them). The process's first load
   (`first`, which also starts the native library and JAX) and the median of the repeats.
 - cold: the files dropped from the page cache with posix_fadvise(DONTNEED) before the load
-  and before its read pass, `repeats` such pairs (7 by default: the pair of median fraction reported; the
-  disk drifts more than the page cache); whether dropping worked is measured (mincore: the
+  and before its read pass, `repeats` such pairs (7 by default, the odd ones reading first: the
+  pair of median fraction reported; the disk drifts more than the page cache); whether dropping worked is measured (mincore: the
   resident fraction left, the most of any drop) and reported as `cold_effective` (false: the
   cold figures are warm ones in disguise).
 - cached: the second of two loads with `weights_cache=` (the packed-weights cache: mapped,
@@ -175,20 +175,22 @@ def main(argv=None) -> dict:
             mmap_read.append(mmap_sum_pass(files))
             warm_load.append(timed_load(path, **kw))
 
-        # cold, `repeats` pairs: drop the pages, check, load; drop again, read pass (the disk's rate drifts
-        # more than the page cache's: the figure is the median pair's fraction)
-        cold_pairs, lefts = [], []
-        for _ in range(cold_repeats):
-            drop_cache(files)
-            lefts.append(resident_fraction(files))
-            t_load = timed_load(path, **kw)
-            drop_cache(files)
-            lefts.append(resident_fraction(files))
-            cold_pairs.append((t_load, read_pass(files)[0]))
+        # cold, `repeats` pairs: drop the pages, check, load; drop again, check, read pass (the disk's
+        # rate drifts more than the page cache's: the figure is the median pair's fraction). Odd pairs
+        # read first: on this project's VM a cold load just after a cold read pass took 0.4-0.7 s more than
+        # one after a warm load (fresh processes, three each), so a fixed order would charge the load.
+        cold_pairs, lefts = [], {"load": [], "read": []}
+        for i in range(cold_repeats):
+            t = {}
+            for what in ("load", "read") if i % 2 == 0 else ("read", "load"):
+                drop_cache(files)
+                lefts[what].append(resident_fraction(files))
+                t[what] = timed_load(path, **kw) if what == "load" else read_pass(files)[0]
+            cold_pairs.append((t["load"], t["read"]))
         cold_load, cold_read = sorted(cold_pairs, key=lambda p: p[1] / p[0])[len(cold_pairs) // 2]
-        known = None not in lefts  # mincore could be asked
-        left, left_read = (max(lefts[0::2]), max(lefts[1::2])) if known else (None, None)
-        effective = known and max(lefts) < 0.1
+        known = None not in lefts["load"] + lefts["read"]  # mincore could be asked
+        left, left_read = (max(lefts["load"]), max(lefts["read"])) if known else (None, None)
+        effective = known and max(left, left_read) < 0.1
 
         cached = {"available": has_cache}
         if has_cache:
