@@ -310,8 +310,8 @@ def write_cache(root: Path, key: str, fields: dict, store, host_matrices, verify
 class BackgroundWrite:
     """`write_cache` on a thread of its own, so that the load which packed the weights returns at
     once and serves while they are written. The thread holds the store and host matrices until it
-    ends; `stop()` (Model.close, and at the interpreter's exit) cancels it and waits, leaving
-    either a whole cache or none. A write that fails warns, as a synchronous one does."""
+    ends; `stop()` (Model.close) cancels it and waits, leaving either a whole cache or none. At
+    the interpreter's exit it is finished (`_finish_writes`). A write that fails warns, as a synchronous one does."""
 
     def __init__(self, root: Path, key: str, write):
         self.root, self.key, self.path, self.cancel = root, key, None, threading.Event()
@@ -359,11 +359,22 @@ _writes_lock = threading.Lock()
 
 
 @atexit.register
-def _stop_writes() -> None:
+def _finish_writes() -> None:
+    """At the interpreter's exit an unfinished background write is finished, not lost: a one-shot
+    `jaxmoe generate` ends before its cache is written and would pack again at every run. Ctrl-C
+    cancels it (a whole cache or none, as ever)."""
     with _writes_lock:
         live = list(_writes)
-    for w in live:
-        w.stop()
+    if not live:
+        return
+    print(f"jaxmoe: finishing the weights cache write ({', '.join(str(w.root / w.key) for w in live)}) before "
+          "exiting; Ctrl-C skips it", file=sys.stderr, flush=True)
+    try:
+        for w in live:
+            w.join()
+    except KeyboardInterrupt:
+        for w in live:
+            w.stop()
 
 
 # ---- the load path -------------------------------------------------------------------------

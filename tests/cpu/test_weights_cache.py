@@ -241,6 +241,30 @@ def test_two_processes_loading_at_once_leave_one_sound_cache(ckpts, tmp_path):
     assert _tokens(_load(ckpts["fp8"], root)) == json.loads(outs[0][0])
 
 
+def test_exit_finishes_a_background_write(ckpts, tmp_path):
+    """A process that ends while its default cache is still being written (a one-shot CLI run)
+    finishes the write instead of losing it; the write is held 2 s so that it cannot end first."""
+    root = tmp_path / "exit-root"
+    script = textwrap.dedent(f"""
+        import time
+        import jaxmoe
+        from jaxmoe.cpu import weights_cache as wc
+        real = wc.write_cache
+        def held(*a, **kw):
+            time.sleep(2)
+            return real(*a, **kw)
+        wc.write_cache = held
+        m = jaxmoe.load({str(ckpts['fp8'])!r}, cpu_kernels=True)
+        assert m._cache_write is not None and not m._cache_write.join(0)
+    """)
+    env = dict(os.environ, JAXMOE_WEIGHTS_CACHE=str(root))
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "finishing the weights cache write" in p.stderr
+    d = _cache_dir(root)
+    wc.verify_dir(d, "full", d.name)
+
+
 def test_cache_cli_list_verify_rm(ckpts, tmp_path, capsys):
     root = tmp_path / "wcache"
     for fmt in ("fp8", "bf16"):
