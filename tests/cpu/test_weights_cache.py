@@ -6,10 +6,8 @@ verifies and removes caches."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import mmap
 import os
 import shutil
 import subprocess
@@ -24,6 +22,7 @@ import numpy as np
 import pytest
 
 import jaxmoe
+from benchmarks.load import drop_cache, resident_fraction
 from jaxmoe.cli import main
 from jaxmoe.config import ModelConfig
 from jaxmoe.cpu import weights_cache as wc
@@ -87,13 +86,13 @@ def test_cached_load_is_bit_identical(ckpts, tmp_path, caplog, fmt):
         first.close()
         caplog.clear()
         data = _cache_dir(root) / "data.bin"
-        _drop_pages(data)
+        drop_cache([data])
         cached = _load(ckpts[fmt], root)  # maps
         assert any("mapped" in r.message for r in caplog.records)
     m = wc.read_manifest(_cache_dir(root))
     ra = cached._cache_read  # reads what it mapped in the background: matrices, slabs, INT4 experts
     ra._thread.join(60)
-    assert ra.advised == ra.total == _mapped_bytes(m) and _resident(data) >= _mapped_bytes(m) / m["data_bytes"] - 0.01
+    assert ra.advised == ra.total == _mapped_bytes(m) and resident_fraction([data]) >= _mapped_bytes(m) / m["data_bytes"] - 0.01
     got = _outputs(cached)
     cached.close()
     assert cached._cache_read is None
@@ -111,28 +110,6 @@ def _mapped_bytes(m) -> int:
     n_experts = {lay["layer"]: lay["n_experts"] for lay in m["layers"]}
     return (sum(h["bytes"] for h in m["host_matrices"]) + sum(e["slot_bytes"] * n_experts[e["layer"]] for e in m["slabs"])
             + sum(e["bytes"] for lay in m["layers"] for trio in lay.get("experts") or [] for e in trio))
-
-
-def _drop_pages(f) -> None:
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _resident(f) -> float:
-    """Fraction of f's pages in the page cache (mincore)."""
-    libc = ctypes.CDLL(None)
-    with open(f, "rb") as fh:
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        a = np.frombuffer(mm, np.uint8)
-        pages = -(-a.nbytes // mmap.PAGESIZE)
-        vec = (ctypes.c_ubyte * pages)()
-        assert libc.mincore(ctypes.c_void_p(a.ctypes.data), ctypes.c_size_t(a.nbytes), vec) == 0
-        del a
-        mm.close()
-    return sum(v & 1 for v in vec) / pages
 
 
 def _tokens(model):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-import os
 import sys
 import time
 
 import numpy as np
 import pytest
 
+from benchmarks.load import drop_cache, resident_fraction
 from jaxmoe.loading import readahead as R
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise readahead is Linux's")
@@ -37,14 +36,6 @@ def _settle(ra: R.ReadAhead, timeout: float = 10.0) -> int:
     raise AssertionError("the reading thread never settled")
 
 
-def _resident(view: np.ndarray) -> float:
-    libc = ctypes.CDLL(None)
-    pages = -(-view.nbytes // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * pages)()
-    assert libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(view.nbytes), vec) == 0
-    return sum(v & 1 for v in vec) / pages
-
-
 def test_window_paces_the_thread_and_unbounded_lets_it_finish(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "POPULATE_PIECE", 0)  # pieces of the unit
     _, mm, a = _mapped(tmp_path)
@@ -65,17 +56,12 @@ def test_window_paces_the_thread_and_unbounded_lets_it_finish(tmp_path, monkeypa
 
 def test_pages_are_read(tmp_path):
     f, mm, a = _mapped(tmp_path, 8 * MIB)
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    before = _resident(a)
+    drop_cache([f])
+    before = resident_fraction([f])
     with R.ReadAhead([a], unit=R.readahead_unit(f), window=1 << 40) as ra:
         ra._thread.join(10)
         assert ra.advised == 8 * MIB
-    assert _resident(a) == 1.0, f"resident before {before:.2f}"
+    assert resident_fraction([f]) == 1.0, f"resident before {before:.2f}"
     del a
     mm.close()
 
