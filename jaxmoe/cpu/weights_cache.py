@@ -240,9 +240,14 @@ def _read_ahead(d: Path, store, host_matrices):
     for li, n_experts, _, _, layer_slabs in _layers(store):
         views += [s[0] for s in layer_slabs if s is not None]
         if any(s is None for s in layer_slabs):
-            ptrs += [nat.lib.jm_store_matrix(store._live_ptr(), li, x, j) for x in range(n_experts) for j in range(3)]
+            ptrs += [ptr for trio in _loose_matrices(store, li, n_experts) for ptr in trio]
     mats = [np.frombuffer(_packed(nat, p)[1], np.uint8) for p in ptrs]
     return ReadAhead(mats + views, unit=readahead_unit(d / "data.bin"), window=1 << 62)
+
+
+def _loose_matrices(store, li: int, n_experts: int) -> list[list]:
+    """The native gate / up / down matrices of each expert of a layer kept outside slabs (INT4)."""
+    return [[store._nat.lib.jm_store_matrix(store._live_ptr(), li, x, j) for j in range(3)] for x in range(n_experts)]
 
 
 def _layers(store):
@@ -268,8 +273,7 @@ def _write_contents(w: DataWriter, store, host_matrices) -> dict:
         if loose:
             if len(loose) != 3:
                 raise CacheError(f"layer {li} mixes slabs and loose expert matrices: not cached")
-            lay["experts"] = [[_put_matrix(w, nat, nat.lib.jm_store_matrix(store._live_ptr(), li, x, j))
-                               for j in range(3)] for x in range(n_experts)]
+            lay["experts"] = [[_put_matrix(w, nat, ptr) for ptr in trio] for trio in _loose_matrices(store, li, n_experts)]
         layers.append(lay)
     mats = [_put_matrix(w, nat, hm._ptr) for hm in host_matrices]
     return {"n_layers": store.n_layers, "layers": layers, "slabs": slabs, "host_matrices": mats}
