@@ -335,19 +335,14 @@ def _load_weights(path: Path, dtype: Any, progress: Any, host_experts: bool,
         return (*family.load_checkpoint(path, dtype=dtype), None)
     from jaxmoe.cpu.expert_store import ExpertStore  # noqa: PLC0415
     from jaxmoe.loading.progress import Progress  # noqa: PLC0415
-    from jaxmoe.loading.readahead import ReadAhead, readahead_unit  # noqa: PLC0415
 
     with (open_checkpoint(path) if deepseek else family.open_checkpoint(path)) as ck:
-        # one reading thread, in the order the load consumes: the experts (paced by their
-        # packing), then every other tensor (unbounded once the experts are packed; it goes on
-        # while _place packs the host Linears from the mapping, and ends by itself)
-        jobs = ExpertStore.checkpoint_jobs(ck)
-        ra = ReadAhead([a for job in jobs for a in job[2].values()] + ck.resident_arrays(), unit=readahead_unit(path))
-        del jobs
         bar = Progress(*ck.load_size(), enabled=progress, label=f"loading {path.name}")
         try:
-            store = ExpertStore.from_checkpoint(ck, progress=bar, readahead=ra)
-            ra.unbounded()
+            # one reading thread, in the order the load consumes: the experts (paced by their
+            # packing), then every other tensor (it goes on while load_checkpoint and _place read
+            # them from the mapping, and ends by itself)
+            store = ExpertStore.from_checkpoint(ck, progress=bar, read_after=ck.resident_arrays())
             try:
                 if deepseek:
                     cfg, weights = load_checkpoint(ck, dtype=dtype, progress=bar, load_experts=False,
@@ -358,9 +353,6 @@ def _load_weights(path: Path, dtype: Any, progress: Any, host_experts: bool,
             except BaseException:
                 store.free()
                 raise
-        except BaseException:
-            ra.close()
-            raise
         finally:
             bar.close()
     return cfg, weights, store

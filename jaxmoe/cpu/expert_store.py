@@ -109,7 +109,7 @@ class ExpertStore:
         return self.layer(layer)
 
     @staticmethod
-    def checkpoint_jobs(ck, layers=None) -> list[tuple[int, int, dict[str, np.ndarray]]]:
+    def _checkpoint_jobs(ck, layers=None) -> list[tuple[int, int, dict[str, np.ndarray]]]:
         """(layer, expert, {name: view of that expert's tensor}) of every routed expert that
         `from_checkpoint` packs from an open Checkpoint, in its order (the files' order)."""
         jobs = []
@@ -121,7 +121,7 @@ class ExpertStore:
 
     @classmethod
     def from_checkpoint(cls, checkpoint, layers=None, node_of=lambda layer, e: -1, native=None,
-                        progress=None, readahead=None) -> ExpertStore:
+                        progress=None, read_after=()) -> ExpertStore:
         """All (or `layers`) MoE layers' routed experts, repacked straight from the checkpoint's
         memory-mapped tensors (jaxmoe.loading: a path or an open Checkpoint): the FP8 bytes are
         read once, into the kernels' layout, with no intermediate copy. Pair it with
@@ -132,9 +132,8 @@ class ExpertStore:
         thread has the kernel read the experts' pages ahead of the packer, at most its window
         (512 MiB) beyond the expert being packed. Nothing is copied out of the mapping, so the
         peak memory beyond the store itself is that window of page cache, and no anonymous
-        memory. readahead: a ReadAhead over `checkpoint_jobs`' views (then others; the loader's,
-        which reads the other tensors after the experts), told of every expert packed; None:
-        one of its own over the experts.
+        memory. read_after: views the same thread reads once the experts are packed (the loader's
+        other tensors): it goes on by itself after this returns, and ends after the last.
         progress: an object with update(tensors, nbytes) (jaxmoe.loading.progress.Progress),
         told after every expert."""
         from jaxmoe.loading.loader import Checkpoint, open_checkpoint  # noqa: PLC0415
@@ -142,8 +141,8 @@ class ExpertStore:
         ck = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
         store = ra = None
         try:
-            jobs = cls.checkpoint_jobs(ck, layers)
-            ra = readahead or ReadAhead((a for job in jobs for a in job[2].values()), unit=readahead_unit(ck.path))
+            jobs = cls._checkpoint_jobs(ck, layers)
+            ra = ReadAhead([a for job in jobs for a in job[2].values()] + list(read_after), unit=readahead_unit(ck.path))
             cfg = ck.cfg
             store = cls(cfg.num_hidden_layers, native)
             inter, hidden = cfg.moe_intermediate_size, cfg.hidden_size
@@ -164,13 +163,14 @@ class ExpertStore:
                 if progress is not None:
                     progress.update(sum(not k.endswith("_scale_inv") for k in ws), nbytes)
             del jobs
+            ra.unbounded()  # on to read_after
         except BaseException:
+            if ra is not None:
+                ra.close()
             if store is not None:
                 store.free()  # nothing half-loaded survives
             raise
         finally:
-            if ra is not None and ra is not readahead:
-                ra.close()
             if ck is not checkpoint:
                 ck.close()
         return store
