@@ -6,7 +6,8 @@ model uses the same rules to predict what the executors will run. One copy, so t
 and the execution cannot drift apart.
 
 - rows: the busy slots padded to a power of two (`row_bucket`);
-- columns: 1 for decode, else a power of two >= MIN_WIDTH_BUCKET (`width_bucket`);
+- columns: 1 for decode, else a power of two >= MIN_WIDTH_BUCKET (`width_bucket`), or narrower
+  where a TPOT target plans narrow chunks (`narrow_width`);
 - prompt chunks: full chunks, then the prompt's last tokens cut where padding costs more than
   another step (`next_chunk`);
 - keys: a power-of-two window over the cache (`kv_window`);
@@ -65,6 +66,13 @@ def width_bucket(n_tokens: int, width: int) -> int:
     if n_tokens <= 1:
         return 1
     return min(width, max(MIN_WIDTH_BUCKET, 1 << (n_tokens - 1).bit_length()))
+
+
+def narrow_width(n_tokens: int) -> int:
+    """Columns of a step whose prompt chunks are narrower than MIN_WIDTH_BUCKET, which only a TPOT
+    target plans (`serving.scheduler`): the next power of two >= n_tokens (1, 2, 4, 8). The
+    executor runs the planned width as it is, and the step model predicts it."""
+    return 1 << max(n_tokens - 1, 0).bit_length()
 
 
 def remainder_chunks(n_tokens: int, width: int, overhead: int = STEP_OVERHEAD_COLUMNS) -> tuple[int, ...]:

@@ -191,13 +191,13 @@ class KernelModel:
         return self.step(rows, batch, kv_window(context + 1, max_len), rows, slots=rows)
 
     def mixed_step(self, decoders: int, chunks: list[int], window: int, n_slots: int | None = None,
-                   max_width: int | None = None) -> StepTime:
+                   max_width: int | None = None, chunk_window: int | None = None) -> StepTime:
         """One engine step carrying `decoders` decode rows and prompt chunks of `chunks` tokens (one
-        row each), all over a key window of `window` slots: the fused executor runs it as two
-        programs (serving/executors.FusedStep), the one-token rows (row bucket x 1 column, a logit
-        each) and the chunks (row bucket x the width bucket of the longest chunk, <= max_width,
-        one logit row each; a one-token chunk runs with the decode rows). Either part is absent
-        when it has no row."""
+        row each): the fused executor runs it as two programs (serving/executors.FusedStep), the
+        one-token rows over a key window of `window` slots (row bucket x 1 column, a logit each)
+        and the chunks over `chunk_window` (default `window`; row bucket x the width bucket of the
+        longest chunk, <= max_width, one logit row each; a one-token chunk runs with the decode
+        rows, so `window` must cover it). Either part is absent when it has no row."""
         slots = n_slots or 1 << 30
         decoders += sum(1 for n in chunks if n == 1)
         chunks = [n for n in chunks if n > 1]
@@ -208,5 +208,5 @@ class KernelModel:
         if chunks:
             rows = row_bucket(len(chunks), slots)
             w = width_bucket(max(chunks), max_width or max(chunks))
-            parts.append(self.step(rows * w, sum(chunks), window, rows, slots=rows))
+            parts.append(self.step(rows * w, sum(chunks), chunk_window or window, rows, slots=rows))
         return StepTime(*(sum(getattr(p, f) for p in parts) for f in ("linears", "experts", "attention", "fixed")))

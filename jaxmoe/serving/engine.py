@@ -24,13 +24,14 @@ in latent space (absorbed MLA) when it is 1 wide (decode) or narrow, expanded (k
 through kv_b_proj) when it is wide enough that expanding the window's keys once costs fewer
 multiply-adds (prompt chunks). The two forms compute the same attention, padding is never
 stored, and each row samples with its own request's parameters and key: the requests sharing
-a step change a request's tokens at most through rounding (they set the step's width and key
-window, so the form its rows attend in).
+a step change a request's tokens at most through rounding (the rows of one program set its
+width and key window, so the form they attend in).
 
 With `tpot_target_ms` (RuntimeConfig, cpu-only) the scheduler sizes the prompt chunk of each
 step that also carries decode rows from the hardware profile's CPU step model
-(`planning.kernel_model.KernelModel.mixed_step`): the widest width bucket whose predicted step
-time stays within the target, at least the smallest (scheduler.py).
+(`planning.kernel_model.KernelModel.mixed_step`): the widest chunk whose predicted step time
+stays within the target, down to one token (which runs with the decode rows), corrected by
+the measured step times (scheduler.py, step_model.py).
 
 Prefill strategy per request (`serving.prompt_runner`): at `submit` the planner (or the
 user: `prefill_strategy=`, JAXMOE_PREFILL_STRATEGY) decides whether the prompt runs through
@@ -42,9 +43,9 @@ the other slots keep decoding). `Request.prefill_strategy` records the choice.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,10 @@ from jaxmoe.serving.prefill_worker import PrefillWorker
 from jaxmoe.serving.prefix_store import PrefixStore, prefix_fingerprint
 from jaxmoe.serving.presets import RuntimeConfig, resolve_devices
 from jaxmoe.serving.prompt_runner import StreamedPromptRunner, default_hardware
-from jaxmoe.serving.request import Request, RequestRefused
+from jaxmoe.serving.request import Request, RequestRefused, Status
 from jaxmoe.serving.sampling import SamplingParams
 from jaxmoe.serving.scheduler import Scheduler, StepPlan
+from jaxmoe.serving.step_model import StepModel
 from jaxmoe.step_shapes import STEP_OVERHEAD_COLUMNS, kv_window
 
 
@@ -146,8 +148,7 @@ class Engine:
             self.scheduler.tpot_target_s = None if ms is None else ms * 1e-3
 
     def _step_model(self, cache_dtype):
-        """step_time(decode rows, prompt chunks, end) -> seconds from the hardware profile's CPU step
-        model (planning.kernel_model), memoised per shape."""
+        """The TPOT target's `StepModel` from the hardware profile's CPU step model."""
         from jaxmoe.planning.hardware import load_hardware  # noqa: PLC0415
         from jaxmoe.planning.planner import kernel_model  # noqa: PLC0415
 
@@ -160,16 +161,7 @@ class Engine:
             raise ValueError(f"tpot_target_ms needs a hardware profile with a cpu_kernels block; {hw.name} has none")
         km = kernel_model(self.cfg, hw)
         km.cache_itemsize = jnp.dtype(cache_dtype).itemsize
-        n_slots, max_len, cap = self.n_slots, self.max_len, self.scheduler.decode_chunk_size
-
-        @functools.lru_cache(maxsize=4096)
-        def predict(decoders: int, chunks: tuple[int, ...], window: int) -> float:
-            return km.mixed_step(decoders, list(chunks), window, n_slots, cap).seconds
-
-        def step_time(decoders: int, chunks: list[int], end: int) -> float:
-            return predict(decoders, tuple(chunks), kv_window(end, max_len))
-
-        return step_time
+        return StepModel(km, self.n_slots, self.max_len, self.scheduler.decode_chunk_size)
 
     # ---- requests -------------------------------------------------------------------------
     def submit(
@@ -224,6 +216,7 @@ class Engine:
     def step(self) -> bool:
         """Run one scheduled step. Returns False when there was nothing to do."""
         with self._lock:
+            t0 = time.perf_counter()  # a step sized by the TPOT target reports its time, planning included
             if self.worker is not None:
                 self.worker.collect(self.scheduler, self.blocks.table, wait=False)
             plan = self.scheduler.plan()
@@ -245,9 +238,19 @@ class Engine:
                     self.prefill.drop(row.request)
                     row.request.fail(e)
                 raise
+            if plan.predicted_s is not None:
+                self._measured_step(plan, time.perf_counter() - t0)  # before update: the rows as they ran
             self.scheduler.update(plan, sampled)
             self.steps_run += 1
             return True
+
+    def _measured_step(self, plan: StepPlan, seconds: float) -> None:
+        """Report a step the TPOT target sized to its step model, which corrects itself by it."""
+        decode, chunks = [], []
+        for r in plan.rows.values():
+            (decode if len(r.tokens) == 1 and r.request.status is Status.DECODE else chunks).append(r)
+        self.step_model.measured([r.start + 1 for r in decode], [len(r.tokens) for r in chunks],
+                                 [r.start + len(r.tokens) for r in chunks], seconds)
 
     def run_until_idle(self) -> None:
         while self.step():

@@ -44,7 +44,7 @@ from jaxmoe.model.weights import Weights, split_experts
 from jaxmoe.models.registry import family_of
 from jaxmoe.serving.presets import Devices
 from jaxmoe.serving.sampling import sample_rows
-from jaxmoe.step_shapes import row_bucket, width_bucket
+from jaxmoe.step_shapes import kv_window, row_bucket, width_bucket
 
 
 class Executor(Protocol):
@@ -160,7 +160,8 @@ class FusedStep:
     tables, so kernels, attention and MoE see `bucket` rows, and
     only as many columns as their longest row needs (`width_bucket`). A step that mixes
     one-token rows (decode) with prompt chunks runs them as two programs, width 1 and the
-    chunks' width, so no padded token of a decode row goes through the kernels."""
+    chunks' width, so no padded token of a decode row goes through the kernels; each program
+    attends over the key window its own rows reach (`kv_len` is the step's, at most)."""
 
     def __init__(self, cfg: Any, weights: Any, device: jax.Device, max_len: int, cache_dtype, *,
                  cache_positions: int, block_size: int):
@@ -221,7 +222,11 @@ class FusedStep:
     def _run(self, busy, tokens, positions, per_slot, kv_len: int):
         rows = active_rows(busy)
         real = busy[rows]
-        w = width_bucket(int(per_slot[0][rows][real].max(initial=0)) + 1, tokens.shape[1])
+        last = per_slot[0][rows][real]
+        w = width_bucket(int(last.max(initial=0)) + 1, tokens.shape[1])
+        # the keys this run's own rows reach: decode rows beside a long prompt's chunk attend over
+        # their own window, not the chunk's
+        kv_len = min(kv_len, kv_window(int((positions[rows[real], last] + 1).max(initial=1)), self.cache.max_len))
         pos = positions[rows, :w].copy()
         pos[~real] = self.cache.max_len  # padding rows (maybe slots busy in the other run): never stored
         args = [tokens[rows, :w], pos, *(a[rows] for a in per_slot)]

@@ -18,10 +18,13 @@ reports the sampled tokens back. Policy:
   step (`step_shapes.next_chunk`: 151 tokens run as 128 + 23, not in one 256-wide step);
 - with a TPOT target (`tpot_target_s` and a `step_time` model: the engine passes the planner's
   CPU step model, `planning.kernel_model.KernelModel.mixed_step`), a step that carries decode
-  rows takes the widest prompt chunk among the width buckets (`step_shapes.width_bucket`:
-  MIN_WIDTH_BUCKET, 2x, ... up to `decode_chunk_size`) whose predicted step time (decode rows +
-  the chunk) stays within the target, and at least the smallest bucket, so the prompt always
-  advances; without decoders the chunk is `chunk_size`. Only the chunking changes, never a token;
+  rows takes the widest prompt chunk (`chunk_buckets`: 1, 2, 4, 8 tokens, then the width
+  buckets MIN_WIDTH_BUCKET, 2x, ... up to `decode_chunk_size`) whose predicted step time
+  (decode rows + the chunk; the engine's model corrects itself by the steps it measures) stays
+  within the target, and at least one token, so the prompt always advances; a chunk
+  under MIN_WIDTH_BUCKET makes the step that narrow (`step_shapes.narrow_width`; one token runs
+  with the decode rows); without decoders the chunk is `chunk_size`. Only the chunking
+  changes, never a token;
 - a step with any prefill work is `chunk_size` (or `decode_chunk_size`) wide, a pure decode
   step is 1 wide: at most three planned widths (the fused executor narrows them to
   the buckets of `step_shapes`);
@@ -37,7 +40,7 @@ import dataclasses
 from collections.abc import Callable
 
 from jaxmoe.serving.request import Request, RequestRefused, Status
-from jaxmoe.step_shapes import MIN_WIDTH_BUCKET, next_chunk
+from jaxmoe.step_shapes import MIN_WIDTH_BUCKET, narrow_width, next_chunk
 
 
 @dataclasses.dataclass
@@ -61,14 +64,16 @@ class StepPlan:
 
 
 # step_time(decode rows, prompt tokens per prompt row, end of the longest row) -> predicted seconds of the step
-StepTimeModel = Callable[[int, list[int], int], float]
+# (decode rows, prompt chunks' lengths, the decode rows' end, each chunk's end) -> seconds
+StepTimeModel = Callable[[int, list[int], int, list[int]], float]
 
 
 def chunk_buckets(cap: int) -> list[int]:
-    """The prompt chunks a step with decode rows may take under a TPOT target: the width buckets
-    the executor compiles for steps of at most `cap` columns (MIN_WIDTH_BUCKET, 2x, ... below
-    `cap`, then `cap`), smallest first."""
-    out, b = [], MIN_WIDTH_BUCKET
+    """The prompt chunks a step with decode rows may take under a TPOT target, smallest first:
+    one token (it runs with the decode rows), the narrow widths 2, 4, 8 (`narrow_width`), then
+    the width buckets the executor compiles for steps of at most `cap` columns (MIN_WIDTH_BUCKET,
+    2x, ... below `cap`, then `cap`)."""
+    out, b = [], 1
     while b < cap:
         out.append(b)
         b *= 2
@@ -185,6 +190,9 @@ class Scheduler:
             chunks = self._chunks(prompts, chunk, min(budget, chunk) if rows else budget)
         rows.update(chunks)
         width = 1 if all(len(r.tokens) == 1 and r.request.status is Status.DECODE for r in rows.values()) else chunk
+        longest = max((len(r.tokens) for r in chunks.values()), default=0)
+        if predicted is not None and longest < MIN_WIDTH_BUCKET:  # the target's narrow chunks run narrow
+            width = narrow_width(longest)
         return StepPlan(width, rows, streamed, predicted)
 
     def _chunks(self, prompts, limit: int, budget: int) -> dict[int, RowPlan]:
@@ -199,13 +207,13 @@ class Scheduler:
 
     def _sized_chunks(self, decode: dict[int, RowPlan], prompts, cap: int, budget: int):
         """The prompt chunks of a step with decode rows under the TPOT target: the widest bucket
-        whose predicted step time fits, else the smallest. Returns (chunks, predicted seconds)."""
+        whose predicted step time fits, else one token. Returns (chunks, predicted seconds)."""
         end = max((r.start + 1 for r in decode.values()), default=0)
         best = None
         for c in chunk_buckets(cap):
             chunks = self._chunks(prompts, c, min(budget, c))
             n = [len(r.tokens) for r in chunks.values()]
-            t = self.step_time(len(decode), n, max([end, *(r.start + len(r.tokens) for r in chunks.values())]))
+            t = self.step_time(len(decode), n, end, [r.start + len(r.tokens) for r in chunks.values()])
             if best is None or t <= self.tpot_target_s:
                 best = (chunks, t)
             if t > self.tpot_target_s or sum(n) < min(budget, c):  # too slow, or wider takes no more tokens

@@ -64,8 +64,9 @@ def test_rows_address_cache_slots(tiny_model):
 
 
 def spy_engine(cfg, w, chunk_size=8, max_len=MAX_LEN):
+    """An engine whose programs' (shape, rows' slots) land in `seen`, their key windows in `eng.kv_lens`."""
     eng = Engine(cfg, w, "cpu-only", n_slots=4, max_len=max_len, chunk_size=chunk_size, decode_chunk_size=None)
-    seen = []
+    seen, eng.kv_lens = [], []
     program = eng.executor._program
 
     def spy(cfg_, weights, cache, table, tokens, *rest, **kw):
@@ -73,6 +74,7 @@ def spy_engine(cfg, w, chunk_size=8, max_len=MAX_LEN):
         running = {tuple(eng.blocks.table(r)): s for s, r in eng.scheduler.running.items()}
         rows = [running.get(tuple(t[: len(next(iter(running)))]), -1) for t in np.asarray(table)]
         seen.append((tokens.shape, rows))
+        eng.kv_lens.append(kw["kv_len"])
         return program(cfg_, weights, cache, table, tokens, *rest, **kw)
 
     eng.executor._program = spy
@@ -115,6 +117,30 @@ def test_mixed_step_runs_decode_rows_at_width_one(tiny_model):
     eng.step()  # a decodes while b's first chunk runs
     assert sorted(seen) == [((1, 1), [0]), ((1, 8), [1])]
     eng.run_until_idle()
+    assert [a.output_ids, b.output_ids] == solo
+
+
+def test_each_program_of_a_mixed_step_attends_over_its_own_keys(tiny_model):
+    """A decode row beside a prompt chunk that reaches further: the decode program attends over
+    its own row's key window, not the chunk's, and both requests get their solo tokens."""
+    cfg, w = tiny_model
+    prompts = ([3, 4, 5], list(range(7, 97)))
+    solo = []
+    for prompt in prompts:
+        eng, _ = spy_engine(cfg, w, max_len=256)
+        r = eng.submit(prompt, 12, background=False)
+        eng.run_until_idle()
+        solo.append(r.output_ids)
+    eng, seen = spy_engine(cfg, w, max_len=256)
+    a = eng.submit(prompts[0], 12, background=False)
+    eng.step()  # a's prompt
+    b = eng.submit(prompts[1], 12, background=False)
+    eng.run_until_idle()
+    runs = list(zip([shape for shape, _ in seen], eng.kv_lens))
+    mixed = [(d, c) for d, c in zip(runs, runs[1:]) if d[0] == (1, 1) and c[0] == (1, 8)]  # a's row, then b's chunk
+    assert len(mixed) == 11  # a's 11 decode steps, each beside one of b's 12 chunks
+    assert {d[1] for d, _ in mixed} == {64}  # a ends before 16 keys
+    assert {c[1] for _, c in mixed} == {64, 128}  # b's chunks reach 90
     assert [a.output_ids, b.output_ids] == solo
 
 

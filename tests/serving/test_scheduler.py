@@ -107,8 +107,8 @@ def test_cancellation_frees_the_slot_and_ends_the_stream():
     assert events[-1].finish_reason == "cancelled" and [e.token for e in events[:-1]] == [7]
 
 
-def fake_step_time(decoders, chunks, end):
-    """Seconds: 1 per decode row + 0.1 per prompt token (no dependence on the window)."""
+def fake_step_time(decoders, chunks, end, chunk_ends):
+    """Seconds: 1 per decode row + 0.1 per prompt token (no dependence on the windows)."""
     return decoders + 0.1 * sum(chunks)
 
 
@@ -131,6 +131,24 @@ def test_tpot_target_sizes_the_chunk_of_steps_with_decoders():
     assert [len(r.tokens) for r in plan.rows.values()] == [128] and plan.predicted_s is None
 
 
+def test_a_tight_tpot_target_plans_narrow_chunks_in_narrow_steps():
+    """Under MIN_WIDTH_BUCKET the chunk is 8, 4, 2 or 1 token(s) and the step that narrow
+    (`narrow_width`), so the executor does not pad it to 16 columns."""
+    s = Scheduler(n_slots=2, max_len=512, chunk_size=128, decode_chunk_size=64, tpot_target_s=1.85,
+                  step_time=fake_step_time)
+    a = req(3, max_new=50)
+    s.add(a)
+    run_step(s)
+    b = req(13, max_new=2)
+    s.add(b)
+    widths, chunks = [], []
+    while b.status is not Status.DECODE:
+        plan, _ = run_step(s)
+        widths.append(plan.width)
+        chunks.append(len(plan.rows[b.slot].tokens))
+    assert chunks == [8, 5] and widths == [8, 8]  # 1 + 0.8 <= 1.85 < 1 + 1.6; the last 5 run 8 wide
+
+
 def test_impossible_tpot_target_still_advances_the_prompt():
     s = Scheduler(n_slots=2, max_len=512, chunk_size=128, decode_chunk_size=64, tpot_target_s=1e-6,
                   step_time=fake_step_time)
@@ -142,7 +160,8 @@ def test_impossible_tpot_target_still_advances_the_prompt():
     while b.status is not Status.DECODE and b.finish_reason is None:
         plan, _ = run_step(s)
         chunks.append(len(plan.rows[b.slot].tokens))
-    assert chunks == [16] * 6 + [4]  # the smallest bucket per step, until the prompt is done
+    # one token per step beside a's decode row (it runs with it), the rest at once when a is done
+    assert chunks == [1] * 59 + [41]
     assert b.output_ids == [7]
 
 

@@ -3,9 +3,13 @@
 import numpy as np
 import pytest
 
+from jaxmoe.config import ModelConfig
+from jaxmoe.planning.hardware import load_hardware
+from jaxmoe.planning.planner import kernel_model
 from jaxmoe.serving.engine import Engine
 from jaxmoe.serving.presets import RuntimeConfig
 from jaxmoe.serving.request import Status
+from jaxmoe.serving.step_model import HISTORY, StepModel
 from tests.serving.test_engine import MAX_LEN, greedy_reference
 
 SHORT, LONG, NEW = 5, 70, 8
@@ -51,13 +55,14 @@ def test_target_changes_the_chunking_not_the_tokens(tiny_model, two_prompts):
     assert chunks == [63, 7] and predicted == []  # the token budget (64) less the decode row
     assert out == reference
     e = Engine(cfg, w, "cpu-only", tpot_target_ms=1000.0, **kw)
+    e.step_model.measured = lambda *a: None  # the model as the profile has it, not corrected by this box's timings
     # a target between the predicted steps with a 32- and a 64-token chunk (the hardware
     # profile's CPU step model, this-machine): 32-token chunks fit, 64 do not
-    t32, t64 = e.step_model(1, [32], 64), e.step_model(1, [64], 64)
+    t32, t64 = e.step_model(1, [32], 8, [32]), e.step_model(1, [64], 8, [64])
     assert t32 < t64
     e.scheduler.tpot_target_s = (t32 + t64) / 2
     out_t, chunks_t, predicted_t = run_mixed(e, prompts)
-    assert chunks_t == [32, 32, 6]
+    assert chunks_t == [32, 32, 6]  # the last 6 in a step 8 wide
     assert all(t <= e.scheduler.tpot_target_s for t, _ in predicted_t) and len(predicted_t) == 3
     assert out_t == out
 
@@ -66,10 +71,31 @@ def test_impossible_target_still_completes_the_prompt(tiny_model, two_prompts):
     cfg, w = tiny_model
     prompts, reference = two_prompts
     e = Engine(cfg, w, "cpu-only", n_slots=2, max_len=MAX_LEN, chunk_size=64, decode_chunk_size=64, tpot_target_ms=1e-3)
-    out, chunks, predicted = run_mixed(e, prompts)
-    assert chunks == [16, 16, 16, 16, 6]  # the smallest width bucket per step, to the end
+    out, chunks, predicted = run_mixed(e, prompts, short_new=LONG + NEW)
+    assert chunks == [1] * LONG  # one token per step, with the decode row, to the end
     assert all(t > e.scheduler.tpot_target_s for t, _ in predicted)
     assert out == reference
+
+
+def test_the_step_model_corrects_itself_by_the_steps_it_measures():
+    km = kernel_model(ModelConfig.named("demo"), load_hardware("this-machine", calibrate=False))
+    m = StepModel(km, n_slots=4, max_len=1024, cap=64)
+    dec, chunk, chunk_end = [40, 41, 42], [16], [200]  # 3 decode rows ending by 42 keys, a chunk by 200
+
+    def predicted():
+        return m(3, chunk, max(dec), chunk_end)
+
+    modelled = predicted()  # each program over its own rows' window
+    assert modelled == km.mixed_step(3, chunk, 64, 4, 64, chunk_window=256).seconds
+    m.measured(dec, chunk, chunk_end, 10 * modelled)  # a shape's first step (it may have compiled): left out
+    assert predicted() == modelled
+    for ratio in (2.0, 3.0, 2.5):
+        m.measured(dec, chunk, chunk_end, ratio * modelled)
+    assert predicted() == pytest.approx(3 * modelled)  # the largest ratio of the last HISTORY steps
+    assert m(3, [1], max(dec), chunk_end) == m.modelled(m.shape(3, [1], max(dec), chunk_end))  # no chunk program: its own
+    for _ in range(HISTORY):
+        m.measured(dec, chunk, chunk_end, 1.5 * modelled)
+    assert predicted() == pytest.approx(1.5 * modelled)
 
 
 def test_runtime_option_validation():
@@ -79,10 +105,6 @@ def test_runtime_option_validation():
 
 
 def test_mixed_step_is_the_decode_program_plus_the_chunk_program():
-    from jaxmoe.config import ModelConfig
-    from jaxmoe.planning.hardware import load_hardware
-    from jaxmoe.planning.planner import kernel_model
-
     km = kernel_model(ModelConfig.named("demo"), load_hardware("this-machine", calibrate=False))
     assert km.mixed_step(3, [], 1024, 4).seconds == km.decode(3, 1023, 4).seconds
     alone = km.step(32, 20, 1024, 1).seconds  # a 20-token chunk runs 32 wide (its width bucket)
@@ -92,6 +114,9 @@ def test_mixed_step_is_the_decode_program_plus_the_chunk_program():
     # one-token chunks run with the decode rows; wider chunks cost more
     assert km.mixed_step(3, [1], 1024, 4).seconds == km.decode(4, 1023, 4).seconds
     assert km.mixed_step(3, [16], 1024, 4, 64).seconds < both < km.mixed_step(3, [64], 1024, 4, 64).seconds
+    # each program over its own window: decode rows that end early beside a chunk that reaches far
+    apart = km.mixed_step(3, [20], 128, 4, 64, chunk_window=1024).seconds
+    assert apart == pytest.approx(alone + km.decode(3, 127, 4).seconds) and apart < both
 
 
 def test_target_is_cpu_only(tiny_model):

@@ -1,0 +1,67 @@
+"""The step time a TPOT target sizes prompt chunks by (cpu-only engine, `tpot_target_ms`).
+
+`StepModel(decode rows, prompt chunks' lengths, the decode rows' end, each chunk's end)` ->
+seconds: the planner's CPU step model (`planning.kernel_model.KernelModel.mixed_step`) for the
+two programs FusedStep runs, each over the key window its own rows reach (a one-token chunk
+runs with the decode rows), times a correction measured on this machine, now:
+
+- after each step the target sized, the engine reports its wall time (`measured`);
+- the correction is the largest measured / modelled time of the last `HISTORY` such steps
+  (about their 94th percentile: the target bounds the decoders' p99, so a step must fit it
+  however this one runs), kept apart for steps with and without a chunk program, whose errors
+  differ (the second program's fixed cost);
+- the first step of each shape is left out: it may have compiled that shape, which says
+  nothing of the next one.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from jaxmoe.step_shapes import MIN_WIDTH_BUCKET, kv_window, narrow_width
+
+HISTORY = 16
+
+
+class StepModel:
+    def __init__(self, km, n_slots: int, max_len: int, cap: int):
+        """km: the planner's KernelModel of this model on this hardware; cap: the widest chunk
+        beside decode rows (decode_chunk_size)."""
+        self.km, self.n_slots, self.max_len, self.cap = km, n_slots, max_len, cap
+        self.ratios = {False: collections.deque(maxlen=HISTORY), True: collections.deque(maxlen=HISTORY)}
+        self._seen: set[tuple] = set()
+        self._modelled: dict[tuple, float] = {}
+
+    def shape(self, decoders: int, chunks: list[int], end: int, chunk_ends: list[int]) -> tuple:
+        """(decode rows, chunk lengths, the decode program's key window, the chunk program's)."""
+        one = [e for n, e in zip(chunks, chunk_ends) if n == 1]
+        long = [e for n, e in zip(chunks, chunk_ends) if n > 1]
+        return (decoders, tuple(chunks), kv_window(max([end, *one]), self.max_len),
+                kv_window(max(long, default=1), self.max_len))
+
+    def modelled(self, shape: tuple) -> float:
+        """The step model's seconds for a `shape`, memoised."""
+        t = self._modelled.get(shape)
+        if t is None:
+            decoders, chunks, window, chunk_window = shape
+            longest = max(chunks, default=0)
+            width = self.cap if longest >= MIN_WIDTH_BUCKET else narrow_width(longest)  # as the scheduler plans it
+            t = self._modelled[shape] = self.km.mixed_step(decoders, list(chunks), window, self.n_slots, width,
+                                                           chunk_window).seconds
+        return t
+
+    def correction(self, chunk_program: bool) -> float:
+        ratios = self.ratios[chunk_program]
+        return max(ratios, default=1.0)
+
+    def __call__(self, decoders: int, chunks: list[int], end: int, chunk_ends: list[int]) -> float:
+        s = self.shape(decoders, chunks, end, chunk_ends)
+        return self.modelled(s) * self.correction(max(chunks, default=0) > 1)
+
+    def measured(self, decode_ends: list[int], chunks: list[int], chunk_ends: list[int], seconds: float) -> None:
+        """A step the target sized took `seconds`: its decode rows ended at `decode_ends`, its
+        chunks had `chunks` tokens ending at `chunk_ends`."""
+        s = self.shape(len(decode_ends), chunks, max(decode_ends, default=0), chunk_ends)
+        if s in self._seen:
+            self.ratios[max(chunks, default=0) > 1].append(seconds / self.modelled(s))
+        self._seen.add(s)
