@@ -206,6 +206,11 @@ def _slo_rows(load: Loader) -> list[str]:
         f"| SLO | {model} | mixed: {m['mixed_decoders']} decoders + a {m['mixed_long_prompt']}-token prompt: its TTFT s; "
         f"decoders' TPOT p50 / p99 ms (p50 alone) | {_f(m['mixed_ttft_s'], 2)}; {_f(1e3 * m['mixed_tpot_p50_s'], 1)} / "
         f"{_f(1e3 * m['mixed_tpot_p99_s'], 1)} ({_f(1e3 * m['mixed_tpot_before_p50_s'], 1)}) | {run} |",
+    ] + [
+        f"| SLO | {model} | the same under `tpot_target_ms` = {x} the TPOT alone ({_f(m[f'{key}_tpot_ms'], 1)} ms): TTFT s; "
+        f"decoders' TPOT p50 / p99 ms (p99 / target) | {_f(m[f'{key}_ttft_s'], 2)}; {_f(1e3 * m[f'{key}_tpot_p50_s'], 1)} / "
+        f"{_f(1e3 * m[f'{key}_tpot_p99_s'], 1)} ({_f(m[f'{key}_p99_over_target'], 2)}) | {run} |"
+        for key, x in (("mixed_target", "2x"), ("mixed_target_3x", "3x")) if f"{key}_p99_over_target" in m
     ]
 
 

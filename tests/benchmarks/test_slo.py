@@ -64,6 +64,7 @@ def test_summary_and_render(tmp_path):
     assert m["mixed_tpot_p50_s"] == 0.25 and m["mixed_tpot_before_p50_s"] == 0.011
     assert m["ttft_measured_over_predicted_longest"] == round(9.0 / 14.3, 3)
     assert m["mixed_target_tpot_ms"] == 22.0 and m["mixed_target_tpot_p50_s"] == 0.05 and m["mixed_target_ttft_s"] == 15.0
+    assert m["mixed_target_p99_over_target"] == round(59.8 / 22.0, 3) and "mixed_target_3x_ttft_s" not in m
     files = _plots.render(doc, tmp_path)
     assert [f.name for f in files] == list(_plots.FILES)
     for f in files[:-1]:
@@ -98,9 +99,11 @@ def test_slo_quick(tmp_path, run_quick):
     assert all(x["min"] <= x["s"] <= x["max"] for x in r["ttft"])
     assert [x["batch"] for x in r["decode_batch"]] == [1, 2, 4]
     assert r["mixed"]["tpot_during_s"]["n"] > 0 and r["mixed"]["tpot_before_s"]["n"] > 0
-    mt = r["mixed_target"]
-    assert mt["tpot_target_ms"] == pytest.approx(2e3 * r["mixed"]["tpot_before_s"]["p50"])
-    assert mt["tpot_during_s"]["n"] > 0 and sum(int(k) * v for k, v in mt["prompt_chunks"].items()) == mt["long_prompt"]
+    for key, factor in (("mixed_target", 2), ("mixed_target_3x", 3)):
+        mt = r[key]
+        assert mt["tpot_target_ms"] == pytest.approx(factor * 1e3 * r["mixed"]["tpot_before_s"]["p50"])
+        assert mt["tpot_during_s"]["n"] > 0 and sum(int(k) * v for k, v in mt["prompt_chunks"].items()) == mt["long_prompt"]
+        assert m[f"{key}_p99_over_target"] > 0
     assert set(r["predicted"]["ttft_s"]) == {"16", "32", "48"}
     assert set(r["predicted"]["decode_batch_tok_s"]) == {"1", "2", "4"}
     for name in _plots.FILES:
