@@ -63,7 +63,6 @@ class StepPlan:
         return sum(len(r.tokens) for r in self.rows.values())
 
 
-# step_time(decode rows, prompt tokens per prompt row, end of the longest row) -> predicted seconds of the step
 # (decode rows, prompt chunks' lengths, the decode rows' end, each chunk's end) -> seconds
 StepTimeModel = Callable[[int, list[int], int, list[int]], float]
 
