@@ -21,7 +21,9 @@ reports the sampled tokens back. Policy:
   rows takes the widest prompt chunk (`chunk_buckets`: 1, 2, 4, 8 tokens, then the width
   buckets MIN_WIDTH_BUCKET, 2x, ... up to `decode_chunk_size`) whose predicted step time
   (decode rows + the chunk; the engine's model corrects itself by the steps it measures) stays
-  within the target, and at least one token, so the prompt always advances; a chunk
+  within the target -- the widest that compiles no new program where one fits, as the model
+  tells (a new program stalls the decoders while it compiles) -- and at least one token, so
+  the prompt always advances; a chunk
   under MIN_WIDTH_BUCKET makes the step that narrow (`step_shapes.narrow_width`; one token runs
   with the decode rows); without decoders the chunk is `chunk_size`. Only the chunking
   changes, never a token;
@@ -206,18 +208,23 @@ class Scheduler:
 
     def _sized_chunks(self, decode: dict[int, RowPlan], prompts, cap: int, budget: int):
         """The prompt chunks of a step with decode rows under the TPOT target: the widest bucket
-        whose predicted step time fits, else one token. Returns (chunks, predicted seconds)."""
+        whose predicted step time fits, else one token; with a model that knows what has been
+        compiled (`step_time.compiled`), the widest that fits without compiling where one does.
+        Returns (chunks, predicted seconds)."""
         end = max((r.start + 1 for r in decode.values()), default=0)
-        best = None
+        compiled = getattr(self.step_time, "compiled", None)
+        best = best_compiled = None
         for c in chunk_buckets(cap):
             chunks = self._chunks(prompts, c, min(budget, c))
-            n = [len(r.tokens) for r in chunks.values()]
-            t = self.step_time(len(decode), n, end, [r.start + len(r.tokens) for r in chunks.values()])
+            n, ends = [len(r.tokens) for r in chunks.values()], [r.start + len(r.tokens) for r in chunks.values()]
+            t = self.step_time(len(decode), n, end, ends)
             if best is None or t <= self.tpot_target_s:
                 best = (chunks, t)
+                if t <= self.tpot_target_s and compiled is not None and compiled(len(decode), n, end, ends):
+                    best_compiled = best
             if t > self.tpot_target_s or sum(n) < min(budget, c):  # too slow, or wider takes no more tokens
                 break
-        return best
+        return best_compiled or best
 
     @staticmethod
     def _chunk(req: Request, limit: int, overhead: int | None = None) -> RowPlan:

@@ -10,15 +10,16 @@ runs with the decode rows), times a correction measured on this machine, now:
   (about their 94th percentile: the target bounds the decoders' p99, so a step must fit it
   however this one runs), kept apart for steps with and without a chunk program, whose errors
   differ (the second program's fixed cost);
-- the first step of each shape is left out: it may have compiled that shape, which says
-  nothing of the next one.
+- a step that ran a program for the first time is left out: it may have compiled it, which
+  says nothing of the next one. `compiled` tells the scheduler which steps would not compile
+  (a new program stalls every decoder for as long as XLA takes), so it prefers them.
 """
 
 from __future__ import annotations
 
 import collections
 
-from jaxmoe.step_shapes import MIN_WIDTH_BUCKET, kv_window, narrow_width
+from jaxmoe.step_shapes import MIN_WIDTH_BUCKET, kv_window, narrow_width, row_bucket, width_bucket
 
 HISTORY = 16
 
@@ -29,7 +30,7 @@ class StepModel:
         beside decode rows (decode_chunk_size)."""
         self.km, self.n_slots, self.max_len, self.cap = km, n_slots, max_len, cap
         self.ratios = {False: collections.deque(maxlen=HISTORY), True: collections.deque(maxlen=HISTORY)}
-        self._seen: set[tuple] = set()
+        self._ran: set[tuple] = set()  # the programs the steps it measured ran
         self._modelled: dict[tuple, float] = {}
 
     def shape(self, decoders: int, chunks: list[int], end: int, chunk_ends: list[int]) -> tuple:
@@ -38,6 +39,25 @@ class StepModel:
         long = [e for n, e in zip(chunks, chunk_ends) if n > 1]
         return (decoders, tuple(chunks), kv_window(max([end, *one]), self.max_len),
                 kv_window(max(long, default=1), self.max_len))
+
+    def programs(self, shape: tuple) -> frozenset:
+        """The programs a step of `shape` runs, as FusedStep compiles them: ("decode", rows,
+        window) for the one-token rows, ("chunks", rows, width, window) for the others."""
+        decoders, chunks, window, chunk_window = shape
+        ones = decoders + sum(1 for n in chunks if n == 1)
+        long = [n for n in chunks if n > 1]
+        out = set()
+        if ones:
+            out.add(("decode", row_bucket(ones, self.n_slots), window))
+        if long:
+            n = max(long)
+            width = width_bucket(n, self.cap) if n >= MIN_WIDTH_BUCKET else narrow_width(n)
+            out.add(("chunks", row_bucket(len(long), self.n_slots), width, chunk_window))
+        return frozenset(out)
+
+    def compiled(self, decoders: int, chunks: list[int], end: int, chunk_ends: list[int]) -> bool:
+        """Whether every program such a step runs has run in a step measured here."""
+        return self.programs(self.shape(decoders, chunks, end, chunk_ends)) <= self._ran
 
     def modelled(self, shape: tuple) -> float:
         """The step model's seconds for a `shape`, memoised."""
@@ -62,6 +82,7 @@ class StepModel:
         """A step the target sized took `seconds`: its decode rows ended at `decode_ends`, its
         chunks had `chunks` tokens ending at `chunk_ends`."""
         s = self.shape(len(decode_ends), chunks, max(decode_ends, default=0), chunk_ends)
-        if s in self._seen:
+        programs = self.programs(s)
+        if programs <= self._ran:
             self.ratios[max(chunks, default=0) > 1].append(seconds / self.modelled(s))
-        self._seen.add(s)
+        self._ran |= programs

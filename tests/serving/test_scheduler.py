@@ -149,6 +149,25 @@ def test_a_tight_tpot_target_plans_narrow_chunks_in_narrow_steps():
     assert chunks == [8, 5] and widths == [8, 8]  # 1 + 0.8 <= 1.85 < 1 + 1.6; the last 5 run 8 wide
 
 
+def test_a_tpot_target_prefers_a_chunk_that_compiles_nothing():
+    """Where the model knows what has been compiled, the widest fitting chunk whose programs have
+    run is taken over a wider one that would compile (and stall the decoders meanwhile)."""
+    def step_time(decoders, chunks, end, chunk_ends):
+        return fake_step_time(decoders, chunks, end, chunk_ends)
+
+    step_time.compiled = lambda decoders, chunks, end, chunk_ends: max(chunks) <= 8
+    s = Scheduler(n_slots=2, max_len=512, chunk_size=128, decode_chunk_size=64, tpot_target_s=5.0, step_time=step_time)
+    a = req(3, max_new=50)
+    s.add(a)
+    run_step(s)
+    s.add(req(200, max_new=2))
+    plan, _ = run_step(s)
+    assert sorted(len(r.tokens) for r in plan.rows.values()) == [1, 8]  # 32 fits the target, but would compile
+    step_time.compiled = lambda *a: False  # nothing run yet: the widest that fits
+    plan, _ = run_step(s)
+    assert sorted(len(r.tokens) for r in plan.rows.values()) == [1, 32]
+
+
 def test_impossible_tpot_target_still_advances_the_prompt():
     s = Scheduler(n_slots=2, max_len=512, chunk_size=128, decode_chunk_size=64, tpot_target_s=1e-6,
                   step_time=fake_step_time)
