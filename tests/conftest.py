@@ -16,11 +16,12 @@ import pytest
 
 # XLA compiles the tests' programs with LLVM's optimisations off: compiling is most of an engine
 # test, and this cuts the suite's time by a third (17:19 -> 11:38 on 2 cores). The programs
-# compute the same functions, but rounding may differ (at -O0 LLVM fuses no multiply-add into an
-# FMA, for one), so a logit may differ in its last bits from a program compiled at the default
-# level (tiny model: max 5.7e-6, the same greedy tokens). Every comparison in the suite is between programs compiled
-# here or against a reference within its own tolerance. Users' programs keep XLA's defaults. The
-# processes the tests start inherit the flags; the caller's own $XLA_FLAGS come last and win.
+# compute the same functions, but rounding may differ (at -O0 LLVM fuses no multiply-add into
+# an FMA, for one), so a logit may differ in its last bits from a program compiled at the
+# default level (tiny model: max 5.7e-6, the same greedy tokens). Every comparison in the suite
+# is between programs compiled here or against a reference within its own tolerance. Users'
+# programs keep XLA's defaults. The processes the tests start inherit the flags; the caller's
+# own $XLA_FLAGS come last and win.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
