@@ -37,9 +37,10 @@ class RuntimeConfig:
     # means a lower time per output token for them); None: chunk_size
     decode_chunk_size: int | None = None
     # time per output token the decoders should keep while a prompt prefills beside them (ms;
-    # cpu-only): each such step's prompt chunk is the widest width bucket <= decode_chunk_size
-    # whose time, predicted by the hardware profile's CPU step model, fits (at least the smallest
-    # bucket: the prompt always advances). Changes the chunking, never the tokens. None: off
+    # cpu-only): each such step's prompt chunk is the widest (1, 2, 4, 8 tokens, then the width
+    # buckets <= decode_chunk_size) whose time, predicted by the hardware profile's CPU step model
+    # corrected by the steps measured (serving/step_model.py), fits (at least one token: the
+    # prompt always advances). Changes the chunking, never the tokens. None: off
     tpot_target_ms: float | None = None
     max_len: int | None = None  # positions per sequence (None: from the memory budget, else min(model's, 4096))
     memory_budget_bytes: int | None = None  # the paged KV cache's bytes (None: n_slots x max_len positions)
