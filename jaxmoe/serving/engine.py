@@ -61,7 +61,7 @@ from jaxmoe.serving.prefill_worker import PrefillWorker
 from jaxmoe.serving.prefix_store import PrefixStore, prefix_fingerprint
 from jaxmoe.serving.presets import RuntimeConfig, resolve_devices
 from jaxmoe.serving.prompt_runner import StreamedPromptRunner, default_hardware
-from jaxmoe.serving.request import Request, RequestRefused, Status
+from jaxmoe.serving.request import Request, RequestRefused
 from jaxmoe.serving.sampling import SamplingParams
 from jaxmoe.serving.scheduler import Scheduler, StepPlan
 from jaxmoe.serving.step_model import StepModel
@@ -246,11 +246,10 @@ class Engine:
 
     def _measured_step(self, plan: StepPlan, seconds: float) -> None:
         """Report a step the TPOT target sized to its step model, which corrects itself by it."""
-        decode, chunks = [], []
-        for r in plan.rows.values():
-            (decode if len(r.tokens) == 1 and r.request.status is Status.DECODE else chunks).append(r)
-        self.step_model.measured([r.start + 1 for r in decode], [len(r.tokens) for r in chunks],
-                                 [r.start + len(r.tokens) for r in chunks], seconds)
+        rows = plan.rows.values()
+        chunks = [r for r in rows if not r.decodes]
+        self.step_model.measured([r.end for r in rows if r.decodes], [len(r.tokens) for r in chunks],
+                                 [r.end for r in chunks], seconds)
 
     def run_until_idle(self) -> None:
         while self.step():
@@ -284,7 +283,7 @@ class Engine:
             s = row.request.sampling
             seeds[slot], steps[slot] = s.seed, len(row.request.output_ids)
             temperature[slot], top_k[slot], top_p[slot] = s.temperature, s.top_k, s.top_p
-        end = max(row.start + len(row.tokens) for row in plan.rows.values())
+        end = max(row.end for row in plan.rows.values())
         next_tokens = self.executor(
             tokens, positions, last, seeds, steps, temperature, top_k, top_p, kv_len=kv_window(end, self.max_len),
             block_tables=self.blocks.tables({s: r.request for s, r in plan.rows.items()}, b),

@@ -52,6 +52,16 @@ class RowPlan:
     start: int  # position of tokens[0]
     samples: bool  # does the last token's logit produce the request's next token?
 
+    @property
+    def end(self) -> int:
+        """The position after its last token: the keys it reaches."""
+        return self.start + len(self.tokens)
+
+    @property
+    def decodes(self) -> bool:
+        """A decode row (one token fed back), not a prompt chunk; as planned, before `update`."""
+        return len(self.tokens) == 1 and self.request.status is Status.DECODE
+
 
 @dataclasses.dataclass
 class StepPlan:
@@ -190,7 +200,7 @@ class Scheduler:
         else:
             chunks = self._chunks(prompts, chunk, min(budget, chunk) if rows else budget)
         rows.update(chunks)
-        width = 1 if all(len(r.tokens) == 1 and r.request.status is Status.DECODE for r in rows.values()) else chunk
+        width = 1 if all(r.decodes for r in rows.values()) else chunk
         longest = max((len(r.tokens) for r in chunks.values()), default=0)
         if predicted is not None and longest < MIN_WIDTH_BUCKET:  # the target's narrow chunks run narrow
             width = narrow_width(longest)
@@ -211,12 +221,12 @@ class Scheduler:
         whose predicted step time fits, else one token; with a model that knows what has been
         compiled (`step_time.compiled`), the widest that fits without compiling where one does.
         Returns (chunks, predicted seconds)."""
-        end = max((r.start + 1 for r in decode.values()), default=0)
+        end = max((r.end for r in decode.values()), default=0)
         compiled = getattr(self.step_time, "compiled", None)
         best = best_compiled = None
         for c in chunk_buckets(cap):
             chunks = self._chunks(prompts, c, min(budget, c))
-            n, ends = [len(r.tokens) for r in chunks.values()], [r.start + len(r.tokens) for r in chunks.values()]
+            n, ends = [len(r.tokens) for r in chunks.values()], [r.end for r in chunks.values()]
             t = self.step_time(len(decode), n, end, ends)
             if best is None or t <= self.tpot_target_s:
                 best = (chunks, t)
