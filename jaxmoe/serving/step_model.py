@@ -50,10 +50,13 @@ class StepModel:
         if ones:
             out.add(("decode", row_bucket(ones, self.n_slots), window))
         if long:
-            n = max(long)
-            width = width_bucket(n, self.cap) if n >= MIN_WIDTH_BUCKET else narrow_width(n)
-            out.add(("chunks", row_bucket(len(long), self.n_slots), width, chunk_window))
+            out.add(("chunks", row_bucket(len(long), self.n_slots), self._columns(max(long)), chunk_window))
         return frozenset(out)
+
+    def _columns(self, longest: int) -> int:
+        """The chunk program's columns for its longest chunk, as the scheduler plans them and
+        FusedStep runs them: a narrow step under MIN_WIDTH_BUCKET, else the width bucket."""
+        return width_bucket(longest, self.cap) if longest >= MIN_WIDTH_BUCKET else narrow_width(longest)
 
     def compiled(self, decoders: int, chunks: list[int], end: int, chunk_ends: list[int]) -> bool:
         """Whether every program such a step runs has run in a step measured here."""
@@ -64,10 +67,8 @@ class StepModel:
         t = self._modelled.get(shape)
         if t is None:
             decoders, chunks, window, chunk_window = shape
-            longest = max(chunks, default=0)
-            width = self.cap if longest >= MIN_WIDTH_BUCKET else narrow_width(longest)  # as the scheduler plans it
-            t = self._modelled[shape] = self.km.mixed_step(decoders, list(chunks), window, self.n_slots, width,
-                                                           chunk_window).seconds
+            t = self._modelled[shape] = self.km.mixed_step(decoders, list(chunks), window, self.n_slots,
+                                                           self._columns(max(chunks, default=1)), chunk_window).seconds
         return t
 
     def correction(self, chunk_program: bool) -> float:
