@@ -75,6 +75,16 @@ def narrow_width(n_tokens: int) -> int:
     return 1 << max(n_tokens - 1, 0).bit_length()
 
 
+def groups_in_one_program(chunk_width: int) -> bool:
+    """Whether the fused executor runs a step's prompt chunks of `chunk_width` columns in one
+    program with its decode rows (`model.forward.forward_groups`, for families that have it):
+    the narrow chunks a TPOT target plans, whose own program would cost more in reading every
+    weight again than in computing them. Wider chunks run in a program of their own, so a step
+    compiles one program per (decode window, chunk width, chunk window) combination only where
+    the target needs it."""
+    return chunk_width < MIN_WIDTH_BUCKET
+
+
 def remainder_chunks(n_tokens: int, width: int, overhead: int = STEP_OVERHEAD_COLUMNS) -> tuple[int, ...]:
     """The chunks that prefill a prompt's last `n_tokens` (<= width) at the least cost when every
     column a step runs costs one (padding too: the dense Linears and attention compute it) and each

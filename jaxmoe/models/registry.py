@@ -32,6 +32,7 @@ and the planner ("auto" prefill, the CPU step model's TPOT target).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +86,10 @@ class ModelFamily:
     write_synthetic: Callable[..., Path]  # (path, config, *, fmt, seed, ...) -> path
     open_checkpoint: Callable[[Path], Any]  # path -> open, accounted loading.loader.Checkpoint (close it)
     supports: frozenset[str] = frozenset()  # of FEATURES
+    # (config, each group's width, each group's kv_len) -> forward(cfg, w, cache, groups, kv_lens=...): one step over
+    # row groups that attend apart and share everything per token (model.forward.forward_groups); None: the
+    # fused executor runs a mixed step's groups as separate programs
+    grouped_forward: Callable[[Any, tuple[int, ...], tuple[int, ...]], Callable] | None = None
 
     def require(self, feature: str, what: str) -> None:
         """ValueError naming `what` unless this family supports `feature`."""
@@ -99,6 +104,13 @@ def _deepseek_step_forward(cfg: ModelConfig, width: int, kv_len: int) -> Callabl
     if attention_form(cfg, width, kv_len, on_cpu=jax.default_backend() == "cpu") == "absorbed":
         return deepseek_forward.forward_absorbed
     return deepseek_forward.forward_expanded
+
+
+def _deepseek_grouped_forward(cfg: ModelConfig, widths: tuple[int, ...], kv_lens: tuple[int, ...]) -> Callable:
+    """`forward_groups` with each group's attention form chosen as `_deepseek_step_forward` chooses it."""
+    on_cpu = jax.default_backend() == "cpu"
+    forms = tuple(attention_form(cfg, w, kv, on_cpu=on_cpu) for w, kv in zip(widths, kv_lens))
+    return functools.partial(deepseek_forward.forward_groups, forms=forms)
 
 
 DEEPSEEK_V3 = ModelFamily(
@@ -117,6 +129,7 @@ DEEPSEEK_V3 = ModelFamily(
     write_synthetic=synthetic.write_synthetic_checkpoint,
     open_checkpoint=loader.open_checkpoint,
     supports=frozenset(FEATURES),
+    grouped_forward=_deepseek_grouped_forward,
 )
 
 QWEN3_MOE = ModelFamily(

@@ -191,22 +191,26 @@ class KernelModel:
         return self.step(rows, batch, kv_window(context + 1, max_len), rows, slots=rows)
 
     def mixed_step(self, decoders: int, chunks: list[int], window: int, n_slots: int | None = None,
-                   max_width: int | None = None, chunk_window: int | None = None) -> StepTime:
+                   max_width: int | None = None, chunk_window: int | None = None, grouped: bool = False) -> StepTime:
         """One engine step carrying `decoders` decode rows and prompt chunks of `chunks` tokens (one
-        row each): the fused executor runs it as two programs (serving/executors.FusedStep), the
+        row each): the fused executor runs it as two groups (serving/executors.FusedStep), the
         one-token rows over a key window of `window` slots (row bucket x 1 column, a logit each)
         and the chunks over `chunk_window` (default `window`; row bucket x the width bucket of the
         longest chunk, <= max_width, one logit row each; a one-token chunk runs with the decode
-        rows, so `window` must cover it). Either part is absent when it has no row."""
+        rows, so `window` must cover it). Either part is absent when it has no row. Two programs,
+        or with `grouped` one (`model.forward.forward_groups`): every row through the kernels
+        and every token through the experts in one pass, each group's attention over its window."""
         slots = n_slots or 1 << 30
         decoders += sum(1 for n in chunks if n == 1)
         chunks = [n for n in chunks if n > 1]
         parts = []
+        d_rows, c_rows = row_bucket(decoders, slots), row_bucket(len(chunks), slots)
         if decoders:
-            rows = row_bucket(decoders, slots)
-            parts.append(self.step(rows, decoders, window, rows, slots=rows))
+            parts.append(self.step(d_rows, decoders, window, d_rows, slots=d_rows))
         if chunks:
-            rows = row_bucket(len(chunks), slots)
             w = width_bucket(max(chunks), max_width or max(chunks))
-            parts.append(self.step(rows * w, sum(chunks), chunk_window or window, rows, slots=rows))
+            parts.append(self.step(c_rows * w, sum(chunks), chunk_window or window, c_rows, slots=c_rows))
+        if grouped and len(parts) == 2:
+            one = self.step(d_rows + c_rows * w, decoders + sum(chunks), window, d_rows + c_rows, slots=d_rows)
+            return StepTime(one.linears, one.experts, sum(p.attention for p in parts), one.fixed)
         return StepTime(*(sum(getattr(p, f) for p in parts) for f in ("linears", "experts", "attention", "fixed")))

@@ -161,7 +161,8 @@ class Engine:
             raise ValueError(f"tpot_target_ms needs a hardware profile with a cpu_kernels block; {hw.name} has none")
         km = kernel_model(self.cfg, hw)
         km.cache_itemsize = jnp.dtype(cache_dtype).itemsize
-        return StepModel(km, self.n_slots, self.max_len, self.scheduler.decode_chunk_size)
+        return StepModel(km, self.n_slots, self.max_len, self.scheduler.decode_chunk_size,
+                         grouped=registry.family_of(self.cfg).grouped_forward is not None)
 
     # ---- requests -------------------------------------------------------------------------
     def submit(

@@ -4,7 +4,8 @@
   layers (with the cpu_ext custom calls inside when the weights are on the CPU kernels); no
   per-layer Python in the hot loop. It runs only the busy slots, padded to a power-of-two row
   bucket, over the columns their longest row needs (`step_shapes.width_bucket`); a step that
-  mixes decode rows with prompt chunks runs as two programs, width 1 and the chunks' width.
+  mixes decode rows with prompt chunks runs them as two groups, width 1 and the chunks' width,
+  in one program for narrow chunks (`model.forward.forward_groups`), else in two.
   Any model family: the forward and the cache widths are the family's (`models.registry`).
 - `StagedStep` (routed experts on the host; any family: its `stage_layer`): per layer, an accelerator program (attention,
   router, shared experts, and the previous layer's combine), a host program (routed
@@ -44,7 +45,7 @@ from jaxmoe.model.weights import Weights, split_experts
 from jaxmoe.models.registry import family_of
 from jaxmoe.serving.presets import Devices
 from jaxmoe.serving.sampling import sample_rows
-from jaxmoe.step_shapes import kv_window, row_bucket, width_bucket
+from jaxmoe.step_shapes import groups_in_one_program, kv_window, row_bucket, width_bucket
 
 
 class Executor(Protocol):
@@ -147,6 +148,14 @@ def _fused_program(cfg, weights, cache, table, tokens, positions, last_index, se
     return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache.replace(block_table=None)
 
 
+def _grouped_program(cfg, weights, cache, tables, groups, seeds, steps, temperature, top_k, top_p, *, kv_lens):
+    widths = tuple(int(g[0].shape[1]) for g in groups)
+    forward = family_of(cfg).grouped_forward(cfg, widths, kv_lens)
+    groups = tuple((tok, pos, table, last) for (tok, pos, last), table in zip(groups, tables))
+    logits, cache = forward(cfg, weights, cache, groups, kv_lens=kv_lens)
+    return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
+
+
 def active_rows(busy: np.ndarray) -> np.ndarray:
     """The step's rows: the busy slots, then idle slots up to the bucket size (their positions
     are max_len: computed, never stored, never read back)."""
@@ -159,9 +168,12 @@ class FusedStep:
     """Runs only the busy slots (`active_rows`) through the jitted program, with their block
     tables, so kernels, attention and MoE see `bucket` rows, and
     only as many columns as their longest row needs (`width_bucket`). A step that mixes
-    one-token rows (decode) with prompt chunks runs them as two programs, width 1 and the
-    chunks' width, so no padded token of a decode row goes through the kernels; each program
-    attends over the key window its own rows reach (`kv_len` is the step's, at most)."""
+    one-token rows (decode) with prompt chunks runs them as two groups, width 1 and the
+    chunks' width, so no padded token of a decode row goes through the kernels; each group
+    attends over the key window its own rows reach (`kv_len` is the step's, at most). Chunks
+    narrower than MIN_WIDTH_BUCKET (a TPOT target's, `step_shapes.groups_in_one_program`) run
+    with the decode rows in one program where the family has one (`grouped_forward`), which
+    reads every weight once; other mixed steps run a program per group."""
 
     def __init__(self, cfg: Any, weights: Any, device: jax.Device, max_len: int, cache_dtype, *,
                  cache_positions: int, block_size: int):
@@ -170,6 +182,9 @@ class FusedStep:
         self.cache = jax.device_put(paged_pool(cfg, cache_positions, block_size, max_len, cache_dtype), device)
         self.pool_blocks = [int(self.cache.c_kv.shape[1])]
         self._program = jax.jit(_fused_program, static_argnums=0, static_argnames="kv_len", donate_argnums=2)
+        self._grouped = None
+        if family_of(cfg).grouped_forward is not None:
+            self._grouped = jax.jit(_grouped_program, static_argnums=0, static_argnames="kv_lens", donate_argnums=2)
 
     @property
     def max_len(self) -> int:
@@ -209,29 +224,52 @@ class FusedStep:
         long = busy & ~one
         per_slot = (last_index, seeds, steps, temperature, top_k, top_p)
         self._tables = block_tables
-        runs = []  # (rows, which are real, their next tokens): dispatched first, awaited together
+        groups = []
         if one.any() or not long.any():
-            runs.append(self._run(one, tokens[:, :1], positions[:, :1], per_slot, kv_len))
+            groups.append(self._group(one, tokens[:, :1], positions[:, :1], per_slot, kv_len))
         if long.any():
-            runs.append(self._run(long, tokens, positions, per_slot, kv_len))
+            groups.append(self._group(long, tokens, positions, per_slot, kv_len))
+        if len(groups) == 2 and self._grouped is not None and groups_in_one_program(groups[1]["tokens"].shape[1]):
+            runs = self._run_grouped(groups, per_slot)
+        else:  # (rows, which are real, their next tokens): dispatched first, awaited together
+            runs = [self._run(g, per_slot) for g in groups]
         next_tokens = np.zeros(len(busy), np.int32)
         for rows, real, out in runs:
             next_tokens[rows[real]] = np.asarray(out)[real]
         return next_tokens
 
-    def _run(self, busy, tokens, positions, per_slot, kv_len: int):
+    def _group(self, busy, tokens, positions, per_slot, kv_len: int) -> dict:
+        """The rows of one group (`busy`'s, bucketed), over the columns and the key window they reach."""
         rows = active_rows(busy)
         real = busy[rows]
         last = per_slot[0][rows][real]
         w = width_bucket(int(last.max(initial=0)) + 1, tokens.shape[1])
-        # the keys this run's own rows reach: decode rows beside a long prompt's chunk attend over
+        # the keys this group's own rows reach: decode rows beside a long prompt's chunk attend over
         # their own window, not the chunk's
         kv_len = min(kv_len, kv_window(int((positions[rows[real], last] + 1).max(initial=1)), self.cache.max_len))
         pos = positions[rows, :w].copy()
-        pos[~real] = self.cache.max_len  # padding rows (maybe slots busy in the other run): never stored
-        args = [tokens[rows, :w], pos, *(a[rows] for a in per_slot)]
-        out, self.cache = self._program(self.cfg, self.weights, self.cache, self._tables[rows], *args, kv_len=kv_len)
-        return rows, real, out
+        pos[~real] = self.cache.max_len  # padding rows (maybe slots busy in the other group): never stored
+        # a padding row's logit index may be another group's: kept inside this group's columns
+        last_index = np.minimum(per_slot[0][rows], w - 1).astype(per_slot[0].dtype)
+        return {"rows": rows, "real": real, "tokens": tokens[rows, :w], "positions": pos, "last_index": last_index,
+                "kv_len": kv_len}
+
+    def _run(self, g: dict, per_slot):
+        rows = g["rows"]
+        args = [g["tokens"], g["positions"], g["last_index"], *(a[rows] for a in per_slot[1:])]
+        out, self.cache = self._program(self.cfg, self.weights, self.cache, self._tables[rows], *args, kv_len=g["kv_len"])
+        return g["rows"], g["real"], out
+
+    def _run_grouped(self, groups: list[dict], per_slot):
+        """Both groups in one program (`_grouped_program`); its sampled rows come in group order."""
+        rows = np.concatenate([g["rows"] for g in groups])
+        out, self.cache = self._grouped(
+            self.cfg, self.weights, self.cache, tuple(self._tables[g["rows"]] for g in groups),
+            tuple((g["tokens"], g["positions"], g["last_index"]) for g in groups), *(a[rows] for a in per_slot[1:]),
+            kv_lens=tuple(g["kv_len"] for g in groups))
+        out = np.asarray(out)
+        n = len(groups[0]["rows"])
+        return [(g["rows"], g["real"], part) for g, part in zip(groups, (out[:n], out[n:]))]
 
 
 # ---- staged execution ---------------------------------------------------------------------

@@ -64,20 +64,30 @@ def test_rows_address_cache_slots(tiny_model):
 
 
 def spy_engine(cfg, w, chunk_size=8, max_len=MAX_LEN):
-    """An engine whose programs' (shape, rows' slots) land in `seen`, their key windows in `eng.kv_lens`."""
+    """An engine whose row groups' (shape, rows' slots) land in `seen`, their key windows in
+    `eng.kv_lens`: a program's, or each group's of a grouped program (decode rows, then chunks)."""
     eng = Engine(cfg, w, "cpu-only", n_slots=4, max_len=max_len, chunk_size=chunk_size, decode_chunk_size=None)
-    seen, eng.kv_lens = [], []
-    program = eng.executor._program
+    seen, eng.kv_lens, eng.grouped = [], [], []
+    program, grouped = eng.executor._program, eng.executor._grouped
 
-    def spy(cfg_, weights, cache, table, tokens, *rest, **kw):
+    def record(table, tokens, kv_len):
         # the slot of each row, from its block table (-1: a padding row's null table)
         running = {tuple(eng.blocks.table(r)): s for s, r in eng.scheduler.running.items()}
         rows = [running.get(tuple(t[: len(next(iter(running)))]), -1) for t in np.asarray(table)]
         seen.append((tokens.shape, rows))
-        eng.kv_lens.append(kw["kv_len"])
+        eng.kv_lens.append(kv_len)
+
+    def spy(cfg_, weights, cache, table, tokens, *rest, **kw):
+        record(table, tokens, kw["kv_len"])
         return program(cfg_, weights, cache, table, tokens, *rest, **kw)
 
-    eng.executor._program = spy
+    def spy_grouped(cfg_, weights, cache, tables, groups, *rest, **kw):
+        eng.grouped.append(len(seen))
+        for table, (tokens, _, _), kv_len in zip(tables, groups, kw["kv_lens"]):
+            record(table, tokens, kv_len)
+        return grouped(cfg_, weights, cache, tables, groups, *rest, **kw)
+
+    eng.executor._program, eng.executor._grouped = spy, spy_grouped
     return eng, seen
 
 
@@ -99,8 +109,9 @@ def test_short_prompt_runs_a_narrow_step(tiny_model):
 
 
 def test_mixed_step_runs_decode_rows_at_width_one(tiny_model):
-    """A prompt chunk arriving while another request decodes: the decode row runs in a
-    width-1 program, the chunk in a full-width one, and both requests get their solo tokens."""
+    """A prompt chunk arriving while another request decodes: the decode row runs at width 1,
+    the chunk at full width (8: narrow, so the two groups run in one program), and both
+    requests get their solo tokens."""
     cfg, w = tiny_model
     solo = []
     for prompt in ([3, 4, 5], list(range(7, 27))):
@@ -115,14 +126,14 @@ def test_mixed_step_runs_decode_rows_at_width_one(tiny_model):
     b = eng.submit(list(range(7, 27)), 4, background=False)
     del seen[:]
     eng.step()  # a decodes while b's first chunk runs
-    assert sorted(seen) == [((1, 1), [0]), ((1, 8), [1])]
+    assert seen == [((1, 1), [0]), ((1, 8), [1])] and eng.grouped == [0]
     eng.run_until_idle()
     assert [a.output_ids, b.output_ids] == solo
 
 
 def test_each_program_of_a_mixed_step_attends_over_its_own_keys(tiny_model):
-    """A decode row beside a prompt chunk that reaches further: the decode program attends over
-    its own row's key window, not the chunk's, and both requests get their solo tokens."""
+    """A decode row beside a prompt chunk that reaches further: the decode rows attend over
+    their own key window, not the chunk's, and both requests get their solo tokens."""
     cfg, w = tiny_model
     prompts = ([3, 4, 5], list(range(7, 97)))
     solo = []

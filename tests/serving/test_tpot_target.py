@@ -92,10 +92,28 @@ def test_the_step_model_corrects_itself_by_the_steps_it_measures():
     for ratio in (2.0, 3.0, 2.5):
         m.measured(dec, chunk, chunk_end, ratio * modelled)
     assert predicted() == pytest.approx(3 * modelled)  # the largest ratio of the last HISTORY steps
-    assert m(3, [1], max(dec), chunk_end) == m.modelled(m.shape(3, [1], max(dec), chunk_end))  # no chunk program: its own
+    # no chunk program, none of its own measured yet: the other kind's correction
+    assert m(3, [1], max(dec), chunk_end) == pytest.approx(3 * m.modelled(m.shape(3, [1], max(dec), chunk_end)))
     for _ in range(HISTORY):
         m.measured(dec, chunk, chunk_end, 1.5 * modelled)
     assert predicted() == pytest.approx(1.5 * modelled)
+
+
+def test_a_kind_not_chosen_ages_out_its_slow_steps():
+    """One slow step with a chunk program would keep chunks out for good (none runs again to be
+    measured): while decode-only steps run, the chunk kind's ratios drop one per HISTORY steps."""
+    km = kernel_model(ModelConfig.named("demo"), load_hardware("this-machine", calibrate=False))
+    m = StepModel(km, n_slots=4, max_len=1024, cap=64)
+    dec, chunk, chunk_end = [40, 41, 42], [8], [100]
+    with_chunk = m.modelled(m.shape(3, chunk, 42, chunk_end))
+    alone = m.modelled(m.shape(3, [], 42, []))
+    for ratio in (None, 4.0):  # the first run of a program is left out
+        m.measured(dec, chunk, chunk_end, (ratio or 100.0) * with_chunk)
+    for _ in range(HISTORY - 1):  # the decode program ran in the chunk steps: these count
+        m.measured(dec, [], [], 1.2 * alone)
+    assert m(3, chunk, 42, chunk_end) == pytest.approx(4.0 * with_chunk)  # still there
+    m.measured(dec, [], [], 1.2 * alone)  # HISTORY steps without a chunk: the slow one ages out
+    assert m(3, chunk, 42, chunk_end) == pytest.approx(1.2 * with_chunk)  # the other kind's correction
 
 
 def test_runtime_option_validation():
@@ -117,6 +135,21 @@ def test_mixed_step_is_the_decode_program_plus_the_chunk_program():
     # each program over its own window: decode rows that end early beside a chunk that reaches far
     apart = km.mixed_step(3, [20], 128, 4, 64, chunk_window=1024).seconds
     assert apart == pytest.approx(alone + km.decode(3, 127, 4).seconds) and apart < both
+    # in one program (model.forward.forward_groups): one pass of the kernels, each group's attention
+    two = km.mixed_step(3, [4], 128, 4, 4, chunk_window=1024)
+    one = km.mixed_step(3, [4], 128, 4, 4, chunk_window=1024, grouped=True)
+    assert km.decode(3, 127, 4).seconds < one.seconds < two.seconds
+    assert one.attention == pytest.approx(two.attention) and one.fixed < two.fixed
+
+
+def test_the_step_model_knows_which_steps_run_in_one_program():
+    km = kernel_model(ModelConfig.named("demo"), load_hardware("this-machine", calibrate=False))
+    grouped, apart = (StepModel(km, n_slots=4, max_len=1024, cap=64, grouped=g) for g in (True, False))
+    narrow, wide = grouped.shape(3, [4], 42, [100]), grouped.shape(3, [32], 42, [100])
+    assert grouped.programs(narrow) == {("grouped", ("decode", 4, 64), ("chunks", 1, 4, 128))}
+    assert apart.programs(narrow) == {("decode", 4, 64), ("chunks", 1, 4, 128)}
+    assert grouped.programs(wide) == apart.programs(wide)  # wide chunks: a program of their own
+    assert grouped.modelled(narrow) < apart.modelled(narrow) and grouped.modelled(wide) == apart.modelled(wide)
 
 
 def test_target_is_cpu_only(tiny_model):
