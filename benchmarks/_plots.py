@@ -171,6 +171,10 @@ def markdown(doc: dict) -> str:
                   f"| with {tag}: prompt chunks (tokens: steps) | "
                   f"{', '.join(f'{k}: {v}' for k, v in mt.get('prompt_chunks', {}).items())} |",
                   f"| with {tag}: total tok/s during the prefill | {_f(mt['total_tok_s_in_window'], 1)} |"]
+        if "stalls_over_1s" in mt:  # results before 2026-12-05 did not count them
+            st = mt["stalls_over_1s"]
+            lines.append(f"| with {tag}: decoders' gaps over 1 s (steps that compiled), count / seconds | "
+                         f"{st['n']} / {_f(st['s'], 1)} |")
     lines += ["",
               "![TTFT](slo_ttft.png) ![decode vs context](slo_decode_context.png)",
               "![decode vs batch](slo_decode_batch.png) ![mixed](slo_mixed.png)", ""]

@@ -116,8 +116,16 @@ def mixed(engine, cfg, decoders: int, long_n: int, rng, before_steps: int = 6) -
             "tpot_before_s": percentiles(gaps_before), "tpot_during_s": percentiles(gaps_during),
             "window_s": window, "decoded_tokens_in_window": decoded,
             "prompt_steps": len(chunks), "prompt_chunks": {str(c): chunks.count(c) for c in sorted(set(chunks))},
+            "stalls_over_1s": stalls(gaps_during),
             "decode_tok_s_in_window": decoded / window, "prompt_tok_s_in_window": long_n / window,
             "total_tok_s_in_window": (decoded + long_n) / window}
+
+
+def stalls(gaps: list[float], over: float = 1.0) -> dict:
+    """The decoders' token gaps longer than `over` seconds (a step that compiled a program, as
+    far as this workload goes): how many, and their seconds."""
+    long = [g for g in gaps if g > over]
+    return {"n": len(long), "s": round(sum(long), 3)}
 
 
 def predicted(cfg, hw, chunk: int, ttft_lengths, contexts, batches=(), *, steps: int = 0, warm: int = 0,
@@ -220,7 +228,7 @@ def measure(args) -> dict:
         mt = out[key]
         print(f"mixed, tpot_target_ms {target_ms:.1f} ({factor:g}x alone): TTFT {mt['ttft_s']:.2f} s; decoders' TPOT "
               f"p50 / p99 {mt['tpot_during_s']['p50']:.3f} / {mt['tpot_during_s']['p99']:.3f} s; chunks "
-              f"{mt['prompt_chunks']}", flush=True)
+              f"{mt['prompt_chunks']}; gaps over 1 s (compiles) {mt['stalls_over_1s']}", flush=True)
     out["predicted"] = predicted(cfg, hw, engine.chunk_size, sz["ttft"], sz["context"],
                                  [x["batch"] for x in out["decode_batch"]], steps=sz["steps"], warm=sz["warm"],
                                  n_slots=engine.n_slots)
@@ -302,7 +310,8 @@ def main(argv=None) -> dict:
                             "(alone_tpot_s), after one warm-up run under it: each step's prompt chunk beside the "
                             "decoders sized by the planner's CPU step model (KernelModel.mixed_step, this-machine "
                             "profile) corrected by the steps it measured (serving/step_model.py); prompt_chunks: "
-                            "tokens -> steps",
+                            "tokens -> steps; stalls_over_1s: the decoders' token gaps over 1 s (steps that "
+                            "compiled a program), how many and their sum",
             "mixed_target_3x": "the same with tpot_target_ms = 3 x alone_tpot_s",
             "predicted": "jaxmoe.planning.planner on jaxmoe/configs/hardware/this-machine.json: estimate_prefill(strategy "
                          "'cpu', cpu_chunk=engine chunk) and estimate_decode(context=prompt + warm + steps/2, "

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import _harness as H  # noqa: E402
 from benchmarks import _plots  # noqa: E402
-from benchmarks.slo import percentiles, summary  # noqa: E402
+from benchmarks.slo import percentiles, stalls, summary  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -48,6 +48,12 @@ def _doc() -> dict:
     return {"metrics": {}, "env": {"cpu": "AMD EPYC", "cores": 2, "date": "2026-11-23T13:00:00+00:00",
                                    "commit": "abc", "loadavg": [3.0, 3.0, 3.0], "quick": False},
             "details": {"results": res}}
+
+
+def test_stalls_count_the_gaps_over_a_second():
+    assert stalls([0.01, 1.5, 0.02, 3.25]) == {"n": 2, "s": 4.75}
+    assert stalls([0.01, 0.02]) == {"n": 0, "s": 0}
+    assert stalls([0.3, 0.6], over=0.5) == {"n": 1, "s": 0.6}
 
 
 def test_percentiles():
@@ -104,6 +110,7 @@ def test_slo_quick(tmp_path, run_quick):
         assert mt["tpot_target_ms"] == pytest.approx(factor * 1e3 * r["mixed"]["tpot_before_s"]["p50"])
         assert mt["tpot_during_s"]["n"] > 0 and sum(int(k) * v for k, v in mt["prompt_chunks"].items()) == mt["long_prompt"]
         assert m[f"{key}_p99_over_target"] > 0
+        assert mt["stalls_over_1s"]["n"] >= 0 and mt["stalls_over_1s"]["s"] >= 0
     assert set(r["predicted"]["ttft_s"]) == {"16", "32", "48"}
     assert set(r["predicted"]["decode_batch_tok_s"]) == {"1", "2", "4"}
     for name in _plots.FILES:
