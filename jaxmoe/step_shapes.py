@@ -77,7 +77,7 @@ def narrow_width(n_tokens: int) -> int:
 
 def groups_in_one_program(chunk_width: int) -> bool:
     """Whether the fused executor runs a step's prompt chunks of `chunk_width` columns in one
-    program with its decode rows (`model.forward.forward_groups`, for families that have it):
+    program with its decode rows (`model.groups.run_groups`, for families with a `grouped_forward`):
     the narrow chunks a TPOT target plans, whose own program would cost more in reading every
     weight again than in computing them. Wider chunks run in a program of their own, so a step
     compiles one program per (decode window, chunk width, chunk window) combination only where

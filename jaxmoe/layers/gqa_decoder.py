@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jaxmoe.layers.gqa import attend, gqa, gqa_qkv, init_gqa_cache, rope_cos_sin
 from jaxmoe.model.cache import KVCache, write_layer
 from jaxmoe.model.forward import final_logits
+from jaxmoe.model.groups import GroupLayer, run_groups
 from jaxmoe.model.moe import mlp, routed_experts
 from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.weights import MLPWeights
@@ -107,11 +108,38 @@ def stage_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, lay
 def decoder_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, layer: int, positions, cos, sin,
                   kv_len: int | None = None, block: int | None = None):
     """One decoder layer: -> (x, cache with the layer's new keys and values)."""
-    x, moe_in, cache = layer_until_experts(cfg, prologue, lw, x, cache, layer, positions, cos, sin, kv_len, block)
+    h, cache = gqa(cfg.attention, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer,
+                   positions, cos, sin, kv_len, block)
+    return mlp_block(cfg, prologue, lw, x + h, positions < cache.max_len), cache
+
+
+def mlp_block(cfg: Any, prologue: MoePrologue, lw: Any, x, real):
+    """x + the layer's MLP of post_attention_layernorm(x): dense, or routed (+ shared) experts."""
+    x, moe_in = _mlp_until_experts(cfg, prologue, lw, x, real)
     if moe_in is None:
-        return x, cache
+        return x
     flat, ids, weights, shared = moe_in
-    return x + (routed_experts(lw.mlp.experts, flat, ids, weights) + shared).reshape(x.shape), cache
+    return x + (routed_experts(lw.mlp.experts, flat, ids, weights) + shared).reshape(x.shape)
+
+
+def forward_groups(cfg: Any, prologue: MoePrologue, weights: Any, cache: KVCache, groups, kv_lens):
+    """One step over row groups of different widths and key windows (`model.groups.run_groups`:
+    the fused executor's decode rows beside a narrow prompt chunk), group g over `kv_lens[g]`
+    keys. -> (logits [sum B_g, 1, V] at each row's logit_index; cache)."""
+    c = cfg.attention
+
+    def write(lw, x, cache, layer, positions, rope):
+        q, k, v = gqa_qkv(c, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), *rope)
+        b, t = x.shape[:2]
+        return write_layer(cache, layer, positions, k.reshape(b, t, -1), v.reshape(b, t, -1)), q
+
+    def attend_group(lw, x, q, cache, layer, positions, rope, g):
+        return x + attend(c, lw.self_attn, q, cache, layer, positions, kv_lens[g])
+
+    def mlp_of(lw, x, real):
+        return mlp_block(cfg, prologue, lw, x, real)
+
+    return run_groups(cfg, weights, cache, groups, GroupLayer(lambda p: rope_cos_sin(c, p), write, attend_group, mlp_of))
 
 
 def forward(cfg: Any, prologue: MoePrologue, weights: Any, cache: KVCache, tokens, positions, logit_index=None,

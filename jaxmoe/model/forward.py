@@ -15,14 +15,12 @@ token's position must be below it; None = the whole cache.
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.cache import KVCache, write_layer
-from jaxmoe.model.mla import attend_absorbed, attend_expanded, mla_absorbed, mla_expanded, mla_latents
+from jaxmoe.model.mla import attend_expanded, mla_absorbed, mla_expanded, mla_latents
 from jaxmoe.model.moe import mlp, moe_prologue, routed_experts
 from jaxmoe.model.norm import rms_norm
 from jaxmoe.model.rope import rope_cos_sin
@@ -143,46 +141,3 @@ def forward_absorbed(cfg: ModelConfig, weights: Weights, cache: KVCache, tokens,
                      kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32), attending in latent space (absorbed up-projections)."""
     return _forward(cfg, weights, cache, tokens, positions, form="absorbed", logit_index=logit_index, kv_len=kv_len)
-
-
-def forward_groups(cfg: ModelConfig, weights: Weights, cache: KVCache, groups, *, kv_lens, forms) -> tuple[jax.Array, KVCache]:
-    """One step over row groups of different widths and key windows (the fused executor's decode
-    rows beside a prompt chunk): each group attends on its own -- its block table, positions,
-    key window `kv_lens[g]` and form `forms[g]` (static) -- and everything per token (the MLPs,
-    shared and routed experts, lm_head) runs once over every group's tokens, so a mixed step
-    reads each weight once and pads no decode row to the chunk's width.
-
-    groups: ((tokens [B_g, T_g], positions [B_g, T_g], block table [B_g, n] or None, logit_index
-    [B_g]), ...). -> (logits [sum B_g, 1, V] at each row's logit_index, in group order; cache).
-    Each row's logits equal `_forward`'s for that group alone, up to the order of float sums.
-    """
-    table = cache.block_table
-    tables = [t for _, _, t, _ in groups]
-    positions = [jnp.asarray(p, jnp.int32) for _, p, _, _ in groups]
-    xs = [weights.embed_tokens[jnp.asarray(t, jnp.int32)] for t, _, _, _ in groups]
-    ropes = [rope_cos_sin(cfg, p) for p in positions]
-    sizes = [p.size for p in positions]
-    real = jnp.concatenate([(p < cache.max_len).reshape(-1) for p in positions])
-    hidden = xs[0].shape[-1]
-    for i, lw in enumerate(weights.layers):
-        normed = [rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps) for x in xs]
-        # every group's latents are written before any group reads the cache: a write after a
-        # read of the same buffer would make XLA copy the whole cache pool
-        for g in range(len(groups)):
-            latents = mla_latents(cfg, lw.self_attn, normed[g], *ropes[g])
-            cache = write_layer(cache.replace(block_table=tables[g]), i, positions[g], *latents)
-        hs = []
-        for g in range(len(groups)):
-            attend = {"absorbed": attend_absorbed, "expanded": attend_expanded}[forms[g]]
-            xs[g] = xs[g] + attend(cfg, lw.self_attn, normed[g], cache.replace(block_table=tables[g]), i, positions[g],
-                                   *ropes[g], kv_lens[g])
-            hs.append(rms_norm(xs[g], lw.post_attention_layernorm, cfg.rms_norm_eps))
-        flat = mlp_block(cfg, lw, _flat(xs, hidden), _flat(hs, hidden), real[None])
-        xs = [part.reshape(x.shape) for part, x in zip(jnp.split(flat[0], list(itertools.accumulate(sizes))[:-1]), xs)]
-    last = [x[jnp.arange(x.shape[0]), jnp.asarray(idx, jnp.int32)] for x, (_, _, _, idx) in zip(xs, groups)]
-    return final_logits(cfg, weights, jnp.concatenate(last)[:, None]), cache.replace(block_table=table)
-
-
-def _flat(parts, hidden: int) -> jax.Array:
-    """[B_g, T_g, H] parts -> one row [1, sum B_g T_g, H]."""
-    return jnp.concatenate([p.reshape(-1, hidden) for p in parts])[None]

@@ -44,18 +44,21 @@ import jax.numpy as jnp
 from jaxmoe.config import DEEPSEEK_V3_ARCHITECTURES, DEEPSEEK_V3_MODEL_TYPES, ConfigError, ModelConfig, named_config_path
 from jaxmoe.loading import loader, synthetic
 from jaxmoe.model import forward as deepseek_forward
+from jaxmoe.model import groups as deepseek_groups
 from jaxmoe.model.cache import cache_widths as mla_cache_widths
 from jaxmoe.models import glm4_moe, qwen3_moe
 from jaxmoe.models.glm4_moe import synthetic as glm4_synthetic
 from jaxmoe.models.glm4_moe.config import ARCHITECTURE as GLM4_ARCHITECTURE
 from jaxmoe.models.glm4_moe.config import MODEL_TYPE as GLM4_MODEL_TYPE
 from jaxmoe.models.glm4_moe.forward import forward as glm4_forward
+from jaxmoe.models.glm4_moe.forward import forward_groups as glm4_forward_groups
 from jaxmoe.models.glm4_moe.forward import split_layer as glm4_split_layer
 from jaxmoe.models.glm4_moe.forward import stage_layer as glm4_stage_layer
 from jaxmoe.models.qwen3_moe import synthetic as qwen3_synthetic
 from jaxmoe.models.qwen3_moe.config import ARCHITECTURE as QWEN3_ARCHITECTURE
 from jaxmoe.models.qwen3_moe.config import MODEL_TYPE as QWEN3_MODEL_TYPE
 from jaxmoe.models.qwen3_moe.forward import forward as qwen3_forward
+from jaxmoe.models.qwen3_moe.forward import forward_groups as qwen3_forward_groups
 from jaxmoe.models.qwen3_moe.forward import split_layer as qwen3_split_layer
 from jaxmoe.models.qwen3_moe.forward import stage_layer as qwen3_stage_layer
 from jaxmoe.step_shapes import attention_form
@@ -87,7 +90,7 @@ class ModelFamily:
     open_checkpoint: Callable[[Path], Any]  # path -> open, accounted loading.loader.Checkpoint (close it)
     supports: frozenset[str] = frozenset()  # of FEATURES
     # (config, each group's width, each group's kv_len) -> forward(cfg, w, cache, groups, kv_lens=...): one step over
-    # row groups that attend apart and share everything per token (model.forward.forward_groups); None: the
+    # row groups that attend apart and share everything per token (model.groups.run_groups); None: the
     # fused executor runs a mixed step's groups as separate programs
     grouped_forward: Callable[[Any, tuple[int, ...], tuple[int, ...]], Callable] | None = None
 
@@ -110,7 +113,7 @@ def _deepseek_grouped_forward(cfg: ModelConfig, widths: tuple[int, ...], kv_lens
     """`forward_groups` with each group's attention form chosen as `_deepseek_step_forward` chooses it."""
     on_cpu = jax.default_backend() == "cpu"
     forms = tuple(attention_form(cfg, w, kv, on_cpu=on_cpu) for w, kv in zip(widths, kv_lens))
-    return functools.partial(deepseek_forward.forward_groups, forms=forms)
+    return functools.partial(deepseek_groups.forward_groups, forms=forms)
 
 
 DEEPSEEK_V3 = ModelFamily(
@@ -148,6 +151,7 @@ QWEN3_MOE = ModelFamily(
     write_synthetic=qwen3_synthetic.write_synthetic_checkpoint,
     open_checkpoint=qwen3_moe.Qwen3MoeCheckpoint,
     supports=frozenset(FEATURES),
+    grouped_forward=lambda cfg, widths, kv_lens: qwen3_forward_groups,
 )
 
 GLM4_MOE = ModelFamily(
@@ -166,6 +170,7 @@ GLM4_MOE = ModelFamily(
     write_synthetic=glm4_synthetic.write_synthetic_checkpoint,
     open_checkpoint=glm4_moe.Glm4MoeCheckpoint,
     supports=frozenset(FEATURES),
+    grouped_forward=lambda cfg, widths, kv_lens: glm4_forward_groups,
 )
 
 FAMILIES: tuple[ModelFamily, ...] = (DEEPSEEK_V3, QWEN3_MOE, GLM4_MOE)

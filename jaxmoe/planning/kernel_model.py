@@ -198,7 +198,7 @@ class KernelModel:
         and the chunks over `chunk_window` (default `window`; row bucket x the width bucket of the
         longest chunk, <= max_width, one logit row each; a one-token chunk runs with the decode
         rows, so `window` must cover it). Either part is absent when it has no row. Two programs,
-        or with `grouped` one (`model.forward.forward_groups`): every row through the kernels
+        or with `grouped` one (`model.groups.run_groups`): every row through the kernels
         and every token through the experts in one pass, each group's attention over its window."""
         slots = n_slots or 1 << 30
         decoders += sum(1 for n in chunks if n == 1)

@@ -5,7 +5,7 @@
   per-layer Python in the hot loop. It runs only the busy slots, padded to a power-of-two row
   bucket, over the columns their longest row needs (`step_shapes.width_bucket`); a step that
   mixes decode rows with prompt chunks runs them as two groups, width 1 and the chunks' width,
-  in one program for narrow chunks (`model.forward.forward_groups`), else in two.
+  in one program for narrow chunks (`model.groups.run_groups`), else in two.
   Any model family: the forward and the cache widths are the family's (`models.registry`).
 - `StagedStep` (routed experts on the host; any family: its `stage_layer`): per layer, an accelerator program (attention,
   router, shared experts, and the previous layer's combine), a host program (routed

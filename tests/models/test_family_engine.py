@@ -22,7 +22,7 @@ import pytest
 import jaxmoe
 from jaxmoe.models import glm4_moe, qwen3_moe
 from jaxmoe.serving.engine import Engine
-from jaxmoe.serving.executors import StagedStep
+from jaxmoe.serving.executors import StagedStep, paged_pool
 from tests.models.conftest import one_family
 from tests.serving import test_tpot_target as tpot
 
@@ -186,12 +186,43 @@ def test_streaming_without_an_accelerator_is_refused(tiny_model):
             Engine(cfg, w, "cpu-only")
 
 
+def test_a_mixed_step_in_one_program_equals_each_group_alone(tiny_model, tiny_family):
+    """The family's `grouped_forward` (model.groups.run_groups over its GQA layer): decode rows
+    (one of them padding) over 16 keys beside a 4-column chunk (one padding column) over 64 that
+    shares a slot's blocks, on a filled paged pool: logits and cache writes equal each group
+    through the family's own forward."""
+    cfg, w = tiny_model.cfg, tiny_model.weights
+    rng = np.random.default_rng(1)
+    pool = paged_pool(cfg, 32 * REF_LEN // BS, BS, REF_LEN, jnp.float32)
+    pool = pool.replace(c_kv=jnp.asarray(rng.standard_normal(pool.c_kv.shape), jnp.float32),
+                        k_pe=jnp.asarray(rng.standard_normal(pool.k_pe.shape), jnp.float32))
+    tables = rng.permutation(np.arange(1, pool.c_kv.shape[1]))[: 4 * (REF_LEN // BS)].reshape(4, -1).astype(np.int32)
+    dec = (rng.integers(0, cfg.vocab_size, (4, 1)).astype(np.int32), np.array([[9], [12], [REF_LEN], [15]], np.int32),
+           tables, np.zeros(4, np.int32))
+    chunk = (rng.integers(0, cfg.vocab_size, (1, 4)).astype(np.int32), np.array([[40, 41, 42, REF_LEN]], np.int32),
+             tables[3:], np.array([2], np.int32))
+    alone, cache = [], pool
+    for (tok, pos, table, last), kv in ((dec, 16), (chunk, 64)):
+        forward = tiny_family.step_forward(cfg, tok.shape[1], kv)
+        logits, cache = forward(cfg, w, cache.replace(block_table=table), tok, pos, logit_index=last, kv_len=kv)
+        alone.append(logits)
+        cache = cache.replace(block_table=None)
+    grouped = tiny_family.grouped_forward(cfg, (1, 4), (16, 64))
+    logits, together = jax.jit(grouped, static_argnums=0, static_argnames="kv_lens")(cfg, w, pool, (dec, chunk),
+                                                                                  kv_lens=(16, 64))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(jnp.concatenate(alone)), rtol=1e-5, atol=1e-5)
+    for name in ("c_kv", "k_pe"):
+        np.testing.assert_allclose(np.asarray(getattr(together, name)), np.asarray(getattr(cache, name)), rtol=1e-5,
+                                   atol=1e-5)
+
+
 @one_family("glm4-moe-tiny")
 def test_a_tpot_target_sizes_the_chunks_and_keeps_the_tokens(tiny_model):
     """tpot_target_ms on the cpu-only engine: the CPU step model (with the family's GQA costs)
     sizes a prompt's chunks beside a decoding request. A wider chunk is predicted slower; a
     target between the steps with a 4- and an 8-token chunk runs the 70-token prompt 4 tokens
-    (and 4 columns) per step, to the end; the tokens are the plain loop's."""
+    (and 4 columns) per step, to the end, each step one program with the decode row
+    (`grouped_forward`); the tokens are the plain loop's."""
     cfg, w = tiny_model.cfg, tiny_model.weights
     e = Engine(cfg, w, "cpu-only", n_slots=2, max_len=128, chunk_size=64, decode_chunk_size=64, tpot_target_ms=1.0)
     e.step_model.measured = lambda *a: None  # the model as the profile has it, not corrected by this box's timings

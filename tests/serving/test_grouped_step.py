@@ -1,11 +1,12 @@
-"""A mixed step in one program (`model.forward.forward_groups`): decode rows and a narrow prompt
+"""A mixed step in one program (`model.groups.run_groups`): decode rows and a narrow prompt
 chunk attend apart, each over its own key window, and share every per-token weight read."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.model.forward import forward_absorbed, forward_groups
+from jaxmoe.model.forward import forward_absorbed
+from jaxmoe.model.groups import forward_groups
 from jaxmoe.serving.engine import Engine
 from jaxmoe.serving.executors import paged_pool
 from jaxmoe.serving.request import Status

@@ -135,7 +135,7 @@ def test_mixed_step_is_the_decode_program_plus_the_chunk_program():
     # each program over its own window: decode rows that end early beside a chunk that reaches far
     apart = km.mixed_step(3, [20], 128, 4, 64, chunk_window=1024).seconds
     assert apart == pytest.approx(alone + km.decode(3, 127, 4).seconds) and apart < both
-    # in one program (model.forward.forward_groups): one pass of the kernels, each group's attention
+    # in one program (model.groups.run_groups): one pass of the kernels, each group's attention
     two = km.mixed_step(3, [4], 128, 4, 4, chunk_window=1024)
     one = km.mixed_step(3, [4], 128, 4, 4, chunk_window=1024, grouped=True)
     assert km.decode(3, 127, 4).seconds < one.seconds < two.seconds

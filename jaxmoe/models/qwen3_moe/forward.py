@@ -48,3 +48,8 @@ def forward(cfg: Qwen3MoeConfig, weights: Qwen3MoeWeights, cache: KVCache, token
             kv_len=None) -> tuple[jax.Array, KVCache]:
     """Logits [B, T, V] (float32; [B, 1, V] with logit_index) for a chunk of tokens, and the cache."""
     return gqa_decoder.forward(cfg, moe_prologue, weights, cache, tokens, positions, logit_index, kv_len)
+
+
+def forward_groups(cfg: Qwen3MoeConfig, weights: Qwen3MoeWeights, cache: KVCache, groups, *, kv_lens):
+    """A narrow mixed step in one program (`gqa_decoder.forward_groups`)."""
+    return gqa_decoder.forward_groups(cfg, moe_prologue, weights, cache, groups, kv_lens)
