@@ -203,7 +203,7 @@ def test_a_mixed_step_in_one_program_equals_each_group_alone(tiny_model, tiny_fa
              tables[3:], np.array([2], np.int32))
     alone, cache = [], pool
     for (tok, pos, table, last), kv in ((dec, 16), (chunk, 64)):
-        forward = tiny_family.step_forward(cfg, tok.shape[1], kv)
+        forward = jax.jit(tiny_family.step_forward(cfg, tok.shape[1], kv), static_argnums=0, static_argnames="kv_len")
         logits, cache = forward(cfg, w, cache.replace(block_table=table), tok, pos, logit_index=last, kv_len=kv)
         alone.append(logits)
         cache = cache.replace(block_table=None)

@@ -39,7 +39,8 @@ def test_groups_attend_apart_and_give_each_group_its_own_logits(tiny_model):
     cache = pool
     for tok, pos, table, last, kv in ((dec_tok, dec_pos, tables[:4], dec_last, 16),
                                       (chunk_tok, chunk_pos, tables[3:], chunk_last, 64)):
-        logits, cache = forward_absorbed(cfg, w, cache.replace(block_table=table), tok, pos, logit_index=last, kv_len=kv)
+        logits, cache = jax.jit(forward_absorbed, static_argnums=0, static_argnames="kv_len")(
+            cfg, w, cache.replace(block_table=table), tok, pos, logit_index=last, kv_len=kv)
         alone.append(logits)
         cache = cache.replace(block_table=None)
     groups = ((dec_tok, dec_pos, tables[:4], dec_last), (chunk_tok, chunk_pos, tables[3:], chunk_last))
