@@ -5,7 +5,8 @@ beside a prompt chunk [B_c, T] in one program: each group attends on its own -- 
 table, positions and static key window -- and everything per token (MLPs, shared and routed
 experts, lm_head) runs once over every group's tokens, so each weight is read once.
 
-`run_groups` is the skeleton, `forward_groups` DeepSeek-V3's (MLA); a family brings its layer in two parts (`GroupLayer`):
+`run_groups` is the skeleton and `forward_groups` DeepSeek-V3's (MLA); the GQA families' is
+`layers.gqa_decoder.forward_groups`. A family brings its layer in three parts (`GroupLayer`):
 - `write(lw, x, cache, layer, positions, rope) -> (cache, state)`: the input norm and the new
   tokens' cache entries (state: what its attention needs again, e.g. the normed x or queries);
 - `attend(lw, x, state, cache, layer, positions, rope, group) -> x`: x + the group's attention;
