@@ -108,14 +108,17 @@ def stage_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, lay
 def decoder_layer(cfg: Any, prologue: MoePrologue, lw: Any, x, cache: KVCache, layer: int, positions, cos, sin,
                   kv_len: int | None = None, block: int | None = None):
     """One decoder layer: -> (x, cache with the layer's new keys and values)."""
-    h, cache = gqa(cfg.attention, lw.self_attn, rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps), cache, layer,
-                   positions, cos, sin, kv_len, block)
-    return mlp_block(cfg, prologue, lw, x + h, positions < cache.max_len), cache
+    x, moe_in, cache = layer_until_experts(cfg, prologue, lw, x, cache, layer, positions, cos, sin, kv_len, block)
+    return _with_experts(lw, x, moe_in), cache
 
 
 def mlp_block(cfg: Any, prologue: MoePrologue, lw: Any, x, real):
     """x + the layer's MLP of post_attention_layernorm(x): dense, or routed (+ shared) experts."""
-    x, moe_in = _mlp_until_experts(cfg, prologue, lw, x, real)
+    return _with_experts(lw, *_mlp_until_experts(cfg, prologue, lw, x, real))
+
+
+def _with_experts(lw: Any, x, moe_in):
+    """x, plus the routed and shared experts' output where the layer is MoE (moe_in not None)."""
     if moe_in is None:
         return x
     flat, ids, weights, shared = moe_in
