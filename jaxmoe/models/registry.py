@@ -101,18 +101,21 @@ class ModelFamily:
                              f"{', '.join(sorted(self.supports)) or 'the fused step only'})")
 
 
-def _deepseek_step_forward(cfg: ModelConfig, width: int, kv_len: int) -> Callable:
+def _deepseek_form(cfg: ModelConfig, width: int, kv_len: int) -> str:
     """Absorbed MLA for decode and narrow chunks, expanded where that costs less (the fused step
     runs where JAX's default backend is: on_cpu when that is the CPU)."""
-    if attention_form(cfg, width, kv_len, on_cpu=jax.default_backend() == "cpu") == "absorbed":
+    return attention_form(cfg, width, kv_len, on_cpu=jax.default_backend() == "cpu")
+
+
+def _deepseek_step_forward(cfg: ModelConfig, width: int, kv_len: int) -> Callable:
+    if _deepseek_form(cfg, width, kv_len) == "absorbed":
         return deepseek_forward.forward_absorbed
     return deepseek_forward.forward_expanded
 
 
 def _deepseek_grouped_forward(cfg: ModelConfig, widths: tuple[int, ...], kv_lens: tuple[int, ...]) -> Callable:
-    """`forward_groups` with each group's attention form chosen as `_deepseek_step_forward` chooses it."""
-    on_cpu = jax.default_backend() == "cpu"
-    forms = tuple(attention_form(cfg, w, kv, on_cpu=on_cpu) for w, kv in zip(widths, kv_lens))
+    """`forward_groups` with each group's attention form (`_deepseek_form`)."""
+    forms = tuple(_deepseek_form(cfg, w, kv) for w, kv in zip(widths, kv_lens))
     return functools.partial(deepseek_groups.forward_groups, forms=forms)
 
 

@@ -148,10 +148,9 @@ def _fused_program(cfg, weights, cache, table, tokens, positions, last_index, se
     return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache.replace(block_table=None)
 
 
-def _grouped_program(cfg, weights, cache, tables, groups, seeds, steps, temperature, top_k, top_p, *, kv_lens):
-    widths = tuple(int(g[0].shape[1]) for g in groups)
-    forward = family_of(cfg).grouped_forward(cfg, widths, kv_lens)
-    groups = tuple((tok, pos, table, last) for (tok, pos, last), table in zip(groups, tables))
+def _grouped_program(cfg, weights, cache, groups, seeds, steps, temperature, top_k, top_p, *, kv_lens):
+    """groups: ((tokens, positions, block table, logit index), ...), as `model.groups.run_groups` takes them."""
+    forward = family_of(cfg).grouped_forward(cfg, tuple(int(g[0].shape[1]) for g in groups), kv_lens)
     logits, cache = forward(cfg, weights, cache, groups, kv_lens=kv_lens)
     return sample_rows(logits, seeds, steps, temperature, top_k, top_p), cache
 
@@ -264,9 +263,9 @@ class FusedStep:
         """Both groups in one program (`_grouped_program`); its sampled rows come in group order."""
         rows = np.concatenate([g["rows"] for g in groups])
         out, self.cache = self._grouped(
-            self.cfg, self.weights, self.cache, tuple(self._tables[g["rows"]] for g in groups),
-            tuple((g["tokens"], g["positions"], g["last_index"]) for g in groups), *(a[rows] for a in per_slot[1:]),
-            kv_lens=tuple(g["kv_len"] for g in groups))
+            self.cfg, self.weights, self.cache,
+            tuple((g["tokens"], g["positions"], self._tables[g["rows"]], g["last_index"]) for g in groups),
+            *(a[rows] for a in per_slot[1:]), kv_lens=tuple(g["kv_len"] for g in groups))
         out = np.asarray(out)
         n = len(groups[0]["rows"])
         return [(g["rows"], g["real"], part) for g, part in zip(groups, (out[:n], out[n:]))]

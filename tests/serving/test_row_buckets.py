@@ -81,11 +81,11 @@ def spy_engine(cfg, w, chunk_size=8, max_len=MAX_LEN):
         record(table, tokens, kw["kv_len"])
         return program(cfg_, weights, cache, table, tokens, *rest, **kw)
 
-    def spy_grouped(cfg_, weights, cache, tables, groups, *rest, **kw):
+    def spy_grouped(cfg_, weights, cache, groups, *rest, **kw):
         eng.grouped.append(len(seen))
-        for table, (tokens, _, _), kv_len in zip(tables, groups, kw["kv_lens"]):
+        for (tokens, _, table, _), kv_len in zip(groups, kw["kv_lens"]):
             record(table, tokens, kv_len)
-        return grouped(cfg_, weights, cache, tables, groups, *rest, **kw)
+        return grouped(cfg_, weights, cache, groups, *rest, **kw)
 
     eng.executor._program, eng.executor._grouped = spy, spy_grouped
     return eng, seen
